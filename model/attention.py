@@ -1,0 +1,155 @@
+"""Attention back-ends (chosen here and nowhere else) and the block-causal masks of the causal DiT.
+
+Back-end order for unmasked attention: flash-attn 3 -> flash-attn 2 (CUDA, half precision, when installed) ->
+torch SDPA (cuDNN/flash kernels on GPU, math on CPU). Masked (block-causal) attention uses flex attention on CUDA
+and SDPA with the equivalent dense boolean mask on CPU, where compiling flex attention costs ~20 s per shape.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@functools.cache
+def _flash_attn_func():
+    """The installed flash-attention function taking `[B, L, H, D]`, or None."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3  # flash-attn 3 (Hopper)
+
+        def flash3(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            out = fa3(q, k, v)
+            return out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
+        return flash3
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func  # flash-attn 2
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """How a whole clip is split into autoregressive blocks (the causal training path).
+
+    frames_per_block: latent frames generated together (3 in Self Forcing).
+    independent_first_frame: frame 0 is a block of its own (image-to-video layout 1, n, n, ...).
+    local_attn_size: if not -1, keys must also lie within this many frames ending at the end of the query's block.
+    """
+
+    frames_per_block: int = 3
+    independent_first_frame: bool = False
+    local_attn_size: int = -1
+
+    def block_sizes(self, num_frames: int) -> list[int]:
+        """Frames per block for a clip of `num_frames` latent frames, e.g. [3, 3, 3] or [1, 3, 3]."""
+        first = 1 if self.independent_first_frame else 0
+        if num_frames <= first or (num_frames - first) % self.frames_per_block:
+            raise ValueError(
+                f"{num_frames} latent frames cannot be split into blocks of {self.frames_per_block}"
+                + (" after an independent first frame" if first else ""))
+        return [1] * first + [self.frames_per_block] * ((num_frames - first) // self.frames_per_block)
+
+    def frame_block_bounds(self, num_frames: int) -> tuple[list[int], list[int]]:
+        """(start, end) frame of the block containing each frame (end exclusive)."""
+        starts, ends, start = [], [], 0
+        for size in self.block_sizes(num_frames):
+            starts += [start] * size
+            ends += [start + size] * size
+            start += size
+        return starts, ends
+
+
+class AttentionMask:
+    """A block-causal (optionally teacher-forcing) mask over `num_frames * tokens_per_frame` tokens.
+
+    Teacher forcing doubles the sequence: `[clean tokens | noisy tokens]`; a clean query of block b sees clean blocks
+    0..b, a noisy query of block b sees clean blocks before b and its own noisy block. Every token sees itself.
+    """
+
+    def __init__(self, spec: BlockCausal, num_frames: int, tokens_per_frame: int, teacher_forcing: bool,
+                 device: torch.device):
+        if teacher_forcing and spec.independent_first_frame:
+            raise NotImplementedError("teacher forcing with an independent first frame is not supported")
+        starts, ends = (torch.tensor(b, device=device) for b in spec.frame_block_bounds(num_frames))
+        self.spec = spec
+        self.num_tokens = num_frames * tokens_per_frame * (2 if teacher_forcing else 1)
+        self.teacher_forcing = teacher_forcing
+        n = num_frames * tokens_per_frame
+        self._n = n
+        self._end = ends.repeat_interleave(tokens_per_frame) * tokens_per_frame
+        self._start = starts.repeat_interleave(tokens_per_frame) * tokens_per_frame
+        self._window = spec.local_attn_size * tokens_per_frame if spec.local_attn_size != -1 else None
+        self.device = device
+        self._dense: Tensor | None = None
+        self._block_mask = None
+
+    def mask_mod(self, b, h, q, k):  # noqa: ARG002 - flex attention signature
+        if not self.teacher_forcing:
+            end = self._end[q]
+            allowed = k < end
+            if self._window is not None:
+                allowed = allowed & (k >= end - self._window)
+            return allowed | (q == k)
+        n = self._n
+        q_clean = q < n
+        qi = torch.where(q_clean, q, q - n)
+        end, start = self._end[qi], self._start[qi]
+        k_clean = k < n
+        ki = torch.where(k_clean, k, k - n)
+        clean_rows = k_clean & (ki < end)
+        noisy_rows = (k_clean & (ki < start)) | (~k_clean & (ki >= start) & (ki < end))
+        if self._window is not None:
+            clean_rows = clean_rows & (ki >= end - self._window)
+            noisy_rows = noisy_rows & (ki >= end - self._window)
+        return torch.where(q_clean, clean_rows, noisy_rows) | (q == k)
+
+    def dense(self) -> Tensor:
+        """`[L, L]` bool, True = attend."""
+        if self._dense is None:
+            idx = torch.arange(self.num_tokens, device=self.device)
+            self._dense = self.mask_mod(None, None, idx[:, None], idx[None, :])
+        return self._dense
+
+    def block_mask(self):
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+            self._block_mask = create_block_mask(self.mask_mod, B=None, H=None, Q_LEN=self.num_tokens,
+                                                 KV_LEN=self.num_tokens, device=self.device)
+        return self._block_mask
+
+
+@functools.lru_cache(maxsize=16)
+def block_causal_mask(spec: BlockCausal, num_frames: int, tokens_per_frame: int, teacher_forcing: bool,
+                      device: torch.device) -> AttentionMask:
+    """Cached per shape: a new clip length or layout gets its own mask (the original kept the first one forever)."""
+    return AttentionMask(spec, num_frames, tokens_per_frame, teacher_forcing, device)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None) -> Tensor:
+    """Softmax attention with scale 1/sqrt(head_dim). `q` `[B, Lq, H, D]`, `k`/`v` `[B, Lk, H, D]` -> `[B, Lq, H, D]`."""
+    if mask is not None:
+        if q.is_cuda:
+            out = _compiled_flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             block_mask=mask.block_mask())
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask.dense())
+        return out.transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        flash = _flash_attn_func()
+        if flash is not None:
+            return flash(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)

@@ -1,0 +1,83 @@
+"""Architecture hyper-parameters of the Wan2.1 DiT."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Keys of an original Wan `config.json` (diffusers ModelMixin format) that describe the class, not the shape.
+_BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "window_size"}
+
+
+@dataclass
+class WanConfig:
+    """Shape of a Wan2.1 DiT. Defaults are Wan2.1-T2V-1.3B; `WAN_14B` below holds the 14B values."""
+
+    model_type: str = "t2v"
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    text_len: int = 512
+    in_dim: int = 16
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    # RoPE table length in latent frames (the original precomputes 1024 positions per axis).
+    rope_max_positions: int = 1024
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.model_type != "t2v":
+            raise ValueError(f"model_type {self.model_type!r} is not supported (only 't2v')")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "WanConfig":
+        """Build from an original/diffusers-style Wan `config.json` dict; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs, extra, unknown = {}, {}, []
+        for key, value in d.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _BOOKKEEPING_KEYS or key.startswith("_"):
+                extra[key] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise KeyError(f"{source}: unknown Wan config key(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**kwargs, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "WanConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Wan config file {path} does not exist")
+        data = json.loads(path.read_text())
+        # Our exported folders nest the causal settings next to the architecture; keep only the architecture here.
+        data = {k: v for k, v in data.items() if k != "causal"}
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+
+WAN_1_3B = WanConfig()
+WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)

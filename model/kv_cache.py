@@ -1,0 +1,141 @@
+"""The KV cache of the causal DiT: static buffers, rolling window, attention sink, absolute or relative RoPE.
+
+Bookkeeping is plain Python ints (no tensor indices, so no host syncs per layer). Semantics follow the original
+(SPEC 1.10.5): a call for frames `[s, e)` writes the slots that end `e - global_end` past the last valid slot, so
+repeated calls for the same block (denoising steps, then the clean-context pass) overwrite the same slots; a call
+that would overflow a rolling cache first evicts the oldest non-sink frames.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """Where one forward call of `num_tokens` tokens writes and what it reads (token indices into the buffer)."""
+
+    write_start: int
+    write_end: int
+    read_start: int
+    global_end: int
+    evict: int  # tokens evicted (shifted out) before writing; 0 if none
+    keep: int  # tokens moved by the eviction
+    query_frame: int  # RoPE frame index of the first query frame
+
+
+class KVCache:
+    """Self-attention K/V of every layer, `[layers, B, capacity_tokens, heads, head_dim]`, plus the prompt's
+    cross-attention K/V `[layers, B, text_len, heads, head_dim]`.
+
+    window_frames: -1 keeps every frame (capacity must hold the whole video); otherwise the cache rolls, evicting
+      the oldest non-sink frames, and queries attend to at most the last `window_frames` frames.
+    sink_frames: frames pinned at the start of the buffer (attention sink).
+    rope: "absolute" caches keys rotated at their absolute frame index (the original); "relative" caches keys
+      un-rotated and rotates them at read time by their slot inside the buffer, so positions stay bounded by the
+      capacity however long the rollout runs.
+    detach_writes: write K/V without autograd history (the paper's semantics: the cache is computed without
+      gradients). False reproduces the original, where gradients leak through in-place cache writes (SPEC 5.3).
+    """
+
+    def __init__(self, *, num_layers: int, batch_size: int, capacity_frames: int, tokens_per_frame: int,
+                 num_heads: int, head_dim: int, text_len: int, window_frames: int = -1, sink_frames: int = 0,
+                 rope: str = "absolute", detach_writes: bool = True, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        if rope not in ("absolute", "relative"):
+            raise ValueError(f"rope must be 'absolute' or 'relative', got {rope!r}")
+        if window_frames != -1 and not 0 < window_frames <= capacity_frames:
+            raise ValueError(f"window_frames {window_frames} must be -1 or in [1, capacity_frames={capacity_frames}]")
+        if not 0 <= sink_frames < capacity_frames:
+            raise ValueError(f"sink_frames {sink_frames} must be in [0, capacity_frames={capacity_frames})")
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = capacity_frames * tokens_per_frame
+        self.window_frames = window_frames
+        self.sink = sink_frames * tokens_per_frame
+        self.rope = rope
+        self.detach_writes = detach_writes
+        shape = (num_layers, batch_size, self.capacity, num_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        cross_shape = (num_layers, batch_size, text_len, num_heads, head_dim)
+        self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
+        self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
+        self.cross_ready = [False] * num_layers
+        self.global_end = 0  # absolute token index one past the last token ever written
+        self.local_end = 0  # buffer slot one past the last valid slot
+        self._pending: CacheWrite | None = None
+
+    @property
+    def rolling(self) -> bool:
+        return self.window_frames != -1
+
+    @property
+    def num_frames_held(self) -> int:
+        return self.local_end // self.tokens_per_frame
+
+    def reset(self, self_attention: bool = True, cross_attention: bool = True) -> None:
+        """Forget the video (self-attention) and/or the prompt (cross-attention). Buffers are reused, not freed."""
+        if self_attention:
+            self.global_end = self.local_end = 0
+            self._pending = None
+        if cross_attention:
+            self.cross_ready = [False] * len(self.cross_ready)
+
+    def plan(self, start_frame: int, num_frames: int) -> CacheWrite:
+        """Bookkeeping for a call on frames `[start_frame, start_frame + num_frames)`; evicts if needed."""
+        n = num_frames * self.tokens_per_frame
+        start = start_frame * self.tokens_per_frame
+        end = start + n
+        if start != self.global_end and end != self.global_end:
+            # Anything else would desynchronise the slots from the frames they hold.
+            raise ValueError(f"KV cache holds frames up to {self.global_end // self.tokens_per_frame}; a call may "
+                             f"only append or rewrite the last chunk (got frames [{start_frame}, {start_frame + num_frames}))")
+        grow = end - self.global_end
+        evict = keep = 0
+        if self.rolling and grow > 0 and self.local_end + grow > self.capacity:
+            evict = self.local_end + grow - self.capacity
+            keep = self.local_end - evict - self.sink
+            if keep < 0:
+                raise ValueError(f"a chunk of {num_frames} frames does not fit a rolling cache of "
+                                 f"{self.capacity // self.tokens_per_frame} frames with {self.sink // self.tokens_per_frame} sink frames")
+            self._shift(evict, keep)
+        new_local_end = self.local_end + grow - evict
+        if new_local_end > self.capacity:
+            raise ValueError(
+                f"KV cache overflow: frame {end // self.tokens_per_frame} does not fit a cache of "
+                f"{self.capacity // self.tokens_per_frame} frames; enable a rolling window (local_attn_size) "
+                "or allocate more capacity")
+        attend = self.window_frames * self.tokens_per_frame if self.rolling else self.capacity
+        write_start = new_local_end - n
+        query_frame = start_frame if self.rope == "absolute" else write_start // self.tokens_per_frame
+        plan = CacheWrite(write_start=write_start, write_end=new_local_end, read_start=max(0, new_local_end - attend),
+                          global_end=max(end, self.global_end), evict=evict, keep=keep, query_frame=query_frame)
+        self.global_end, self.local_end = plan.global_end, plan.write_end
+        return plan
+
+    def _shift(self, evict: int, keep: int) -> None:
+        """Move the `keep` tokens after the evicted ones to just after the sink, in every layer at once."""
+        src = slice(self.sink + evict, self.sink + evict + keep)
+        dst = slice(self.sink, self.sink + keep)
+        with torch.no_grad():
+            self.k[:, :, dst] = self.k[:, :, src].clone()
+            self.v[:, :, dst] = self.v[:, :, src].clone()
+
+    def write(self, layer: int, plan: CacheWrite, k: Tensor, v: Tensor) -> None:
+        """Store a call's keys (roped if absolute, raw if relative) and values `[B, n, heads, head_dim]`."""
+        if self.detach_writes:
+            k, v = k.detach(), v.detach()
+        self.k[layer, :, plan.write_start:plan.write_end] = k
+        self.v[layer, :, plan.write_start:plan.write_end] = v
+
+    def past(self, layer: int, plan: CacheWrite) -> tuple[Tensor, Tensor]:
+        """Cached K/V before this call's own slots, `[B, write_start - read_start, heads, head_dim]` (views)."""
+        return (self.k[layer, :, plan.read_start:plan.write_start],
+                self.v[layer, :, plan.read_start:plan.write_start])
+
+    def readable(self, layer: int, plan: CacheWrite) -> tuple[Tensor, Tensor]:
+        """Everything this call attends to, its own slots included (views into the buffers)."""
+        return (self.k[layer, :, plan.read_start:plan.write_end],
+                self.v[layer, :, plan.read_start:plan.write_end])

@@ -1,0 +1,306 @@
+"""The Wan2.1 diffusion transformer: one class for the bidirectional teacher/critic and the causal generator.
+
+Parameter names are the original ones, so a real Wan2.1 or Self-Forcing state dict loads as is. The attention mode is
+chosen per call:
+  * bidirectional: no mask, no cache (teacher, critic);
+  * block-causal over a whole clip: `block_causal=BlockCausal(...)` (+ `clean_x` for teacher forcing);
+  * chunk by chunk with a `KVCache` and `start_frame` (causal inference and self-forcing rollouts).
+Timesteps are `[B]` (one per sample, as the bidirectional model) or `[B, F]` (one per latent frame, as the causal
+model); modulation is applied per timestep group accordingly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import AttentionMask, BlockCausal, attention, block_causal_mask
+from model.config import WanConfig
+from model.kv_cache import CacheWrite, KVCache
+from model.rope import RotaryTables, apply_rope, sinusoidal_embedding
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32 and cast back before the weight, as the original `WanRMSNorm`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Projections of a self- or cross-attention layer (`q, k, v, o`, optional QK RMS-norm over the full width)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def query(self, x: Tensor) -> Tensor:
+        return self.heads(self.norm_q(self.q(x)))
+
+    def key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def out(self, x: Tensor) -> Tensor:
+        return self.o(x.flatten(-2))
+
+
+class Context:
+    """Per-call state shared by all blocks: RoPE angles, the mask or the cache plan, the token grid."""
+
+    def __init__(self, groups: int, cos: Tensor, sin: Tensor, mask: AttentionMask | None = None,
+                 cache: KVCache | None = None, plan: CacheWrite | None = None, cache_rope=None):
+        self.groups = groups  # timestep groups (1 = one timestep per sample, else one per latent frame)
+        self.cos, self.sin = cos, sin
+        self.mask = mask
+        self.cache, self.plan = cache, plan
+        self.cache_rope = cache_rope  # (cos, sin) for the readable cache slots in relative-RoPE mode
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, text: Tensor, ctx: Context, layer: int) -> Tensor:
+        """x `[B, L, D]`, e0 `[B, G, 6, D]` (G timestep groups), text `[B, text_len, D]`."""
+        b, length, dim = x.shape
+        mod = (self.modulation.unsqueeze(1) + e0).unbind(2)  # six `[B, G, D]`
+
+        def grouped(fn, h: Tensor) -> Tensor:  # apply per-group modulation on the `[B, G, L/G, D]` view
+            return fn(h.view(b, ctx.groups, length // ctx.groups, dim)).view(b, length, dim)
+
+        h = grouped(lambda v: self.norm1(v) * (1 + mod[1].unsqueeze(2)) + mod[0].unsqueeze(2), x)
+        y = self._self_attention(h, ctx, layer)
+        x = x + grouped(lambda v: v * mod[2].unsqueeze(2), y)
+        x = x + self._cross_attention(self.norm3(x), text, ctx, layer)
+        h = grouped(lambda v: self.norm2(v) * (1 + mod[4].unsqueeze(2)) + mod[3].unsqueeze(2), x)
+        y = self.ffn(h)
+        return x + grouped(lambda v: v * mod[5].unsqueeze(2), y)
+
+    def _self_attention(self, h: Tensor, ctx: Context, layer: int) -> Tensor:
+        attn = self.self_attn
+        q = apply_rope(attn.query(h), ctx.cos, ctx.sin)
+        k, v = attn.key_value(h)
+        cache, plan = ctx.cache, ctx.plan
+        if cache is None:
+            return attn.out(attention(q, apply_rope(k, ctx.cos, ctx.sin), v, ctx.mask))
+        if cache.rope == "absolute":
+            k = apply_rope(k, ctx.cos, ctx.sin)
+        cache.write(layer, plan, k, v)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
+            # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
+            past_k, past_v = cache.past(layer, plan)
+            if not getattr(self, "_checkpointed", False):
+                # Without activation checkpointing the saved views would be invalidated by later in-place writes.
+                past_k, past_v = past_k.clone(), past_v.clone()
+            k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        else:
+            k_all, v_all = cache.readable(layer, plan)
+        if cache.rope == "relative":
+            k_all = apply_rope(k_all, *ctx.cache_rope)
+        return attn.out(attention(q, k_all, v_all))
+
+    def _cross_attention(self, x: Tensor, text: Tensor, ctx: Context, layer: int) -> Tensor:
+        attn = self.cross_attn
+        cache = ctx.cache
+        # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients (SPEC 5.3).
+        if cache is not None and not torch.is_grad_enabled():
+            if not cache.cross_ready[layer]:
+                k, v = attn.key_value(text)
+                cache.cross_k[layer].copy_(k)
+                cache.cross_v[layer].copy_(v)
+                cache.cross_ready[layer] = True
+            k, v = cache.cross_k[layer], cache.cross_v[layer]
+        else:
+            k, v = attn.key_value(text)
+        return attn.out(attention(attn.query(x), k, v))
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor, groups: int) -> Tensor:
+        """x `[B, L, D]`, e `[B, G, D]` (the time embedding, not its projection) -> `[B, L, out features]`."""
+        b, length, dim = x.shape
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # `[B, G, D]` each
+        h = self.norm(x).view(b, groups, length // groups, dim) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+        return self.head(h.view(b, length, dim))
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 text-to-video DiT. See the module docstring for the three attention modes."""
+
+    def __init__(self, config: WanConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply."""
+        self.gradient_checkpointing = enabled
+        for block in self.blocks:
+            block._checkpointed = enabled
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (height // ph) * (width // pw)
+
+    def new_kv_cache(self, batch_size: int, height: int, width: int, capacity_frames: int, *,
+                     window_frames: int = -1, sink_frames: int = 0, rope: str = "absolute",
+                     detach_writes: bool = True, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> KVCache:
+        """A cache sized from this model's config and the latent resolution (nothing hard-coded)."""
+        cfg = self.config
+        param = self.patch_embedding.weight
+        return KVCache(num_layers=cfg.num_layers, batch_size=batch_size, capacity_frames=capacity_frames,
+                       tokens_per_frame=self.tokens_per_frame(height, width), num_heads=cfg.num_heads,
+                       head_dim=cfg.head_dim, text_len=cfg.text_len, window_frames=window_frames,
+                       sink_frames=sink_frames, rope=rope, detach_writes=detach_writes,
+                       dtype=dtype or param.dtype, device=device or param.device)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[2] != cfg.in_dim:
+            raise ValueError(f"latents must be [B, F, {cfg.in_dim}, H, W], got {list(x.shape)}")
+        pt, ph, pw = cfg.patch_size
+        if x.shape[1] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent frames/height/width {list(x.shape[1:2]) + list(x.shape[3:])} must be "
+                             f"divisible by the patch size {list(cfg.patch_size)}")
+        if t.shape not in ((x.shape[0],), tuple(x.shape[:2])):
+            raise ValueError(f"timesteps must be [B] or [B, F] = {list(x.shape[:2])}, got {list(t.shape)}")
+        if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"text context must be [{x.shape[0]}, L, {cfg.text_dim}], got {list(context.shape)}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"text context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
+
+    def embed_time(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """t `[B, G]` -> time embedding e `[B, G, D]` and its projection e0 `[B, G, 6, D]`."""
+        dtype = self.time_embedding[0].weight.dtype
+        # The sinusoid is computed in float64 and cast to the parameter dtype (bf16 in training: the original's quirk).
+        e = self.time_embedding(sinusoidal_embedding(self.config.freq_dim, t.flatten()).to(dtype))
+        e0 = self.time_projection(e).unflatten(-1, (6, -1))
+        return e.unflatten(0, t.shape), e0.unflatten(0, t.shape)
+
+    def embed_text(self, context: Tensor) -> Tensor:
+        """`[B, L, text_dim]` -> `[B, text_len, D]`; zero rows pad to text_len and are attended (as upstream Wan)."""
+        pad = self.config.text_len - context.shape[1]
+        return self.text_embedding(F.pad(context, (0, 0, 0, pad)))
+
+    def patchify(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+        """`[B, F, C, H, W]` -> tokens `[B, F'*H'*W', D]` (frame-major, then row, then column) and the grid."""
+        h = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))
+        return h.flatten(2).transpose(1, 2), tuple(h.shape[2:])
+
+    def unpatchify(self, h: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """`[B, L, pt*ph*pw*C]` (channel fastest) -> `[B, F, C, H, W]`."""
+        f, hh, ww = grid
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        h = h.view(h.shape[0], f, hh, ww, pt, ph, pw, c).permute(0, 1, 4, 7, 2, 5, 3, 6)
+        return h.reshape(h.shape[0], f * pt, c, hh * ph, ww * pw)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, *, block_causal: BlockCausal | None = None,
+                clean_x: Tensor | None = None, aug_t: Tensor | None = None, kv_cache: KVCache | None = None,
+                start_frame: int = 0) -> Tensor:
+        """Flow prediction `[B, F, C, H, W]` for latents x `[B, F, C, H, W]`, timesteps t `[B]` or `[B, F]` (0..1000)
+        and text context `[B, L <= text_len, text_dim]`.
+
+        block_causal: attend block-causally over the whole clip (flex attention); with `clean_x` `[B, F, C, H, W]`
+          the teacher-forcing layout (clean context at timestep `aug_t`, default 0; same RoPE positions).
+        kv_cache / start_frame: x is the chunk of frames starting at latent frame `start_frame`; K/V are written to
+          and read from the cache.
+        """
+        self._check_inputs(x, t, context)
+        if kv_cache is not None and (block_causal is not None or clean_x is not None):
+            raise ValueError("kv_cache cannot be combined with block_causal / clean_x")
+        if clean_x is not None and block_causal is None:
+            raise ValueError("teacher forcing (clean_x) needs block_causal")
+        tokens, grid = self.patchify(x)
+        f, hh, ww = grid
+        # Teacher forcing concatenates clean and noisy frames, so it always uses per-frame timesteps.
+        t_groups = t if t.dim() == 2 else t[:, None].expand(-1, f if clean_x is not None else 1)
+        groups = t_groups.shape[1]
+        if groups != 1 and groups != f:
+            raise ValueError(f"per-frame timesteps need patch_size[0] == 1 (got {groups} timesteps for {f} frames)")
+        e, e0 = self.embed_time(t_groups)
+        text = self.embed_text(context.to(tokens.dtype))
+        ctx, tokens, e0 = self._attention_context(tokens, grid, groups, e0, block_causal, clean_x, aug_t,
+                                                  kv_cache, start_frame)
+        for layer, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, text, ctx, layer)
+        if clean_x is not None:
+            tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
+        return self.unpatchify(self.head(tokens, e, groups), grid)
+
+    def _attention_context(self, tokens, grid, groups, e0, block_causal, clean_x, aug_t, kv_cache, start_frame):
+        f, hh, ww = grid
+        device = tokens.device
+        if kv_cache is None:
+            cos, sin = self.rope.cos_sin(torch.arange(f, device=device), hh, ww)
+            mask = None
+            if block_causal is not None:
+                mask = block_causal_mask(block_causal, f, hh * ww, clean_x is not None, device)
+            if clean_x is not None:
+                clean_tokens, _ = self.patchify(clean_x)
+                t_clean = aug_t if aug_t is not None else torch.zeros(e0.shape[:2], device=device)
+                if t_clean.shape != e0.shape[:2]:
+                    raise ValueError(f"aug_t must be [B, F] = {list(e0.shape[:2])}, got {list(t_clean.shape)}")
+                _, e0_clean = self.embed_time(t_clean)
+                tokens = torch.cat([clean_tokens, tokens], dim=1)
+                e0 = torch.cat([e0_clean, e0], dim=1)
+                cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
+                groups *= 2
+            return Context(groups, cos, sin, mask=mask), tokens, e0
+        if kv_cache.tokens_per_frame != hh * ww:
+            raise ValueError(f"KV cache was built for {kv_cache.tokens_per_frame} tokens per frame, "
+                             f"the latents have {hh * ww}")
+        plan = kv_cache.plan(start_frame, f)
+        cos, sin = self.rope.cos_sin(torch.arange(plan.query_frame, plan.query_frame + f, device=device), hh, ww)
+        cache_rope = None
+        if kv_cache.rope == "relative":
+            first = plan.read_start // kv_cache.tokens_per_frame
+            cache_rope = self.rope.cos_sin(torch.arange(first, plan.write_end // kv_cache.tokens_per_frame,
+                                                        device=device), hh, ww)
+        return Context(groups, cos, sin, cache=kv_cache, plan=plan, cache_rope=cache_rope), tokens, e0
