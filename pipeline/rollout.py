@@ -1,0 +1,119 @@
+"""The block-wise autoregressive rollout, written once for inference and self-forcing training.
+
+For each block of latent frames: run the few-step chain (predict x0, re-noise it to the next step's timestep with
+fresh noise, predict again ...), emit the block, then run one pass at the context timestep on the block's x0 to
+write clean keys/values into the KV cache for the blocks that follow.
+
+Inference calls it without a gradient policy (everything under no_grad). Self-forcing training passes a
+`GradientPolicy`: each block exits its chain at a given step and only the exit-step forward of blocks starting at or
+after `grad_from_frame` keeps its graph; every other forward runs under no_grad (stochastic gradient truncation).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.kv_cache import KVCache
+from pipeline.denoiser import Denoiser
+
+NoiseFn = Callable[[Tensor], Tensor]  # returns fresh Gaussian noise shaped like its argument
+BlockCallback = Callable[[int, int, Tensor], None]  # (block index, start frame, x0 of the block [B, n, C, H, W])
+
+
+@dataclass
+class GradientPolicy:
+    """exit_steps: denoising step index at which each generated block stops (len = number of blocks).
+    grad_from_frame: blocks starting before this frame never carry gradients (None: no gradients at all)."""
+
+    exit_steps: Sequence[int]
+    grad_from_frame: int | None = 0
+
+
+@dataclass
+class RolloutResult:
+    latents: Tensor  # [B, F, C, H, W], initial latent frames included
+    block_ms: list[float] = field(default_factory=list)  # wall time per generated block (host-side)
+
+
+def block_layout(num_frames: int, frames_per_block: int, independent_first_frame: bool) -> list[int]:
+    """Frames per block for `num_frames` latent frames: [n, n, ...] or [1, n, n, ...]."""
+    first = 1 if independent_first_frame else 0
+    if num_frames < 1 or (num_frames - first) % frames_per_block:
+        raise ValueError(f"{num_frames} latent frames cannot be split into blocks of {frames_per_block}"
+                         + (" after an independent first frame" if first else ""))
+    return [1] * min(first, num_frames) + [frames_per_block] * ((num_frames - first) // frames_per_block)
+
+
+def _full_t(value: float, like: Tensor) -> Tensor:
+    return torch.full(like.shape[:2], float(value), device=like.device, dtype=torch.float32)
+
+
+def rollout(denoiser: Denoiser, noise: Tensor, context: Tensor, cache: KVCache, *, steps: Sequence[float],
+            frames_per_block: int, independent_first_frame: bool = False, initial_latent: Tensor | None = None,
+            context_noise: float = 0.0, renoise_context: bool = False, final_context_pass: bool = True,
+            policy: GradientPolicy | None = None, noise_fn: NoiseFn | None = None,
+            on_block: BlockCallback | None = None, start_frame: int = 0) -> RolloutResult:
+    """Generate `noise.shape[1]` latent frames block by block, after the frames of `initial_latent` if given.
+
+    noise: `[B, F, C, H, W]` pure noise of the frames to generate. context: `[B, L, text_dim]` prompt embeddings.
+    steps: the (warped) denoising timesteps, e.g. [1000, 937.5, 833.3, 625].
+    initial_latent: `[B, Fi, C, H, W]` clean frames written into the cache first (image-to-video, video extension).
+    renoise_context: re-noise each block's x0 to `context_noise` before the cache pass, as the original training
+      rollout does (t=0 snaps to sigma ~0.005 on the grid); the original inference feeds x0 as is.
+    start_frame: latent frame index of the first frame (continuing a cache that already holds earlier frames).
+    """
+    if noise.dim() != 5:
+        raise ValueError(f"noise must be [B, F, C, H, W], got {list(noise.shape)}")
+    steps = [float(s) for s in steps]
+    if not steps:
+        raise ValueError("the denoising step list is empty")
+    noise_fn = noise_fn or torch.randn_like
+    schedule = denoiser.schedule
+    outputs: list[Tensor] = []
+    frame = start_frame
+
+    def context_pass(x0: Tensor, at: int) -> None:
+        t = _full_t(context_noise, x0)
+        x = schedule.add_noise(x0, noise_fn(x0), t) if renoise_context else x0
+        with torch.no_grad():
+            denoiser(x.detach(), t, context, kv_cache=cache, start_frame=at)
+
+    if initial_latent is not None:
+        for size in block_layout(initial_latent.shape[1], frames_per_block, independent_first_frame):
+            chunk = initial_latent[:, frame - start_frame:frame - start_frame + size]
+            with torch.no_grad():  # priming: the clean frames only fill the cache (t = 0, as the original)
+                denoiser(chunk, _full_t(0.0, chunk), context, kv_cache=cache, start_frame=frame)
+            outputs.append(chunk)
+            frame += size
+        independent_first_frame = False  # the first frame came from the input
+
+    sizes = block_layout(noise.shape[1], frames_per_block, independent_first_frame)
+    if policy is not None and len(policy.exit_steps) != len(sizes):
+        raise ValueError(f"gradient policy has {len(policy.exit_steps)} exit steps for {len(sizes)} blocks")
+    block_ms: list[float] = []
+    offset = 0
+    for index, size in enumerate(sizes):
+        tic = time.perf_counter()
+        x = noise[:, offset:offset + size]
+        exit_step = len(steps) - 1 if policy is None else int(policy.exit_steps[index])
+        with_grad = (policy is not None and policy.grad_from_frame is not None
+                     and frame >= policy.grad_from_frame and torch.is_grad_enabled())
+        for j in range(exit_step + 1):
+            t = _full_t(steps[j], x)
+            with torch.set_grad_enabled(with_grad and j == exit_step):
+                _, x0 = denoiser(x, t, context, kv_cache=cache, start_frame=frame)
+            if j < exit_step:
+                x = schedule.add_noise(x0, noise_fn(x0), _full_t(steps[j + 1], x0)).detach()
+        outputs.append(x0)
+        if on_block is not None:
+            on_block(index, frame, x0.detach())
+        if final_context_pass or index < len(sizes) - 1:
+            context_pass(x0, frame)
+        block_ms.append((time.perf_counter() - tic) * 1000.0)
+        frame += size
+        offset += size
+    return RolloutResult(latents=torch.cat(outputs, dim=1), block_ms=block_ms)

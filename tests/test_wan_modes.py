@@ -1,0 +1,146 @@
+"""Consistency between the DiT's attention modes, the KV cache policies, gradients and input errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.attention import BlockCausal
+from tests.tiny import tiny_inputs, tiny_model
+
+
+def per_block_timesteps(batch: int, frames: int, block: int) -> torch.Tensor:
+    values = torch.tensor([900.0, 500.0, 0.0, 250.0, 750.0, 10.0])
+    return values[(torch.arange(frames) // block) % len(values)].expand(batch, frames).clone()
+
+
+def kv_chunks(model, x, t, context, block, window=-1, sink=0, rope="absolute", capacity=None):
+    b, f, _, h, w = x.shape
+    cache = model.new_kv_cache(b, h, w, capacity or (window if window != -1 else f), window_frames=window,
+                               sink_frames=sink, rope=rope)
+    outs = [model(x[:, s:s + block], t[:, s:s + block], context, kv_cache=cache, start_frame=s)
+            for s in range(0, f, block)]
+    return torch.cat(outs, dim=1), cache
+
+
+@pytest.mark.parametrize("window", [-1, 4])
+def test_kv_cache_path_equals_block_causal_path(window):
+    model = tiny_model()
+    x, context = tiny_inputs(model, frames=8)
+    t = per_block_timesteps(2, 8, 2)
+    with torch.no_grad():
+        full = model(x, t, context, block_causal=BlockCausal(2, local_attn_size=window))
+        chunked, cache = kv_chunks(model, x, t, context, block=2, window=window)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    assert cache.num_frames_held == (8 if window == -1 else window)
+
+
+def test_bidirectional_equals_single_block_causal_and_uniform_timesteps():
+    model = tiny_model()
+    x, context = tiny_inputs(model, frames=4)
+    t = torch.tensor([700.0, 30.0])
+    with torch.no_grad():
+        bidi = model(x, t, context)
+        per_frame = model(x, t[:, None].expand(-1, 4), context)
+        one_block = model(x, t[:, None].expand(-1, 4), context, block_causal=BlockCausal(4))
+    torch.testing.assert_close(per_frame, bidi, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_block, bidi, atol=1e-5, rtol=1e-5)
+
+
+def test_relative_rope_equals_absolute_until_the_cache_rolls_then_runs_past_the_table():
+    model = tiny_model(rope_max_positions=8)
+    x, context = tiny_inputs(model, batch=1, frames=16)
+    t = per_block_timesteps(1, 16, 2)
+    with torch.no_grad():
+        absolute, _ = kv_chunks(model, x[:, :6], t[:, :6], context[:1], block=2, window=6, sink=2)
+        relative, _ = kv_chunks(model, x[:, :6], t[:, :6], context[:1], block=2, window=6, sink=2, rope="relative")
+        torch.testing.assert_close(relative, absolute, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="RoPE"):  # absolute positions run out of the 8-entry table
+            kv_chunks(model, x, t, context[:1], block=2, window=6, sink=2)
+        long, cache = kv_chunks(model, x, t, context[:1], block=2, window=6, sink=2, rope="relative")
+    assert torch.isfinite(long).all() and cache.num_frames_held == 6
+
+
+def test_rolling_cache_keeps_sink_frames_pinned():
+    model = tiny_model()
+    x, context = tiny_inputs(model, batch=1, frames=10)
+    t = per_block_timesteps(1, 10, 2)
+    with torch.no_grad():
+        _, cache = kv_chunks(model, x[:, :2], t[:, :2], context[:1], block=2, window=6, sink=2)
+        sink_keys = cache.k[:, :, :cache.tokens_per_frame * 2].clone()
+        for s in range(2, 10, 2):
+            model(x[:, s:s + 2], t[:, s:s + 2], context[:1], kv_cache=cache, start_frame=s)
+    assert torch.equal(cache.k[:, :, :cache.tokens_per_frame * 2], sink_keys)
+    assert cache.global_end == 10 * cache.tokens_per_frame and cache.local_end == cache.capacity
+
+
+def test_cache_overflow_and_out_of_order_calls_are_errors():
+    model = tiny_model()
+    x, context = tiny_inputs(model, batch=1, frames=6)
+    t = per_block_timesteps(1, 6, 2)
+    cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
+    with torch.no_grad():
+        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
+        with pytest.raises(ValueError, match="only append or rewrite"):
+            model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=4)
+        model(x[:, 2:4], t[:, 2:4], context, kv_cache=cache, start_frame=2)
+        with pytest.raises(ValueError, match="overflow"):
+            model(x[:, 4:6], t[:, 4:6], context, kv_cache=cache, start_frame=4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.zeros(1, 2, 3, 4, 6)), r"\[B, F, 4, H, W\]"),
+    (dict(x=torch.zeros(1, 2, 4, 5, 6)), "divisible by the patch size"),
+    (dict(t=torch.zeros(1, 3)), "timesteps"),
+    (dict(context=torch.zeros(1, 9, 16)), "more than text_len"),
+    (dict(context=torch.zeros(1, 4, 15)), "text context"),
+])
+def test_bad_inputs_are_named(bad, match):
+    model = tiny_model()
+    args = dict(x=torch.zeros(1, 2, 4, 4, 6), t=torch.zeros(1, 2), context=torch.zeros(1, 4, 16))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        model(args["x"], args["t"], args["context"])
+
+
+def test_frames_not_divisible_by_block_is_an_error():
+    model = tiny_model()
+    x, context = tiny_inputs(model, frames=5)
+    with pytest.raises(ValueError, match="blocks of 2"):
+        model(x, torch.zeros(2, 5), context, block_causal=BlockCausal(2))
+
+
+def test_kv_cached_forward_with_grad_reaches_text_and_cross_attention():
+    model = tiny_model()
+    x, context = tiny_inputs(model, batch=1, frames=4)
+    t = per_block_timesteps(1, 4, 2)
+    cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
+    with torch.no_grad():
+        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
+    out = model(x[:, 2:], t[:, 2:], context, kv_cache=cache, start_frame=2)
+    out.square().mean().backward()
+    block = model.blocks[0]
+    for param in (block.self_attn.k.weight, block.self_attn.q.weight, block.cross_attn.k.weight,
+                  model.text_embedding[0].weight):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert not cache.k.requires_grad  # the paper's semantics: the cache carries no graph
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.set_gradient_checkpointing(checkpointing)
+        x, context = tiny_inputs(model, frames=4)
+        model(x, per_block_timesteps(2, 4, 2), context, block_causal=BlockCausal(2)).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_runs_on_cpu():
+    model = tiny_model().to(torch.bfloat16)
+    x, context = tiny_inputs(model, frames=4)
+    with torch.no_grad():
+        out = model(x.bfloat16(), per_block_timesteps(2, 4, 2), context.bfloat16(), block_causal=BlockCausal(2))
+        ref = tiny_model()(x, per_block_timesteps(2, 4, 2), context, block_causal=BlockCausal(2))
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
