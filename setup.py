@@ -1,0 +1,21 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [line.strip() for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+setup(
+    name="self-forcing",
+    version="0.1.0",
+    description="Self Forcing: autoregressive video diffusion on Wan2.1, trained on its own rollouts",
+    packages=find_packages(include=["model", "model.*", "pipeline", "pipeline.*", "trainer", "trainer.*",
+                                    "utils", "utils.*"]),
+    py_modules=["inference", "train"],
+    python_requires=">=3.10",
+    install_requires=requirements,
+    extras_require={
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=8"],
+    },
+)
