@@ -13,8 +13,9 @@ def rope_axis_split(head_dim: int) -> tuple[int, int, int]:
 
 def _axis_angles(max_positions: int, axis_dim: int) -> Tensor:
     """`[max_positions, axis_dim/2]` float64 angles pos * 10000^(-2j/axis_dim)."""
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim))
-    return torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    # Explicitly on CPU: models are often built under a `torch.device("meta")` context, the tables never are.
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, axis_dim, 2, dtype=torch.float64, device="cpu") / axis_dim))
+    return torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv_freq)
 
 
 class RotaryTables:
