@@ -1,0 +1,416 @@
+"""Wan2.1 video VAE adapter around `diffusers.AutoencoderKLWan`, plus the latent-codec interface.
+
+Layouts: the codec interface speaks the DiT layout, latents `[B, F, C, h, w]` and pixels `[B, T, 3, H, W]`
+in [-1, 1]; AutoencoderKLWan itself works on `[B, C, T, H, W]`, so the adapter permutes at its edges.
+Pixel frames `T = 1 + temporal_factor * (F - 1)`: the first latent frame stands for one pixel frame.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+from torch import nn
+
+# Per-channel latent statistics of the released Wan2.1 VAE (SPEC §4.2).
+WAN21_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]
+WAN21_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]
+
+# `AutoencoderKLWan(**WAN21_VAE_CONFIG)` is the architecture of the released `Wan2.1_VAE.pth`.
+WAN21_VAE_CONFIG: dict[str, Any] = {
+    "base_dim": 96,
+    "decoder_base_dim": None,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_scales": [],
+    "temperal_downsample": [False, True, True],
+    "dropout": 0.0,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latents_mean": WAN21_LATENTS_MEAN,
+    "latents_std": WAN21_LATENTS_STD,
+}
+
+
+@runtime_checkable
+class StreamDecoder(Protocol):
+    """Stateful decoder: consecutive `decode_chunk` calls equal one decode of the concatenated latents."""
+
+    def decode_chunk(self, latent_chunk: torch.Tensor) -> torch.Tensor:
+        """`[B, f, C, h, w]` latents -> `[B, t, 3, H, W]` pixels in [-1, 1] (t depends on the stream position)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget all history; the next chunk starts a new video."""
+        ...
+
+
+@runtime_checkable
+class LatentCodec(Protocol):
+    """What pipelines need from a video latent codec (Wan VAE, pixel-unshuffle codec, TAEHV decoder).
+
+    Attributes:
+        latent_channels: C of the latent `[B, F, C, h, w]`.
+        spatial_factor: H = spatial_factor * h, W = spatial_factor * w.
+        temporal_factor: each latent frame after the first stands for this many pixel frames.
+    """
+
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+
+    def encode_to_latent(self, video: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, T, H, W]` in [-1, 1] -> normalized latent `[B, F, C, H/s, W/s]`, `T = 1 + temporal_factor*(F-1)`."""
+        ...
+
+    def decode_to_pixel(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalized latent `[B, F, C, h, w]` -> pixels `[B, T, 3, s*h, s*w]` clamped to [-1, 1]."""
+        ...
+
+    def stream_decoder(self) -> StreamDecoder:
+        """A fresh block-by-block decoder (see `StreamDecoder`)."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Key conversion: original `Wan2.1_VAE.pth` names -> diffusers `AutoencoderKLWan` names.
+# ---------------------------------------------------------------------------------------------------------
+
+# Leaf renames inside one original module kind (original leaf -> diffusers leaf).
+_CONV = {"weight": "weight", "bias": "bias"}
+_NORM = {"gamma": "gamma"}
+_RESBLOCK = {
+    "residual.0.gamma": "norm1.gamma",
+    "residual.2.weight": "conv1.weight",
+    "residual.2.bias": "conv1.bias",
+    "residual.3.gamma": "norm2.gamma",
+    "residual.6.weight": "conv2.weight",
+    "residual.6.bias": "conv2.bias",
+    "shortcut.weight": "conv_shortcut.weight",
+    "shortcut.bias": "conv_shortcut.bias",
+}
+_ATTN = {k: k for k in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")}
+_RESAMPLE = {k: k for k in ("resample.1.weight", "resample.1.bias", "time_conv.weight", "time_conv.bias")}
+_LEVEL_ITEM = {**_RESBLOCK, **_RESAMPLE}
+
+# THE conversion table: original module path (regex) -> diffusers module path, allowed leaves.
+# "{up}" is resolved per checkpoint: the original decoder keeps its levels in one flat list
+# (`upsamples.N`), diffusers nests them as `up_blocks.L.resnets.J` / `up_blocks.L.upsamplers.0`.
+# The encoder's flat `downsamples.N` list maps one to one onto diffusers' flat `down_blocks.N`.
+_KEY_TABLE: list[tuple[str, str, dict[str, str]]] = [
+    (r"conv1", "quant_conv", _CONV),
+    (r"conv2", "post_quant_conv", _CONV),
+    (r"(encoder|decoder)\.conv1", r"\1.conv_in", _CONV),
+    (r"(encoder|decoder)\.middle\.0", r"\1.mid_block.resnets.0", _RESBLOCK),
+    (r"(encoder|decoder)\.middle\.1", r"\1.mid_block.attentions.0", _ATTN),
+    (r"(encoder|decoder)\.middle\.2", r"\1.mid_block.resnets.1", _RESBLOCK),
+    (r"(encoder|decoder)\.head\.0", r"\1.norm_out", _NORM),
+    (r"(encoder|decoder)\.head\.2", r"\1.conv_out", _CONV),
+    (r"encoder\.downsamples\.(\d+)", r"encoder.down_blocks.\1", _LEVEL_ITEM),
+    (r"decoder\.upsamples\.(\d+)", "{up}", _LEVEL_ITEM),
+]
+_COMPILED_TABLE = [(re.compile(rf"({pat})\.(?P<leaf>.+)"), pat, new, leaves) for pat, new, leaves in _KEY_TABLE]
+
+
+def _level_indices(sd: Mapping[str, Any], prefix: str) -> list[int]:
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+
+
+def _decoder_up_paths(sd: Mapping[str, Any]) -> dict[int, str]:
+    """Flat original `decoder.upsamples.N` index -> nested diffusers module path; a resample closes a level."""
+    paths, level, res = {}, 0, 0
+    for n in _level_indices(sd, "decoder.upsamples"):
+        if f"decoder.upsamples.{n}.resample.1.weight" in sd:
+            paths[n] = f"decoder.up_blocks.{level}.upsamplers.0"
+            level, res = level + 1, 0
+        else:
+            paths[n] = f"decoder.up_blocks.{level}.resnets.{res}"
+            res += 1
+    return paths
+
+
+def convert_wan_vae_state_dict(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
+    """Rename an original Wan2.1 VAE state dict (`Wan2.1_VAE.pth` keys) to `AutoencoderKLWan` keys.
+
+    Tensors are passed through untouched (no copy, any device incl. meta). Raises KeyError naming every
+    key that no table row accepts (e.g. attention inside resolution levels, or a diffusers-format dict).
+    """
+    up_paths = _decoder_up_paths(sd)
+    out, unknown = {}, []
+    for key, value in sd.items():
+        for regex, pat, new, leaves in _COMPILED_TABLE:
+            m = regex.fullmatch(key)
+            if m is None or m.group("leaf") not in leaves:
+                continue
+            module = m.group(1)
+            if new == "{up}":
+                target = up_paths[int(module.rsplit(".", 1)[1])]
+            else:
+                target = re.sub(rf"^{pat}$", new, module)
+            out[f"{target}.{leaves[m.group('leaf')]}"] = value
+            break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise KeyError(
+            f"{source}: {len(unknown)} key(s) are not part of an original Wan2.1 VAE checkpoint: {unknown[:10]}"
+        )
+    return out
+
+
+def _require(sd: Mapping[str, torch.Tensor], key: str, source: str) -> torch.Tensor:
+    if key not in sd:
+        raise KeyError(f"{source}: missing key {key!r} (expected an original Wan2.1 VAE state dict)")
+    return sd[key]
+
+
+def wan_vae_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> dict[str, Any]:
+    """Derive `AutoencoderKLWan` kwargs from the shapes of an ORIGINAL-key Wan2.1 VAE state dict.
+
+    Starts from `WAN21_VAE_CONFIG` and overrides every size readable from the tensors (widths, levels,
+    residual blocks per level, temporal downsampling). The latent statistics stay the Wan2.1 ones when
+    z_dim is 16; otherwise they are dropped and must be given to `WanVAE` explicitly.
+    """
+    conv_in = _require(sd, "encoder.conv1.weight", source)
+    base_dim, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    z_dim = int(_require(sd, "conv2.weight", source).shape[0])
+    out_channels = int(_require(sd, "decoder.head.2.weight", source).shape[0])
+
+    level_widths, level_blocks, temporal, n_res = [], [], [], 0
+    for n in _level_indices(sd, "encoder.downsamples"):
+        prefix = f"encoder.downsamples.{n}"
+        if f"{prefix}.resample.1.weight" in sd:
+            level_blocks.append(n_res)
+            temporal.append(f"{prefix}.time_conv.weight" in sd)
+            n_res = 0
+        else:
+            width = int(_require(sd, f"{prefix}.residual.2.weight", source).shape[0])
+            if n_res == 0:
+                level_widths.append(width)
+            n_res += 1
+    level_blocks.append(n_res)
+    if not level_widths or len(level_widths) != len(level_blocks) or len(set(level_blocks)) != 1:
+        raise ValueError(
+            f"{source}: cannot read the encoder levels (residual blocks per level {level_blocks}, "
+            f"widths {level_widths}); expected equal counts per level separated by resample layers"
+        )
+    if any(w % base_dim for w in level_widths):
+        raise ValueError(f"{source}: level widths {level_widths} are not multiples of base width {base_dim}")
+    dim_mult = [w // base_dim for w in level_widths]
+    decoder_width = int(_require(sd, "decoder.conv1.weight", source).shape[0])
+    decoder_base_dim = decoder_width // dim_mult[-1]
+
+    config = dict(WAN21_VAE_CONFIG)
+    config.update(
+        base_dim=base_dim,
+        decoder_base_dim=None if decoder_base_dim == base_dim else decoder_base_dim,
+        z_dim=z_dim,
+        dim_mult=dim_mult,
+        num_res_blocks=level_blocks[0],
+        attn_scales=[],
+        temperal_downsample=temporal,
+        in_channels=in_channels,
+        out_channels=out_channels,
+    )
+    if z_dim != len(WAN21_LATENTS_MEAN):
+        del config["latents_mean"], config["latents_std"]
+    return config
+
+
+def load_converted_state_dict(vae: AutoencoderKLWan, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly load diffusers-keyed tensors into `vae` (which may live on the meta device, then assigned).
+
+    Raises KeyError naming missing/unexpected keys and ValueError naming shape mismatches.
+    """
+    expected = vae.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise KeyError(
+            f"{source}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]} (diffusers names)"
+        )
+    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{source}: shape mismatch for {len(bad)} tensor(s): {bad[:10]}")
+    on_meta = any(p.is_meta for p in vae.parameters())
+    vae.load_state_dict(dict(sd), strict=True, assign=on_meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The adapter.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _shape_error(what: str, expected: str, got: torch.Tensor) -> ValueError:
+    return ValueError(f"{what}: expected a tensor of shape {expected}, got {tuple(got.shape)}")
+
+
+class StreamingVAEDecoder:
+    """Block-by-block Wan VAE decoding that keeps the causal conv cache between `decode_chunk` calls.
+
+    The cache list is owned here and handed to the diffusers decoder through its `feat_cache`/`feat_idx`
+    arguments rather than living in `AutoencoderKLWan._feat_map`: `AutoencoderKLWan.encode/decode` call
+    `clear_cache()`, which would otherwise wipe a stream mid-video, and several streams can run at once.
+    """
+
+    def __init__(self, codec: "WanVAE", clamp: bool = True):
+        self.codec = codec
+        self.clamp = clamp
+        self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in codec.vae.decoder.modules())
+        self.reset()
+
+    def reset(self) -> None:
+        self._feat_cache: list[Any] = [None] * self._num_convs
+        self._grid: tuple[int, int, int] | None = None
+        self.frames_decoded = 0
+
+    def decode_chunk(self, latent_chunk: torch.Tensor) -> torch.Tensor:
+        """Normalized latents `[B, f, C, h, w]` -> pixels `[B, t, 3, s*h, s*w]` (float32).
+
+        t = 1 + temporal_factor*(f-1) for the first chunk after `reset()`, temporal_factor*f afterwards.
+        Clamped to [-1, 1] unless the decoder was built with `clamp=False`.
+        """
+        codec = self.codec
+        if latent_chunk.ndim != 5 or latent_chunk.shape[2] != codec.latent_channels or latent_chunk.shape[1] == 0:
+            raise _shape_error("decode", f"[B, F>=1, {codec.latent_channels}, h, w]", latent_chunk)
+        b, f, _, h, w = latent_chunk.shape
+        if self._grid is not None and self._grid != (b, h, w):
+            raise ValueError(
+                f"decode_chunk: batch/grid (B, h, w) = {(b, h, w)} differs from this stream's {self._grid}; "
+                "call reset() before decoding another video"
+            )
+        self._grid = (b, h, w)
+        mean = codec.latents_mean.to(latent_chunk).view(1, -1, 1, 1, 1)
+        inv_std = codec.latents_inv_std.to(latent_chunk).view(1, -1, 1, 1, 1)
+        # The reference denormalizes as z / (1/std) + mean (not z * std + mean); kept for bit parity.
+        z = latent_chunk.permute(0, 2, 1, 3, 4) / inv_std + mean
+        param = next(codec.vae.parameters())
+        x = codec.vae.post_quant_conv(z.to(device=param.device, dtype=param.dtype))
+        frames = []
+        # One latent frame per decoder call, as the reference does: the first frame of a video must pass
+        # alone, since the temporal upsamplers skip it (the "Rep" cache sentinel) to emit a single frame.
+        for i in range(f):
+            frames.append(
+                codec.vae.decoder(
+                    x[:, :, i : i + 1],
+                    feat_cache=self._feat_cache,
+                    feat_idx=[0],
+                    first_chunk=self.frames_decoded == 0,
+                )
+            )
+            self.frames_decoded += 1
+        out = torch.cat(frames, dim=2).permute(0, 2, 1, 3, 4).float()
+        return out.clamp(-1.0, 1.0) if self.clamp else out
+
+
+class WanVAE(nn.Module):
+    """`AutoencoderKLWan` plus per-channel latent normalization, in the DiT's `[B, F, C, h, w]` layout.
+
+    Implements `LatentCodec`. Parameters live in `self.vae` (diffusers keys, prefix `vae.`); the latent
+    statistics are non-persistent float32 buffers.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKLWan,
+        latents_mean: Sequence[float] | None = None,
+        latents_std: Sequence[float] | None = None,
+    ):
+        super().__init__()
+        self.vae = vae
+        cfg = vae.config
+        mean = list(cfg.latents_mean if latents_mean is None else latents_mean)
+        std = list(cfg.latents_std if latents_std is None else latents_std)
+        if len(mean) != cfg.z_dim or len(std) != cfg.z_dim:
+            raise ValueError(
+                f"latent statistics have {len(mean)} mean / {len(std)} std values, expected z_dim={cfg.z_dim} each"
+            )
+        self.register_buffer("latents_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        # The reference stores 1/std (float32) and multiplies by it; keep the same rounding.
+        self.register_buffer("latents_inv_std", 1.0 / torch.tensor(std, dtype=torch.float32), persistent=False)
+        self.latent_channels = int(cfg.z_dim)
+        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
+        self.temporal_factor = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
+        self.pixel_channels = int(cfg.in_channels)
+
+    def encode_to_latent(self, video: torch.Tensor) -> torch.Tensor:
+        """Pixels `[B, 3, T, H, W]` in [-1, 1] -> normalized posterior mean `[B, F, C, H/8, W/8]` float32.
+
+        T must be 1 + temporal_factor*k, H and W multiples of spatial_factor. No sampling: mu only.
+        """
+        s, tf = self.spatial_factor, self.temporal_factor
+        expected = f"[B, {self.pixel_channels}, T=1+{tf}k, H, W] with H, W multiples of {s}"
+        if video.ndim != 5 or video.shape[1] != self.pixel_channels:
+            raise _shape_error("encode", expected, video)
+        if (video.shape[2] - 1) % tf or video.shape[3] % s or video.shape[4] % s:
+            raise _shape_error("encode", expected, video)
+        param = next(self.vae.parameters())
+        mu = self.vae.encode(video.to(device=param.device, dtype=param.dtype)).latent_dist.mean
+        mean = self.latents_mean.to(mu).view(1, -1, 1, 1, 1)
+        inv_std = self.latents_inv_std.to(mu).view(1, -1, 1, 1, 1)
+        return ((mu - mean) * inv_std).permute(0, 2, 1, 3, 4).float()
+
+    def decode_to_pixel(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalized latent `[B, F, C, h, w]` -> pixels `[B, 1+temporal_factor*(F-1), 3, 8h, 8w]` float32.
+
+        Clamped to [-1, 1] like the reference wrapper; `clamp=False` returns the raw decoder output.
+        """
+        return StreamingVAEDecoder(self, clamp=clamp).decode_chunk(latent)
+
+    def stream_decoder(self, clamp: bool = True) -> StreamingVAEDecoder:
+        """A fresh `StreamingVAEDecoder` over this VAE."""
+        return StreamingVAEDecoder(self, clamp=clamp)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], source: str = "state dict", **stats: Any) -> "WanVAE":
+        """Build from an original-key state dict: derive the config, convert, strict-load (no random init)."""
+        config = wan_vae_config_from_state_dict(sd, source)
+        with torch.device("meta"):
+            vae = AutoencoderKLWan(**config)
+        load_converted_state_dict(vae, convert_wan_vae_state_dict(sd, source), source)
+        return cls(vae.eval(), **stats)
+
+    @classmethod
+    def from_wan_checkpoint(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        latents_mean: Sequence[float] | None = None,
+        latents_std: Sequence[float] | None = None,
+    ) -> "WanVAE":
+        """Load an original `Wan2.1_VAE.pth` (weights_only) or a `.safetensors` with the original keys."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Wan VAE checkpoint {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{path}: expected a flat state dict of tensors (original Wan2.1 VAE keys)")
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+        return cls.from_state_dict(sd, str(path), latents_mean=latents_mean, latents_std=latents_std)
+
+    @classmethod
+    def from_diffusers_folder(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "WanVAE":
+        """Load a diffusers `vae/` folder (`config.json` + weights), or a model folder holding `vae/`."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+            folder = folder / "vae"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no config.json of a diffusers AutoencoderKLWan folder")
+        vae = AutoencoderKLWan.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        return cls(vae.eval())

@@ -1,0 +1,343 @@
+"""Wan2.1 VAE adapter: key conversion, config derivation, golden parity, streaming decode, loaders, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
+
+from model.vae import (
+    WAN21_VAE_CONFIG,
+    LatentCodec,
+    StreamDecoder,
+    WanVAE,
+    convert_wan_vae_state_dict,
+    load_converted_state_dict,
+    wan_vae_config_from_state_dict,
+)
+
+ATOL = 1e-4
+STREAM_ATOL = 1e-5
+
+
+def _to_vae_layout(x: torch.Tensor) -> torch.Tensor:
+    """[B, F, C, H, W] <-> [B, C, F, H, W] (the permutation is its own inverse)."""
+    return x.permute(0, 2, 1, 3, 4)
+
+
+def _stats(case) -> tuple[list[float], list[float]]:
+    norm = case.meta.get("latent_normalization") or case.json("wan_vae_latent_stats.json")
+    return norm["mean"], norm["std"]
+
+
+def _config_from_reference(ref: dict) -> dict:
+    """The reference `_video_vae` kwargs expressed as AutoencoderKLWan kwargs."""
+    return {
+        "base_dim": ref["dim"],
+        "z_dim": ref["z_dim"],
+        "dim_mult": list(ref["dim_mult"]),
+        "num_res_blocks": ref["num_res_blocks"],
+        "attn_scales": list(ref["attn_scales"]),
+        "temperal_downsample": list(ref["temperal_downsample"]),
+        "dropout": ref["dropout"],
+    }
+
+
+@pytest.fixture(scope="module")
+def vae_case():
+    from tests.conftest import GoldenCase
+
+    case = GoldenCase("wan_vae")
+    sd = case.weights()
+    vae = AutoencoderKLWan(**wan_vae_config_from_state_dict(sd))
+    load_converted_state_dict(vae, convert_wan_vae_state_dict(sd), "wan_vae.weights.safetensors")
+    mean, std = _stats(case)
+    return case, WanVAE(vae.eval(), latents_mean=mean, latents_std=std)
+
+
+@pytest.mark.golden
+def test_config_derived_from_shapes(vae_case):
+    case, _ = vae_case
+    derived = wan_vae_config_from_state_dict(case.weights())
+    for key, value in _config_from_reference(case.meta["model_config"]).items():
+        assert derived[key] == value, key
+    assert derived["decoder_base_dim"] is None
+
+
+@pytest.mark.golden
+def test_encode_matches_reference(vae_case):
+    case, codec = vae_case
+    video = case.io["video"]
+    with torch.no_grad():
+        latent = codec.encode_to_latent(video)
+        mu = codec.vae.encode(video).latent_dist.mean
+    expected = case.io["latent_mean_normalized"]
+    assert latent.shape == _to_vae_layout(expected).shape
+    torch.testing.assert_close(_to_vae_layout(latent), expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(mu, case.io["latent_mean_raw"], atol=ATOL, rtol=ATOL)
+    # Factors of the codec interface agree with the fixture's pixel/latent shapes.
+    f, t = expected.shape[2], video.shape[2]
+    assert t == 1 + codec.temporal_factor * (f - 1)
+    assert video.shape[-1] == codec.spatial_factor * expected.shape[-1]
+    assert codec.latent_channels == expected.shape[1]
+
+
+@pytest.mark.golden
+def test_decode_matches_reference(vae_case):
+    case, codec = vae_case
+    latent = _to_vae_layout(case.io["latent_to_decode"])
+    expected_raw = case.io["decoded_video_raw"]
+    with torch.no_grad():
+        raw = codec.decode_to_pixel(latent, clamp=False)
+        pixels = codec.decode_to_pixel(latent)
+    assert raw.shape == _to_vae_layout(expected_raw).shape
+    torch.testing.assert_close(_to_vae_layout(raw), expected_raw, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(pixels, _to_vae_layout(expected_raw).clamp(-1, 1), atol=ATOL, rtol=ATOL)
+    assert pixels.abs().max() <= 1.0
+    assert raw.abs().max() > 1.0 or torch.equal(raw, pixels)
+
+
+def _chunkings(num_frames: int) -> list[list[int]]:
+    out = [[1, num_frames - 1], [1] * num_frames]
+    for size in (2, 3):
+        out.append([min(size, num_frames - s) for s in range(0, num_frames, size)])
+    return [[c for c in sizes if c > 0] for sizes in out]
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("clamp", [False, True])
+def test_streaming_decode_equals_full_decode(vae_case, clamp):
+    case, codec = vae_case
+    latent = _to_vae_layout(case.io["latent_to_decode"])
+    num_frames = latent.shape[1]
+    assert num_frames >= 2, "the fixture must have several latent frames to test streaming"
+    stream = codec.stream_decoder(clamp=clamp)
+    assert isinstance(stream, StreamDecoder)
+    with torch.no_grad():
+        full = codec.decode_to_pixel(latent, clamp=clamp)
+        for sizes in _chunkings(num_frames):
+            stream.reset()
+            parts, start = [], 0
+            for size in sizes:
+                part = stream.decode_chunk(latent[:, start : start + size])
+                expected_t = size * codec.temporal_factor - (codec.temporal_factor - 1 if start == 0 else 0)
+                assert part.shape[1] == expected_t, sizes
+                parts.append(part)
+                start += size
+            torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=STREAM_ATOL, rtol=0, msg=str(sizes))
+        # An encode between chunks must not disturb the stream's cache.
+        stream.reset()
+        first = stream.decode_chunk(latent[:, :1])
+        codec.encode_to_latent(case.io["video"])
+        rest = stream.decode_chunk(latent[:, 1:])
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=STREAM_ATOL, rtol=0)
+
+
+@pytest.mark.golden
+def test_batch_of_two_matches_single_samples(vae_case):
+    case, codec = vae_case
+    latent = _to_vae_layout(case.io["latent_to_decode"])
+    batch = torch.cat([latent, 0.5 * latent.flip(-1)], dim=0)
+    video = case.io["video"]
+    videos = torch.cat([video, -video.flip(-2)], dim=0)
+    with torch.no_grad():
+        dec = codec.decode_to_pixel(batch, clamp=False)
+        stream = codec.stream_decoder(clamp=False)
+        streamed = torch.cat([stream.decode_chunk(batch[:, :1]), stream.decode_chunk(batch[:, 1:])], dim=1)
+        enc = codec.encode_to_latent(videos)
+        for i in range(2):
+            single = codec.decode_to_pixel(batch[i : i + 1], clamp=False)
+            torch.testing.assert_close(dec[i : i + 1], single, atol=STREAM_ATOL, rtol=0)
+            torch.testing.assert_close(
+                enc[i : i + 1], codec.encode_to_latent(videos[i : i + 1]), atol=STREAM_ATOL, rtol=0
+            )
+    torch.testing.assert_close(streamed, dec, atol=STREAM_ATOL, rtol=0)
+
+
+@pytest.mark.golden
+def test_codec_protocol(vae_case):
+    _, codec = vae_case
+    assert isinstance(codec, LatentCodec)
+    assert isinstance(codec.stream_decoder(), StreamDecoder)
+
+
+@pytest.mark.golden
+def test_from_wan_checkpoint_pth_and_safetensors(vae_case, tmp_path):
+    case, codec = vae_case
+    sd = case.weights()
+    torch.save(sd, tmp_path / "Wan2.1_VAE.pth")
+    save_file(sd, str(tmp_path / "vae_original.safetensors"))
+    mean, std = _stats(case)
+    latent = _to_vae_layout(case.io["latent_to_decode"])
+    with torch.no_grad():
+        expected = codec.decode_to_pixel(latent)
+        for name in ("Wan2.1_VAE.pth", "vae_original.safetensors"):
+            loaded = WanVAE.from_wan_checkpoint(tmp_path / name, latents_mean=mean, latents_std=std)
+            assert not any(p.is_meta for p in loaded.parameters())
+            torch.testing.assert_close(loaded.decode_to_pixel(latent), expected, atol=0, rtol=0)
+
+
+@pytest.mark.golden
+def test_from_diffusers_folder(vae_case, tmp_path):
+    case, codec = vae_case
+    codec.vae.save_pretrained(str(tmp_path / "vae"))
+    loaded = WanVAE.from_diffusers_folder(tmp_path)  # a model folder holding vae/
+    video = case.io["video"]
+    with torch.no_grad():
+        mu = loaded.vae.encode(video).latent_dist.mean
+        torch.testing.assert_close(mu, codec.vae.encode(video).latent_dist.mean, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.latents_mean, torch.tensor(codec.vae.config.latents_mean))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        WanVAE.from_diffusers_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.golden
+def test_manifest_keys_convert_to_real_diffusers_model(golden):
+    manifest = golden("wan_vae").json("manifest_wan2.1_vae.json")
+    original = {k: torch.empty(shape, device="meta") for k, shape in manifest["keys"].items()}
+    assert len(original) == manifest["num_tensors"]
+    derived = wan_vae_config_from_state_dict(original, "manifest")
+    assert derived == WAN21_VAE_CONFIG
+    for key, value in _config_from_reference(manifest["config"]).items():
+        assert WAN21_VAE_CONFIG[key] == value, key
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**WAN21_VAE_CONFIG)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    converted = {k: tuple(v.shape) for k, v in convert_wan_vae_state_dict(original).items()}
+    assert converted == expected
+    assert sum(v.numel() for v in model.parameters()) == manifest["num_params"]
+
+
+@pytest.mark.golden
+def test_bad_shapes_raise_value_error(vae_case):
+    case, codec = vae_case
+    latent = _to_vae_layout(case.io["latent_to_decode"])
+    video = case.io["video"]
+    c = codec.latent_channels
+    with pytest.raises(ValueError, match=rf"\[B, F>=1, {c}, h, w\]"):
+        codec.decode_to_pixel(case.io["latent_to_decode"][:, :, :2])  # [B, C, F, h, w] with F != C
+    with pytest.raises(ValueError, match=rf"\[B, F>=1, {c}, h, w\]"):
+        codec.decode_to_pixel(latent[0])
+    with pytest.raises(ValueError, match=r"\[B, 3, T=1\+"):
+        codec.encode_to_latent(video[:, :2])
+    with pytest.raises(ValueError, match=r"\[B, 3, T=1\+"):
+        codec.encode_to_latent(video[0])
+    with pytest.raises(ValueError, match=r"T=1\+"):
+        codec.encode_to_latent(video[:, :, :2])
+    stream = codec.stream_decoder()
+    with torch.no_grad():
+        stream.decode_chunk(latent[:, :1])
+        with pytest.raises(ValueError, match="reset"):
+            stream.decode_chunk(latent[:, 1:, :, :-1])
+
+
+@pytest.mark.golden
+def test_bad_checkpoints_name_the_key(vae_case, tmp_path):
+    case, _ = vae_case
+    sd = case.weights()
+    with pytest.raises(KeyError, match="encoder.downsamples.0.residual.9.weight"):
+        convert_wan_vae_state_dict({**sd, "encoder.downsamples.0.residual.9.weight": torch.zeros(1)})
+    save_file({**sd, "decoder.extra_thing.weight": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(KeyError, match=r"extra\.safetensors.*decoder\.extra_thing\.weight"):
+        WanVAE.from_wan_checkpoint(tmp_path / "extra.safetensors")
+    missing = dict(sd)
+    del missing["decoder.head.0.gamma"]
+    with pytest.raises(KeyError, match="decoder.norm_out.gamma"):
+        WanVAE.from_state_dict(missing)
+    with pytest.raises(KeyError, match="encoder.conv1.weight"):
+        wan_vae_config_from_state_dict({k: v for k, v in sd.items() if k != "encoder.conv1.weight"})
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        WanVAE.from_wan_checkpoint(tmp_path / "missing.pth")
+
+
+def _reference_layout(dim, z_dim, dim_mult, num_res_blocks, temperal_downsample) -> dict[str, tuple]:
+    """Original-key shapes of the reference `WanVAE_` (wan/modules/vae.py) for any sizes, no attn_scales."""
+    keys: dict[str, tuple] = {}
+
+    def res(prefix, cin, cout):
+        keys.update({f"{prefix}.residual.0.gamma": (cin, 1, 1, 1), f"{prefix}.residual.2.weight": (cout, cin, 3, 3, 3),
+                     f"{prefix}.residual.2.bias": (cout,), f"{prefix}.residual.3.gamma": (cout, 1, 1, 1),
+                     f"{prefix}.residual.6.weight": (cout, cout, 3, 3, 3), f"{prefix}.residual.6.bias": (cout,)})
+        if cin != cout:
+            keys.update({f"{prefix}.shortcut.weight": (cout, cin, 1, 1, 1), f"{prefix}.shortcut.bias": (cout,)})
+
+    def middle(side, width):
+        res(f"{side}.middle.0", width, width)
+        attn = f"{side}.middle.1"
+        keys.update({f"{attn}.norm.gamma": (width, 1, 1), f"{attn}.to_qkv.weight": (3 * width, width, 1, 1),
+                     f"{attn}.to_qkv.bias": (3 * width,), f"{attn}.proj.weight": (width, width, 1, 1),
+                     f"{attn}.proj.bias": (width,)})
+        res(f"{side}.middle.2", width, width)
+
+    def head(side, width, cout):
+        keys.update({f"{side}.head.0.gamma": (width, 1, 1, 1), f"{side}.head.2.weight": (cout, width, 3, 3, 3),
+                     f"{side}.head.2.bias": (cout,)})
+
+    dims = [dim * u for u in [1] + dim_mult]
+    keys.update({"encoder.conv1.weight": (dims[0], 3, 3, 3, 3), "encoder.conv1.bias": (dims[0],)})
+    n = 0
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(num_res_blocks):
+            res(f"encoder.downsamples.{n}", cin, cout)
+            cin, n = cout, n + 1
+        if i != len(dim_mult) - 1:
+            keys.update({f"encoder.downsamples.{n}.resample.1.weight": (cout, cout, 3, 3),
+                         f"encoder.downsamples.{n}.resample.1.bias": (cout,)})
+            if temperal_downsample[i]:
+                keys.update({f"encoder.downsamples.{n}.time_conv.weight": (cout, cout, 3, 1, 1),
+                             f"encoder.downsamples.{n}.time_conv.bias": (cout,)})
+            n += 1
+    middle("encoder", dims[-1])
+    head("encoder", dims[-1], 2 * z_dim)
+    keys.update({"conv1.weight": (2 * z_dim, 2 * z_dim, 1, 1, 1), "conv1.bias": (2 * z_dim,),
+                 "conv2.weight": (z_dim, z_dim, 1, 1, 1), "conv2.bias": (z_dim,)})
+    dims = [dim * u for u in [dim_mult[-1]] + dim_mult[::-1]]
+    keys.update({"decoder.conv1.weight": (dims[0], z_dim, 3, 3, 3), "decoder.conv1.bias": (dims[0],)})
+    middle("decoder", dims[0])
+    temperal_upsample, n = temperal_downsample[::-1], 0
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        cin = cin // 2 if i > 0 else cin  # the previous level's upsampler halved the width
+        for _ in range(num_res_blocks + 1):
+            res(f"decoder.upsamples.{n}", cin, cout)
+            cin, n = cout, n + 1
+        if i != len(dim_mult) - 1:
+            keys.update({f"decoder.upsamples.{n}.resample.1.weight": (cout // 2, cout, 3, 3),
+                         f"decoder.upsamples.{n}.resample.1.bias": (cout // 2,)})
+            if temperal_upsample[i]:
+                keys.update({f"decoder.upsamples.{n}.time_conv.weight": (cout * 2, cout, 3, 1, 1),
+                             f"decoder.upsamples.{n}.time_conv.bias": (cout * 2,)})
+            n += 1
+    head("decoder", dims[-1], 3)
+    return keys
+
+
+@pytest.mark.golden
+def test_reference_layout_helper_matches_fixtures(golden):
+    case = golden("wan_vae")
+    for shapes, cfg in ((case.meta["weights_keys"], case.meta["model_config"]),
+                        (case.json("manifest_wan2.1_vae.json")["keys"], case.meta["real_model_config"])):
+        layout = _reference_layout(cfg["dim"], cfg["z_dim"], cfg["dim_mult"], cfg["num_res_blocks"],
+                                   cfg["temperal_downsample"])
+        assert layout == {k: tuple(v) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    "dim, z_dim, dim_mult, num_res_blocks, temporal",
+    [(4, 8, [1, 2, 2, 4], 1, [True, False, True]), (6, 16, [1, 2, 4], 3, [False, True]), (4, 4, [1, 2], 2, [True])],
+)
+def test_other_architectures_derive_and_convert(dim, z_dim, dim_mult, num_res_blocks, temporal):
+    original = {k: torch.empty(s, device="meta") for k, s in
+                _reference_layout(dim, z_dim, dim_mult, num_res_blocks, temporal).items()}
+    cfg = wan_vae_config_from_state_dict(original)
+    assert (cfg["base_dim"], cfg["z_dim"], cfg["dim_mult"], cfg["num_res_blocks"], cfg["temperal_downsample"]) == (
+        dim, z_dim, dim_mult, num_res_blocks, temporal)
+    with torch.device("meta"):
+        model = AutoencoderKLWan(**cfg)
+    converted = convert_wan_vae_state_dict(original)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+    if z_dim != len(WAN21_VAE_CONFIG["latents_mean"]):
+        with pytest.raises(ValueError, match=f"z_dim={z_dim}"):
+            WanVAE(model)
+    else:
+        assert WanVAE(model).temporal_factor == 2 ** sum(temporal)
