@@ -1,0 +1,98 @@
+"""Time the few-step causal rollout of a real-size Wan DiT with random weights (no text encoder, no decode).
+
+    python benchmarks/rollout.py                    # 1.3B, 480x832, 7 blocks x 3 frames, 4 steps + cache pass
+    python benchmarks/rollout.py --blocks 60 --window 21 --sink 3 --rope relative
+    python benchmarks/rollout.py --tiny             # harness check on CPU
+
+Prints per-block milliseconds and writes JSON (per block, total, frames/s of the DiT alone, peak memory).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import environment, print_table, random_dit, sync, write_result
+from model.config import WAN_1_3B, WanConfig
+from pipeline.denoiser import Denoiser
+from pipeline.rollout import rollout
+from pipeline.schedule import FlowMatchSchedule
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--blocks", type=int, default=7)
+    parser.add_argument("--frames-per-block", type=int, default=3)
+    parser.add_argument("--steps", type=int, nargs="+", default=[1000, 750, 500, 250])
+    parser.add_argument("--window", type=int, default=-1, help="rolling window in latent frames (-1: full cache)")
+    parser.add_argument("--sink", type=int, default=0)
+    parser.add_argument("--rope", choices=["absolute", "relative"], default="absolute")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--name", default="rollout")
+    args = parser.parse_args()
+
+    if args.tiny:
+        config = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32, text_len=16)
+        device, dtype = torch.device("cpu"), torch.float32
+        args.height, args.width = 48, 80
+    else:
+        config, device, dtype = WAN_1_3B, torch.device("cuda"), torch.bfloat16
+    h, w = args.height // 8, args.width // 8
+    frames = args.blocks * args.frames_per_block
+    model = random_dit(config, device, dtype)
+    schedule = FlowMatchSchedule(shift=5.0)
+    steps = schedule.warp(args.steps).tolist()
+    denoiser = Denoiser(model, schedule)
+    context = torch.randn(1, config.text_len, config.text_dim, device=device, dtype=dtype)
+    capacity = frames if args.window == -1 else args.window
+    cache = model.new_kv_cache(1, h, w, capacity, window_frames=args.window, sink_frames=args.sink, rope=args.rope)
+    noise = torch.randn(1, frames, config.in_dim, h, w, device=device, dtype=dtype)
+
+    block_ms: list[float] = []
+    last = [0.0]
+
+    def on_block(index: int, start: int, x0: torch.Tensor) -> None:
+        sync(device)
+        now = time.perf_counter()
+        block_ms.append((now - last[0]) * 1000.0)
+        last[0] = now
+
+    runs = []
+    with torch.no_grad():
+        for repeat in range(args.repeats + 1):  # the first run warms up
+            cache.reset()
+            block_ms.clear()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync(device)
+            tic = last[0] = time.perf_counter()
+            rollout(denoiser, noise, context, cache, steps=steps, frames_per_block=args.frames_per_block,
+                    on_block=on_block, final_context_pass=False)
+            sync(device)
+            total = (time.perf_counter() - tic) * 1000.0
+            if repeat:
+                runs.append({"total_ms": total, "block_ms": list(block_ms)})
+    best = min(runs, key=lambda r: r["total_ms"])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    # Pixel frames per latent frame follow the Wan VAE: 1 + 4 (F - 1).
+    pixel_frames = 1 + 4 * (frames - 1)
+    result = {"env": environment(device), "config": config.to_dict(), "args": vars(args), "steps": steps,
+              "total_ms": best["total_ms"], "block_ms": best["block_ms"],
+              "frames_per_s_dit_only": pixel_frames / (best["total_ms"] / 1000.0), "peak_gib": peak,
+              "time_to_first_block_ms": best["block_ms"][0]}
+    rows = [("device", result["env"]["device"]), ("blocks x frames", f"{args.blocks} x {args.frames_per_block}"),
+            ("total", f"{best['total_ms']:.1f} ms"), ("frames/s (DiT only)", f"{result['frames_per_s_dit_only']:.1f}")]
+    shown = best["block_ms"] if len(best["block_ms"]) <= 8 else best["block_ms"][:3] + best["block_ms"][-3:]
+    rows.append(("per block ms", " ".join(f"{m:.1f}" for m in shown)))
+    if peak is not None:
+        rows.append(("peak memory", f"{peak:.2f} GiB"))
+    print_table(rows)
+    print("wrote", write_result(args.name + ("_tiny_cpu" if args.tiny else ""), result))
+
+
+if __name__ == "__main__":
+    main()
