@@ -1,0 +1,235 @@
+"""The configuration schema: one typed dataclass, loaded from YAML + `key=value` overrides and validated.
+
+Key names are the original ones (so `configs/self_forcing_dmd.yaml` of the original loads unchanged); our additions
+are documented in `configs/default_config.yaml`. An unknown or misspelt key, a wrong type, or a bad value is an
+error naming the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING is re-exported for recipes)
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and key in the message."""
+
+
+@dataclass
+class ModelKwargs:
+    """Generator settings (the original's `model_kwargs`)."""
+
+    model_name: str = "Wan2.1-T2V-1.3B"
+    timestep_shift: float = 5.0
+    local_attn_size: int = -1  # rolling KV window in latent frames; -1 keeps every frame
+    sink_size: int = 0  # latent frames pinned at the start of a rolling cache
+    rope: str = "absolute"  # "relative": cache keys un-rotated, positions inside the window (unbounded rollouts)
+
+
+@dataclass
+class Config:
+    # --- what to run --------------------------------------------------------------------------------------------
+    trainer: str = "score_distillation"  # score_distillation | gan | ode | diffusion
+    distribution_loss: str = "dmd"  # dmd | sid | causvid (score_distillation only)
+    causal: bool = True  # diffusion trainer: false trains a bidirectional teacher
+    teacher_forcing: bool = False  # diffusion trainer with causal: clean context (true) or diffusion forcing (false)
+
+    # --- models and files -----------------------------------------------------------------------------------------
+    model_root: str = "wan_models"  # folder holding <real_name>/, <fake_name>/ and model_kwargs.model_name/
+    generator_ckpt: Optional[str] = None
+    real_name: str = "Wan2.1-T2V-1.3B"
+    fake_name: str = "Wan2.1-T2V-1.3B"
+    model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
+    text_encoder_cpu_offload: bool = False
+    decoder: str = "wan"  # wan | taehv: pixel decoder for visualisation and inference
+    taehv_path: Optional[str] = None
+
+    # --- the causal generator and its rollout ---------------------------------------------------------------------
+    denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
+    warp_denoising_step: bool = False
+    num_frame_per_block: int = 3
+    independent_first_frame: bool = False
+    context_noise: float = 0.0
+    num_training_frames: int = 21
+    same_step_across_blocks: bool = True
+    last_step_only: bool = False
+    kv_cache_grad: str = "paper"  # paper: cache written without gradient | original: gradients leak (SPEC 5.3)
+    image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
+
+    # --- distribution matching ------------------------------------------------------------------------------------
+    guidance_scale: float = 3.0
+    real_guidance_scale: Optional[float] = None
+    fake_guidance_scale: Optional[float] = None
+    timestep_shift: float = 5.0
+    num_train_timestep: int = 1000
+    ts_schedule: bool = False
+    ts_schedule_max: bool = False
+    min_score_timestep: int = 0
+    denoising_loss_type: str = "flow"
+    sid_alpha: float = 1.0
+    negative_prompt: str = ""
+
+    # --- GAN ------------------------------------------------------------------------------------------------------
+    num_class: int = 1
+    concat_time_embeddings: bool = False
+    relativistic_discriminator: bool = False
+    critic_timestep_shift: Optional[float] = None
+    gan_g_weight: float = 1e-2
+    gan_d_weight: float = 1e-2
+    r1_weight: float = 0.0
+    r2_weight: float = 0.0
+    r1_sigma: float = 0.01
+    r2_sigma: float = 0.01
+    discriminator_warmup_steps: int = 0
+    discriminator_lr_multiplier: float = 1.0
+    loss_scale: float = 1.0
+
+    # --- diffusion / ODE pre-training -----------------------------------------------------------------------------
+    noise_augmentation_max_timestep: int = 0
+    ode_data_path: Optional[str] = None
+
+    # --- optimisation ---------------------------------------------------------------------------------------------
+    lr: float = 2e-6
+    lr_critic: Optional[float] = None
+    beta1: float = 0.0
+    beta2: float = 0.999
+    beta1_critic: float = 0.0
+    beta2_critic: float = 0.999
+    weight_decay: float = 0.01
+    max_grad_norm_generator: float = 10.0
+    max_grad_norm_critic: float = 10.0
+    lr_warmup_steps: int = 0
+    batch_size: int = 1
+    total_batch_size: Optional[int] = None
+    dfake_gen_update_ratio: int = 5
+    max_steps: int = 600
+    ema_weight: float = 0.0
+    ema_start_step: int = 0
+    gradient_checkpointing: bool = True
+    mixed_precision: bool = True
+    sharding_strategy: str = "full"
+    cpu_offload: bool = False
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    max_nonfinite_steps: int = 5
+
+    # --- data, logging, checkpoints -------------------------------------------------------------------------------
+    data_path: Optional[str] = None
+    extended_prompt_path: Optional[str] = None
+    load_raw_video: bool = False
+    seed: int = 0
+    log_iters: int = 50
+    log_every: int = 1
+    sample_every: int = 0
+    gc_interval: int = 100
+    i2v: bool = False
+    wandb_host: Optional[str] = None
+    wandb_key: Optional[str] = None
+    wandb_entity: Optional[str] = None
+    wandb_project: Optional[str] = None
+
+    # --- inference ------------------------------------------------------------------------------------------------
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    fps: int = 16
+
+    # --- accepted for compatibility with the original configs, unused -------------------------------------------
+    generator_fsdp_wrap_strategy: str = "size"
+    real_score_fsdp_wrap_strategy: str = "size"
+    fake_score_fsdp_wrap_strategy: str = "size"
+    text_encoder_fsdp_wrap_strategy: str = "size"
+    ckpt_step: Optional[int] = None
+    prompt_name: Optional[str] = None
+    prompt_path: Optional[str] = None
+    eval_first_n: int = -1
+    num_samples: int = 1
+    backward_simulation: bool = True
+
+    # --- set by the entry points --------------------------------------------------------------------------------
+    config_name: str = ""
+    logdir: str = ""
+    no_save: bool = False
+    no_visualize: bool = False
+    disable_wandb: bool = False
+    wandb_save_dir: str = ""
+
+
+_CHOICES = {
+    "trainer": ("score_distillation", "gan", "ode", "diffusion"),
+    "distribution_loss": ("dmd", "sid", "causvid"),
+    "kv_cache_grad": ("paper", "original"),
+    "decoder": ("wan", "taehv", "pixel"),
+    "denoising_loss_type": ("flow",),
+    "sharding_strategy": ("full", "hybrid_full", "hybrid_zero2", "no_shard"),
+    "model_kwargs.rope": ("absolute", "relative"),
+}
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(cfg), key) if "." in key else getattr(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: {key} = {value!r} is not one of {list(allowed)}")
+    if cfg.num_frame_per_block < 1:
+        raise ConfigError(f"{source}: num_frame_per_block must be >= 1, got {cfg.num_frame_per_block}")
+    if not cfg.denoising_step_list:
+        raise ConfigError(f"{source}: denoising_step_list is empty")
+    if cfg.height % 16 or cfg.width % 16:
+        raise ConfigError(f"{source}: height/width {cfg.height}x{cfg.width} must be multiples of 16 "
+                          "(8x VAE downsampling, then 2x2 patches)")
+    if cfg.dfake_gen_update_ratio < 1:
+        raise ConfigError(f"{source}: dfake_gen_update_ratio must be >= 1")
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as err:
+        raise ConfigError(f"{source}: unknown config key {err.full_key!r} (misspelt? see configs/default_config.yaml)") from None
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad value for {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                default_path: str | Path | None = DEFAULT_CONFIG) -> Config:
+    """Schema defaults <- `default_config.yaml` <- `path` <- `key=value` overrides; returns a validated `Config`."""
+    cfg = OmegaConf.structured(Config)
+    for source in (default_path, path):
+        if source is None:
+            continue
+        source = Path(source)
+        if not source.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            loaded = OmegaConf.load(source)
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"{source}: cannot parse YAML: {err}") from None
+        cfg = _merge(cfg, loaded, str(source))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+    result: Config = OmegaConf.to_object(cfg)
+    if path is not None and not result.config_name:
+        result.config_name = Path(path).stem
+    _validate(result, str(path or default_path))
+    return result
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict[str, Any], source: str = "stored config") -> Config:
+    """Rebuild a Config from `config_to_dict` output (e.g. stored inside a checkpoint)."""
+    cfg = _merge(OmegaConf.structured(Config), d, source)
+    return OmegaConf.to_object(cfg)
