@@ -240,7 +240,7 @@ class WanDiT(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor, t: Tensor, context: Tensor, *, block_causal: BlockCausal | None = None,
                 clean_x: Tensor | None = None, aug_t: Tensor | None = None, kv_cache: KVCache | None = None,
-                start_frame: int = 0) -> Tensor:
+                start_frame: int = 0, return_hidden: tuple[int, ...] = ()):
         """Flow prediction `[B, F, C, H, W]` for latents x `[B, F, C, H, W]`, timesteps t `[B]` or `[B, F]` (0..1000)
         and text context `[B, L <= text_len, text_dim]`.
 
@@ -248,6 +248,8 @@ class WanDiT(nn.Module):
           the teacher-forcing layout (clean context at timestep `aug_t`, default 0; same RoPE positions).
         kv_cache / start_frame: x is the chunk of frames starting at latent frame `start_frame`; K/V are written to
           and read from the cache.
+        return_hidden: block indices whose output tokens `[B, L, D]` are also returned (GAN heads tap the critic
+          trunk): the result is then `(flow, [hidden per index], e)` with e the time embedding `[B, G, D]`.
         """
         self._check_inputs(x, t, context)
         if kv_cache is not None and (block_causal is not None or clean_x is not None):
@@ -265,14 +267,22 @@ class WanDiT(nn.Module):
         text = self.embed_text(context.to(tokens.dtype))
         ctx, tokens, e0 = self._attention_context(tokens, grid, groups, e0, block_causal, clean_x, aug_t,
                                                   kv_cache, start_frame)
+        hidden = []
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, text, ctx, layer)
+            if layer in return_hidden:
+                hidden.append(tokens)
         if clean_x is not None:
             tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
-        return self.unpatchify(self.head(tokens, e, groups), grid)
+        flow = self.unpatchify(self.head(tokens, e, groups), grid)
+        if return_hidden:
+            if len(hidden) != len(return_hidden):
+                raise ValueError(f"return_hidden {list(return_hidden)} names blocks outside 0..{len(self.blocks) - 1}")
+            return flow, hidden, e
+        return flow
 
     def _attention_context(self, tokens, grid, groups, e0, block_causal, clean_x, aug_t, kv_cache, start_frame):
         f, hh, ww = grid
