@@ -83,6 +83,16 @@ class KVCache:
         if cross_attention:
             self.cross_ready = [False] * len(self.cross_ready)
 
+    def skip_to(self, frame: int) -> None:
+        """Continue at latent frame `frame` without writing the frames in between: an empty cache may start at any
+        frame; a rolling cache may jump forward (re-caching writes the sink frames, then jumps to the window)."""
+        target = frame * self.tokens_per_frame
+        if target < self.global_end:
+            raise ValueError(f"cannot skip back from frame {self.global_end // self.tokens_per_frame} to {frame}")
+        if target > self.global_end and not (self.rolling or self.local_end == 0):
+            raise ValueError("skipping frames needs a rolling cache (window_frames != -1) or an empty one")
+        self.global_end = target
+
     def plan(self, start_frame: int, num_frames: int) -> CacheWrite:
         """Bookkeeping for a call on frames `[start_frame, start_frame + num_frames)`; evicts if needed."""
         n = num_frames * self.tokens_per_frame

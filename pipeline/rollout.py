@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 from torch import Tensor
@@ -21,6 +22,8 @@ from model.kv_cache import KVCache
 from pipeline.denoiser import Denoiser
 
 NoiseFn = Callable[[Tensor], Tensor]  # returns fresh Gaussian noise shaped like its argument
+# Prompt embeddings `[B, L, text_dim]`, or a schedule [(first block, embeddings), ...] starting at block 0.
+Conditioning = Union[Tensor, Sequence[tuple[int, Tensor]]]
 BlockCallback = Callable[[int, int, Tensor], None]  # (block index, start frame, x0 of the block [B, n, C, H, W])
 
 
@@ -52,14 +55,50 @@ def _full_t(value: float, like: Tensor) -> Tensor:
     return torch.full(like.shape[:2], float(value), device=like.device, dtype=torch.float32)
 
 
-def rollout(denoiser: Denoiser, noise: Tensor, context: Tensor, cache: KVCache, *, steps: Sequence[float],
+def _schedule(context: Conditioning) -> dict[int, Tensor]:
+    if isinstance(context, Tensor):
+        return {0: context}
+    switches = dict(context)
+    if 0 not in switches:
+        raise ValueError("a prompt schedule must start at block 0")
+    return switches
+
+
+def recache(denoiser: Denoiser, cache: KVCache, blocks: Sequence[tuple[int, Tensor]], context: Tensor, *,
+            context_noise: float = 0.0) -> None:
+    """Rebuild the self- and cross-attention cache from already generated clean blocks under a new prompt.
+
+    blocks: `[(start frame, latents [B, n, C, H, W]), ...]` in order, as they were generated. Only the blocks the
+    cache would still hold are replayed (for a rolling cache: the sink blocks, then those inside the window), each
+    at `context_noise`, so motion stays continuous while the new prompt takes hold at once (KV re-cache, LongLive).
+    """
+    cache.reset()
+    if not blocks:
+        return
+    end = blocks[-1][0] + blocks[-1][1].shape[1]
+    replay = list(blocks)
+    if cache.rolling:
+        sink_frames = cache.sink // cache.tokens_per_frame
+        window_start = end - (cache.window_frames - sink_frames)
+        sink = [i for i, (s, _) in enumerate(blocks) if s < blocks[0][0] + sink_frames and s < window_start]
+        replay = [blocks[i] for i in sink] + [b for i, b in enumerate(blocks) if b[0] >= window_start and i not in sink]
+    cache.skip_to(replay[0][0])
+    with torch.no_grad():
+        for start, x in replay:
+            cache.skip_to(start)
+            denoiser(x, _full_t(context_noise, x), context, kv_cache=cache, start_frame=start)
+
+
+def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVCache, *, steps: Sequence[float],
             frames_per_block: int, independent_first_frame: bool = False, initial_latent: Tensor | None = None,
             context_noise: float = 0.0, renoise_context: bool = False, final_context_pass: bool = True,
             policy: GradientPolicy | None = None, noise_fn: NoiseFn | None = None,
             on_block: BlockCallback | None = None, start_frame: int = 0) -> RolloutResult:
     """Generate `noise.shape[1]` latent frames block by block, after the frames of `initial_latent` if given.
 
-    noise: `[B, F, C, H, W]` pure noise of the frames to generate. context: `[B, L, text_dim]` prompt embeddings.
+    noise: `[B, F, C, H, W]` pure noise of the frames to generate.
+    context: `[B, L, text_dim]` prompt embeddings, or a schedule `[(block, embeddings), ...]` switching prompts at
+      block boundaries (block 0 first); at a switch the cache is rebuilt under the new prompt (`recache`).
     steps: the (warped) denoising timesteps, e.g. [1000, 937.5, 833.3, 625].
     initial_latent: `[B, Fi, C, H, W]` clean frames written into the cache first (image-to-video, video extension).
     renoise_context: re-noise each block's x0 to `context_noise` before the cache pass, as the original training
@@ -73,7 +112,10 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Tensor, cache: KVCache, 
         raise ValueError("the denoising step list is empty")
     noise_fn = noise_fn or torch.randn_like
     schedule = denoiser.schedule
+    switches = _schedule(context)
+    context = switches[0]
     outputs: list[Tensor] = []
+    blocks: list[tuple[int, Tensor]] = []  # (start frame, clean latents) of every block, for re-caching
     frame = start_frame
 
     def context_pass(x0: Tensor, at: int) -> None:
@@ -88,6 +130,7 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Tensor, cache: KVCache, 
             with torch.no_grad():  # priming: the clean frames only fill the cache (t = 0, as the original)
                 denoiser(chunk, _full_t(0.0, chunk), context, kv_cache=cache, start_frame=frame)
             outputs.append(chunk)
+            blocks.append((frame, chunk))
             frame += size
         independent_first_frame = False  # the first frame came from the input
 
@@ -98,6 +141,9 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Tensor, cache: KVCache, 
     offset = 0
     for index, size in enumerate(sizes):
         tic = time.perf_counter()
+        if index in switches and index > 0:
+            context = switches[index]
+            recache(denoiser, cache, blocks, context, context_noise=context_noise)
         x = noise[:, offset:offset + size]
         exit_step = len(steps) - 1 if policy is None else int(policy.exit_steps[index])
         with_grad = (policy is not None and policy.grad_from_frame is not None
@@ -109,6 +155,7 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Tensor, cache: KVCache, 
             if j < exit_step:
                 x = schedule.add_noise(x0, noise_fn(x0), _full_t(steps[j + 1], x0)).detach()
         outputs.append(x0)
+        blocks.append((frame, x0.detach()))
         if on_block is not None:
             on_block(index, frame, x0.detach())
         if final_context_pass or index < len(sizes) - 1:
