@@ -29,3 +29,42 @@ def tiny_inputs(model: WanDiT, batch: int = 2, frames: int = 6, height: int = 4,
     x = torch.randn(batch, frames, cfg.in_dim, height, width, generator=g)
     context = torch.randn(batch, cfg.text_len - 2, cfg.text_dim, generator=g)
     return x, context
+
+
+WORDS = ("a an the large small red green blue yellow white black circle square triangle moves left right up down "
+         "diagonally and on background cat dog jumps").split()
+
+
+def tiny_text_encoder(dim: int = 16, text_len: int = 16, seed: int = 0):
+    """A frozen random UMT5 encoder with a word tokenizer built in code (no download)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from model.text_encoder import TextEncoder, build_word_tokenizer
+    tokenizer = build_word_tokenizer(WORDS)
+    torch.manual_seed(seed)
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    return TextEncoder(tokenizer, UMT5EncoderModel(config), text_len=text_len)
+
+
+def tiny_causal_settings(**overrides) -> dict:
+    """The `causal` block of a tiny model folder (Config keys)."""
+    settings = {"denoising_step_list": [1000, 750, 500], "warp_denoising_step": True, "num_frame_per_block": 2,
+                "independent_first_frame": False, "context_noise": 0.0, "negative_prompt": "", "height": 32,
+                "width": 48, "fps": 8, "decoder": "pixel",
+                "model_kwargs": {"timestep_shift": 5.0, "local_attn_size": -1, "sink_size": 0, "rope": "absolute"},
+                "image_or_video_shape": [1, 6, 12, 16, 24]}
+    settings.update(overrides)
+    return settings
+
+
+def save_tiny_model_folder(folder, seed: int = 0, **causal_overrides):
+    """A complete exported model folder with random tiny weights and the pixel-shuffle codec (12 latent channels)."""
+    from model.pixel_codec import PixelShuffleCodec
+    from utils.model_folder import save_model_folder
+    codec = PixelShuffleCodec(spatial_factor=2)
+    model = tiny_model(seed, in_dim=codec.latent_channels, out_dim=codec.latent_channels, text_len=16)
+    text = tiny_text_encoder(dim=model.config.text_dim, text_len=16, seed=seed)
+    return save_model_folder(folder, transformer=model, wan_config=model.config,
+                             causal=tiny_causal_settings(**causal_overrides), text_encoder=text.encoder,
+                             tokenizer=text.tokenizer, codec=codec)

@@ -199,21 +199,30 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
 
 
+def _load_yaml(source: Path) -> DictConfig:
+    if not source.is_file():
+        raise ConfigError(f"config file {source} does not exist")
+    try:
+        return OmegaConf.load(source)
+    except Exception as err:  # YAML syntax errors
+        raise ConfigError(f"{source}: cannot parse YAML: {err}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                default_path: str | Path | None = DEFAULT_CONFIG) -> Config:
-    """Schema defaults <- `default_config.yaml` <- `path` <- `key=value` overrides; returns a validated `Config`."""
+                default_path: str | Path | None = DEFAULT_CONFIG,
+                layers: list[tuple[str, dict[str, Any]]] | None = None,
+                extra_paths: list[str | Path] | None = None) -> Config:
+    """Schema defaults <- `default_config.yaml` <- `layers` (named dicts, e.g. a model folder's stored settings)
+    <- `extra_paths` (e.g. a preset) <- `path` <- `key=value` overrides; returns a validated `Config`."""
     cfg = OmegaConf.structured(Config)
-    for source in (default_path, path):
+    if default_path is not None:
+        cfg = _merge(cfg, _load_yaml(Path(default_path)), str(default_path))
+    for name, values in layers or []:
+        cfg = _merge(cfg, values, name)
+    for source in [*(extra_paths or []), path]:
         if source is None:
             continue
-        source = Path(source)
-        if not source.is_file():
-            raise ConfigError(f"config file {source} does not exist")
-        try:
-            loaded = OmegaConf.load(source)
-        except Exception as err:  # YAML syntax errors
-            raise ConfigError(f"{source}: cannot parse YAML: {err}") from None
-        cfg = _merge(cfg, loaded, str(source))
+        cfg = _merge(cfg, _load_yaml(Path(source)), str(source))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

@@ -1,0 +1,283 @@
+"""Generate videos from prompts with a Self Forcing causal generator.
+
+    python inference.py                                   # the bundled shapes-world model, a few built-in prompts
+    python inference.py --prompt "a red circle moves left on a blue background"
+    python inference.py --model exported_model/ --data_path prompts.txt --output-dir videos/
+    python inference.py --config_path configs/inference_official.yaml --checkpoint_path checkpoints/self_forcing_dmd.pt \\
+        --model-root wan_models --data_path prompts.txt --use_ema
+    torchrun --nproc_per_node=8 inference.py ...          # prompts sharded over ranks, none dropped
+
+Outputs per prompt and sample: `<index>-<slug>.mp4` and `stats_<index>-<slug>.json`, written atomically; a rerun
+skips finished outputs. Trailing `key=value` arguments override config keys (see configs/default_config.yaml).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
+PRESETS = {name: REPO_ROOT / "configs" / f"inference_{name}.yaml" for name in ("official", "taehv", "long")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("model")
+    src.add_argument("--model", help=f"exported model folder (default: the bundled {DEFAULT_MODEL.relative_to(REPO_ROOT)})")
+    src.add_argument("--config_path", help="YAML merged onto configs/default_config.yaml (original flag)")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="inference preset: official | taehv | long "
+                     "(sink 5 + window 21 frames + relative RoPE for long, steady rollouts)")
+    src.add_argument("--checkpoint_path", help="generator weights: Self-Forcing .pt, safetensors or a folder")
+    src.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
+    src.add_argument("--model-root", help="folder holding the Wan model folders (config key model_root)")
+    inp = p.add_argument_group("prompts")
+    inp.add_argument("--prompt", help="inline prompt text, or a .txt file with one prompt per line")
+    inp.add_argument("--data_path", help="prompt file, one prompt per line (original flag)")
+    inp.add_argument("--extended_prompt_path", help="longer prompts used for generation, line by line with the prompts")
+    inp.add_argument("--prompt-schedule", help="switch prompts at block boundaries: a file of `block: prompt` lines "
+                     "or JSON; applies to every generated video")
+    inp.add_argument("--i2v", action="store_true", help="image-to-video: condition on --image (original flag)")
+    inp.add_argument("--image", help="first frame for --i2v (needs independent_first_frame=true)")
+    inp.add_argument("--video", help="video to extend: its frames are encoded and written into the cache first")
+    out = p.add_argument_group("output")
+    out.add_argument("--output_folder", "--output-dir", dest="output_dir", default="outputs",
+                     help="where videos and stats go (default: %(default)s)")
+    out.add_argument("--save_with_index", action="store_true", help="name files by index only (no prompt slug)")
+    out.add_argument("--overwrite", action="store_true", help="regenerate outputs that already exist")
+    out.add_argument("--fps", type=int, help="frames per second of the mp4 (default: config fps, 16)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--num_samples", type=int, default=1, help="samples per prompt (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="base seed; each prompt index gets its own (default: 0)")
+    gen.add_argument("--num_output_frames", type=int, help="latent frames to generate (original flag; default 21)")
+    gen.add_argument("--total-blocks", type=int, help="blocks to generate (frames = blocks x num_frame_per_block)")
+    gen.add_argument("--height", type=int, help="pixels (default: config height)")
+    gen.add_argument("--width", type=int, help="pixels (default: config width)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                     help="generator precision (default: bfloat16 on GPU, float32 on CPU)")
+    run.add_argument("--text-encoder-device", help="device of the text encoder (e.g. cpu to save GPU memory)")
+    run.add_argument("--offload-text-encoder", action="store_true",
+                     help="encode every prompt first, then move the text encoder to the CPU")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    return p
+
+
+class UsageError(Exception):
+    """A problem with the command line or inputs: reported in one line, exit code 2."""
+
+
+def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | None):
+    from utils.config import load_config
+    overrides = list(args.overrides)
+    if args.model_root:
+        overrides.append(f"model_root={args.model_root}")
+    layers = [("model folder settings", folder_causal)] if folder_causal else []
+    extra = [PRESETS[args.preset]] if args.preset else []
+    return load_config(args.config_path, overrides, layers=layers, extra_paths=extra)
+
+
+def latent_frames(args: argparse.Namespace, cfg) -> int:
+    if args.total_blocks is not None and args.num_output_frames is not None:
+        raise UsageError("give --total-blocks or --num_output_frames, not both")
+    if args.total_blocks is not None:
+        if args.total_blocks < 1:
+            raise UsageError(f"--total-blocks must be >= 1, got {args.total_blocks}")
+        return args.total_blocks * cfg.num_frame_per_block + (1 if cfg.independent_first_frame else 0)
+    frames = args.num_output_frames if args.num_output_frames is not None else cfg.image_or_video_shape[1]
+    if frames < 1:
+        raise UsageError(f"--num_output_frames must be >= 1, got {frames}")
+    return frames
+
+
+# ---------------------------------------------------------------------------------------------------- components
+def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but CUDA is not available")
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    default = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, args.dtype) if args.dtype else default
+
+
+def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(pipeline, config, description of what was loaded)."""
+    from pipeline.inference import CausalInferencePipeline, CausalSettings
+    from pipeline.schedule import FlowMatchSchedule
+    from utils import model_folder, wan_components
+
+    folder = Path(args.model) if args.model else None
+    if folder is None and not (args.config_path or args.checkpoint_path or args.preset):
+        if not model_folder.is_model_folder(DEFAULT_MODEL):
+            raise UsageError(f"no model given and the bundled default {DEFAULT_MODEL} is missing: pass --model DIR "
+                             "(an exported model folder) or --config_path/--checkpoint_path with Wan weights")
+        folder = DEFAULT_MODEL
+    text_device = torch.device(args.text_encoder_device) if args.text_encoder_device else device
+    if folder is not None:
+        if not model_folder.is_model_folder(folder):
+            raise UsageError(f"{folder} is not a model folder (no model_index.json)")
+        generator, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
+        cfg = resolve_config(args, causal)
+        if args.checkpoint_path:
+            from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
+            state, _ = load_dit_state_dict(args.checkpoint_path, use_ema=args.use_ema)
+            load_state_dict_strict(generator, state, args.checkpoint_path)
+        codec = model_folder.load_codec(folder, device=device, dtype=torch.float32)
+        text_encoder = model_folder.load_text_encoder(folder, generator.config.text_len, device=text_device)
+        source = str(folder)
+    else:
+        cfg = resolve_config(args, None)
+        wan_dir = wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name)
+        if not args.checkpoint_path and not cfg.generator_ckpt:
+            raise UsageError("--checkpoint_path is required with Wan weights (a Self Forcing generator)")
+        generator = wan_components.load_wan_dit(wan_dir, checkpoint=args.checkpoint_path or cfg.generator_ckpt,
+                                                use_ema=args.use_ema, device=device, dtype=dtype)
+        text_encoder = wan_components.load_wan_text_encoder(wan_dir, text_len=generator.config.text_len,
+                                                            device=text_device, dtype=dtype)
+        if cfg.decoder == "taehv":
+            if not cfg.taehv_path:
+                raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
+            from model.taehv import TAEHVCodec
+            codec = TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
+        else:
+            codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
+        source = str(args.checkpoint_path or cfg.generator_ckpt)
+    schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
+    pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
+                                   negative_prompt=cfg.negative_prompt)
+    return pipe, cfg, source
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+def collect_prompts(args: argparse.Namespace):
+    from utils.prompts import Prompt, attach_extended, read_prompt_file, read_prompts
+    if args.prompt and args.data_path:
+        raise UsageError("give --prompt or --data_path, not both")
+    if args.prompt:
+        prompts = read_prompts(args.prompt)
+    elif args.data_path:
+        prompts = read_prompt_file(args.data_path)
+    else:
+        prompts = [Prompt(i, text) for i, text in enumerate(BUILTIN_PROMPTS)]
+    if args.extended_prompt_path:
+        prompts = attach_extended(prompts, args.extended_prompt_path)
+    return prompts
+
+
+BUILTIN_PROMPTS = [
+    "a large red circle moves left on a blue background",
+    "a small yellow square moves up on a black background",
+    "a green triangle moves diagonally down and right on a white background",
+]
+
+
+def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int) -> torch.Tensor | None:
+    from utils.video import read_image, read_video, resize_center_crop
+    if args.i2v or args.image:
+        if not (args.i2v and args.image):
+            raise UsageError("image-to-video needs both --i2v and --image PATH")
+        if not cfg.independent_first_frame:
+            raise UsageError("--i2v conditions on one frame, which needs independent_first_frame=true")
+        image = resize_center_crop(read_image(args.image), height, width)
+        return pipe.codec.encode_to_latent(image[None, :, None].to(pipe.device))
+    if args.video:
+        frames, _ = read_video(args.video)  # [T, H, W, 3] uint8
+        video = frames.permute(3, 0, 1, 2).float().div(127.5).sub(1)  # [3, T, H, W] in [-1, 1]
+        video = torch.stack([resize_center_crop(f, height, width) for f in video.unbind(1)], dim=1)
+        tf = pipe.codec.temporal_factor
+        keep = 1 + ((video.shape[1] - 1) // tf) * tf
+        return pipe.codec.encode_to_latent(video[None, :, :keep].to(pipe.device))
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from utils.prompts import output_name, parse_prompt_schedule, shard
+    from utils.video import StreamingVideoWriter, write_json_atomic
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device, dtype = pick_device(args)
+    if args.num_samples < 1:
+        raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
+    prompts = collect_prompts(args)
+    schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    pipe, cfg, source = build_pipeline(args, device, dtype)
+    height, width = args.height or cfg.height, args.width or cfg.width
+    frames = latent_frames(args, cfg)
+    fps = args.fps or cfg.fps
+    pipe.latent_grid(height, width)  # validates the resolution before any work
+    prefix = initial_latent(args, pipe, cfg, height, width)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = shard(prompts, rank, world)
+    todo = []
+    for prompt in mine:
+        if args.save_with_index:
+            names = [f"{prompt.index:04d}" + (f"-s{s}" if args.num_samples > 1 else "")
+                     for s in range(args.num_samples)]
+        else:
+            names = [output_name(prompt.index, prompt.text, s, args.num_samples) for s in range(args.num_samples)]
+        done = all((out_dir / f"{n}.mp4").exists() and (out_dir / f"stats_{n}.json").exists() for n in names)
+        if done and not args.overwrite:
+            continue
+        todo.append((prompt, names))
+    print(f"[rank {rank}/{world}] {len(todo)} of {len(mine)} prompts to generate ({len(mine) - len(todo)} done), "
+          f"{frames} latent frames at {height}x{width}, model {source}", flush=True)
+    pipe.encode_prompts([p.model_text for p, _ in todo])  # text encoding off the generation path
+    if schedule:
+        pipe.encode_prompts([text for _, text in schedule])
+    if args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
+        pipe.text_encoder.offload()
+    from tqdm import tqdm
+    for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
+        writers = [StreamingVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names]
+        try:
+            result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
+                                   width=width, generator=generator, initial_latent=prefix,
+                                   prompt_schedule=schedule, on_frames=lambda i, px: [
+                                       w.append(px[s].cpu()) for s, w in enumerate(writers)])
+            for w in writers:
+                w.close()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        for sample, name in enumerate(names):
+            write_json_atomic(out_dir / f"stats_{name}.json", {
+                "prompt": prompt.text, "model_prompt": prompt.model_text, "index": prompt.index, "sample": sample,
+                "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
+                "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
+                "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
+                "settings": vars(pipe.settings), **result.stats})
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from utils.config import ConfigError
+    except ImportError as err:  # a broken install: say so in one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except (UsageError, ConfigError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

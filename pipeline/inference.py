@@ -1,0 +1,214 @@
+"""Text to video with a causal few-step generator: conditioning -> the one rollout -> streaming decode.
+
+Each finished block is decoded right away with the codec's streaming decoder (the causal VAE cache is kept between
+blocks), so frames are available while later blocks are still being generated.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model.kv_cache import KVCache
+from model.wan import WanDiT
+from pipeline.denoiser import Denoiser
+from pipeline.rollout import block_layout, rollout
+from pipeline.schedule import FlowMatchSchedule
+
+# (block index, pixel frames [B, t, 3, H, W] in [0, 1]); block -1 carries the decoded frames of an initial latent.
+FramesCallback = Callable[[int, Tensor], None]
+
+
+@dataclass
+class CausalSettings:
+    """How the generator rolls out. `steps` are the timesteps actually run (already warped)."""
+
+    steps: list[float]
+    frames_per_block: int = 3
+    independent_first_frame: bool = False
+    context_noise: float = 0.0
+    window_frames: int = -1
+    sink_frames: int = 0
+    rope: str = "absolute"
+    # Without a rolling window every frame stays in the cache; beyond the trained length attention leaves the
+    # training distribution (and memory grows), so longer videos need a window.
+    max_frames_without_window: int = 21
+
+    @classmethod
+    def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> "CausalSettings":
+        steps = schedule.warp(cfg.denoising_step_list) if cfg.warp_denoising_step else \
+            torch.tensor(cfg.denoising_step_list, dtype=torch.float32)
+        mk = cfg.model_kwargs
+        return cls(steps=[float(s) for s in steps], frames_per_block=cfg.num_frame_per_block,
+                   independent_first_frame=cfg.independent_first_frame, context_noise=cfg.context_noise,
+                   window_frames=mk.local_attn_size, sink_frames=mk.sink_size, rope=mk.rope,
+                   max_frames_without_window=cfg.num_training_frames)
+
+
+@dataclass
+class Generation:
+    video: Tensor | None  # [B, T, 3, H, W] float in [0, 1] (None when not decoded)
+    latents: Tensor  # [B, F, C, h, w]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class CausalInferencePipeline:
+    """Prompts -> videos. `text_encoder(prompts) -> [B, L, D]`; `codec` follows `model.vae.LatentCodec`."""
+
+    def __init__(self, generator: WanDiT, text_encoder: Any, codec: Any, schedule: FlowMatchSchedule,
+                 settings: CausalSettings, *, negative_prompt: str = ""):
+        self.generator = generator.eval()
+        self.text_encoder = text_encoder
+        self.codec = codec
+        self.schedule = schedule
+        self.settings = settings
+        self.negative_prompt = negative_prompt
+        self.denoiser = Denoiser(generator, schedule)
+        self._prompt_cache: dict[str, Tensor] = {}
+        self._kv: KVCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.patch_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generator.patch_embedding.weight.dtype
+
+    # ------------------------------------------------------------------------------------------------ text
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """`[B, L, text_dim]` on the generator's device; each distinct prompt is encoded once per pipeline."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            embeds = self.text_encoder(list(missing))
+            for prompt, embed in zip(missing, embeds):
+                self._prompt_cache[prompt] = embed.to(device=self.device, dtype=self.dtype)
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+
+    # ------------------------------------------------------------------------------------------------ shapes
+    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
+        s = self.codec.spatial_factor
+        _, ph, pw = self.generator.config.patch_size
+        if height % (s * ph) or width % (s * pw):
+            raise ValueError(f"height/width {height}x{width} must be multiples of {s * ph}x{s * pw} "
+                             f"({s}x codec downsampling, then {ph}x{pw} patches)")
+        return height // s, width // s
+
+    def latent_frames_for(self, num_pixel_frames: int) -> int:
+        """Latent frames for a pixel length `1 + temporal_factor * (F - 1)`."""
+        tf = self.codec.temporal_factor
+        if num_pixel_frames < 1 or (num_pixel_frames - 1) % tf:
+            raise ValueError(f"{num_pixel_frames} frames is not 1 + {tf}k")
+        return 1 + (num_pixel_frames - 1) // tf
+
+    def _cache(self, batch: int, h: int, w: int, frames: int) -> KVCache:
+        st = self.settings
+        rolling = st.window_frames != -1
+        if not rolling and frames > st.max_frames_without_window:
+            raise ValueError(f"{frames} latent frames do not fit the KV cache without a rolling window (at most "
+                             f"{st.max_frames_without_window}); set model_kwargs.local_attn_size (e.g. --preset long)")
+        if st.rope == "absolute" and frames > self.generator.config.rope_max_positions:
+            raise ValueError(f"{frames} latent frames exceed the RoPE table of "
+                             f"{self.generator.config.rope_max_positions}; use model_kwargs.rope=relative")
+        capacity = st.window_frames if rolling else frames
+        cache = self._kv
+        if (cache is None or cache.k.shape[1] != batch
+                or cache.capacity != capacity * self.generator.tokens_per_frame(h, w)
+                or cache.rope != st.rope or cache.k.dtype != self.dtype or cache.k.device != self.device
+                or cache.tokens_per_frame != self.generator.tokens_per_frame(h, w)):
+            cache = self._kv = self.generator.new_kv_cache(batch, h, w, capacity, window_frames=st.window_frames,
+                                                           sink_frames=st.sink_frames, rope=st.rope)
+        cache.reset()
+        return cache
+
+    # ------------------------------------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, num_latent_frames: int, height: int, width: int,
+                 generator: torch.Generator | None = None, noise: Tensor | None = None,
+                 initial_latent: Tensor | None = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
+                 on_frames: FramesCallback | None = None, decode: bool = True) -> Generation:
+        """Generate `num_latent_frames` new latent frames per prompt (after `initial_latent` frames if given).
+
+        prompt_schedule: `[(block, prompt), ...]` switching every sample's prompt at block boundaries (block 0 first;
+          `prompts` is then ignored except for the batch size).
+        """
+        st = self.settings
+        h, w = self.latent_grid(height, width)
+        batch = len(prompts)
+        layout = block_layout(num_latent_frames, st.frames_per_block,
+                              st.independent_first_frame and initial_latent is None)
+        tic = time.perf_counter()
+        if prompt_schedule:
+            if prompt_schedule[0][0] != 0:
+                raise ValueError("the prompt schedule must start at block 0")
+            if prompt_schedule[-1][0] >= len(layout):
+                raise ValueError(f"prompt schedule switches at block {prompt_schedule[-1][0]}, "
+                                 f"but only {len(layout)} blocks are generated")
+            context = [(b, self.encode_prompts([p] * batch)) for b, p in prompt_schedule]
+        else:
+            context = self.encode_prompts(prompts)
+        channels = self.generator.config.in_dim
+        if noise is None:
+            noise = torch.randn(batch, num_latent_frames, channels, h, w, generator=generator,
+                                device=generator.device if generator is not None else self.device)
+        noise = noise.to(device=self.device, dtype=self.dtype)
+        prefix = 0 if initial_latent is None else initial_latent.shape[1]
+        if initial_latent is not None:
+            initial_latent = initial_latent.to(device=self.device, dtype=self.dtype)
+        cache = self._cache(batch, h, w, prefix + num_latent_frames)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+        frames: list[Tensor] = []
+        first_frame_ms: list[float] = []
+        stream = self.codec.stream_decoder() if decode else None
+        if stream is not None and initial_latent is not None:
+            frames.append(self._to_unit(stream.decode_chunk(initial_latent)))
+            if on_frames is not None:
+                on_frames(-1, frames[-1])
+
+        def fresh_noise(like: Tensor) -> Tensor:
+            return torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
+                               else like.device).to(like)
+
+        def on_block(index: int, start: int, x0: Tensor) -> None:
+            if stream is None:
+                return
+            pixels = self._to_unit(stream.decode_chunk(x0))
+            if not first_frame_ms:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                first_frame_ms.append((time.perf_counter() - tic) * 1000.0)
+            frames.append(pixels)
+            if on_frames is not None:
+                on_frames(index, pixels)
+
+        result = rollout(self.denoiser, noise, context, cache, steps=st.steps, frames_per_block=st.frames_per_block,
+                         independent_first_frame=st.independent_first_frame, initial_latent=initial_latent,
+                         context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
+                         final_context_pass=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        total_ms = (time.perf_counter() - tic) * 1000.0
+        video = torch.cat(frames, dim=1) if frames else None
+        stats = {"block_ms": result.block_ms, "total_ms": total_ms, "latent_frames": prefix + num_latent_frames,
+                 "time_to_first_frame_ms": first_frame_ms[0] if first_frame_ms else None}
+        if video is not None:
+            stats["pixel_frames"] = video.shape[1]
+            stats["frames_per_s"] = video.shape[1] * batch / (total_ms / 1000.0)
+        if self.device.type == "cuda":
+            stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return Generation(video=video, latents=result.latents, stats=stats)
+
+    @staticmethod
+    def _to_unit(pixels: Tensor) -> Tensor:
+        """Codec output in [-1, 1] -> [0, 1] float32 on the CPU-independent device it came from."""
+        return (pixels.float() * 0.5 + 0.5).clamp_(0, 1)

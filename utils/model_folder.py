@@ -1,0 +1,138 @@
+"""The self-contained model folder: what the Hub export writes, what `inference.py --model DIR` reads, and the form
+of the bundled shapes-world model.
+
+    model_index.json                   components and their classes
+    transformer/config.json            WanConfig + "causal": the rollout settings (Config keys)
+    transformer/diffusion_pytorch_model.safetensors   original Wan key names
+    text_encoder/, tokenizer/          transformers UMT5EncoderModel + tokenizer (save_pretrained layout)
+    vae/                               diffusers AutoencoderKLWan folder         } one of the two
+    codec/config.json                  a parameter-free codec (the shapes world) }
+    README.md                          model card (written by the export)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from model.config import WanConfig
+from model.pixel_codec import PixelShuffleCodec
+from model.wan import WanDiT
+from utils.checkpoint import load_state_dict_strict, load_wan_safetensors, save_safetensors_atomic
+
+MODEL_INDEX = "model_index.json"
+TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained.
+CAUSAL_KEYS = ("denoising_step_list", "warp_denoising_step", "num_frame_per_block", "independent_first_frame",
+               "context_noise", "negative_prompt", "height", "width", "fps", "decoder", "image_or_video_shape")
+MODEL_KWARGS_KEYS = ("timestep_shift", "local_attn_size", "sink_size", "rope")
+
+
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / MODEL_INDEX).is_file()
+
+
+def causal_settings(cfg: Any) -> dict[str, Any]:
+    """The rollout-relevant part of a Config, as stored in transformer/config.json["causal"]."""
+    settings = {k: getattr(cfg, k) for k in CAUSAL_KEYS}
+    settings["denoising_step_list"] = list(settings["denoising_step_list"])
+    settings["model_kwargs"] = {k: getattr(cfg.model_kwargs, k) for k in MODEL_KWARGS_KEYS}
+    return settings
+
+
+def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, torch.Tensor], wan_config: WanConfig,
+                      causal: dict[str, Any], text_encoder: Any = None, tokenizer: Any = None, vae: Any = None,
+                      codec: PixelShuffleCodec | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write the folder atomically (a temp folder renamed into place). `text_encoder`: a transformers model with
+    `save_pretrained`; `vae`: a diffusers model with `save_pretrained`; `codec`: a parameter-free codec."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        index: dict[str, Any] = {"_class_name": "SelfForcingPipeline", "transformer": ["self_forcing", "WanDiT"]}
+        (tmp / "transformer").mkdir()
+        state = transformer.state_dict() if isinstance(transformer, torch.nn.Module) else transformer
+        save_safetensors_atomic({k: v.detach().cpu() for k, v in state.items()},
+                                tmp / "transformer" / TRANSFORMER_WEIGHTS)
+        config = wan_config.to_dict() | {"causal": causal}
+        (tmp / "transformer" / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        if text_encoder is not None:
+            text_encoder.save_pretrained(tmp / "text_encoder")
+            index["text_encoder"] = ["transformers", type(text_encoder).__name__]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            index["tokenizer"] = ["transformers", type(tokenizer).__name__]
+        if vae is not None:
+            vae.save_pretrained(tmp / "vae")
+            index["vae"] = ["diffusers", type(vae).__name__]
+        if codec is not None:
+            (tmp / "codec").mkdir()
+            (tmp / "codec" / "config.json").write_text(json.dumps(codec.config(), indent=2))
+            index["codec"] = ["self_forcing", type(codec).__name__]
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        (tmp / MODEL_INDEX).write_text(json.dumps(index, indent=2))
+        os.chmod(tmp, 0o755)
+        if folder.exists():
+            backup = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            folder.rename(backup)
+            tmp.rename(folder)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_model_index(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MODEL_INDEX
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder: {MODEL_INDEX} is missing")
+    return json.loads(path.read_text())
+
+
+def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[WanDiT, dict[str, Any]]:
+    """The generator and its stored causal settings."""
+    tdir = Path(folder) / "transformer"
+    config_path = tdir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing")
+    raw = json.loads(config_path.read_text())
+    causal = raw.get("causal", {})
+    wan_config = WanConfig.from_json(config_path)
+    with torch.device("meta"):
+        model = WanDiT(wan_config)
+    state = load_wan_safetensors(tdir)
+    load_state_dict_strict(model, state, str(tdir), assign=True)
+    return model.to(device=device, dtype=dtype).eval(), causal
+
+
+def load_codec(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    folder = Path(folder)
+    if (folder / "codec" / "config.json").is_file():
+        cfg = json.loads((folder / "codec" / "config.json").read_text())
+        kind = cfg.pop("type", None)
+        if kind != "pixel_shuffle":
+            raise ValueError(f"{folder / 'codec' / 'config.json'}: unknown codec type {kind!r}")
+        return PixelShuffleCodec(**cfg)
+    if (folder / "vae").is_dir():
+        from model.vae import WanVAE
+        return WanVAE.from_diffusers_folder(folder / "vae", dtype=dtype).to(device)
+    raise FileNotFoundError(f"{folder} has neither codec/ nor vae/")
+
+
+def load_text_encoder(folder: str | Path, text_len: int, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32):
+    """`text_encoder/` + `tokenizer/` of the folder; `text_len` is the generator's (rows it pads context to)."""
+    from model.text_encoder import TextEncoder
+    return TextEncoder.from_diffusers_folder(folder, dtype=dtype, device=device, text_len=text_len)
+
