@@ -29,7 +29,7 @@ PRESETS = {name: REPO_ROOT / "configs" / f"inference_{name}.yaml" for name in ("
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("model")
-    src.add_argument("--model", help=f"exported model folder (default: the bundled {DEFAULT_MODEL.relative_to(REPO_ROOT)})")
+    src.add_argument("--model", help="exported model folder (default: the bundled assets/shapes_world)")
     src.add_argument("--config_path", help="YAML merged onto configs/default_config.yaml (original flag)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="inference preset: official | taehv | long "
                      "(sink 5 + window 21 frames + relative RoPE for long, steady rollouts)")
@@ -89,7 +89,9 @@ def latent_frames(args: argparse.Namespace, cfg) -> int:
     if args.total_blocks is not None:
         if args.total_blocks < 1:
             raise UsageError(f"--total-blocks must be >= 1, got {args.total_blocks}")
-        return args.total_blocks * cfg.num_frame_per_block + (1 if cfg.independent_first_frame else 0)
+        # An independent first frame is its own block, unless it comes from --image / --video.
+        own_first = cfg.independent_first_frame and not (args.image or args.video)
+        return args.total_blocks * cfg.num_frame_per_block + (1 if own_first else 0)
     frames = args.num_output_frames if args.num_output_frames is not None else cfg.image_or_video_shape[1]
     if frames < 1:
         raise UsageError(f"--num_output_frames must be >= 1, got {frames}")
@@ -198,6 +200,8 @@ def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int)
 
 
 def run(args: argparse.Namespace) -> int:
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
     from utils.prompts import output_name, parse_prompt_schedule, shard
     from utils.video import StreamingVideoWriter, write_json_atomic
 
@@ -231,9 +235,10 @@ def run(args: argparse.Namespace) -> int:
         todo.append((prompt, names))
     print(f"[rank {rank}/{world}] {len(todo)} of {len(mine)} prompts to generate ({len(mine) - len(todo)} done), "
           f"{frames} latent frames at {height}x{width}, model {source}", flush=True)
-    pipe.encode_prompts([p.model_text for p, _ in todo])  # text encoding off the generation path
-    if schedule:
-        pipe.encode_prompts([text for _, text in schedule])
+    # All text is encoded up front, off the generation path (and so the encoder can be offloaded afterwards).
+    texts = [p.model_text for p, _ in todo] + ([text for _, text in schedule] if schedule and todo else [])
+    if texts:
+        pipe.encode_prompts(texts)
     if args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
         pipe.text_encoder.offload()
     from tqdm import tqdm
