@@ -1,0 +1,33 @@
+"""Print the benchmark results under benchmarks/results/ as a markdown table (pasted into the README).
+
+    python benchmarks/summarize.py
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results")
+
+
+def rows() -> list[str]:
+    out = ["| result file | device | torch | what | figure |", "| --- | --- | --- | --- | --- |"]
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        env = data.get("env", {})
+        head = f"| `{path.name}` | {env.get('device', '?')} | {env.get('torch', '?')} "
+        if "total_ms" in data and "block_ms" in data:
+            blocks = data["block_ms"]
+            figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, {data['frames_per_s_dit_only']:.1f} frames/s "
+                      f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms, peak {data['peak_gib']:.1f} GiB")
+            out.append(head + f"| rollout {data['args']['blocks']}x{data['args']['frames_per_block']} frames, "
+                              f"window {data['args']['window']}, sink {data['args']['sink']}, rope {data['args']['rope']} | {figure} |")
+        elif "bidirectional" in data:
+            parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
+                     for k, v in data.items() if isinstance(v, dict) and "ms" in v]
+            out.append(head + f"| DiT forwards, latent {data['latent']} | {'; '.join(parts)} |")
+    return out
+
+
+if __name__ == "__main__":
+    print("\n".join(rows()))
