@@ -387,12 +387,14 @@ class TAEHVCodec(nn.Module):
         return _to_signed_pixels(video[:, self.taehv.frames_to_trim :])
 
     def encode_to_latent(self, pixel: torch.Tensor) -> torch.Tensor:
-        """`[B, T, 3, H, W]` in [-1, 1] -> float32 `[B, ceil(T/4), C, H/8, W/8]` (T = 1 + 4k gives k + 1)."""
-        if pixel.ndim != 5 or pixel.shape[2] != self.taehv.image_channels:
+        """`[B, 3, T, H, W]` in [-1, 1] (the `LatentCodec` layout, as the Wan VAE) -> float32
+        `[B, ceil(T/4), C, H/8, W/8]` (T = 1 + 4k gives k + 1)."""
+        if pixel.ndim != 5 or pixel.shape[1] != self.taehv.image_channels:
             raise ValueError(
-                f"encode_to_latent expects pixels [B, T, {self.taehv.image_channels}, H, W], "
+                f"encode_to_latent expects pixels [B, {self.taehv.image_channels}, T, H, W], "
                 f"got shape {tuple(pixel.shape)}"
             )
+        pixel = pixel.transpose(1, 2)
         factor = self.taehv.spatial_upscale
         if pixel.shape[-2] % factor or pixel.shape[-1] % factor:
             raise ValueError(f"pixel height/width {tuple(pixel.shape[-2:])} must be multiples of {factor}")

@@ -89,7 +89,7 @@ def test_codec_frame_counts_and_range(tiny):
     assert pixels.shape == (2, 1 + 4 * 3, 3, 16, 24) and pixels.dtype == torch.float32
     assert pixels.min() >= -1 and pixels.max() <= 1
     torch.testing.assert_close(pixels, (raw[:, 3:] * 2 - 1).clamp(-1, 1))
-    video = torch.rand(2, 1 + 4 * 2, 3, 16, 24) * 2 - 1
+    video = torch.rand(2, 3, 1 + 4 * 2, 16, 24) * 2 - 1  # the LatentCodec layout [B, 3, T, H, W]
     with torch.no_grad():
         assert codec.encode_to_latent(video).shape == (2, 3, 6, 2, 3)
 
