@@ -131,8 +131,18 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
             from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
             state, _ = load_dit_state_dict(args.checkpoint_path, use_ema=args.use_ema)
             load_state_dict_strict(generator, state, args.checkpoint_path)
-        codec = model_folder.load_codec(folder, device=device, dtype=torch.float32)
-        text_encoder = model_folder.load_text_encoder(folder, generator.config.text_len, device=text_device)
+        # An export without --include-base carries only the transformer: the rest comes from the Wan folder.
+        if model_folder.has_codec(folder):
+            codec = model_folder.load_codec(folder, device=device, dtype=torch.float32)
+        else:
+            codec = wan_components.load_wan_vae(wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name),
+                                                device=device, dtype=dtype)
+        if (folder / "text_encoder").is_dir():
+            text_encoder = model_folder.load_text_encoder(folder, generator.config.text_len, device=text_device)
+        else:
+            text_encoder = wan_components.load_wan_text_encoder(
+                wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name),
+                text_len=generator.config.text_len, device=text_device, dtype=dtype)
         source = str(folder)
     else:
         cfg = resolve_config(args, None)

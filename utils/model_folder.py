@@ -22,10 +22,9 @@ import torch
 from model.config import WanConfig
 from model.pixel_codec import PixelShuffleCodec
 from model.wan import WanDiT
-from utils.checkpoint import load_state_dict_strict, load_wan_safetensors, save_safetensors_atomic
+from utils.checkpoint import load_state_dict_strict, load_wan_safetensors, save_wan_safetensors_sharded
 
 MODEL_INDEX = "model_index.json"
-TRANSFORMER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained.
 CAUSAL_KEYS = ("denoising_step_list", "warp_denoising_step", "num_frame_per_block", "independent_first_frame",
                "context_noise", "negative_prompt", "height", "width", "fps", "decoder", "image_or_video_shape")
@@ -46,19 +45,36 @@ def causal_settings(cfg: Any) -> dict[str, Any]:
 
 def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, torch.Tensor], wan_config: WanConfig,
                       causal: dict[str, Any], text_encoder: Any = None, tokenizer: Any = None, vae: Any = None,
-                      codec: PixelShuffleCodec | None = None, extra_files: dict[str, str] | None = None) -> Path:
+                      codec: PixelShuffleCodec | None = None, extra_files: dict[str, str] | None = None,
+                      transformer_format: str = "original", max_shard_bytes: int = 5 * 2**30,
+                      index_extra: dict[str, Any] | None = None) -> Path:
     """Write the folder atomically (a temp folder renamed into place). `text_encoder`: a transformers model with
-    `save_pretrained`; `vae`: a diffusers model with `save_pretrained`; `codec`: a parameter-free codec."""
+    `save_pretrained`; `vae`: a diffusers model with `save_pretrained`; `codec`: a parameter-free codec.
+    `transformer_format`: "original" (Wan key names, our config) or "diffusers" (`WanTransformer3DModel` keys and
+    config, loadable by its `from_pretrained`); weights above `max_shard_bytes` are sharded with an index."""
+    if transformer_format not in ("original", "diffusers"):
+        raise ValueError(f"transformer_format must be 'original' or 'diffusers', got {transformer_format!r}")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        index: dict[str, Any] = {"_class_name": "SelfForcingPipeline", "transformer": ["self_forcing", "WanDiT"]}
+        index: dict[str, Any] = {"_class_name": "SelfForcingPipeline", **(index_extra or {})}
         (tmp / "transformer").mkdir()
         state = transformer.state_dict() if isinstance(transformer, torch.nn.Module) else transformer
-        save_safetensors_atomic({k: v.detach().cpu() for k, v in state.items()},
-                                tmp / "transformer" / TRANSFORMER_WEIGHTS)
-        config = wan_config.to_dict() | {"causal": causal}
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        if transformer_format == "diffusers":
+            from diffusers import __version__ as diffusers_version
+
+            from model.dit_keys import diffusers_config_from_wan, wan_to_diffusers
+            state = wan_to_diffusers(state)
+            config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers_version,
+                      **diffusers_config_from_wan(wan_config), "causal": causal,
+                      "text_len": wan_config.text_len}  # diffusers has no text_len; kept for our loader
+            index["transformer"] = ["diffusers", "WanTransformer3DModel"]
+        else:
+            config = wan_config.to_dict() | {"causal": causal}
+            index["transformer"] = ["self_forcing", "WanDiT"]
+        save_wan_safetensors_sharded(state, tmp / "transformer", max_shard_bytes=max_shard_bytes)
         (tmp / "transformer" / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
         if text_encoder is not None:
             text_encoder.save_pretrained(tmp / "text_encoder")
@@ -107,13 +123,23 @@ def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing")
     raw = json.loads(config_path.read_text())
-    causal = raw.get("causal", {})
-    wan_config = WanConfig.from_json(config_path)
+    causal = raw.pop("causal", {})
+    if raw.get("_class_name") == "WanTransformer3DModel":
+        from model.dit_keys import wan_config_from_diffusers
+        text_len = raw.pop("text_len", 512)
+        wan_config = wan_config_from_diffusers({k: v for k, v in raw.items() if not k.startswith("_")},
+                                               text_len=text_len, source=str(config_path))
+    else:
+        wan_config = WanConfig.from_json(config_path)
     with torch.device("meta"):
         model = WanDiT(wan_config)
     state = load_wan_safetensors(tdir)
     load_state_dict_strict(model, state, str(tdir), assign=True)
     return model.to(device=device, dtype=dtype).eval(), causal
+
+
+def has_codec(folder: str | Path) -> bool:
+    return (Path(folder) / "codec" / "config.json").is_file() or (Path(folder) / "vae").is_dir()
 
 
 def load_codec(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

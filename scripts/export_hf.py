@@ -1,0 +1,145 @@
+"""Export a trained generator as a folder ready for the Hugging Face Hub (and for `inference.py --model DIR`).
+
+    python scripts/export_hf.py logs/run/checkpoint_model_000600 --output exported/
+    python scripts/export_hf.py logs/run --output exported/ --include-base wan_models/Wan2.1-T2V-1.3B
+    python scripts/export_hf.py self_forcing_dmd.pt --config configs/self_forcing_dmd.yaml --output exported/ \\
+        --format diffusers --push-to-hub user/self-forcing-1.3b
+
+The source is a training checkpoint folder (or a logdir: its latest checkpoint), or a weights file (Self-Forcing
+`.pt`, safetensors) plus `--config` for the rollout settings. EMA weights are used when present unless
+`--weights generator`; LoRA adapters are merged. The Hub token comes from HF_TOKEN; a failed upload leaves the
+complete local folder and exits non-zero with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
+from utils.config import ConfigError, load_config  # noqa: E402
+from utils.model_folder import causal_settings, is_model_folder, save_model_folder  # noqa: E402
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[:-2]) * factor)
+    return int(text)
+
+
+def read_source(path: Path, weights: str, config_path: str | None, num_heads: int | None, text_len: int):
+    """(state dict with Wan keys, WanConfig, Config or None, step or None, weights name)."""
+    from model.config import WanConfig
+    from utils.train_state import TRAINING_STATE, latest_checkpoint, load_training_state
+    if path.is_dir() and not (path / TRAINING_STATE).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{path} holds no training checkpoint (checkpoint_model_*/{TRAINING_STATE})")
+        path = latest
+    cfg, step, wan_config = None, None, None
+    if path.is_dir():
+        stem = weights if weights != "auto" else (
+            "generator_ema" if (path / "generator_ema.safetensors").is_file() else "generator")
+        weight_file = path / f"{stem}.safetensors"
+        if not weight_file.is_file():
+            raise FileNotFoundError(f"{weight_file} does not exist")
+        state, wan_config = load_dit_state_dict(weight_file)
+        step = int(load_training_state(path).get("step", 0))
+        if (path / "config.yaml").is_file() and not config_path:
+            config_path = str(path / "config.yaml")
+        if wan_config is None and (path / "config.json").is_file():
+            wan_config = WanConfig.from_json(path / "config.json")
+    else:
+        stem = "generator_ema" if weights in ("auto", "generator_ema") and path.suffix in (".pt", ".pth") else weights
+        try:
+            state, wan_config = load_dit_state_dict(path, use_ema=stem == "generator_ema")
+        except KeyError:
+            if weights != "auto":
+                raise
+            stem = "generator"
+            state, wan_config = load_dit_state_dict(path)
+    if config_path:
+        cfg = load_config(config_path)
+    from utils.lora import is_lora_state_dict, lora_scaling, merge_lora_state_dict
+    if is_lora_state_dict(state):
+        if cfg is None or cfg.lora_rank < 1:
+            raise ValueError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
+        state = merge_lora_state_dict(state, lora_scaling(cfg.lora_rank, cfg.lora_alpha))
+    if wan_config is None:
+        wan_config = infer_wan_config(state, num_heads=num_heads, text_len=text_len, source=str(path))
+    return state, wan_config, cfg, step, stem
+
+
+def base_components(base: Path, text_len: int) -> dict:
+    """text_encoder / tokenizer / vae (or codec) of a base model, ready to save into the export."""
+    if is_model_folder(base):
+        return {"copy_from": base}
+    from utils.wan_components import load_wan_text_encoder, load_wan_vae
+    text = load_wan_text_encoder(base, text_len=text_len)
+    return {"text_encoder": text.encoder, "tokenizer": text.tokenizer, "vae": load_wan_vae(base).vae}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="training checkpoint folder, logdir, or weights file (.pt / .safetensors)")
+    p.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
+    p.add_argument("--weights", choices=["auto", "generator", "generator_ema"], default="auto",
+                   help="which weights to export (default: EMA when present)")
+    p.add_argument("--config", help="training config for a bare weights file (rollout settings, card)")
+    p.add_argument("--format", choices=["original", "diffusers"], default="original",
+                   help="transformer key layout: original Wan names (default) or diffusers WanTransformer3DModel")
+    p.add_argument("--include-base", help="copy the text encoder, tokenizer and VAE of this base model folder")
+    p.add_argument("--base-model", default="Wan-AI/Wan2.1-T2V-1.3B", help="base model named in the card")
+    p.add_argument("--max-shard-size", default="5GB", help="shard the transformer above this size (default 5GB)")
+    p.add_argument("--num-heads", type=int, help="attention heads, when no config.json says (default dim/128)")
+    p.add_argument("--text-len", type=int, default=512, help="text tokens, when no config.json says (default 512)")
+    p.add_argument("--eval-json", help="JSON of evaluation numbers to put in the model card")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder (token from HF_TOKEN)")
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    args = p.parse_args(argv)
+    try:
+        state, wan_config, cfg, step, stem = read_source(Path(args.source), args.weights, args.config, args.num_heads,
+                                                              args.text_len)
+        causal = causal_settings(cfg if cfg is not None else load_config())
+        extra = base_components(Path(args.include_base), wan_config.text_len) if args.include_base else {}
+        copy_from = extra.pop("copy_from", None)
+        evaluation = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
+        from utils.hub import model_card
+        from utils.config import config_to_dict
+        card = model_card(repo_name=args.push_to_hub or Path(args.output).name, base_model=args.base_model,
+                          config=config_to_dict(cfg) if cfg is not None else None, weights=stem, step=step,
+                          causal=causal, evaluation=evaluation, include_base=bool(args.include_base))
+        out = save_model_folder(args.output, transformer=state, wan_config=wan_config, causal=causal,
+                                transformer_format=args.format, max_shard_bytes=parse_size(args.max_shard_size),
+                                extra_files={"README.md": card}, index_extra={"base_model": args.base_model},
+                                **extra)
+        if copy_from is not None:
+            index = json.loads((out / "model_index.json").read_text())
+            base_index = json.loads((copy_from / "model_index.json").read_text())
+            for part in ("text_encoder", "tokenizer", "vae", "codec"):
+                if (copy_from / part).is_dir():
+                    shutil.copytree(copy_from / part, out / part, dirs_exist_ok=True)
+                    index[part] = base_index.get(part)
+            (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    if args.push_to_hub:
+        from utils.hub import push_folder
+        try:
+            print(f"uploaded: {push_folder(out, args.push_to_hub, private=args.private)}")
+        except RuntimeError as err:
+            print(f"error: {err} (the local folder {out} is complete)", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Model cards and uploads to the Hugging Face Hub."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CARD_KEYS = ("trainer", "distribution_loss", "denoising_step_list", "warp_denoising_step", "num_frame_per_block",
+             "num_training_frames", "guidance_scale", "lr", "lr_critic", "dfake_gen_update_ratio", "ema_weight",
+             "ema_start_step", "max_steps", "total_batch_size", "real_name", "fake_name", "context_noise",
+             "kv_cache_grad", "lora_rank")
+
+
+def _yaml_list(values: list[str]) -> str:
+    return "\n".join(f"  - {v}" for v in values)
+
+
+def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None, weights: str, step: int | None,
+               causal: dict[str, Any], evaluation: dict[str, Any] | None = None, license: str = "apache-2.0",
+               include_base: bool = False) -> str:
+    """README.md with YAML front matter for the Hub, from the stored training configuration."""
+    tags = ["self-forcing", "video-generation", "autoregressive", "wan2.1", "text-to-video"]
+    front = (f"---\nlibrary_name: self-forcing\nlicense: {license}\npipeline_tag: text-to-video\n"
+             f"base_model: {base_model}\ntags:\n{_yaml_list(tags)}\n---\n")
+    recipe = "unknown (no stored training configuration)"
+    rows = ""
+    if config:
+        loss = config.get("distribution_loss") if config.get("trainer") == "score_distillation" else ""
+        recipe = f"`trainer: {config.get('trainer')}`" + (f" with `distribution_loss: {loss}`" if loss else "")
+        rows = "\n".join(f"| `{k}` | `{json.dumps(config[k], ensure_ascii=False)}` |" for k in CARD_KEYS if k in config)
+        rows = "| key | value |\n| --- | --- |\n" + rows
+    mk = causal.get("model_kwargs", {})
+    settings = (f"{len(causal.get('denoising_step_list', []))} denoising steps "
+                f"{causal.get('denoising_step_list')} (warped: {causal.get('warp_denoising_step')}), "
+                f"{causal.get('num_frame_per_block')} latent frames per block, schedule shift "
+                f"{mk.get('timestep_shift')}, KV window {mk.get('local_attn_size')} frames, sink {mk.get('sink_size')}, "
+                f"RoPE {mk.get('rope')}")
+    evaluation_text = "No evaluation numbers were given to the export."
+    if evaluation:
+        evaluation_text = "| metric | value |\n| --- | --- |\n" + "\n".join(
+            f"| {k} | {v} |" for k, v in evaluation.items())
+    base_note = ("The text encoder, tokenizer and VAE are included." if include_base else
+                 f"The text encoder, tokenizer and VAE are those of `{base_model}` (not included; pass "
+                 "`--model-root` with its folder, or export with `--include-base`).")
+    return f"""{front}
+# {repo_name}
+
+A causal, few-step **Self Forcing** video generator (Huang et al., 2025, arXiv 2506.08009) on the Wan2.1
+architecture: it generates video block by block with a KV cache, so frames stream while later ones are generated.
+Weights: `{weights}`{f' at training step {step}' if step is not None else ''}. {base_note}
+
+## How it was trained
+
+Recipe: {recipe}.
+
+{rows}
+
+Rollout settings stored with the weights: {settings}.
+
+## How to run it
+
+```bash
+python inference.py --model <this folder> --prompt "a red fox runs through snow"
+python inference.py --model <this folder> --data_path prompts.txt --output-dir videos/
+```
+
+## Evaluation
+
+{evaluation_text}
+"""
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload `folder` as the repository's content; the token comes from the environment (HF_TOKEN), never logged."""
+    from huggingface_hub import HfApi
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                 commit_message="Upload Self Forcing model")
+    except Exception as err:  # network, auth, permissions: one clear line, the local folder stays complete
+        raise RuntimeError(f"could not upload {folder} to the Hub repository {repo_id}: "
+                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    return str(getattr(info, "commit_url", repo_id))
