@@ -68,3 +68,50 @@ def save_tiny_model_folder(folder, seed: int = 0, **causal_overrides):
     return save_model_folder(folder, transformer=model, wan_config=model.config,
                              causal=tiny_causal_settings(**causal_overrides), text_encoder=text.encoder,
                              tokenizer=text.tokenizer, codec=codec)
+
+
+class TinyText:
+    """Stand-in for the text conditioner of `trainer.base.Models`: each prompt maps to a fixed random embedding
+    `[L, text_dim]` (seeded by the prompt's characters), the negative prompt to another."""
+
+    def __init__(self, text_dim: int = 16, length: int = 6, seed: int = 0):
+        self.text_dim, self.length, self.seed = text_dim, length, seed
+
+    def _embed(self, prompt: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(prompt)))
+        return torch.randn(self.length, self.text_dim, generator=g)
+
+    def __call__(self, prompts: list[str]) -> torch.Tensor:
+        return torch.stack([self._embed(p) for p in prompts])
+
+    def negative(self, batch_size: int) -> torch.Tensor:
+        return self._embed("<negative>").expand(batch_size, -1, -1).clone()
+
+
+def tiny_train_config(**overrides):
+    """A training `Config` for tiny models: latents [B, 6, 4, 4, 6], 2-frame blocks, 4 warped steps."""
+    from utils.config import Config, ModelKwargs
+    base = dict(image_or_video_shape=[1, 6, 4, 4, 6], num_training_frames=6, num_frame_per_block=2,
+                denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True, seed=0,
+                gradient_checkpointing=False, model_kwargs=ModelKwargs(timestep_shift=5.0))
+    base.update(overrides)
+    return Config(**base)
+
+
+def tiny_models(cfg=None, *, seed: int = 0, codec=None, teacher: bool = True, critic: bool = True, **model_overrides):
+    """A `Models` bundle of tiny DiTs: causal generator (shift from cfg), frozen teacher and critic (shift 8, one
+    timestep per sample, as the original's wrappers), `TinyText`."""
+    from pipeline.denoiser import Denoiser
+    from pipeline.schedule import FlowMatchSchedule
+    from trainer.base import Models, frozen
+    shift = cfg.model_kwargs.timestep_shift if cfg is not None else 5.0
+    generator = Denoiser(tiny_model(seed, **model_overrides), FlowMatchSchedule(shift))
+    text = TinyText(tiny_config(**model_overrides).text_dim)
+    models = Models(generator=generator, text=text, codec=codec)
+    if teacher:
+        models.teacher = Denoiser(frozen(tiny_model(seed + 1, **model_overrides)), FlowMatchSchedule(8.0),
+                                  uniform_timestep=True)
+    if critic:
+        models.critic = Denoiser(tiny_model(seed + 2, **model_overrides), FlowMatchSchedule(8.0),
+                                 uniform_timestep=True)
+    return models

@@ -1,0 +1,65 @@
+"""CausVid baseline (SPEC §9), `distribution_loss: causvid`: DMD where the generator's input comes from DATA.
+
+Every frame of the clean latent clip is noised to one of the few-step timesteps, the index drawn per block
+("diffusion forcing": independent noise levels per block), and ONE block-causal forward (optionally teacher
+forcing with the clean clip as context) predicts x0 for all frames. The DMD generator and critic losses of
+`trainer.dmd` are applied to that prediction; score timesteps always span the full range.
+
+Fixes of the original: the clean latents are read from `batch['latents']` (the original trainer passed None and
+crashed) and the critic's flow-matching loss exists (the original never created it for CausVid).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from model.attention import BlockCausal
+from trainer.base import Batch, Models
+from trainer.dmd import DMD
+from trainer.self_forcing import GeneratorOutput, rollout_steps
+
+
+def per_block_indices(batch_size: int, block_sizes: list[int], high: int, device: torch.device,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Integer indices in [0, high) drawn per (sample, block) and repeated over each block's frames -> `[B, F]`."""
+    draws = torch.randint(0, high, (batch_size, len(block_sizes)), device=device, generator=generator)
+    sizes = torch.tensor(block_sizes, device=device)
+    return draws.repeat_interleave(sizes, dim=1)
+
+
+class CausVid(DMD):
+    name = "causvid"
+
+    def __init__(self, cfg, models: Models, cache_dtype: Optional[torch.dtype] = None):
+        super().__init__(cfg, models, cache_dtype)
+        # The few-step list as configured (warped if asked); a step of 0 stands for the clean latent itself.
+        self.steps = rollout_steps(cfg, models.generator.schedule, drop_final_zero=False)
+        self.block_causal = BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
+                                        cfg.model_kwargs.local_attn_size)
+
+    def _make_rollout(self, cache_dtype):
+        return None  # no self-rollout: the generator input is built from data
+
+    def generate(self, batch: Batch, context: Tensor) -> GeneratorOutput:
+        clean = batch.get("latents")
+        if clean is None:
+            raise KeyError("CausVid builds its generator input from data: the batch needs 'latents' "
+                           "[B, F, C, H, W] (clean latents, e.g. from ODE-pair shards or encoded videos)")
+        schedule = self.models.generator.schedule
+        clean = clean.to(next(self.models.generator.model.parameters()).device)
+        b, f = clean.shape[:2]
+        # Fresh noise per step, drawn for every candidate as the original does.
+        candidates = [clean if s == 0 else schedule.add_noise(clean, torch.randn_like(clean),
+                                                               torch.full((b, f), s, device=clean.device))
+                      for s in self.steps]
+        index = per_block_indices(b, self.block_causal.block_sizes(f), len(self.steps), clean.device)
+        stacked = torch.stack(candidates, dim=1)  # [B, K, F, C, H, W]
+        gather = index[:, None, :, None, None, None].expand(-1, 1, -1, *clean.shape[2:])
+        noisy = stacked.gather(1, gather).squeeze(1)
+        t = torch.tensor(self.steps, device=clean.device, dtype=torch.float32)[index]
+        _, x0 = self.models.generator(noisy, t, context, block_causal=self.block_causal,
+                                      clean_x=clean if self.cfg.teacher_forcing else None)
+        # Score timesteps span the full range: there is no exit step to restrict them (from/to None).
+        return GeneratorOutput(x0, None, None, None, num_frames=f)

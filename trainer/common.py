@@ -1,0 +1,107 @@
+"""Small pieces shared by the training algorithms: text conditions, score timesteps (SPEC §6.2), classifier-free
+guidance on x0 predictions, data latents from a batch, and parameter bookkeeping.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from pipeline.denoiser import Denoiser
+from trainer.base import Batch, Models
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters with `requires_grad` (LoRA or partial freezing leave the rest out)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def text_conditions(models: Models, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(prompt embeddings, negative-prompt embeddings), both `[B, L, text_dim]`, computed without gradients."""
+    prompts = batch.get("prompts")
+    if not prompts:
+        raise KeyError("batch['prompts'] (a non-empty list of strings) is required")
+    with torch.no_grad():
+        context = models.text(list(prompts))
+        negative = models.text.negative(len(prompts))
+    return context, negative
+
+
+def require(models: Models, *names: str, algorithm: str) -> None:
+    missing = [n for n in names if getattr(models, n) is None]
+    if missing:
+        raise ValueError(f"{algorithm} needs the model(s) {missing} in the Models bundle")
+
+
+def data_latents(batch: Batch, algorithm: str) -> Tensor:
+    """Clean data latents `[B, F, C, H, W]`: `batch['latents']`, else the clean end of an ODE trajectory
+    (`batch['ode_latent'][:, -1]`, as the original GAN/diffusion trainers read their LMDB shards)."""
+    if batch.get("latents") is not None:
+        latents = batch["latents"]
+    elif batch.get("ode_latent") is not None:
+        latents = batch["ode_latent"][:, -1]
+    else:
+        raise KeyError(f"{algorithm} trains on data: the batch needs 'latents' [B, F, C, H, W] (clean latents) or "
+                       "'ode_latent' [B, K, F, C, H, W]; got keys " + str(sorted(batch)))
+    if latents.dim() != 5:
+        raise ValueError(f"{algorithm}: data latents must be [B, F, C, H, W], got {list(latents.shape)}")
+    return latents
+
+
+def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, device: torch.device,
+                    denoised_from: Optional[int] = None, denoised_to: Optional[int] = None,
+                    shift: Optional[float] = None) -> Tensor:
+    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames), SPEC §6.2: integers in
+    the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to [0.02 T, 0.98 T].
+    Drawn from the per-rank RNG (the original draws these on every rank independently)."""
+    schedule = denoiser.schedule
+    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.ts_schedule, cfg.ts_schedule_max,
+                                           cfg.min_score_timestep)
+    return schedule.sample_score_timesteps(batch_size, device=device, lo=lo, hi=hi,
+                                           shift=cfg.timestep_shift if shift is None else shift,
+                                           num_frames=num_frames)
+
+
+def guided_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, context: Tensor, negative: Tensor,
+              scale: float) -> Tensor:
+    """x0 prediction with classifier-free guidance in x0 space, `cond + scale * (cond - uncond)` (the original's
+    form: scale 3 is standard CFG 4); the unconditional branch is the NEGATIVE prompt. `scale == 0`: one pass."""
+    _, cond = denoiser(x_t, t, context)
+    if scale == 0:
+        return cond
+    _, uncond = denoiser(x_t, t, negative)
+    return cond + scale * (cond - uncond)
+
+
+def guidance_scales(cfg) -> tuple[float, float]:
+    """(real, fake) guidance scales (SPEC §6.1): `real_guidance_scale`/`fake_guidance_scale` when the former is
+    set, else `guidance_scale` for the teacher and none for the critic."""
+    if cfg.real_guidance_scale is not None:
+        return float(cfg.real_guidance_scale), float(cfg.fake_guidance_scale or 0.0)
+    return float(cfg.guidance_scale), 0.0
+
+
+@contextmanager
+def no_param_grads(*modules: Optional[nn.Module]) -> Iterator[None]:
+    """Build the graph without these modules' parameters (gradients still flow THROUGH their activations).
+
+    SiD and the GAN generator loss differentiate through the critic; the original let critic parameters collect
+    gradients there and zeroed them before the critic step. Leaving them out of the graph saves that work and keeps
+    the generator step from touching critic gradients under accumulation. (Under FSDP2 the flag may not reach the
+    unsharded parameters; the loop's zero_grad before the critic step then keeps it harmless, as in the original.)
+    """
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Mean over all elements, or over those where the boolean `mask` (same shape) is True."""
+    return values.mean() if mask is None else values[mask].mean()

@@ -1,0 +1,95 @@
+"""Flow-matching pre-training (SPEC §9), trainer key `diffusion`: a bidirectional teacher (`causal: false`) or a
+causal model with diffusion forcing (`teacher_forcing: false`: each block at its own noise level, block-causal
+attention) or teacher forcing (`teacher_forcing: true`: noisy blocks attend to the clean clip before them).
+
+Timesteps: a grid index per block (per sample for the bidirectional model) uniform in 0..T-1, `t = timesteps[i]`;
+loss = per-frame MSE of the flow prediction against `noise - x0`, weighted by the schedule's `training_weight(t)`.
+
+Fixes of the original, each commented where it happens: timesteps stay float32 (it cast them to bf16, 937.5 -> 936);
+teacher-forcing noise augmentation draws fresh noise (it reused the training noise) and really is small: the clean
+context is noised to grid timesteps below `noise_augmentation_max_timestep` (it indexed the descending grid from the
+noisy end, so "small" augmentation meant t ~ 1000).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from model.attention import BlockCausal
+from trainer.base import Batch, Logs, Models
+from trainer.causvid import per_block_indices
+from trainer.common import data_latents, text_conditions, trainable
+
+
+class Diffusion:
+    has_critic = False
+    name = "diffusion"
+
+    def __init__(self, cfg, models: Models):
+        self.cfg = cfg
+        self.models = models
+        self.block_causal = (BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
+                                         cfg.model_kwargs.local_attn_size) if cfg.causal else None)
+        if cfg.teacher_forcing and not cfg.causal:
+            raise ValueError("teacher_forcing: true needs causal: true (a bidirectional model has no clean context)")
+
+    def _grid_indices(self, b: int, f: int, high: int, device: torch.device) -> Tensor:
+        """Per block for the causal model, per sample for the bidirectional one -> `[B, F]`."""
+        if self.block_causal is None:
+            return torch.randint(0, high, (b, 1), device=device).expand(b, f)
+        return per_block_indices(b, self.block_causal.block_sizes(f), high, device)
+
+    def timesteps(self, b: int, f: int, device: torch.device) -> Tensor:
+        schedule = self.models.generator.schedule
+        index = self._grid_indices(b, f, schedule.num_train_timesteps, device)
+        # Fix: float32 timesteps (the original cast them to bf16, e.g. 937.5 -> 936).
+        return schedule.timesteps.to(device)[index]
+
+    def augmentation_timesteps(self, b: int, f: int, device: torch.device) -> Optional[Tensor]:
+        """Teacher-forcing context noise `[B, F]` (per block), or None without augmentation.
+
+        Fix: drawn among the grid timesteps BELOW `noise_augmentation_max_timestep` (small noise, as intended); the
+        original drew grid indices below it, i.e. the noisiest timesteps of the descending grid."""
+        limit = self.cfg.noise_augmentation_max_timestep
+        if limit <= 0:
+            return None
+        grid = self.models.generator.schedule.timesteps.to(device)
+        low = torch.nonzero(grid < limit).flatten()
+        if low.numel() == 0:
+            return None  # no grid timestep is that small: the context stays clean
+        return grid[low[self._grid_indices(b, f, low.numel(), device)]]
+
+    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
+        cfg = self.cfg
+        x0 = data_latents(batch, "diffusion training")
+        context, _ = text_conditions(self.models, batch)
+        denoiser = self.models.generator
+        schedule = denoiser.schedule
+        b, f = x0.shape[:2]
+        x0 = x0.to(next(denoiser.model.parameters()).device)
+        t = self.timesteps(b, f, x0.device)
+        noise = torch.randn_like(x0)
+        x_t = schedule.add_noise(x0, noise, t)
+        kwargs = {}
+        if self.block_causal is not None:
+            kwargs["block_causal"] = self.block_causal
+        if cfg.teacher_forcing:
+            clean, aug_t = x0, self.augmentation_timesteps(b, f, x0.device)
+            if aug_t is not None:
+                # Fix: fresh noise for the context (the original reused the training noise of the noisy input).
+                clean = schedule.add_noise(x0, torch.randn_like(x0), aug_t)
+            kwargs.update(clean_x=clean, aug_t=aug_t)
+        flow = denoiser.model(x_t, t[:, 0] if denoiser.uniform_timestep else t, context, **kwargs)
+        target = schedule.training_target(x0, noise)
+        per_frame = ((flow.float() - target.float()) ** 2).mean(dim=(2, 3, 4))  # [B, F]
+        weight = schedule.training_weight(t)
+        loss = (per_frame * weight).mean()
+        return loss, {"unweighted_loss": float(per_frame.detach().mean()), "timestep": float(t.mean())}
+
+    def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
+        raise RuntimeError("diffusion training has no critic")
+
+    def trainable_parameters(self) -> dict[str, list[nn.Parameter]]:
+        return {"generator": trainable(self.models.generator.model)}

@@ -1,0 +1,38 @@
+"""Which algorithm a config asks for (SPEC §10.1): `trainer` picks the family, `distribution_loss` the score-
+distillation variant."""
+from __future__ import annotations
+
+from trainer.base import Algorithm, Models
+
+SCORE_DISTILLATION = ("dmd", "sid", "causvid")
+TRAINERS = ("score_distillation", "gan", "ode", "diffusion")
+
+
+def algorithm_class(trainer: str, distribution_loss: str = "dmd") -> type:
+    """The algorithm class for `trainer` (and `distribution_loss` under score_distillation)."""
+    if trainer == "score_distillation":
+        if distribution_loss == "dmd":
+            from trainer.dmd import DMD
+            return DMD
+        if distribution_loss == "sid":
+            from trainer.sid import SiD
+            return SiD
+        if distribution_loss == "causvid":
+            from trainer.causvid import CausVid
+            return CausVid
+        raise ValueError(f"distribution_loss = {distribution_loss!r} is not one of {list(SCORE_DISTILLATION)}")
+    if trainer == "gan":
+        from trainer.gan import GAN
+        return GAN
+    if trainer == "ode":
+        from trainer.ode import ODERegression
+        return ODERegression
+    if trainer == "diffusion":
+        from trainer.diffusion import Diffusion
+        return Diffusion
+    raise ValueError(f"trainer = {trainer!r} is not one of {list(TRAINERS)}")
+
+
+def build_algorithm(cfg, models: Models) -> Algorithm:
+    """The algorithm for `cfg.trainer` / `cfg.distribution_loss`, bound to the models."""
+    return algorithm_class(cfg.trainer, cfg.distribution_loss)(cfg, models)

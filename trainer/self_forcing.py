@@ -1,0 +1,195 @@
+"""The self-forcing generator rollout used by the DMD, SiD and GAN losses (SPEC §5.1-5.3).
+
+`SelfForcingRollout` is the original `_run_generator` on top of the one rollout (`pipeline.rollout.rollout`):
+draw the number of blocks and the exit steps (from a generator shared by all ranks), draw fresh per-rank noise, run
+the few-step block-wise rollout with stochastic gradient truncation, keep the loss window (the last
+`image_or_video_shape[1]` frames, re-encoding the frame before it through the codec when more were generated) and
+build the gradient mask.
+
+KV-cache gradients (SPEC §5.3), `kv_cache_grad`:
+  * "paper" (default): the cache is written without autograd history (the paper's Algorithm 1). The exit-step
+    forward of a block attends to the detached past K/V concatenated with its own K/V, which keep their graph.
+  * "original": the cache keeps the autograd history of in-place writes, as the reference does, so a block's loss
+    also reaches the K/V projections of earlier blocks' exit steps (whose values were overwritten by the no-grad
+    context pass). Forward values are identical; gradients differ (mostly in `self_attn.k/v`). Backward through
+    in-place-overwritten cache slots only works with gradient checkpointing (the layer is recomputed with the cache
+    contents it saw), so this mode switches the generator's checkpointing on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from pipeline.denoiser import Denoiser
+from pipeline.rollout import GradientPolicy, block_layout, rollout
+from pipeline.schedule import FlowMatchSchedule
+
+
+def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True) -> list[float]:
+    """The denoising timesteps the generator runs: `denoising_step_list`, warped onto the generator's shifted grid
+    if `warp_denoising_step` (SPEC §2.1). The training rollout drops a trailing 0 (a call at t=0 would be wasted)."""
+    steps = [float(s) for s in cfg.denoising_step_list]
+    if cfg.warp_denoising_step:
+        steps = [float(s) for s in schedule.warp(cfg.denoising_step_list).tolist()]
+    if drop_final_zero and len(steps) > 1 and steps[-1] == 0:
+        steps = steps[:-1]
+    return steps
+
+
+@dataclass
+class RolloutPlan:
+    """The random choices of one rollout that every rank must share."""
+
+    num_blocks: int  # generated blocks (after the independent first frame, if any)
+    exit_steps: list[int]  # denoising step index at which each generated block exits
+
+
+@dataclass
+class GeneratorOutput:
+    latents: Tensor  # [B, W, C, H, W] the loss window (W = image_or_video_shape[1])
+    gradient_mask: Optional[Tensor]  # bool [B, W, C, H, W]: False on frames excluded from the loss; None = all
+    denoised_timestep_from: Optional[int]  # exit step's range on the un-warped 0..T scale (None if per block)
+    denoised_timestep_to: Optional[int]
+    plan: Optional[RolloutPlan] = None
+    num_frames: int = 0  # frames generated in total (initial latent included)
+
+
+class SelfForcingRollout:
+    """`rollout(context, generator=...) -> GeneratorOutput` for a batch of prompt embeddings `[B, L, text_dim]`.
+
+    generator: a `torch.Generator` that is IDENTICAL on every rank (number of blocks, exit steps); by default the
+    object's own `shared_generator`, seeded with `cfg.seed` (`seed()` re-seeds it, `get_state()`/`set_state()`
+    save and restore it for exact resume). Noise comes from the default (per-rank) RNG.
+    codec: latent codec for the window rule when more than the window was generated (`num_training_frames` larger
+    than `image_or_video_shape[1]`).
+    cache_dtype: dtype of the KV cache and the noise; default bf16 with `mixed_precision` on CUDA, else the
+    generator's parameter dtype.
+    """
+
+    def __init__(self, cfg, generator: Denoiser, codec: Any = None, cache_dtype: Optional[torch.dtype] = None):
+        self.cfg = cfg
+        self.generator = generator
+        self.codec = codec
+        self.cache_dtype = cache_dtype
+        self.steps = rollout_steps(cfg, generator.schedule)
+        if cfg.kv_cache_grad not in ("paper", "original"):
+            raise ValueError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.kv_cache_grad!r}")
+        shape = list(cfg.image_or_video_shape)
+        if len(shape) != 5:
+            raise ValueError(f"image_or_video_shape must be [B, F, C, H, W], got {shape}")
+        self.window = int(shape[1])
+        self.latent_shape = tuple(int(s) for s in shape[2:])
+        nfpb, first = cfg.num_frame_per_block, int(cfg.independent_first_frame)
+        # The original's hard-coded 21 (loss window) and num_training_frames (longest rollout), generalised: the
+        # rollout generates between `window` and `num_training_frames` frames, in whole blocks.
+        self.min_frames, self.max_frames = self.window - first, cfg.num_training_frames - first
+        for key, frames in (("image_or_video_shape[1]", self.min_frames), ("num_training_frames", self.max_frames)):
+            if frames < nfpb or frames % nfpb:
+                raise ValueError(f"{key}: {frames + first} latent frames cannot be split into blocks of "
+                                 f"num_frame_per_block={nfpb}" + (" after an independent first frame" if first else ""))
+        if self.max_frames < self.min_frames:
+            raise ValueError(f"num_training_frames ({cfg.num_training_frames}) must be at least the loss window "
+                             f"image_or_video_shape[1] ({self.window})")
+        self.shared_generator = torch.Generator(device="cpu")
+        self.seed(cfg.seed)
+
+    # ------------------------------------------------------------------------------------------ shared RNG
+    def seed(self, seed: int) -> None:
+        self.shared_generator.manual_seed(int(seed))
+
+    def get_state(self) -> Tensor:
+        return self.shared_generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        self.shared_generator.set_state(state)
+
+    def sample_plan(self, generator: Optional[torch.Generator] = None) -> RolloutPlan:
+        """Number of blocks ~ U{min, max} and one exit step per block ~ U{0..K-1} (K-1 if `last_step_only`)."""
+        g = generator or self.shared_generator
+        nfpb = self.cfg.num_frame_per_block
+        lo, hi = self.min_frames // nfpb, self.max_frames // nfpb
+        num_blocks = int(torch.randint(lo, hi + 1, (1,), generator=g).item())
+        total_blocks = num_blocks + int(self.cfg.independent_first_frame)
+        exits = torch.randint(0, len(self.steps), (total_blocks,), generator=g).tolist()
+        if self.cfg.last_step_only:
+            exits = [len(self.steps) - 1] * total_blocks
+        if self.cfg.same_step_across_blocks:
+            exits = [exits[0]] * total_blocks
+        return RolloutPlan(num_blocks=num_blocks, exit_steps=exits)
+
+    # ------------------------------------------------------------------------------------------ the rollout
+    def __call__(self, context: Tensor, *, generator: Optional[torch.Generator] = None,
+                 initial_latent: Optional[Tensor] = None, plan: Optional[RolloutPlan] = None) -> GeneratorOutput:
+        """context `[B, L, text_dim]`; initial_latent `[B, 1, C, H, W]` (image-to-video) or None."""
+        cfg, denoiser = self.cfg, self.generator
+        model = denoiser.model
+        plan = plan or self.sample_plan(generator)
+        batch = context.shape[0]
+        device = next(model.parameters()).device
+        dtype = self._dtype(model, device)
+        nfpb = cfg.num_frame_per_block
+        # An independent first frame is generated unless it is given (i2v), as the original.
+        first = int(cfg.independent_first_frame and initial_latent is None)
+        noise_frames = plan.num_blocks * nfpb + first
+        given = 0 if initial_latent is None else initial_latent.shape[1]
+        total = given + noise_frames
+        blocks = len(block_layout(noise_frames, nfpb, bool(first)))
+        if len(plan.exit_steps) < blocks:
+            raise ValueError(f"rollout plan has {len(plan.exit_steps)} exit steps for {blocks} blocks")
+        exit_steps = list(plan.exit_steps[:blocks])
+
+        if cfg.kv_cache_grad == "original" and not model.gradient_checkpointing:
+            model.set_gradient_checkpointing(True)  # see the module docstring: required to backward through the leak
+        kwargs = cfg.model_kwargs
+        window = kwargs.local_attn_size if 0 < kwargs.local_attn_size < total else -1
+        cache = model.new_kv_cache(batch, *self.latent_shape[1:], capacity_frames=total, window_frames=window,
+                                   sink_frames=kwargs.sink_size if window != -1 else 0, rope=kwargs.rope,
+                                   detach_writes=cfg.kv_cache_grad == "paper", dtype=dtype, device=device)
+        noise = torch.randn(batch, noise_frames, *self.latent_shape, device=device, dtype=dtype)
+        policy = GradientPolicy(exit_steps=exit_steps, grad_from_frame=max(0, total - self.window))
+        # renoise_context: the training rollout re-noises each block to `context_noise` before the cache pass
+        # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
+        # block's cache pass is skipped: nothing reads it.
+        result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
+                         independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
+                         context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
+                         policy=policy)
+        latents = self._loss_window(result.latents)
+
+        mask = None
+        if plan.num_blocks * nfpb != self.min_frames:
+            # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
+            # block's frames of the window (the first frame with an independent first frame) out of the loss.
+            mask = torch.ones_like(latents, dtype=torch.bool)
+            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
+        t_from = t_to = None
+        if cfg.same_step_across_blocks:
+            t_from, t_to = denoiser.schedule.exit_step_range(self.steps, exit_steps[0])
+        return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=total)
+
+    def _dtype(self, model, device: torch.device) -> torch.dtype:
+        if self.cache_dtype is not None:
+            return self.cache_dtype
+        if self.cfg.mixed_precision and device.type == "cuda":
+            # Under FSDP mixed precision the stored parameters stay fp32 while K/V are computed in bf16; the cache
+            # (and the noise, bf16 as in the original) must match the compute dtype.
+            return torch.bfloat16
+        return next(model.parameters()).dtype
+
+    def _loss_window(self, latents: Tensor) -> Tensor:
+        """The last `window` frames; when more were generated, the first of them is the last pixel frame of the
+        earlier latents re-encoded as an image latent (the original's last-21-frames rule)."""
+        if latents.shape[1] <= self.window:
+            return latents
+        if self.codec is None:
+            raise NotImplementedError(
+                f"the rollout generated {latents.shape[1]} frames for a loss window of {self.window}: the window "
+                "rule re-encodes a decoded frame and needs a latent codec (Models.codec)")
+        keep = self.window - 1
+        with torch.no_grad():
+            pixels = self.codec.decode_to_pixel(latents[:, :-keep])  # [B, T, 3, H, W]
+            image = self.codec.encode_to_latent(pixels[:, -1:].transpose(1, 2))  # [B, 1, C, h, w]
+        return torch.cat([image.to(latents.dtype), latents[:, -keep:]], dim=1)
