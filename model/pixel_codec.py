@@ -6,7 +6,6 @@ which is what the flow-matching schedule expects of latents.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

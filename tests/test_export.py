@@ -1,7 +1,6 @@
 """Hub export round trips on tiny models: checkpoint -> export -> load -> same outputs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import UMT5Config, UMT5EncoderModel
+from transformers import UMT5EncoderModel
 
 from model.text_encoder import (
     TextEncoder,

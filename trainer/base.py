@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from pipeline.denoiser import Denoiser

@@ -3,8 +3,7 @@ guidance on x0 predictions, data latents from a batch, and parameter bookkeeping
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -81,25 +80,6 @@ def guidance_scales(cfg) -> tuple[float, float]:
     if cfg.real_guidance_scale is not None:
         return float(cfg.real_guidance_scale), float(cfg.fake_guidance_scale or 0.0)
     return float(cfg.guidance_scale), 0.0
-
-
-@contextmanager
-def no_param_grads(*modules: Optional[nn.Module]) -> Iterator[None]:
-    """Build the graph without these modules' parameters (gradients still flow THROUGH their activations).
-
-    SiD and the GAN generator loss differentiate through the critic; the original let critic parameters collect
-    gradients there and zeroed them before the critic step. Leaving them out of the graph saves that work and keeps
-    the generator step from touching critic gradients under accumulation. (Under FSDP2 the flag may not reach the
-    unsharded parameters; the loop's zero_grad before the critic step then keeps it harmless, as in the original.)
-    """
-    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -17,7 +17,6 @@ unpacked correctly; R2 is 0 (not a NameError) when `r2_weight == 0`; the per-ran
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from model.gan_heads import GanHeads
 from trainer.base import Batch, Logs, Models
-from trainer.common import data_latents, no_param_grads, require, score_timesteps, text_conditions, trainable
+from trainer.common import data_latents, require, score_timesteps, text_conditions, trainable
 from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
 
 WARMUP_BETAS = (0.9, 0.999)  # the original's critic AdamW betas during discriminator warm-up
@@ -117,8 +116,8 @@ class GAN:
         schedule = self.models.generator.schedule
         fake_t = schedule.add_noise(x, torch.randn_like(x), t)
         real_t = schedule.add_noise(real, torch.randn_like(real), t)
-        with no_param_grads(self.models.critic.model, self.heads):
-            fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
+        # Critic parameters collect gradients here too; the loop clears a role's gradients before its own update.
+        fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
         loss = self.cfg.gan_g_weight * generator_gan_loss(fake_logits, real_logits, self.cfg.relativistic_discriminator)
         return loss, {"fake_logit": float(fake_logits.detach().mean()), "real_logit": float(real_logits.detach().mean())}
 
@@ -134,9 +133,8 @@ class GAN:
         noise = torch.randn_like(x)
         schedule = self.models.generator.schedule
         fake_t, real_t = schedule.add_noise(x, noise, t), schedule.add_noise(real, noise, t)
-        # During warm-up the trunk is out of the graph: only the heads train (and need gradients).
-        with no_param_grads(self.models.critic.model) if self.in_warmup(step) else nullcontext():
-            fake_logits, real_logits, r1, r2 = self._discriminator_terms(fake_t, real_t, t, context)
+        # During warm-up only the heads are in the optimizer (critic_param_groups); trunk gradients are cleared.
+        fake_logits, real_logits, r1, r2 = self._discriminator_terms(fake_t, real_t, t, context)
         loss = cfg.gan_d_weight * discriminator_gan_loss(fake_logits, real_logits, cfg.relativistic_discriminator)
         total = (loss + 0.5 * (r1 + r2)) * cfg.loss_scale
         real_logits, fake_logits, r1, r2 = (v.detach() for v in (real_logits, fake_logits, r1, r2))

@@ -2,6 +2,8 @@
 distillation variant."""
 from __future__ import annotations
 
+import inspect
+
 from trainer.base import Algorithm, Models
 
 SCORE_DISTILLATION = ("dmd", "sid", "causvid")
@@ -35,4 +37,8 @@ def algorithm_class(trainer: str, distribution_loss: str = "dmd") -> type:
 
 def build_algorithm(cfg, models: Models) -> Algorithm:
     """The algorithm for `cfg.trainer` / `cfg.distribution_loss`, bound to the models."""
-    return algorithm_class(cfg.trainer, cfg.distribution_loss)(cfg, models)
+    cls = algorithm_class(cfg.trainer, cfg.distribution_loss)
+    if "cache_dtype" in inspect.signature(cls).parameters:
+        # Under FSDP mixed precision the stored parameters stay fp32 while K/V are computed in bf16.
+        return cls(cfg, models, cache_dtype=models.extra.get("compute_dtype"))
+    return cls(cfg, models)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from trainer.base import Batch, Logs, Models
-from trainer.common import guided_x0, masked_mean, no_param_grads, text_conditions
+from trainer.common import guided_x0, masked_mean, text_conditions
 from trainer.dmd import DMD
 
 
@@ -54,8 +54,8 @@ class SiD(DMD):
         t = self.score_t(x, sample)
         # x_t depends on x (not under no_grad): SiD's gradient passes through both score networks into x.
         x_t = self.models.generator.schedule.add_noise(x, torch.randn_like(x), t)
-        with no_param_grads(self.models.critic.model):
-            fake = guided_x0(self.models.critic, x_t, t, context, negative, self.fake_guidance_scale)
+        # Critic parameters collect gradients here too; the loop clears a role's gradients before its own update.
+        fake = guided_x0(self.models.critic, x_t, t, context, negative, self.fake_guidance_scale)
         real = guided_x0(self.models.teacher, x_t, t, context, negative, self.real_guidance_scale)
         loss, direction = sid_loss(x, fake, real, self.alpha, sample.gradient_mask)
         return loss, {"dmdtrain_gradient_norm": float(direction.abs().mean()), "score_timestep": float(t.mean())}

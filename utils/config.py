@@ -126,6 +126,7 @@ class Config:
     load_raw_video: bool = False
     seed: int = 0
     log_iters: int = 50
+    keep_checkpoints: int = 3  # newest checkpoints kept in the logdir (0: all)
     log_every: int = 1
     sample_every: int = 0
     gc_interval: int = 100

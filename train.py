@@ -1,0 +1,170 @@
+"""Train a Self Forcing generator (or its ODE / diffusion / GAN variants) from a recipe.
+
+    python train.py --config_path configs/self_forcing_dmd.yaml --logdir logs/dmd
+    torchrun --nproc_per_node 8 train.py --config_path configs/self_forcing_dmd.yaml --logdir logs/dmd --resume
+
+Flow: config (YAML merged onto configs/default_config.yaml, then key=value overrides) -> `build_models` (Wan
+folders under model_root) -> `parallelize_models` (device, FSDP2) -> `build_algorithm` (trainer /
+distribution_loss) -> `Trainer.train()`. `main(argv, models=..., data=..., algorithm_factory=...)` lets tests and
+the shapes world inject their own networks and data.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+EPILOG = """\
+overrides:
+  Trailing key=value pairs override any config key (nested with dots), e.g.
+    lr=1e-6 max_steps=100 model_kwargs.local_attn_size=12 disable_wandb=true
+  Unknown keys are errors; configs/default_config.yaml documents every key.
+
+outputs (in --logdir):
+  metrics.jsonl                      one JSON line of scalars per logged step
+  checkpoint_model_XXXXXX/           every log_iters steps and at the end (newest keep_checkpoints kept):
+    generator.safetensors, generator_ema.safetensors, critic.safetensors   original Wan keys, loadable by
+                                     inference.py / utils.checkpoint.load_dit_state_dict
+    training_state.pt, config.yaml, config.json                              what --resume needs
+  wandb/                             offline wandb run (sync with `wandb sync`) unless --disable-wandb;
+                                     online when wandb_key or wandb_host is set
+
+distributed:
+  Single process: python train.py ...   Several GPUs / nodes: torchrun ... train.py ... (NCCL; gloo on CPU).
+  Global batch = batch_size x GPUs x accumulation; set total_batch_size to accumulate.
+"""
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, NotADirectoryError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_path", required=True, help="recipe YAML (merged onto configs/default_config.yaml)")
+    p.add_argument("--logdir", default=None,
+                   help="where checkpoints, metrics and wandb files go (default: logs/<config name>)")
+    p.add_argument("--no_save", action="store_true", help="write no checkpoints")
+    p.add_argument("--no_visualize", action="store_true", help="draw no sample videos (and load no VAE for them)")
+    p.add_argument("--wandb-save-dir", dest="wandb_save_dir", default=None,
+                   help="folder for wandb's files (default: the logdir)")
+    p.add_argument("--disable-wandb", dest="disable_wandb", action="store_true", help="no wandb at all")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue exactly from the newest checkpoint in the logdir (starts fresh if there is none),"
+                        " or from PATH (a checkpoint_model_XXXXXX folder, or a logdir). Write --resume=PATH or put"
+                        " key=value overrides before --resume")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # `--resume key=value` would swallow the override as a path.
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        parser.error(f"expected key=value overrides, got {bad}")
+    return args
+
+
+def load_run_config(args: argparse.Namespace):
+    """The validated Config with the command-line flags applied (as the original's train.py sets them)."""
+    from utils.config import load_config
+
+    cfg = load_config(args.config_path, args.overrides)
+    cfg.logdir = args.logdir or cfg.logdir or str(Path("logs") / (cfg.config_name or "run"))
+    cfg.no_save = args.no_save or cfg.no_save
+    cfg.no_visualize = args.no_visualize or cfg.no_visualize
+    cfg.disable_wandb = args.disable_wandb or cfg.disable_wandb
+    cfg.wandb_save_dir = args.wandb_save_dir or cfg.wandb_save_dir or cfg.logdir
+    return cfg
+
+
+def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorithm_factory: Any):
+    from trainer.loop import Trainer
+    from utils.builders import build_models, prepare_injected_models
+    from utils.data import build_data
+    from utils.distributed import parallelize_models, resolve_seed, seed_everything
+    from utils.logging import RunLogger, wandb_mode
+    from utils.train_state import list_checkpoints, resolve_resume
+
+    cfg = load_run_config(args)
+    resume = resolve_resume(args.resume, cfg.logdir)
+    existing = list_checkpoints(cfg.logdir)
+    if resume is None and existing and not cfg.no_save:
+        # A fresh run would interleave its checkpoints with the old ones, and a later --resume would pick the newest.
+        raise ValueError(f"logdir {cfg.logdir} already holds {existing[-1][1].name}; pass --resume to continue "
+                         f"from it, or choose another --logdir")
+    seed = resolve_seed(cfg.seed)
+    # Identical on every rank: FSDP2 shards whatever each rank initialised (e.g. GAN heads) without syncing it.
+    # The Trainer then re-seeds each rank with seed + rank for the per-rank noise.
+    seed_everything(seed)
+    if models is None:
+        models = build_models(cfg)
+    elif callable(models):
+        models = models(cfg)
+    models = prepare_injected_models(models, cfg)
+    parallelize_models(models, cfg, dist_state)
+    if algorithm_factory is None:
+        from trainer.registry import build_algorithm as algorithm_factory
+    algorithm = algorithm_factory(cfg, models)
+    parallelize_models(models, cfg, dist_state)  # modules the algorithm added (GAN heads)
+    if data is None:
+        data = build_data(cfg, dist_state.rank, dist_state.world_size, seed)
+    elif callable(data) and not hasattr(data, "__next__"):
+        data = data(cfg, dist_state.rank, dist_state.world_size, seed)
+    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logdir, seed=seed)
+    if resume is not None:
+        trainer.resume(resume)
+    import dataclasses
+    trainer.logger = RunLogger(cfg.logdir, rank=dist_state.rank, config=dataclasses.asdict(cfg),
+                               wandb_mode=wandb_mode(cfg), wandb_dir=cfg.wandb_save_dir, run_name=cfg.config_name,
+                               wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
+                               wandb_host=cfg.wandb_host, wandb_key=cfg.wandb_key, total_steps=cfg.max_steps,
+                               initial_step=trainer.step)
+    return trainer
+
+
+def main(argv: Optional[Sequence[str]] = None, *, models: Any = None, data: Any = None,
+         algorithm_factory: Optional[Callable[[Any, Any], Any]] = None):
+    """Run training; returns the finished `Trainer`.
+
+    models: a `Models` bundle or `cfg -> Models` (default: real Wan components from cfg.model_root).
+    data: a batch iterator or `(cfg, rank, world_size, seed) -> iterator` (default: `utils.data.build_data`).
+    algorithm_factory: `(cfg, models) -> Algorithm` (default: `trainer.registry.build_algorithm`).
+    Bad user input (config, paths, shapes) ends the process with a one-line error and exit status 2.
+    """
+    args = parse_args(argv)
+    from trainer.loop import NonFiniteLossError
+    from utils.distributed import cleanup_distributed, init_distributed
+
+    dist_state = init_distributed()
+    try:
+        try:
+            trainer = _setup(args, dist_state, models, data, algorithm_factory)
+        except _USER_ERRORS as err:
+            _fail(err, 2)
+        try:
+            trainer.train()
+        except NonFiniteLossError as err:
+            _fail(err, 1)
+        return trainer
+    finally:
+        cleanup_distributed(dist_state)
+
+
+def _fail(err: BaseException, status: int) -> None:
+    from utils.config import ConfigError
+
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, ConfigError):  # omegaconf appends "full_key: ... object_type=..." lines; the first says it all
+        message = message.splitlines()[0]
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+if __name__ == "__main__":
+    main()

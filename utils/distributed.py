@@ -1,0 +1,381 @@
+"""Process groups, seeds, FSDP2 sharding and the collectives the training loop needs.
+
+Parallelism is applied from outside (the torchtitan way): `model/` never imports torch.distributed; this file wraps
+the networks of a `Models` bundle with `fully_shard` (one unit per transformer block, then the root), gathers full
+state dicts for checkpoints and loads them back into sharded modules. Every helper also works in a single process
+without a process group (plain modules, no collectives), so tests and small runs need no torchrun.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+try:  # DTensor is what FSDP2 turns parameters into; absent only on builds without distributed support
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment]
+
+_SEED_RANGE = 10_000_000  # the original draws seeds in [0, 1e7)
+
+
+@dataclass
+class DistState:
+    """Where this process sits. `owns_group`: the group was created here and `cleanup` destroys it."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        """True when models are wrapped with FSDP2 (a process group exists)."""
+        return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> DistState:
+    """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, or run alone.
+
+    NCCL on CUDA, gloo on CPU. Without torchrun variables: one process; on CUDA a process group of one is still
+    created (in-memory store) so that FSDP2's bf16 parameter policy applies exactly as in multi-GPU runs.
+    `device`: "cpu" forces CPU even when CUDA is present; None picks CUDA when available.
+    """
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    backend = "nccl" if use_cuda else "gloo"
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return _state(rank, local_rank, world, use_cuda, dist.get_backend(), owns=False)
+    env_world = os.environ.get("WORLD_SIZE")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if env_world is not None and int(env_world) > 1:
+        rank, world = int(os.environ["RANK"]), int(env_world)
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        # env:// reads MASTER_ADDR/MASTER_PORT itself (IPv6 addresses included).
+        device_id = torch.device("cuda", local_rank) if use_cuda else None
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
+                                device_id=device_id)
+        if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
+            # CPU ranks on one host share its cores; oversubscribed threads make gloo runs ~10x slower.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        return _state(rank, local_rank, world, use_cuda, backend, owns=True)
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=torch.device("cuda", local_rank))
+        return _state(0, local_rank, 1, True, backend, owns=True)
+    return DistState()
+
+
+def _state(rank: int, local_rank: int, world: int, use_cuda: bool, backend: str, owns: bool) -> DistState:
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as the original launcher
+        torch.backends.cudnn.allow_tf32 = True
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistState(rank, local_rank, world, local_world, device, backend, owns)
+
+
+def cleanup_distributed(state: DistState) -> None:
+    """Barrier, then destroy the group we created (gloo teardown can abort while a peer is still sending)."""
+    if state.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ collectives
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` of rank `src` on every rank (pickled; for small choices such as seeds and exit steps)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is true on at least one (so all ranks skip a bad step together)."""
+    if not _active():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device or _collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(logs: dict[str, float]) -> dict[str, float]:
+    """Average scalar logs over ranks (keys missing on a rank are averaged over the ranks that have them)."""
+    gathered = all_gather_object(logs)
+    keys = sorted({k for d in gathered for k in d})
+    return {k: float(np.mean([d[k] for d in gathered if k in d])) for k in keys}
+
+
+def _collective_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ seeds
+
+def resolve_seed(seed: int) -> int:
+    """`seed`, or (seed == 0, the shipped value) a random seed drawn on rank 0 and broadcast to every rank."""
+    if seed == 0:
+        seed = random.SystemRandom().randrange(1, _SEED_RANGE)
+    return int(broadcast_object(seed))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain containers (storable with torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------- FSDP2
+
+def _mesh(state: DistState, strategy: str):
+    """1-D mesh for full sharding; (replicate, shard) for the hybrid strategies and no_shard (FSDP2's HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = state.device.type
+    world, local = state.world_size, max(1, min(state.local_world_size, state.world_size))
+    if strategy == "no_shard":
+        return init_device_mesh(kind, (world, 1), mesh_dim_names=("replicate", "shard"))
+    if strategy in ("hybrid_full", "hybrid_zero2") and world % local == 0 and world > local:
+        return init_device_mesh(kind, (world // local, local), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(kind, (world,), mesh_dim_names=("shard",))
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a DiT (`module.blocks`), looking through adapters that wrap it."""
+    blocks = getattr(module, "blocks", None)
+    if blocks is None and hasattr(module, "get_base_model"):
+        blocks = getattr(module.get_base_model(), "blocks", None)
+    return list(blocks) if blocks is not None else []
+
+
+def _fsdp_kwargs(state: DistState, mixed_precision: bool, strategy: str, cpu_offload: bool, mesh) -> dict[str, Any]:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    kwargs: dict[str, Any] = {"mesh": mesh if mesh is not None else _mesh(state, strategy),
+                              "reshard_after_forward": strategy != "hybrid_zero2"}
+    if mixed_precision and state.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False)
+    else:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(cast_forward_inputs=False)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    return kwargs
+
+
+def shard_module(module: nn.Module, state: DistState, *, mixed_precision: bool, strategy: str = "full",
+                 cpu_offload: bool = False, mesh=None) -> nn.Module:
+    """`fully_shard` each transformer block, then the root (in place; parameters become DTensors).
+
+    bf16 parameters with fp32 gradient reduction when `mixed_precision` on CUDA (fp32 on CPU/gloo, which has no
+    bf16 reductions). Forward inputs are never cast: timesteps must reach the sinusoid in full precision.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = _fsdp_kwargs(state, mixed_precision, strategy, cpu_offload, mesh)
+    if not cpu_offload and state.device.type == "cuda":
+        module.to(state.device)
+    for block in transformer_blocks(module):
+        fully_shard(block, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
+    """Move the networks of a `Models` bundle to the device and shard them when a process group exists.
+
+    Generator and critic train (activation checkpointing per `cfg.gradient_checkpointing`); the teacher is frozen
+    and sharded too; SiD back-propagates through the teacher, so it is checkpointed as well. GAN heads are one unit.
+    The text encoder and codec stay whole (frozen, used under no_grad); with text_encoder_cpu_offload the encoder
+    stays on the CPU. Idempotent: call it again after the algorithm added modules (e.g. GAN heads).
+    """
+    ckpt = bool(cfg.gradient_checkpointing)
+    roles = {"generator": ckpt, "critic": ckpt, "teacher": ckpt and cfg.distribution_loss == "sid"}
+    mesh = _mesh(state, cfg.sharding_strategy) if state.sharded else None
+    for role, checkpointing in roles.items():
+        denoiser = getattr(models, role)
+        if denoiser is None or _is_sharded(denoiser.model):
+            continue
+        net = denoiser.model
+        if hasattr(net, "set_gradient_checkpointing"):
+            net.set_gradient_checkpointing(checkpointing)
+        if state.sharded:
+            shard_module(net, state, mixed_precision=cfg.mixed_precision, strategy=cfg.sharding_strategy,
+                         cpu_offload=cfg.cpu_offload, mesh=mesh)
+        else:
+            net.to(state.device)
+    heads = models.discriminator_heads
+    if heads is not None and not _is_sharded(heads):
+        heads.to(state.device)
+        if state.sharded:  # one unit, with the critic's precision policy (its inputs are the critic's activations)
+            from torch.distributed.fsdp import fully_shard
+            fully_shard(heads, **_fsdp_kwargs(state, cfg.mixed_precision, cfg.sharding_strategy, cfg.cpu_offload,
+                                              mesh))
+    # What the networks compute in: algorithms size KV caches and noise with it (the sharded fp32 master
+    # parameters they can see outside forward would say float32).
+    bf16 = cfg.mixed_precision and state.device.type == "cuda" and state.sharded
+    models.extra["compute_dtype"] = torch.bfloat16 if bf16 else torch.float32
+    if hasattr(models.text, "place"):
+        models.text.place(state.device, keep_on_cpu=cfg.text_encoder_cpu_offload)
+    if isinstance(models.codec, nn.Module):
+        models.codec.to(state.device)
+    return models
+
+
+# ------------------------------------------------------------------------------------------- tensors and grads
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The shard this rank holds (the tensor itself when not a DTensor)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor on every rank (a collective for DTensors)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm over all ranks' shards to `max_norm`; returns the norm BEFORE clipping.
+
+    Non-finite norms are returned without touching the gradients (the loop then skips the step).
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return 0.0
+    total = torch.nn.utils.get_total_norm([p.grad for p in with_grad], norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    norm = float(total)
+    if np.isfinite(norm) and max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, total)
+    return norm
+
+
+def all_finite(params: Iterable[Tensor]) -> bool:
+    """True when every element of every (local shard of a) tensor is finite, on every rank."""
+    local = [bool(torch.isfinite(local_tensor(p.detach())).all()) for p in params]
+    return not any_rank(not all(local))
+
+
+# ------------------------------------------------------------------------------------ full state dicts (I/O)
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(**kw)
+
+
+def full_model_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The unsharded state dict on rank 0's CPU (empty on other ranks); a collective when sharded."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if not dist.is_initialized():
+        return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    return get_model_state_dict(module, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(module: nn.Module, sd: dict[str, Tensor], strict: bool = True) -> None:
+    """Load a full state dict (needed on rank 0 only) into a possibly sharded module."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    if not dist.is_initialized():
+        module.load_state_dict(sd, strict=strict)
+        return
+    set_model_state_dict(module, sd, options=_options(full_state_dict=True, broadcast_from_rank0=True,
+                                                      strict=strict))
+
+
+def full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state keyed by parameter names, unsharded, on rank 0's CPU (a collective when sharded).
+
+    Name-keyed full state loads into any world size, so a run can resume on a different number of GPUs.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer,
+                                   osd: dict[str, Any]) -> None:
+    """Parameters without saved state never received a gradient (e.g. a critic's unused flow head under GAN): they
+    start fresh, as they would have. State for names the module does not have is an error."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = {name for name, _ in module.named_parameters()}
+    unknown = sorted(set(osd.get("state", {})) - names)
+    if unknown:
+        raise KeyError(f"optimizer state names {len(unknown)} parameter(s) the model does not have, e.g. "
+                       f"{unknown[:5]}")
+    opts = _options(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
+    set_optimizer_state_dict(module, optimizer, osd, options=opts)
