@@ -1,0 +1,278 @@
+"""The shapes world: attributes, the held-out split, the scene sampler and the batched renderer.
+
+A scene is a background colour and one or two shapes; each shape has a kind, a colour, a size, a direction and a speed
+(the attributes a prompt names) plus a start position (not named; drawn from a `torch.Generator`). Shapes move in a
+straight line and bounce off the walls (position and velocity reflected at the borders), so a video of any length is
+defined and any frame can be rendered on its own.
+
+Geometry is relative to the shorter frame side `min(H, W)` (`REFERENCE_SIDE` = 64 px gives the numbers in comments),
+so the same scene renders at any resolution. Pixel `i` covers `[i, i + 1)`; positions are shape centres in pixels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# Corners of the RGB cube pulled in to 0.1/0.9: any two colours differ by >= 0.8 in some channel, so the nearest
+# palette colour survives blur and noise, and values stay off the [-1, 1] clamp of the pixel codec.
+PALETTE: dict[str, tuple[float, float, float]] = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.9, 0.1),
+    "blue": (0.1, 0.1, 0.9),
+    "yellow": (0.9, 0.9, 0.1),
+    "cyan": (0.1, 0.9, 0.9),
+    "magenta": (0.9, 0.1, 0.9),
+    "white": (0.9, 0.9, 0.9),
+    "black": (0.1, 0.1, 0.1),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Side of the shape's bounding box as a fraction of min(H, W): 12 and 20 px at 64 (3 and 5 latent cells of 4 px).
+SIZES: dict[str, float] = {"small": 12 / 64, "large": 20 / 64}
+# Speed along the direction, fraction of min(H, W) per frame: 1 and 2 px/frame at 64 (16 and 32 px/s at 16 fps).
+SPEEDS: dict[str, float] = {"slow": 1 / 64, "fast": 2 / 64}
+# Image axes: x to the right, y DOWN, so "up" is -y.
+DIRECTIONS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+    "up_left": (-1, -1), "up_right": (1, -1), "down_left": (-1, 1), "down_right": (1, 1),
+}
+REFERENCE_SIDE = 64
+# A shape starts at least this fraction of its free range away from the walls it heads to, so the first frames show
+# the prompt's direction before any bounce (>= 7 frames at 64 px for the fastest diagonal).
+START_MARGIN = 0.25
+# Two shapes stay apart for this many frames, so both show their colour, shape and direction unoccluded first.
+SEPARATE_FRAMES = 8
+SPLITS = ("train", "heldout", "all")
+
+# Attribute combinations never sampled in the train split (a scene is held out if ANY of its shapes has one).
+HELDOUT_SHAPE_COLOUR: frozenset[tuple[str, str]] = frozenset(
+    {("circle", "green"), ("square", "magenta"), ("triangle", "yellow")})
+HELDOUT_COLOUR_BACKGROUND: frozenset[tuple[str, str]] = frozenset(
+    {("red", "white"), ("blue", "black"), ("cyan", "magenta")})
+HELDOUT_SHAPE_DIRECTION: frozenset[tuple[str, str]] = frozenset({("square", "up_left"), ("triangle", "down")})
+
+
+def _check(name: str, value: str, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One moving shape. `start` = (x, y) start position as a fraction in [0, 1] of the range the centre can take."""
+
+    shape: str
+    colour: str
+    size: str
+    direction: str
+    speed: str
+    start: tuple[float, float] = (0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        _check("shape", self.shape, SHAPES)
+        _check("colour", self.colour, COLOURS)
+        _check("size", self.size, tuple(SIZES))
+        _check("direction", self.direction, tuple(DIRECTIONS))
+        _check("speed", self.speed, tuple(SPEEDS))
+        if len(self.start) != 2 or not all(0.0 <= float(u) <= 1.0 for u in self.start):
+            raise ValueError(f"start must be (x, y) fractions in [0, 1], got {self.start!r}")
+
+    def unit_velocity(self) -> tuple[float, float]:
+        """Direction of motion scaled to length 1 (x, y), y pointing down."""
+        dx, dy = DIRECTIONS[self.direction]
+        norm = math.hypot(dx, dy)
+        return dx / norm, dy / norm
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """A background and 1..2 shapes (distinct colours, none equal to the background); later shapes are drawn on top."""
+
+    background: str
+    shapes: tuple[ShapeSpec, ...]
+
+    def __post_init__(self) -> None:
+        _check("background", self.background, COLOURS)
+        if isinstance(self.shapes, list):
+            object.__setattr__(self, "shapes", tuple(self.shapes))
+        if (not isinstance(self.shapes, tuple) or not 1 <= len(self.shapes) <= 2
+                or not all(isinstance(s, ShapeSpec) for s in self.shapes)):
+            raise ValueError(f"shapes must be a tuple of 1 or 2 ShapeSpec, got {self.shapes!r}")
+        colours = [s.colour for s in self.shapes]
+        if self.background in colours:
+            raise ValueError(f"a shape has the background colour {self.background!r}; they must differ")
+        if len(set(colours)) != len(colours):
+            raise ValueError(f"shapes must have distinct colours, got {colours}")
+
+
+def heldout_reasons(scene: SceneSpec) -> list[str]:
+    """The held-out combinations a scene contains, e.g. `["shape_colour=(circle, green)"]`; empty for train scenes."""
+    reasons = []
+    for s in scene.shapes:
+        if (s.shape, s.colour) in HELDOUT_SHAPE_COLOUR:
+            reasons.append(f"shape_colour=({s.shape}, {s.colour})")
+        if (s.colour, scene.background) in HELDOUT_COLOUR_BACKGROUND:
+            reasons.append(f"colour_background=({s.colour}, {scene.background})")
+        if (s.shape, s.direction) in HELDOUT_SHAPE_DIRECTION:
+            reasons.append(f"shape_direction=({s.shape}, {s.direction})")
+    return reasons
+
+
+def is_heldout(scene: SceneSpec) -> bool:
+    """True iff the scene contains a held-out attribute combination (never sampled with split="train")."""
+    return bool(heldout_reasons(scene))
+
+
+def _overlap_early(scene: SceneSpec) -> bool:
+    """Whether the two shapes' boxes come within 1 px of each other in the first `SEPARATE_FRAMES` frames (reference
+    square frame)."""
+    pos = trajectories([scene], SEPARATE_FRAMES, REFERENCE_SIDE, REFERENCE_SIDE)[0]     # [2, T, 2]
+    reach = (SIZES[scene.shapes[0].size] + SIZES[scene.shapes[1].size]) * REFERENCE_SIDE / 2 + 1
+    return bool(((pos[0] - pos[1]).abs() < reach).all(-1).any())
+
+
+def _draw_scene(generator: torch.Generator, counts: Sequence[int]) -> SceneSpec:
+    u = iter(torch.rand(32, generator=generator, dtype=torch.float64).tolist())
+
+    def pick(options: Sequence):
+        return options[min(int(next(u) * len(options)), len(options) - 1)]
+
+    count = pick(counts)
+    background = pick(COLOURS)
+    free = [c for c in COLOURS if c != background]
+    shapes = []
+    for _ in range(count):
+        colour = pick(free)
+        free.remove(colour)
+        direction = pick(tuple(DIRECTIONS))
+        start = []
+        for step in DIRECTIONS[direction]:
+            # Heading to the wall at 1 (step > 0) the start is kept below 1 - margin, and symmetrically.
+            lo, hi = (0.0, 1.0 - START_MARGIN) if step > 0 else (START_MARGIN, 1.0) if step < 0 else (0.0, 1.0)
+            start.append(lo + (hi - lo) * next(u))
+        shapes.append(ShapeSpec(pick(SHAPES), colour, pick(tuple(SIZES)), direction, pick(tuple(SPEEDS)),
+                                (start[0], start[1])))
+    return SceneSpec(background, tuple(shapes))
+
+
+def sample_scenes(n: int, generator: torch.Generator, split: str = "train",
+                  num_shapes: int | Sequence[int] = (1, 2)) -> list[SceneSpec]:
+    """`n` random scenes, deterministic given the generator's state.
+
+    split: "train" (no held-out combination), "heldout" (at least one), "all" (no filter).
+    num_shapes: a count or the counts to draw from uniformly. Two shapes do not overlap in the first
+    `SEPARATE_FRAMES` frames.
+    """
+    _check("split", split, SPLITS)
+    counts = (num_shapes,) if isinstance(num_shapes, int) else tuple(num_shapes)
+    if not counts or any(c not in (1, 2) for c in counts):
+        raise ValueError(f"num_shapes must be 1, 2 or a sequence of them, got {num_shapes!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    scenes = []
+    for _ in range(n):
+        for _attempt in range(10_000):
+            scene = _draw_scene(generator, counts)
+            if len(scene.shapes) == 2 and _overlap_early(scene):
+                continue
+            if split == "all" or is_heldout(scene) == (split == "heldout"):
+                break
+        else:  # pragma: no cover - the split filters accept a quarter or more of all scenes
+            raise RuntimeError(f"could not sample a {split!r} scene")
+        scenes.append(scene)
+    return scenes
+
+
+def _scene_tensors(scenes: Sequence[SceneSpec], height: int, width: int, device) -> dict[str, Tensor]:
+    """Per-shape numbers padded to the largest shape count: `[B, S]` ids/sizes, `[B, S, 2]` vectors, `[B, S, 3]` rgb."""
+    if not scenes:
+        raise ValueError("scenes is empty; expected at least one SceneSpec")
+    side = float(min(height, width))
+    num = max(len(s.shapes) for s in scenes)
+    shape_id, half, present = [], [], []
+    vel, start, rgb = [], [], []
+    for scene in scenes:
+        padded = list(scene.shapes) + [scene.shapes[0]] * (num - len(scene.shapes))
+        present.append([i < len(scene.shapes) for i in range(num)])
+        shape_id.append([SHAPES.index(s.shape) for s in padded])
+        half.append([SIZES[s.size] * side / 2 for s in padded])
+        vel.append([[c * SPEEDS[s.speed] * side for c in s.unit_velocity()] for s in padded])
+        start.append([list(s.start) for s in padded])
+        rgb.append([PALETTE[s.colour] for s in padded])
+    f = dict(device=device, dtype=torch.float32)
+    return {"shape_id": torch.tensor(shape_id, device=device), "half": torch.tensor(half, **f),
+            "present": torch.tensor(present, device=device), "velocity": torch.tensor(vel, **f),
+            "start": torch.tensor(start, **f), "rgb": torch.tensor(rgb, **f),
+            "background": torch.tensor([PALETTE[s.background] for s in scenes], **f)}
+
+
+def _fold(p: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """Unbounded straight-line positions -> positions bouncing between lo and hi (a triangle wave of period 2L)."""
+    span = hi - lo
+    x = torch.remainder(p - lo, 2 * span)
+    return lo + torch.where(x > span, 2 * span - x, x)
+
+
+def _positions(t: dict[str, Tensor], frames: Tensor, height: int, width: int) -> Tensor:
+    size = torch.tensor([width, height], device=frames.device, dtype=torch.float32)
+    lo = t["half"][..., None]                                  # [B, S, 1]
+    hi = size - lo                                             # [B, S, 2]
+    if (hi <= lo).any():
+        raise ValueError(f"a shape does not fit into a {height}x{width} frame")
+    p0 = lo + t["start"] * (hi - lo)
+    p = p0[:, :, None] + t["velocity"][:, :, None] * frames[None, None, :, None]
+    return _fold(p, lo[:, :, None], hi[:, :, None])          # [B, S, T, 2]
+
+
+def trajectories(scenes: Sequence[SceneSpec], num_frames: int, height: int = 64, width: int = 64,
+                 start_frame: int = 0) -> Tensor:
+    """Shape centres `[B, S, T, 2]` (x, y in pixels) of frames `start_frame ..`; NaN for padding shapes."""
+    t = _scene_tensors(scenes, height, width, "cpu")
+    frames = torch.arange(start_frame, start_frame + num_frames, dtype=torch.float32)
+    pos = _positions(t, frames, height, width)
+    return pos.masked_fill(~t["present"][:, :, None, None], float("nan"))
+
+
+def _signed_distance(shape_id: Tensor, centre: Tensor, half: Tensor, xs: Tensor, ys: Tensor) -> Tensor:
+    """Signed distance in px (negative inside) `[B, T, H, W]`; shape_id/half `[B]`, centre `[B, T, 2]`."""
+    dx = xs[None, None, None, :] - centre[..., 0, None, None]
+    dy = ys[None, None, :, None] - centre[..., 1, None, None]
+    r = half[:, None, None, None]
+    circle = torch.sqrt(dx * dx + dy * dy) - r
+    qx, qy = dx.abs() - r, dy.abs() - r
+    square = torch.sqrt(qx.clamp(min=0) ** 2 + qy.clamp(min=0) ** 2) + torch.maximum(qx, qy).clamp(max=0)
+    # Apex up, base at the bottom of the box; the max of the three edge half-planes is exact along edges, which is
+    # all the 1-px antialiasing ramp needs.
+    s5 = math.sqrt(5.0)
+    triangle = torch.maximum(dy - r, (2 * dx.abs() - (dy + r)) / s5)
+    kind = shape_id[:, None, None, None]
+    return torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
+
+
+def render(scenes: Sequence[SceneSpec], num_frames: int, height: int = 64, width: int = 64, *,
+           start_frame: int = 0, antialias: bool = True, device: Optional[torch.device | str] = None) -> Tensor:
+    """Render scenes -> video `[B, 3, T, H, W]` float32 in [-1, 1] (the latent codec's input layout).
+
+    Deterministic: a function of the scenes (start positions included) and the frame indices only, so frames
+    `start_frame .. start_frame + num_frames - 1` of a long video equal the same slice of a longer render.
+    antialias: coverage ramp of 1 px across the edge (a pixel centre inside the shape has coverage > 0.5).
+    """
+    if num_frames < 1 or height < 1 or width < 1:
+        raise ValueError(f"num_frames, height, width must be >= 1, got {num_frames}, {height}, {width}")
+    t = _scene_tensors(scenes, height, width, device)
+    dev = t["half"].device
+    frames = torch.arange(start_frame, start_frame + num_frames, device=dev, dtype=torch.float32)
+    centres = _positions(t, frames, height, width)
+    xs = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
+    ys = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
+    video = t["background"][:, :, None, None, None].expand(-1, -1, num_frames, height, width)
+    for s in range(centres.shape[1]):
+        dist = _signed_distance(t["shape_id"][:, s], centres[:, s], t["half"][:, s], xs, ys)
+        alpha = (0.5 - dist).clamp(0, 1) if antialias else (dist < 0).float()
+        alpha = (alpha * t["present"][:, s, None, None, None])[:, None]          # [B, 1, T, H, W]
+        video = video * (1 - alpha) + t["rgb"][:, s, :, None, None, None] * alpha
+    return video * 2 - 1
