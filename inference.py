@@ -182,10 +182,12 @@ def collect_prompts(args: argparse.Namespace):
     return prompts
 
 
+# In the bundled shapes-world model's language (utils/shapes/prompts.py), combinations seen in training.
 BUILTIN_PROMPTS = [
-    "a large red circle moves left on a blue background",
-    "a small yellow square moves up on a black background",
-    "a green triangle moves diagonally down and right on a white background",
+    "a large red circle moves slowly left on a blue background",
+    "a small yellow square moves quickly up on a black background",
+    "a large green triangle moves slowly to the lower right on a white background",
+    "a large white circle moves quickly right and a small red square moves slowly down on a blue background",
 ]
 
 

@@ -173,6 +173,26 @@ class WanDiT(nn.Module):
         self.gradient_checkpointing = False
 
     # ------------------------------------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def init_weights(self) -> "WanDiT":
+        """The original initialisation, for training from scratch (SPEC 1.8): Xavier-uniform linears with zero bias,
+        text/time embeddings N(0, 0.02), a zero output head, modulation randn / sqrt(dim)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for seq in (self.text_embedding, self.time_embedding):
+            for module in seq:
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        dim = self.config.dim
+        for p in [b.modulation for b in self.blocks] + [self.head.modulation]:
+            p.copy_(torch.randn_like(p) / dim**0.5)
+        return self
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply."""
         self.gradient_checkpointing = enabled

@@ -42,6 +42,12 @@ class Config:
     teacher_forcing: bool = False  # diffusion trainer with causal: clean context (true) or diffusion forcing (false)
 
     # --- models and files -----------------------------------------------------------------------------------------
+    world: str = "wan"  # wan: real Wan2.1 components | shapes: the miniature shapes world (models built by code)
+    dit_config: Optional[dict[str, Any]] = None  # WanConfig fields of networks built from scratch (shapes world)
+    text_encoder_path: Optional[str] = None  # folder with text_encoder/ + tokenizer/ (overrides the Wan T5)
+    real_score_ckpt: Optional[str] = None  # teacher weights (else <model_root>/<real_name>)
+    fake_score_ckpt: Optional[str] = None  # critic initial weights (else <model_root>/<fake_name>, or the teacher's)
+    codec_spatial_factor: int = 4  # shapes world: pixel-unshuffle factor of the latent codec
     model_root: str = "wan_models"  # folder holding <real_name>/, <fake_name>/ and model_kwargs.model_name/
     generator_ckpt: Optional[str] = None
     real_name: str = "Wan2.1-T2V-1.3B"
@@ -165,6 +171,7 @@ class Config:
 
 _CHOICES = {
     "trainer": ("score_distillation", "gan", "ode", "diffusion"),
+    "world": ("wan", "shapes"),
     "distribution_loss": ("dmd", "sid", "causvid"),
     "kv_cache_grad": ("paper", "original"),
     "decoder": ("wan", "taehv", "pixel"),
@@ -200,13 +207,21 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
 
 
-def _load_yaml(source: Path) -> DictConfig:
+def _load_yaml(source: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file; `base_config: other.yaml` (relative to the file) is loaded first and overridden by the rest."""
     if not source.is_file():
         raise ConfigError(f"config file {source} does not exist")
     try:
-        return OmegaConf.load(source)
+        loaded = OmegaConf.load(source)
     except Exception as err:  # YAML syntax errors
         raise ConfigError(f"{source}: cannot parse YAML: {err}") from None
+    base = loaded.pop("base_config", None) if isinstance(loaded, DictConfig) else None
+    if base is None:
+        return loaded
+    base_path = (source.parent / str(base)).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{source}: base_config {base} includes itself")
+    return OmegaConf.merge(_load_yaml(base_path, seen + (source.resolve(),)), loaded)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

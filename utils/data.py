@@ -154,6 +154,9 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     Latent datasets (ODE pairs for `trainer: ode`, clean latents for `diffusion`/`gan`) plug in here as further
     `Dataset`s; until they exist, those trainers need a `data` iterator passed to `train.main`.
     """
+    if cfg.world == "shapes" and cfg.trainer != "ode":
+        from utils.shapes_components import shapes_data  # rendered videos (and their prompts), no files
+        return shapes_data(cfg, rank, world_size, seed)
     if cfg.trainer == "score_distillation":
         if not cfg.data_path:
             raise ValueError("config key data_path is not set; expected a text file with one training prompt per line")

@@ -1,0 +1,171 @@
+"""The whole Self Forcing recipe in the shapes world, stage by stage, with the same train.py and trainers.
+
+    python scripts/shapes_world.py --out runs/shapes                     # full size (GPU, ~20 minutes)
+    python scripts/shapes_world.py --out /tmp/shapes --size smoke        # a few steps of everything (CPU, CI)
+    python scripts/shapes_world.py --out runs/shapes --stages dmd,export # some stages (earlier ones must exist)
+
+Stages, in order (configs/shapes/*.yaml):
+  base         frozen text encoder + tokenizer over the world's vocabulary, and the codec, as a model folder
+  teacher      bidirectional teacher, flow matching on rendered videos
+  ode_pairs    teacher ODE trajectories (48 Euler steps, shift 5, CFG) recorded at the student's 4 timesteps
+  ode_init     causal student regressed onto the ODE pairs
+  dmd sid gan  Self Forcing with DMD / SiD / GAN from the ODE init
+  causvid teacher_forcing diffusion_forcing   the baselines
+  export       the Self Forcing DMD student (EMA) as a model folder (what `inference.py` loads)
+Each training stage leaves `<out>/<stage>/generator.safetensors` (+ `generator_ema.safetensors`, `config.json`)
+next to its logs; a finished stage is skipped on a rerun (resume), `--force` redoes it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "shapes"
+TRAIN_STAGES = {"teacher": "teacher", "ode_init": "ode_init", "dmd": "self_forcing_dmd",
+                "sid": "self_forcing_sid", "gan": "self_forcing_gan", "causvid": "causvid",
+                "teacher_forcing": "teacher_forcing", "diffusion_forcing": "diffusion_forcing"}
+ALL_STAGES = ["base", "teacher", "ode_pairs", "ode_init", "dmd", "sid", "gan", "causvid", "teacher_forcing",
+              "diffusion_forcing", "export"]
+# A few steps of everything at toy sizes: checks the plumbing, not the quality.
+SMOKE = ["max_steps=3", "batch_size=2", "log_every=1", "lr_warmup_steps=0", "ema_start_step=1",
+         "discriminator_warmup_steps=1", "dfake_gen_update_ratio=2",
+         "dit_config={dim: 32, ffn_dim: 64, num_heads: 2, num_layers: 2, text_dim: 32, text_len: 32, freq_dim: 32}",
+         "image_or_video_shape=[1,6,48,16,16]", "num_training_frames=6", "mixed_precision=false"]
+SMOKE_ODE_PAIRS = {"num_prompts": 4, "num_steps": 8, "record": [0, 2, 4, 6, 8]}
+FULL_ODE_PAIRS = {"num_prompts": 2048, "num_steps": 48, "record": [0, 12, 24, 36, 48]}
+
+
+def stage_overrides(out: Path, size: str) -> list[str]:
+    paths = [f"text_encoder_path={out / 'base'}", f"ode_data_path={out / 'ode_pairs'}"]
+    return paths + (SMOKE if size == "smoke" else [])
+
+
+def weights_overrides(stage: str, out: Path) -> list[str]:
+    """Point the stage's config at the previous stages' outputs under `out`."""
+    teacher = out / "teacher" / "generator_ema.safetensors"
+    ode_init = out / "ode_init" / "generator.safetensors"
+    if stage == "ode_init" or stage in ("teacher_forcing", "diffusion_forcing"):
+        return [f"generator_ckpt={teacher}"]
+    if stage in ("dmd", "sid", "gan", "causvid"):
+        return [f"generator_ckpt={ode_init}", f"real_score_ckpt={teacher}"]
+    return []
+
+
+def load_stage_config(stage: str, out: Path, size: str):
+    from utils.config import load_config
+    overrides = stage_overrides(out, size) + weights_overrides(stage, out)
+    return load_config(CONFIGS / f"{TRAIN_STAGES.get(stage, 'base')}.yaml", overrides)
+
+
+def run_base(out: Path, size: str) -> None:
+    from utils.shapes_components import shapes_codec, write_text_encoder
+    cfg = load_stage_config("teacher", out, size)
+    base = out / "base"
+    dit = cfg.dit_config
+    write_text_encoder(base, dim=dit["text_dim"], text_len=dit["text_len"], seed=0)
+    codec = shapes_codec(cfg)
+    (base / "codec").mkdir(exist_ok=True)
+    (base / "codec" / "config.json").write_text(json.dumps(codec.config(), indent=2))
+    (base / "model_index.json").write_text(json.dumps({
+        "_class_name": "SelfForcingPipeline", "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "codec": ["self_forcing", "PixelShuffleCodec"]},
+        indent=2))
+
+
+def run_train(stage: str, out: Path, size: str) -> None:
+    import train
+    from utils.train_state import latest_checkpoint
+    logdir = out / stage / "logs"
+    argv = ["--config_path", str(CONFIGS / f"{TRAIN_STAGES[stage]}.yaml"), "--logdir", str(logdir),
+            "--disable-wandb", *stage_overrides(out, size), *weights_overrides(stage, out)]
+    if latest_checkpoint(logdir) is not None:
+        argv.insert(0, "--resume")
+    train.main(argv)
+    final = latest_checkpoint(logdir)
+    for name in ("generator.safetensors", "generator_ema.safetensors", "config.json", "config.yaml"):
+        if (final / name).is_file():
+            shutil.copy2(final / name, out / stage / name)
+    if not (out / stage / "generator_ema.safetensors").is_file():
+        shutil.copy2(out / stage / "generator.safetensors", out / stage / "generator_ema.safetensors")
+
+
+def run_ode_pairs(out: Path, size: str) -> None:
+    import torch
+
+    from pipeline.denoiser import Denoiser
+    from pipeline.schedule import FlowMatchSchedule
+    from scripts.generate_ode_pairs import generate_ode_pairs
+    from utils.shapes import sample_scenes, short_prompt
+    from utils.shapes_components import load_shapes_text, shapes_dit
+    cfg = load_stage_config("ode_init", out, size)
+    settings = SMOKE_ODE_PAIRS if size == "smoke" else FULL_ODE_PAIRS
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = shapes_dit(cfg, str(out / "teacher" / "generator_ema.safetensors")).to(device, dtype).eval()
+    text = load_shapes_text(cfg, teacher.config.text_len, device=device)
+    scenes = sample_scenes(settings["num_prompts"], torch.Generator().manual_seed(2), split="train")
+    prompts = [short_prompt(s) for s in scenes]
+    _, frames, channels, h, w = cfg.image_or_video_shape
+    generate_ode_pairs(Denoiser(teacher, FlowMatchSchedule(cfg.model_kwargs.timestep_shift), uniform_timestep=True),
+                       text, prompts, out / "ode_pairs", latent_shape=(frames, channels, h, w),
+                       num_steps=settings["num_steps"], shift=cfg.model_kwargs.timestep_shift, guidance_scale=3.0,
+                       record=settings["record"], negative_prompt=cfg.negative_prompt,
+                       batch_size=64 if device.type == "cuda" else 2, seed=3, teacher_name="shapes teacher")
+
+
+def run_export(out: Path, size: str) -> None:
+    from scripts import export_hf
+    target = out / "export"
+    code = export_hf.main([str(out / "dmd" / "logs"), "--output", str(target), "--include-base", str(out / "base"),
+                           "--base-model", "self-forcing/shapes-world-teacher"])
+    if code:
+        raise RuntimeError(f"export failed with status {code}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/shapes", help="run folder (default: %(default)s)")
+    p.add_argument("--size", choices=["full", "smoke"], default="full", help="full recipe or a smoke run")
+    p.add_argument("--stages", default=",".join(ALL_STAGES), help="comma-separated stages (default: all)")
+    p.add_argument("--force", action="store_true", help="redo stages that already finished")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(ALL_STAGES))
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES}")
+    timings = {}
+    for stage in [s for s in ALL_STAGES if s in stages]:
+        done = out / stage / ("model_index.json" if stage in ("base", "export") else
+                              "index.json" if stage == "ode_pairs" else "generator.safetensors")
+        if done.exists() and not args.force:
+            print(f"[shapes] {stage}: done, skipped", flush=True)
+            continue
+        if args.force and (out / stage).exists():
+            shutil.rmtree(out / stage)
+        tic = time.perf_counter()
+        print(f"[shapes] {stage} ...", flush=True)
+        if stage == "base":
+            run_base(out, args.size)
+        elif stage == "ode_pairs":
+            run_ode_pairs(out, args.size)
+        elif stage == "export":
+            run_export(out, args.size)
+        else:
+            run_train(stage, out, args.size)
+        timings[stage] = time.perf_counter() - tic
+        print(f"[shapes] {stage}: {timings[stage]:.1f} s", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"timings_{int(time.time())}.json").write_text(json.dumps(timings, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
