@@ -116,8 +116,9 @@ def run_ode_pairs(out: Path, size: str) -> None:
     generate_ode_pairs(Denoiser(teacher, FlowMatchSchedule(cfg.model_kwargs.timestep_shift), uniform_timestep=True),
                        text, prompts, out / "ode_pairs", latent_shape=(frames, channels, h, w),
                        num_steps=settings["num_steps"], shift=cfg.model_kwargs.timestep_shift, guidance_scale=3.0,
-                       record=settings["record"], negative_prompt=cfg.negative_prompt,
-                       batch_size=64 if device.type == "cuda" else 2, seed=3, teacher_name="shapes teacher")
+                       record_steps=settings["record"], negative_prompt=cfg.negative_prompt,
+                       batch_size=64 if device.type == "cuda" else 2, seed=3, teacher_name="shapes teacher",
+                       overwrite=True, progress=False)
 
 
 def run_export(out: Path, size: str) -> None:

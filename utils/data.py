@@ -151,8 +151,8 @@ class ShardedBatches:
 def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> ShardedBatches:
     """The batch iterator a recipe trains on. Score distillation is data-free apart from prompts (`data_path`).
 
-    Latent datasets (ODE pairs for `trainer: ode`, clean latents for `diffusion`/`gan`) plug in here as further
-    `Dataset`s; until they exist, those trainers need a `data` iterator passed to `train.main`.
+    `trainer: ode` reads the ODE pairs of `ode_data_path` (utils/ode_pairs.py), checked against the configured steps.
+    Other latent datasets plug in here as further `Dataset`s; until they exist, pass a `data` iterator to `train.main`.
     """
     if cfg.world == "shapes" and cfg.trainer != "ode":
         from utils.shapes_components import shapes_data  # rendered videos (and their prompts), no files
@@ -162,5 +162,14 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
             raise ValueError("config key data_path is not set; expected a text file with one training prompt per line")
         dataset = PromptDataset(cfg.data_path, cfg.extended_prompt_path)
         return ShardedBatches(dataset, cfg.batch_size, rank, world_size, seed)
+    if cfg.trainer == "ode":
+        from utils.ode_pairs import ODEPairDataset, config_trajectory_timesteps
+        if not cfg.ode_data_path:
+            raise ValueError("config key ode_data_path is not set; expected a folder of ODE pairs written by "
+                             "scripts/generate_ode_pairs.py")
+        ode_pairs = ODEPairDataset(cfg.ode_data_path)  # FileNotFoundError naming the folder / index.json
+        # Entry k of a stored trajectory is fed at step k: a config whose steps differ would train on wrong levels.
+        ode_pairs.check_timesteps(config_trajectory_timesteps(cfg))
+        return ShardedBatches(ode_pairs, cfg.batch_size, rank, world_size, seed)
     raise ValueError(f"trainer {cfg.trainer!r}: no built-in dataset yet (its latent dataset plugs into "
                      "utils/data.py build_data); pass one to train.main(data=...)")
