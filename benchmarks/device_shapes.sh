@@ -11,10 +11,11 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
-python3 scripts/shapes_world.py --out runs/shapes --stages "$stages" "$@" 2>&1 | tee "$out/shapes_log.txt" | grep -v "it/s\]" || true
+# One stage at a time, copying its result at once: a run stopped at the time limit still returns what finished.
 # At most 8 files come back: one weights file per stage (the EMA; a copy of the weights where EMA is off) + logs.
-for stage in teacher ode_init dmd sid gan causvid teacher_forcing diffusion_forcing; do
-  if [ -f "runs/shapes/$stage/generator_ema.safetensors" ] && [[ ",$stages," == *",$stage,"* ]]; then
+for stage in ${stages//,/ }; do
+  python3 scripts/shapes_world.py --out runs/shapes --stages "$stage" "$@" 2>&1 | grep -v "it/s\]" | tee -a "$out/shapes_log.txt"
+  if [ -f "runs/shapes/$stage/generator_ema.safetensors" ]; then
     cp "runs/shapes/$stage/generator_ema.safetensors" "$out/${stage}__generator_ema.safetensors"
     sed "s/^/{\"stage\": \"$stage\", \"m\": /; s/$/}/" "runs/shapes/$stage/logs/metrics.jsonl" >> "$out/metrics_all.jsonl"
   fi
