@@ -125,7 +125,10 @@ class AttentionMask:
     def block_mask(self):
         if self._block_mask is None:
             from torch.nn.attention.flex_attention import create_block_mask
-            self._block_mask = create_block_mask(self.mask_mod, B=None, H=None, Q_LEN=self.num_tokens,
+            def mask_mod(b, h, q, k):  # flex attention inspects the signature: a plain 4-argument function
+                return self.mask_mod(b, h, q, k)
+
+            self._block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=self.num_tokens,
                                                  KV_LEN=self.num_tokens, device=self.device)
         return self._block_mask
 

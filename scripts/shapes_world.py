@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -43,8 +44,11 @@ FULL_ODE_PAIRS = {"num_prompts": 2048, "num_steps": 48, "record": [0, 12, 24, 36
 
 
 def stage_overrides(out: Path, size: str) -> list[str]:
+    """Paths into the run folder, the smoke settings, then `key=value` items of $SHAPES_OVERRIDES (e.g. a shorter
+    max_steps for a time-boxed run)."""
     paths = [f"text_encoder_path={out / 'base'}", f"ode_data_path={out / 'ode_pairs'}"]
-    return paths + (SMOKE if size == "smoke" else [])
+    extra = os.environ.get("SHAPES_OVERRIDES", "").split()
+    return paths + (SMOKE if size == "smoke" else []) + extra
 
 
 def weights_overrides(stage: str, out: Path) -> list[str]:
@@ -105,7 +109,8 @@ def run_ode_pairs(out: Path, size: str) -> None:
     from utils.shapes import sample_scenes, short_prompt
     from utils.shapes_components import load_shapes_text, shapes_dit
     cfg = load_stage_config("ode_init", out, size)
-    settings = SMOKE_ODE_PAIRS if size == "smoke" else FULL_ODE_PAIRS
+    settings = dict(SMOKE_ODE_PAIRS if size == "smoke" else FULL_ODE_PAIRS)
+    settings["num_prompts"] = int(os.environ.get("SHAPES_ODE_PROMPTS", settings["num_prompts"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = shapes_dit(cfg, str(out / "teacher" / "generator_ema.safetensors")).to(device, dtype).eval()
