@@ -14,7 +14,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import UniPCMultistepScheduler
 from torch import Tensor
 
 from pipeline.schedule import shifted_sigmas
@@ -66,7 +65,7 @@ class FlowEulerScheduler:
 
 
 def make_unipc(num_steps: int = 50, shift: float = 8.0, num_train_timesteps: int = 1000,
-               device: torch.device | str | None = None) -> UniPCMultistepScheduler:
+               device: torch.device | str | None = None) -> "UniPCMultistepScheduler":
     """diffusers UniPC configured as Wan's flow UniPC, timesteps set for `num_steps` steps with `shift`.
 
     Wan's sampler: x0-prediction from the flow (`x0 = x - sigma * v`), order 2, `bh2`, corrector on, lower-order
@@ -77,6 +76,8 @@ def make_unipc(num_steps: int = 50, shift: float = 8.0, num_train_timesteps: int
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
+    from diffusers import UniPCMultistepScheduler  # imported here: Euler sampling needs no diffusers
+
     scheduler = UniPCMultistepScheduler(
         num_train_timesteps=num_train_timesteps, solver_order=2, prediction_type="flow_prediction",
         predict_x0=True, solver_type="bh2", lower_order_final=True, use_flow_sigmas=True, flow_shift=float(shift),
@@ -92,7 +93,7 @@ def make_unipc(num_steps: int = 50, shift: float = 8.0, num_train_timesteps: int
 
 
 def flow_sampling_loop(velocity_fn: VelocityFn, x: Tensor,
-                       scheduler: FlowEulerScheduler | UniPCMultistepScheduler) -> Tensor:
+                       scheduler: "FlowEulerScheduler | UniPCMultistepScheduler") -> Tensor:
     """Integrate the flow ODE from `x` (noise at the scheduler's first timestep) to sigma 0.
 
     x: `[B, ...]` (UniPC needs at least 2 dims). `velocity_fn(x, t)` gets `t` as a 0-dim float32 tensor on the
