@@ -114,6 +114,28 @@ def test_generator_every_ratio_steps_before_the_critic(tmp_path, ratio):
     assert tr.step == 7
 
 
+def test_logged_lines_average_the_interval_and_keep_generator_updates(tmp_path):
+    tr = make_trainer(tmp_path, dfake_gen_update_ratio=5, max_steps=10, log_every=5)
+
+    class Recorder:
+        lines: list = []
+
+        def log(self, step, scalars):
+            self.lines.append((step, scalars))
+
+        def progress(self, step, scalars):
+            pass
+
+        def close(self):
+            pass
+
+    tr.logger = Recorder()
+    tr.train()
+    # Steps 0 and 5 update the generator; the lines at steps 5 and 10 cover steps 0-4 and 5-9.
+    assert [step for step, _ in tr.logger.lines] == [5, 10]
+    assert all("generator_loss" in scalars and "critic_loss" in scalars for _, scalars in tr.logger.lines)
+
+
 def test_without_critic_generator_every_step(tmp_path):
     tr = make_trainer(tmp_path, has_critic=False, dfake_gen_update_ratio=5, max_steps=3)
     tr.train()

@@ -214,10 +214,18 @@ class Trainer:
         """Train until max_steps, checkpointing every log_iters steps and at the end; returns the logs of the last
         step averaged over ranks (identical on every rank)."""
         cfg, shown = self.cfg, {}
+        # Scalars are averaged over every step since the last log line: a generator update happens only every
+        # dfake_gen_update_ratio steps, so logging one step's values would miss it whenever the intervals align.
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
         try:
             while self.step < cfg.max_steps:
-                logs = self.train_step()
+                for key, value in self.train_step().items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
                 if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
+                    logs = {key: sums[key] / counts[key] for key in sums}
+                    sums, counts = {}, {}
                     shown = self.last_logs = mean_over_ranks(logs)
                     if self.logger is not None:
                         self.logger.log(self.step, shown)
