@@ -152,11 +152,20 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     """The batch iterator a recipe trains on. Score distillation is data-free apart from prompts (`data_path`).
 
     `trainer: ode` reads the ODE pairs of `ode_data_path` (utils/ode_pairs.py), checked against the configured steps.
-    Other latent datasets plug in here as further `Dataset`s; until they exist, pass a `data` iterator to `train.main`.
+    The data-trained recipes (GAN, diffusion / teacher / diffusion forcing, CausVid) read clean latents from the same
+    shards (the clean end of each trajectory, as the original read its latent LMDB shards).
     """
     if cfg.world == "shapes" and cfg.trainer != "ode":
         from utils.shapes_components import shapes_data  # rendered videos (and their prompts), no files
         return shapes_data(cfg, rank, world_size, seed)
+    needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.distribution_loss == "causvid" and \
+        cfg.trainer == "score_distillation"
+    if needs_latents:
+        from utils.ode_pairs import ODEPairDataset
+        if not cfg.ode_data_path:
+            raise ValueError(f"trainer {cfg.trainer!r} trains on data: set ode_data_path to a folder of ODE pairs / "
+                             "latents written by scripts/generate_ode_pairs.py")
+        return ShardedBatches(ODEPairDataset(cfg.ode_data_path), cfg.batch_size, rank, world_size, seed)
     if cfg.trainer == "score_distillation":
         if not cfg.data_path:
             raise ValueError("config key data_path is not set; expected a text file with one training prompt per line")
@@ -171,5 +180,4 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
         # Entry k of a stored trajectory is fed at step k: a config whose steps differ would train on wrong levels.
         ode_pairs.check_timesteps(config_trajectory_timesteps(cfg))
         return ShardedBatches(ode_pairs, cfg.batch_size, rank, world_size, seed)
-    raise ValueError(f"trainer {cfg.trainer!r}: no built-in dataset yet (its latent dataset plugs into "
-                     "utils/data.py build_data); pass one to train.main(data=...)")
+    raise ValueError(f"trainer {cfg.trainer!r}: no built-in dataset; pass one to train.main(data=...)")
