@@ -68,11 +68,19 @@ def load_stage_config(stage: str, out: Path, size: str):
     return load_config(CONFIGS / f"{TRAIN_STAGES.get(stage, 'base')}.yaml", overrides)
 
 
+BASE_ASSET = REPO / "assets" / "shapes_base"  # the full recipe's text encoder, shipped so every machine agrees
+
+
 def run_base(out: Path, size: str) -> None:
     from utils.shapes_components import shapes_codec, write_text_encoder
     cfg = load_stage_config("teacher", out, size)
     base = out / "base"
     dit = cfg.dit_config
+    shipped = json.loads((BASE_ASSET / "text_encoder" / "config.json").read_text())["d_model"]
+    if shipped == dit["text_dim"]:
+        # Random initialisation may differ between torch/transformers versions; the shipped copy cannot.
+        shutil.copytree(BASE_ASSET, base, dirs_exist_ok=True)
+        return
     write_text_encoder(base, dim=dit["text_dim"], text_len=dit["text_len"], seed=0)
     codec = shapes_codec(cfg)
     (base / "codec").mkdir(exist_ok=True)
