@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from model.weights import load_state_dict_strict
+
 # Sequential positions of the layers whose weight shapes carry the widths (fixed by the checkpoint key layout).
 _DEC_CONVS = (1, 8, 14, 20)  # latent->n_f[0], then the three bias-free stage projections
 _DEC_TGROWS = (7, 13, 19)
@@ -226,21 +228,7 @@ class TAEHV(nn.Module):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
         """Strict `load_state_dict` whose errors name `source` and the offending keys/shapes."""
-        own = self.state_dict()
-        unknown = sorted(set(state_dict) - set(own))
-        missing = sorted(set(own) - set(state_dict))
-        if unknown or missing:
-            raise KeyError(
-                f"{source}: not a TAEHV checkpoint for this configuration; "
-                f"unknown keys {unknown[:8]}{'...' if len(unknown) > 8 else ''}, "
-                f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}"
-            )
-        for key, tensor in state_dict.items():
-            if tuple(tensor.shape) != tuple(own[key].shape):
-                raise ValueError(
-                    f"{source}: key {key!r} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}"
-                )
-        self.load_state_dict(state_dict, strict=True)
+        load_state_dict_strict(self, state_dict, source)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from torch import nn
 
+from model.weights import load_state_dict_strict
+
 # Per-channel latent statistics of the released Wan2.1 VAE (SPEC §4.2).
 WAN21_LATENTS_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -229,22 +231,10 @@ def wan_vae_config_from_state_dict(sd: Mapping[str, torch.Tensor], source: str =
 
 
 def load_converted_state_dict(vae: AutoencoderKLWan, sd: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strictly load diffusers-keyed tensors into `vae` (which may live on the meta device, then assigned).
-
-    Raises KeyError naming missing/unexpected keys and ValueError naming shape mismatches.
-    """
-    expected = vae.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise KeyError(
-            f"{source}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]} (diffusers names)"
-        )
-    bad = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
-    if bad:
-        raise ValueError(f"{source}: shape mismatch for {len(bad)} tensor(s): {bad[:10]}")
+    """Strictly load diffusers-keyed tensors into `vae` (assigned when it lives on the meta device); errors name
+    `source` and the missing/unexpected keys (diffusers names) or mismatched shapes."""
     on_meta = any(p.is_meta for p in vae.parameters())
-    vae.load_state_dict(dict(sd), strict=True, assign=on_meta)
+    load_state_dict_strict(vae, sd, f"{source} (diffusers names)", assign=on_meta)
 
 
 # ---------------------------------------------------------------------------------------------------------

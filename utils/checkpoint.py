@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from model.config import WanConfig
 from model.dit_keys import to_wan_keys, wan_config_from_diffusers
+from model.weights import StateDictMismatchError, _head, load_state_dict_strict  # noqa: F401 (re-exported)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -34,13 +35,6 @@ INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 # reference EMA shadow keeps them (SPEC §10.7), the released checkpoints do not.
 _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-class StateDictMismatchError(KeyError, ValueError):
-    """A state dict does not fit a module; catchable as KeyError or ValueError."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
 
 
 # ----------------------------------------------------------------------------------------------- safetensors
@@ -248,36 +242,6 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
 
 
 # ------------------------------------------------------------------------------------------ strict loading
-
-def _head(keys: list[str], n: int = 10) -> str:
-    shown = ", ".join(keys[:n])
-    return f"{len(keys)} [{shown}{', ...' if len(keys) > n else ''}]"
-
-
-def load_state_dict_strict(module: torch.nn.Module, sd: StateDict, source: str, assign: bool = False) -> None:
-    """Load `sd` into `module`, failing with a message naming `source` and every mismatch.
-
-    Raises StateDictMismatchError (a KeyError and a ValueError) listing missing and unexpected keys
-    (first 10 of each, with counts) and shape mismatches (key, expected, got). `assign` as in
-    `nn.Module.load_state_dict` (needed when the module lives on the meta device).
-    """
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - sd.keys())
-    unexpected = sorted(sd.keys() - expected.keys())
-    shapes = [(k, tuple(expected[k].shape), tuple(sd[k].shape))
-              for k in sorted(expected.keys() & sd.keys()) if expected[k].shape != sd[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"state dict from {source} does not fit {type(module).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys: {_head(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys: {_head(unexpected)}")
-        if shapes:
-            shown = "; ".join(f"{k}: expected {e}, got {g}" for k, e, g in shapes[:10])
-            lines.append(f"  shape mismatches: {len(shapes)} [{shown}]")
-        raise StateDictMismatchError("\n".join(lines))
-    module.load_state_dict(sd, strict=False, assign=assign)
-
 
 # ------------------------------------------------------------------------------------------------ writing
 
