@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags and key=value overrides in any order
     try:
         from utils.config import ConfigError
     except ImportError as err:  # a broken install: say so in one line

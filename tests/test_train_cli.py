@@ -201,3 +201,9 @@ def test_wandb_offline_run_keeps_the_key_out(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert b"SECRET-KEY" not in path.read_bytes(), path
+
+
+def test_flags_and_overrides_may_be_intermixed():
+    import train
+    args = train.parse_args(["--config_path", "c.yaml", "lr=1", "--no_save", "max_steps=2", "--disable-wandb"])
+    assert args.overrides == ["lr=1", "max_steps=2"] and args.no_save and args.disable_wandb

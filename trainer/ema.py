@@ -52,10 +52,10 @@ class EMA:
     def update(self, named_params: dict[str, nn.Parameter]) -> None:
         if not self.started:
             raise RuntimeError("EMA.update before EMA.start")
-        d = self.decay
-        for name, p in named_params.items():
-            shadow = local_tensor(self.shadow[name])
-            shadow.mul_(d).add_(local_tensor(p.detach()).to(torch.float32), alpha=1.0 - d)
+        shadows = [local_tensor(self.shadow[name]) for name in named_params]
+        params = [local_tensor(p.detach()).to(torch.float32) for p in named_params.values()]
+        # shadow <- d * shadow + (1 - d) * param, as one multi-tensor op (lerp towards the parameter by 1 - d).
+        torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
         self.num_updates += 1
 
     def full_state_dict(self) -> dict[str, Tensor]:

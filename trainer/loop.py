@@ -131,7 +131,10 @@ class Trainer:
         groups = self._param_groups(role, step)
         for g in groups:
             g["lr"] = g["base_lr"]
-        self.optimizers[role] = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=self.cfg.weight_decay)
+        # foreach: one multi-tensor kernel per group instead of ~6 launches per parameter (the per-parameter loop
+        # dominated the step time of small models on GPU).
+        self.optimizers[role] = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=self.cfg.weight_decay,
+                                                  foreach=True)
         self.params[role] = [p for g in groups for p in g["params"]]
 
     def _warmup_factor(self) -> float:
