@@ -1,0 +1,68 @@
+"""Time training steps of a recipe and show where a step goes (torch.profiler), without saving anything.
+
+    python benchmarks/train_step.py --config_path configs/shapes/teacher.yaml text_encoder_path=assets/shapes_base
+    python benchmarks/train_step.py --config_path configs/shapes/self_forcing_dmd.yaml --steps 20 ...
+
+Prints median ms per step after warm-up and the top operators by self time (CPU and CUDA), and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from common import environment, print_table, write_result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config_path", required=True)
+    p.add_argument("--steps", type=int, default=30, help="timed steps after warm-up")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--profile-steps", type=int, default=5, help="steps recorded by torch.profiler")
+    p.add_argument("--name", default="train_step")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_intermixed_args()
+    import train
+    from utils.distributed import cleanup_distributed, init_distributed
+
+    total = args.warmup + args.steps + args.profile_steps
+    dist = init_distributed()
+    with tempfile.TemporaryDirectory() as logdir:
+        targs = train.parse_args(["--config_path", args.config_path, "--logdir", logdir, "--no_save",
+                                  "--disable-wandb", *args.overrides, f"max_steps={total}", "log_every=1000000"])
+        trainer = train._setup(targs, dist, None, None, None)
+        device = dist.device
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+        for _ in range(args.warmup):
+            trainer.train_step()
+        times = []
+        for _ in range(args.steps):
+            sync()
+            tic = time.perf_counter()
+            trainer.train_step()
+            sync()
+            times.append((time.perf_counter() - tic) * 1000.0)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                trainer.train_step()
+            sync()
+    cleanup_distributed(dist)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    print(table)
+    result = {"env": environment(device), "config": args.config_path, "overrides": args.overrides,
+              "ms_per_step_median": statistics.median(times), "ms_per_step": times, "profile": table}
+    print_table([("device", result["env"]["device"]), ("config", args.config_path),
+                 ("ms/step (median)", f"{result['ms_per_step_median']:.1f}")])
+    print("wrote", write_result(args.name + ("" if device.type == "cuda" else "_tiny_cpu"), result))
+
+
+if __name__ == "__main__":
+    main()
