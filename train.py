@@ -116,7 +116,9 @@ def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorit
         data = build_data(cfg, dist_state.rank, dist_state.world_size, seed)
     elif callable(data) and not hasattr(data, "__next__"):
         data = data(cfg, dist_state.rank, dist_state.world_size, seed)
-    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logdir, seed=seed)
+    from utils.samples import make_sample_fn
+    sample_fn = make_sample_fn(cfg, models, cfg.logdir, dist_state.rank) if cfg.sample_every > 0 else None
+    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logdir, seed=seed, sample_fn=sample_fn)
     if resume is not None:
         trainer.resume(resume)
     import dataclasses

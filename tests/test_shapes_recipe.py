@@ -12,9 +12,13 @@ from utils.model_folder import load_transformer
 
 
 @pytest.mark.slow
-def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, capsys):
+def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv("SHAPES_OVERRIDES", "sample_every=3")  # every stage also draws its sample videos
     assert shapes_world.main(["--out", str(out), "--size", "smoke"]) == 0
+    for stage in ("teacher", "dmd", "teacher_forcing"):  # bidirectional, few-step causal, many-step causal
+        samples = sorted((out / stage / "logs" / "samples").glob("step_000003-*.mp4"))
+        assert len(samples) == 2, stage
     for stage in ("teacher", "ode_init", "dmd", "sid", "gan", "causvid", "teacher_forcing", "diffusion_forcing"):
         assert (out / stage / "generator.safetensors").is_file(), stage
         metrics = [json.loads(line) for line in (out / stage / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -135,6 +135,7 @@ class Config:
     keep_checkpoints: int = 3  # newest checkpoints kept in the logdir (0: all)
     log_every: int = 1
     sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=list)
     gc_interval: int = 100
     i2v: bool = False
     wandb_host: Optional[str] = None
