@@ -10,7 +10,7 @@ Two schedulers with the same `timesteps` / `sigmas` / `step(...)` interface as d
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from torch import Tensor
 from pipeline.schedule import shifted_sigmas
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
+
+if TYPE_CHECKING:  # only for annotations: Euler sampling must not need diffusers
+    from diffusers import UniPCMultistepScheduler
 
 
 def euler_sampler_sigmas(num_steps: int = 48, shift: float = 8.0) -> Tensor:
