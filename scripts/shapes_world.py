@@ -1,7 +1,7 @@
 """The whole Self Forcing recipe in the shapes world, stage by stage, with the same train.py and trainers.
 
     python scripts/shapes_world.py --out runs/shapes                     # full size (GPU, ~20 minutes)
-    python scripts/shapes_world.py --out /tmp/shapes --size smoke        # a few steps of everything (CPU, CI)
+    python scripts/shapes_world.py --out runs/smoke --size smoke         # a few steps of everything (CPU, CI)
     python scripts/shapes_world.py --out runs/shapes --stages dmd,export # some stages (earlier ones must exist)
 
 Stages, in order (configs/shapes/*.yaml):
