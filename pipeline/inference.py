@@ -40,10 +40,9 @@ class CausalSettings:
 
     @classmethod
     def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> "CausalSettings":
-        steps = schedule.warp(cfg.denoising_step_list) if cfg.warp_denoising_step else \
-            torch.tensor(cfg.denoising_step_list, dtype=torch.float32)
         mk = cfg.model_kwargs
-        return cls(steps=[float(s) for s in steps], frames_per_block=cfg.num_frame_per_block,
+        return cls(steps=schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step),
+                   frames_per_block=cfg.num_frame_per_block,
                    independent_first_frame=cfg.independent_first_frame, context_noise=cfg.context_noise,
                    window_frames=mk.local_attn_size, sink_frames=mk.sink_size, rope=mk.rope,
                    max_frames_without_window=cfg.num_training_frames)

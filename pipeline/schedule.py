@@ -173,6 +173,17 @@ class FlowMatchSchedule:
         extended = torch.cat([self.timesteps, torch.zeros(1, dtype=torch.float32)])
         return extended[T - steps]
 
+    def denoising_steps(self, step_list: Sequence[int] | Tensor, warp: bool,
+                        drop_final_zero: bool = False) -> list[float]:
+        """The timesteps a few-step generator runs for a configured `step_list`: warped onto this grid when `warp`
+        (SPEC 2.1). `drop_final_zero` removes a trailing 0 (a call at t=0 would be wasted; the training rollout does
+        so, the original inference does not; ODE regression keeps it: the clean trajectory end)."""
+        steps = self.warp(step_list).tolist() if warp else [float(s) for s in step_list]
+        steps = [float(s) for s in steps]
+        if drop_final_zero and len(steps) > 1 and steps[-1] == 0:
+            steps = steps[:-1]
+        return steps
+
     def exit_step_range(self, step_list: Sequence[float] | Tensor, exit_index: int) -> tuple[int, int]:
         """`(denoised_timestep_from, denoised_timestep_to)` of the training rollout for an exit step.
 

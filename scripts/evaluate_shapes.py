@@ -121,8 +121,7 @@ def causal_steps(stage: str, cfg: Any, schedule: Any, baseline_steps: int) -> li
         raw = [round(T * (baseline_steps - i) / baseline_steps) for i in range(baseline_steps)]
     else:
         raw = [int(s) for s in cfg.denoising_step_list if s != 0]
-    steps = schedule.warp(raw) if cfg.warp_denoising_step else torch.tensor(raw, dtype=torch.float32)
-    return [float(s) for s in steps]
+    return schedule.denoising_steps(raw, cfg.warp_denoising_step)
 
 
 def causal_settings(cfg: Any, steps: list[float], factor: int) -> Any:

@@ -213,3 +213,10 @@ def test_sample_score_timesteps_distribution_and_range():
     assert float(t_r.max()) <= float(s.shift_score_timesteps(torch.tensor(499)))
     # shift <= 1 leaves the integer draw unchanged (only clamped)
     assert s.shift_score_timesteps(torch.tensor([3, 500, 990]), shift=1.0).tolist() == [20.0, 500.0, 980.0]
+
+
+def test_denoising_steps_warp_and_trailing_zero():
+    schedule = FlowMatchSchedule(shift=5.0)
+    assert schedule.denoising_steps([1000, 750, 500, 250, 0], True) == pytest.approx([1000.0, 937.5, 833.3333, 625.0, 0.0])
+    assert schedule.denoising_steps([1000, 750, 0], True, drop_final_zero=True) == pytest.approx([1000.0, 937.5])
+    assert schedule.denoising_steps([1000, 500], False) == [1000.0, 500.0]

@@ -31,12 +31,7 @@ from pipeline.schedule import FlowMatchSchedule
 def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True) -> list[float]:
     """The denoising timesteps the generator runs: `denoising_step_list`, warped onto the generator's shifted grid
     if `warp_denoising_step` (SPEC §2.1). The training rollout drops a trailing 0 (a call at t=0 would be wasted)."""
-    steps = [float(s) for s in cfg.denoising_step_list]
-    if cfg.warp_denoising_step:
-        steps = [float(s) for s in schedule.warp(cfg.denoising_step_list).tolist()]
-    if drop_final_zero and len(steps) > 1 and steps[-1] == 0:
-        steps = steps[:-1]
-    return steps
+    return schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step, drop_final_zero)
 
 
 @dataclass

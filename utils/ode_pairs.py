@@ -349,11 +349,7 @@ class ODEPairDataset:
 
 def config_trajectory_timesteps(cfg: Any) -> list[float]:
     """The timesteps ODE regression assigns to the trajectory entries: `denoising_step_list`, warped onto the
-    generator's shifted grid when `warp_denoising_step` (the same rule as `trainer.self_forcing.rollout_steps`,
-    final 0 kept)."""
+    generator's shifted grid when `warp_denoising_step`, final 0 kept."""
     from pipeline.schedule import FlowMatchSchedule
-    steps = [float(s) for s in cfg.denoising_step_list]
-    if cfg.warp_denoising_step:
-        schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
-        steps = [float(s) for s in schedule.warp(cfg.denoising_step_list).tolist()]
-    return steps
+    schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
+    return schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step)
