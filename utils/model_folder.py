@@ -151,14 +151,16 @@ def load_codec(folder: str | Path, device: str | torch.device = "cpu", dtype: to
             raise ValueError(f"{folder / 'codec' / 'config.json'}: unknown codec type {kind!r}")
         return PixelShuffleCodec(**cfg)
     if (folder / "vae").is_dir():
-        from model.vae import WanVAE
-        return WanVAE.from_diffusers_folder(folder / "vae", dtype=dtype).to(device)
+        from utils.wan_components import load_wan_vae
+        return load_wan_vae(folder, device=device, dtype=dtype)
     raise FileNotFoundError(f"{folder} has neither codec/ nor vae/")
 
 
 def load_text_encoder(folder: str | Path, text_len: int, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32):
     """`text_encoder/` + `tokenizer/` of the folder; `text_len` is the generator's (rows it pads context to)."""
-    from model.text_encoder import TextEncoder
-    return TextEncoder.from_diffusers_folder(folder, dtype=dtype, device=device, text_len=text_len)
+    if not (Path(folder) / "text_encoder").is_dir():
+        raise FileNotFoundError(f"{folder} has no text_encoder/ (export with --include-base, or give --model-root)")
+    from utils.wan_components import load_wan_text_encoder
+    return load_wan_text_encoder(folder, text_len=text_len, device=device, dtype=dtype)
 
