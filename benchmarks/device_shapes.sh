@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# Run shapes-world recipe stages on the device machine and bring back what later stages and the repo need.
-#   bash benchmarks/device_shapes.sh "stage:seconds:override ... stage:seconds" [extra args for shapes_world.py]
-# e.g. "teacher:200:max_steps=1500 ode_pairs:60 ode_init:120:max_steps=800". Each stage gets a time limit; a stage
-# stopped by it keeps its latest periodic checkpoint (log_iters), so later stages can still run.
+# Run the shapes-world recipe on a GPU machine, time-boxed, with independent stages sharing the GPU, and bring back
+# what later stages and the repository need (the models are small: one process leaves most of an H100 idle).
+#
+#   bash benchmarks/device_shapes.sh "PHASE PHASE ..."
+#   PHASE = LANE+LANE+...   lanes of a phase run in parallel; phases run one after another
+#   LANE  = STAGE>STAGE>... stages of a lane run one after another
+#   STAGE = name[:seconds[:key=value,key=value]]   seconds -> time_limit_s (training time; the stage then checkpoints)
+# e.g. "base teacher:240 ode_pairs>ode_init:80+teacher_forcing:200+diffusion_forcing:200 dmd:170+sid:170"
+#
+# Brings back to $OUT: every finished stage's generator EMA in bf16 plus all metrics, as shapes_runs.tar split in
+# 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log.
+# SHAPES_SIZE=smoke runs the CI-sized recipe (to check this script on a CPU).
 # Wheels for packages the device image lacks are carried in .whl/ (see the device tool's README).
 set -uo pipefail
 plan=$1; shift
@@ -10,25 +18,48 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false SHAPES_OVERRIDES=""
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-for item in $plan; do
-  IFS=: read -r stage limit overrides <<< "$item"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+out=${OUT:-/tmp/out}; runs=${SHAPES_RUNS:-runs/shapes}; log="$out/shapes_log.txt"
+mkdir -p "$out" "$runs"
+
+run_stage() {  # name[:seconds[:overrides]]
+  local name limit overrides extra start
+  IFS=: read -r name limit overrides <<< "$1"
+  extra="${overrides//,/ }"
+  [ -n "$limit" ] && extra="time_limit_s=$limit $extra"
   start=$(date +%s)
-  SHAPES_OVERRIDES="${overrides//,/ }" timeout "${limit:-600}" "${PYTHON:-python3}" scripts/shapes_world.py --out runs/shapes \
-    --stages "$stage" "$@" 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/shapes_log.txt"
-  echo "[device] $stage finished or stopped after $(( $(date +%s) - start )) s" | tee -a "$out/shapes_log.txt"
-  logs="runs/shapes/$stage/logs"
-  last=$(ls -d "$logs"/checkpoint_model_* 2>/dev/null | tail -1)
-  if [ -n "$last" ] && [ ! -f "runs/shapes/$stage/generator.safetensors" ]; then  # stopped: keep its latest weights
-    cp "$last/generator.safetensors" "runs/shapes/$stage/"
-    cp "$last/generator_ema.safetensors" "runs/shapes/$stage/" 2>/dev/null || cp "$last/generator.safetensors" "runs/shapes/$stage/generator_ema.safetensors"
-    cp "$last/config.yaml" "runs/shapes/$stage/" 2>/dev/null || true
-  fi
-  if [ -f "runs/shapes/$stage/generator_ema.safetensors" ]; then
-    cp "runs/shapes/$stage/generator_ema.safetensors" "$out/${stage}__generator_ema.safetensors"
-    sed "s/^/{\"stage\": \"$stage\", \"m\": /; s/$/}/" "$logs/metrics.jsonl" >> "$out/metrics_all.jsonl"
-  fi
+  # A hard stop well past the training time limit, in case a stage hangs (compile, data).
+  SHAPES_OVERRIDES="$extra" timeout $(( ${limit:-300} + 150 )) python3 scripts/shapes_world.py --out "$runs" \
+    --stages "$name" --size "${SHAPES_SIZE:-full}" 2>&1 | grep --line-buffered -v "it/s\]" | sed -u "s/^/[$name] /" >> "$log"
+  echo "[device] $name ended after $(( $(date +%s) - start )) s" | tee -a "$log"
+}
+
+run_lane() { local stage; IFS='>' read -ra stages <<< "$1"; for stage in "${stages[@]}"; do run_stage "$stage"; done; }
+
+for phase in $plan; do
+  IFS='+' read -ra lanes <<< "$phase"
+  for lane in "${lanes[@]}"; do run_lane "$lane" & done
+  wait
 done
+
+python3 - "$runs" <<'PY'
+import json, sys, tarfile, io
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
+runs = Path(sys.argv[1]); pack = Path("/tmp/shapes_pack"); pack.mkdir(exist_ok=True)
+for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
+    ema = stage / "generator_ema.safetensors"
+    if ema.is_file():
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(ema).items()}, pack / f"{stage.name}.safetensors")
+    for metrics in (stage / "logs").glob("metrics*.jsonl"):
+        (pack / f"{stage.name}_{metrics.name}").write_bytes(metrics.read_bytes())
+    for name in ("config.yaml",):
+        if (stage / name).is_file():
+            (pack / f"{stage.name}_{name}").write_bytes((stage / name).read_bytes())
+with tarfile.open("/tmp/shapes_runs.tar", "w") as tar:
+    tar.add(pack, arcname="shapes_runs")
+print("packed", sorted(p.name for p in pack.iterdir()))
+PY
+split -b 15M /tmp/shapes_runs.tar "$out/shapes_runs.tar.part-"
 ls -la "$out"

@@ -39,6 +39,8 @@ def main() -> None:
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         for _ in range(args.warmup):
             trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         times = []
         for _ in range(args.steps):
             sync()
@@ -57,10 +59,16 @@ def main() -> None:
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25)
     print(table)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    # With a critic the generator updates every dfake_gen_update_ratio steps: the mean over the timed steps (a
+    # multiple of the ratio) is the cost per iteration, the median that of a critic-only step.
     result = {"env": environment(device), "config": args.config_path, "overrides": args.overrides,
-              "ms_per_step_median": statistics.median(times), "ms_per_step": times, "profile": table}
+              "ms_per_step_median": statistics.median(times), "ms_per_step_mean": statistics.fmean(times),
+              "ms_per_step": times, "peak_gpu_memory_gib": peak, "profile": table}
     print_table([("device", result["env"]["device"]), ("config", args.config_path),
-                 ("ms/step (median)", f"{result['ms_per_step_median']:.1f}")])
+                 ("ms/step (median)", f"{result['ms_per_step_median']:.1f}"),
+                 ("ms/step (mean)", f"{result['ms_per_step_mean']:.1f}"),
+                 ("peak GPU memory (GiB)", "-" if peak is None else f"{peak:.1f}")])
     print("wrote", write_result(args.name + ("" if device.type == "cuda" else "_tiny_cpu"), result))
 
 

@@ -176,9 +176,13 @@ def test_accumulation_equals_a_bigger_batch(tmp_path):
     la, lb = acc.train(), big.train()
     for key in ("generator_loss", "critic_loss", "generator_grad_norm", "critic_grad_norm"):
         assert la[key] == pytest.approx(lb[key], rel=1e-5), key  # a summed (not averaged) gradient shows here
-    # Adam divides by sqrt(v): float noise in near-zero gradient entries moves weights by up to ~1e-5 at lr 1e-2.
-    assert_same(weights(acc.algorithm.models.generator.model), weights(big.algorithm.models.generator.model), 1e-4)
-    assert_same(weights(acc.algorithm.models.critic.model), weights(big.algorithm.models.critic.model), 1e-4)
+    # Adam divides by sqrt(v): float noise in near-zero gradient entries can move single weights by up to the lr
+    # (which entries depends on the CPU's summation order), so each tensor is compared as a whole.
+    for role in ("generator", "critic"):
+        wa, wb = weights(getattr(acc.algorithm.models, role).model), weights(getattr(big.algorithm.models, role).model)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert float((wa[k] - wb[k]).norm()) <= 1e-3 * float(wb[k].norm()) + 1e-4, (role, k)
 
 
 # --------------------------------------------------------------------------------------------- non-finite guards
@@ -390,3 +394,13 @@ def test_seed_zero_draws_a_seed_and_rng_state_round_trips(tmp_path):
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_time_limit_stops_early_and_checkpoints(tmp_path, monkeypatch):
+    import trainer.loop as loop
+    clock = iter(float(i) for i in range(1000))  # every perf_counter() call advances one "second"
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: next(clock))
+    trainer = make_trainer(tmp_path, max_steps=50, time_limit_s=4.5, keep_checkpoints=0)
+    trainer.train()
+    assert 0 < trainer.step < 50
+    assert ts.latest_checkpoint(tmp_path) == ts.checkpoint_dir(tmp_path, trainer.step)

@@ -147,8 +147,10 @@ class Trainer:
         opt, params = self.optimizers[role], self.params[role]
         self._zero_grad(role)
         total_loss, sums = 0.0, {}
+        autocast = self.algorithm.models.extra.get("autocast_dtype")
         for _ in range(self.micro_steps):
-            loss, logs = loss_fn(next(self.data), self.step)
+            with torch.autocast(self.dist.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                loss, logs = loss_fn(next(self.data), self.step)
             if any_rank(not bool(torch.isfinite(loss.detach()).all()), self.dist.device):
                 return self._skip(role, "loss")
             (loss / self.micro_steps).backward()
@@ -221,8 +223,14 @@ class Trainer:
         # dfake_gen_update_ratio steps, so logging one step's values would miss it whenever the intervals align.
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        started = time.perf_counter()
         try:
             while self.step < cfg.max_steps:
+                if cfg.time_limit_s > 0 and any_rank(time.perf_counter() - started > cfg.time_limit_s):
+                    # A time-boxed run ends like a finished one: the final checkpoint below is written.
+                    if self.dist.is_main:
+                        warn(f"time_limit_s={cfg.time_limit_s} reached at step {self.step}; stopping")
+                    break
                 for key, value in self.train_step().items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                     counts[key] = counts.get(key, 0) + 1

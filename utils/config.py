@@ -116,9 +116,11 @@ class Config:
     total_batch_size: Optional[int] = None
     dfake_gen_update_ratio: int = 5
     max_steps: int = 600
+    time_limit_s: float = 0.0
     ema_weight: float = 0.0
     ema_start_step: int = 0
     gradient_checkpointing: bool = True
+    compile: bool = False
     mixed_precision: bool = True
     sharding_strategy: str = "full"
     cpu_offload: bool = False

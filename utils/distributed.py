@@ -253,6 +253,13 @@ def _is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def uses_fsdp(cfg: Any, state: DistState) -> bool:
+    """Whether the networks are wrapped with FSDP2: whenever a process group exists, except `no_shard` on a single
+    rank, where FSDP would shard nothing and only add per-block casts and hooks (they dominated the step time of the
+    small shapes-world models); such a run computes in fp32 (TF32 matmuls on GPU)."""
+    return state.sharded and not (state.world_size == 1 and cfg.sharding_strategy == "no_shard")
+
+
 def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     """Move the networks of a `Models` bundle to the device and shard them when a process group exists.
 
@@ -263,7 +270,8 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     """
     ckpt = bool(cfg.gradient_checkpointing)
     roles = {"generator": ckpt, "critic": ckpt, "teacher": ckpt and cfg.distribution_loss == "sid"}
-    mesh = _mesh(state, cfg.sharding_strategy) if state.sharded else None
+    shard = uses_fsdp(cfg, state)
+    mesh = _mesh(state, cfg.sharding_strategy) if shard else None
     for role, checkpointing in roles.items():
         denoiser = getattr(models, role)
         if denoiser is None or _is_sharded(denoiser.model):
@@ -271,27 +279,45 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
         net = denoiser.model
         if hasattr(net, "set_gradient_checkpointing"):
             net.set_gradient_checkpointing(checkpointing)
-        if state.sharded:
+        if shard:
             shard_module(net, state, mixed_precision=cfg.mixed_precision, strategy=cfg.sharding_strategy,
                          cpu_offload=cfg.cpu_offload, mesh=mesh)
         else:
             net.to(state.device)
+        if cfg.compile:
+            compile_blocks(net)
     heads = models.discriminator_heads
     if heads is not None and not _is_sharded(heads):
         heads.to(state.device)
-        if state.sharded:  # one unit, with the critic's precision policy (its inputs are the critic's activations)
+        if shard:  # one unit, with the critic's precision policy (its inputs are the critic's activations)
             from torch.distributed.fsdp import fully_shard
             fully_shard(heads, **_fsdp_kwargs(state, cfg.mixed_precision, cfg.sharding_strategy, cfg.cpu_offload,
                                               mesh))
     # What the networks compute in: algorithms size KV caches and noise with it (the sharded fp32 master
     # parameters they can see outside forward would say float32).
-    bf16 = cfg.mixed_precision and state.device.type == "cuda" and state.sharded
+    bf16 = cfg.mixed_precision and state.device.type == "cuda" and shard
     models.extra["compute_dtype"] = torch.bfloat16 if bf16 else torch.float32
+    # Without FSDP's precision policy, mixed precision is autocast around the losses (fp32 weights and caches,
+    # bf16 matmuls and flash attention: fp32 attention dominated the small shapes-world steps).
+    unsharded_bf16 = cfg.mixed_precision and state.device.type == "cuda" and not shard
+    models.extra["autocast_dtype"] = torch.bfloat16 if unsharded_bf16 else None
     if hasattr(models.text, "place"):
         models.text.place(state.device, keep_on_cpu=cfg.text_encoder_cpu_offload)
     if isinstance(models.codec, nn.Module):
         models.codec.to(state.device)
     return models
+
+
+def compile_blocks(net: nn.Module) -> None:
+    """torch.compile each transformer block in place (regional compilation: the blocks share one compiled graph,
+    so warm-up costs one block, not the whole network). Small networks are dominated by kernel launches; fusing
+    the elementwise work of a block cuts a training step several-fold. After sharding, so FSDP hooks stay outside."""
+    blocks = getattr(net, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"compile: {type(net).__name__} has no `blocks` to compile")
+    for block in blocks:
+        if not getattr(block, "_compiled_call_impl", None):
+            block.compile()
 
 
 # ------------------------------------------------------------------------------------------- tensors and grads

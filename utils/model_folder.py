@@ -115,11 +115,10 @@ def read_model_index(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> tuple[WanDiT, dict[str, Any]]:
-    """The generator and its stored causal settings."""
-    tdir = Path(folder) / "transformer"
-    config_path = tdir / "config.json"
+def read_transformer_config(config_path: str | Path) -> tuple[WanConfig, dict[str, Any]]:
+    """(architecture, stored causal settings) of a `transformer/config.json`: ours (WanConfig keys) or diffusers'
+    (`WanTransformer3DModel`), each possibly with our extra `causal` block and `text_len`."""
+    config_path = Path(config_path)
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} is missing")
     raw = json.loads(config_path.read_text())
@@ -127,10 +126,16 @@ def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
     if raw.get("_class_name") == "WanTransformer3DModel":
         from model.dit_keys import wan_config_from_diffusers
         text_len = raw.pop("text_len", 512)
-        wan_config = wan_config_from_diffusers({k: v for k, v in raw.items() if not k.startswith("_")},
-                                               text_len=text_len, source=str(config_path))
-    else:
-        wan_config = WanConfig.from_json(config_path)
+        return wan_config_from_diffusers({k: v for k, v in raw.items() if not k.startswith("_")},
+                                         text_len=text_len, source=str(config_path)), causal
+    return WanConfig.from_json(config_path), causal
+
+
+def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[WanDiT, dict[str, Any]]:
+    """The generator and its stored causal settings."""
+    tdir = Path(folder) / "transformer"
+    wan_config, causal = read_transformer_config(tdir / "config.json")
     with torch.device("meta"):
         model = WanDiT(wan_config)
     state = load_wan_safetensors(tdir)

@@ -250,8 +250,10 @@ def _frame_to_rgb(frame) -> np.ndarray:
 
 
 def _pyav_has_libx264() -> bool:
-    import av
-
+    try:
+        import av
+    except ImportError:  # PyAV is optional when imageio-ffmpeg is installed
+        return False
     return "libx264" in av.codecs_available
 
 

@@ -9,7 +9,6 @@ Weights load on the meta device first so nothing is initialised twice.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,9 +34,8 @@ def wan_config_of(folder: Path) -> WanConfig:
     if (folder / "config.json").is_file():
         return WanConfig.from_json(folder / "config.json")
     if (folder / "transformer" / "config.json").is_file():
-        from model.dit_keys import wan_config_from_diffusers
-        data = json.loads((folder / "transformer" / "config.json").read_text())
-        return wan_config_from_diffusers(data, source=str(folder / "transformer" / "config.json"))
+        from utils.model_folder import read_transformer_config
+        return read_transformer_config(folder / "transformer" / "config.json")[0]
     raise FileNotFoundError(f"{folder} has no config.json (nor transformer/config.json)")
 
 

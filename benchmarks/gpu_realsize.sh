@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Real-size runs with RANDOM weights on one GPU (timing and memory do not depend on weight values):
+#   1. inference.py at 480x832, 7 blocks (81 frames, official settings) and 60 blocks (--preset long: sink + window +
+#      relative RoPE), Wan VAE streaming decode; their stats JSON (per-block ms, time to first frame, frames/s, peak
+#      GPU memory) are copied to $OUT;
+#   2. Self Forcing DMD training steps with the 1.3B model as generator, critic and teacher (FSDP2 on one rank,
+#      bf16, activation checkpointing): benchmarks/train_step.py JSON (s/step, profile) to $OUT.
+# The videos themselves (random weights: noise) stay on the machine.
+#   bash benchmarks/gpu_realsize.sh [infer] [train]
+set -uo pipefail
+out=${OUT:-/tmp/out}; root=${WAN_RANDOM_ROOT:-/tmp/wan_random}; model=$root/Wan2.1-T2V-1.3B
+parts=${*:-infer train}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+[ -f "$model/model_index.json" ] || python3 benchmarks/random_wan_folder.py --out "$model" || exit 1
+prompt="a cat walks on the beach at sunset, camera slowly close up"
+if [[ $parts == *infer* ]]; then
+  python3 inference.py --model "$model" --prompt "$prompt" --height 480 --width 832 --num_output_frames 21 \
+    --offload-text-encoder --output-dir /tmp/infer_7blocks --overwrite 2>&1 | grep -v "it/s\]"
+  cp /tmp/infer_7blocks/stats_*.json "$out/inference_7blocks_stats.json"
+  python3 inference.py --model "$model" --preset long --prompt "$prompt" --height 480 --width 832 --total-blocks 60 \
+    --offload-text-encoder --output-dir /tmp/infer_60blocks --overwrite 2>&1 | grep -v "it/s\]"
+  cp /tmp/infer_60blocks/stats_*.json "$out/inference_60blocks_long_stats.json"
+fi
+if [[ $parts == *train* ]]; then
+  printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > /tmp/prompts.txt
+  python3 benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
+    --steps 5 --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path=/tmp/prompts.txt \
+    total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | tail -45
+  cp benchmarks/results/train_step_dmd_1.3b.json "$out/" 2>/dev/null
+fi
+ls -la "$out"
