@@ -111,6 +111,12 @@ class KVCache:
         """Every layer holds the prompt's cross-attention K/V (the text embedding is then not needed)."""
         return all(self.cross_ready)
 
+    def store_text(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Keep one layer's cross-attention K/V `[B, text_len, heads, head_dim]` of the current prompt."""
+        self.cross_k[layer].copy_(k)
+        self.cross_v[layer].copy_(v)
+        self.cross_ready[layer] = True
+
     def reset(self, self_attention: bool = True, cross_attention: bool = True) -> None:
         """Forget the video (self-attention) and/or the prompt (cross-attention). Buffers are reused, not freed."""
         if self_attention:

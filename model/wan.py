@@ -229,10 +229,7 @@ class WanBlock(nn.Module):
         # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients (SPEC 5.3).
         if cache is not None and not torch.is_grad_enabled():
             if not cache.cross_ready[layer]:
-                k, v = attn.key_value(text)
-                cache.cross_k[layer].copy_(k)
-                cache.cross_v[layer].copy_(v)
-                cache.cross_ready[layer] = True
+                cache.store_text(layer, *attn.key_value(text))
             return cache.cross_k[layer], cache.cross_v[layer]
         return attn.key_value(text)
 
@@ -342,6 +339,14 @@ class WanDiT(nn.Module):
         """`[B, L, text_dim]` -> `[B, text_len, D]`; zero rows pad to text_len and are attended (as upstream Wan)."""
         pad = self.config.text_len - context.shape[1]
         return self.text_embedding(F.pad(context, (0, 0, 0, pad)))
+
+    @torch.no_grad()
+    def cache_text(self, kv_cache: KVCache, context: Tensor) -> None:
+        """Fill every layer's cross-attention K/V of `kv_cache` for the prompt `context` `[B, L, text_dim]` (what
+        the first cached call does lazily; a CUDA-graph runner does it ahead, outside the graph)."""
+        text = self.embed_text(context.to(self.text_embedding[0].weight.dtype))
+        for layer, block in enumerate(self.blocks):
+            kv_cache.store_text(layer, *block.cross_attn.key_value(text))
 
     def patchify(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """`[B, F, C, H, W]` -> tokens `[B, F'*H'*W', D]` (frame-major, then row, then column) and the grid."""

@@ -2,6 +2,8 @@
 the `InferenceOptions` switches, compiled layer pieces, the CUDA-graph runner's plumbing and streamed decoding."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_relative_rope_rotates_only_the_sink_and_equals_window_rerotation_past_the_table():
     # 60 blocks of 2 frames through a 6-frame window with 2 sink frames, past a 64-position RoPE table.
     model = tiny_model(rope_max_positions=64)
-    kwargs = dict(blocks=60, window=6, sink=2, rope="relative", steps=STEPS[:2])
+    kwargs = {"blocks": 60, "window": 6, "sink": 2, "rope": "relative", "steps": STEPS[:2]}
     reference = run_rollout(model, rerotate=True, **kwargs)
     fast = run_rollout(model, **kwargs)
     assert torch.isfinite(fast).all()
@@ -99,3 +101,51 @@ def test_cache_only_call_writes_the_same_cache_and_returns_nothing():
         caches.append(cache)
     torch.testing.assert_close(caches[1].k, caches[0].k)
     torch.testing.assert_close(caches[1].v, caches[0].v)
+
+
+@pytest.mark.parametrize("policy, positions", [({}, 4), ({"window": 4, "sink": 1, "rope": "relative"}, 2)])
+def test_graph_runner_replays_each_plan_with_fresh_inputs(policy, positions):
+    from pipeline.cuda_graphs import GraphedDiT
+    model = tiny_model()
+    reference = run_rollout(model, 4, **policy)
+    graphed = GraphedDiT(model, emulate=True)
+    out = run_rollout(model, 4, denoiser=Denoiser(graphed, SCHEDULE), **policy)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    # 4 blocks x (4 steps + a cache pass): one capture per (cache plan, kind of call), the rest replays. A rolling
+    # cache has the same plan from the block that fills it on.
+    assert not graphed.errors
+    assert (graphed.captures, graphed.replays) == (positions * 2, 4 * 5 - positions * 2)
+
+
+def test_graph_runner_refills_the_prompt_after_a_switch():
+    from pipeline.cuda_graphs import GraphedDiT
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    schedule = [(0, a), (2, b)]
+    reference = run_rollout(model, 4, window=4, sink=1, rope="relative", context=schedule)
+    graphed = GraphedDiT(model, emulate=True)
+    out = run_rollout(model, 4, window=4, sink=1, rope="relative", context=schedule,
+                      denoiser=Denoiser(graphed, SCHEDULE))
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_position():
+    from torch._dynamo.utils import counters
+
+    from pipeline.cuda_graphs import GraphedDiT
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    reference = run_rollout(model, 3, window=4, sink=1, rope="relative")
+    model.inference_options = InferenceOptions(compile=True)
+    compiled = run_rollout(model, 3, window=4, sink=1, rope="relative")
+    torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-5)
+    # Three pieces per layer, each compiled once: shared by both layers, all block positions and kinds of call.
+    assert counters["stats"]["unique_graphs"] == 3
+    graphed = run_rollout(model, 3, window=4, sink=1, rope="relative",
+                          denoiser=Denoiser(GraphedDiT(model, emulate=True), SCHEDULE))
+    torch.testing.assert_close(graphed, reference, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 3
