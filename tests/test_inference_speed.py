@@ -149,3 +149,19 @@ def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_positi
                           denoiser=Denoiser(GraphedDiT(model, emulate=True), SCHEDULE))
     torch.testing.assert_close(graphed, reference, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 3
+
+
+def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time():
+    from model.pixel_codec import PixelShuffleCodec
+    from pipeline.streaming import BlockDecoder
+    codec = PixelShuffleCodec(spatial_factor=2)
+    seen = []
+    decoder = BlockDecoder(codec.stream_decoder(), torch.device("cpu"), on_frames=lambda i, f: seen.append((i, f)))
+    latents = torch.randn(1, 6, codec.latent_channels, 4, 6)
+    for index in range(3):
+        decoder.submit(index, latents[:, 2 * index:2 * index + 2])
+    frames = decoder.finish()
+    assert [i for i, _ in seen] == [0, 1, 2] and len(frames) == 3
+    whole = codec.decode_to_pixel(latents) * 0.5 + 0.5
+    torch.testing.assert_close(torch.cat(frames, dim=1), whole.clamp(0, 1))
+    assert decoder.time_to_first_frame_ms is not None and decoder.time_to_first_frame_ms >= 0
