@@ -26,14 +26,17 @@ class BlockDecoder:
     """Decode latent blocks `[B, n, C, h, w]` with a codec's `stream_decoder()` as they come.
 
     side_stream: decode on a separate CUDA stream (ignored off CUDA). on_frames: called with each block's frames,
-    in order, once they are ready. The clock (time to first frame) starts at construction.
+    in order, once they are ready. first_frame_alone: decode the very first latent frame on its own, so the first
+    pixel frame is out before the rest of block 0 is decoded (same frames: the codecs' stream decoders are causal;
+    block 0 is then handed out in two parts). The clock (time to first frame) starts at construction.
     """
 
     def __init__(self, stream_decoder: Any, device: torch.device, *, side_stream: bool = True,
-                 on_frames: FramesCallback | None = None):
+                 on_frames: FramesCallback | None = None, first_frame_alone: bool = True):
         self.decoder = stream_decoder
         self.device = device
         self.on_frames = on_frames
+        self.first_frame_alone = first_frame_alone
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda and side_stream else None
         self.frames: list[Tensor] = []
@@ -46,7 +49,14 @@ class BlockDecoder:
             self._start.record()
 
     def submit(self, index: int, latents: Tensor) -> None:
-        """Queue the decode of one block (its latents must not be modified afterwards)."""
+        """Queue the decode of one block `[B, n, C, h, w]` (its latents must not be modified afterwards)."""
+        if self.first_frame_alone and not self.frames and not self._pending and latents.shape[1] > 1:
+            self._submit(index, latents[:, :1])
+            latents = latents[:, 1:]
+        self._submit(index, latents)
+        self.poll()
+
+    def _submit(self, index: int, latents: Tensor) -> None:
         if self.stream is None:
             pixels = to_unit(self.decoder.decode_chunk(latents))
             done = None
@@ -65,7 +75,6 @@ class BlockDecoder:
         if not self.cuda and self._first_frame_ms is None:
             self._first_frame_ms = (time.perf_counter() - self._tic) * 1000.0
         self._pending.append((index, pixels, done))
-        self.poll()
 
     def poll(self) -> None:
         """Hand out every block whose decode has finished, in order."""

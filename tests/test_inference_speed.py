@@ -151,17 +151,39 @@ def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_positi
     assert counters["stats"]["unique_graphs"] == 3
 
 
-def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time():
+def tiny_codec(kind: str):
+    from diffusers import AutoencoderKLWan
+
     from model.pixel_codec import PixelShuffleCodec
+    from model.taehv import TAEHV, TAEHVCodec
+    from model.vae import WAN21_VAE_CONFIG, WanVAE
+    torch.manual_seed(0)
+    if kind == "wan_vae":
+        return WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=8)).eval())
+    if kind == "taehv":
+        return TAEHVCodec(TAEHV(decoder_n_f=(8, 8, 4, 4), encoder_width=4).eval())
+    return PixelShuffleCodec(spatial_factor=2)
+
+
+def decode_blocks(decoder, latents: torch.Tensor, block: int = 2) -> list[torch.Tensor]:
+    for start in range(0, latents.shape[1], block):
+        decoder.submit(start // block, latents[:, start:start + block])
+    return decoder.finish()
+
+
+@pytest.mark.parametrize("kind", ["pixel", "wan_vae", "taehv"])
+def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time(kind):
     from pipeline.streaming import BlockDecoder
-    codec = PixelShuffleCodec(spatial_factor=2)
-    seen = []
-    decoder = BlockDecoder(codec.stream_decoder(), torch.device("cpu"), on_frames=lambda i, f: seen.append((i, f)))
-    latents = torch.randn(1, 6, codec.latent_channels, 4, 6)
-    for index in range(3):
-        decoder.submit(index, latents[:, 2 * index:2 * index + 2])
-    frames = decoder.finish()
-    assert [i for i, _ in seen] == [0, 1, 2] and len(frames) == 3
-    whole = codec.decode_to_pixel(latents) * 0.5 + 0.5
-    torch.testing.assert_close(torch.cat(frames, dim=1), whole.clamp(0, 1))
+    codec = tiny_codec(kind)
+    latents = torch.randn(1, 6, codec.latent_channels, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = decode_blocks(BlockDecoder(codec.stream_decoder(), torch.device("cpu"), first_frame_alone=False),
+                              latents)
+        seen = []
+        decoder = BlockDecoder(codec.stream_decoder(), torch.device("cpu"), on_frames=lambda i, f: seen.append(i))
+        frames = decode_blocks(decoder, latents)
+    # The first latent frame is decoded (and handed out) alone: the same frames, block 0 in two parts.
+    assert seen == [0, 0, 1, 2] and frames[0].shape[1] == 1
+    torch.testing.assert_close(torch.cat(frames, dim=1), torch.cat(whole, dim=1), atol=1e-5, rtol=1e-5)
+    assert torch.cat(frames, dim=1).shape[1] == 1 + codec.temporal_factor * 5
     assert decoder.time_to_first_frame_ms is not None and decoder.time_to_first_frame_ms >= 0
