@@ -187,8 +187,13 @@ class CausalInferencePipeline:
             decoder.frames.append(pixels)
 
         def fresh_noise(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
-                               else like.device).to(like)
+            noise = torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
+                                else like.device)
+            if noise.device.type == "cpu" and like.is_cuda:
+                # A seeded CPU generator keeps videos identical across devices; a pinned, non-blocking copy keeps
+                # the re-noising from synchronising the host with the GPU at every step.
+                noise = noise.pin_memory().to(like.device, non_blocking=True)
+            return noise.to(like)
 
         def on_block(index: int, start: int, x0: Tensor) -> None:
             if decoder is not None:
