@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="timed rollouts per entry after one warm-up")
     parser.add_argument("--gemm-tflops", type=float, default=797.0)
     parser.add_argument("--attention-tflops", type=float, default=548.0)
-    parser.add_argument("--budget-s", type=float, default=330.0, help="skip sections once this much time is spent")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="skip sections once this much time is spent")
     parser.add_argument("--name", default="speed")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -331,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
             if bench.device.type == "cuda":
                 torch.cuda.synchronize()
         result["levers"][lever] = entry
+        print(f"[speed] {lever}: " + (entry["error"] if "error" in entry else
+              f"{entry['rollout_ms']:.1f} ms, rel.err {entry['rel_error_vs_eager']:.1e}, warm-up {entry['warmup_s']:.1f} s"),
+              flush=True)
         save()
     setting = working
     result["attention_backends"] = bench._attention
@@ -356,16 +359,37 @@ def main(argv: list[str] | None = None) -> dict:
                 long_latents[section] = result[section].pop("latents")
         except Exception as err:  # noqa: BLE001
             result[section] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+        print(f"[speed] {section}: {result[section].get('error', 'done')} at {time.perf_counter() - start:.0f} s",
+              flush=True)
         save()
     if len(long_latents) == 2:  # the long rollout's first blocks against the eager one
         a, b = long_latents["long"], long_latents["long_eager"]
         result["long"]["rel_error_vs_eager_first_blocks"] = rel_error(a[:, :b.shape[1]], b)
         result["long"]["within_bound"] = result["long"]["rel_error_vs_eager_first_blocks"] <= ERROR_BOUND[bench.dtype]
+    result["targets"] = targets(result)
     result["total_s"] = time.perf_counter() - start
     path = write_result(name, result)
     print_summary(result)
     print("wrote", path)
     return result
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets against the best entry (the last lever that ran) and the decode sections."""
+    best = [e for e in result["levers"].values() if "rollout_ms" in e]
+    compiled = [e for k, e in result["levers"].items() if "warmup_s" in e and k in ("compile", "cudagraph")]
+    checks = {"dit_rollout_ms<=1750": best[-1]["rollout_ms"] if best else None,
+              "dit_fps>=46": best[-1]["frames_per_s_dit_only"] if best else None,
+              "wan_vae_fps>=30": result.get("decode_wan_vae", {}).get("frames_per_s"),
+              "taehv_fps>=40": result.get("decode_taehv", {}).get("frames_per_s"),
+              "first_frame_ms<=250": result.get("decode_wan_vae", {}).get("time_to_first_frame_ms"),
+              "warmup_s<=60": sum(e["warmup_s"] for e in compiled) if compiled else None}
+    out = {}
+    for key, value in checks.items():
+        bound = float(key.split("=")[-1])
+        met = None if value is None else (value <= bound if "<=" in key else value >= bound)
+        out[key] = {"value": value, "met": met}
+    return out
 
 
 def print_summary(result: dict) -> None:
@@ -399,6 +423,9 @@ def print_summary(result: dict) -> None:
         else:
             rows.append((key, f"{e['blocks']} blocks: steady {e['steady_block_ms']:.1f} ms/block"
                               + (f", peak {e['peak_gib']:.1f} GiB" if e["peak_gib"] else "")))
+    for key, t in result.get("targets", {}).items():
+        if t["value"] is not None:
+            rows.append((f"target {key}", f"{t['value']:.1f}  {'met' if t['met'] else 'NOT met'}"))
     if result["skipped"]:
         rows.append(("skipped (budget)", ", ".join(result["skipped"])))
     print_table(rows)
