@@ -22,8 +22,8 @@ from pipeline.rollout import block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder, FramesCallback, to_unit
 
-# FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]); block -1 carries the decoded frames of an
-# initial latent.
+# FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]), in order; block -1 carries the decoded frames
+# of an initial latent; block 0 comes in two calls (its first frame alone) unless first_frame_alone is off.
 
 
 @dataclass
@@ -63,9 +63,11 @@ class CausalInferencePipeline:
 
     def __init__(self, generator: WanDiT, text_encoder: Any, codec: Any, schedule: FlowMatchSchedule,
                  settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
-                 cuda_graphs: bool = False, decode_side_stream: bool = True):
+                 cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True):
         """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`);
-        decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated."""
+        decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
+        first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
+        `on_frames` is called twice with block 0), for the earliest first frame."""
         self.generator = generator.eval()
         self.text_encoder = text_encoder
         self.codec = codec
@@ -73,6 +75,7 @@ class CausalInferencePipeline:
         self.settings = settings
         self.negative_prompt = negative_prompt
         self.decode_side_stream = decode_side_stream
+        self.first_frame_alone = first_frame_alone
         if compile:
             generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
         self.denoiser = Denoiser(GraphedDiT(generator) if cuda_graphs else generator, schedule)
@@ -181,8 +184,8 @@ class CausalInferencePipeline:
             pixels = to_unit(stream.decode_chunk(initial_latent))
             if on_frames is not None:
                 on_frames(-1, pixels)
-        decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream,
-                               on_frames=on_frames) if stream is not None else None
+        decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream, on_frames=on_frames,
+                               first_frame_alone=self.first_frame_alone) if stream is not None else None
         if stream is not None and initial_latent is not None:
             decoder.frames.append(pixels)
 
