@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                      help="generator precision (default: bfloat16 on GPU, float32 on CPU)")
     run.add_argument("--text-encoder-device", help="device of the text encoder (e.g. cpu to save GPU memory)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
+    run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
+                     "(config key cuda_graphs; CUDA only)")
     run.add_argument("--offload-text-encoder", action="store_true",
                      help="encode every prompt first, then move the text encoder to the CPU")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
@@ -77,6 +80,10 @@ def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | Non
     overrides = list(args.overrides)
     if args.model_root:
         overrides.append(f"model_root={args.model_root}")
+    if args.compile:
+        overrides.append("compile=true")
+    if args.cuda_graphs:
+        overrides.append("cuda_graphs=true")
     layers = [("model folder settings", folder_causal)] if folder_causal else []
     extra = [PRESETS[args.preset]] if args.preset else []
     return load_config(args.config_path, overrides, layers=layers, extra_paths=extra)
@@ -162,7 +169,8 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         source = str(args.checkpoint_path or cfg.generator_ckpt)
     schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
     pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
-                                   negative_prompt=cfg.negative_prompt)
+                                   negative_prompt=cfg.negative_prompt, compile=cfg.compile,
+                                   cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
     return pipe, cfg, source
 
 

@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmark scripts: random real-size models, CUDA timing, result files."""
+"""Helpers shared by the benchmark scripts: random real-size models, CUDA timing, analytic FLOPs, result files."""
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -30,6 +31,90 @@ def random_dit(config: WanConfig, device: torch.device, dtype: torch.dtype, seed
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+def tiny_config() -> WanConfig:
+    """The tiny DiT of the CPU harness checks (`--tiny` / `--size tiny`)."""
+    return WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32, text_len=16)
+
+
+def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
+    """A latent codec with random weights: "wan_vae" (the Wan2.1 VAE architecture) or "taehv" (real sizes unless
+    `tiny`). Decoding time does not depend on weight values."""
+    torch.manual_seed(seed)
+    if kind == "wan_vae":
+        from diffusers import AutoencoderKLWan
+
+        from model.vae import WAN21_VAE_CONFIG, WanVAE
+        config = dict(WAN21_VAE_CONFIG, base_dim=8) if tiny else WAN21_VAE_CONFIG
+        return WanVAE(AutoencoderKLWan(**config).eval()).to(device=device, dtype=dtype).requires_grad_(False)
+    if kind == "taehv":
+        from model.taehv import TAEHV, TAEHVCodec
+        taehv = TAEHV(decoder_n_f=(16, 8, 8, 8), encoder_width=8) if tiny else TAEHV()
+        return TAEHVCodec(taehv.eval()).to(device=device, dtype=dtype).requires_grad_(False)
+    raise ValueError(f"codec must be wan_vae or taehv, got {kind!r}")
+
+
+class BlockClock:
+    """Marks on the device timeline (CUDA events; the host clock on CPU) without synchronising: read the
+    intervals after one sync at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1000.0 for a, b in zip(self.marks, self.marks[1:])]
+
+
+def dit_call_flops(config: WanConfig, query_tokens: int, key_tokens: int, *, text_embedding: bool = True,
+                   cross_kv: bool = False, head: bool = True) -> tuple[float, float]:
+    """(GEMM FLOPs, attention FLOPs) of one DiT forward on `query_tokens` tokens attending to `key_tokens`
+    self-attention keys (multiply-add = 2 FLOPs). Attention counts QK^T and PV of self- and cross-attention; the
+    text embedding and the prompt's cross K/V projections only when computed in this call."""
+    d, n, lt = config.dim, query_tokens, config.text_len
+    layer = 2 * n * d * d * 4 + 2 * n * d * d * 2 + 2 * n * d * config.ffn_dim * 2  # qkvo, cross q/o, FFN
+    if cross_kv:
+        layer += 2 * lt * d * d * 2
+    gemm = config.num_layers * layer
+    gemm += 2 * n * config.in_dim * math.prod(config.patch_size) * d  # patch embedding
+    if text_embedding:
+        gemm += 2 * lt * config.text_dim * d + 2 * lt * d * d
+    if head:
+        gemm += 2 * n * d * config.out_dim * math.prod(config.patch_size)
+    attn = config.num_layers * (4 * n * key_tokens * d + 4 * n * lt * d)
+    return float(gemm), float(attn)
+
+
+def rollout_flops(config: WanConfig, tokens_per_frame: int, num_blocks: int, frames_per_block: int, num_steps: int,
+                  *, window_frames: int = -1, final_context_pass: bool = True,
+                  text_every_call: bool = True) -> tuple[float, float]:
+    """(GEMM, attention) FLOPs of a few-step rollout: per block `num_steps` denoising calls plus one cache pass
+    (not after the last block unless `final_context_pass`), each attending to the frames cached so far (at most
+    `window_frames` with a rolling cache). text_every_call: the text embedding in every call (else once)."""
+    gemm = attn = 0.0
+    calls = 0
+    for block in range(num_blocks):
+        end = (block + 1) * frames_per_block
+        keys = (min(end, window_frames) if window_frames != -1 else end) * tokens_per_frame
+        passes = num_steps + (1 if final_context_pass or block < num_blocks - 1 else 0)
+        for _ in range(passes):
+            g, a = dit_call_flops(config, frames_per_block * tokens_per_frame, keys,
+                                  text_embedding=text_every_call or calls == 0, cross_kv=calls == 0)
+            gemm, attn, calls = gemm + g, attn + a, calls + 1
+    return gemm, attn
 
 
 def sync(device: torch.device) -> None:

@@ -22,11 +22,35 @@ def rows() -> list[str]:
                       f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms, peak {data['peak_gib']:.1f} GiB")
             out.append(head + f"| rollout {data['args']['blocks']}x{data['args']['frames_per_block']} frames, "
                               f"window {data['args']['window']}, sink {data['args']['sink']}, rope {data['args']['rope']} | {figure} |")
+        elif "levers" in data:
+            out.append(head + f"| speed levers, {data['args']['blocks']} blocks, {data['dtype']} | {speed_figure(data)} |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]
             out.append(head + f"| DiT forwards, latent {data['latent']} | {'; '.join(parts)} |")
     return out
+
+
+def speed_figure(data: dict) -> str:
+    """Eager vs every lever, decode frames/s and first frame, the floor ratio (benchmarks/speed.py)."""
+    parts = []
+    for lever, e in data["levers"].items():
+        if "rollout_ms" in e:
+            parts.append(f"{lever} {e['rollout_ms']:.0f} ms ({e['frames_per_s_dit_only']:.1f} fps, "
+                         f"rel.err {e.get('rel_error_vs_eager', 0):.1e})")
+        else:
+            parts.append(f"{lever} failed")
+    for key, label in (("decode_wan_vae", "Wan VAE"), ("decode_taehv", "TAEHV")):
+        e = data.get(key, {})
+        if "frames_per_s" in e:
+            parts.append(f"{label} {e['frames_per_s']:.1f} fps, first frame {e['time_to_first_frame_ms']:.0f} ms")
+    if "floor_ratio" in data:
+        parts.append(f"{data['floor_ratio']:.2f}x the {data['flops']['floor_ms']:.0f} ms floor")
+    if "steady_block_ms" in data.get("long", {}):
+        long = data["long"]
+        parts.append(f"{long['blocks']} blocks window {long['window']} sink {long['sink']}: "
+                     f"{long['steady_block_ms']:.0f} ms/block steady")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Attention back-ends (chosen here and nowhere else) and the block-causal masks of the causal DiT.
 
 Back-end order for unmasked attention: flash-attn 3 -> flash-attn 2 (CUDA, half precision, when installed) ->
-torch SDPA (cuDNN/flash kernels on GPU, math on CPU). Masked (block-causal) attention uses flex attention on CUDA
+torch SDPA (cuDNN/flash kernels on GPU, math on CPU); `set_attention_backend` pins one (e.g. cuDNN SDPA where the
+speed benchmark finds it fastest). Masked (block-causal) attention uses flex attention on CUDA
 and SDPA with the equivalent dense boolean mask on CPU, where compiling flex attention costs ~20 s per shape.
 """
 from __future__ import annotations
@@ -140,6 +141,36 @@ def block_causal_mask(spec: BlockCausal, num_frames: int, tokens_per_frame: int,
     return AttentionMask(spec, num_frames, tokens_per_frame, teacher_forcing, device)
 
 
+# Unmasked attention back-end: "auto" (flash-attn if installed, else SDPA's own choice), "flash_attn", or one SDPA
+# kernel: "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math" (benchmarks/speed.py times them and picks).
+ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+_backend = "auto"
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose the unmasked attention back-end for the whole process (see `ATTENTION_BACKENDS`)."""
+    global _backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    if name == "flash_attn" and _flash_attn_func() is None:
+        raise ValueError("attention backend flash_attn: neither flash-attn 3 nor 2 is installed")
+    _backend = name
+
+
+def attention_backend() -> str:
+    return _backend
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str | None) -> Tensor:
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kernel is None or not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(getattr(SDPBackend, {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION",
+                                          "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}[kernel])):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None) -> Tensor:
     """Softmax attention with scale 1/sqrt(head_dim). `q` `[B, Lq, H, D]`, `k`/`v` `[B, Lk, H, D]` -> `[B, Lq, H, D]`."""
     if mask is not None:
@@ -150,9 +181,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask.dense())
         return out.transpose(1, 2)
+    if _backend.startswith("sdpa"):
+        return _sdpa(q, k, v, _backend[5:] or None)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         flash = _flash_attn_func()
         if flash is not None:
             return flash(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    return _sdpa(q, k, v, None)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from model.rope import RotaryTables, rotate_frames
+
 
 @dataclass(frozen=True)
 class CacheWrite:
@@ -33,9 +35,17 @@ class KVCache:
     window_frames: -1 keeps every frame (capacity must hold the whole video); otherwise the cache rolls, evicting
       the oldest non-sink frames, and queries attend to at most the last `window_frames` frames.
     sink_frames: frames pinned at the start of the buffer (attention sink).
-    rope: "absolute" caches keys rotated at their absolute frame index (the original); "relative" caches keys
-      un-rotated and rotates them at read time by their slot inside the buffer, so positions stay bounded by the
-      capacity however long the rollout runs.
+    rope: "absolute" caches keys rotated at their absolute frame index (the original, bounded by the RoPE table);
+      "relative" gives every cached key the position of its slot inside the buffer (plus a common offset), so the
+      position differences attention sees stay bounded by the capacity however long the rollout runs.
+      RoPE scores depend only on position differences, so "relative" stores keys rotated at their absolute frame
+      (queries too, as "absolute") and only re-rotates the pinned sink frames when the window rolls: rolled frames
+      move down by as many slots as the offset grows. A pristine copy of the sink keys (`sink_k`) is kept so the
+      re-rotation never accumulates rounding. Positions may run past the RoPE table.
+    rerotate_window: relative RoPE as first implemented: keys stored un-rotated and the whole readable window
+      rotated by slot at every read (every layer, every call). Same attention output, much slower; kept as the
+      benchmark's baseline and as the reference of the tests.
+    rope_tables: the model's `RotaryTables` (needed by "relative" to re-rotate sink keys).
     detach_writes: write K/V without autograd history (the paper's semantics: the cache is computed without
       gradients). False reproduces the original, where gradients leak through in-place cache writes (SPEC 5.3).
     """
@@ -43,7 +53,8 @@ class KVCache:
     def __init__(self, *, num_layers: int, batch_size: int, capacity_frames: int, tokens_per_frame: int,
                  num_heads: int, head_dim: int, text_len: int, window_frames: int = -1, sink_frames: int = 0,
                  rope: str = "absolute", detach_writes: bool = True, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rerotate_window: bool = False,
+                 rope_tables: RotaryTables | None = None):
         if rope not in ("absolute", "relative"):
             raise ValueError(f"rope must be 'absolute' or 'relative', got {rope!r}")
         if window_frames != -1 and not 0 < window_frames <= capacity_frames:
@@ -55,10 +66,20 @@ class KVCache:
         self.window_frames = window_frames
         self.sink = sink_frames * tokens_per_frame
         self.rope = rope
+        self.rerotate_window = rope == "relative" and rerotate_window
+        self.rope_tables = rope_tables
         self.detach_writes = detach_writes
         shape = (num_layers, batch_size, self.capacity, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Relative RoPE: keys of the sink slots as written, and the frame offset each sink frame was written at.
+        self.sink_k = None
+        if rope == "relative" and not self.rerotate_window and self.sink:
+            if rope_tables is None:
+                raise ValueError("a relative-RoPE cache with sink frames needs the model's rope_tables")
+            self.sink_k = torch.zeros((num_layers, batch_size, self.sink, num_heads, head_dim), dtype=dtype,
+                                      device=device)
+        self._sink_offsets: list[int | None] = [None] * sink_frames
         cross_shape = (num_layers, batch_size, text_len, num_heads, head_dim)
         self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
         self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
@@ -75,11 +96,33 @@ class KVCache:
     def num_frames_held(self) -> int:
         return self.local_end // self.tokens_per_frame
 
+    @property
+    def frame_offset(self) -> int:
+        """Absolute frame index minus buffer slot (in frames) of every non-sink frame held."""
+        return (self.global_end - self.local_end) // self.tokens_per_frame
+
+    @property
+    def keys_rotated(self) -> bool:
+        """Whether cached keys are stored rotated (all modes but `rerotate_window`)."""
+        return not self.rerotate_window
+
+    @property
+    def text_ready(self) -> bool:
+        """Every layer holds the prompt's cross-attention K/V (the text embedding is then not needed)."""
+        return all(self.cross_ready)
+
+    def store_text(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Keep one layer's cross-attention K/V `[B, text_len, heads, head_dim]` of the current prompt."""
+        self.cross_k[layer].copy_(k)
+        self.cross_v[layer].copy_(v)
+        self.cross_ready[layer] = True
+
     def reset(self, self_attention: bool = True, cross_attention: bool = True) -> None:
         """Forget the video (self-attention) and/or the prompt (cross-attention). Buffers are reused, not freed."""
         if self_attention:
             self.global_end = self.local_end = 0
             self._pending = None
+            self._sink_offsets = [None] * len(self._sink_offsets)
         if cross_attention:
             self.cross_ready = [False] * len(self.cross_ready)
 
@@ -91,7 +134,14 @@ class KVCache:
             raise ValueError(f"cannot skip back from frame {self.global_end // self.tokens_per_frame} to {frame}")
         if target > self.global_end and not (self.rolling or self.local_end == 0):
             raise ValueError("skipping frames needs a rolling cache (window_frames != -1) or an empty one")
+        delta = (target - self.global_end) // self.tokens_per_frame
         self.global_end = target
+        if delta and self.local_end and self.rope == "relative" and not self.rerotate_window:
+            # The held frames keep their slots while the offset grows: move them all by the jump.
+            with torch.no_grad():
+                held = slice(self.sink, self.local_end)
+                self.k[:, :, held] = self._rotate_frames(self.k[:, :, held], delta)
+            self._refresh_sink()
 
     def plan(self, start_frame: int, num_frames: int) -> CacheWrite:
         """Bookkeeping for a call on frames `[start_frame, start_frame + num_frames)`; evicts if needed."""
@@ -119,11 +169,41 @@ class KVCache:
                 "or allocate more capacity")
         attend = self.window_frames * self.tokens_per_frame if self.rolling else self.capacity
         write_start = new_local_end - n
-        query_frame = start_frame if self.rope == "absolute" else write_start // self.tokens_per_frame
+        query_frame = write_start // self.tokens_per_frame if self.rerotate_window else start_frame
         plan = CacheWrite(write_start=write_start, write_end=new_local_end, read_start=max(0, new_local_end - attend),
                           global_end=max(end, self.global_end), evict=evict, keep=keep, query_frame=query_frame)
         self.global_end, self.local_end = plan.global_end, plan.write_end
+        if self.sink_k is not None:
+            tpf = self.tokens_per_frame
+            for slot in range(write_start // tpf, min(new_local_end, self.sink) // tpf):
+                self._sink_offsets[slot] = self.frame_offset
+            if evict:
+                self._refresh_sink()
         return plan
+
+    def _rotate_frames(self, keys: Tensor, delta_frames: int) -> Tensor:
+        """Keys `[..., head_dim]` moved `delta_frames` further along the temporal RoPE axis."""
+        tables = self.rope_tables
+        if tables is None:
+            raise ValueError("re-rotating relative-RoPE keys needs the model's rope_tables")
+        angles = tables.frame_inv_freq(keys.device) * float(delta_frames)  # float64 on the device: no host sync
+        return rotate_frames(keys, tables.axis_dims[0], angles.cos().float(), angles.sin().float())
+
+    def _refresh_sink(self) -> None:
+        """Sink keys at the current offset, re-rotated from the pristine copy (so rounding never accumulates)."""
+        tpf, offset = self.tokens_per_frame, self.frame_offset
+        runs: list[list[int]] = []  # [first slot, end slot, written-at offset] of consecutive sink frames
+        for slot, written_at in enumerate(self._sink_offsets):
+            if written_at is None:
+                continue
+            if runs and runs[-1][1] == slot and runs[-1][2] == written_at:
+                runs[-1][1] += 1
+            else:
+                runs.append([slot, slot + 1, written_at])
+        with torch.no_grad():
+            for first, end, written_at in runs:
+                rows = slice(first * tpf, end * tpf)
+                self.k[:, :, rows] = self._rotate_frames(self.sink_k[:, :, rows], offset - written_at)
 
     def _shift(self, evict: int, keep: int) -> None:
         """Move the `keep` tokens after the evicted ones to just after the sink, in every layer at once."""
@@ -134,11 +214,15 @@ class KVCache:
             self.v[:, :, dst] = self.v[:, :, src].clone()
 
     def write(self, layer: int, plan: CacheWrite, k: Tensor, v: Tensor) -> None:
-        """Store a call's keys (roped if absolute, raw if relative) and values `[B, n, heads, head_dim]`."""
+        """Store a call's keys (rotated, or raw with `rerotate_window`) and values `[B, n, heads, head_dim]`."""
         if self.detach_writes:
             k, v = k.detach(), v.detach()
         self.k[layer, :, plan.write_start:plan.write_end] = k
         self.v[layer, :, plan.write_start:plan.write_end] = v
+        if self.sink_k is not None and plan.write_start < self.sink:
+            end = min(plan.write_end, self.sink)
+            with torch.no_grad():
+                self.sink_k[layer, :, plan.write_start:end] = k[:, :end - plan.write_start]
 
     def past(self, layer: int, plan: CacheWrite) -> tuple[Tensor, Tensor]:
         """Cached K/V before this call's own slots, `[B, write_start - read_start, heads, head_dim]` (views)."""

@@ -10,7 +10,9 @@ model); modulation is applied per timestep group accordingly.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from model.attention import AttentionMask, BlockCausal, attention, block_causal_mask
 from model.config import WanConfig
 from model.kv_cache import CacheWrite, KVCache
-from model.rope import RotaryTables, apply_rope, sinusoidal_embedding
+from model.rope import RotaryTables, Rotation, apply_rope, sinusoidal_embedding
 
 
 class RMSNorm(nn.Module):
@@ -47,6 +49,7 @@ class Attention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self._fused: tuple | None = None  # (key of the source parameters, weight, bias) of the fused projection
 
     def heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
@@ -57,20 +60,119 @@ class Attention(nn.Module):
     def key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
 
+    def qkv(self, x: Tensor, fused: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value heads `[B, L, heads, head_dim]`; `fused` = `fused_qkv()` runs one GEMM for all."""
+        if fused is None:
+            return (self.query(x), *self.key_value(x))
+        q, k, v = F.linear(x, *fused).chunk(3, dim=-1)
+        return self.heads(self.norm_q(q)), self.heads(self.norm_k(k)), self.heads(v)
+
+    def fused_qkv(self) -> tuple[Tensor, Tensor] | None:
+        """The q/k/v weights and biases concatenated (inference only), rebuilt whenever a source parameter was
+        changed in place (optimizer step, load_state_dict) or moved, so it never goes stale. None when the
+        projections are not plain linears (e.g. LoRA adapters injected)."""
+        if not all(type(m) is nn.Linear for m in (self.q, self.k, self.v)):
+            return None
+        params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                weight = torch.cat(params[:3])
+                bias = torch.cat(params[3:])
+            self._fused = (key, weight, bias)
+        return self._fused[1], self._fused[2]
+
     def out(self, x: Tensor) -> Tensor:
         return self.o(x.flatten(-2))
 
 
-class Context:
-    """Per-call state shared by all blocks: RoPE angles, the mask or the cache plan, the token grid."""
+@dataclass
+class InferenceOptions:
+    """Switches of the inference speed levers (`benchmarks/speed.py` measures each against all off).
 
-    def __init__(self, groups: int, cos: Tensor, sin: Tensor, mask: AttentionMask | None = None,
-                 cache: KVCache | None = None, plan: CacheWrite | None = None, cache_rope=None):
+    fused_rope: RoPE as one multiply-add on float32 pair tables (else the split/stack formula); same numbers.
+    reuse_text: skip the text embedding when every layer's cross-attention K/V are cached for the prompt.
+    cache_pass_kv_only: a cache-only call (the clean-context pass) stops once the last layer's K/V are written:
+      no attention, cross-attention or FFN in that layer, no output head. Exact.
+    fused_qkv: one GEMM for the self-attention q/k/v projections (copies of the weights, rebuilt when they change).
+    compile: `torch.compile` the per-layer pieces around attention (static shapes: compiled once, shared by every
+      layer and block position) on the KV-cached no-grad path.
+    """
+
+    fused_rope: bool = True
+    reuse_text: bool = True
+    cache_pass_kv_only: bool = True
+    fused_qkv: bool = False
+    compile: bool = False
+
+    @classmethod
+    def all_off(cls) -> InferenceOptions:
+        return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False, compile=False)
+
+
+class Context:
+    """Per-call state shared by all blocks: RoPE rotation, the mask or the cache plan, the token grid."""
+
+    def __init__(self, groups: int, rope: Rotation, mask: AttentionMask | None = None,
+                 cache: KVCache | None = None, plan: CacheWrite | None = None, cache_rope: Rotation | None = None,
+                 options: InferenceOptions | None = None, compiled: bool = False):
         self.groups = groups  # timestep groups (1 = one timestep per sample, else one per latent frame)
-        self.cos, self.sin = cos, sin
+        self.rope = rope
         self.mask = mask
         self.cache, self.plan = cache, plan
-        self.cache_rope = cache_rope  # (cos, sin) for the readable cache slots in relative-RoPE mode
+        self.cache_rope = cache_rope  # rotation of the readable cache slots (relative RoPE with rerotate_window)
+        self.options = options or InferenceOptions()
+        self.compiled = compiled  # run the layer pieces through torch.compile
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a call reads from the context (CUDA graphs copy them into static buffers)."""
+        rotations = [self.rope] + ([self.cache_rope] if self.cache_rope is not None else [])
+        return [t for r in rotations for t in r.tensors()]
+
+    def piece(self, fn):
+        return _compiled(fn) if self.compiled else fn
+
+
+def _grouped(h: Tensor, groups: int) -> Tensor:
+    """`[B, L, D]` -> `[B, G, L/G, D]` so per-group (per-frame) modulation broadcasts."""
+    b, length, dim = h.shape
+    return h.view(b, groups, length // groups, dim)
+
+
+def _modulate(norm: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, groups: int) -> Tensor:
+    return (norm(_grouped(x, groups)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).view(x.shape)
+
+
+def _gate(x: Tensor, y: Tensor, gate: Tensor, groups: int) -> Tensor:
+    return x + (_grouped(y, groups) * gate.unsqueeze(2)).view(x.shape)
+
+
+# The three pieces of a layer around its two attentions: pure tensor functions of static shape, so one compiled
+# graph serves every layer (parameters are graph inputs) and every block position of a rollout.
+def _attention_inputs(block: WanBlock, x: Tensor, mod: Tensor, groups: int, rope: Rotation, rotate_k: bool,
+                      fused_rope: bool, fused_qkv: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    h = _modulate(block.norm1, x, mod[:, :, 0], mod[:, :, 1], groups)
+    q, k, v = block.self_attn.qkv(h, fused_qkv)
+    q = apply_rope(q, rope, fused=fused_rope)
+    if rotate_k:
+        k = apply_rope(k, rope, fused=fused_rope)
+    return q, k, v
+
+
+def _cross_query(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    x = _gate(x, block.self_attn.out(y), mod[:, :, 2], groups)
+    return x, block.cross_attn.query(block.norm3(x))
+
+
+def _feed_forward(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int) -> Tensor:
+    x = x + block.cross_attn.out(y)
+    h = _modulate(block.norm2, x, mod[:, :, 3], mod[:, :, 4], groups)
+    return _gate(x, block.ffn(h), mod[:, :, 5], groups)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 class WanBlock(nn.Module):
@@ -85,31 +187,28 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, e0: Tensor, text: Tensor, ctx: Context, layer: int) -> Tensor:
-        """x `[B, L, D]`, e0 `[B, G, 6, D]` (G timestep groups), text `[B, text_len, D]`."""
-        b, length, dim = x.shape
-        mod = (self.modulation.unsqueeze(1) + e0).unbind(2)  # six `[B, G, D]`
+    def forward(self, x: Tensor, e0: Tensor, text: Tensor | None, ctx: Context, layer: int,
+                kv_only: bool = False) -> Tensor:
+        """x `[B, L, D]`, e0 `[B, G, 6, D]` (G timestep groups), text `[B, text_len, D]` (None when the cache holds
+        the prompt's K/V). kv_only: only write this layer's K/V into the cache (returns x unchanged)."""
+        mod = self.modulation.unsqueeze(1) + e0  # `[B, G, 6, D]`: shift, scale, gate (attention), same (FFN)
+        opts = ctx.options
+        rotate_k = ctx.cache is None or ctx.cache.keys_rotated
+        fused = self.self_attn.fused_qkv() if opts.fused_qkv and not torch.is_grad_enabled() else None
+        q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused)
+        if kv_only:
+            ctx.cache.write(layer, ctx.plan, k, v)
+            return x
+        y = self._self_attention(q, k, v, ctx, layer)
+        x, cross_q = ctx.piece(_cross_query)(self, x, y, mod, ctx.groups)
+        y = attention(cross_q, *self._text_key_value(text, ctx, layer))
+        return ctx.piece(_feed_forward)(self, x, y, mod, ctx.groups)
 
-        def grouped(fn, h: Tensor) -> Tensor:  # apply per-group modulation on the `[B, G, L/G, D]` view
-            return fn(h.view(b, ctx.groups, length // ctx.groups, dim)).view(b, length, dim)
-
-        h = grouped(lambda v: self.norm1(v) * (1 + mod[1].unsqueeze(2)) + mod[0].unsqueeze(2), x)
-        y = self._self_attention(h, ctx, layer)
-        x = x + grouped(lambda v: v * mod[2].unsqueeze(2), y)
-        x = x + self._cross_attention(self.norm3(x), text, ctx, layer)
-        h = grouped(lambda v: self.norm2(v) * (1 + mod[4].unsqueeze(2)) + mod[3].unsqueeze(2), x)
-        y = self.ffn(h)
-        return x + grouped(lambda v: v * mod[5].unsqueeze(2), y)
-
-    def _self_attention(self, h: Tensor, ctx: Context, layer: int) -> Tensor:
-        attn = self.self_attn
-        q = apply_rope(attn.query(h), ctx.cos, ctx.sin)
-        k, v = attn.key_value(h)
+    def _self_attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int) -> Tensor:
+        """Attention heads `[B, L, heads, head_dim]` (before the output projection) of the rotated q, k and v."""
         cache, plan = ctx.cache, ctx.plan
         if cache is None:
-            return attn.out(attention(q, apply_rope(k, ctx.cos, ctx.sin), v, ctx.mask))
-        if cache.rope == "absolute":
-            k = apply_rope(k, ctx.cos, ctx.sin)
+            return attention(q, k, v, ctx.mask)
         cache.write(layer, plan, k, v)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
             # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
@@ -120,24 +219,19 @@ class WanBlock(nn.Module):
             k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
         else:
             k_all, v_all = cache.readable(layer, plan)
-        if cache.rope == "relative":
-            k_all = apply_rope(k_all, *ctx.cache_rope)
-        return attn.out(attention(q, k_all, v_all))
+        if not cache.keys_rotated:
+            k_all = apply_rope(k_all, ctx.cache_rope, fused=ctx.options.fused_rope)
+        return attention(q, k_all, v_all)
 
-    def _cross_attention(self, x: Tensor, text: Tensor, ctx: Context, layer: int) -> Tensor:
+    def _text_key_value(self, text: Tensor | None, ctx: Context, layer: int) -> tuple[Tensor, Tensor]:
         attn = self.cross_attn
         cache = ctx.cache
         # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients (SPEC 5.3).
         if cache is not None and not torch.is_grad_enabled():
             if not cache.cross_ready[layer]:
-                k, v = attn.key_value(text)
-                cache.cross_k[layer].copy_(k)
-                cache.cross_v[layer].copy_(v)
-                cache.cross_ready[layer] = True
-            k, v = cache.cross_k[layer], cache.cross_v[layer]
-        else:
-            k, v = attn.key_value(text)
-        return attn.out(attention(attn.query(x), k, v))
+                cache.store_text(layer, *attn.key_value(text))
+            return cache.cross_k[layer], cache.cross_v[layer]
+        return attn.key_value(text)
 
 
 class Head(nn.Module):
@@ -171,6 +265,7 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
         self.gradient_checkpointing = False
+        self.inference_options = InferenceOptions()
 
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()
@@ -206,7 +301,7 @@ class WanDiT(nn.Module):
     def new_kv_cache(self, batch_size: int, height: int, width: int, capacity_frames: int, *,
                      window_frames: int = -1, sink_frames: int = 0, rope: str = "absolute",
                      detach_writes: bool = True, dtype: torch.dtype | None = None,
-                     device: torch.device | str | None = None) -> KVCache:
+                     device: torch.device | str | None = None, rerotate_window: bool = False) -> KVCache:
         """A cache sized from this model's config and the latent resolution (nothing hard-coded)."""
         cfg = self.config
         param = self.patch_embedding.weight
@@ -214,7 +309,8 @@ class WanDiT(nn.Module):
                        tokens_per_frame=self.tokens_per_frame(height, width), num_heads=cfg.num_heads,
                        head_dim=cfg.head_dim, text_len=cfg.text_len, window_frames=window_frames,
                        sink_frames=sink_frames, rope=rope, detach_writes=detach_writes,
-                       dtype=dtype or param.dtype, device=device or param.device)
+                       dtype=dtype or param.dtype, device=device or param.device,
+                       rerotate_window=rerotate_window, rope_tables=self.rope)
 
     def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> None:
         cfg = self.config
@@ -244,6 +340,14 @@ class WanDiT(nn.Module):
         pad = self.config.text_len - context.shape[1]
         return self.text_embedding(F.pad(context, (0, 0, 0, pad)))
 
+    @torch.no_grad()
+    def cache_text(self, kv_cache: KVCache, context: Tensor) -> None:
+        """Fill every layer's cross-attention K/V of `kv_cache` for the prompt `context` `[B, L, text_dim]` (what
+        the first cached call does lazily; a CUDA-graph runner does it ahead, outside the graph)."""
+        text = self.embed_text(context.to(self.text_embedding[0].weight.dtype))
+        for layer, block in enumerate(self.blocks):
+            kv_cache.store_text(layer, *block.cross_attn.key_value(text))
+
     def patchify(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """`[B, F, C, H, W]` -> tokens `[B, F'*H'*W', D]` (frame-major, then row, then column) and the grid."""
         h = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))
@@ -260,7 +364,8 @@ class WanDiT(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor, t: Tensor, context: Tensor, *, block_causal: BlockCausal | None = None,
                 clean_x: Tensor | None = None, aug_t: Tensor | None = None, kv_cache: KVCache | None = None,
-                start_frame: int = 0, return_hidden: tuple[int, ...] = ()):
+                start_frame: int = 0, return_hidden: tuple[int, ...] = (), cache_only: bool = False,
+                prepared: Context | None = None):
         """Flow prediction `[B, F, C, H, W]` for latents x `[B, F, C, H, W]`, timesteps t `[B]` or `[B, F]` (0..1000)
         and text context `[B, L <= text_len, text_dim]`.
 
@@ -268,6 +373,9 @@ class WanDiT(nn.Module):
           the teacher-forcing layout (clean context at timestep `aug_t`, default 0; same RoPE positions).
         kv_cache / start_frame: x is the chunk of frames starting at latent frame `start_frame`; K/V are written to
           and read from the cache.
+        cache_only: the call only writes K/V into the cache (the clean-context pass); with
+          `inference_options.cache_pass_kv_only` it stops after the last layer's K/V and returns None.
+        prepared: the `prepare_cached_call` result for this call (planned ahead, e.g. by a CUDA-graph runner).
         return_hidden: block indices whose output tokens `[B, L, D]` are also returned (GAN heads tap the critic
           trunk): the result is then `(flow, [hidden per index], e)` with e the time embedding `[B, G, D]`.
         """
@@ -276,19 +384,32 @@ class WanDiT(nn.Module):
             raise ValueError("kv_cache cannot be combined with block_causal / clean_x")
         if clean_x is not None and block_causal is None:
             raise ValueError("teacher forcing (clean_x) needs block_causal")
+        if cache_only and kv_cache is None:
+            raise ValueError("cache_only needs a kv_cache")
         tokens, grid = self.patchify(x)
-        f, hh, ww = grid
+        f = grid[0]
         # Teacher forcing concatenates clean and noisy frames, so it always uses per-frame timesteps.
         t_groups = t if t.dim() == 2 else t[:, None].expand(-1, f if clean_x is not None else 1)
         groups = t_groups.shape[1]
         if groups != 1 and groups != f:
             raise ValueError(f"per-frame timesteps need patch_size[0] == 1 (got {groups} timesteps for {f} frames)")
         e, e0 = self.embed_time(t_groups)
-        text = self.embed_text(context.to(tokens.dtype))
-        ctx, tokens, e0 = self._attention_context(tokens, grid, groups, e0, block_causal, clean_x, aug_t,
-                                                  kv_cache, start_frame)
+        opts = self.inference_options
+        if kv_cache is not None:
+            ctx = prepared or self.prepare_cached_call(kv_cache, start_frame, grid)
+            ctx.groups = groups
+        else:
+            ctx, tokens, e0 = self._uncached_context(tokens, grid, groups, e0, block_causal, clean_x, aug_t)
+        # The prompt's cross-attention K/V are cached per prompt: the text embedding is only needed to fill them.
+        text_cached = (kv_cache is not None and opts.reuse_text and kv_cache.text_ready
+                       and not torch.is_grad_enabled())
+        text = None if text_cached else self.embed_text(context.to(tokens.dtype))
+        kv_only = cache_only and opts.cache_pass_kv_only and not return_hidden
         hidden = []
         for layer, block in enumerate(self.blocks):
+            if kv_only and layer == len(self.blocks) - 1:
+                block(tokens, e0, text, ctx, layer, kv_only=True)
+                return None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
             else:
@@ -304,33 +425,41 @@ class WanDiT(nn.Module):
             return flow, hidden, e
         return flow
 
-    def _attention_context(self, tokens, grid, groups, e0, block_causal, clean_x, aug_t, kv_cache, start_frame):
+    def _uncached_context(self, tokens, grid, groups, e0, block_causal, clean_x, aug_t):
         f, hh, ww = grid
         device = tokens.device
-        if kv_cache is None:
-            cos, sin = self.rope.cos_sin(torch.arange(f, device=device), hh, ww)
-            mask = None
-            if block_causal is not None:
-                mask = block_causal_mask(block_causal, f, hh * ww, clean_x is not None, device)
-            if clean_x is not None:
-                clean_tokens, _ = self.patchify(clean_x)
-                t_clean = aug_t if aug_t is not None else torch.zeros(e0.shape[:2], device=device)
-                if t_clean.shape != e0.shape[:2]:
-                    raise ValueError(f"aug_t must be [B, F] = {list(e0.shape[:2])}, got {list(t_clean.shape)}")
-                _, e0_clean = self.embed_time(t_clean)
-                tokens = torch.cat([clean_tokens, tokens], dim=1)
-                e0 = torch.cat([e0_clean, e0], dim=1)
-                cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
-                groups *= 2
-            return Context(groups, cos, sin, mask=mask), tokens, e0
+        rope = self.rope.rotation(0, f, hh, ww, device)
+        mask = None
+        if block_causal is not None:
+            mask = block_causal_mask(block_causal, f, hh * ww, clean_x is not None, device)
+        if clean_x is not None:
+            clean_tokens, _ = self.patchify(clean_x)
+            t_clean = aug_t if aug_t is not None else torch.zeros(e0.shape[:2], device=device)
+            if t_clean.shape != e0.shape[:2]:
+                raise ValueError(f"aug_t must be [B, F] = {list(e0.shape[:2])}, got {list(t_clean.shape)}")
+            _, e0_clean = self.embed_time(t_clean)
+            tokens = torch.cat([clean_tokens, tokens], dim=1)
+            e0 = torch.cat([e0_clean, e0], dim=1)
+            rope = Rotation(torch.cat([rope.cos, rope.cos]), torch.cat([rope.sin, rope.sin]))
+            groups *= 2
+        return Context(groups, rope, mask=mask, options=self.inference_options), tokens, e0
+
+    def prepare_cached_call(self, kv_cache: KVCache, start_frame: int, grid: tuple[int, int, int]) -> Context:
+        """Plan a KV-cached call on the `(frames, height, width)` token grid starting at latent frame
+        `start_frame` (cache bookkeeping in Python ints, rolling/eviction, RoPE tables): host work only, no sync."""
+        f, hh, ww = grid
         if kv_cache.tokens_per_frame != hh * ww:
             raise ValueError(f"KV cache was built for {kv_cache.tokens_per_frame} tokens per frame, "
                              f"the latents have {hh * ww}")
+        device = kv_cache.k.device
         plan = kv_cache.plan(start_frame, f)
-        cos, sin = self.rope.cos_sin(torch.arange(plan.query_frame, plan.query_frame + f, device=device), hh, ww)
+        relative = kv_cache.rope == "relative"
+        rope = self.rope.rotation(plan.query_frame, f, hh, ww, device, beyond_table=relative)
         cache_rope = None
-        if kv_cache.rope == "relative":
+        if not kv_cache.keys_rotated:
             first = plan.read_start // kv_cache.tokens_per_frame
-            cache_rope = self.rope.cos_sin(torch.arange(first, plan.write_end // kv_cache.tokens_per_frame,
-                                                        device=device), hh, ww)
-        return Context(groups, cos, sin, cache=kv_cache, plan=plan, cache_rope=cache_rope), tokens, e0
+            cache_rope = self.rope.rotation(first, plan.write_end // kv_cache.tokens_per_frame - first, hh, ww,
+                                            device)
+        opts = self.inference_options
+        return Context(1, rope, cache=kv_cache, plan=plan, cache_rope=cache_rope, options=opts,
+                       compiled=opts.compile and not torch.is_grad_enabled())

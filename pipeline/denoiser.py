@@ -27,5 +27,12 @@ class Denoiser:
         flow = self.model(x_t, t[:, 0] if self.uniform_timestep else t, context, **model_kwargs)
         return flow, self.schedule.x0_from_flow(flow, x_t, t)
 
+    def cache_pass(self, x_t: Tensor, t: Tensor, context: Tensor, **model_kwargs: Any) -> None:
+        """A call that only writes K/V into the KV cache (the clean-context pass, priming, re-caching): the model
+        may skip everything after the last layer's keys and values."""
+        if t.dim() != 2 or tuple(t.shape) != tuple(x_t.shape[:2]):
+            raise ValueError(f"timesteps must be [B, F] = {list(x_t.shape[:2])}, got {list(t.shape)}")
+        self.model(x_t, t[:, 0] if self.uniform_timestep else t, context, cache_only=True, **model_kwargs)
+
     def flow_from_x0(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         return self.schedule.flow_from_x0(x0, x_t, t)

@@ -5,8 +5,9 @@ blocks), so frames are available while later blocks are still being generated.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,12 +16,14 @@ from torch import Tensor
 
 from model.kv_cache import KVCache
 from model.wan import WanDiT
+from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
+from pipeline.streaming import BlockDecoder, FramesCallback, to_unit
 
-# (block index, pixel frames [B, t, 3, H, W] in [0, 1]); block -1 carries the decoded frames of an initial latent.
-FramesCallback = Callable[[int, Tensor], None]
+# FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]), in order; block -1 carries the decoded frames
+# of an initial latent; block 0 comes in two calls (its first frame alone) unless first_frame_alone is off.
 
 
 @dataclass
@@ -59,14 +62,23 @@ class CausalInferencePipeline:
     """Prompts -> videos. `text_encoder(prompts) -> [B, L, D]`; `codec` follows `model.vae.LatentCodec`."""
 
     def __init__(self, generator: WanDiT, text_encoder: Any, codec: Any, schedule: FlowMatchSchedule,
-                 settings: CausalSettings, *, negative_prompt: str = ""):
+                 settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
+                 cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True):
+        """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`);
+        decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
+        first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
+        `on_frames` is called twice with block 0), for the earliest first frame."""
         self.generator = generator.eval()
         self.text_encoder = text_encoder
         self.codec = codec
         self.schedule = schedule
         self.settings = settings
         self.negative_prompt = negative_prompt
-        self.denoiser = Denoiser(generator, schedule)
+        self.decode_side_stream = decode_side_stream
+        self.first_frame_alone = first_frame_alone
+        if compile:
+            generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
+        self.denoiser = Denoiser(GraphedDiT(generator) if cuda_graphs else generator, schedule)
         self._prompt_cache: dict[str, Tensor] = {}
         self._kv: KVCache | None = None
 
@@ -165,41 +177,43 @@ class CausalInferencePipeline:
         cache = self._cache(batch, h, w, prefix + num_latent_frames)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        start_ms = (time.perf_counter() - tic) * 1000.0  # prompt encoding and set-up, before the decoder's clock
 
-        frames: list[Tensor] = []
-        first_frame_ms: list[float] = []
         stream = self.codec.stream_decoder() if decode else None
         if stream is not None and initial_latent is not None:
-            frames.append(self._to_unit(stream.decode_chunk(initial_latent)))
+            pixels = to_unit(stream.decode_chunk(initial_latent))
             if on_frames is not None:
-                on_frames(-1, frames[-1])
+                on_frames(-1, pixels)
+        decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream, on_frames=on_frames,
+                               first_frame_alone=self.first_frame_alone) if stream is not None else None
+        if stream is not None and initial_latent is not None:
+            decoder.frames.append(pixels)
 
         def fresh_noise(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
-                               else like.device).to(like)
+            noise = torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
+                                else like.device)
+            if noise.device.type == "cpu" and like.is_cuda:
+                # A seeded CPU generator keeps videos identical across devices; a pinned, non-blocking copy keeps
+                # the re-noising from synchronising the host with the GPU at every step.
+                noise = noise.pin_memory().to(like.device, non_blocking=True)
+            return noise.to(like)
 
         def on_block(index: int, start: int, x0: Tensor) -> None:
-            if stream is None:
-                return
-            pixels = self._to_unit(stream.decode_chunk(x0))
-            if not first_frame_ms:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                first_frame_ms.append((time.perf_counter() - tic) * 1000.0)
-            frames.append(pixels)
-            if on_frames is not None:
-                on_frames(index, pixels)
+            if decoder is not None:
+                decoder.submit(index, x0)
 
         result = rollout(self.denoiser, noise, context, cache, steps=st.steps, frames_per_block=st.frames_per_block,
                          independent_first_frame=st.independent_first_frame, initial_latent=initial_latent,
                          context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
                          final_context_pass=False)
+        frames = decoder.finish() if decoder is not None else []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         total_ms = (time.perf_counter() - tic) * 1000.0
         video = torch.cat(frames, dim=1) if frames else None
+        first_ms = decoder.time_to_first_frame_ms if decoder is not None else None
         stats = {"block_ms": result.block_ms, "total_ms": total_ms, "latent_frames": prefix + num_latent_frames,
-                 "time_to_first_frame_ms": first_frame_ms[0] if first_frame_ms else None}
+                 "time_to_first_frame_ms": None if first_ms is None else first_ms + start_ms}
         if video is not None:
             stats["pixel_frames"] = video.shape[1]
             stats["frames_per_s"] = video.shape[1] * batch / (total_ms / 1000.0)
@@ -207,7 +221,3 @@ class CausalInferencePipeline:
             stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return Generation(video=video, latents=result.latents, stats=stats)
 
-    @staticmethod
-    def _to_unit(pixels: Tensor) -> Tensor:
-        """Codec output in [-1, 1] -> [0, 1] float32 on the CPU-independent device it came from."""
-        return (pixels.float() * 0.5 + 0.5).clamp_(0, 1)

@@ -75,6 +75,12 @@ def test_streamed_frames_equal_full_decode(folder):
                            generator=torch.Generator().manual_seed(0), on_frames=lambda i, px: seen.append(i))
     full = pipe.codec.decode_to_pixel(result.latents) * 0.5 + 0.5
     torch.testing.assert_close(result.video, full.clamp(0, 1))
+    assert seen == [0, 0, 1, 2]  # the first frame is handed out on its own, then the rest of block 0
+    pipe.first_frame_alone = False
+    seen.clear()
+    again = pipe.generate(["a dog"], num_latent_frames=6, height=32, width=48,
+                          generator=torch.Generator().manual_seed(0), on_frames=lambda i, px: seen.append(i))
+    torch.testing.assert_close(again.video, result.video)
     assert seen == [0, 1, 2]
 
 

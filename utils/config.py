@@ -30,7 +30,7 @@ class ModelKwargs:
     timestep_shift: float = 5.0
     local_attn_size: int = -1  # rolling KV window in latent frames; -1 keeps every frame
     sink_size: int = 0  # latent frames pinned at the start of a rolling cache
-    rope: str = "absolute"  # "relative": cache keys un-rotated, positions inside the window (unbounded rollouts)
+    rope: str = "absolute"  # "relative": positions relative to the cache window (unbounded rollouts)
 
 
 @dataclass
@@ -56,6 +56,8 @@ class Config:
     text_encoder_cpu_offload: bool = False
     decoder: str = "wan"  # wan | taehv: pixel decoder for visualisation and inference
     taehv_path: Optional[str] = None
+    compile: bool = False  # inference: torch.compile the generator's layer pieces (one-time warm-up)
+    cuda_graphs: bool = False  # inference on CUDA: replay one CUDA graph per KV-cache plan (block position)
 
     # --- the causal generator and its rollout ---------------------------------------------------------------------
     denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])

@@ -1,0 +1,108 @@
+"""Streaming decode: each finished block is decoded while the generator works on the next one.
+
+On CUDA the decode runs on a side stream, so the host can queue the next block's DiT calls right away and the GPU
+overlaps the two; frames are handed out, in block order, as soon as their decode has finished (polled at every
+block boundary and at the end). On the CPU it decodes in place. Time to first frame is taken on the GPU timeline
+(CUDA events), so measuring it never stalls the host.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FramesCallback = Callable[[int, Tensor], None]  # (block index, pixel frames [B, t, 3, H, W] in [0, 1])
+
+
+def to_unit(pixels: Tensor) -> Tensor:
+    """Codec output in [-1, 1] -> float32 [0, 1]."""
+    return (pixels.float() * 0.5 + 0.5).clamp_(0, 1)
+
+
+class BlockDecoder:
+    """Decode latent blocks `[B, n, C, h, w]` with a codec's `stream_decoder()` as they come.
+
+    side_stream: decode on a separate CUDA stream (ignored off CUDA). on_frames: called with each block's frames,
+    in order, once they are ready. first_frame_alone: decode the very first latent frame on its own, so the first
+    pixel frame is out before the rest of block 0 is decoded (same frames: the codecs' stream decoders are causal;
+    block 0 is then handed out in two parts). The clock (time to first frame) starts at construction.
+    """
+
+    def __init__(self, stream_decoder: Any, device: torch.device, *, side_stream: bool = True,
+                 on_frames: FramesCallback | None = None, first_frame_alone: bool = True):
+        self.decoder = stream_decoder
+        self.device = device
+        self.on_frames = on_frames
+        self.first_frame_alone = first_frame_alone
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda and side_stream else None
+        self.frames: list[Tensor] = []
+        self._pending: list[tuple[int, Tensor, Any]] = []
+        self._tic = time.perf_counter()
+        self._start = self._first_done = None
+        self._first_frame_ms: float | None = None
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def submit(self, index: int, latents: Tensor) -> None:
+        """Queue the decode of one block `[B, n, C, h, w]` (its latents must not be modified afterwards)."""
+        if self.first_frame_alone and not self.frames and not self._pending and latents.shape[1] > 1:
+            self._submit(index, latents[:, :1])
+            latents = latents[:, 1:]
+        self._submit(index, latents)
+        self.poll()
+
+    def _submit(self, index: int, latents: Tensor) -> None:
+        if self.stream is None:
+            pixels = to_unit(self.decoder.decode_chunk(latents))
+            done = None
+            if self.cuda:
+                done = torch.cuda.Event(enable_timing=True)
+                done.record()
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                pixels = to_unit(self.decoder.decode_chunk(latents))
+                done = torch.cuda.Event(enable_timing=True)
+                done.record(self.stream)
+            latents.record_stream(self.stream)  # the allocator must not hand it to the main stream too early
+        if self._first_done is None and done is not None:
+            self._first_done = done
+        if not self.cuda and self._first_frame_ms is None:
+            self._first_frame_ms = (time.perf_counter() - self._tic) * 1000.0
+        self._pending.append((index, pixels, done))
+
+    def poll(self) -> None:
+        """Hand out every block whose decode has finished, in order."""
+        while self._pending and (self._pending[0][2] is None or self._pending[0][2].query()):
+            self._hand_out(*self._pending.pop(0)[:2])
+
+    def finish(self) -> list[Tensor]:
+        """Wait for every queued decode, hand the rest out, and return all frames in block order."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        while self._pending:
+            index, pixels, done = self._pending.pop(0)
+            if done is not None:
+                done.synchronize()
+            self._hand_out(index, pixels)
+        return self.frames
+
+    def _hand_out(self, index: int, pixels: Tensor) -> None:
+        if self.stream is not None:
+            pixels.record_stream(torch.cuda.current_stream(self.device))
+        self.frames.append(pixels)
+        if self.on_frames is not None:
+            self.on_frames(index, pixels)
+
+    @property
+    def time_to_first_frame_ms(self) -> float | None:
+        """Milliseconds from construction until the first block's frames were decoded (after `finish`)."""
+        if self._first_frame_ms is None and self._first_done is not None:
+            self._first_done.synchronize()
+            self._first_frame_ms = self._start.elapsed_time(self._first_done)
+        return self._first_frame_ms

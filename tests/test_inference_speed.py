@@ -1,0 +1,189 @@
+"""The inference speed levers give the numbers of the plain path: relative RoPE without re-rotating the window,
+the `InferenceOptions` switches, compiled layer pieces, the CUDA-graph runner's plumbing and streamed decoding."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from model.wan import InferenceOptions
+from pipeline.denoiser import Denoiser
+from pipeline.rollout import rollout
+from pipeline.schedule import FlowMatchSchedule
+from tests.tiny import tiny_model
+
+SCHEDULE = FlowMatchSchedule(5.0)
+STEPS = SCHEDULE.warp([1000, 750, 500, 250]).tolist()
+
+
+def run_rollout(model, blocks: int, frames_per_block: int = 2, *, window: int = -1, sink: int = 0,
+                rope: str = "absolute", rerotate: bool = False, steps=STEPS, context=None, denoiser=None,
+                seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(1, blocks * frames_per_block, model.config.in_dim, 4, 6, generator=g)
+    context = torch.randn(1, 6, model.config.text_dim, generator=g) if context is None else context
+    frames = blocks * frames_per_block
+    cache = model.new_kv_cache(1, 4, 6, window if window != -1 else frames, window_frames=window, sink_frames=sink,
+                               rope=rope, rerotate_window=rerotate)
+    renoise = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        return rollout(denoiser or Denoiser(model, SCHEDULE), noise, context, cache, steps=steps,
+                       frames_per_block=frames_per_block,
+                       noise_fn=lambda x: torch.randn(x.shape, generator=renoise)).latents
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.slow
+def test_relative_rope_rotates_only_the_sink_and_equals_window_rerotation_past_the_table():
+    # 60 blocks of 2 frames through a 6-frame window with 2 sink frames, past a 64-position RoPE table.
+    model = tiny_model(rope_max_positions=64)
+    kwargs = {"blocks": 60, "window": 6, "sink": 2, "rope": "relative", "steps": STEPS[:2]}
+    reference = run_rollout(model, rerotate=True, **kwargs)
+    fast = run_rollout(model, **kwargs)
+    assert torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, reference, atol=2e-5, rtol=2e-5)
+
+
+def test_relative_rope_equals_rerotation_across_a_prompt_switch():
+    # The switch re-caches the sink blocks, then jumps to the window: held keys are re-rotated by the jump.
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    outs = []
+    for rerotate in (True, False):
+        outs.append(run_rollout(model, 8, window=6, sink=3, rope="relative", rerotate=rerotate,
+                                context=[(0, a), (5, b)], steps=STEPS[:2]))
+    torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lever", ["fused_rope", "reuse_text", "cache_pass_kv_only", "fused_qkv", "all"])
+def test_each_inference_option_matches_the_plain_path(lever):
+    model = tiny_model()
+    model.inference_options = InferenceOptions.all_off()
+    reference = run_rollout(model, 3, window=4, sink=1, rope="relative")
+    if lever == "all":
+        model.inference_options = InferenceOptions(fused_qkv=True)
+    else:
+        model.inference_options = InferenceOptions.all_off()
+        setattr(model.inference_options, lever, True)
+    fast = run_rollout(model, 3, window=4, sink=1, rope="relative")
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_qkv_follows_weight_updates():
+    model = tiny_model()
+    model.inference_options = InferenceOptions(fused_qkv=True)
+    before = run_rollout(model, 2)
+    with torch.no_grad():
+        model.blocks[0].self_attn.k.weight.mul_(1.5)  # in place, as an optimizer step
+    after = run_rollout(model, 2)
+    model.inference_options = InferenceOptions()
+    torch.testing.assert_close(after, run_rollout(model, 2), atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-4
+
+
+def test_cache_only_call_writes_the_same_cache_and_returns_nothing():
+    model = tiny_model()
+    x = torch.randn(1, 2, 4, 4, 6)
+    t = torch.zeros(1, 2)
+    context = torch.randn(1, 6, 16)
+    caches = []
+    for kv_only in (False, True):
+        model.inference_options = InferenceOptions(cache_pass_kv_only=kv_only)
+        cache = model.new_kv_cache(1, 4, 6, 4)
+        with torch.no_grad():
+            out = model(x, t, context, kv_cache=cache, start_frame=0, cache_only=True)
+        assert (out is None) == kv_only
+        caches.append(cache)
+    torch.testing.assert_close(caches[1].k, caches[0].k)
+    torch.testing.assert_close(caches[1].v, caches[0].v)
+
+
+@pytest.mark.parametrize("policy, positions", [({}, 4), ({"window": 4, "sink": 1, "rope": "relative"}, 2)])
+def test_graph_runner_replays_each_plan_with_fresh_inputs(policy, positions):
+    from pipeline.cuda_graphs import GraphedDiT
+    model = tiny_model()
+    reference = run_rollout(model, 4, **policy)
+    graphed = GraphedDiT(model, emulate=True)
+    out = run_rollout(model, 4, denoiser=Denoiser(graphed, SCHEDULE), **policy)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    # 4 blocks x (4 steps + a cache pass): one capture per (cache plan, kind of call), the rest replays. A rolling
+    # cache has the same plan from the block that fills it on.
+    assert not graphed.errors
+    assert (graphed.captures, graphed.replays) == (positions * 2, 4 * 5 - positions * 2)
+
+
+def test_graph_runner_refills_the_prompt_after_a_switch():
+    from pipeline.cuda_graphs import GraphedDiT
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 6, 16, generator=g), torch.randn(1, 6, 16, generator=g)
+    schedule = [(0, a), (2, b)]
+    reference = run_rollout(model, 4, window=4, sink=1, rope="relative", context=schedule)
+    graphed = GraphedDiT(model, emulate=True)
+    out = run_rollout(model, 4, window=4, sink=1, rope="relative", context=schedule,
+                      denoiser=Denoiser(graphed, SCHEDULE))
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_position():
+    from torch._dynamo.utils import counters
+
+    from pipeline.cuda_graphs import GraphedDiT
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model()
+    reference = run_rollout(model, 3, window=4, sink=1, rope="relative")
+    model.inference_options = InferenceOptions(compile=True)
+    compiled = run_rollout(model, 3, window=4, sink=1, rope="relative")
+    torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-5)
+    # Three pieces per layer, each compiled once: shared by both layers, all block positions and kinds of call.
+    assert counters["stats"]["unique_graphs"] == 3
+    graphed = run_rollout(model, 3, window=4, sink=1, rope="relative",
+                          denoiser=Denoiser(GraphedDiT(model, emulate=True), SCHEDULE))
+    torch.testing.assert_close(graphed, reference, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 3
+
+
+def tiny_codec(kind: str):
+    from diffusers import AutoencoderKLWan
+
+    from model.pixel_codec import PixelShuffleCodec
+    from model.taehv import TAEHV, TAEHVCodec
+    from model.vae import WAN21_VAE_CONFIG, WanVAE
+    torch.manual_seed(0)
+    if kind == "wan_vae":
+        return WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=8)).eval())
+    if kind == "taehv":
+        return TAEHVCodec(TAEHV(decoder_n_f=(8, 8, 4, 4), encoder_width=4).eval())
+    return PixelShuffleCodec(spatial_factor=2)
+
+
+def decode_blocks(decoder, latents: torch.Tensor, block: int = 2) -> list[torch.Tensor]:
+    for start in range(0, latents.shape[1], block):
+        decoder.submit(start // block, latents[:, start:start + block])
+    return decoder.finish()
+
+
+@pytest.mark.parametrize("kind", ["pixel", "wan_vae", "taehv"])
+def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time(kind):
+    from pipeline.streaming import BlockDecoder
+    codec = tiny_codec(kind)
+    latents = torch.randn(1, 6, codec.latent_channels, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = decode_blocks(BlockDecoder(codec.stream_decoder(), torch.device("cpu"), first_frame_alone=False),
+                              latents)
+        seen = []
+        decoder = BlockDecoder(codec.stream_decoder(), torch.device("cpu"), on_frames=lambda i, f: seen.append(i))
+        frames = decode_blocks(decoder, latents)
+    # The first latent frame is decoded (and handed out) alone: the same frames, block 0 in two parts.
+    assert seen == [0, 0, 1, 2] and frames[0].shape[1] == 1
+    torch.testing.assert_close(torch.cat(frames, dim=1), torch.cat(whole, dim=1), atol=1e-5, rtol=1e-5)
+    assert torch.cat(frames, dim=1).shape[1] == 1 + codec.temporal_factor * 5
+    assert decoder.time_to_first_frame_ms is not None and decoder.time_to_first_frame_ms >= 0

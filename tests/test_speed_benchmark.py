@@ -1,0 +1,58 @@
+"""benchmarks/speed.py at tiny size on the CPU: the harness runs every lever, decode mode and the long rollout,
+writes the JSON the GPU run will write, and every lever reproduces the eager rollout within the stated bound."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+import torch
+
+from model.config import WAN_1_3B
+from tests.conftest import REPO_ROOT
+
+
+def benchmark_module(name: str):
+    """A module of benchmarks/ (scripts importing their siblings as top-level modules)."""
+    if str(REPO_ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
+LEVER_FIELDS = {"rollout_ms", "block_ms", "block6_ms", "frames_per_s_dit_only", "time_to_first_latents_ms",
+                "warmup_s", "peak_gib", "rel_error_vs_eager", "within_bound", "options", "attention_backend"}
+
+
+def test_analytic_flops_match_the_issue_figures():
+    rollout_flops = benchmark_module("common").rollout_flops
+    gemm, attn = rollout_flops(WAN_1_3B, 1560, 7, 3, 4)  # the issue's convention: a cache pass after every block
+    assert (gemm + attn) / 1e12 == pytest.approx(990.7, rel=1e-3)
+    assert (gemm / 797e12 + attn / 548e12) * 1000 == pytest.approx(1573, rel=1e-3)
+    executed = sum(rollout_flops(WAN_1_3B, 1560, 7, 3, 4, final_context_pass=False, text_every_call=False))
+    assert executed < gemm + attn
+
+
+@pytest.mark.slow
+def test_speed_benchmark_runs_every_lever_at_tiny_size(tmp_path, monkeypatch):
+    speed = benchmark_module("speed")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    result = speed.main(["--size", "tiny", "--repeats", "1", "--long", "--long-blocks", "8",
+                         "--long-eager-blocks", "8", "--window", "6", "--sink", "1"])
+    saved = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
+    assert saved["levers"].keys() == set(speed.LEVERS)
+    for lever, entry in saved["levers"].items():
+        assert "error" not in entry, (lever, entry.get("traceback"))
+        assert LEVER_FIELDS <= entry.keys(), lever
+        assert len(entry["block_ms"]) == 7
+        assert entry["within_bound"] and entry["rel_error_vs_eager"] <= saved["rel_error_bound"], lever
+    assert saved["rel_error_bound"] == speed.ERROR_BOUND[torch.float32]
+    assert saved["flops"]["total_tflop"] > 0 and saved["flops"]["floor_ms"] > 0 and saved["floor_ratio"] > 0
+    assert saved["block_alone"]["position"] == 6 and saved["block_alone"]["ms"] > 0
+    for kind in ("decode_wan_vae", "decode_taehv"):
+        decode = saved[kind]
+        assert "error" not in decode, decode.get("traceback")
+        assert decode["pixel_frames"] == 1 + 4 * 20 and decode["time_to_first_frame_ms"] > 0
+    assert saved["long"]["blocks"] == 8 and len(saved["long"]["block_ms"]) == 8 and saved["long"]["steady_block_ms"] > 0
+    assert saved["long"]["within_bound"]
+    assert not saved["skipped"] and result["total_s"] > 0
