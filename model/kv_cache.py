@@ -38,12 +38,14 @@ class KVCache:
       capacity however long the rollout runs.
     detach_writes: write K/V without autograd history (the paper's semantics: the cache is computed without
       gradients). False reproduces the original, where gradients leak through in-place cache writes (SPEC 5.3).
+    cross_heads: heads of the cross-attention K/V (default num_heads); under sequence parallelism the self-attention
+      cache holds this rank's heads only, the prompt's K/V all of them.
     """
 
     def __init__(self, *, num_layers: int, batch_size: int, capacity_frames: int, tokens_per_frame: int,
                  num_heads: int, head_dim: int, text_len: int, window_frames: int = -1, sink_frames: int = 0,
                  rope: str = "absolute", detach_writes: bool = True, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", cross_heads: int | None = None):
         if rope not in ("absolute", "relative"):
             raise ValueError(f"rope must be 'absolute' or 'relative', got {rope!r}")
         if window_frames != -1 and not 0 < window_frames <= capacity_frames:
@@ -59,7 +61,7 @@ class KVCache:
         shape = (num_layers, batch_size, self.capacity, num_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        cross_shape = (num_layers, batch_size, text_len, num_heads, head_dim)
+        cross_shape = (num_layers, batch_size, text_len, cross_heads or num_heads, head_dim)
         self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
         self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
         self.cross_ready = [False] * num_layers

@@ -71,6 +71,7 @@ class Context:
         self.mask = mask
         self.cache, self.plan = cache, plan
         self.cache_rope = cache_rope  # (cos, sin) for the readable cache slots in relative-RoPE mode
+        self.shard = None  # sequence parallel: this call's token split (utils/sequence_parallel.py), else None
 
 
 class WanBlock(nn.Module):
@@ -106,10 +107,12 @@ class WanBlock(nn.Module):
         q = apply_rope(attn.query(h), ctx.cos, ctx.sin)
         k, v = attn.key_value(h)
         cache, plan = ctx.cache, ctx.plan
-        if cache is None:
-            return attn.out(attention(q, apply_rope(k, ctx.cos, ctx.sin), v, ctx.mask))
-        if cache.rope == "absolute":
+        if cache is None or cache.rope == "absolute":
             k = apply_rope(k, ctx.cos, ctx.sin)
+        if ctx.shard is not None:  # sequence parallel: [local tokens, all heads] -> [all tokens, local heads]
+            q, k, v = ctx.shard.to_heads(q, k, v)
+        if cache is None:
+            return self._attention_out(attention(q, k, v, ctx.mask), ctx)
         cache.write(layer, plan, k, v)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
             # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
@@ -122,7 +125,12 @@ class WanBlock(nn.Module):
             k_all, v_all = cache.readable(layer, plan)
         if cache.rope == "relative":
             k_all = apply_rope(k_all, *ctx.cache_rope)
-        return attn.out(attention(q, k_all, v_all))
+        return self._attention_out(attention(q, k_all, v_all), ctx)
+
+    def _attention_out(self, y: Tensor, ctx: Context) -> Tensor:
+        if ctx.shard is not None:
+            y = ctx.shard.to_tokens(y)
+        return self.self_attn.out(y)
 
     def _cross_attention(self, x: Tensor, text: Tensor, ctx: Context, layer: int) -> Tensor:
         attn = self.cross_attn
@@ -171,6 +179,7 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
         self.gradient_checkpointing = False
+        self.sequence_parallel = None  # split tokens over ranks (inference): utils.sequence_parallel
 
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()
@@ -210,8 +219,11 @@ class WanDiT(nn.Module):
         """A cache sized from this model's config and the latent resolution (nothing hard-coded)."""
         cfg = self.config
         param = self.patch_embedding.weight
+        sp = self.sequence_parallel  # each rank caches all tokens of its own heads
+        heads = cfg.num_heads if sp is None else sp.local_heads(cfg.num_heads)
         return KVCache(num_layers=cfg.num_layers, batch_size=batch_size, capacity_frames=capacity_frames,
-                       tokens_per_frame=self.tokens_per_frame(height, width), num_heads=cfg.num_heads,
+                       tokens_per_frame=self.tokens_per_frame(height, width), num_heads=heads,
+                       cross_heads=cfg.num_heads,
                        head_dim=cfg.head_dim, text_len=cfg.text_len, window_frames=window_frames,
                        sink_frames=sink_frames, rope=rope, detach_writes=detach_writes,
                        dtype=dtype or param.dtype, device=device or param.device)
@@ -287,6 +299,8 @@ class WanDiT(nn.Module):
         text = self.embed_text(context.to(tokens.dtype))
         ctx, tokens, e0 = self._attention_context(tokens, grid, groups, e0, block_causal, clean_x, aug_t,
                                                   kv_cache, start_frame)
+        if self.sequence_parallel is not None:  # from here on this rank holds its share of the tokens only
+            tokens = self.sequence_parallel.scatter(tokens, ctx, hh * ww)
         hidden = []
         for layer, block in enumerate(self.blocks):
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -294,10 +308,11 @@ class WanDiT(nn.Module):
             else:
                 tokens = block(tokens, e0, text, ctx, layer)
             if layer in return_hidden:
-                hidden.append(tokens)
+                hidden.append(tokens if ctx.shard is None else ctx.shard.gather(tokens))
         if clean_x is not None:
             tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
-        flow = self.unpatchify(self.head(tokens, e, groups), grid)
+        out = self.head(tokens, e, groups)
+        flow = self.unpatchify(out if ctx.shard is None else ctx.shard.gather(out), grid)
         if return_hidden:
             if len(hidden) != len(return_hidden):
                 raise ValueError(f"return_hidden {list(return_hidden)} names blocks outside 0..{len(self.blocks) - 1}")
