@@ -3,6 +3,7 @@ one video and must produce the latents of one process (fp32, ~1e-5), with plain 
 uneven token splits (padding), sequence groups inside data-parallel groups, and the `inference.py` command."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -137,3 +138,41 @@ def test_uneven_heads_and_layouts_are_clear_errors():
     layout = parallel_layout(6, 4, 3)
     assert (layout.data_size, layout.data_rank, layout.sequence_rank, layout.is_leader) == (2, 1, 1, False)
     assert parallel_layout(2, 0, None).sequence_size == 2
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+
+def _cli_worker(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
+    import inference
+    _init(rank, world, port)
+    code = inference.main(argv)
+    with open(f"{out_dir}/rc{rank}.json", "w") as f:
+        json.dump(code, f)
+
+
+@pytest.mark.slow
+def test_inference_cli_sequence_parallel_writes_one_video_per_prompt(tmp_path):
+    import inference
+    from tests.tiny import save_tiny_model_folder
+    from utils.video import read_video
+
+    folder = save_tiny_model_folder(tmp_path / "model", seed=0)
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    assert cfg["num_heads"] == 2  # the tiny folder's model: 2 heads split over 2 ranks
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moves left\na cat jumps\n")
+    base = ["--model", str(folder), "--data_path", str(prompts), "--total-blocks", "2", "--device", "cpu",
+            "--seed", "3"]
+    assert inference.main(base + ["--output-dir", str(tmp_path / "one")]) == 0
+    argv = base + ["--output-dir", str(tmp_path / "sp"), "--parallel", "sequence"]
+    mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rc{r}.json").read_text()) for r in range(2)] == [0, 0]
+    one, sp = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "sp").iterdir())
+    assert [p.name for p in sp] == [p.name for p in one] and len([p for p in sp if p.suffix == ".mp4"]) == 2
+    for a, b in zip(one, sp):
+        if a.suffix == ".mp4":
+            fa, fb = read_video(a)[0], read_video(b)[0]
+            assert fa.shape == fb.shape and (fa.int() - fb.int()).abs().max() <= 1, a.name
+        else:
+            stats = json.loads(b.read_text())
+            assert stats["parallel"] == {"mode": "sequence", "sequence_size": 2, "data_size": 1}
