@@ -176,3 +176,13 @@ def test_inference_cli_sequence_parallel_writes_one_video_per_prompt(tmp_path):
         else:
             stats = json.loads(b.read_text())
             assert stats["parallel"] == {"mode": "sequence", "sequence_size": 2, "data_size": 1}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sequence-parallel-size", "2"], "--sequence-parallel-size needs --parallel sequence"),
+    (["--parallel", "sequence", "--sequence-parallel-size", "2"], "size 2 must divide the number of processes 1"),
+])
+def test_inference_cli_parallel_flags_are_checked(tmp_path, capsys, argv, message):
+    import inference
+    assert inference.main(["--prompt", "x", "--output-dir", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
