@@ -186,3 +186,72 @@ def test_inference_cli_parallel_flags_are_checked(tmp_path, capsys, argv, messag
     import inference
     assert inference.main(["--prompt", "x", "--output-dir", str(tmp_path / "out"), *argv]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- real size, GPUs
+
+def _real_size_rollouts(device: torch.device, sp: bool, config=None, latent=(60, 104)) -> dict[str, torch.Tensor]:
+    """3 blocks of 3 frames at 480x832 with the Wan 1.3B architecture (random weights, seeded identically on every
+    GPU), in float32 (TF32 off) and bfloat16; noise drawn on the CPU."""
+    from model.config import WAN_1_3B
+    from model.wan import WanDiT
+    from utils.sequence_parallel import enable_sequence_parallel
+    config = config or WAN_1_3B
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    with torch.device("meta"):
+        model = WanDiT(config)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm_q.weight", "norm_k.weight", "norm3.weight")):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    model.eval().requires_grad_(False)
+    if sp:
+        enable_sequence_parallel(model)
+    schedule = FlowMatchSchedule(5.0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(1, 9, config.in_dim, *latent, generator=g).to(device, dtype)
+        context = torch.randn(1, config.text_len, config.text_dim, generator=g).to(device, dtype)
+        cache = model.new_kv_cache(1, *latent, 9)
+
+        def noise_fn(x, g=g):
+            return torch.randn(x.shape, generator=g).to(x)
+
+        with torch.no_grad():
+            out[str(dtype)] = rollout(Denoiser(model, schedule), noise, context, cache,
+                                      steps=schedule.warp([1000, 750, 500, 250]).tolist(), frames_per_block=3,
+                                      noise_fn=noise_fn).latents.float().cpu()
+    return out
+
+
+def _gpu_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    _init(rank, world, port)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    result = _real_size_rollouts(device, sp=True)
+    if rank == 0:
+        torch.save(result, f"{out_dir}/sp.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_gpus_match_one_gpu_at_real_size(tmp_path):
+    mp.spawn(_gpu_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    sp = torch.load(tmp_path / "sp.pt")
+    one = _real_size_rollouts(torch.device("cuda", 0), sp=False)
+    for dtype, tol in (("torch.float32", 1e-3), ("torch.bfloat16", 5e-2)):
+        err = ((sp[dtype] - one[dtype]).norm() / one[dtype].norm()).item()
+        print(f"{dtype}: relative error {err:.2e}")
+        assert err < tol, (dtype, err)
