@@ -67,7 +67,8 @@ def run_case(model, name: str, seed: int = 0) -> dict[str, torch.Tensor]:
         if name == "plain":
             from model.attention import BlockCausal
             t = torch.full((2, frames), 500.0)
-            out["bidirectional"] = model(noise, t[:, 0], a)
+            out["bidirectional"], hidden, _ = model(noise, t[:, 0], a, return_hidden=(1,))
+            out["hidden"] = hidden[0]  # GAN heads tap the trunk: gathered to all tokens
             out["block_causal"] = model(noise, t, a, block_causal=BlockCausal(frames_per_block=2))
             out["teacher_forcing"] = model(noise, t, a, block_causal=BlockCausal(frames_per_block=2),
                                            clean_x=noise.flip(1))
