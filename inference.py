@@ -6,6 +6,8 @@
     python inference.py --config_path configs/inference_official.yaml --checkpoint_path checkpoints/self_forcing_dmd.pt \\
         --model-root wan_models --data_path prompts.txt --use_ema
     torchrun --nproc_per_node=8 inference.py ...          # prompts sharded over ranks, none dropped
+    torchrun --nproc_per_node=4 inference.py --parallel sequence ...   # one video at a time, its tokens on 4 GPUs
+    torchrun --nproc_per_node=8 inference.py --parallel sequence --sequence-parallel-size 4 ...  # 2 videos at a time
 
 Outputs per prompt and sample: `<index>-<slug>.mp4` and `stats_<index>-<slug>.json`, written atomically; a rerun
 skips finished outputs. Trailing `key=value` arguments override config keys (see configs/default_config.yaml).
@@ -67,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "(config key cuda_graphs; CUDA only)")
     run.add_argument("--offload-text-encoder", action="store_true",
                      help="encode every prompt first, then move the text encoder to the CPU")
+    run.add_argument("--parallel", choices=["data", "sequence"], default="data",
+                     help="under torchrun: data = each rank generates its own share of the prompts; sequence = the "
+                     "ranks of a group split the tokens (and KV cache heads) of ONE video, for lower latency per "
+                     "video; its first rank decodes and writes (default: %(default)s)")
+    run.add_argument("--sequence-parallel-size", type=int, metavar="K",
+                     help="ranks per video with --parallel sequence (default: all of them); the processes form "
+                     "world/K data-parallel groups that share the prompts")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 
@@ -218,21 +227,41 @@ def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int)
     return None
 
 
+def parallel_layout(args: argparse.Namespace, rank: int, world: int):
+    """How the torchrun ranks share the work: `--parallel data` is sequence groups of one."""
+    from utils.sequence_parallel import parallel_layout as layout
+    if args.parallel == "data":
+        if args.sequence_parallel_size is not None:
+            raise UsageError("--sequence-parallel-size needs --parallel sequence")
+        return layout(world, rank, 1)
+    try:
+        return layout(world, rank, args.sequence_parallel_size)
+    except ValueError as err:
+        raise UsageError(f"--sequence-parallel-size: {err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
     from utils.prompts import output_name, parse_prompt_schedule, shard
     from utils.video import StreamingVideoWriter, write_json_atomic
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device, dtype = pick_device(args)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
     prompts = collect_prompts(args)
     schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
+    layout = parallel_layout(args, rank, world)
     if world > 1 and not torch.distributed.is_initialized():
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     pipe, cfg, source = build_pipeline(args, device, dtype)
+    group = None
+    if layout.sequence_size > 1:
+        from utils.sequence_parallel import enable_sequence_parallel, new_sequence_group
+        group = new_sequence_group(layout)
+        enable_sequence_parallel(pipe.generator, group)
     height, width = args.height or cfg.height, args.width or cfg.width
     frames = latent_frames(args, cfg)
     fps = args.fps or cfg.fps
@@ -240,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     prefix = initial_latent(args, pipe, cfg, height, width)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    mine = shard(prompts, rank, world)
+    mine = shard(prompts, layout.data_rank, layout.data_size)
     todo = []
     for prompt in mine:
         if args.save_with_index:
@@ -252,6 +281,10 @@ def run(args: argparse.Namespace) -> int:
         if done and not args.overwrite:
             continue
         todo.append((prompt, names))
+    if layout.sequence_size > 1:  # the ranks of a video must agree on what to generate: the leader decides
+        box = [todo]
+        torch.distributed.broadcast_object_list(box, src=layout.rank - layout.sequence_rank, group=group)
+        todo = box[0]
     print(f"[rank {rank}/{world}] {len(todo)} of {len(mine)} prompts to generate ({len(mine) - len(todo)} done), "
           f"{frames} latent frames at {height}x{width}, model {source}", flush=True)
     # All text is encoded up front, off the generation path (and so the encoder can be offloaded afterwards).
@@ -263,11 +296,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
-        writers = [StreamingVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names]
+        # Under --parallel sequence every rank of the group rolls out the same video; only its leader decodes.
+        writers = [StreamingVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names] if layout.is_leader else []
         try:
             result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
                                    width=width, generator=generator, initial_latent=prefix,
-                                   prompt_schedule=schedule, on_frames=lambda i, px: [
+                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=lambda i, px, writers=writers: [
                                        w.append(px[s].cpu()) for s, w in enumerate(writers)])
             for w in writers:
                 w.close()
@@ -275,13 +309,17 @@ def run(args: argparse.Namespace) -> int:
             for w in writers:
                 w.abort()
             raise
+        if not layout.is_leader:
+            continue
         for sample, name in enumerate(names):
             write_json_atomic(out_dir / f"stats_{name}.json", {
                 "prompt": prompt.text, "model_prompt": prompt.model_text, "index": prompt.index, "sample": sample,
                 "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
                 "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
                 "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
-                "settings": vars(pipe.settings), **result.stats})
+                "settings": vars(pipe.settings), "parallel": {"mode": args.parallel, "sequence_size":
+                                                              layout.sequence_size, "data_size": layout.data_size},
+                **result.stats})
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -3,8 +3,11 @@
     python benchmarks/rollout.py                    # 1.3B, 480x832, 7 blocks x 3 frames, 4 steps + cache pass
     python benchmarks/rollout.py --blocks 60 --window 21 --sink 3 --rope relative
     python benchmarks/rollout.py --tiny             # harness check on CPU
+    torchrun --nproc_per_node=2 benchmarks/rollout.py --parallel sequence   # one video, tokens split over 2 GPUs
 
-Prints per-block milliseconds and writes JSON (per block, total, frames/s of the DiT alone, peak memory).
+Prints per-block milliseconds and writes JSON (per block, total, frames/s of the DiT alone, peak memory, warm-up:
+the first, untimed-for-results run). With --parallel sequence (under torchrun) rank 0 reports; compare with the
+same command on one GPU of the same machine (benchmarks/sequence_parallel.sh runs both).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import time
 
 import torch
 
-from common import environment, print_table, random_dit, sync, write_result
+from common import environment, join_torchrun, leave_torchrun, print_table, random_dit, sync, write_result
 from model.config import WAN_1_3B, WanConfig
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout
@@ -33,6 +36,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--name", default="rollout")
+    parser.add_argument("--parallel", choices=["none", "sequence"], default="none",
+                        help="sequence: under torchrun, split each block's tokens over all ranks (Ulysses)")
     args = parser.parse_args()
 
     if args.tiny:
@@ -43,7 +48,14 @@ def main() -> None:
         config, device, dtype = WAN_1_3B, torch.device("cuda"), torch.bfloat16
     h, w = args.height // 8, args.width // 8
     frames = args.blocks * args.frames_per_block
+    device, rank, world = join_torchrun(device)
+    if world > 1 and args.parallel != "sequence":
+        raise SystemExit("several processes need --parallel sequence (this script times one video)")
+    torch.manual_seed(0)  # the same text and noise on every rank
     model = random_dit(config, device, dtype)
+    if args.parallel == "sequence":
+        from utils.sequence_parallel import enable_sequence_parallel
+        enable_sequence_parallel(model)
     schedule = FlowMatchSchedule(shift=5.0)
     steps = schedule.warp(args.steps).tolist()
     denoiser = Denoiser(model, schedule)
@@ -61,7 +73,7 @@ def main() -> None:
         block_ms.append((now - last[0]) * 1000.0)
         last[0] = now
 
-    runs = []
+    runs, warmup_ms = [], None
     with torch.no_grad():
         for repeat in range(args.repeats + 1):  # the first run warms up
             cache.reset()
@@ -76,6 +88,8 @@ def main() -> None:
             total = (time.perf_counter() - tic) * 1000.0
             if repeat:
                 runs.append({"total_ms": total, "block_ms": list(block_ms)})
+            else:
+                warmup_ms = total
     best = min(runs, key=lambda r: r["total_ms"])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # Pixel frames per latent frame follow the Wan VAE: 1 + 4 (F - 1).
@@ -83,15 +97,23 @@ def main() -> None:
     result = {"env": environment(device), "config": config.to_dict(), "args": vars(args), "steps": steps,
               "total_ms": best["total_ms"], "block_ms": best["block_ms"],
               "frames_per_s_dit_only": pixel_frames / (best["total_ms"] / 1000.0), "peak_gib": peak,
-              "time_to_first_block_ms": best["block_ms"][0]}
+              "time_to_first_block_ms": best["block_ms"][0], "warmup_ms": warmup_ms,
+              "steady_block_ms": sorted(best["block_ms"][-5:])[len(best["block_ms"][-5:]) // 2],  # median, last 5
+              "parallel": {"mode": args.parallel, "world_size": world}}
     rows = [("device", result["env"]["device"]), ("blocks x frames", f"{args.blocks} x {args.frames_per_block}"),
             ("total", f"{best['total_ms']:.1f} ms"), ("frames/s (DiT only)", f"{result['frames_per_s_dit_only']:.1f}")]
     shown = best["block_ms"] if len(best["block_ms"]) <= 8 else best["block_ms"][:3] + best["block_ms"][-3:]
     rows.append(("per block ms", " ".join(f"{m:.1f}" for m in shown)))
+    rows.append(("steady block (median of last 5)", f"{result['steady_block_ms']:.1f} ms"))
+    rows.append(("warm-up run", f"{warmup_ms:.0f} ms"))
+    if world > 1:
+        rows.append(("sequence parallel", f"{world} ranks"))
     if peak is not None:
         rows.append(("peak memory", f"{peak:.2f} GiB"))
-    print_table(rows)
-    print("wrote", write_result(args.name + ("_tiny_cpu" if args.tiny else ""), result))
+    if rank == 0:
+        print_table(rows)
+        print("wrote", write_result(args.name + ("_tiny_cpu" if args.tiny else ""), result))
+    leave_torchrun()
 
 
 if __name__ == "__main__":

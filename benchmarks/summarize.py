@@ -19,11 +19,21 @@ def rows() -> list[str]:
         if "total_ms" in data and "block_ms" in data:
             blocks = data["block_ms"]
             figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, {data['frames_per_s_dit_only']:.1f} frames/s "
-                      f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms, peak {data['peak_gib']:.1f} GiB")
+                      f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms")
+            if data.get("peak_gib") is not None:  # None on CPU
+                figure += f", peak {data['peak_gib']:.1f} GiB"
+            world = data.get("parallel", {}).get("world_size", 1)
+            where = f", sequence parallel over {world} GPUs" if world > 1 else ""
             out.append(head + f"| rollout {data['args']['blocks']}x{data['args']['frames_per_block']} frames, "
-                              f"window {data['args']['window']}, sink {data['args']['sink']}, rope {data['args']['rope']} | {figure} |")
+                              f"window {data['args']['window']}, sink {data['args']['sink']}, rope {data['args']['rope']}"
+                              f"{where} | {figure} |")
         elif "levers" in data:
             out.append(head + f"| speed levers, {data['args']['blocks']} blocks, {data['dtype']} | {speed_figure(data)} |")
+        elif "speedup" in data:
+            n, one, many = data["gpus"], data["one_gpu"], data[f"{data['gpus']}_gpus"]
+            out.append(head + f"| sequence parallel, 1 vs {n} GPUs | steady block {one['steady_block_ms']:.0f} -> "
+                              f"{many['steady_block_ms']:.0f} ms ({data['speedup']['steady_block']:.2f}x), block 60 "
+                              f"{data['speedup']['block_60']:.2f}x, frames/s {data['speedup']['frames_per_s_60blocks']:.2f}x |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]

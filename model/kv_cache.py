@@ -48,13 +48,15 @@ class KVCache:
     rope_tables: the model's `RotaryTables` (needed by "relative" to re-rotate sink keys).
     detach_writes: write K/V without autograd history (the paper's semantics: the cache is computed without
       gradients). False reproduces the original, where gradients leak through in-place cache writes (SPEC 5.3).
+    cross_heads: heads of the cross-attention K/V (default num_heads); under sequence parallelism the self-attention
+      cache holds this rank's heads only, the prompt's K/V all of them.
     """
 
     def __init__(self, *, num_layers: int, batch_size: int, capacity_frames: int, tokens_per_frame: int,
                  num_heads: int, head_dim: int, text_len: int, window_frames: int = -1, sink_frames: int = 0,
                  rope: str = "absolute", detach_writes: bool = True, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", rerotate_window: bool = False,
-                 rope_tables: RotaryTables | None = None):
+                 rope_tables: RotaryTables | None = None, cross_heads: int | None = None):
         if rope not in ("absolute", "relative"):
             raise ValueError(f"rope must be 'absolute' or 'relative', got {rope!r}")
         if window_frames != -1 and not 0 < window_frames <= capacity_frames:
@@ -80,7 +82,7 @@ class KVCache:
             self.sink_k = torch.zeros((num_layers, batch_size, self.sink, num_heads, head_dim), dtype=dtype,
                                       device=device)
         self._sink_offsets: list[int | None] = [None] * sink_frames
-        cross_shape = (num_layers, batch_size, text_len, num_heads, head_dim)
+        cross_shape = (num_layers, batch_size, text_len, cross_heads or num_heads, head_dim)
         self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
         self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
         self.cross_ready = [False] * num_layers

@@ -123,6 +123,7 @@ class Context:
         self.cache_rope = cache_rope  # rotation of the readable cache slots (relative RoPE with rerotate_window)
         self.options = options or InferenceOptions()
         self.compiled = compiled  # run the layer pieces through torch.compile
+        self.shard = None  # sequence parallel: this call's token split (utils/sequence_parallel.py), else None
 
     def tensors(self) -> list[Tensor]:
         """Every tensor a call reads from the context (CUDA graphs copy them into static buffers)."""
@@ -197,6 +198,8 @@ class WanBlock(nn.Module):
         fused = self.self_attn.fused_qkv() if opts.fused_qkv and not torch.is_grad_enabled() else None
         q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused)
         if kv_only:
+            if ctx.shard is not None:
+                _, k, v = ctx.shard.to_heads(q, k, v)
             ctx.cache.write(layer, ctx.plan, k, v)
             return x
         y = self._self_attention(q, k, v, ctx, layer)
@@ -207,8 +210,10 @@ class WanBlock(nn.Module):
     def _self_attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int) -> Tensor:
         """Attention heads `[B, L, heads, head_dim]` (before the output projection) of the rotated q, k and v."""
         cache, plan = ctx.cache, ctx.plan
+        if ctx.shard is not None:  # sequence parallel: [local tokens, all heads] -> [all tokens, local heads]
+            q, k, v = ctx.shard.to_heads(q, k, v)
         if cache is None:
-            return attention(q, k, v, ctx.mask)
+            return self._heads_to_tokens(attention(q, k, v, ctx.mask), ctx)
         cache.write(layer, plan, k, v)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
             # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
@@ -221,7 +226,12 @@ class WanBlock(nn.Module):
             k_all, v_all = cache.readable(layer, plan)
         if not cache.keys_rotated:
             k_all = apply_rope(k_all, ctx.cache_rope, fused=ctx.options.fused_rope)
-        return attention(q, k_all, v_all)
+        return self._heads_to_tokens(attention(q, k_all, v_all), ctx)
+
+    @staticmethod
+    def _heads_to_tokens(y: Tensor, ctx: Context) -> Tensor:
+        """Sequence parallel: back to this rank's tokens with all heads (a no-op otherwise)."""
+        return y if ctx.shard is None else ctx.shard.to_tokens(y)
 
     def _text_key_value(self, text: Tensor | None, ctx: Context, layer: int) -> tuple[Tensor, Tensor]:
         attn = self.cross_attn
@@ -266,6 +276,7 @@ class WanDiT(nn.Module):
         self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
         self.gradient_checkpointing = False
         self.inference_options = InferenceOptions()
+        self.sequence_parallel = None  # split tokens over ranks (inference): utils.sequence_parallel
 
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()
@@ -305,8 +316,11 @@ class WanDiT(nn.Module):
         """A cache sized from this model's config and the latent resolution (nothing hard-coded)."""
         cfg = self.config
         param = self.patch_embedding.weight
+        sp = self.sequence_parallel  # each rank caches all tokens of its own heads
+        heads = cfg.num_heads if sp is None else sp.local_heads(cfg.num_heads)
         return KVCache(num_layers=cfg.num_layers, batch_size=batch_size, capacity_frames=capacity_frames,
-                       tokens_per_frame=self.tokens_per_frame(height, width), num_heads=cfg.num_heads,
+                       tokens_per_frame=self.tokens_per_frame(height, width), num_heads=heads,
+                       cross_heads=cfg.num_heads,
                        head_dim=cfg.head_dim, text_len=cfg.text_len, window_frames=window_frames,
                        sink_frames=sink_frames, rope=rope, detach_writes=detach_writes,
                        dtype=dtype or param.dtype, device=device or param.device,
@@ -405,6 +419,8 @@ class WanDiT(nn.Module):
                        and not torch.is_grad_enabled())
         text = None if text_cached else self.embed_text(context.to(tokens.dtype))
         kv_only = cache_only and opts.cache_pass_kv_only and not return_hidden
+        if self.sequence_parallel is not None:  # from here on this rank holds its share of the tokens only
+            tokens = self.sequence_parallel.scatter(tokens, ctx, grid[1] * grid[2])
         hidden = []
         for layer, block in enumerate(self.blocks):
             if kv_only and layer == len(self.blocks) - 1:
@@ -415,10 +431,11 @@ class WanDiT(nn.Module):
             else:
                 tokens = block(tokens, e0, text, ctx, layer)
             if layer in return_hidden:
-                hidden.append(tokens)
+                hidden.append(tokens if ctx.shard is None else ctx.shard.gather(tokens))
         if clean_x is not None:
             tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
-        flow = self.unpatchify(self.head(tokens, e, groups), grid)
+        out = self.head(tokens, e, groups)
+        flow = self.unpatchify(out if ctx.shard is None else ctx.shard.gather(out), grid)
         if return_hidden:
             if len(hidden) != len(return_hidden):
                 raise ValueError(f"return_hidden {list(return_hidden)} names blocks outside 0..{len(self.blocks) - 1}")

@@ -56,7 +56,7 @@ class Config:
     text_encoder_cpu_offload: bool = False
     decoder: str = "wan"  # wan | taehv: pixel decoder for visualisation and inference
     taehv_path: Optional[str] = None
-    compile: bool = False  # inference: torch.compile the generator's layer pieces (one-time warm-up)
+    compile: bool = False  # torch.compile the DiT: inference compiles the generator's layer pieces, training each block
     cuda_graphs: bool = False  # inference on CUDA: replay one CUDA graph per KV-cache plan (block position)
 
     # --- the causal generator and its rollout ---------------------------------------------------------------------
@@ -122,7 +122,6 @@ class Config:
     ema_weight: float = 0.0
     ema_start_step: int = 0
     gradient_checkpointing: bool = True
-    compile: bool = False
     mixed_precision: bool = True
     sharding_strategy: str = "full"
     cpu_offload: bool = False
