@@ -25,7 +25,7 @@ fi
 if [[ $parts == *train* ]]; then
   printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > /tmp/prompts.txt
   python3 benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
-    --steps 5 --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path=/tmp/prompts.txt \
+    --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path=/tmp/prompts.txt \
     total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | tail -45
   cp benchmarks/results/train_step_dmd_1.3b.json "$out/" 2>/dev/null
 fi

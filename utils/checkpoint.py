@@ -120,6 +120,20 @@ def _is_diffusers_config(data: dict) -> bool:
     return data.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in data
 
 
+def read_transformer_config(config_path: str | Path) -> tuple[WanConfig, dict]:
+    """(architecture, stored causal settings) of a DiT `config.json`: ours (WanConfig keys) or diffusers'
+    (`WanTransformer3DModel`), either possibly with the `causal` block and `text_len` our export adds."""
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing")
+    data = _read_config_json(config_path)
+    causal = data.pop("causal", {})
+    if _is_diffusers_config(data):
+        text_len = data.pop("text_len", 512)  # diffusers has no text_len; our export keeps it beside
+        return wan_config_from_diffusers(data, text_len=text_len, source=str(config_path)), causal
+    return WanConfig.from_json(config_path), causal
+
+
 def load_diffusers_transformer(folder: str | Path) -> tuple[WanConfig, StateDict]:
     """Load a diffusers `transformer/` folder (config.json + safetensors, sharded or not).
 
@@ -133,8 +147,7 @@ def load_diffusers_transformer(folder: str | Path) -> tuple[WanConfig, StateDict
     if not _is_diffusers_config(data):
         raise ValueError(f"{config_path}: not a diffusers WanTransformer3DModel config "
                          f"(_class_name={data.get('_class_name')!r}, no 'num_attention_heads')")
-    cfg = wan_config_from_diffusers(data, source=str(config_path))
-    return cfg, load_wan_safetensors(folder)
+    return read_transformer_config(config_path)[0], load_wan_safetensors(folder)
 
 
 # --------------------------------------------------------------------------------------- Self-Forcing .pt
@@ -209,10 +222,7 @@ def _config_next_to(folder: Path) -> WanConfig | None:
     config_path = folder / "config.json"
     if not config_path.is_file():
         return None
-    data = _read_config_json(config_path)
-    if _is_diffusers_config(data):
-        return wan_config_from_diffusers(data, source=str(config_path))
-    return WanConfig.from_json(config_path)
+    return read_transformer_config(config_path)[0]
 
 
 def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateDict, WanConfig | None]:

@@ -22,7 +22,8 @@ import torch
 from model.config import WanConfig
 from model.pixel_codec import PixelShuffleCodec
 from model.wan import WanDiT
-from utils.checkpoint import load_state_dict_strict, load_wan_safetensors, save_wan_safetensors_sharded
+from utils.checkpoint import (load_state_dict_strict, load_wan_safetensors, read_transformer_config,
+                              save_wan_safetensors_sharded)
 
 MODEL_INDEX = "model_index.json"
 # Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained.
@@ -113,22 +114,6 @@ def read_model_index(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder: {MODEL_INDEX} is missing")
     return json.loads(path.read_text())
-
-
-def read_transformer_config(config_path: str | Path) -> tuple[WanConfig, dict[str, Any]]:
-    """(architecture, stored causal settings) of a `transformer/config.json`: ours (WanConfig keys) or diffusers'
-    (`WanTransformer3DModel`), each possibly with our extra `causal` block and `text_len`."""
-    config_path = Path(config_path)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing")
-    raw = json.loads(config_path.read_text())
-    causal = raw.pop("causal", {})
-    if raw.get("_class_name") == "WanTransformer3DModel":
-        from model.dit_keys import wan_config_from_diffusers
-        text_len = raw.pop("text_len", 512)
-        return wan_config_from_diffusers({k: v for k, v in raw.items() if not k.startswith("_")},
-                                         text_len=text_len, source=str(config_path)), causal
-    return WanConfig.from_json(config_path), causal
 
 
 def load_transformer(folder: str | Path, device: str | torch.device = "cpu",

@@ -15,7 +15,7 @@ import torch
 
 from model.config import WanConfig
 from model.wan import WanDiT
-from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
+from utils.checkpoint import load_dit_state_dict, load_state_dict_strict, read_transformer_config
 
 T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER = Path("google") / "umt5-xxl"
@@ -34,7 +34,6 @@ def wan_config_of(folder: Path) -> WanConfig:
     if (folder / "config.json").is_file():
         return WanConfig.from_json(folder / "config.json")
     if (folder / "transformer" / "config.json").is_file():
-        from utils.model_folder import read_transformer_config
         return read_transformer_config(folder / "transformer" / "config.json")[0]
     raise FileNotFoundError(f"{folder} has no config.json (nor transformer/config.json)")
 
