@@ -34,6 +34,11 @@ def rows() -> list[str]:
             out.append(head + f"| sequence parallel, 1 vs {n} GPUs | steady block {one['steady_block_ms']:.0f} -> "
                               f"{many['steady_block_ms']:.0f} ms ({data['speedup']['steady_block']:.2f}x), block 60 "
                               f"{data['speedup']['block_60']:.2f}x, frames/s {data['speedup']['frames_per_s_60blocks']:.2f}x |")
+        elif "stats" in data and "pixel_frames" in data["stats"]:  # inference.py stats (gpu_realsize.sh)
+            st = data["stats"]
+            out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | {st['total_ms']:.0f} ms for "
+                              f"{st['pixel_frames']} frames, {st['frames_per_s']:.1f} frames/s incl. decode, first "
+                              f"frame {st['time_to_first_frame_ms']:.0f} ms, peak {st['peak_gpu_memory_gib']:.1f} GiB |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]
