@@ -13,6 +13,7 @@ Tests and the shapes world pass their own bundle to `train.main(models=...)` ins
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,13 +32,21 @@ SCORE_NETWORK_SHIFT = 8.0
 
 class PromptEncoder:
     """The `TextConditioner` of a run: prompts -> `[B, text_len, text_dim]` on `device`; the negative prompt is
-    encoded once and cached per batch size (the original cached it regardless of batch size, SPEC 13.1.17)."""
+    encoded once and cached per batch size (the original cached it regardless of batch size, SPEC 13.1.17).
 
-    def __init__(self, encoder: Any, negative_prompt: str, device: torch.device | str | None = None):
+    `cache_size` > 0 keeps that many prompt embeddings (least recently used dropped first): the encoder is frozen and
+    each prompt is encoded on its own padded row, so a cached embedding is the one a new encoding would give. Data-free
+    distillation over a prompt file and the shapes world see the same prompts again and again; re-encoding them every
+    step (as the original does) is pure overhead. Each entry costs `text_len x text_dim` values on `device`."""
+
+    def __init__(self, encoder: Any, negative_prompt: str, device: torch.device | str | None = None,
+                 cache_size: int = 0):
         self.encoder = encoder
         self.negative_prompt = negative_prompt
         self.device = device
+        self.cache_size = int(cache_size)
         self._negative: dict[int, Tensor] = {}
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
 
     def place(self, device: torch.device | str, keep_on_cpu: bool = False) -> "PromptEncoder":
         """Embeddings are returned on `device`; the encoder runs there too unless `keep_on_cpu`."""
@@ -45,10 +54,25 @@ class PromptEncoder:
             self.encoder.to(device)
         self.device = device
         self._negative.clear()
+        self._cache.clear()
         return self
 
     def __call__(self, prompts: list[str]) -> Tensor:
-        return self.encoder.encode(list(prompts), output_device=self.device)
+        prompts = list(prompts)
+        if self.cache_size <= 0:
+            return self.encoder.encode(prompts, output_device=self.device)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            for prompt, row in zip(missing, self.encoder.encode(missing, output_device=self.device)):
+                self._cache[prompt] = row
+        rows = []
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+            rows.append(self._cache[prompt])
+        out = torch.stack(rows)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
 
     def negative(self, batch_size: int) -> Tensor:
         if batch_size not in self._negative:
@@ -107,7 +131,7 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
     text: Any = None
     if load_text:
         encoder = load_wan_text_encoder(gen_dir, text_len=generator_net.config.text_len)
-        text = PromptEncoder(encoder, cfg.negative_prompt)
+        text = PromptEncoder(encoder, cfg.negative_prompt, cache_size=cfg.prompt_cache_size)
     if load_codec is None:
         load_codec = (not cfg.no_visualize and cfg.sample_every > 0) or cfg.load_raw_video \
             or cfg.num_training_frames > cfg.image_or_video_shape[1]

@@ -54,6 +54,7 @@ class Config:
     fake_name: str = "Wan2.1-T2V-1.3B"
     model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)
     text_encoder_cpu_offload: bool = False
+    prompt_cache_size: int = 0
     decoder: str = "wan"  # wan | taehv: pixel decoder for visualisation and inference
     taehv_path: Optional[str] = None
     compile: bool = False  # torch.compile the DiT: inference compiles the generator's layer pieces, training each block

@@ -60,7 +60,7 @@ def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"
         raise ValueError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
                          "scripts/shapes_world.py creates it)")
     encoder = TextEncoder.from_diffusers_folder(cfg.text_encoder_path, text_len=text_len, device=device)
-    return PromptEncoder(encoder, cfg.negative_prompt, device=device)
+    return PromptEncoder(encoder, cfg.negative_prompt, device=device, cache_size=cfg.prompt_cache_size)
 
 
 def shapes_dit(cfg: Any, checkpoint: Optional[str], *, use_ema: bool = False) -> WanDiT:
