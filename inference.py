@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model-root", help="folder holding the Wan model folders (config key model_root)")
     inp = p.add_argument_group("prompts")
     inp.add_argument("--prompt", help="inline prompt text, or a .txt file with one prompt per line")
-    inp.add_argument("--data_path", help="prompt file, one prompt per line (original flag)")
+    inp.add_argument("--data_path", help="prompt file, one prompt per line; with --i2v also the original's image-text "
+                     "pair folder (target_crop_info_<ratio>.json + <ratio>/ images) (original flag)")
     inp.add_argument("--extended_prompt_path", help="longer prompts used for generation, line by line with the prompts")
     inp.add_argument("--prompt-schedule", help="switch prompts at block boundaries: a file of `block: prompt` lines "
                      "or JSON; applies to every generated video")
@@ -104,8 +105,8 @@ def latent_frames(args: argparse.Namespace, cfg) -> int:
     if args.total_blocks is not None:
         if args.total_blocks < 1:
             raise UsageError(f"--total-blocks must be >= 1, got {args.total_blocks}")
-        # An independent first frame is its own block, unless it comes from --image / --video.
-        own_first = cfg.independent_first_frame and not (args.image or args.video)
+        # An independent first frame is its own block, unless it comes from --i2v (--image or a pair folder) / --video.
+        own_first = cfg.independent_first_frame and not (args.i2v or args.image or args.video)
         return args.total_blocks * cfg.num_frame_per_block + (1 if own_first else 0)
     frames = args.num_output_frames if args.num_output_frames is not None else cfg.image_or_video_shape[1]
     if frames < 1:
@@ -185,11 +186,18 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
 
 # ---------------------------------------------------------------------------------------------------- the job
 def collect_prompts(args: argparse.Namespace):
-    from utils.prompts import Prompt, attach_extended, read_prompt_file, read_prompts
+    from utils.prompts import Prompt, attach_extended, read_image_pair_dir, read_prompt_file, read_prompts
     if args.prompt and args.data_path:
         raise UsageError("give --prompt or --data_path, not both")
     if args.prompt:
         prompts = read_prompts(args.prompt)
+    elif args.data_path and Path(args.data_path).is_dir():
+        if not args.i2v:
+            raise UsageError(f"--data_path {args.data_path} is a folder: the original's image-text pairs, which need "
+                             "--i2v (a text-to-video prompt list is a .txt file)")
+        if args.image:
+            raise UsageError("give --image or an i2v --data_path folder (its images), not both")
+        prompts = read_image_pair_dir(args.data_path)
     elif args.data_path:
         prompts = read_prompt_file(args.data_path)
     else:
@@ -208,15 +216,33 @@ BUILTIN_PROMPTS = [
 ]
 
 
+def image_latent(pipe, path: str, height: int, width: int, crop=None) -> torch.Tensor:
+    """One image as a 1-frame latent `[1, 1, C, h, w]`: cut to `crop` (left, top, right, bottom) if given, then
+    scaled to cover height x width and centre-cropped."""
+    from utils.video import read_image, resize_center_crop
+    image = read_image(path)
+    if crop is not None:
+        left, top, right, bottom = crop
+        if right > image.shape[2] or bottom > image.shape[1]:
+            raise ValueError(f"{path}: crop box {crop} exceeds the image ({image.shape[2]}x{image.shape[1]})")
+        image = image[:, top:bottom, left:right]
+    image = resize_center_crop(image, height, width)
+    return pipe.codec.encode_to_latent(image[None, :, None].to(pipe.device))
+
+
 def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int) -> torch.Tensor | None:
-    from utils.video import read_image, read_video, resize_center_crop
+    """The prefix shared by every prompt (--image / --video); per-prompt images of an i2v folder come later."""
+    from utils.video import read_video, resize_center_crop
     if args.i2v or args.image:
-        if not (args.i2v and args.image):
-            raise UsageError("image-to-video needs both --i2v and --image PATH")
+        folder = args.data_path is not None and Path(args.data_path).is_dir()
+        if not (args.image or folder):
+            raise UsageError("image-to-video needs --i2v with --image PATH, or --i2v with an image-text pair "
+                             "folder as --data_path")
+        if not args.i2v:
+            raise UsageError("--image needs --i2v")
         if not cfg.independent_first_frame:
             raise UsageError("--i2v conditions on one frame, which needs independent_first_frame=true")
-        image = resize_center_crop(read_image(args.image), height, width)
-        return pipe.codec.encode_to_latent(image[None, :, None].to(pipe.device))
+        return image_latent(pipe, args.image, height, width) if args.image else None
     if args.video:
         frames, _ = read_video(args.video)  # [T, H, W, 3] uint8
         video = frames.permute(3, 0, 1, 2).float().div(127.5).sub(1)  # [3, T, H, W] in [-1, 1]
@@ -299,10 +325,14 @@ def run(args: argparse.Namespace) -> int:
         # Under --parallel sequence every rank of the group rolls out the same video; only its leader decodes.
         writers = [StreamingVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names] if layout.is_leader else []
         try:
+            first = prefix if prompt.image is None else image_latent(pipe, prompt.image, height, width, prompt.crop)
+
+            def write_frames(block: int, pixels: torch.Tensor, writers=writers) -> None:
+                for sample, writer in enumerate(writers):
+                    writer.append(pixels[sample].cpu())
             result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
-                                   width=width, generator=generator, initial_latent=prefix,
-                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=lambda i, px, writers=writers: [
-                                       w.append(px[s].cpu()) for s, w in enumerate(writers)])
+                                   width=width, generator=generator, initial_latent=first,
+                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames)
             for w in writers:
                 w.close()
         except BaseException:

@@ -117,6 +117,49 @@ def test_image_to_video_preserves_first_frame(folder, tmp_path):
     assert (frames[0].float() - torch.from_numpy(image).float()).abs().mean() < 8  # codec + H.264 round trip
 
 
+def test_i2v_image_text_pair_folder_of_the_original(folder, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+    data = tmp_path / "pairs"
+    (data / "16_9").mkdir(parents=True)
+    colours = {"red.png": (200, 30, 30), "blue.png": (30, 30, 200)}
+    for name, colour in colours.items():
+        image = np.zeros((64, 96, 3), dtype=np.uint8)
+        image[:, :] = (255, 255, 255)
+        image[16:48, 24:72] = colour  # the crop box below cuts out exactly this rectangle
+        Image.fromarray(image).save(data / "16_9" / name)
+    items = [{"file_name": name, "caption": f"a {name[:-4]} square", "type": "image",
+              "target_crop": {"target_bbox": [24, 16, 72, 48], "target_ratio": "16_9"}} for name in colours]
+    (data / "target_crop_info_16_9.json").write_text(json.dumps(items))
+    out = tmp_path / "out"
+    assert run_cli("--model", folder, "--i2v", "--data_path", data, "--output-dir", out, "--total-blocks", 1,
+                   "independent_first_frame=true") == 0
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == ["0000-a-red-square.mp4", "0001-a-blue-square.mp4"]
+    for video, colour in zip(videos, colours.values()):
+        frames, _ = read_video(video)
+        first = frames[0].float().reshape(-1, 3).mean(0)
+        assert (first - torch.tensor(colour, dtype=torch.float32)).abs().max() < 12  # the crop, not the white border
+
+
+def test_i2v_pair_folder_errors_name_the_problem(folder, tmp_path, capsys):
+    data = tmp_path / "pairs"
+    data.mkdir()
+    assert run_cli("--model", folder, "--i2v", "--data_path", data, "--output-dir", tmp_path / "o",
+                   "independent_first_frame=true") == 2
+    assert "exactly one target_crop_info_<ratio>.json" in capsys.readouterr().err
+    (data / "target_crop_info_1_1.json").write_text('[{"file_name": "missing.png", "caption": "a cat"}]')
+    assert run_cli("--model", folder, "--i2v", "--data_path", data, "--output-dir", tmp_path / "o",
+                   "independent_first_frame=true") == 2
+    err = capsys.readouterr().err
+    assert "item 0" in err and "missing.png" in err
+    assert run_cli("--model", folder, "--data_path", data, "--output-dir", tmp_path / "o") == 2
+    assert "need --i2v" in capsys.readouterr().err.replace("needs", "need")
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.mp4"))
+
+
 def test_prompt_switch_recaches_under_the_new_prompt(folder):
     pipe = load_pipe(folder)
     a, b = pipe.encode_prompts(["a cat"]), pipe.encode_prompts(["a dog"])

@@ -29,6 +29,8 @@ class Prompt:
     text: str
     line: int | None = None
     extended: str | None = None
+    image: str | None = None  # i2v: this prompt's first frame (the original's image-text pair folders)
+    crop: tuple[int, int, int, int] | None = None  # (left, top, right, bottom) to cut from the image first
 
     @property
     def model_text(self) -> str:
@@ -300,3 +302,42 @@ def prompt_at_block(schedule: Schedule, block: int) -> str:
             break
         active = prompt
     return active
+
+
+def read_image_pair_dir(data_dir: str | Path) -> list[Prompt]:
+    """The original's i2v inference data (`TextImagePairDataset`): exactly one `target_crop_info_<ratio>.json` in
+    `data_dir`, a list of items with `file_name`, `caption` and optionally `target_crop.target_bbox`
+    (left, top, right, bottom pixels of the source image), and the images in `<data_dir>/<ratio>/`. Each item
+    becomes a prompt carrying its image (and crop box); errors name the file and the item."""
+    import json
+
+    data_dir = Path(data_dir)
+    infos = sorted(data_dir.glob("target_crop_info_*.json"))
+    if len(infos) != 1:
+        raise ValueError(f"{data_dir}: an i2v data folder needs exactly one target_crop_info_<ratio>.json, "
+                         f"found {len(infos)}")
+    info = infos[0]
+    ratio = info.stem[len("target_crop_info_"):]
+    try:
+        items = json.loads(info.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{info}: not valid UTF-8 JSON: {err}") from None
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{info}: expected a non-empty JSON list of items")
+    prompts = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("file_name"), str) \
+                or not isinstance(item.get("caption"), str) or not item["caption"].strip():
+            raise ValueError(f"{info}: item {i} needs a string file_name and a non-empty caption")
+        image = data_dir / ratio / item["file_name"]
+        if not image.is_file():
+            raise FileNotFoundError(f"{info}: item {i}: image {image} does not exist")
+        box = (item.get("target_crop") or {}).get("target_bbox")
+        if box is not None:
+            if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+                    and box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"{info}: item {i}: target_crop.target_bbox must be [left, top, right, bottom], "
+                                 f"got {box!r}")
+            box = tuple(int(round(v)) for v in box)
+        prompts.append(Prompt(i, item["caption"].strip(), image=str(image), crop=box))
+    return prompts
