@@ -343,7 +343,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         for sample, name in enumerate(names):
             write_json_atomic(out_dir / f"stats_{name}.json", {
-                "prompt": prompt.text, "model_prompt": prompt.model_text, "index": prompt.index, "sample": sample,
+                "prompt": prompt.text, "model_prompt": prompt.model_text, "image": prompt.image or args.image,
+                "index": prompt.index, "sample": sample,
                 "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
                 "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
                 "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
