@@ -130,6 +130,54 @@ def test_prompt_switch_recaches_under_the_new_prompt(folder):
     torch.testing.assert_close(switched[:, 4:], rest)
 
 
+def test_live_prompt_source_switches_like_the_same_schedule(folder):
+    pipe = load_pipe(folder)
+    asked = []
+
+    def source(block: int) -> str:  # what a prompt box would answer at each block boundary
+        asked.append(block)
+        return "a cat" if block < 2 else "a dog"
+
+    kwargs = {"num_latent_frames": 8, "height": 32, "width": 48}
+    live = pipe.generate(["x"], prompt_source=source, generator=torch.Generator().manual_seed(5), **kwargs)
+    scheduled = pipe.generate(["x"], prompt_schedule=[(0, "a cat"), (2, "a dog")],
+                              generator=torch.Generator().manual_seed(5), **kwargs)
+    assert asked == [0, 1, 2, 3]  # once per block, in order
+    assert live.stats["prompt_switches"] == [(0, "a cat"), (2, "a dog")]
+    torch.testing.assert_close(live.latents, scheduled.latents, rtol=0, atol=0)
+    unswitched = pipe.generate(["a cat"], generator=torch.Generator().manual_seed(5), **kwargs)
+    torch.testing.assert_close(live.latents[:, :4], unswitched.latents[:, :4], rtol=0, atol=0)
+    assert not torch.equal(live.latents[:, 4:], unswitched.latents[:, 4:])
+    with pytest.raises(ValueError, match="not both"):
+        pipe.generate(["x"], prompt_source=source, prompt_schedule=[(0, "a")], **kwargs)
+
+
+def test_should_stop_ends_between_blocks_with_the_frames_so_far(folder):
+    pipe = load_pipe(folder)
+    full = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48,
+                         generator=torch.Generator().manual_seed(1))
+    seen = []
+    stopped = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48,
+                            generator=torch.Generator().manual_seed(1), keep_video=False,
+                            on_frames=lambda i, px: seen.append(px), should_stop=lambda: len(seen) == 2)
+    assert stopped.stats["stopped"] and not full.stats["stopped"]
+    assert stopped.latents.shape[1] == 4 and len(stopped.stats["block_ms"]) == 2
+    torch.testing.assert_close(stopped.latents, full.latents[:, :4], rtol=0, atol=0)
+    assert stopped.video is None and stopped.stats["pixel_frames"] == 4  # streamed, not kept
+    torch.testing.assert_close(torch.cat(seen, dim=1), full.video[:, :4])
+    nothing = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48, should_stop=lambda: True)
+    assert nothing.latents.shape[1] == 0 and nothing.video is None and nothing.stats["stopped"]
+
+
+def test_latent_frames_for_blocks(folder):
+    pipe = load_pipe(folder)
+    assert pipe.latent_frames_for_blocks(3) == 6
+    pipe.settings.independent_first_frame = True  # the first frame is a block of its own, unless given
+    assert pipe.latent_frames_for_blocks(3) == 7 and pipe.latent_frames_for_blocks(3, with_initial_latent=True) == 6
+    with pytest.raises(ValueError, match=">= 1"):
+        pipe.latent_frames_for_blocks(0)
+
+
 def test_schedule_from_cli(folder, tmp_path):
     schedule = tmp_path / "schedule.txt"
     schedule.write_text("0: a red circle\n2: a blue square\n")
