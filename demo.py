@@ -31,8 +31,8 @@ GENERIC_PROMPT = "A cat walks on the grass, realistic style."  # for Wan checkpo
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    inference.add_model_arguments(p)
-    p.add_argument("--taehv-path", help="also load TAEHV weights (taew2_1.pth) so the page can pick the fast "
+    model = inference.add_model_arguments(p)
+    model.add_argument("--taehv-path", help="also load TAEHV weights (taew2_1.pth) so the page can pick the fast "
                    "decoder (default: the config's taehv_path when that file exists)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1",

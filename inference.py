@@ -25,8 +25,8 @@ DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
 PRESETS = {name: REPO_ROOT / "configs" / f"inference_{name}.yaml" for name in ("official", "taehv", "long")}
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags that choose and load a model (`build_pipeline` reads them); shared with demo.py."""
+def add_model_arguments(p: argparse.ArgumentParser):
+    """The flags that choose and load a model (`build_pipeline` reads them); shared with demo.py. Returns the group."""
     src = p.add_argument_group("model")
     src.add_argument("--model", help="exported model folder (default: the bundled assets/shapes_world)")
     src.add_argument("--config_path", help="YAML merged onto configs/default_config.yaml (original flag)")
@@ -35,6 +35,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint_path", help="generator weights: Self-Forcing .pt, safetensors or a folder")
     src.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
     src.add_argument("--model-root", help="folder holding the Wan model folders (config key model_root)")
+    return src
 
 
 def add_device_arguments(group) -> None:
