@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     from utils.prompts import output_name, parse_prompt_schedule, shard
     from utils.video import StreamingVideoWriter, write_json_atomic
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device, dtype = pick_device(args)
     if args.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
                                    width=width, generator=generator, initial_latent=prefix,
-                                   prompt_schedule=schedule, on_frames=lambda i, px: [
+                                   prompt_schedule=schedule, on_frames=lambda i, px, writers=writers: [
                                        w.append(px[s].cpu()) for s, w in enumerate(writers)])
             for w in writers:
                 w.close()

@@ -40,7 +40,7 @@ class CausalSettings:
     max_frames_without_window: int = 21
 
     @classmethod
-    def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> "CausalSettings":
+    def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> CausalSettings:
         mk = cfg.model_kwargs
         return cls(steps=schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step),
                    frames_per_block=cfg.num_frame_per_block,

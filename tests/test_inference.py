@@ -116,7 +116,7 @@ def test_prompt_switch_recaches_under_the_new_prompt(folder):
     a, b = pipe.encode_prompts(["a cat"]), pipe.encode_prompts(["a dog"])
     noise = torch.randn(1, 6, 12, 16, 24, generator=torch.Generator().manual_seed(3))
     steps = pipe.settings.steps
-    fresh = lambda x: torch.zeros_like(x)  # noqa: E731 - deterministic re-noising for the comparison
+    fresh = lambda x: torch.zeros_like(x)  # deterministic re-noising for the comparison
     cache = pipe.generator.new_kv_cache(1, 16, 24, 6)
     switched = rollout(pipe.denoiser, noise, [(0, a), (2, b)], cache, steps=steps, frames_per_block=2,
                        noise_fn=fresh).latents
@@ -223,7 +223,7 @@ def test_torchrun_shards_prompts_over_two_ranks_exactly_once(folder, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            str(REPO / "inference.py"), "--model", str(folder), "--data_path", str(prompts), "--output-dir", str(out),
            "--total-blocks", "1", "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     indices = sorted(int(p.name[:4]) for p in out.glob("*.mp4"))
     assert indices == [0, 1, 2, 3, 4]
