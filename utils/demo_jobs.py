@@ -129,7 +129,8 @@ class Job:
         self._stop = threading.Event()
         self._live_prompt = request.prompt  # what the page asks for now
         self._prompt = request.prompt  # what the blocks are generated under
-        self._watched = False
+        self._watched = False  # a page has connected (once per job)
+        self._watching = False  # ... and is still connected
 
     @property
     def download_name(self) -> str:
@@ -156,9 +157,11 @@ class Job:
         with self._lock:
             if self._watched:
                 raise JobError("this generation is already being watched")
-            self._watched = True
+            self._watched = self._watching = True
 
     def detach(self) -> None:
+        with self._lock:
+            self._watching = False
         if not self.finished.is_set():
             self.stop("the page was closed")
 
@@ -186,6 +189,10 @@ class Job:
     def finish(self, state: str, data: dict[str, Any]) -> None:
         self.state = state
         self.finished.set()
+        with self._lock:
+            unwatched = not self._watching
+        while unwatched and not self.events.empty():  # frames nobody will read: free them, keep only `done`
+            self.events.get_nowait()
         self.emit("done", {"state": state, "reason": self.stop_reason if state == "stopped" else None,
                            "video": f"/api/video/{self.id}.mp4" if self.video_ready else None, **data})
 
