@@ -64,9 +64,12 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
     if taehv_path and "taehv" not in decoders:
         from model.taehv import TAEHVCodec
         codec = TAEHVCodec.from_checkpoint(taehv_path, device=device, dtype=dtype)
-        if codec.latent_channels != pipe.generator.config.out_dim:
-            raise UsageError(f"TAEHV {taehv_path} decodes {codec.latent_channels} latent channels, but the "
-                             f"generator makes {pipe.generator.config.out_dim}")
+        # Decoders are swapped per video, so they must read the same latents into frames of the same size.
+        for what, attr in (("latent channels", "latent_channels"), ("spatial factor", "spatial_factor"),
+                           ("temporal factor", "temporal_factor")):
+            if getattr(codec, attr) != getattr(pipe.codec, attr):
+                raise UsageError(f"TAEHV {taehv_path} does not fit this model: {what} {getattr(codec, attr)}, "
+                                 f"the model's decoder has {getattr(pipe.codec, attr)}")
         decoders["taehv"] = codec
     if "taehv" in decoders and "wan" not in decoders and not args.model:
         wan_dir = Path(cfg.model_root) / cfg.model_kwargs.model_name

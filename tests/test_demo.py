@@ -53,7 +53,7 @@ def make_service(loaded, tmp_path):
         kwargs = {"height": loaded.height, "width": loaded.width, "output_dir": tmp_path / "videos",
                   "source": "tiny", "device": "cpu", "default_fps": 8, "default_prompt": "a red circle",
                   "max_blocks": 400, **overrides}
-        services.append(DemoService(loaded.pipe, loaded.decoders, **kwargs))
+        services.append(DemoService(loaded.pipe, kwargs.pop("decoders", loaded.decoders), **kwargs))
         return services[-1]
 
     yield make
@@ -304,6 +304,33 @@ def test_a_failing_generation_is_reported_and_frees_the_demo(make_service, monke
     assert client.get(f"/api/video/{job}.mp4").status_code == 404
     monkeypatch.undo()
     assert start(client, blocks=1).status_code == 200
+
+
+def test_each_video_uses_the_decoder_it_asks_for(make_service, loaded):
+    from model.pixel_codec import PixelShuffleCodec
+    other = PixelShuffleCodec(spatial_factor=2, scale=4.0)  # same latents, decoded at half the contrast
+    service = make_service(decoders={"pixel": loaded.pipe.codec, "alt": other})
+    client = create_app(service).test_client()
+    assert [d["name"] for d in client.get("/api/info").get_json()["decoders"]] == ["pixel", "alt"]
+    videos = {}
+    for decoder in ("pixel", "alt"):
+        job = start(client, blocks=1, seed="4", decoder=decoder).get_json()["job"]
+        events = list(sse_events(client.get(f"/api/events/{job}", buffered=False)))
+        assert events[0][1]["decoder"] == decoder
+        videos[decoder] = np.stack([decode_jpeg(u) for n, d in events if n == "block" for u in d["frames"]])
+    assert videos["alt"].std() < 0.75 * videos["pixel"].std()
+    assert service.pipe.codec is loaded.pipe.codec  # restored after the job
+
+
+def test_a_taehv_that_does_not_fit_the_model_is_one_line_exit_2(folder, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from model.taehv import TAEHV
+    path = tmp_path / "taehv.safetensors"
+    save_file(TAEHV(decoder_n_f=(8, 8, 4, 4), encoder_width=4, latent_channels=12).state_dict(), str(path))
+    assert demo.main(["--model", str(folder), "--taehv-path", str(path), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: TAEHV") and "spatial factor 8" in err and len(err.splitlines()) == 1
 
 
 def test_long_runs_switch_to_the_rolling_cache(make_service):
