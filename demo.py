@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         service = load_service(args)
         server.app = create_app(service)
-        url = f"http://{args.host if args.host not in ('0.0.0.0', '::') else 'localhost'}:{server.port}/"
+        host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}/"
         print(f"streaming demo of {service.source} on {service.device}: open {url}  (Ctrl+C ends it)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"warning: listening on {args.host}: anyone who can reach this machine can use the demo",

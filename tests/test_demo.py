@@ -8,11 +8,16 @@ import http.client
 import importlib.util
 import io
 import json
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -352,6 +357,27 @@ def test_help_explains_every_flag_with_defaults(capsys):
                           ("--checkpoint_path", None), ("--preset", None), ("--device", "cuda when available"),
                           ("--dtype", "bfloat16 on GPU")]:
         assert flag in text and (default is None or default in text), flag
+
+
+def test_the_command_serves_the_page_until_interrupted(folder, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--model", str(folder), "--port", "0",
+                             "--output-dir", str(tmp_path / "videos")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed once the model is loaded and the port is bound
+        assert "open http://127.0.0.1:" in line, line + proc.stderr.read()
+        url = line.split("open ", 1)[1].split()[0]
+        with urllib.request.urlopen(url + "api/info", timeout=30) as response:
+            assert json.load(response)["source"] == str(folder)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert b'id="start"' in response.read()
+        proc.send_signal(signal.SIGINT)  # Ctrl+C
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_missing_default_model_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
