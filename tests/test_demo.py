@@ -241,6 +241,15 @@ def test_closing_the_stream_stops_the_generation(make_service):
     assert service.current is None and not service.info()["busy"]
 
 
+def test_a_video_that_ends_before_its_page_connects_still_streams_whole(make_service):
+    service = make_service()
+    client = create_app(service).test_client()
+    job_id = start(client, blocks=2).get_json()["job"]
+    wait_until(service.job(job_id).finished.is_set, what="the job to end")
+    names = [name for name, _ in sse_events(client.get(f"/api/events/{job_id}", buffered=False))]
+    assert names == ["start", "block", "block", "done"]
+
+
 def test_a_generation_nobody_watches_stops(make_service):
     service = make_service(attach_timeout=0.3)
     job_id = start(create_app(service).test_client(), blocks=400).get_json()["job"]

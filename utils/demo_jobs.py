@@ -130,7 +130,7 @@ class Job:
         self._live_prompt = request.prompt  # what the page asks for now
         self._prompt = request.prompt  # what the blocks are generated under
         self._watched = False  # a page has connected (once per job)
-        self._watching = False  # ... and is still connected
+        self._abandoned = False  # its page left, or none came: nobody will read the events
 
     @property
     def download_name(self) -> str:
@@ -157,11 +157,10 @@ class Job:
         with self._lock:
             if self._watched:
                 raise JobError("this generation is already being watched")
-            self._watched = self._watching = True
+            self._watched = True
 
     def detach(self) -> None:
-        with self._lock:
-            self._watching = False
+        self._abandoned = True
         if not self.finished.is_set():
             self.stop("the page was closed")
 
@@ -183,15 +182,16 @@ class Job:
     def should_stop(self) -> bool:
         if not self._watched and time.monotonic() - self.started > self._attach_timeout:
             # The page that started it never connected (closed right away): nobody would see the video.
+            self._abandoned = True
             self.stop(f"no page connected within {self._attach_timeout:.0f} s")
         return self._stop.is_set()
 
     def finish(self, state: str, data: dict[str, Any]) -> None:
         self.state = state
         self.finished.set()
-        with self._lock:
-            unwatched = not self._watching
-        while unwatched and not self.events.empty():  # frames nobody will read: free them, keep only `done`
+        # A job may well end before its page connects (a short video): its events wait. An abandoned job's frames
+        # would wait for nobody: free them, keep only `done`.
+        while self._abandoned and not self.events.empty():
             self.events.get_nowait()
         self.emit("done", {"state": state, "reason": self.stop_reason if state == "stopped" else None,
                            "video": f"/api/video/{self.id}.mp4" if self.video_ready else None, **data})
