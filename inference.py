@@ -27,8 +27,8 @@ DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
 PRESETS = {name: REPO_ROOT / "configs" / f"inference_{name}.yaml" for name in ("official", "taehv", "long")}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(p: argparse.ArgumentParser):
+    """The flags that choose and load a model (`build_pipeline` reads them); shared with demo.py. Returns the group."""
     src = p.add_argument_group("model")
     src.add_argument("--model", help="exported model folder (default: the bundled assets/shapes_world)")
     src.add_argument("--config_path", help="YAML merged onto configs/default_config.yaml (original flag)")
@@ -37,6 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint_path", help="generator weights: Self-Forcing .pt, safetensors or a folder")
     src.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
     src.add_argument("--model-root", help="folder holding the Wan model folders (config key model_root)")
+    return src
+
+
+def add_device_arguments(group) -> None:
+    """Where and in which precision the model runs (`pick_device`, `build_pipeline`); shared with demo.py."""
+    group.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                       help="generator precision (default: bfloat16 on GPU, float32 on CPU)")
+    group.add_argument("--text-encoder-device", help="device of the text encoder (e.g. cpu to save GPU memory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     inp = p.add_argument_group("prompts")
     inp.add_argument("--prompt", help="inline prompt text, or a .txt file with one prompt per line")
     inp.add_argument("--data_path", help="prompt file, one prompt per line; with --i2v also the original's image-text "
@@ -61,10 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, help="pixels (default: config height)")
     gen.add_argument("--width", type=int, help="pixels (default: config width)")
     run = p.add_argument_group("runtime")
-    run.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    run.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                     help="generator precision (default: bfloat16 on GPU, float32 on CPU)")
-    run.add_argument("--text-encoder-device", help="device of the text encoder (e.g. cpu to save GPU memory)")
+    add_device_arguments(run)
     run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
     run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
                      "(config key cuda_graphs; CUDA only)")
@@ -90,24 +101,24 @@ def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | Non
     overrides = list(args.overrides)
     if args.model_root:
         overrides.append(f"model_root={args.model_root}")
-    if args.compile:
+    if getattr(args, "compile", False):  # demo.py has its own per-video compile switch instead
         overrides.append("compile=true")
-    if args.cuda_graphs:
+    if getattr(args, "cuda_graphs", False):
         overrides.append("cuda_graphs=true")
     layers = [("model folder settings", folder_causal)] if folder_causal else []
     extra = [PRESETS[args.preset]] if args.preset else []
     return load_config(args.config_path, overrides, layers=layers, extra_paths=extra)
 
 
-def latent_frames(args: argparse.Namespace, cfg) -> int:
+def latent_frames(args: argparse.Namespace, cfg, pipe) -> int:
     if args.total_blocks is not None and args.num_output_frames is not None:
         raise UsageError("give --total-blocks or --num_output_frames, not both")
     if args.total_blocks is not None:
         if args.total_blocks < 1:
             raise UsageError(f"--total-blocks must be >= 1, got {args.total_blocks}")
         # An independent first frame is its own block, unless it comes from --i2v (--image or a pair folder) / --video.
-        own_first = cfg.independent_first_frame and not (args.i2v or args.image or args.video)
-        return args.total_blocks * cfg.num_frame_per_block + (1 if own_first else 0)
+        return pipe.latent_frames_for_blocks(args.total_blocks, with_initial_latent=bool(args.i2v or args.image
+                                                                                      or args.video))
     frames = args.num_output_frames if args.num_output_frames is not None else cfg.image_or_video_shape[1]
     if frames < 1:
         raise UsageError(f"--num_output_frames must be >= 1, got {frames}")
@@ -289,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         group = new_sequence_group(layout)
         enable_sequence_parallel(pipe.generator, group)
     height, width = args.height or cfg.height, args.width or cfg.width
-    frames = latent_frames(args, cfg)
+    frames = latent_frames(args, cfg, pipe)
     fps = args.fps or cfg.fps
     pipe.latent_grid(height, width)  # validates the resolution before any work
     prefix = initial_latent(args, pipe, cfg, height, width)
@@ -357,19 +368,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)  # flags and key=value overrides in any order
+def run_reporting_errors(run_fn, args: argparse.Namespace) -> int:
+    """`run_fn(args)`, with problems of the inputs (flags, files, config) reported in one line and exit code 2,
+    never a traceback; shared with demo.py."""
     try:
         from utils.config import ConfigError
     except ImportError as err:  # a broken install: say so in one line
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        return run(args)
+        return run_fn(args)
     except (UsageError, ConfigError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)  # flags and key=value overrides in any order
+    return run_reporting_errors(run, args)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ setup(
     description="Self Forcing: autoregressive video diffusion on Wan2.1, trained on its own rollouts",
     packages=find_packages(include=["model", "model.*", "pipeline", "pipeline.*", "trainer", "trainer.*",
                                     "utils", "utils.*"]),
-    py_modules=["inference", "train"],
+    py_modules=["inference", "train", "demo"],
     python_requires=">=3.10",
     install_requires=requirements,
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "playwright>=1.40"],  # playwright drives the system chromium
     },
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from pipeline.streaming import BlockDecoder, FramesCallback, to_unit
 
 # FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]), in order; block -1 carries the decoded frames
 # of an initial latent; block 0 comes in two calls (its first frame alone) unless first_frame_alone is off.
+PromptSource = Callable[[int], str]  # block index -> the prompt of that block, asked at each block boundary
 
 
 @dataclass
@@ -42,7 +43,7 @@ class CausalSettings:
     max_frames_without_window: int = 21
 
     @classmethod
-    def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> "CausalSettings":
+    def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> CausalSettings:
         mk = cfg.model_kwargs
         return cls(steps=schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step),
                    frames_per_block=cfg.num_frame_per_block,
@@ -113,6 +114,14 @@ class CausalInferencePipeline:
                              f"({s}x codec downsampling, then {ph}x{pw} patches)")
         return height // s, width // s
 
+    def latent_frames_for_blocks(self, blocks: int, *, with_initial_latent: bool = False) -> int:
+        """Latent frames for `blocks` blocks; an independent first frame is one more block of its own unless an
+        initial latent (image, video) supplies it."""
+        if blocks < 1:
+            raise ValueError(f"the number of blocks must be >= 1, got {blocks}")
+        st = self.settings
+        return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
+
     def latent_frames_for(self, num_pixel_frames: int) -> int:
         """Latent frames for a pixel length `1 + temporal_factor * (F - 1)`."""
         tf = self.codec.temporal_factor
@@ -145,11 +154,18 @@ class CausalInferencePipeline:
     def generate(self, prompts: Sequence[str], *, num_latent_frames: int, height: int, width: int,
                  generator: torch.Generator | None = None, noise: Tensor | None = None,
                  initial_latent: Tensor | None = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
-                 on_frames: FramesCallback | None = None, decode: bool = True) -> Generation:
+                 prompt_source: PromptSource | None = None, should_stop: Callable[[], bool] | None = None,
+                 on_frames: FramesCallback | None = None, decode: bool = True,
+                 keep_video: bool = True) -> Generation:
         """Generate `num_latent_frames` new latent frames per prompt (after `initial_latent` frames if given).
 
         prompt_schedule: `[(block, prompt), ...]` switching every sample's prompt at block boundaries (block 0 first;
           `prompts` is then ignored except for the batch size).
+        prompt_source: asked `block -> prompt` at every block boundary while generating (a prompt typed during the
+          stream); a changed prompt is encoded then and switched to with a KV re-cache. `prompts` only sets the batch.
+        should_stop: asked before every block; True ends the generation there with the frames made so far
+          (`stats["stopped"]`).
+        keep_video: False streams frames to `on_frames` only (`video` is None), so long runs hold no pixels.
         """
         st = self.settings
         h, w = self.latent_grid(height, width)
@@ -157,7 +173,20 @@ class CausalInferencePipeline:
         layout = block_layout(num_latent_frames, st.frames_per_block,
                               st.independent_first_frame and initial_latent is None)
         tic = time.perf_counter()
-        if prompt_schedule:
+        switches: list[tuple[int, str]] = []
+        if prompt_schedule and prompt_source is not None:
+            raise ValueError("give a prompt schedule or a prompt source, not both")
+        if prompt_source is not None:
+            embedded: dict[str, Tensor] = {}
+
+            def context(block: int) -> Tensor:  # the same tensor per prompt, so only a real change re-caches
+                prompt = prompt_source(block)
+                if prompt not in embedded:
+                    embedded[prompt] = self.encode_prompts([prompt] * batch)
+                if not switches or switches[-1][1] != prompt:
+                    switches.append((block, prompt))  # the schedule as it happened, block 0 first
+                return embedded[prompt]
+        elif prompt_schedule:
             if prompt_schedule[0][0] != 0:
                 raise ValueError("the prompt schedule must start at block 0")
             if prompt_schedule[-1][0] >= len(layout):
@@ -185,9 +214,10 @@ class CausalInferencePipeline:
             if on_frames is not None:
                 on_frames(-1, pixels)
         decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream, on_frames=on_frames,
-                               first_frame_alone=self.first_frame_alone) if stream is not None else None
+                               first_frame_alone=self.first_frame_alone,
+                               keep_frames=keep_video) if stream is not None else None
         if stream is not None and initial_latent is not None:
-            decoder.frames.append(pixels)
+            decoder.add_decoded(pixels)
 
         def fresh_noise(like: Tensor) -> Tensor:
             noise = torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
@@ -205,18 +235,21 @@ class CausalInferencePipeline:
         result = rollout(self.denoiser, noise, context, cache, steps=st.steps, frames_per_block=st.frames_per_block,
                          independent_first_frame=st.independent_first_frame, initial_latent=initial_latent,
                          context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
-                         final_context_pass=False)
+                         should_stop=should_stop, final_context_pass=False)
         frames = decoder.finish() if decoder is not None else []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         total_ms = (time.perf_counter() - tic) * 1000.0
         video = torch.cat(frames, dim=1) if frames else None
         first_ms = decoder.time_to_first_frame_ms if decoder is not None else None
-        stats = {"block_ms": result.block_ms, "total_ms": total_ms, "latent_frames": prefix + num_latent_frames,
-                 "time_to_first_frame_ms": None if first_ms is None else first_ms + start_ms}
-        if video is not None:
-            stats["pixel_frames"] = video.shape[1]
-            stats["frames_per_s"] = video.shape[1] * batch / (total_ms / 1000.0)
+        stats = {"block_ms": result.block_ms, "total_ms": total_ms, "latent_frames": result.latents.shape[1],
+                 "time_to_first_frame_ms": None if first_ms is None else first_ms + start_ms,
+                 "stopped": result.stopped}
+        if switches:
+            stats["prompt_switches"] = switches
+        if decoder is not None and decoder.pixel_frames:
+            stats["pixel_frames"] = decoder.pixel_frames
+            stats["frames_per_s"] = decoder.pixel_frames * batch / (total_ms / 1000.0)
         if self.device.type == "cuda":
             stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return Generation(video=video, latents=result.latents, stats=stats)

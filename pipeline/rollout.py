@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -22,9 +21,14 @@ from model.kv_cache import KVCache
 from pipeline.denoiser import Denoiser
 
 NoiseFn = Callable[[Tensor], Tensor]  # returns fresh Gaussian noise shaped like its argument
-# Prompt embeddings `[B, L, text_dim]`, or a schedule [(first block, embeddings), ...] starting at block 0.
-Conditioning = Union[Tensor, Sequence[tuple[int, Tensor]]]
+# A live source of prompt embeddings, asked once per block at the block boundary (an interactive demo's prompt box).
+# Returning a different tensor object than the one in use switches prompts there (KV re-cache); the same object
+# keeps the cache.
+ContextSource = Callable[[int], Tensor]
+# Prompt embeddings `[B, L, text_dim]`, a schedule [(first block, embeddings), ...] starting at block 0, or a source.
+Conditioning = Tensor | Sequence[tuple[int, Tensor]] | ContextSource
 BlockCallback = Callable[[int, int, Tensor], None]  # (block index, start frame, x0 of the block [B, n, C, H, W])
+StopFn = Callable[[], bool]  # asked before every block; True ends the rollout there with the blocks made so far
 
 
 @dataclass
@@ -40,6 +44,7 @@ class GradientPolicy:
 class RolloutResult:
     latents: Tensor  # [B, F, C, H, W], initial latent frames included
     block_ms: list[float] = field(default_factory=list)  # wall time per generated block (host-side)
+    stopped: bool = False  # `should_stop` ended the rollout before its last block
 
 
 def block_layout(num_frames: int, frames_per_block: int, independent_first_frame: bool) -> list[int]:
@@ -55,13 +60,17 @@ def _full_t(value: float, like: Tensor) -> Tensor:
     return torch.full(like.shape[:2], float(value), device=like.device, dtype=torch.float32)
 
 
-def _schedule(context: Conditioning) -> dict[int, Tensor]:
+def _context_source(context: Conditioning) -> ContextSource:
+    """Every form of conditioning as a source `block -> embeddings` returning the same object until a switch."""
     if isinstance(context, Tensor):
-        return {0: context}
+        return lambda block: context
+    if callable(context):
+        return context
     switches = dict(context)
     if 0 not in switches:
         raise ValueError("a prompt schedule must start at block 0")
-    return switches
+    starts = sorted(switches)
+    return lambda block: switches[max(s for s in starts if s <= block)]
 
 
 def recache(denoiser: Denoiser, cache: KVCache, blocks: Sequence[tuple[int, Tensor]], context: Tensor, *,
@@ -93,16 +102,20 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
             frames_per_block: int, independent_first_frame: bool = False, initial_latent: Tensor | None = None,
             context_noise: float = 0.0, renoise_context: bool = False, final_context_pass: bool = True,
             policy: GradientPolicy | None = None, noise_fn: NoiseFn | None = None,
-            on_block: BlockCallback | None = None, start_frame: int = 0) -> RolloutResult:
+            on_block: BlockCallback | None = None, should_stop: StopFn | None = None,
+            start_frame: int = 0) -> RolloutResult:
     """Generate `noise.shape[1]` latent frames block by block, after the frames of `initial_latent` if given.
 
     noise: `[B, F, C, H, W]` pure noise of the frames to generate.
-    context: `[B, L, text_dim]` prompt embeddings, or a schedule `[(block, embeddings), ...]` switching prompts at
-      block boundaries (block 0 first); at a switch the cache is rebuilt under the new prompt (`recache`).
+    context: `[B, L, text_dim]` prompt embeddings, a schedule `[(block, embeddings), ...]` switching prompts at
+      block boundaries (block 0 first), or a `ContextSource` asked at each block boundary; at a switch the cache is
+      rebuilt under the new prompt (`recache`).
     steps: the (warped) denoising timesteps, e.g. [1000, 937.5, 833.3, 625].
     initial_latent: `[B, Fi, C, H, W]` clean frames written into the cache first (image-to-video, video extension).
     renoise_context: re-noise each block's x0 to `context_noise` before the cache pass, as the original training
       rollout does (t=0 snaps to sigma ~0.005 on the grid); the original inference feeds x0 as is.
+    should_stop: asked before each generated block; when it returns True the rollout ends there (`stopped`), and
+      `latents` holds the frames made so far.
     start_frame: latent frame index of the first frame (continuing a cache that already holds earlier frames).
     """
     if noise.dim() != 5:
@@ -112,8 +125,8 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
         raise ValueError("the denoising step list is empty")
     noise_fn = noise_fn or torch.randn_like
     schedule = denoiser.schedule
-    switches = _schedule(context)
-    context = switches[0]
+    source = _context_source(context)
+    context = source(0)  # asked once for block 0: it also conditions the initial latent frames
     outputs: list[Tensor] = []
     blocks: list[tuple[int, Tensor]] = []  # (start frame, clean latents) of every block, for re-caching
     frame = start_frame
@@ -139,11 +152,17 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
         raise ValueError(f"gradient policy has {len(policy.exit_steps)} exit steps for {len(sizes)} blocks")
     block_ms: list[float] = []
     offset = 0
+    stopped = False
     for index, size in enumerate(sizes):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
         tic = time.perf_counter()
-        if index in switches and index > 0:
-            context = switches[index]
-            recache(denoiser, cache, blocks, context, context_noise=context_noise)
+        if index > 0:
+            wanted = source(index)
+            if wanted is not context:
+                context = wanted
+                recache(denoiser, cache, blocks, context, context_noise=context_noise)
         x = noise[:, offset:offset + size]
         exit_step = len(steps) - 1 if policy is None else int(policy.exit_steps[index])
         with_grad = (policy is not None and policy.grad_from_frame is not None
@@ -163,4 +182,5 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
         block_ms.append((time.perf_counter() - tic) * 1000.0)
         frame += size
         offset += size
-    return RolloutResult(latents=torch.cat(outputs, dim=1), block_ms=block_ms)
+    latents = torch.cat(outputs, dim=1) if outputs else noise[:, :0]
+    return RolloutResult(latents=latents, block_ms=block_ms, stopped=stopped)

@@ -28,18 +28,22 @@ class BlockDecoder:
     side_stream: decode on a separate CUDA stream (ignored off CUDA). on_frames: called with each block's frames,
     in order, once they are ready. first_frame_alone: decode the very first latent frame on its own, so the first
     pixel frame is out before the rest of block 0 is decoded (same frames: the codecs' stream decoders are causal;
-    block 0 is then handed out in two parts). The clock (time to first frame) starts at construction.
+    block 0 is then handed out in two parts). keep_frames: False hands frames to `on_frames` only (long streams hold
+    no pixels); `pixel_frames` counts them either way. The clock (time to first frame) starts at construction.
     """
 
     def __init__(self, stream_decoder: Any, device: torch.device, *, side_stream: bool = True,
-                 on_frames: FramesCallback | None = None, first_frame_alone: bool = True):
+                 on_frames: FramesCallback | None = None, first_frame_alone: bool = True, keep_frames: bool = True):
         self.decoder = stream_decoder
         self.device = device
         self.on_frames = on_frames
         self.first_frame_alone = first_frame_alone
+        self.keep_frames = keep_frames
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda and side_stream else None
         self.frames: list[Tensor] = []
+        self.pixel_frames = 0
+        self._submitted = False
         self._pending: list[tuple[int, Tensor, Any]] = []
         self._tic = time.perf_counter()
         self._start = self._first_done = None
@@ -50,13 +54,21 @@ class BlockDecoder:
 
     def submit(self, index: int, latents: Tensor) -> None:
         """Queue the decode of one block `[B, n, C, h, w]` (its latents must not be modified afterwards)."""
-        if self.first_frame_alone and not self.frames and not self._pending and latents.shape[1] > 1:
+        if self.first_frame_alone and not self._submitted and latents.shape[1] > 1:
             self._submit(index, latents[:, :1])
             latents = latents[:, 1:]
         self._submit(index, latents)
         self.poll()
 
+    def add_decoded(self, pixels: Tensor) -> None:
+        """Frames decoded elsewhere (an initial latent's) that belong before the blocks: kept and counted, not
+        handed out (the caller already did)."""
+        self.pixel_frames += pixels.shape[1]
+        if self.keep_frames:
+            self.frames.append(pixels)
+
     def _submit(self, index: int, latents: Tensor) -> None:
+        self._submitted = True
         if self.stream is None:
             pixels = to_unit(self.decoder.decode_chunk(latents))
             done = None
@@ -95,7 +107,9 @@ class BlockDecoder:
     def _hand_out(self, index: int, pixels: Tensor) -> None:
         if self.stream is not None:
             pixels.record_stream(torch.cuda.current_stream(self.device))
-        self.frames.append(pixels)
+        self.pixel_frames += pixels.shape[1]
+        if self.keep_frames:
+            self.frames.append(pixels)
         if self.on_frames is not None:
             self.on_frames(index, pixels)
 

@@ -1,0 +1,144 @@
+"""The streaming demo's web server: one static page and a small JSON + server-sent-events API over `DemoService`.
+
+    GET  /                       the page (assets/demo.html)
+    GET  /api/info               model, decoders, limits, defaults
+    POST /api/start              {prompt, seed, fps, blocks, decoder, compile} -> {job, seed} | 400 {error, field}
+                                 | 409 {error} while another generation runs
+    GET  /api/events/<job>       text/event-stream: start, block (frames as JPEG data URLs), prompt, done
+    POST /api/prompt             {job, prompt}: the prompt from the next block on
+    POST /api/stop               {job}: stop between blocks
+    GET  /api/video/<job>.mp4    the finished (or stopped) video
+
+Server-sent events rather than WebSockets: the stream only flows to the page (its few requests are plain POSTs),
+EventSource is built into every browser, and a closed tab shows up as a failed write, which stops the job.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flask import Flask, Response, jsonify, request, send_file
+from PIL import Image
+
+from utils.demo_jobs import Busy, DemoService, Job, JobError, RequestError, parse_prompt
+
+PAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.html"
+JPEG_QUALITY = 90
+
+
+def jpeg_data_url(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> str:
+    """`uint8 [H, W, 3]` -> a `data:image/jpeg;base64,...` URL an <img> or Image() can show directly."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def sse_message(name: str, data: dict[str, Any]) -> str:
+    if name == "block":  # frames travel as uint8 arrays up to here: encoding them is this thread's work
+        data = {**data, "frames": [jpeg_data_url(frame) for frame in data["frames"]]}
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def event_stream(job: Job, heartbeat_s: float) -> Iterator[str]:
+    """The job's events as SSE text; a comment every `heartbeat_s` so a closed page is noticed (the write fails,
+    the server closes this generator, and `finally` stops the job) even while no block is ready."""
+    try:
+        yield "retry: 3600000\n\n"  # a dropped stream is final (the job stops); do not let the browser retry soon
+        while True:
+            try:
+                name, data = job.events.get(timeout=heartbeat_s)
+            except queue.Empty:
+                yield ": keep-alive\n\n"
+                continue
+            yield sse_message(name, data)
+            if name == "done":
+                return
+    finally:
+        job.detach()
+
+
+def _error(message: str, status: int, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": message, **extra}), status
+
+
+def _json_body() -> dict[str, Any]:
+    # force: navigator.sendBeacon (the page's last word when it closes) cannot set a JSON content type.
+    data = request.get_json(force=True, silent=True)
+    return data if isinstance(data, dict) else {}
+
+
+def create_app(service: DemoService, *, page: Path = PAGE, heartbeat_s: float = 1.0) -> Flask:
+    app = Flask(__name__, static_folder=None)
+
+    def find_job(data: dict[str, Any]) -> Job | tuple[Response, int]:
+        job = service.job(str(data.get("job", "")))
+        return job if job is not None else _error("no such generation (it may have been forgotten)", 404)
+
+    @app.get("/")
+    def index() -> Response:
+        return send_file(page, mimetype="text/html", max_age=0)
+
+    @app.get("/api/info")
+    def info() -> Response:
+        return jsonify(service.info())
+
+    @app.post("/api/start")
+    def start():
+        try:
+            job = service.start(request.get_json(silent=True))  # None (not JSON) is rejected with a message
+        except RequestError as err:
+            return _error(str(err), 400, field=err.field)
+        except Busy as err:
+            return _error(str(err), 409)
+        return jsonify({"job": job.id, "seed": job.request.seed})
+
+    @app.get("/api/events/<job_id>")
+    def events(job_id: str):
+        job = service.job(job_id)
+        if job is None:
+            return _error("no such generation", 404)
+        try:
+            job.attach()
+        except JobError as err:
+            return _error(str(err), 409)
+        return Response(event_stream(job, heartbeat_s), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/prompt")
+    def prompt():
+        data = _json_body()
+        job = find_job(data)
+        if not isinstance(job, Job):
+            return job
+        try:
+            text = parse_prompt(data.get("prompt"))
+            job.set_prompt(text)
+        except RequestError as err:
+            return _error(str(err), 400, field=err.field)
+        except JobError as err:
+            return _error(str(err), 409)
+        return jsonify({"pending": text})
+
+    @app.post("/api/stop")
+    def stop():
+        job = find_job(_json_body())
+        if not isinstance(job, Job):
+            return job
+        job.stop()
+        return jsonify({"state": job.state})
+
+    @app.get("/api/video/<job_id>.mp4")
+    def video(job_id: str):
+        job = service.job(job_id)
+        if job is None or not job.video_ready:
+            return _error("no finished video for this generation", 404)
+        return send_file(job.video_path, mimetype="video/mp4", as_attachment=True,
+                         download_name=job.download_name, max_age=0)
+
+    return app
