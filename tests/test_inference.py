@@ -165,7 +165,7 @@ def test_prompt_switch_recaches_under_the_new_prompt(folder):
     a, b = pipe.encode_prompts(["a cat"]), pipe.encode_prompts(["a dog"])
     noise = torch.randn(1, 6, 12, 16, 24, generator=torch.Generator().manual_seed(3))
     steps = pipe.settings.steps
-    fresh = lambda x: torch.zeros_like(x)  # deterministic re-noising for the comparison
+    fresh = lambda x: torch.zeros_like(x)  # noqa: E731 - deterministic re-noising for the comparison
     cache = pipe.generator.new_kv_cache(1, 16, 24, 6)
     switched = rollout(pipe.denoiser, noise, [(0, a), (2, b)], cache, steps=steps, frames_per_block=2,
                        noise_fn=fresh).latents
