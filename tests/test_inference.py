@@ -208,13 +208,13 @@ def test_should_stop_ends_between_blocks_with_the_frames_so_far(folder):
     seen = []
     stopped = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48,
                             generator=torch.Generator().manual_seed(1), keep_video=False,
-                            on_frames=lambda i, px: seen.append(i),  # block 0 may come in two calls
-                            should_stop=lambda: len(set(seen)) == 2)
+                            on_frames=lambda i, px: seen.append((i, px)),  # block 0 may come in two calls
+                            should_stop=lambda: len({i for i, _ in seen}) == 2)
     assert stopped.stats["stopped"] and not full.stats["stopped"]
     assert stopped.latents.shape[1] == 4 and len(stopped.stats["block_ms"]) == 2
     torch.testing.assert_close(stopped.latents, full.latents[:, :4], rtol=0, atol=0)
     assert stopped.video is None and stopped.stats["pixel_frames"] == 4  # streamed, not kept
-    torch.testing.assert_close(torch.cat(seen, dim=1), full.video[:, :4])
+    torch.testing.assert_close(torch.cat([px for _, px in seen], dim=1), full.video[:, :4])
     nothing = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48, should_stop=lambda: True)
     assert nothing.latents.shape[1] == 0 and nothing.video is None and nothing.stats["stopped"]
 
