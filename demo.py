@@ -15,6 +15,7 @@ flags); trailing `key=value` arguments override config keys.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from pathlib import Path
@@ -134,4 +135,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The server's handler threads are daemons (a page's event stream may still be open at Ctrl+C); if one writes
+    # to stderr while the interpreter finalises, CPython aborts the process (SIGABRT). Nothing is left to clean up
+    # here (videos are written atomically), so end without finalisation once the output is flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -382,7 +382,8 @@ def test_the_command_serves_the_page_until_interrupted(folder, tmp_path):
         with urllib.request.urlopen(url, timeout=30) as response:
             assert b'id="start"' in response.read()
         proc.send_signal(signal.SIGINT)  # Ctrl+C
-        assert proc.wait(timeout=30) == 0
+        code = proc.wait(timeout=30)
+        assert code == 0, f"exit {code}: {proc.stderr.read()[-2000:]}"
     finally:
         if proc.poll() is None:
             proc.kill()
