@@ -9,7 +9,8 @@
 # e.g. "base teacher:240 ode_pairs>ode_init:80+teacher_forcing:200+diffusion_forcing:200 dmd:170+sid:170"
 #
 # Brings back to $OUT: every finished stage's generator EMA in bf16 plus all metrics, as shapes_runs.tar split in
-# 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log.
+# 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
+# and 64 MB (~7 stages of the full-size model): SHAPES_BRING=dmd,sid,... limits the weights to those stages.
 # SHAPES_SIZE=smoke runs the CI-sized recipe (to check this script on a CPU).
 # Wheels for packages the device image lacks are carried in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -42,15 +43,16 @@ for phase in $plan; do
   wait
 done
 
-python3 - "$runs" <<'PY'
-import json, sys, tarfile, io
+python3 - "$runs" "${SHAPES_BRING:-}" <<'PY'
+import shutil, sys, tarfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
-runs = Path(sys.argv[1]); pack = Path("/tmp/shapes_pack"); pack.mkdir(exist_ok=True)
+runs = Path(sys.argv[1]); bring = {s for s in sys.argv[2].split(",") if s}
+pack = Path("/tmp/shapes_pack"); shutil.rmtree(pack, ignore_errors=True); pack.mkdir()
 for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
     ema = stage / "generator_ema.safetensors"
-    if ema.is_file():
+    if ema.is_file() and (not bring or stage.name in bring):
         save_file({k: v.to(torch.bfloat16) for k, v in load_file(ema).items()}, pack / f"{stage.name}.safetensors")
     for metrics in (stage / "logs").glob("metrics*.jsonl"):
         (pack / f"{stage.name}_{metrics.name}").write_bytes(metrics.read_bytes())
