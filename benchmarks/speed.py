@@ -36,7 +36,7 @@ from common import (
 
 from model import attention as attention_backends
 from model.config import WAN_1_3B
-from model.wan import InferenceOptions
+from model.wan_block import InferenceOptions
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from model.attention import attention
 from model.config import WanConfig
-from model.wan import Attention, RMSNorm
+from model.wan_block import Attention, RMSNorm
 
 ORIGINAL_TAPS = (13, 21, 29)  # 0-based blocks of the 30-layer Wan 1.3B the original taps
 ORIGINAL_LAYERS = 30

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from model.kv_cache import KVCache
 from model.rope import Rotation
-from model.wan import Context, WanDiT
+from model.wan import WanDiT
+from model.wan_block import Context
 
 
 def _clone_rotation(rot: Rotation | None) -> Rotation | None:

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from model.wan import InferenceOptions
+from model.wan_block import InferenceOptions
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule

@@ -1,0 +1,252 @@
+"""The pieces of a Wan2.1 DiT layer: attention projections, the transformer block (self-attention over the mode's
+mask or KV cache, cross-attention to the text, FFN, all modulated per timestep group), the output head, the per-call
+context shared by all blocks, and the inference speed switches. `model/wan.py` assembles them into `WanDiT`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.attention import AttentionMask, attention
+from model.config import WanConfig
+from model.kv_cache import CacheWrite, KVCache
+from model.rope import Rotation, apply_rope
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in float32 and cast back before the weight, as the original `WanRMSNorm`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Projections of a self- or cross-attention layer (`q, k, v, o`, optional QK RMS-norm over the full width)."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self._fused: tuple | None = None  # (key of the source parameters, weight, bias) of the fused projection
+
+    def heads(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def query(self, x: Tensor) -> Tensor:
+        return self.heads(self.norm_q(self.q(x)))
+
+    def key_value(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.norm_k(self.k(x))), self.heads(self.v(x))
+
+    def qkv(self, x: Tensor, fused: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Query, key and value heads `[B, L, heads, head_dim]`; `fused` = `fused_qkv()` runs one GEMM for all."""
+        if fused is None:
+            return (self.query(x), *self.key_value(x))
+        q, k, v = F.linear(x, *fused).chunk(3, dim=-1)
+        return self.heads(self.norm_q(q)), self.heads(self.norm_k(k)), self.heads(v)
+
+    def fused_qkv(self) -> tuple[Tensor, Tensor] | None:
+        """The q/k/v weights and biases concatenated (inference only), rebuilt whenever a source parameter was
+        changed in place (optimizer step, load_state_dict) or moved, so it never goes stale. None when the
+        projections are not plain linears (e.g. LoRA adapters injected)."""
+        if not all(type(m) is nn.Linear for m in (self.q, self.k, self.v)):
+            return None
+        params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._fused is None or self._fused[0] != key:
+            with torch.no_grad():
+                weight = torch.cat(params[:3])
+                bias = torch.cat(params[3:])
+            self._fused = (key, weight, bias)
+        return self._fused[1], self._fused[2]
+
+    def out(self, x: Tensor) -> Tensor:
+        return self.o(x.flatten(-2))
+
+
+@dataclass
+class InferenceOptions:
+    """Switches of the inference speed levers (`benchmarks/speed.py` measures each against all off).
+
+    fused_rope: RoPE as one multiply-add on float32 pair tables (else the split/stack formula); same numbers.
+    reuse_text: skip the text embedding when every layer's cross-attention K/V are cached for the prompt.
+    cache_pass_kv_only: a cache-only call (the clean-context pass) stops once the last layer's K/V are written:
+      no attention, cross-attention or FFN in that layer, no output head. Exact.
+    fused_qkv: one GEMM for the self-attention q/k/v projections (copies of the weights, rebuilt when they change).
+    compile: `torch.compile` the per-layer pieces around attention (static shapes: compiled once, shared by every
+      layer and block position) on the KV-cached no-grad path.
+    """
+
+    fused_rope: bool = True
+    reuse_text: bool = True
+    cache_pass_kv_only: bool = True
+    fused_qkv: bool = False
+    compile: bool = False
+
+    @classmethod
+    def all_off(cls) -> InferenceOptions:
+        return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False, compile=False)
+
+
+class Context:
+    """Per-call state shared by all blocks: RoPE rotation, the mask or the cache plan, the token grid."""
+
+    def __init__(self, groups: int, rope: Rotation, mask: AttentionMask | None = None,
+                 cache: KVCache | None = None, plan: CacheWrite | None = None, cache_rope: Rotation | None = None,
+                 options: InferenceOptions | None = None, compiled: bool = False):
+        self.groups = groups  # timestep groups (1 = one timestep per sample, else one per latent frame)
+        self.rope = rope
+        self.mask = mask
+        self.cache, self.plan = cache, plan
+        self.cache_rope = cache_rope  # rotation of the readable cache slots (relative RoPE with rerotate_window)
+        self.options = options or InferenceOptions()
+        self.compiled = compiled  # run the layer pieces through torch.compile
+        self.shard = None  # sequence parallel: this call's token split (utils/sequence_parallel.py), else None
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a call reads from the context (CUDA graphs copy them into static buffers)."""
+        rotations = [self.rope] + ([self.cache_rope] if self.cache_rope is not None else [])
+        return [t for r in rotations for t in r.tensors()]
+
+    def piece(self, fn):
+        return _compiled(fn) if self.compiled else fn
+
+
+def _grouped(h: Tensor, groups: int) -> Tensor:
+    """`[B, L, D]` -> `[B, G, L/G, D]` so per-group (per-frame) modulation broadcasts."""
+    b, length, dim = h.shape
+    return h.view(b, groups, length // groups, dim)
+
+
+def _modulate(norm: nn.Module, x: Tensor, shift: Tensor, scale: Tensor, groups: int) -> Tensor:
+    return (norm(_grouped(x, groups)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).view(x.shape)
+
+
+def _gate(x: Tensor, y: Tensor, gate: Tensor, groups: int) -> Tensor:
+    return x + (_grouped(y, groups) * gate.unsqueeze(2)).view(x.shape)
+
+
+# The three pieces of a layer around its two attentions: pure tensor functions of static shape, so one compiled
+# graph serves every layer (parameters are graph inputs) and every block position of a rollout.
+def _attention_inputs(block: WanBlock, x: Tensor, mod: Tensor, groups: int, rope: Rotation, rotate_k: bool,
+                      fused_rope: bool, fused_qkv: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+    h = _modulate(block.norm1, x, mod[:, :, 0], mod[:, :, 1], groups)
+    q, k, v = block.self_attn.qkv(h, fused_qkv)
+    q = apply_rope(q, rope, fused=fused_rope)
+    if rotate_k:
+        k = apply_rope(k, rope, fused=fused_rope)
+    return q, k, v
+
+
+def _cross_query(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    x = _gate(x, block.self_attn.out(y), mod[:, :, 2], groups)
+    return x, block.cross_attn.query(block.norm3(x))
+
+
+def _feed_forward(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int) -> Tensor:
+    x = x + block.cross_attn.out(y)
+    h = _modulate(block.norm2, x, mod[:, :, 3], mod[:, :, 4], groups)
+    return _gate(x, block.ffn(h), mod[:, :, 5], groups)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        dim, eps = cfg.dim, cfg.eps
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, e0: Tensor, text: Tensor | None, ctx: Context, layer: int,
+                kv_only: bool = False) -> Tensor:
+        """x `[B, L, D]`, e0 `[B, G, 6, D]` (G timestep groups), text `[B, text_len, D]` (None when the cache holds
+        the prompt's K/V). kv_only: only write this layer's K/V into the cache (returns x unchanged)."""
+        mod = self.modulation.unsqueeze(1) + e0  # `[B, G, 6, D]`: shift, scale, gate (attention), same (FFN)
+        opts = ctx.options
+        rotate_k = ctx.cache is None or ctx.cache.keys_rotated
+        fused = self.self_attn.fused_qkv() if opts.fused_qkv and not torch.is_grad_enabled() else None
+        q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused)
+        if kv_only:
+            if ctx.shard is not None:
+                _, k, v = ctx.shard.to_heads(q, k, v)
+            ctx.cache.write(layer, ctx.plan, k, v)
+            return x
+        y = self._self_attention(q, k, v, ctx, layer)
+        x, cross_q = ctx.piece(_cross_query)(self, x, y, mod, ctx.groups)
+        y = attention(cross_q, *self._text_key_value(text, ctx, layer))
+        return ctx.piece(_feed_forward)(self, x, y, mod, ctx.groups)
+
+    def _self_attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int) -> Tensor:
+        """Attention heads `[B, L, heads, head_dim]` (before the output projection) of the rotated q, k and v."""
+        cache, plan = ctx.cache, ctx.plan
+        if ctx.shard is not None:  # sequence parallel: [local tokens, all heads] -> [all tokens, local heads]
+            q, k, v = ctx.shard.to_heads(q, k, v)
+        if cache is None:
+            return self._heads_to_tokens(attention(q, k, v, ctx.mask), ctx)
+        cache.write(layer, plan, k, v)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
+            # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
+            past_k, past_v = cache.past(layer, plan)
+            if not getattr(self, "_checkpointed", False):
+                # Without activation checkpointing the saved views would be invalidated by later in-place writes.
+                past_k, past_v = past_k.clone(), past_v.clone()
+            k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        else:
+            k_all, v_all = cache.readable(layer, plan)
+        if not cache.keys_rotated:
+            k_all = apply_rope(k_all, ctx.cache_rope, fused=ctx.options.fused_rope)
+        return self._heads_to_tokens(attention(q, k_all, v_all), ctx)
+
+    @staticmethod
+    def _heads_to_tokens(y: Tensor, ctx: Context) -> Tensor:
+        """Sequence parallel: back to this rank's tokens with all heads (a no-op otherwise)."""
+        return y if ctx.shard is None else ctx.shard.to_tokens(y)
+
+    def _text_key_value(self, text: Tensor | None, ctx: Context, layer: int) -> tuple[Tensor, Tensor]:
+        attn = self.cross_attn
+        cache = ctx.cache
+        # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients (SPEC 5.3).
+        if cache is not None and not torch.is_grad_enabled():
+            if not cache.cross_ready[layer]:
+                cache.store_text(layer, *attn.key_value(text))
+            return cache.cross_k[layer], cache.cross_v[layer]
+        return attn.key_value(text)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor, groups: int) -> Tensor:
+        """x `[B, L, D]`, e `[B, G, D]` (the time embedding, not its projection) -> `[B, L, out features]`."""
+        b, length, dim = x.shape
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # `[B, G, D]` each
+        h = self.norm(x).view(b, groups, length // groups, dim) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+        return self.head(h.view(b, length, dim))
