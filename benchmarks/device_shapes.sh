@@ -7,6 +7,8 @@
 #   LANE  = STAGE>STAGE>... stages of a lane run one after another
 #   STAGE = name[:seconds[:key=value,key=value]]   seconds -> time_limit_s (training time; the stage then checkpoints)
 # e.g. "base teacher:240 ode_pairs>ode_init:80+teacher_forcing:200+diffusion_forcing:200 dmd:170+sid:170"
+# STAGE eval[:seconds[:teacher/dmd/...]] scores those finished stages on the GPU at 1x (scripts/evaluate_shapes.py,
+# 16 prompts per split, 24 teacher steps) into $OUT/eval_<stages>.json: e.g. check the teacher before distilling.
 #
 # Brings back to $OUT: every finished stage's generator EMA in bf16 plus all metrics, as shapes_runs.tar split in
 # 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
@@ -26,6 +28,13 @@ mkdir -p "$out" "$runs"
 run_stage() {  # name[:seconds[:overrides]]
   local name limit overrides extra start
   IFS=: read -r name limit overrides <<< "$1"
+  if [ "$name" = eval ]; then
+    local stages="${overrides//\//,}"
+    timeout "${limit:-300}" python3 scripts/evaluate_shapes.py --run "$runs" ${stages:+--stages "$stages"} --lengths 1 \
+      --num-prompts 16 --teacher-steps 24 --output "$out/eval_${stages//,/_}.json" 2>&1 | sed -u "s/^/[eval] /" >> "$log"
+    tail -12 "$log" | grep "^\[eval\]"
+    return
+  fi
   extra="${overrides//,/ }"
   [ -n "$limit" ] && extra="time_limit_s=$limit $extra"
   start=$(date +%s)
