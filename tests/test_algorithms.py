@@ -337,3 +337,24 @@ def test_diffusion_rejects_teacher_forcing_without_causal():
     cfg = tiny_train_config(trainer="diffusion", causal=False, teacher_forcing=True)
     with pytest.raises(ValueError, match="teacher_forcing"):
         Diffusion(cfg, tiny_models(cfg, teacher=False, critic=False))
+
+
+def test_text_dropout_replaces_prompts_by_the_negative_prompt():
+    cfg = tiny_train_config(trainer="diffusion", causal=False, text_dropout=0.5, negative_prompt="<empty>")
+    algo = build_algorithm(cfg, tiny_models(cfg, teacher=False, critic=False))
+    batch = {"prompts": [f"prompt {i}" for i in range(400)], "latents": None}
+    torch.manual_seed(0)
+    dropped = algo.drop_text(batch)["prompts"]
+    n = sum(p == "<empty>" for p in dropped)
+    assert 150 < n < 250  # about half
+    assert all(p in ("<empty>", q) for p, q in zip(dropped, batch["prompts"]))  # kept ones untouched, in order
+    assert batch["prompts"][0] == "prompt 0"  # the batch itself is not modified
+    cfg0 = tiny_train_config(trainer="diffusion", causal=False)
+    algo0 = build_algorithm(cfg0, tiny_models(cfg0, teacher=False, critic=False))
+    assert algo0.drop_text(batch) is batch
+
+
+def test_text_dropout_out_of_range_is_a_config_error(tmp_path):
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="text_dropout"):
+        load_config(None, ["text_dropout=1.0"])

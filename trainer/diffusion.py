@@ -5,6 +5,9 @@ attention) or teacher forcing (`teacher_forcing: true`: noisy blocks attend to t
 Timesteps: a grid index per block (per sample for the bidirectional model) uniform in 0..T-1, `t = timesteps[i]`;
 loss = per-frame MSE of the flow prediction against `noise - x0`, weighted by the schedule's `training_weight(t)`.
 
+`text_dropout` trains the unconditional branch that classifier-free guidance needs (the real Wan teacher was trained
+with caption dropout; a teacher pre-trained here needs it too, else its negative-prompt prediction is meaningless).
+
 Fixes of the original, each commented where it happens: timesteps stay float32 (it cast them to bf16, 937.5 -> 936);
 teacher-forcing noise augmentation draws fresh noise (it reused the training noise) and really is small: the clean
 context is noised to grid timesteps below `noise_augmentation_max_timestep` (it indexed the descending grid from the
@@ -61,10 +64,20 @@ class Diffusion:
             return None  # no grid timestep is that small: the context stays clean
         return grid[low[self._grid_indices(b, f, low.numel(), device)]]
 
+    def drop_text(self, batch: Batch) -> Batch:
+        """Replace a `text_dropout` fraction of the prompts by the negative prompt (per-rank RNG): classifier-free
+        guidance later subtracts the model's prediction for that prompt, which it must have been trained on."""
+        rate = self.cfg.text_dropout
+        if rate <= 0:
+            return batch
+        prompts = list(batch["prompts"])
+        dropped = (torch.rand(len(prompts)) < rate).tolist()
+        return {**batch, "prompts": [self.cfg.negative_prompt if d else p for p, d in zip(prompts, dropped)]}
+
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         cfg = self.cfg
         x0 = data_latents(batch, "diffusion training")
-        context, _ = text_conditions(self.models, batch)
+        context, _ = text_conditions(self.models, self.drop_text(batch))
         denoiser = self.models.generator
         schedule = denoiser.schedule
         b, f = x0.shape[:2]

@@ -102,6 +102,7 @@ class Config:
 
     # --- diffusion / ODE pre-training -----------------------------------------------------------------------------
     noise_augmentation_max_timestep: int = 0
+    text_dropout: float = 0.0
     ode_data_path: Optional[str] = None
 
     # --- optimisation ---------------------------------------------------------------------------------------------
@@ -200,6 +201,8 @@ def _validate(cfg: Config, source: str) -> None:
                           "(8x VAE downsampling, then 2x2 patches)")
     if cfg.dfake_gen_update_ratio < 1:
         raise ConfigError(f"{source}: dfake_gen_update_ratio must be >= 1")
+    if not 0.0 <= cfg.text_dropout < 1.0:
+        raise ConfigError(f"{source}: text_dropout must be in [0, 1), got {cfg.text_dropout}")
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
