@@ -322,7 +322,7 @@ def test_a_failing_generation_is_reported_and_frees_the_demo(make_service, monke
 
 def test_each_video_uses_the_decoder_it_asks_for(make_service, loaded):
     from model.pixel_codec import PixelShuffleCodec
-    other = PixelShuffleCodec(spatial_factor=2, scale=4.0)  # same latents, decoded at half the contrast
+    other = PixelShuffleCodec(spatial_factor=2, scale=4.0)  # same latents, decoded at a lower contrast
     service = make_service(decoders={"pixel": loaded.pipe.codec, "alt": other})
     client = create_app(service).test_client()
     assert [d["name"] for d in client.get("/api/info").get_json()["decoders"]] == ["pixel", "alt"]
@@ -426,6 +426,16 @@ def test_page_in_headless_chromium(make_service, tmp_path):
 
     expect.set_options(timeout=30_000)  # waits on generation progress; other work can load the 2 CI cores
     service = make_service()
+    # The tiny model makes hundreds of blocks in seconds: paced to 0.1 s a block, the long video below is surely still
+    # running when the test stops it (unpaced, it could end first and leave Stop disabled).
+    generate = service.pipe.generate
+
+    def paced_generate(*args, on_frames=None, **kwargs):
+        def paced(index, pixels):
+            time.sleep(0.1)
+            on_frames(index, pixels)
+        return generate(*args, on_frames=paced if on_frames is not None else None, **kwargs)
+    service.pipe.generate = paced_generate
     with serving(service) as (url, _), sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
