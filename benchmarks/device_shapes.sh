@@ -18,11 +18,13 @@
 set -uo pipefail
 plan=$1; shift
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  site="${TMPDIR:-/tmp}/sf-site"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-out=${OUT:-/tmp/out}; runs=${SHAPES_RUNS:-runs/shapes}; log="$out/shapes_log.txt"
+out=${OUT:-runs/device_out}; runs=${SHAPES_RUNS:-runs/shapes}; log="$out/shapes_log.txt"
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT  # the pack before it is split into $OUT
 mkdir -p "$out" "$runs"
 
 run_stage() {  # name[:seconds[:overrides]]
@@ -52,13 +54,13 @@ for phase in $plan; do
   wait
 done
 
-python3 - "$runs" "${SHAPES_BRING:-}" <<'PY'
-import shutil, sys, tarfile
+python3 - "$runs" "${SHAPES_BRING:-}" "$work" <<'PY'
+import sys, tarfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 runs = Path(sys.argv[1]); bring = {s for s in sys.argv[2].split(",") if s}
-pack = Path("/tmp/shapes_pack"); shutil.rmtree(pack, ignore_errors=True); pack.mkdir()
+pack = Path(sys.argv[3]) / "shapes_pack"; pack.mkdir()
 for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
     ema = stage / "generator_ema.safetensors"
     if ema.is_file() and (not bring or stage.name in bring):
@@ -68,9 +70,9 @@ for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
     for name in ("config.yaml",):
         if (stage / name).is_file():
             (pack / f"{stage.name}_{name}").write_bytes((stage / name).read_bytes())
-with tarfile.open("/tmp/shapes_runs.tar", "w") as tar:
+with tarfile.open(Path(sys.argv[3]) / "shapes_runs.tar", "w") as tar:
     tar.add(pack, arcname="shapes_runs")
 print("packed", sorted(p.name for p in pack.iterdir()))
 PY
-split -b 15M /tmp/shapes_runs.tar "$out/shapes_runs.tar.part-"
+split -b 15M "$work/shapes_runs.tar" "$out/shapes_runs.tar.part-"
 ls -la "$out"

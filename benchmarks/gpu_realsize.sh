@@ -8,7 +8,8 @@
 # The videos themselves (random weights: noise) stay on the machine.
 #   bash benchmarks/gpu_realsize.sh [infer] [train]
 set -uo pipefail
-out=${OUT:-/tmp/out}; root=${WAN_RANDOM_ROOT:-/tmp/wan_random}; model=$root/Wan2.1-T2V-1.3B
+out=${OUT:-runs/gpu_realsize}; root=${WAN_RANDOM_ROOT:-runs/wan_random}; model=$root/Wan2.1-T2V-1.3B
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT  # the noise videos and the prompt file
 parts=${*:-infer train}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$out"
@@ -16,16 +17,16 @@ mkdir -p "$out"
 prompt="a cat walks on the beach at sunset, camera slowly close up"
 if [[ $parts == *infer* ]]; then
   python3 inference.py --model "$model" --prompt "$prompt" --height 480 --width 832 --num_output_frames 21 \
-    --offload-text-encoder --output-dir /tmp/infer_7blocks --overwrite 2>&1 | grep -v "it/s\]"
-  cp /tmp/infer_7blocks/stats_*.json "$out/inference_7blocks_stats.json"
+    --offload-text-encoder --output-dir "$work/infer_7blocks" --overwrite 2>&1 | grep -v "it/s\]"
+  cp "$work"/infer_7blocks/stats_*.json "$out/inference_7blocks_stats.json"
   python3 inference.py --model "$model" --preset long --prompt "$prompt" --height 480 --width 832 --total-blocks 60 \
-    --offload-text-encoder --output-dir /tmp/infer_60blocks --overwrite 2>&1 | grep -v "it/s\]"
-  cp /tmp/infer_60blocks/stats_*.json "$out/inference_60blocks_long_stats.json"
+    --offload-text-encoder --output-dir "$work/infer_60blocks" --overwrite 2>&1 | grep -v "it/s\]"
+  cp "$work"/infer_60blocks/stats_*.json "$out/inference_60blocks_long_stats.json"
 fi
 if [[ $parts == *train* ]]; then
-  printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > /tmp/prompts.txt
+  printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > "$work/prompts.txt"
   python3 benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
-    --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path=/tmp/prompts.txt \
+    --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path="$work/prompts.txt" \
     total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | tail -45
   cp benchmarks/results/train_step_dmd_1.3b.json "$out/" 2>/dev/null
 fi

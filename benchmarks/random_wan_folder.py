@@ -1,9 +1,9 @@
 """Write a real-size Wan2.1-T2V-1.3B model folder with RANDOM weights, for speed and memory runs on a GPU machine
 (real weights never travel there; timing and memory do not depend on weight values).
 
-    python benchmarks/random_wan_folder.py --out /tmp/wan_random/Wan2.1-T2V-1.3B
-    python inference.py --model /tmp/wan_random/Wan2.1-T2V-1.3B --prompt "..." --height 480 --width 832
-    python train.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml model_root=/tmp/wan_random ...
+    python benchmarks/random_wan_folder.py --out runs/wan_random/Wan2.1-T2V-1.3B
+    python inference.py --model runs/wan_random/Wan2.1-T2V-1.3B --prompt "..." --height 480 --width 832
+    python train.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml model_root=runs/wan_random ...
 
 Layout: the exported folder (transformer/ in diffusers format, text_encoder/, tokenizer/, vae/, model_index.json), which
 both `inference.py --model` and the training `model_root` read. The DiT and the VAE are the real architectures. The text

@@ -2,7 +2,7 @@
 # Where a shapes-world training step goes on a GPU: teacher step eager vs compiled (and a larger batch), and a Self
 # Forcing DMD step (random weights stand in for the teacher and the ODE init). JSON per run to $OUT.
 set -uo pipefail
-out=${OUT:-/tmp/out}; mkdir -p "$out" runs
+out=${OUT:-runs/shapes_step_profile}; mkdir -p "$out" runs
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 common="text_encoder_path=assets/shapes_base"
 run() { name=$1; shift; python3 benchmarks/train_step.py --name "$name" --steps 20 --warmup 5 --profile-steps 3 "$@" \

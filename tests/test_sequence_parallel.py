@@ -117,7 +117,7 @@ def single():
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 6 tokens per frame: 3 + 3 on 2 ranks, padded to 4 x 2 on 4 ranks
 def test_sequence_parallel_rollout_matches_one_process(single, tmp_path, world):
     mp.spawn(_rollout_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for r, res in enumerate(ranks):
         assert int(res["cache_heads"]) == 12 // world  # each rank caches its own heads only
         assert "5 heads cannot be split over" in res["error"] and f"over {world} ranks" in res["error"]
@@ -250,7 +250,7 @@ def _gpu_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_match_one_gpu_at_real_size(tmp_path):
     mp.spawn(_gpu_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    sp = torch.load(tmp_path / "sp.pt")
+    sp = torch.load(tmp_path / "sp.pt", weights_only=True)
     one = _real_size_rollouts(torch.device("cuda", 0), sp=False)
     for dtype, tol in (("torch.float32", 1e-3), ("torch.bfloat16", 5e-2)):
         err = ((sp[dtype] - one[dtype]).norm() / one[dtype].norm()).item()
