@@ -290,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = collect_prompts(args)
     schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
     layout = parallel_layout(args, rank, world)
-    if world > 1 and not torch.distributed.is_initialized():
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1:
+        from utils.distributed import init_distributed
+        init_distributed("cpu" if device.type == "cpu" else None)  # NCCL (multicast off) or gloo
     pipe, cfg, source = build_pipeline(args, device, dtype)
     group = None
     if layout.sequence_size > 1:

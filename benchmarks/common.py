@@ -117,32 +117,6 @@ def rollout_flops(config: WanConfig, tokens_per_frame: int, num_blocks: int, fra
     return gemm, attn
 
 
-def join_torchrun(device: torch.device) -> tuple[torch.device, int, int]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA with NVLink multicast off, gloo on
-    CPU) and pin this rank's GPU. Returns (device, rank, world size); (device, 0, 1) without torchrun."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return device, 0, 1
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return device, dist.get_rank(), world
-
-
-def leave_torchrun() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -12,15 +12,17 @@ same command on one GPU of the same machine (benchmarks/sequence_parallel.sh run
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
+from common import environment, print_table, random_dit, sync, tiny_config, write_result
 
-from common import environment, join_torchrun, leave_torchrun, print_table, random_dit, sync, write_result
-from model.config import WAN_1_3B, WanConfig
+from model.config import WAN_1_3B
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule
+from utils.distributed import cleanup_distributed, init_distributed
 
 
 def main() -> None:
@@ -41,14 +43,17 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.tiny:
-        config = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32, text_len=16)
-        device, dtype = torch.device("cpu"), torch.float32
+        config, device, dtype = tiny_config(), torch.device("cpu"), torch.float32
         args.height, args.width = 48, 80
     else:
         config, device, dtype = WAN_1_3B, torch.device("cuda"), torch.bfloat16
     h, w = args.height // 8, args.width // 8
     frames = args.blocks * args.frames_per_block
-    device, rank, world = join_torchrun(device)
+    dist_state = None
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one video split over the ranks
+        dist_state = init_distributed("cpu" if device.type == "cpu" else None)
+        device, rank, world = dist_state.device, dist_state.rank, dist_state.world_size
     if world > 1 and args.parallel != "sequence":
         raise SystemExit("several processes need --parallel sequence (this script times one video)")
     torch.manual_seed(0)  # the same text and noise on every rank
@@ -113,7 +118,8 @@ def main() -> None:
     if rank == 0:
         print_table(rows)
         print("wrote", write_result(args.name + ("_tiny_cpu" if args.tiny else ""), result))
-    leave_torchrun()
+    if dist_state is not None:
+        cleanup_distributed(dist_state)
 
 
 if __name__ == "__main__":

@@ -157,10 +157,6 @@ def set_attention_backend(name: str) -> None:
     _backend = name
 
 
-def attention_backend() -> str:
-    return _backend
-
-
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str | None) -> Tensor:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if kernel is None or not q.is_cuda:

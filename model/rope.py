@@ -103,20 +103,6 @@ class RotaryTables:
 
         return grid(cf, ch, cw), grid(sf, sh, sw)
 
-    def cos_sin(self, frame_positions: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """cos, sin `[len(frame_positions)*height*width, head_dim/2]` for a frame-major token grid.
-
-        `frame_positions` `[F]` (long) are the temporal RoPE indices of the frames; rows and columns count from 0.
-        Reads `frame_positions` on the host: the generation loop uses `rotation` (Python ints) instead.
-        """
-        device = frame_positions.device
-        if frame_positions.numel() and int(frame_positions.max()) >= self.max_positions:
-            raise ValueError(
-                f"RoPE frame position {int(frame_positions.max())} exceeds the table of {self.max_positions} "
-                "positions; use a rolling KV cache with rope='relative' for longer rollouts")
-        cf, sf = self._tables(device)[0]
-        return self._grid((cf[frame_positions], sf[frame_positions]), height, width, device)
-
     def rotation(self, first_frame: int, num_frames: int, height: int, width: int, device: torch.device, *,
                  beyond_table: bool = False) -> Rotation:
         """The `Rotation` of frames `[first_frame, first_frame + num_frames)` of a `height x width` token grid.

@@ -122,13 +122,6 @@ class CausalInferencePipeline:
         st = self.settings
         return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
 
-    def latent_frames_for(self, num_pixel_frames: int) -> int:
-        """Latent frames for a pixel length `1 + temporal_factor * (F - 1)`."""
-        tf = self.codec.temporal_factor
-        if num_pixel_frames < 1 or (num_pixel_frames - 1) % tf:
-            raise ValueError(f"{num_pixel_frames} frames is not 1 + {tf}k")
-        return 1 + (num_pixel_frames - 1) // tf
-
     def _cache(self, batch: int, h: int, w: int, frames: int) -> KVCache:
         st = self.settings
         rolling = st.window_frames != -1

@@ -156,7 +156,7 @@ def test_sinusoidal_and_rope_components(golden):
     torch.testing.assert_close(angles.cos(), io["rope.freqs_real_f64"], atol=1e-12, rtol=0)
     torch.testing.assert_close(angles.sin(), io["rope.freqs_imag_f64"], atol=1e-12, rtol=0)
     f, hh, ww = meta["rope_grid_FHW"]
-    cos, sin = tables.cos_sin(torch.arange(f), hh, ww)
-    close(apply_rope(io["rope.x"], cos, sin), io["rope.out"], atol=1e-5)
-    cos, sin = tables.cos_sin(torch.arange(5, 5 + f), hh, ww)
-    close(apply_rope(io["rope_causal.x"], cos, sin), io["rope_causal.out_start_frame_5"], atol=1e-5)
+    cpu = torch.device("cpu")
+    close(apply_rope(io["rope.x"], tables.rotation(0, f, hh, ww, cpu)), io["rope.out"], atol=1e-5)
+    close(apply_rope(io["rope_causal.x"], tables.rotation(5, f, hh, ww, cpu)), io["rope_causal.out_start_frame_5"],
+          atol=1e-5)

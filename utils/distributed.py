@@ -64,6 +64,7 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
     env_world = os.environ.get("WORLD_SIZE")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if env_world is not None and int(env_world) > 1:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (it can wedge shared hosts)
         rank, world = int(os.environ["RANK"]), int(env_world)
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         if use_cuda:
