@@ -7,8 +7,13 @@
 #   LANE  = STAGE>STAGE>... stages of a lane run one after another
 #   STAGE = name[:seconds[:key=value,key=value]]   seconds -> time_limit_s (training time; the stage then checkpoints)
 # e.g. "base teacher:240 ode_pairs>ode_init:80+teacher_forcing:200+diffusion_forcing:200 dmd:170+sid:170"
-# STAGE eval[:seconds[:teacher/dmd/...]] scores those finished stages on the GPU at 1x (scripts/evaluate_shapes.py,
-# 16 prompts per split, 24 teacher steps) into $OUT/eval_<stages>.json: e.g. check the teacher before distilling.
+# STAGE eval[:seconds[:teacher/dmd/...[@1/3/10]]] scores those finished stages on the GPU (scripts/evaluate_shapes.py)
+# at the lengths after @ (default 1x) into $OUT/eval_<stages>.json, SHAPES_EVAL_PROMPTS (16) prompts per split,
+# SHAPES_EVAL_TEACHER_STEPS (24) teacher steps: e.g. check the teacher before distilling, or the final table.
+# STAGE wait:NAME[:seconds] waits until stage NAME has finished (its generator.safetensors exists), so a lane can
+# start on a stage that another lane of the same phase produces (e.g. sid after ode_init, beside dmd).
+# Runs in the background too: `setsid bash benchmarks/device_shapes.sh PLAN &` with OUT unset writes to
+# runs/device_out and touches runs/device_out/DONE at the end (benchmarks/device_watch.sh follows it).
 #
 # Brings back to $OUT: every finished stage's generator EMA in bf16 plus all metrics, as shapes_runs.tar split in
 # 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
@@ -23,18 +28,33 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Several host-bound stages share the machine: a few threads each, not one per core each.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 out=${OUT:-runs/device_out}; runs=${SHAPES_RUNS:-runs/shapes}; log="$out/shapes_log.txt"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT  # the pack before it is split into $OUT
-mkdir -p "$out" "$runs"
+mkdir -p "$out" "$runs"; rm -f "$out/DONE"
 
 run_stage() {  # name[:seconds[:overrides]]
   local name limit overrides extra start
   IFS=: read -r name limit overrides <<< "$1"
   if [ "$name" = eval ]; then
-    local stages="${overrides//\//,}"
-    timeout "${limit:-300}" python3 scripts/evaluate_shapes.py --run "$runs" ${stages:+--stages "$stages"} --lengths 1 \
-      --num-prompts 16 --teacher-steps 24 --output "$out/eval_${stages//,/_}.json" 2>&1 | sed -u "s/^/[eval] /" >> "$log"
+    local which="${overrides%%@*}" lengths=1 stages
+    [[ "$overrides" == *@* ]] && lengths="${overrides#*@}"
+    stages="${which//\//,}"; lengths="${lengths//\//,}"
+    timeout "${limit:-300}" python3 scripts/evaluate_shapes.py --run "$runs" ${stages:+--stages "$stages"} \
+      --lengths "$lengths" --num-prompts "${SHAPES_EVAL_PROMPTS:-16}" --batch-size "${SHAPES_EVAL_PROMPTS:-16}" \
+      --teacher-steps "${SHAPES_EVAL_TEACHER_STEPS:-24}" --output "$out/eval_${stages//,/_}.json" 2>&1 \
+      | sed -u "s/^/[eval] /" >> "$log"
     tail -12 "$log" | grep "^\[eval\]"
+    return
+  fi
+  if [ "$name" = wait ]; then  # wait:STAGE[:seconds]
+    local waited=0
+    until [ -f "$runs/$limit/generator_ema.safetensors" ] || [ "$waited" -ge "${overrides:-900}" ]; do
+      sleep 5; waited=$(( waited + 5 ))
+    done
+    sleep 5  # the stage copies its files one after another
+    echo "[device] waited ${waited} s for $limit" | tee -a "$log"
     return
   fi
   extra="${overrides//,/ }"
@@ -76,3 +96,4 @@ print("packed", sorted(p.name for p in pack.iterdir()))
 PY
 split -b 15M "$work/shapes_runs.tar" "$out/shapes_runs.tar.part-"
 ls -la "$out"
+touch "$out/DONE"

@@ -130,7 +130,7 @@ def run_ode_pairs(out: Path, size: str) -> None:
                        text, prompts, out / "ode_pairs", latent_shape=(frames, channels, h, w),
                        num_steps=settings["num_steps"], shift=cfg.model_kwargs.timestep_shift, guidance_scale=3.0,
                        record_steps=settings["record"], negative_prompt=cfg.negative_prompt,
-                       batch_size=64 if device.type == "cuda" else 2, seed=3, teacher_name="shapes teacher",
+                       batch_size=256 if device.type == "cuda" else 2, seed=3, teacher_name="shapes teacher",
                        overwrite=True, progress=False)
 
 
