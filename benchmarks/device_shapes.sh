@@ -40,10 +40,19 @@ run_stage() {  # name[:seconds[:overrides]]
   if [ "$name" = eval ]; then
     local which="${overrides%%@*}" lengths=1 stages
     [[ "$overrides" == *@* ]] && lengths="${overrides#*@}"
-    stages="${which//\//,}"; lengths="${lengths//\//,}"
+    lengths="${lengths//\//,}"; stages=""
+    for stage in ${which//\// }; do  # a stage that failed earlier (e.g. out of memory) must not sink the others
+      if [ -f "$runs/$stage/config.yaml" ] && [ -f "$runs/$stage/generator_ema.safetensors" ]; then
+        stages="${stages:+$stages,}$stage"
+      else
+        echo "[eval] $stage did not finish; not evaluated" | tee -a "$log"
+      fi
+    done
+    [ -z "$stages" ] && [ -n "$which" ] && return
+    which="${which//\//_}"
     timeout "${limit:-300}" python3 scripts/evaluate_shapes.py --run "$runs" ${stages:+--stages "$stages"} \
       --lengths "$lengths" --num-prompts "${SHAPES_EVAL_PROMPTS:-16}" --batch-size "${SHAPES_EVAL_PROMPTS:-16}" \
-      --teacher-steps "${SHAPES_EVAL_TEACHER_STEPS:-24}" --output "$out/eval_${stages//,/_}.json" 2>&1 \
+      --teacher-steps "${SHAPES_EVAL_TEACHER_STEPS:-24}" --output "$out/eval_${which:-all}.json" 2>&1 \
       | sed -u "s/^/[eval] /" >> "$log"
     tail -12 "$log" | grep "^\[eval\]"
     return

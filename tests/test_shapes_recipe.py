@@ -40,3 +40,30 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
     # A rerun skips finished stages.
     assert shapes_world.main(["--out", str(out), "--size", "smoke", "--stages", "teacher,dmd"]) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
+
+
+@pytest.mark.parametrize("folder", ["shipped", "written"])
+def test_shapes_text_encoder_tokens_carry_their_neighbouring_words(tmp_path, folder):
+    """A random UMT5 is a bag of words: "magenta circle ... white background" would not say which colour is the
+    background's. The world's encoder mixes each token with its neighbours only: the word "background" differs
+    with the colour just before it, and words far before the colour do not change at all."""
+    from model.text_encoder import TextEncoder
+    from utils.shapes_components import write_text_encoder
+    root = shapes_world.BASE_ASSET
+    if folder == "written":
+        root = write_text_encoder(tmp_path, dim=64, text_len=32, seed=3)
+    encoder = TextEncoder.from_diffusers_folder(root, text_len=32, device="cpu")
+    colours = ["red", "green", "blue", "yellow", "cyan", "white", "black"]
+    prompts = [f"a small magenta circle moves slowly left on a {c} background" for c in colours]
+    ids, mask = encoder.tokenize(prompts)
+    words = prompts[0].split()
+    assert int(mask[0].sum()) >= len(words)            # one token per word (+ end of sequence)
+    emb = encoder(prompts).float()
+    def spread(position: int) -> tuple[float, float]:
+        d = torch.cdist(emb[:, position], emb[:, position])
+        off = d[~torch.eye(len(prompts), dtype=torch.bool)]
+        return float(off.min()), float(off.max())
+    background = words.index("background")
+    assert spread(background)[0] > 2.0                 # (a bag-of-words encoder: ~1.3 apart, ~8 for the colour)
+    for far in range(background - 5):                  # "a small magenta circle moves": out of reach
+        assert spread(far)[1] < 1e-4, words[far]

@@ -33,10 +33,8 @@ def shapes_wan_config(cfg: Any) -> WanConfig:
 
 
 def write_text_encoder(folder: str | Path, *, dim: int, text_len: int, seed: int = 0) -> Path:
-    """Create `folder/text_encoder` + `folder/tokenizer`: a random frozen UMT5 over the world's vocabulary.
-
-    A random encoder is enough here: prompts are short word sequences and the DiT's text MLP learns to read them.
-    """
+    """Create `folder/text_encoder` + `folder/tokenizer`: a frozen UMT5 over the world's vocabulary, random weights
+    except for its attention pattern (`_local_context_attention`)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
     from model.text_encoder import build_word_tokenizer
@@ -45,12 +43,35 @@ def write_text_encoder(folder: str | Path, *, dim: int, text_len: int, seed: int
     tokenizer = build_word_tokenizer(vocabulary())
     torch.manual_seed(seed)
     config = UMT5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=32, d_ff=2 * dim, num_layers=2,
-                        num_heads=max(1, dim // 32), relative_attention_num_buckets=16, feed_forward_proj="gated-gelu",
-                        dropout_rate=0.0)
+                        num_heads=max(2, dim // 32), relative_attention_num_buckets=16,
+                        feed_forward_proj="gated-gelu", dropout_rate=0.0)
     encoder = UMT5EncoderModel(config).eval()
+    _local_context_attention(encoder)
     encoder.save_pretrained(folder / "text_encoder")
     tokenizer.save_pretrained(folder / "tokenizer")
     return folder
+
+
+@torch.no_grad()
+def _local_context_attention(encoder) -> None:
+    """Make every self-attention layer a fixed look at the neighbouring words: half the heads at the previous ones,
+    half at the next ones (relative-position bias only; queries zeroed so content plays no part).
+
+    Why: a UMT5 with random weights barely mixes its tokens, so its output is a bag of words, and "a magenta circle
+    on a white background" cannot say which colour is the background's (a teacher trained on one drew muted
+    magenta-white mixtures and could not bind colours to shapes). With the neighbours mixed in, the token
+    "background" carries its colour and "circle" its colour and size, as a trained encoder's tokens would.
+    """
+    config = encoder.config
+    half = config.relative_attention_num_buckets // 2   # encoder buckets: 0..half-1 look back, half.. look ahead
+    for block in encoder.encoder.block:
+        attention = block.layer[0].SelfAttention
+        attention.q.weight.zero_()
+        bias = torch.full((config.relative_attention_num_buckets, config.num_heads), -20.0)
+        for head in range(config.num_heads):
+            one, two = (1, 2) if head % 2 == 0 else (half + 1, half + 2)   # distance 1 and 2 behind / ahead
+            bias[one, head], bias[two, head], bias[0, head] = 0.0, -1.0, -2.0
+        attention.relative_attention_bias.weight.copy_(bias)
 
 
 def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"):
