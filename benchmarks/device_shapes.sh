@@ -30,6 +30,7 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Several host-bound stages share the machine: a few threads each, not one per core each.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # less fragmentation when shared
 out=${OUT:-runs/device_out}; runs=${SHAPES_RUNS:-runs/shapes}; log="$out/shapes_log.txt"
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT  # the pack before it is split into $OUT
 mkdir -p "$out" "$runs"; rm -f "$out/DONE"

@@ -11,6 +11,12 @@ from typing import Any
 _BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "window_size"}
 
 
+PREDICTIONS = ("flow", "x0")
+# Wan's timesteps are 1000 * sigma; an x0-predicting head is turned into flow with sigma >= this floor, so the
+# division stays tame at the last steps (the network then learns whatever the floor asks of it there).
+X0_PREDICTION_MIN_SIGMA = 0.05
+
+
 @dataclass
 class WanConfig:
     """Shape of a Wan2.1 DiT. Defaults are Wan2.1-T2V-1.3B; `WAN_14B` below holds the 14B values."""
@@ -31,6 +37,12 @@ class WanConfig:
     eps: float = 1e-6
     # RoPE table length in latent frames (the original precomputes 1024 positions per axis).
     rope_max_positions: int = 1024
+    # What the head's output means: "flow" (Wan: noise - x0) or "x0" (the clean latent; forward() still returns the
+    # flow, (x_t - x0) / sigma, so schedules, losses and samplers are unchanged). x0 suits models whose tokens carry
+    # as many values as the model is wide (the shapes world's 192-value tokens in a 192-wide DiT): a flow output
+    # must carry the full-dimensional noise through the network, a clean latent lies on a low-dimensional manifold
+    # (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
+    prediction: str = "flow"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +53,8 @@ class WanConfig:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}")
 
     @property
     def head_dim(self) -> int:

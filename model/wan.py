@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from model.attention import BlockCausal, block_causal_mask
-from model.config import WanConfig
+from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
 from model.kv_cache import KVCache
 from model.rope import RotaryTables, Rotation, sinusoidal_embedding
 from model.wan_block import Context, Head, InferenceOptions, WanBlock
@@ -199,11 +199,21 @@ class WanDiT(nn.Module):
             tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
         out = self.head(tokens, e, groups)
         flow = self.unpatchify(out if ctx.shard is None else ctx.shard.gather(out), grid)
+        if self.config.prediction == "x0":
+            flow = self._flow_from_x0(flow, x, t_groups)
         if return_hidden:
             if len(hidden) != len(return_hidden):
                 raise ValueError(f"return_hidden {list(return_hidden)} names blocks outside 0..{len(self.blocks) - 1}")
             return flow, hidden, e
         return flow
+
+    @staticmethod
+    def _flow_from_x0(x0: Tensor, x: Tensor, t_groups: Tensor) -> Tensor:
+        """flow = (x_t - x0) / sigma per sample and frame group (sigma = t / 1000, floored; see WanConfig)."""
+        b, f = x.shape[:2]
+        sigma = (t_groups.float() / 1000.0).clamp(min=X0_PREDICTION_MIN_SIGMA)
+        sigma = sigma.repeat_interleave(f // sigma.shape[1], dim=1).view(b, f, 1, 1, 1)
+        return ((x.float() - x0.float()) / sigma).to(x0.dtype)
 
     def _uncached_context(self, tokens, grid, groups, e0, block_causal, clean_x, aug_t):
         f, hh, ww = grid

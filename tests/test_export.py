@@ -113,3 +113,20 @@ def test_missing_source_is_a_one_line_error(tmp_path, capsys):
     assert export_hf.main([str(tmp_path / "nothing.pt"), "--output", str(tmp_path / "o")]) == 2
     assert "nothing.pt" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_x0_prediction_survives_both_export_formats(tmp_path):
+    """diffusers has no x0-predicting head: our folder keeps `prediction` beside its config and reads it back."""
+    from tests.tiny import tiny_model
+    model = tiny_model(prediction="x0", text_len=16)
+    x = torch.randn(1, 2, model.config.in_dim, 4, 6)
+    t = torch.tensor([600.0])
+    context = torch.randn(1, 16, model.config.text_dim)
+    for fmt in ("original", "diffusers"):
+        out = tmp_path / fmt
+        model_folder.save_model_folder(out, transformer=model, wan_config=model.config, causal={},
+                                       transformer_format=fmt)
+        loaded, _ = model_folder.load_transformer(out)
+        assert loaded.config.prediction == "x0", fmt
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(x, t, context), model(x, t, context))

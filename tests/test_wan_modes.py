@@ -144,3 +144,26 @@ def test_bfloat16_runs_on_cpu():
         ref = tiny_model()(x, per_block_timesteps(2, 4, 2), context, block_causal=BlockCausal(2))
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_x0_prediction_returns_the_flow_of_its_clean_estimate():
+    """prediction="x0": the head's output is the clean latent; forward() returns (x_t - x0) / sigma (sigma = t/1000,
+    floored), per sample or per frame, in every attention mode, so samplers and losses need not know."""
+    from model.config import X0_PREDICTION_MIN_SIGMA
+    flow_model = tiny_model()
+    x0_model = tiny_model(prediction="x0")
+    x0_model.load_state_dict(flow_model.state_dict())
+    x, context = tiny_inputs(flow_model, frames=6)
+    per_sample = torch.tensor([1000.0, 20.0])                  # 20 -> sigma 0.02, below the floor
+    per_frame = per_block_timesteps(2, 6, 2)
+    with torch.no_grad():
+        for t in (per_sample, per_frame):
+            head = flow_model(x, t, context)                    # same weights: the x0 model's head output
+            sigma = (t / 1000).clamp(min=X0_PREDICTION_MIN_SIGMA)
+            sigma = (sigma[:, None] if t.dim() == 1 else sigma)[..., None, None, None]
+            torch.testing.assert_close(x0_model(x, t, context), (x - head) / sigma)
+        full = x0_model(x, per_frame, context, block_causal=BlockCausal(2))
+        chunked, _ = kv_chunks(x0_model, x, per_frame, context, block=2)
+    torch.testing.assert_close(chunked, full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        tiny_model(prediction="eps")

@@ -71,6 +71,8 @@ def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, tor
             config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers_version,
                       **diffusers_config_from_wan(wan_config), "causal": causal,
                       "text_len": wan_config.text_len}  # diffusers has no text_len; kept for our loader
+            if wan_config.prediction != "flow":  # nor an x0-predicting head: our loader reads it back
+                config["prediction"] = wan_config.prediction
             index["transformer"] = ["diffusers", "WanTransformer3DModel"]
         else:
             config = wan_config.to_dict() | {"causal": causal}
