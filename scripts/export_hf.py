@@ -13,6 +13,7 @@ complete local folder and exits non-zero with one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -71,6 +72,13 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
         if cfg is None or cfg.lora_rank < 1:
             raise ValueError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
         state = merge_lora_state_dict(state, lora_scaling(cfg.lora_rank, cfg.lora_alpha))
+    if wan_config is None and cfg is not None and cfg.dit_config:
+        # A network built from dit_config (the shapes world): the config, not the weights, says its heads, text
+        # length and what its head predicts.
+        arch = dict(cfg.dit_config)
+        inferred = infer_wan_config(state, num_heads=arch.get("num_heads"), text_len=arch.get("text_len", text_len),
+                                    source=str(path))
+        wan_config = dataclasses.replace(inferred, **arch)
     if wan_config is None:
         wan_config = infer_wan_config(state, num_heads=num_heads, text_len=text_len, source=str(path))
     return state, wan_config, cfg, step, stem

@@ -1,6 +1,7 @@
 """Hub export round trips on tiny models: checkpoint -> export -> load -> same outputs."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,21 @@ def test_x0_prediction_survives_both_export_formats(tmp_path):
         assert loaded.config.prediction == "x0", fmt
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(x, t, context), model(x, t, context))
+
+
+def test_bare_weights_with_a_dit_config_export_its_architecture(tmp_path):
+    """The GPU recipe brings back bare EMA weights and the stage's config.yaml: the architecture (heads, text length,
+    x0 prediction) comes from the config's dit_config, which the weights alone cannot say."""
+    from safetensors.torch import save_file
+
+    from tests.tiny import tiny_model
+    model = tiny_model(prediction="x0", text_len=16, dim=48, num_heads=3, ffn_dim=64)
+    arch = {k: getattr(model.config, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len",
+                                                  "freq_dim", "prediction")}
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, tmp_path / "dmd.safetensors")
+    (tmp_path / "dmd_config.yaml").write_text("dit_config: " + json.dumps(arch) + "\n")
+    out = tmp_path / "export"
+    assert export_hf.main([str(tmp_path / "dmd.safetensors"), "--config", str(tmp_path / "dmd_config.yaml"),
+                           "--output", str(out)]) == 0
+    loaded, _ = model_folder.load_transformer(out)
+    assert loaded.config.prediction == "x0" and loaded.config.num_heads == 3 and loaded.config.text_len == 16
