@@ -288,8 +288,11 @@ def evaluate_stage(run: Path, stage: str, scenes: dict[str, list[Any]], settings
 
 
 def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettings,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Generate and score every stage, then the rendered reference -> the eval JSON dict (layout: see `main`)."""
+                 log: Callable[[str], None] = print,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Generate and score every stage, then the rendered reference -> the eval JSON dict (layout: see `main`).
+    `on_progress` gets the document so far (`"complete": false`) after each stage, so a run cut short (a time-boxed
+    GPU call) keeps the stages it finished."""
     from utils.shapes import sample_scenes
     run = Path(run)
     if not run.is_dir():
@@ -302,6 +305,14 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
     info: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
     configs = {}
+
+    def document(complete: bool) -> dict[str, Any]:
+        return nan_to_none({
+            "format": FORMAT, "run": str(run), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+            "complete": complete, "stages": info, "results": results})
+
     for stage in names:
         tic = time.perf_counter()
         info[stage], entries, configs[stage] = evaluate_stage(run, stage, scenes, settings, device, dtype)
@@ -309,6 +320,8 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
         if device.type == "cuda":
             torch.cuda.empty_cache()
         log(f"[eval] {stage}: {time.perf_counter() - tic:.1f} s")
+        if on_progress is not None:
+            on_progress(document(complete=False))
     causal = [s for s in names if s != "teacher"]
     ref_cfg = configs[causal[0] if causal else names[0]]
     info["reference"] = {"kind": "reference", "steps_per_block": None, "training_frames": training_frames(ref_cfg)}
@@ -316,11 +329,7 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
         frames = frames_at(ref_cfg, factor)
         results += _entries("reference", factor, frames,
                             score(reference_sampler(ref_cfg), scenes, frames, settings, factor))
-    return nan_to_none({
-        "format": FORMAT, "run": str(run), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": device_name(device), "torch": torch.__version__, "dtype": str(dtype).replace("torch.", ""),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
-        "stages": info, "results": results})
+    return document(complete=True)
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> Path:
@@ -350,7 +359,8 @@ def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """JSON layout: device, torch, dtype, settings; `stages`: per stage its kind (teacher / few_step / diffusion /
+    """JSON layout: device, torch, dtype, settings, complete (false while stages remain: rewritten after each);
+    `stages`: per stage its kind (teacher / few_step / diffusion /
     reference), steps per block, timesteps, cache used beyond 1x, batch-1 timing; `results`: one entry per (stage,
     split, length factor) with the evaluator's scores pooled over batches, `frame_quality_first/last` (first and
     last quarter of the frames), `per_frame` curves and `timing` (batched)."""
@@ -380,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             baseline_steps=args.baseline_steps, batch_size=args.batch_size, seed=args.seed,
             device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-        data = evaluate_run(args.run, stages, settings)
+        output = args.output or Path(args.run) / "eval.json"
+        data = evaluate_run(args.run, stages, settings, on_progress=lambda doc: write_json_atomic(output, doc))
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = write_json_atomic(args.output or Path(args.run) / "eval.json", data)
+    out = write_json_atomic(output, data)
     print(format_compact(data))
     print(f"[eval] wrote {out}")
     return 0

@@ -94,6 +94,21 @@ def test_scores_do_not_depend_on_which_stages_are_evaluated(run, evaluated, tmp_
 
 
 @pytest.mark.slow
+def test_progress_is_written_after_each_stage(run, evaluated):
+    """A time-boxed GPU call may be cut during the evaluation: the stages already scored are on disk."""
+    _, full = evaluated
+    seen = []
+    settings = ev.EvalSettings(num_prompts=2, lengths=(1,), teacher_steps=2, baseline_steps=2, batch_size=2,
+                               device="cpu")
+    final = ev.evaluate_run(run, ["teacher", "dmd"], settings, log=lambda _: None,
+                            on_progress=lambda doc: seen.append(json.loads(json.dumps(doc))))
+    assert [sorted(d["stages"]) for d in seen] == [["teacher"], ["dmd", "teacher"]]
+    assert [d["complete"] for d in seen] == [False, False] and final["complete"] and full["complete"]
+    assert {r["stage"] for r in seen[0]["results"]} == {"teacher"}
+    assert "reference" in final["stages"]
+
+
+@pytest.mark.slow
 def test_results_table_has_the_rows_and_numbers(evaluated, capsys):
     path, data = evaluated
     assert sr.main(["--eval", str(path)]) == 0
