@@ -15,8 +15,8 @@
 # Runs in the background too: `setsid bash benchmarks/device_shapes.sh PLAN &` with OUT unset writes to
 # runs/device_out and touches runs/device_out/DONE at the end (benchmarks/device_watch.sh follows it).
 #
-# Brings back to $OUT: every finished stage's generator EMA in bf16 plus all metrics, as shapes_runs.tar split in
-# 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
+# Brings back to $OUT: every finished stage's generator EMA in bf16, its config and metrics, and the evaluations, as
+# shapes_runs.tar split in 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
 # and 64 MB (~7 stages of the full-size model): SHAPES_BRING=dmd,sid,... limits the weights to those stages.
 # SHAPES_SIZE=smoke runs the CI-sized recipe (to check this script on a CPU).
 # Wheels for packages the device image lacks are carried in .whl/ (see the device tool's README).
@@ -84,13 +84,15 @@ for phase in $plan; do
   wait
 done
 
-python3 - "$runs" "${SHAPES_BRING:-}" "$work" <<'PY'
+python3 - "$runs" "${SHAPES_BRING:-}" "$work" "$out" <<'PY'
 import sys, tarfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 runs = Path(sys.argv[1]); bring = {s for s in sys.argv[2].split(",") if s}
 pack = Path(sys.argv[3]) / "shapes_pack"; pack.mkdir()
+for evaluation in Path(sys.argv[4]).glob("eval_*.json"):  # into the pack: $OUT takes 8 files
+    evaluation.rename(pack / evaluation.name)
 for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
     ema = stage / "generator_ema.safetensors"
     if ema.is_file() and (not bring or stage.name in bring):

@@ -104,6 +104,30 @@ def load_eval(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def merge_evals(docs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """One document from evaluations of different stages run apart (e.g. in parallel on one GPU): their settings
+    (prompts, seed, lengths, steps) must agree, so the scenes and noise agree; a (stage, split, length) entry present
+    in several (the rendered reference) is taken from the first."""
+    first = docs[0]
+    for doc, name in zip(docs[1:], names[1:]):
+        if doc["settings"] != first["settings"]:
+            diff = sorted(k for k in set(doc["settings"]) | set(first["settings"])
+                          if doc["settings"].get(k) != first["settings"].get(k))
+            raise ValueError(f"{name}: settings {diff} differ from {names[0]}'s; evaluations to merge must share "
+                             "them (the same scenes and noise)")
+    merged = {**first, "stages": {}, "results": [], "complete": all(d.get("complete", True) for d in docs)}
+    seen = set()
+    for doc in docs:
+        for stage, info in doc["stages"].items():
+            merged["stages"].setdefault(stage, info)
+        for r in doc["results"]:
+            key = (r["stage"], r["split"], r["length"])
+            if key not in seen:
+                seen.add(key)
+                merged["results"].append(r)
+    return merged
+
+
 def entry(data: dict[str, Any], stage: str, split: str = "train", length: int = 1) -> dict[str, Any] | None:
     for r in data["results"]:
         if r["stage"] == stage and r["split"] == split and r["length"] == length:
@@ -250,13 +274,15 @@ def format_compact(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--eval", required=True, help="eval.json written by scripts/evaluate_shapes.py")
+    p.add_argument("--eval", required=True, action="append",
+                   help="eval.json written by scripts/evaluate_shapes.py; repeat it to merge evaluations of "
+                        "different stages made with the same settings")
     p.add_argument("--metric", default="overall", help="score the claims compare (default: %(default)s)")
     p.add_argument("--tolerance", type=float, default=0.05,
                    help="how far below the teacher the student may score and still count as close")
     args = p.parse_args(argv)
     try:
-        data = load_eval(args.eval)
+        data = merge_evals([load_eval(path) for path in args.eval], args.eval)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -125,6 +125,30 @@ def test_results_table_has_the_rows_and_numbers(evaluated, capsys):
     assert len(claims) == 3 and all(any(v in c for v in verdicts) for c in claims)
 
 
+@pytest.mark.slow
+def test_evaluations_made_apart_merge_into_the_same_table(run, evaluated, tmp_path, capsys):
+    """The GPU recipe scores groups of stages in parallel processes; the table from their files equals the table
+    from one evaluation of every stage, and files made with other settings are refused by name."""
+    path, _ = evaluated
+    parts = []
+    for group in ("teacher", "teacher_forcing,dmd"):
+        parts.append(tmp_path / f"eval_{group}.json")
+        assert ev.main(_eval_args(run, parts[-1], "--stages", group)) == 0
+    capsys.readouterr()
+
+    def table_without_timings(argv):  # the last two columns are latency and frames/s: measured, not recomputable
+        assert sr.main(argv) == 0
+        return [line.split("|")[:-3] if line.startswith("| ") else line
+                for line in capsys.readouterr().out.splitlines()]
+    whole = table_without_timings(["--eval", str(path)])
+    assert table_without_timings(["--eval", str(parts[0]), "--eval", str(parts[1])]) == whole
+    other = tmp_path / "other_seed.json"
+    assert ev.main(_eval_args(run, other, "--stages", "dmd", "--seed", "5")) == 0
+    capsys.readouterr()
+    assert sr.main(["--eval", str(parts[0]), "--eval", str(other)]) == 2
+    assert "settings ['seed'] differ" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_errors(tmp_path, capsys):
     assert ev.main(["--run", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
