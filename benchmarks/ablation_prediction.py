@@ -5,7 +5,8 @@ values as it is wide (the shapes world's 192 = 2x2 patch x 48 latent channels, i
 
 Trains on single 64x64 frames (one shape) with the same flow-matching loss for both (`WanConfig.prediction`: with
 "x0" the head outputs the clean latent and the model returns (x_t - x0) / max(sigma, 0.05)), then reports the x0 error
-at four noise levels and writes 8 samples (24 Euler steps) under the ground truth to /tmp/ab_<mode>_<steps>.png.
+at four noise levels and writes 8 samples (24 Euler steps) under the ground truth to
+runs/ablations/prediction_<mode>_<steps>.png.
 Results: benchmarks/results/shapes_ablations_cpu.json.
 """
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from common import shapes_frames, train_on_shapes_frames  # noqa: E402
 from model.config import WanConfig  # noqa: E402
@@ -26,7 +28,7 @@ from model.text_encoder import TextEncoder  # noqa: E402
 from model.wan import WanDiT  # noqa: E402
 from pipeline.solvers import euler_sampler_sigmas  # noqa: E402
 
-ENCODER = Path(__file__).resolve().parents[1] / "assets" / "shapes_base"  # the shipped text encoder
+ENCODER = REPO / "assets" / "shapes_base"  # the shipped text encoder
 
 
 def main() -> None:
@@ -55,8 +57,10 @@ def main() -> None:
     truth = codec.decode_to_pixel(x0[:8])[:, 0] * 0.5 + 0.5
     samples = (codec.decode_to_pixel(x)[:, 0] * 0.5 + 0.5).clamp(0, 1)
     grid = torch.cat(list(torch.cat([truth, samples], 2)), 2).permute(1, 2, 0)
-    Image.fromarray((grid.numpy() * 255).astype(np.uint8)).save(f"/tmp/ab_{mode}_{steps}.png")
-    print(mode, "x0 mse", " ".join(errors))
+    image = REPO / "runs" / "ablations" / f"prediction_{mode}_{steps}.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((grid.numpy() * 255).astype(np.uint8)).save(image)
+    print(mode, "x0 mse", " ".join(errors), f"(samples: {image})")
 
 
 if __name__ == "__main__":

@@ -246,7 +246,5 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor, e: Tensor, groups: int) -> Tensor:
         """x `[B, L, D]`, e `[B, G, D]` (the time embedding, not its projection) -> `[B, L, out features]`."""
-        b, length, dim = x.shape
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unbind(2)  # `[B, G, D]` each
-        h = self.norm(x).view(b, groups, length // groups, dim) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
-        return self.head(h.view(b, length, dim))
+        return self.head(_modulate(self.norm, x, shift, scale, groups))
