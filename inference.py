@@ -339,8 +339,10 @@ def run(args: argparse.Namespace) -> int:
             first = prefix if prompt.image is None else image_latent(pipe, prompt.image, height, width, prompt.crop)
 
             def write_frames(block: int, pixels: torch.Tensor, writers=writers) -> None:
+                if writers:
+                    pixels = pixels.cpu()  # one device-to-host copy per block, not one per sample
                 for sample, writer in enumerate(writers):
-                    writer.append(pixels[sample].cpu())
+                    writer.append(pixels[sample])
             result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
                                    width=width, generator=generator, initial_latent=first,
                                    prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames)

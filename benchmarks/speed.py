@@ -30,6 +30,7 @@ from common import (
     random_dit,
     rollout_flops,
     sync,
+    timed,
     tiny_config,
     write_result,
 )
@@ -128,7 +129,7 @@ class Bench:
                     continue
                 try:
                     attention_backends.set_attention_backend(name)
-                    times[name] = timed_ms(lambda: attention_backends.attention(q, kv, kv), self.device)
+                    times[name] = timed(lambda: attention_backends.attention(q, kv, kv), self.device, repeats=5)[0]
                 except Exception as err:  # noqa: BLE001 - a back-end missing here is a fact to record
                     times[name] = f"{type(err).__name__}: {str(err)[:200]}"
             attention_backends.set_attention_backend("auto")
@@ -180,19 +181,7 @@ class Bench:
             with torch.no_grad():
                 rollout(denoiser, self.noise[:, position * self.fpb:frames], self.context, cache, steps=self.steps,
                         frames_per_block=self.fpb, start_frame=position * self.fpb)
-        return timed_ms(one_block, self.device, repeats=self.args.repeats + 1)
-
-
-def timed_ms(fn, device: torch.device, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        tic = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - tic) * 1000.0)
-    return sorted(times)[len(times) // 2]
+        return timed(one_block, self.device, repeats=self.args.repeats + 1)[0]
 
 
 def peak_gib(device: torch.device) -> float | None:

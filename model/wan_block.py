@@ -192,7 +192,7 @@ class WanBlock(nn.Module):
         q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused)
         if kv_only:
             if ctx.shard is not None:
-                _, k, v = ctx.shard.to_heads(q, k, v)
+                k, v = ctx.shard.to_heads(k, v)  # the query is not needed: only K/V are written
             ctx.cache.write(layer, ctx.plan, k, v)
             return x
         y = self._self_attention(q, k, v, ctx, layer)

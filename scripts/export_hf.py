@@ -13,7 +13,6 @@ complete local folder and exits non-zero with one line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -75,10 +74,8 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
     if wan_config is None and cfg is not None and cfg.dit_config:
         # A network built from dit_config (the shapes world): the config, not the weights, says its heads, text
         # length and what its head predicts.
-        arch = dict(cfg.dit_config)
-        inferred = infer_wan_config(state, num_heads=arch.get("num_heads"), text_len=arch.get("text_len", text_len),
-                                    source=str(path))
-        wan_config = dataclasses.replace(inferred, **arch)
+        from utils.shapes_components import shapes_wan_config
+        wan_config = shapes_wan_config(cfg)
     if wan_config is None:
         wan_config = infer_wan_config(state, num_heads=num_heads, text_len=text_len, source=str(path))
     return state, wan_config, cfg, step, stem

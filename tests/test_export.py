@@ -139,11 +139,13 @@ def test_bare_weights_with_a_dit_config_export_its_architecture(tmp_path):
     from safetensors.torch import save_file
 
     from tests.tiny import tiny_model
-    model = tiny_model(prediction="x0", text_len=16, dim=48, num_heads=3, ffn_dim=64)
+    model = tiny_model(prediction="x0", text_len=16, dim=48, num_heads=3, ffn_dim=64, in_dim=48, out_dim=48)
     arch = {k: getattr(model.config, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "text_len",
                                                   "freq_dim", "prediction")}
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, tmp_path / "dmd.safetensors")
-    (tmp_path / "dmd_config.yaml").write_text("dit_config: " + json.dumps(arch) + "\n")
+    weights = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, tmp_path / "dmd.safetensors")
+    config = f"world: shapes\ncodec_spatial_factor: 4\ndit_config: {json.dumps(arch)}\n"
+    (tmp_path / "dmd_config.yaml").write_text(config)
     out = tmp_path / "export"
     assert export_hf.main([str(tmp_path / "dmd.safetensors"), "--config", str(tmp_path / "dmd_config.yaml"),
                            "--output", str(out)]) == 0

@@ -328,3 +328,15 @@ def test_evaluator_bad_inputs_raise(eval_set):
         evaluate(video[:2], sc[:2], layout="BHWC")
     with pytest.raises(ValueError, match="value_range"):
         evaluate(video[:2], sc[:2], value_range=(1, 0))
+
+
+def test_sampler_centres_follow_the_renderer_trajectories():
+    """The sampler's overlap check computes centres in Python floats (speed); they must be the renderer's."""
+    from utils.shapes.world import REFERENCE_SIDE, SEPARATE_FRAMES, _centre, _draw_scene
+    g = torch.Generator().manual_seed(4)
+    for _ in range(200):
+        scene = _draw_scene(g, (1, 2))
+        pos = trajectories([scene], SEPARATE_FRAMES, REFERENCE_SIDE, REFERENCE_SIDE)[0]  # [S, T, 2]
+        for s, spec in enumerate(scene.shapes):
+            for frame in range(SEPARATE_FRAMES):
+                assert _centre(spec, frame, REFERENCE_SIDE) == pytest.approx(pos[s, frame].tolist(), abs=1e-3)

@@ -206,7 +206,6 @@ class _VideoSink:
         self._writer = StreamingVideoWriter(path, fps=fps)
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue()
         self._error: BaseException | None = None
-        self.frames = 0
         self._thread = threading.Thread(target=self._work, name=f"mp4-{path.name}", daemon=True)
         self._thread.start()
 
@@ -220,7 +219,6 @@ class _VideoSink:
             if self._error is None:
                 try:
                     self._writer.append(rgb)
-                    self.frames += len(rgb)
                 except Exception as err:  # noqa: BLE001 - reported by the generation thread at its next append
                     self._error = err
 
@@ -234,7 +232,7 @@ class _VideoSink:
         if self._error is not None:
             self._writer.abort()
             raise self._error
-        if self.frames == 0:
+        if self._writer.frames_written == 0:
             self._writer.abort()
             return False
         self._writer.close()
@@ -297,8 +295,7 @@ class DemoService:
         return self._base[0]
 
     def latent_frames(self, blocks: int) -> int:
-        st = self.settings
-        return blocks * st.frames_per_block + (1 if st.independent_first_frame else 0)
+        return self.pipe.latent_frames_for_blocks(blocks)
 
     @property
     def rolling_after_blocks(self) -> int | None:

@@ -35,7 +35,6 @@ Inference only: the collectives here carry no gradients.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -208,7 +207,6 @@ def enable_sequence_parallel(model, group: dist.ProcessGroup | None = None) -> S
     Caches made afterwards by `model.new_kv_cache` hold this rank's heads only. Weights, inputs and the random
     noise of the rollout must be identical on every rank of the group.
     """
-    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (must be set before NCCL starts)
     sp = SequenceParallel(group)
     check_head_split(model.config.num_heads, sp.size)
     model.sequence_parallel = sp if sp.size > 1 else None
