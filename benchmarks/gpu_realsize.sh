@@ -8,7 +8,7 @@
 # The videos themselves (random weights: noise) stay on the machine.
 #   bash benchmarks/gpu_realsize.sh [infer] [train]
 set -uo pipefail
-out=${OUT:-runs/gpu_realsize}; root=${WAN_RANDOM_ROOT:-runs/wan_random}; model=$root/Wan2.1-T2V-1.3B
+export OUT=${OUT:-runs/gpu_realsize}; out=$OUT; root=${WAN_RANDOM_ROOT:-runs/wan_random}; model=$root/Wan2.1-T2V-1.3B
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT  # the noise videos and the prompt file
 parts=${*:-infer train}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -28,6 +28,5 @@ if [[ $parts == *train* ]]; then
   python3 benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
     --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path="$work/prompts.txt" \
     total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | tail -45
-  cp benchmarks/results/train_step_dmd_1.3b.json "$out/" 2>/dev/null
 fi
 ls -la "$out"

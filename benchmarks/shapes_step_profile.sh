@@ -2,11 +2,11 @@
 # Where a shapes-world training step goes on a GPU: teacher step eager vs compiled (and a larger batch), and a Self
 # Forcing DMD step (random weights stand in for the teacher and the ODE init). JSON per run to $OUT.
 set -uo pipefail
-out=${OUT:-runs/shapes_step_profile}; mkdir -p "$out" runs
+export OUT=${OUT:-runs/shapes_step_profile}; out=$OUT; mkdir -p "$out" runs  # train_step.py writes its JSON there
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 common="text_encoder_path=assets/shapes_base"
 run() { name=$1; shift; python3 benchmarks/train_step.py --name "$name" --steps 20 --warmup 5 --profile-steps 3 "$@" \
-          2>&1 | grep -v "it/s\]" | tail -40; cp "benchmarks/results/$name.json" "$out/" 2>/dev/null; }
+          2>&1 | grep -v "it/s\]" | tail -40; }
 run shapes_teacher_eager --config_path configs/shapes/teacher.yaml $common compile=false
 run shapes_teacher_compiled --config_path configs/shapes/teacher.yaml $common compile=true
 run shapes_teacher_compiled_b128 --config_path configs/shapes/teacher.yaml $common compile=true batch_size=128
