@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/device_shapes.sh "PHASE PHASE ..."
 #   PHASE = LANE+LANE+...   lanes of a phase run in parallel; phases run one after another
-#   LANE  = STAGE>STAGE>... stages of a lane run one after another
-#   STAGE = name[:seconds[:key=value,key=value]]   seconds -> time_limit_s (training time; the stage then checkpoints)
+#   LANE  = [gN=]STAGE>STAGE>... stages of a lane run one after another (gN=: on GPU N alone, of several)
+#   STAGE = name[:seconds[:key=value,key=value]]   seconds -> time_limit_s (training time; the stage then checkpoints);
+#           the key nproc=N trains the stage on N GPUs (torchrun; batch_size is per GPU)
 # e.g. "base teacher:240 ode_pairs>ode_init:80+teacher_forcing:200+diffusion_forcing:200 dmd:170+sid:170"
 # STAGE eval[:seconds[:teacher/dmd/...[@1/3/10]]] scores those finished stages on the GPU (scripts/evaluate_shapes.py)
 # at the lengths after @ (default 1x) into $OUT/eval_<stages>.json, SHAPES_EVAL_PROMPTS (16) prompts per split,
@@ -17,7 +18,8 @@
 #
 # Brings back to $OUT: every finished stage's generator EMA in bf16, its config and metrics, and the evaluations, as
 # shapes_runs.tar split in 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
-# and 64 MB (~7 stages of the full-size model): SHAPES_BRING=dmd,sid,... limits the weights to those stages.
+# and 64 MB (~7 stages of the full-size model): SHAPES_BRING=dmd,sid,... limits the weights to those stages;
+# SHAPES_BRING_FP32=teacher,ode_init,... also brings those stages' fp32 generator (+ EMA) to go on from next time.
 # SHAPES_SIZE=smoke runs the CI-sized recipe (to check this script on a CPU).
 # Wheels for packages the device image lacks are carried in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -67,16 +69,29 @@ run_stage() {  # name[:seconds[:overrides]]
     echo "[device] waited ${waited} s for $limit" | tee -a "$log"
     return
   fi
-  extra="${overrides//,/ }"
+  local launch=(python3) item
+  extra=""
+  for item in ${overrides//,/ }; do
+    if [[ $item == nproc=* ]]; then
+      launch=(python3 -m torch.distributed.run --standalone --nproc_per_node="${item#nproc=}")
+    else
+      extra="$extra $item"
+    fi
+  done
   [ -n "$limit" ] && extra="time_limit_s=$limit $extra"
   start=$(date +%s)
   # A hard stop well past the training time limit, in case a stage hangs (compile, data).
-  SHAPES_OVERRIDES="$extra" timeout $(( ${limit:-300} + 150 )) python3 scripts/shapes_world.py --out "$runs" \
+  SHAPES_OVERRIDES="$extra" timeout $(( ${limit:-300} + 150 )) "${launch[@]}" scripts/shapes_world.py --out "$runs" \
     --stages "$name" --size "${SHAPES_SIZE:-full}" 2>&1 | grep --line-buffered -v "it/s\]" | sed -u "s/^/[$name] /" >> "$log"
   echo "[device] $name ended after $(( $(date +%s) - start )) s" | tee -a "$log"
 }
 
-run_lane() { local stage; IFS='>' read -ra stages <<< "$1"; for stage in "${stages[@]}"; do run_stage "$stage"; done; }
+run_lane() {  # runs in its own subshell: the GPU it picks is its own
+  local stage lane=$1
+  if [[ $lane =~ ^g([0-9]+)=(.*)$ ]]; then export CUDA_VISIBLE_DEVICES=${BASH_REMATCH[1]}; lane=${BASH_REMATCH[2]}; fi
+  IFS='>' read -ra stages <<< "$lane"
+  for stage in "${stages[@]}"; do run_stage "$stage"; done
+}
 
 for phase in $plan; do
   IFS='+' read -ra lanes <<< "$phase"
@@ -84,12 +99,13 @@ for phase in $plan; do
   wait
 done
 
-python3 - "$runs" "${SHAPES_BRING:-}" "$work" "$out" <<'PY'
+python3 - "$runs" "${SHAPES_BRING:-}" "$work" "$out" "${SHAPES_BRING_FP32:-}" <<'PY'
 import sys, tarfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 runs = Path(sys.argv[1]); bring = {s for s in sys.argv[2].split(",") if s}
+bring_fp32 = {s for s in sys.argv[5].split(",") if s}
 pack = Path(sys.argv[3]) / "shapes_pack"; pack.mkdir()
 for evaluation in Path(sys.argv[4]).glob("eval_*.json"):  # into the pack: $OUT takes 8 files
     evaluation.rename(pack / evaluation.name)
@@ -97,6 +113,10 @@ for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
     ema = stage / "generator_ema.safetensors"
     if ema.is_file() and (not bring or stage.name in bring):
         save_file({k: v.to(torch.bfloat16) for k, v in load_file(ema).items()}, pack / f"{stage.name}.safetensors")
+    if stage.name in bring_fp32:
+        for name in ("generator.safetensors", "generator_ema.safetensors"):
+            if (stage / name).is_file():
+                (pack / f"{stage.name}_fp32_{name}").write_bytes((stage / name).read_bytes())
     for metrics in (stage / "logs").glob("metrics*.jsonl"):
         (pack / f"{stage.name}_{metrics.name}").write_bytes(metrics.read_bytes())
     for name in ("config.yaml",):

@@ -4,18 +4,21 @@
 #      relative RoPE), Wan VAE streaming decode; their stats JSON (per-block ms, time to first frame, frames/s, peak
 #      GPU memory) are copied to $OUT;
 #   2. Self Forcing DMD training steps with the 1.3B model as generator, critic and teacher (FSDP2 on one rank,
-#      bf16, activation checkpointing): benchmarks/train_step.py JSON (s/step, profile) to $OUT.
+#      bf16, activation checkpointing): benchmarks/train_step.py JSON (s/step, profile) to $OUT;
+#   3. (part train2) the same training steps under torchrun on 2 GPUs (FSDP2 full sharding), peak memory per rank.
 # The videos themselves (random weights: noise) stay on the machine.
-#   bash benchmarks/gpu_realsize.sh [infer] [train]
+#   bash benchmarks/gpu_realsize.sh [infer] [train] [train2]        (default: infer train)
 set -uo pipefail
 export OUT=${OUT:-runs/gpu_realsize}; out=$OUT; root=${WAN_RANDOM_ROOT:-runs/wan_random}; model=$root/Wan2.1-T2V-1.3B
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT  # the noise videos and the prompt file
 parts=${*:-infer train}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # never NVLink multicast
 mkdir -p "$out"
 [ -f "$model/model_index.json" ] || python3 benchmarks/random_wan_folder.py --out "$model" || exit 1
 prompt="a cat walks on the beach at sunset, camera slowly close up"
-if [[ $parts == *infer* ]]; then
+has() { [[ " $parts " == *" $1 "* ]]; }
+if has infer; then
   python3 inference.py --model "$model" --prompt "$prompt" --height 480 --width 832 --num_output_frames 21 \
     --offload-text-encoder --output-dir "$work/infer_7blocks" --overwrite 2>&1 | grep -v "it/s\]"
   cp "$work"/infer_7blocks/stats_*.json "$out/inference_7blocks_stats.json"
@@ -23,10 +26,12 @@ if [[ $parts == *infer* ]]; then
     --offload-text-encoder --output-dir "$work/infer_60blocks" --overwrite 2>&1 | grep -v "it/s\]"
   cp "$work"/infer_60blocks/stats_*.json "$out/inference_60blocks_long_stats.json"
 fi
-if [[ $parts == *train* ]]; then
+train_steps() {  # launcher...: the DMD steps with the random 1.3B as generator, critic and teacher
   printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > "$work/prompts.txt"
-  python3 benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
+  "$@" benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
     --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path="$work/prompts.txt" \
-    total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | tail -45
-fi
+    total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | grep -v "^\[rank1\]" | tail -45
+}
+has train && train_steps python3
+has train2 && train_steps python3 -m torch.distributed.run --standalone --nproc_per_node=2
 ls -la "$out"

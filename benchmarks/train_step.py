@@ -2,8 +2,10 @@
 
     python benchmarks/train_step.py --config_path configs/shapes/teacher.yaml text_encoder_path=assets/shapes_base
     python benchmarks/train_step.py --config_path configs/shapes/self_forcing_dmd.yaml --steps 20 ...
+    torchrun --nproc_per_node=2 benchmarks/train_step.py --config_path ...      # FSDP over 2 GPUs
 
-Prints median ms per step after warm-up and the top operators by self time (CPU and CUDA), and writes JSON.
+Prints median ms per step after warm-up and the top operators by self time (CPU and CUDA), and writes JSON (rank 0;
+the name gets `_<N>gpu` under torchrun, and the peak memory of every rank is listed).
 """
 from __future__ import annotations
 
@@ -55,21 +57,31 @@ def main() -> None:
             for _ in range(args.profile_steps):
                 trainer.train_step()
             sync()
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peaks = [peak]
+    if dist.world_size > 1:
+        import torch.distributed as tdist
+        peaks = [None] * dist.world_size
+        tdist.all_gather_object(peaks, peak)
     cleanup_distributed(dist)
+    if dist.rank != 0:
+        return
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=25)
     print(table)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     # With a critic the generator updates every dfake_gen_update_ratio steps: the mean over the timed steps (a
     # multiple of the ratio) is the cost per iteration, the median that of a critic-only step.
     result = {"env": environment(device), "config": args.config_path, "overrides": args.overrides,
               "ms_per_step_median": statistics.median(times), "ms_per_step_mean": statistics.fmean(times),
-              "ms_per_step": times, "peak_gpu_memory_gib": peak, "profile": table}
+              "ms_per_step": times, "world_size": dist.world_size,
+              "peak_gpu_memory_gib": peak, "peak_gpu_memory_gib_per_rank": peaks, "profile": table}
     print_table([("device", result["env"]["device"]), ("config", args.config_path),
                  ("ms/step (median)", f"{result['ms_per_step_median']:.1f}"),
-                 ("ms/step (mean)", f"{result['ms_per_step_mean']:.1f}"),
-                 ("peak GPU memory (GiB)", "-" if peak is None else f"{peak:.1f}")])
-    print("wrote", write_result(args.name + ("" if device.type == "cuda" else "_tiny_cpu"), result))
+                 ("ranks", str(dist.world_size)), ("ms/step (mean)", f"{result['ms_per_step_mean']:.1f}"),
+                 ("peak GPU memory per rank (GiB)",
+                  "-" if peak is None else " / ".join(f"{p:.1f}" for p in peaks))])
+    print("wrote", write_result(args.name + (f"_{dist.world_size}gpu" if dist.world_size > 1 else "")
+                                 + ("" if device.type == "cuda" else "_tiny_cpu"), result))
 
 
 if __name__ == "__main__":

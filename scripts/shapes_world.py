@@ -101,6 +101,8 @@ def run_train(stage: str, out: Path, size: str) -> None:
     if latest_checkpoint(logdir) is not None:
         argv.insert(0, "--resume")
     train.main(argv)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun every rank trains; one writes the stage's files
+        return
     final = latest_checkpoint(logdir)
     for name in ("generator.safetensors", "generator_ema.safetensors", "config.json", "config.yaml"):
         if (final / name).is_file():
