@@ -17,21 +17,30 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 mkdir -p "$out"
 [ -f "$model/model_index.json" ] || python3 benchmarks/random_wan_folder.py --out "$model" || exit 1
 prompt="a cat walks on the beach at sunset, camera slowly close up"
-has() { [[ " $parts " == *" $1 "* ]]; }
-if has infer; then
+infer() {
   python3 inference.py --model "$model" --prompt "$prompt" --height 480 --width 832 --num_output_frames 21 \
     --offload-text-encoder --output-dir "$work/infer_7blocks" --overwrite 2>&1 | grep -v "it/s\]"
   cp "$work"/infer_7blocks/stats_*.json "$out/inference_7blocks_stats.json"
   python3 inference.py --model "$model" --preset long --prompt "$prompt" --height 480 --width 832 --total-blocks 60 \
     --offload-text-encoder --output-dir "$work/infer_60blocks" --overwrite 2>&1 | grep -v "it/s\]"
   cp "$work"/infer_60blocks/stats_*.json "$out/inference_60blocks_long_stats.json"
-fi
-train_steps() {  # launcher...: the DMD steps with the random 1.3B as generator, critic and teacher
+}
+# The DMD steps with the random 1.3B as generator, critic and teacher. UMT5-XXL stays on the GPU as in the original
+# (TEXT_OFFLOAD=true keeps it on the CPU: then every step re-encodes its prompt on the host, ~5 s on 16 cores).
+train_steps() {  # launcher...
   printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > "$work/prompts.txt"
   "$@" benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
     --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path="$work/prompts.txt" \
-    total_batch_size=null text_encoder_cpu_offload=true dfake_gen_update_ratio=5 2>&1 | grep -v "^\[rank1\]" | tail -45
+    total_batch_size=null text_encoder_cpu_offload=${TEXT_OFFLOAD:-false} dfake_gen_update_ratio=5 2>&1 \
+    | grep -v "^\[rank1\]"
 }
-has train && train_steps python3
-has train2 && train_steps python3 -m torch.distributed.run --standalone --nproc_per_node=2
+for part in $parts; do  # in the order given; the whole log also goes to $OUT (a call cut short keeps it)
+  echo "== $part $(date +%T)"
+  case $part in
+    infer) infer ;;
+    train) train_steps python3 ;;
+    train2) train_steps python3 -m torch.distributed.run --standalone --nproc_per_node=2 ;;
+    *) echo "unknown part $part (infer, train, train2)"; exit 2 ;;
+  esac
+done 2>&1 | tee -a "$out/gpu_realsize_log.txt" | grep -v "^ \|^-\{5\}\|it/s\]"
 ls -la "$out"

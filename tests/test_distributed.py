@@ -102,3 +102,34 @@ def test_two_ranks_match_one_process_and_resume(tmp_path):
     state = ts.load_training_state(ts.checkpoint_dir(dist_dir, 4))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert set(state["optimizers"]["generator"]["state"]) == set(a)  # full, name-keyed optimizer state
+
+
+def test_cpu_text_encoder_of_a_gpu_rank_gets_its_share_of_the_host_threads(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 per rank: a UMT5-XXL kept on the CPU must not encode on one thread."""
+    from types import SimpleNamespace
+
+    from utils.config import load_config
+    from utils.distributed import DistState, host_threads, parallelize_models
+
+    placed = {}
+
+    class Text:
+        def place(self, device, keep_on_cpu=False):
+            placed.update(device=device, keep_on_cpu=keep_on_cpu)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [host_threads(n) for n in (1, 2, 8, 32)] == [16, 8, 2, 1]
+    models = SimpleNamespace(generator=None, critic=None, teacher=None, discriminator_heads=None, codec=None,
+                             text=Text(), extra={})
+    state = DistState(local_world_size=2, world_size=2, device=torch.device("cuda", 0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        parallelize_models(models, load_config(None, ["text_encoder_cpu_offload=true"]), state)
+        assert placed == {"device": torch.device("cuda", 0), "keep_on_cpu": True}
+        assert torch.get_num_threads() == 8
+        torch.set_num_threads(1)
+        parallelize_models(models, load_config(None, ["text_encoder_cpu_offload=false"]), state)
+        assert torch.get_num_threads() == 1  # an encoder on the GPU leaves the host threads alone
+    finally:
+        torch.set_num_threads(before)

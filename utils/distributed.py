@@ -75,8 +75,7 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
                                 device_id=device_id)
         if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks on one host share its cores; oversubscribed threads make gloo runs ~10x slower.
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+            torch.set_num_threads(host_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world))))
         return _state(rank, local_rank, world, use_cuda, backend, owns=True)
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -85,6 +84,11 @@ def init_distributed(device: str | None = None, timeout_minutes: int = 30) -> Di
                                 device_id=torch.device("cuda", local_rank))
         return _state(0, local_rank, 1, True, backend, owns=True)
     return DistState()
+
+
+def host_threads(local_world_size: int) -> int:
+    """This rank's share of the host's cores (the ranks of one host split them evenly)."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_world_size))
 
 
 def _state(rank: int, local_rank: int, world: int, use_cuda: bool, backend: str, owns: bool) -> DistState:
@@ -304,6 +308,9 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     models.extra["autocast_dtype"] = torch.bfloat16 if unsharded_bf16 else None
     if hasattr(models.text, "place"):
         models.text.place(state.device, keep_on_cpu=cfg.text_encoder_cpu_offload)
+        if cfg.text_encoder_cpu_offload and state.device.type == "cuda":
+            # torchrun sets OMP_NUM_THREADS=1 for every rank: a UMT5-XXL encoding on one thread took minutes.
+            torch.set_num_threads(max(torch.get_num_threads(), host_threads(state.local_world_size)))
     if isinstance(models.codec, nn.Module):
         models.codec.to(state.device)
     return models
