@@ -13,6 +13,8 @@ RESULTS = Path(__file__).with_name("results")
 def rows() -> list[str]:
     out = ["| result file | device | torch | what | figure |", "| --- | --- | --- | --- | --- |"]
     for path in sorted(RESULTS.glob("*.json")):
+        if path.name.endswith("_tiny_cpu.json"):  # harness checks on CPU, not results (git ignores them)
+            continue
         data = json.loads(path.read_text())
         env = data.get("env", {})
         head = f"| `{path.name}` | {env.get('device', '?')} | {env.get('torch', '?')} "
@@ -39,6 +41,12 @@ def rows() -> list[str]:
             out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | {st['total_ms']:.0f} ms for "
                               f"{st['pixel_frames']} frames, {st['frames_per_s']:.1f} frames/s incl. decode, first "
                               f"frame {st['time_to_first_frame_ms']:.0f} ms, peak {st['peak_gpu_memory_gib']:.1f} GiB |")
+        elif "ms_per_step_median" in data and "peak_gpu_memory_gib" in data:  # benchmarks/train_step.py
+            peaks = data.get("peak_gpu_memory_gib_per_rank") or [data["peak_gpu_memory_gib"]]
+            memory = "-" if peaks[0] is None else " / ".join(f"{p:.1f}" for p in peaks) + " GiB"
+            out.append(head + f"| training steps, {Path(data['config']).stem}, {data.get('world_size', 1)} rank(s) | "
+                              f"{data['ms_per_step_median'] / 1000:.1f} s/step median, {data['ms_per_step_mean'] / 1000:.1f}"
+                              f" s mean over {len(data['ms_per_step'])} steps, peak {memory} per rank |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]
