@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from model.kv_cache import KVCache
+from model.prompt_cache import PromptEmbeddingCache
 from model.wan import WanDiT
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
@@ -80,7 +81,7 @@ class CausalInferencePipeline:
         if compile:
             generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
         self.denoiser = Denoiser(GraphedDiT(generator) if cuda_graphs else generator, schedule)
-        self._prompt_cache: dict[str, Tensor] = {}
+        self._prompt_cache = PromptEmbeddingCache()
         self._kv: KVCache | None = None
 
     @property
@@ -95,12 +96,7 @@ class CausalInferencePipeline:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """`[B, L, text_dim]` on the generator's device; each distinct prompt is encoded once per pipeline."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
-        if missing:
-            embeds = self.text_encoder(list(missing))
-            for prompt, embed in zip(missing, embeds):
-                self._prompt_cache[prompt] = embed.to(device=self.device, dtype=self.dtype)
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+        return self._prompt_cache(prompts, lambda missing: self.text_encoder(missing).to(self.device, self.dtype))
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()

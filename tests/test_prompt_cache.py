@@ -1,4 +1,4 @@
-"""The training prompt-embedding cache (`utils.builders.PromptEncoder(cache_size=...)`)."""
+"""The prompt-embedding cache (`model.prompt_cache`), also through `utils.builders.PromptEncoder(cache_size=...)`."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +28,7 @@ def test_cached_embeddings_equal_fresh_ones_and_only_new_prompts_are_encoded():
     assert encoder.encoded == ["a cat", "a dog", "a red fish"]
     # size 3 is full; a fourth prompt evicts the least recently used one ("a dog")
     cached(["a bird"])
-    assert list(cached._cache) == ["a red fish", "a cat", "a bird"]
+    assert cached._cache.prompts() == ["a red fish", "a cat", "a bird"]
     cached(["a dog"])
     assert encoder.encoded[-1] == "a dog"
 
@@ -38,4 +38,26 @@ def test_cache_off_by_default_encodes_every_call():
     text = PromptEncoder(encoder, "")
     text(["a cat"])
     text(["a cat"])
-    assert encoder.encoded == ["a cat", "a cat"] and not text._cache
+    assert encoder.encoded == ["a cat", "a cat"] and len(text._cache) == 0
+
+
+def test_unbounded_cache_keeps_every_prompt_and_rejects_negative_capacity():
+    import pytest
+
+    from model.prompt_cache import PromptEmbeddingCache
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return torch.stack([torch.full((2, 3), float(len(p))) for p in prompts])
+
+    cache = PromptEmbeddingCache()
+    out = cache(["ab", "abc", "ab"], encode)
+    assert out.shape == (3, 2, 3) and out[:, 0, 0].tolist() == [2.0, 3.0, 2.0]
+    cache([f"p{i}" for i in range(50)], encode)
+    cache(["abc"], encode)
+    assert len(cache) == 52 and calls[-1] == [f"p{i}" for i in range(50)]  # "abc" was kept: not encoded again
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="capacity"):
+        PromptEmbeddingCache(-1)

@@ -13,13 +13,13 @@ Tests and the shapes world pass their own bundle to `train.main(models=...)` ins
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
+from model.prompt_cache import PromptEmbeddingCache
 from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models, frozen
@@ -46,7 +46,7 @@ class PromptEncoder:
         self.device = device
         self.cache_size = int(cache_size)
         self._negative: dict[int, Tensor] = {}
-        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._cache = PromptEmbeddingCache(self.cache_size)
 
     def place(self, device: torch.device | str, keep_on_cpu: bool = False) -> "PromptEncoder":
         """Embeddings are returned on `device`; the encoder runs there too unless `keep_on_cpu`."""
@@ -58,21 +58,7 @@ class PromptEncoder:
         return self
 
     def __call__(self, prompts: list[str]) -> Tensor:
-        prompts = list(prompts)
-        if self.cache_size <= 0:
-            return self.encoder.encode(prompts, output_device=self.device)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
-        if missing:
-            for prompt, row in zip(missing, self.encoder.encode(missing, output_device=self.device)):
-                self._cache[prompt] = row
-        rows = []
-        for prompt in prompts:
-            self._cache.move_to_end(prompt)
-            rows.append(self._cache[prompt])
-        out = torch.stack(rows)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out
+        return self._cache(prompts, lambda missing: self.encoder.encode(missing, output_device=self.device))
 
     def negative(self, batch_size: int) -> Tensor:
         if batch_size not in self._negative:
