@@ -139,6 +139,14 @@ def timed(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> tuple[
     return times[len(times) // 2], out
 
 
+def steady_block_ms(block_ms: list[float], window_frames: int = -1, frames_per_block: int = 3) -> float:
+    """The per-block cost of a long rollout: the median over the blocks that attend to a full rolling window (from
+    block window_frames // frames_per_block + 1 on); without a window (the cache only grows), of the last 5 blocks."""
+    tail = block_ms[window_frames // frames_per_block + 1:] if window_frames > 0 else block_ms[-5:]
+    tail = sorted(tail or block_ms)
+    return tail[len(tail) // 2]
+
+
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

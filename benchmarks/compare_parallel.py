@@ -4,7 +4,7 @@
 
 Reads `sp_<tag>_1gpu_{7,60}blocks.json` and `sp_<tag>_<N>gpu_{7,60}blocks.json` (under $OUT or benchmarks/results/),
 prints a table and writes `sequence_parallel_<tag>.json`: per-block ms at blocks 0..6 (full cache) and at the last
-of 60 blocks (window 21 + sink 3), steady per-block ms (median of the last 5 blocks of the 60-block run), warm-up
+of 60 blocks (window 21 + sink 3), steady per-block ms (benchmarks/common.steady_block_ms of the 60-block run), warm-up
 run, frames/s of the DiT, and the speed-up of N GPUs over one (target: steady >= 1.7x on 2 GPUs at 480x832).
 """
 from __future__ import annotations

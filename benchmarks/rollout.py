@@ -16,7 +16,7 @@ import os
 import time
 
 import torch
-from common import environment, print_table, random_dit, sync, tiny_config, write_result
+from common import environment, print_table, random_dit, steady_block_ms, sync, tiny_config, write_result
 
 from model.config import WAN_1_3B
 from pipeline.denoiser import Denoiser
@@ -103,13 +103,13 @@ def main() -> None:
               "total_ms": best["total_ms"], "block_ms": best["block_ms"],
               "frames_per_s_dit_only": pixel_frames / (best["total_ms"] / 1000.0), "peak_gib": peak,
               "time_to_first_block_ms": best["block_ms"][0], "warmup_ms": warmup_ms,
-              "steady_block_ms": sorted(best["block_ms"][-5:])[len(best["block_ms"][-5:]) // 2],  # median, last 5
+              "steady_block_ms": steady_block_ms(best["block_ms"], args.window, args.frames_per_block),
               "parallel": {"mode": args.parallel, "world_size": world}}
     rows = [("device", result["env"]["device"]), ("blocks x frames", f"{args.blocks} x {args.frames_per_block}"),
             ("total", f"{best['total_ms']:.1f} ms"), ("frames/s (DiT only)", f"{result['frames_per_s_dit_only']:.1f}")]
     shown = best["block_ms"] if len(best["block_ms"]) <= 8 else best["block_ms"][:3] + best["block_ms"][-3:]
     rows.append(("per block ms", " ".join(f"{m:.1f}" for m in shown)))
-    rows.append(("steady block (median of last 5)", f"{result['steady_block_ms']:.1f} ms"))
+    rows.append(("steady block (median, full window)", f"{result['steady_block_ms']:.1f} ms"))
     rows.append(("warm-up run", f"{warmup_ms:.0f} ms"))
     if world > 1:
         rows.append(("sequence parallel", f"{world} ranks"))

@@ -23,17 +23,8 @@ import traceback
 
 import torch
 from common import (
-    BlockClock,
-    environment,
-    print_table,
-    random_codec,
-    random_dit,
-    rollout_flops,
-    sync,
-    timed,
-    tiny_config,
-    write_result,
-)
+    BlockClock, environment, print_table, random_codec, random_dit, rollout_flops, steady_block_ms, sync, timed,
+    tiny_config, write_result)
 
 from model import attention as attention_backends
 from model.config import WAN_1_3B
@@ -247,10 +238,9 @@ def measure_long(bench: Bench, s: Setting, blocks: int) -> dict:
     denoiser = bench.denoiser(s)
     reset_peak(bench.device)
     run = bench.run(denoiser, blocks, window=args.window, sink=args.sink, rope="relative", rerotate=s.rerotate)
-    full = args.window // bench.fpb + 1  # blocks from here on attend to a full, rolling window
-    steady = sorted(run["block_ms"][full:]) or sorted(run["block_ms"])
     return {"blocks": blocks, "window": args.window, "sink": args.sink, "block_ms": run["block_ms"],
-            "steady_block_ms": steady[len(steady) // 2], "peak_gib": peak_gib(bench.device), "latents": run["latents"]}
+            "steady_block_ms": steady_block_ms(run["block_ms"], args.window, bench.fpb),
+            "peak_gib": peak_gib(bench.device), "latents": run["latents"]}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -45,8 +45,9 @@ def rows() -> list[str]:
             peaks = data.get("peak_gpu_memory_gib_per_rank") or [data["peak_gpu_memory_gib"]]
             memory = "-" if peaks[0] is None else " / ".join(f"{p:.1f}" for p in peaks) + " GiB"
             out.append(head + f"| training steps, {Path(data['config']).stem}, {data.get('world_size', 1)} rank(s) | "
-                              f"{data['ms_per_step_median'] / 1000:.1f} s/step median, {data['ms_per_step_mean'] / 1000:.1f}"
-                              f" s mean over {len(data['ms_per_step'])} steps, peak {memory} per rank |")
+                              f"{data['ms_per_step_median'] / 1000:.1f} s/step median, "
+                              f"{data['ms_per_step_mean'] / 1000:.1f} s mean over {len(data['ms_per_step'])} steps, "
+                              f"peak {memory} per rank |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]

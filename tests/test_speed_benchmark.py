@@ -56,3 +56,12 @@ def test_speed_benchmark_runs_every_lever_at_tiny_size(tmp_path, monkeypatch):
     assert saved["long"]["blocks"] == 8 and len(saved["long"]["block_ms"]) == 8 and saved["long"]["steady_block_ms"] > 0
     assert saved["long"]["within_bound"]
     assert not saved["skipped"] and result["total_s"] > 0
+
+
+def test_steady_block_is_the_median_once_the_rolling_window_is_full():
+    steady_block_ms = benchmark_module("common").steady_block_ms
+    # window 21 frames / 3 per block: blocks 8.. attend to a full window; the warm-up and filling blocks don't count
+    blocks = [500.0, 90.0, 95.0, 100.0, 105.0, 110.0, 115.0, 120.0] + [200.0, 201.0, 199.0, 300.0, 202.0]
+    assert steady_block_ms(blocks, window_frames=21, frames_per_block=3) == 201.0
+    assert steady_block_ms([500.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0], window_frames=-1) == 80.0  # last 5
+    assert steady_block_ms([7.0, 9.0], window_frames=21) == 9.0  # shorter than the window: all blocks
