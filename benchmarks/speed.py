@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 real, fp32 tiny")
     parser.add_argument("--levers", default=",".join(LEVERS), help="cumulative, in order (default: %(default)s)")
-    parser.add_argument("--decode", default="none,wan_vae,taehv", help="decode modes measured with every lever on")
+    parser.add_argument("--decode", default="none,wan_vae,wan_vae_cl,taehv",
+                        help="decode modes measured with every lever on (wan_vae_cl: the Wan VAE in NDHWC layout)")
     parser.add_argument("--no-side-stream", action="store_true", help="decode on the generation stream")
     parser.add_argument("--long", action="store_true", help="also a long rolling rollout (first and last entry)")
     parser.add_argument("--long-blocks", type=int, default=60)
@@ -357,11 +358,14 @@ def targets(result: dict) -> dict:
     """The issue's targets against the best entry (the last lever that ran) and the decode sections."""
     best = [e for e in result["levers"].values() if "rollout_ms" in e]
     compiled = [e for k, e in result["levers"].items() if "warmup_s" in e and k in ("compile", "cudagraph")]
+    wan_vae = [result[k] for k in ("decode_wan_vae", "decode_wan_vae_cl") if "frames_per_s" in result.get(k, {})]
+    wan_vae_fps = [e["frames_per_s"] for e in wan_vae]  # the faster layout is what a user gets
+    wan_vae_first = [e["time_to_first_frame_ms"] for e in wan_vae]
     checks = {"dit_rollout_ms<=1750": best[-1]["rollout_ms"] if best else None,
               "dit_fps>=46": best[-1]["frames_per_s_dit_only"] if best else None,
-              "wan_vae_fps>=30": result.get("decode_wan_vae", {}).get("frames_per_s"),
+              "wan_vae_fps>=30": max(wan_vae_fps, default=None),
               "taehv_fps>=40": result.get("decode_taehv", {}).get("frames_per_s"),
-              "first_frame_ms<=250": result.get("decode_wan_vae", {}).get("time_to_first_frame_ms"),
+              "first_frame_ms<=250": min(wan_vae_first, default=None),
               "warmup_s<=60": sum(e["warmup_s"] for e in compiled) if compiled else None}
     out = {}
     for key, value in checks.items():
@@ -389,7 +393,7 @@ def print_summary(result: dict) -> None:
                             + (f"  rel.err {err:.1e}" if err is not None else "")))
     if "floor_ratio" in result:
         rows.append(("best / floor", f"{result['floor_ratio']:.2f}x"))
-    for key in ("block_alone", "decode_wan_vae", "decode_taehv", "long_eager", "long"):
+    for key in ("block_alone", "decode_wan_vae", "decode_wan_vae_cl", "decode_taehv", "long_eager", "long"):
         e = result.get(key)
         if not e:
             continue

@@ -286,7 +286,10 @@ class StreamingVAEDecoder:
         # The reference denormalizes as z / (1/std) + mean (not z * std + mean); kept for bit parity.
         z = latent_chunk.permute(0, 2, 1, 3, 4) / inv_std + mean
         param = next(codec.vae.parameters())
-        x = codec.vae.post_quant_conv(z.to(device=param.device, dtype=param.dtype))
+        z = z.to(device=param.device, dtype=param.dtype)
+        if codec.decoder_channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
+        x = codec.vae.post_quant_conv(z)
         frames = []
         # One latent frame per decoder call, as the reference does: the first frame of a video must pass
         # alone, since the temporal upsamplers skip it (the "Rep" cache sentinel) to emit a single frame.
@@ -333,6 +336,16 @@ class WanVAE(nn.Module):
         self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
         self.temporal_factor = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
         self.pixel_channels = int(cfg.in_channels)
+        self.decoder_channels_last = False
+
+    def decoder_to_channels_last(self, enabled: bool = True) -> "WanVAE":
+        """Decode in the channels-last 3-D layout (NDHWC): the same arithmetic, and cuDNN's fastest Conv3d kernels on
+        recent GPUs take that layout (a speed lever for the streamed decode, measured by benchmarks/speed.py)."""
+        layout = torch.channels_last_3d if enabled else torch.contiguous_format
+        for conv in (m for m in (*self.vae.decoder.modules(), self.vae.post_quant_conv) if isinstance(m, nn.Conv3d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
+        self.decoder_channels_last = enabled
+        return self
 
     def encode_to_latent(self, video: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, 3, T, H, W]` in [-1, 1] -> normalized posterior mean `[B, F, C, H/8, W/8]` float32.

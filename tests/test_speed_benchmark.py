@@ -49,7 +49,7 @@ def test_speed_benchmark_runs_every_lever_at_tiny_size(tmp_path, monkeypatch):
     assert saved["rel_error_bound"] == speed.ERROR_BOUND[torch.float32]
     assert saved["flops"]["total_tflop"] > 0 and saved["flops"]["floor_ms"] > 0 and saved["floor_ratio"] > 0
     assert saved["block_alone"]["position"] == 6 and saved["block_alone"]["ms"] > 0
-    for kind in ("decode_wan_vae", "decode_taehv"):
+    for kind in ("decode_wan_vae", "decode_wan_vae_cl", "decode_taehv"):
         decode = saved[kind]
         assert "error" not in decode, decode.get("traceback")
         assert decode["pixel_frames"] == 1 + 4 * 20 and decode["time_to_first_frame_ms"] > 0

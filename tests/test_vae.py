@@ -341,3 +341,25 @@ def test_other_architectures_derive_and_convert(dim, z_dim, dim_mult, num_res_bl
             WanVAE(model)
     else:
         assert WanVAE(model).temporal_factor == 2 ** sum(temporal)
+
+
+def test_channels_last_decoder_streams_the_same_frames():
+    """The NDHWC decode lever (WanVAE.decoder_to_channels_last) changes the layout, not the arithmetic."""
+    from diffusers import AutoencoderKLWan
+
+    from model.vae import WAN21_VAE_CONFIG
+    torch.manual_seed(0)
+    codec = WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=8)).eval()).requires_grad_(False)
+    latent = torch.randn(1, 4, codec.latent_channels, 6, 8)
+    with torch.no_grad():
+        plain = codec.stream_decoder()
+        reference = torch.cat([plain.decode_chunk(latent[:, :1]), plain.decode_chunk(latent[:, 1:])], dim=1)
+        codec.decoder_to_channels_last()
+        conv = codec.vae.decoder.conv_in
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        fast = codec.stream_decoder()
+        out = torch.cat([fast.decode_chunk(latent[:, :1]), fast.decode_chunk(latent[:, 1:])], dim=1)
+        codec.decoder_to_channels_last(False)
+        assert conv.weight.is_contiguous() and not codec.decoder_channels_last
+    assert out.shape == reference.shape == (1, 13, 3, 48, 64)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
