@@ -64,7 +64,8 @@ def speed_figure(data: dict) -> str:
                          f"rel.err {e.get('rel_error_vs_eager', 0):.1e})")
         else:
             parts.append(f"{lever} failed")
-    for key, label in (("decode_wan_vae", "Wan VAE"), ("decode_wan_vae_cl", "Wan VAE NDHWC"), ("decode_taehv", "TAEHV")):
+    decoders = (("decode_wan_vae", "Wan VAE"), ("decode_wan_vae_cl", "Wan VAE NDHWC"), ("decode_taehv", "TAEHV"))
+    for key, label in decoders:
         e = data.get(key, {})
         if "frames_per_s" in e:
             parts.append(f"{label} {e['frames_per_s']:.1f} fps, first frame {e['time_to_first_frame_ms']:.0f} ms")
