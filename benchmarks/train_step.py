@@ -67,14 +67,18 @@ def main() -> None:
     if dist.rank != 0:
         return
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=25)
+    # On a GPU, also where the host's time goes: a step far longer than its GPU time is host-bound.
+    host_table = averages.table(sort_by="self_cpu_time_total", row_limit=25) if device.type == "cuda" else None
     print(table)
     # With a critic the generator updates every dfake_gen_update_ratio steps: the mean over the timed steps (a
     # multiple of the ratio) is the cost per iteration, the median that of a critic-only step.
     result = {"env": environment(device), "config": args.config_path, "overrides": args.overrides,
               "ms_per_step_median": statistics.median(times), "ms_per_step_mean": statistics.fmean(times),
               "ms_per_step": times, "world_size": dist.world_size,
-              "peak_gpu_memory_gib": peak, "peak_gpu_memory_gib_per_rank": peaks, "profile": table}
+              "peak_gpu_memory_gib": peak, "peak_gpu_memory_gib_per_rank": peaks, "profile": table,
+              "profile_host": host_table}
     print_table([("device", result["env"]["device"]), ("config", args.config_path),
                  ("ms/step (median)", f"{result['ms_per_step_median']:.1f}"),
                  ("ranks", str(dist.world_size)), ("ms/step (mean)", f"{result['ms_per_step_mean']:.1f}"),
