@@ -5,13 +5,15 @@
 #   bash benchmarks/device_step.sh PLAN_FILE SECONDS        (carry .whl, and .shapes_carry once it holds files)
 #
 # - Finished (runs/device_out/DONE): copies the results to $OUT (benchmarks/device_watch.sh).
-# - No run alive (first call, or a fresh machine after the last one went back): unpacks .shapes_carry/keep.tar.part-*
-#   into runs/shapes if present (stages found there are skipped: scripts/shapes_world.py resumes), then starts
+# - No run alive (first call, or a fresh machine after the last one went back): unpacks every .shapes_carry/keep-*.tar
+#   (in 15 MB parts) into runs/shapes (stages found there are skipped: scripts/shapes_world.py resumes), then starts
 #   benchmarks/device_shapes.sh with the plan's phases (its lines not starting with #), in its own session.
-# - Then follows the log for SECONDS and, unless finished, packs the finished SHAPES_KEEP stages (default teacher,
-#   ode_init: the ones later stages start from) as $OUT/keep.tar.part-* (fp32, 15 MB parts). Put the parts of the
-#   newest call into .shapes_carry/ before the next call: if the machine was lost meanwhile, the run resumes from them.
-# Environment for the run (SHAPES_EVAL_PROMPTS, SHAPES_BRING_FP32, ...) is passed on as set.
+# - Then follows the log for SECONDS and packs the finished SHAPES_KEEP stages (default teacher, ode_init: the ones
+#   later stages start from) that this machine trained as $OUT/keep-<time>.tar.part-* (fp32). Add them to
+#   .shapes_carry/ (keeping the earlier ones) before the next call: if the machine was lost meanwhile, the run
+#   resumes from them; once the run has finished, they are what a later plan (e.g. part 2 of a recipe split over two
+#   sessions) starts from.
+# Environment for the run (SHAPES_EVAL_PROMPTS, SHAPES_EVAL_TEACHER_STEPS, ...) is passed on as set.
 set -uo pipefail
 plan_file=$1; limit=$2
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -21,16 +23,19 @@ if compgen -G ".whl/*.whl" > /dev/null && [ ! -d "$site" ]; then
 fi
 [ -d "$site" ] && export PYTHONPATH="$site:${PYTHONPATH:-}"
 runs=${SHAPES_RUNS:-runs/shapes}; keep=${SHAPES_KEEP:-teacher,ode_init}
+packs() { ls .shapes_carry/keep-*.tar.part-aa 2> /dev/null | sed 's/\.part-aa$//' | sort; }
 alive() { [ -f runs/daemon.pid ] && kill -0 "$(cat runs/daemon.pid)" 2> /dev/null; }
 
 if [ ! -f runs/device_out/DONE ] && ! alive; then
   mkdir -p "$runs"
-  if compgen -G ".shapes_carry/keep.tar.part-*" > /dev/null; then
-    cat .shapes_carry/keep.tar.part-* | tar x -C "$runs" && echo "[step] resumed from: $(ls "$runs" | tr '\n' ' ')"
-    for stage in "$runs"/*/; do  # the file that marks a finished stage (the teacher's own is not needed later)
-      [ -f "$stage/generator.safetensors" ] || cp "$stage/generator_ema.safetensors" "$stage/generator.safetensors"
-    done
-  fi
+  for pack in $(packs); do  # oldest first: a stage kept again later wins
+    cat "$pack".part-* | tar x -C "$runs" || exit 1
+  done
+  for stage in "$runs"/*/; do  # the file that marks a finished stage (the teacher's own is not needed later)
+    [ -f "$stage/generator_ema.safetensors" ] && [ ! -f "$stage/generator.safetensors" ] \
+      && cp "$stage/generator_ema.safetensors" "$stage/generator.safetensors"
+  done
+  [ -n "$(packs)" ] && echo "[step] resumed from: $(ls "$runs" | tr '\n' ' ')"
   rm -rf runs/device_out
   plan=$(grep -v '^#' "$plan_file")
   OUT= SHAPES_RUNS="$runs" setsid nohup bash benchmarks/device_shapes.sh "$plan" > runs/daemon.log 2>&1 < /dev/null &
@@ -39,16 +44,17 @@ if [ ! -f runs/device_out/DONE ] && ! alive; then
   sleep 5
 fi
 bash benchmarks/device_watch.sh $(( limit - SECONDS > 10 ? limit - SECONDS : 10 ))
-if [ ! -f runs/device_out/DONE ]; then
-  files=()
-  for stage in ${keep//,/ }; do
-    [ -f "$runs/$stage/generator_ema.safetensors" ] || continue
-    files+=("$stage/generator_ema.safetensors")
-    [ "$stage" != teacher ] && [ -f "$runs/$stage/generator.safetensors" ] && files+=("$stage/generator.safetensors")
-    for f in config.yaml config.json; do [ -f "$runs/$stage/$f" ] && files+=("$stage/$f"); done
-  done
-  if [ ${#files[@]} -gt 0 ]; then
-    tar c -C "$runs" "${files[@]}" | split -b 15M - "${OUT:-runs/watch_out}/keep.tar.part-"
-    echo "[step] kept for a resume: ${files[*]}"
-  fi
+# Keep the SHAPES_KEEP stages this machine trained (not those it was given): to resume from, or to start part 2 from.
+given=$(for pack in $(packs); do cat "$pack".part-* | tar t; done 2> /dev/null | cut -d/ -f1 | sort -u)
+files=()
+for stage in ${keep//,/ }; do
+  [ -f "$runs/$stage/generator_ema.safetensors" ] || continue
+  grep -qx "$stage" <<< "$given" && continue
+  files+=("$stage/generator_ema.safetensors")
+  [ "$stage" != teacher ] && [ -f "$runs/$stage/generator.safetensors" ] && files+=("$stage/generator.safetensors")
+  for f in config.yaml config.json; do [ -f "$runs/$stage/$f" ] && files+=("$stage/$f"); done
+done
+if [ ${#files[@]} -gt 0 ]; then
+  tar c -C "$runs" "${files[@]}" | split -b 15M - "${OUT:-runs/watch_out}/keep-$(date +%s).tar.part-"
+  echo "[step] kept (fp32): ${files[*]}"
 fi
