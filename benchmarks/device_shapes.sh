@@ -18,8 +18,8 @@
 #
 # Brings back to $OUT: every finished stage's generator EMA in bf16, its config and metrics, and the evaluations, as
 # shapes_runs.tar split in 15 MB parts (shapes_runs.tar.part-aa, -ab, ...; `cat` them back together), and the log. $OUT takes at most 8 files
-# and 64 MB (~7 stages of the full-size model): SHAPES_BRING=dmd,sid,... limits the weights to those stages;
-# SHAPES_BRING_FP32=teacher,ode_init,... also brings those stages' fp32 generator (+ EMA) to go on from next time.
+# and 64 MB (~7 stages of the full-size model): SHAPES_BRING=dmd,sid,... limits the weights to those stages.
+# (benchmarks/device_step.sh brings the fp32 stages a later run starts from.)
 # SHAPES_SIZE=smoke runs the CI-sized recipe (to check this script on a CPU).
 # Wheels for packages the device image lacks are carried in .whl/ (see the device tool's README).
 set -uo pipefail
@@ -99,13 +99,12 @@ for phase in $plan; do
   wait
 done
 
-python3 - "$runs" "${SHAPES_BRING:-}" "$work" "$out" "${SHAPES_BRING_FP32:-}" <<'PY'
+python3 - "$runs" "${SHAPES_BRING:-}" "$work" "$out" <<'PY'
 import sys, tarfile
 from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 runs = Path(sys.argv[1]); bring = {s for s in sys.argv[2].split(",") if s}
-bring_fp32 = {s for s in sys.argv[5].split(",") if s}
 pack = Path(sys.argv[3]) / "shapes_pack"; pack.mkdir()
 for evaluation in Path(sys.argv[4]).glob("eval_*.json"):  # into the pack: $OUT takes 8 files
     evaluation.rename(pack / evaluation.name)
@@ -113,10 +112,6 @@ for stage in sorted(p for p in runs.iterdir() if p.is_dir()):
     ema = stage / "generator_ema.safetensors"
     if ema.is_file() and (not bring or stage.name in bring):
         save_file({k: v.to(torch.bfloat16) for k, v in load_file(ema).items()}, pack / f"{stage.name}.safetensors")
-    if stage.name in bring_fp32:
-        for name in ("generator.safetensors", "generator_ema.safetensors"):
-            if (stage / name).is_file():
-                (pack / f"{stage.name}_fp32_{name}").write_bytes((stage / name).read_bytes())
     for metrics in (stage / "logs").glob("metrics*.jsonl"):
         (pack / f"{stage.name}_{metrics.name}").write_bytes(metrics.read_bytes())
     for name in ("config.yaml",):

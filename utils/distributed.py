@@ -309,7 +309,7 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     if hasattr(models.text, "place"):
         models.text.place(state.device, keep_on_cpu=cfg.text_encoder_cpu_offload)
         if cfg.text_encoder_cpu_offload and state.device.type == "cuda":
-            # torchrun sets OMP_NUM_THREADS=1 for every rank: a UMT5-XXL encoding on one thread took minutes.
+            # torchrun sets OMP_NUM_THREADS=1 for every rank: one thread makes a UMT5-XXL encoding minutes long.
             torch.set_num_threads(max(torch.get_num_threads(), host_threads(state.local_world_size)))
     if isinstance(models.codec, nn.Module):
         models.codec.to(state.device)
