@@ -2,6 +2,7 @@
 save + resume, and the same result as one process with the same global batch."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -169,3 +170,48 @@ def test_real_dmd_recipe_under_torchrun_on_two_ranks(tmp_path):
         trained = load_file(ckpt / f"{stem}.safetensors")
         assert set(trained) == set(initial), stem  # full (gathered) state dicts with the original key names
         assert any(not torch.equal(trained[k].float(), initial[k].float()) for k in trained), f"{stem} did not train"
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from tests.tiny import tiny_inputs, tiny_model
+    from utils.distributed import cleanup_distributed, gathered_across_forwards, init_distributed, shard_module
+    state = init_distributed(device="cpu")
+    model = tiny_model().train()
+    x, context = tiny_inputs(model, batch=1, frames=4)
+    t = torch.full((1,), 500.0)
+    shard_module(model, state, mixed_precision=False, strategy="full")
+    groups = [unit._get_fsdp_state()._fsdp_param_group for unit in model.blocks]
+
+    def loss_and_grads(inside: bool):
+        model.zero_grad()
+        with gathered_across_forwards(model, "full") if inside else contextlib.nullcontext():
+            with torch.no_grad():
+                first = model(x, t, context)
+            gathered_between = all(g.is_unsharded for g in groups)
+            second = model(x, t, context)  # with grad: its backward runs after the context
+        sharded_after = all(g.is_sharded for g in groups)
+        loss = (second * first).mean()
+        loss.backward()
+        grads = [p.grad.full_tensor().clone() for p in model.parameters()]
+        return loss.item(), grads, gathered_between, sharded_after
+
+    plain = loss_and_grads(False)
+    kept = loss_and_grads(True)
+    again = loss_and_grads(False)  # the strategy's behaviour is back
+    cleanup_distributed(state)
+    result = {"losses": [plain[0], kept[0], again[0]], "gathered": [plain[2], kept[2], again[2]],
+              "sharded_after": [plain[3], kept[3], again[3]],
+              "grads_equal": all(torch.equal(a, b) for a, b in zip(plain[1], kept[1]))}
+    with open(f"{out}{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+def test_rollout_forwards_gather_each_unit_once_with_the_same_numbers(tmp_path):
+    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    for rank in range(2):
+        r = json.load(open(tmp_path / f"r{rank}.json"))
+        assert r["gathered"] == [False, True, False]  # between forwards: freed, kept, freed again
+        assert r["sharded_after"] == [True, True, True]
+        assert r["losses"][0] == r["losses"][1] == r["losses"][2] and r["grads_equal"]

@@ -26,6 +26,7 @@ from torch import Tensor
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import GradientPolicy, block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
+from utils.distributed import gathered_across_forwards
 
 
 def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True) -> list[float]:
@@ -148,10 +149,11 @@ class SelfForcingRollout:
         # renoise_context: the training rollout re-noises each block to `context_noise` before the cache pass
         # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
         # block's cache pass is skipped: nothing reads it.
-        result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
-                         independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
-                         context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
-                         policy=policy)
+        with gathered_across_forwards(model, cfg.sharding_strategy):
+            result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
+                             independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
+                             context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
+                             policy=policy)
         latents = self._loss_window(result.latents)
 
         mask = None

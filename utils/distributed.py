@@ -7,11 +7,12 @@ without a process group (plain modules, no collectives), so tests and small runs
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -224,7 +225,7 @@ def _fsdp_kwargs(state: DistState, mixed_precision: bool, strategy: str, cpu_off
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
     kwargs: dict[str, Any] = {"mesh": mesh if mesh is not None else _mesh(state, strategy),
-                              "reshard_after_forward": strategy != "hybrid_zero2"}
+                              "reshard_after_forward": reshards_after_forward(strategy)}
     if mixed_precision and state.device.type == "cuda":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                    cast_forward_inputs=False)
@@ -233,6 +234,32 @@ def _fsdp_kwargs(state: DistState, mixed_precision: bool, strategy: str, cpu_off
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     return kwargs
+
+
+def reshards_after_forward(strategy: str) -> bool:
+    """Whether FSDP frees a unit's gathered parameters after its forward (all but ZeRO-2-like hybrid_zero2)."""
+    return strategy != "hybrid_zero2"
+
+
+@contextlib.contextmanager
+def gathered_across_forwards(module: nn.Module, strategy: str) -> Iterator[None]:
+    """Within: an FSDP2-sharded `module` keeps each unit's parameters gathered after its forward, so the many forwards
+    of a self-forcing rollout (denoising steps and a cache pass per block) all-gather each unit once instead of once
+    per forward; at exit they are freed and the strategy's behaviour restored (a backward through the rollout gathers
+    them again, as after any forward). Costs one gathered bf16 copy of the network. No-op when not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        module.set_reshard_after_forward(reshards_after_forward(strategy))
+        module.set_reshard_after_forward(False, recurse=False)  # FSDP2 keeps the root gathered (its own default)
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
 
 
 def shard_module(module: nn.Module, state: DistState, *, mixed_precision: bool, strategy: str = "full",
