@@ -340,12 +340,14 @@ def run(args: argparse.Namespace) -> int:
 
             def write_frames(block: int, pixels: torch.Tensor, writers=writers) -> None:
                 if writers:
-                    pixels = pixels.cpu()  # one device-to-host copy per block, not one per sample
+                    pixels = pixels.cpu()  # already there on CUDA (frames_on_host); on other devices one copy
                 for sample, writer in enumerate(writers):
                     writer.append(pixels[sample])
+            # The frames go to the writers as they come: none are kept on the device (keep_video=False).
             result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
                                    width=width, generator=generator, initial_latent=first,
-                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames)
+                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames,
+                                   keep_video=False, frames_on_host=True)
             for w in writers:
                 w.close()
         except BaseException:

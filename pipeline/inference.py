@@ -145,7 +145,7 @@ class CausalInferencePipeline:
                  initial_latent: Tensor | None = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
                  prompt_source: PromptSource | None = None, should_stop: Callable[[], bool] | None = None,
                  on_frames: FramesCallback | None = None, decode: bool = True,
-                 keep_video: bool = True) -> Generation:
+                 keep_video: bool = True, frames_on_host: bool = False) -> Generation:
         """Generate `num_latent_frames` new latent frames per prompt (after `initial_latent` frames if given).
 
         prompt_schedule: `[(block, prompt), ...]` switching every sample's prompt at block boundaries (block 0 first;
@@ -155,6 +155,8 @@ class CausalInferencePipeline:
         should_stop: asked before every block; True ends the generation there with the frames made so far
           (`stats["stopped"]`).
         keep_video: False streams frames to `on_frames` only (`video` is None), so long runs hold no pixels.
+        frames_on_host: frames reach `on_frames` (and `video`) as CPU tensors, copied off the GPU asynchronously
+          (`BlockDecoder`); for callers that write or send them.
         """
         st = self.settings
         h, w = self.latent_grid(height, width)
@@ -204,7 +206,7 @@ class CausalInferencePipeline:
                 on_frames(-1, pixels)
         decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream, on_frames=on_frames,
                                first_frame_alone=self.first_frame_alone,
-                               keep_frames=keep_video) if stream is not None else None
+                               keep_frames=keep_video, frames_on_host=frames_on_host) if stream is not None else None
         if stream is not None and initial_latent is not None:
             decoder.add_decoded(pixels)
 

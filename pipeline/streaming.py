@@ -29,17 +29,21 @@ class BlockDecoder:
     in order, once they are ready. first_frame_alone: decode the very first latent frame on its own, so the first
     pixel frame is out before the rest of block 0 is decoded (same frames: the codecs' stream decoders are causal;
     block 0 is then handed out in two parts). keep_frames: False hands frames to `on_frames` only (long streams hold
-    no pixels); `pixel_frames` counts them either way. The clock (time to first frame) starts at construction.
+    no pixels); `pixel_frames` counts them either way. frames_on_host: on CUDA, each block's frames are copied to
+    pinned host memory on the decode stream and handed out as CPU tensors once there, so a caller writing them to
+    disk never waits on (or stalls) the generation stream. The clock (time to first frame) starts at construction.
     """
 
     def __init__(self, stream_decoder: Any, device: torch.device, *, side_stream: bool = True,
-                 on_frames: FramesCallback | None = None, first_frame_alone: bool = True, keep_frames: bool = True):
+                 on_frames: FramesCallback | None = None, first_frame_alone: bool = True, keep_frames: bool = True,
+                 frames_on_host: bool = False):
         self.decoder = stream_decoder
         self.device = device
         self.on_frames = on_frames
         self.first_frame_alone = first_frame_alone
         self.keep_frames = keep_frames
         self.cuda = device.type == "cuda"
+        self.frames_on_host = frames_on_host and self.cuda
         self.stream = torch.cuda.Stream(device) if self.cuda and side_stream else None
         self.frames: list[Tensor] = []
         self.pixel_frames = 0
@@ -70,7 +74,7 @@ class BlockDecoder:
     def _submit(self, index: int, latents: Tensor) -> None:
         self._submitted = True
         if self.stream is None:
-            pixels = to_unit(self.decoder.decode_chunk(latents))
+            pixels = self._to_host(to_unit(self.decoder.decode_chunk(latents)))
             done = None
             if self.cuda:
                 done = torch.cuda.Event(enable_timing=True)
@@ -78,7 +82,7 @@ class BlockDecoder:
         else:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                pixels = to_unit(self.decoder.decode_chunk(latents))
+                pixels = self._to_host(to_unit(self.decoder.decode_chunk(latents)))
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(self.stream)
             latents.record_stream(self.stream)  # the allocator must not hand it to the main stream too early
@@ -87,6 +91,16 @@ class BlockDecoder:
         if not self.cuda and self._first_frame_ms is None:
             self._first_frame_ms = (time.perf_counter() - self._tic) * 1000.0
         self._pending.append((index, pixels, done))
+
+    def _to_host(self, pixels: Tensor) -> Tensor:
+        """With frames_on_host: an asynchronous copy into pinned memory on the current stream (its event, recorded
+        after it, tells when the frames are there). The device tensor's memory is only reused by later work of the
+        same stream, so it outlives the copy."""
+        if not self.frames_on_host:
+            return pixels
+        host = torch.empty(pixels.shape, dtype=pixels.dtype, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        return host
 
     def poll(self) -> None:
         """Hand out every block whose decode has finished, in order."""
@@ -105,7 +119,7 @@ class BlockDecoder:
         return self.frames
 
     def _hand_out(self, index: int, pixels: Tensor) -> None:
-        if self.stream is not None:
+        if self.stream is not None and pixels.is_cuda:
             pixels.record_stream(torch.cuda.current_stream(self.device))
         self.pixel_frames += pixels.shape[1]
         if self.keep_frames:

@@ -109,3 +109,13 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
     decoded = (codec.decode_to_pixel(out.float()) * 0.5 + 0.5).clamp(0, 1)
     torch.testing.assert_close(frames, decoded, atol=1e-5, rtol=1e-5)
     assert decoder.time_to_first_frame_ms > 0
+    # Frames copied to pinned host memory on the decode stream: CPU tensors, the same numbers, handed out in order.
+    for side_stream in (True, False):
+        handed = []
+        decoder = BlockDecoder(codec.stream_decoder(), CUDA, side_stream=side_stream, frames_on_host=True,
+                               on_frames=lambda i, px: handed.append((i, px)))
+        run(graphed, decoder)
+        host = decoder.finish()
+        assert all(f.device.type == "cpu" and f.is_pinned() for f in host)
+        assert [i for i, _ in handed] == sorted(i for i, _ in handed)
+        torch.testing.assert_close(torch.cat(host, dim=1), decoded.cpu(), atol=1e-5, rtol=1e-5)

@@ -390,7 +390,7 @@ class DemoService:
             result = pipe.generate([req.prompt], num_latent_frames=frames, height=self.height, width=self.width,
                                    generator=torch.Generator().manual_seed(req.seed),
                                    prompt_source=job.prompt_for_block, should_stop=job.should_stop,
-                                   on_frames=on_frames, keep_video=False)
+                                   on_frames=on_frames, keep_video=False, frames_on_host=True)
             job.video_ready = sink.close()
             stats = result.stats
             outcome = ("stopped" if stats["stopped"] else "done", {
