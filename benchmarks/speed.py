@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import time
 import traceback
 
@@ -233,6 +234,39 @@ def measure_decode(bench: Bench, s: Setting, kind: str) -> dict:
     return dict(best, side_stream=not args.no_side_stream)
 
 
+# Kernel families by name (cuBLAS/CUTLASS GEMMs, flash/cuDNN attention, copies); the rest is elementwise work
+# (norms, modulation, RoPE, casts): the part the issue says to fuse away.
+KERNEL_FAMILIES = (("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(add|b)?mm$|aten::linear$", re.I)),
+                   ("attention", re.compile(r"flash|fmha|sdpa|attention|cudnn", re.I)),
+                   ("copy", re.compile(r"memcpy|memset|copy|cat_", re.I)))
+
+
+def profile_rollout(bench: Bench, s: Setting) -> dict:
+    """One rollout with the levers but CUDA graphs (whose replays hide their kernels) under torch.profiler: device
+    time per kernel family and the top kernels (CPU: the top operators by self time)."""
+    s = dataclasses.replace(s, graphs=False)
+    denoiser = bench.denoiser(s)
+    bench.run(denoiser, bench.args.blocks, rerotate=s.rerotate)  # warm (compiled already)
+    cuda = bench.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        bench.run(denoiser, bench.args.blocks, rerotate=s.rerotate)
+    events = prof.key_averages()
+    if cuda:
+        rows = [(e.key, e.self_device_time_total / 1000.0, e.count) for e in events
+                if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    else:
+        rows = [(e.key, e.self_cpu_time_total / 1000.0, e.count) for e in events if e.self_cpu_time_total > 0]
+    rows.sort(key=lambda r: -r[1])
+    families: dict[str, float] = {}
+    for name, ms, _ in rows:
+        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+        families[family] = families.get(family, 0.0) + ms
+    return {"what": "device time per kernel" if cuda else "CPU self time per operator", "graphs": False,
+            "total_ms": sum(r[1] for r in rows), "by_family_ms": families,
+            "top": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in rows[:20]]}
+
+
 def measure_long(bench: Bench, s: Setting, blocks: int) -> dict:
     args = bench.args
     denoiser = bench.denoiser(s)
@@ -322,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["floor_ratio"] = best[-1]["rollout_ms"] / floor_ms
 
     sections = {"block_alone": lambda: {"position": min(6, args.blocks - 1),
-                                        "ms": bench.block_alone_ms(bench.denoiser(setting), min(6, args.blocks - 1))}}
+                                        "ms": bench.block_alone_ms(bench.denoiser(setting), min(6, args.blocks - 1))},
+                "profile": lambda: profile_rollout(bench, setting)}
     for kind in [x for x in args.decode.split(",") if x and x != "none"]:
         sections[f"decode_{kind}"] = lambda kind=kind: measure_decode(bench, setting, kind)
     if args.long:
@@ -393,12 +428,16 @@ def print_summary(result: dict) -> None:
                             + (f"  rel.err {err:.1e}" if err is not None else "")))
     if "floor_ratio" in result:
         rows.append(("best / floor", f"{result['floor_ratio']:.2f}x"))
-    for key in ("block_alone", "decode_wan_vae", "decode_wan_vae_cl", "decode_taehv", "long_eager", "long"):
+    for key in ("block_alone", "profile", "decode_wan_vae", "decode_wan_vae_cl", "decode_taehv", "long_eager",
+                "long"):
         e = result.get(key)
         if not e:
             continue
         if "error" in e:
             rows.append((key, "ERROR " + e["error"][:100]))
+        elif key == "profile":
+            rows.append((key, f"{e['total_ms']:.0f} ms: " + ", ".join(
+                f"{family} {ms:.0f}" for family, ms in sorted(e["by_family_ms"].items(), key=lambda kv: -kv[1]))))
         elif key == "block_alone":
             rows.append((key, f"block {e['position']}: {e['ms']:.1f} ms"))
         elif key.startswith("decode"):

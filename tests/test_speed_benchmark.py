@@ -49,6 +49,11 @@ def test_speed_benchmark_runs_every_lever_at_tiny_size(tmp_path, monkeypatch):
     assert saved["rel_error_bound"] == speed.ERROR_BOUND[torch.float32]
     assert saved["flops"]["total_tflop"] > 0 and saved["flops"]["floor_ms"] > 0 and saved["floor_ratio"] > 0
     assert saved["block_alone"]["position"] == 6 and saved["block_alone"]["ms"] > 0
+    profile = saved["profile"]
+    assert "error" not in profile, profile.get("traceback")
+    assert profile["top"] and profile["total_ms"] > 0
+    assert sum(profile["by_family_ms"].values()) == pytest.approx(profile["total_ms"])
+    assert "gemm" in profile["by_family_ms"]  # aten::addmm / mm on the CPU
     for kind in ("decode_wan_vae", "decode_wan_vae_cl", "decode_taehv"):
         decode = saved[kind]
         assert "error" not in decode, decode.get("traceback")
