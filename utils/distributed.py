@@ -255,8 +255,7 @@ def gathered_across_forwards(module: nn.Module, strategy: str) -> Iterator[None]
     try:
         yield
     finally:
-        module.set_reshard_after_forward(reshards_after_forward(strategy))
-        module.set_reshard_after_forward(False, recurse=False)  # FSDP2 keeps the root gathered (its own default)
+        module.set_reshard_after_forward(reshards_after_forward(strategy))  # as shard_module set every unit
         for unit in module.modules():
             if isinstance(unit, FSDPModule):
                 unit.reshard()
