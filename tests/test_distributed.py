@@ -182,7 +182,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     x, context = tiny_inputs(model, batch=1, frames=4)
     t = torch.full((1,), 500.0)
     shard_module(model, state, mixed_precision=False, strategy="full")
-    groups = [unit._get_fsdp_state()._fsdp_param_group for unit in model.blocks]
+    groups = [unit._get_fsdp_state()._fsdp_param_group for unit in (*model.blocks, model)]  # the root too
 
     def loss_and_grads(inside: bool):
         model.zero_grad()
