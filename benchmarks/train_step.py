@@ -36,11 +36,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as logdir:
         targs = train.parse_args(["--config_path", args.config_path, "--logdir", logdir, "--no_save",
                                   "--disable-wandb", *args.overrides, f"max_steps={total}", "log_every=1000000"])
+        started = time.perf_counter()
         trainer = train._setup(targs, dist, None, None, None)
         device = dist.device
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        for _ in range(args.warmup):
+
+        def progress(what: str) -> None:  # a run cut short still shows how far it got
+            if dist.rank == 0:
+                print(f"[train_step] {time.perf_counter() - started:7.1f} s  {what}", flush=True)
+        progress("models built and sharded")
+        for i in range(args.warmup):
             trainer.train_step()
+            progress(f"warm-up step {i + 1}/{args.warmup}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = []
@@ -50,6 +57,7 @@ def main() -> None:
             trainer.train_step()
             sync()
             times.append((time.perf_counter() - tic) * 1000.0)
+            progress(f"timed step {len(times)}/{args.steps}: {times[-1]:.0f} ms")
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
