@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="decode modes measured with every lever on (wan_vae_cl: the Wan VAE in NDHWC layout)")
     parser.add_argument("--no-side-stream", action="store_true", help="decode on the generation stream")
     parser.add_argument("--long", action="store_true", help="also a long rolling rollout (first and last entry)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="last, reported apart: the levers plus FP8 linear layers (model/fp8.py); error vs eager")
     parser.add_argument("--long-blocks", type=int, default=60)
     parser.add_argument("--long-eager-blocks", type=int, default=14, help="blocks of the eager long rollout")
     parser.add_argument("--window", type=int, default=21)
@@ -377,6 +379,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[speed] {section}: {result[section].get('error', 'done')} at {time.perf_counter() - start:.0f} s",
               flush=True)
         save()
+    if args.fp8 and reference is not None and not over_budget("fp8"):
+        try:  # last: it converts the benchmark's model in place
+            from model.fp8 import convert_to_fp8, fp8_matmul_supported
+            converted = convert_to_fp8(bench.model)
+            entry = measure_lever(bench, setting, reference)
+            entry.pop("latents")
+            result["fp8"] = dict(entry, converted_linears=converted, fp8_kernels=fp8_matmul_supported(bench.device))
+        except Exception as err:  # noqa: BLE001
+            result["fp8"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+        fp8 = result["fp8"]
+        print("[speed] fp8: " + (fp8["error"] if "error" in fp8 else
+                                 f"{fp8['rollout_ms']:.1f} ms, rel.err {fp8['rel_error_vs_eager']:.1e}"), flush=True)
+        save()
     if len(long_latents) == 2:  # the long rollout's first blocks against the eager one
         a, b = long_latents["long"], long_latents["long_eager"]
         result["long"]["rel_error_vs_eager_first_blocks"] = rel_error(a[:, :b.shape[1]], b)
@@ -428,6 +443,11 @@ def print_summary(result: dict) -> None:
                             + (f"  rel.err {err:.1e}" if err is not None else "")))
     if "floor_ratio" in result:
         rows.append(("best / floor", f"{result['floor_ratio']:.2f}x"))
+    fp8 = result.get("fp8")
+    if fp8:
+        rows.append(("fp8 (apart)", "ERROR " + fp8["error"][:100] if "error" in fp8 else
+                     f"{fp8['rollout_ms']:.1f} ms  rel.err {fp8['rel_error_vs_eager']:.1e}"
+                     f"{'' if fp8['fp8_kernels'] else '  (emulated: no FP8 tensor cores)'}"))
     for key in ("block_alone", "profile", "decode_wan_vae", "decode_wan_vae_cl", "decode_taehv", "long_eager",
                 "long"):
         e = result.get(key)

@@ -69,6 +69,9 @@ def speed_figure(data: dict) -> str:
         e = data.get(key, {})
         if "frames_per_s" in e:
             parts.append(f"{label} {e['frames_per_s']:.1f} fps, first frame {e['time_to_first_frame_ms']:.0f} ms")
+    fp8 = data.get("fp8", {})
+    if "rollout_ms" in fp8:
+        parts.append(f"fp8 (apart) {fp8['rollout_ms']:.0f} ms (rel.err {fp8['rel_error_vs_eager']:.1e})")
     if "floor_ratio" in data:
         parts.append(f"{data['floor_ratio']:.2f}x the {data['flops']['floor_ms']:.0f} ms floor")
     if "steady_block_ms" in data.get("long", {}):

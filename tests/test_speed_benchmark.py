@@ -38,7 +38,7 @@ def test_speed_benchmark_runs_every_lever_at_tiny_size(tmp_path, monkeypatch):
     speed = benchmark_module("speed")
     monkeypatch.setenv("OUT", str(tmp_path))
     result = speed.main(["--size", "tiny", "--repeats", "1", "--long", "--long-blocks", "8",
-                         "--long-eager-blocks", "8", "--window", "6", "--sink", "1"])
+                         "--long-eager-blocks", "8", "--window", "6", "--sink", "1", "--fp8"])
     saved = json.loads((tmp_path / "speed_tiny_cpu.json").read_text())
     assert saved["levers"].keys() == set(speed.LEVERS)
     for lever, entry in saved["levers"].items():
@@ -60,6 +60,10 @@ def test_speed_benchmark_runs_every_lever_at_tiny_size(tmp_path, monkeypatch):
         assert decode["pixel_frames"] == 1 + 4 * 20 and decode["time_to_first_frame_ms"] > 0
     assert saved["long"]["blocks"] == 8 and len(saved["long"]["block_ms"]) == 8 and saved["long"]["steady_block_ms"] > 0
     assert saved["long"]["within_bound"]
+    fp8 = saved["fp8"]
+    assert "error" not in fp8, fp8.get("traceback")
+    assert fp8["converted_linears"] == 10 * saved["config"]["num_layers"] and not fp8["fp8_kernels"]
+    assert 0 < fp8["rel_error_vs_eager"] < 0.2 and len(fp8["block_ms"]) == 7
     assert not saved["skipped"] and result["total_s"] > 0
 
 
