@@ -59,6 +59,7 @@ class EvalSettings:
     batch_size: int = 16
     seed: int = 0
     device: str = "cpu"
+    fp8: bool = False  # the networks' block linears in FP8 (model/fp8.py): the lever's quality delta
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -261,7 +262,10 @@ def evaluate_stage(run: Path, stage: str, scenes: dict[str, list[Any]], settings
     cfg = load_stage_config(run, stage)
     _, ckpt = stage_files(run, stage, settings.weights)
     net, text = load_networks(cfg, ckpt, device, dtype)
-    info: dict[str, Any] = {"checkpoint": str(ckpt), "training_frames": training_frames(cfg)}
+    if settings.fp8:
+        from model.fp8 import convert_to_fp8
+        convert_to_fp8(net)
+    info: dict[str, Any] = {"checkpoint": str(ckpt), "training_frames": training_frames(cfg), "fp8": settings.fp8}
     if stage == "teacher":
         factors = (1,)
         samplers = {1: teacher_sampler(cfg, net, text, settings)}
@@ -379,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default=None, help="default: <run>/eval.json")
+    p.add_argument("--fp8", action="store_true",
+                   help="sample with FP8 block linears (model/fp8.py), to compare with an evaluation without")
     args = p.parse_args(argv)
     try:
         for flag in ("num_prompts", "teacher_steps", "baseline_steps", "batch_size"):
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, lengths=_positive_ints(args.lengths, "--lengths"), weights=args.weights,
             teacher_steps=args.teacher_steps, teacher_sampler=args.teacher_sampler,
             baseline_steps=args.baseline_steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
         output = args.output or Path(args.run) / "eval.json"
         data = evaluate_run(args.run, stages, settings, on_progress=lambda doc: write_json_atomic(output, doc))

@@ -94,6 +94,23 @@ def test_scores_do_not_depend_on_which_stages_are_evaluated(run, evaluated, tmp_
 
 
 @pytest.mark.slow
+def test_fp8_evaluation_samples_with_fp8_blocks_and_is_not_merged_with_a_plain_one(run, evaluated, tmp_path, capsys):
+    """`--fp8` (the FP8 lever's quality delta): the stage is sampled with FP8 block linears, its scores are its own
+    (the same scenes: comparable entry by entry), and the results script refuses to mix it with a plain evaluation."""
+    path, full = evaluated
+    fp8_path = tmp_path / "eval_fp8.json"
+    assert ev.main(_eval_args(run, fp8_path, "--stages", "dmd", "--fp8")) == 0
+    fp8 = json.loads(fp8_path.read_text())
+    assert fp8["settings"]["fp8"] is True and fp8["stages"]["dmd"]["fp8"] is True
+    assert full["settings"]["fp8"] is False
+    for r in fp8["results"]:
+        assert 0.0 <= r["overall"] <= 1.0 and sr.entry(full, r["stage"], r["split"], r["length"]) is not None
+    capsys.readouterr()
+    assert sr.main(["--eval", str(path), "--eval", str(fp8_path)]) == 2
+    assert "settings ['fp8'] differ" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_progress_is_written_after_each_stage(run, evaluated):
     """A time-boxed GPU call may be cut during the evaluation: the stages already scored are on disk."""
     _, full = evaluated
