@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
     run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
                      "(config key cuda_graphs; CUDA only)")
+    run.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks: faster "
+                     "on GPUs with FP8 tensor cores (Ada, Hopper), a small quality cost (benchmarks: speed.py --fp8, "
+                     "evaluate_shapes.py --fp8); emulated, slower, elsewhere")
     run.add_argument("--offload-text-encoder", action="store_true",
                      help="encode every prompt first, then move the text encoder to the CPU")
     run.add_argument("--parallel", choices=["data", "sequence"], default="data",
@@ -188,6 +191,11 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
         source = str(args.checkpoint_path or cfg.generator_ckpt)
+    if getattr(args, "fp8", False):
+        from model.fp8 import convert_to_fp8, fp8_matmul_supported
+        if not fp8_matmul_supported(device):
+            print(f"warning: --fp8 on {device} is emulated (no FP8 tensor cores): slower than without", flush=True)
+        convert_to_fp8(generator)
     schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
     pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
                                    negative_prompt=cfg.negative_prompt, compile=cfg.compile,

@@ -58,6 +58,17 @@ def test_prompt_file_to_mp4_and_stats_then_resume(folder, tmp_path, capsys):
     assert videos[0].stat().st_mtime_ns == mtime
 
 
+def test_fp8_flag_writes_a_close_video_and_warns_when_emulated(folder, tmp_path, capsys):
+    args = ("--model", folder, "--prompt", "a red circle moves left", "--total-blocks", 2)
+    assert run_cli(*args, "--output-dir", tmp_path / "plain") == 0
+    capsys.readouterr()
+    assert run_cli(*args, "--output-dir", tmp_path / "fp8", "--fp8") == 0
+    assert "--fp8 on cpu is emulated" in capsys.readouterr().out
+    (plain,), (fp8,) = sorted((tmp_path / "plain").glob("*.mp4")), sorted((tmp_path / "fp8").glob("*.mp4"))
+    a, b = read_video(plain)[0].float(), read_video(fp8)[0].float()
+    assert a.shape == b.shape and 0 < (a - b).abs().mean() < 12  # uint8 frames: close, not equal
+
+
 def test_same_seed_same_video_bitwise(folder):
     pipe = load_pipe(folder)
     runs = [pipe.generate(["a cat jumps"], num_latent_frames=4, height=32, width=48,
