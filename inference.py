@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
     run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
                      "(config key cuda_graphs; CUDA only)")
-    run.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks: faster "
-                     "on GPUs with FP8 tensor cores (Ada, Hopper), a small quality cost (benchmarks: speed.py --fp8, "
-                     "evaluate_shapes.py --fp8); emulated, slower, elsewhere")
+    run.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks, for GPUs "
+                     "with FP8 tensor cores (Ada, Hopper); speed and quality are measured by speed.py --fp8 and "
+                     "evaluate_shapes.py --fp8 (not yet on a GPU); emulated, slower, elsewhere")
     run.add_argument("--offload-text-encoder", action="store_true",
                      help="encode every prompt first, then move the text encoder to the CPU")
     run.add_argument("--parallel", choices=["data", "sequence"], default="data",
