@@ -41,6 +41,14 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # [1, N]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(device)` moves the quantized weights and scales; `.to(dtype)` (the network's) leaves them alone."""
+        kept = {name: self._buffers[name] for name in ("weight_fp8", "weight_scale")}
+        super()._apply(fn, recurse)
+        for name, tensor in kept.items():
+            self._buffers[name] = tensor.to(self._buffers[name].device)
+        return self
+
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)

@@ -51,3 +51,11 @@ def test_converted_dit_keeps_its_output_within_fp8_error():
     assert type(model.head.head) is nn.Linear  # the output head keeps its precision
     assert model.blocks[0].self_attn.fused_qkv() is None  # the fused-QKV lever steps aside
     assert 0 < rel(after, before) < 0.1
+
+
+def test_casting_the_network_keeps_the_quantized_weights():
+    layer = Fp8Linear(nn.Linear(32, 16)).to(torch.bfloat16)
+    assert layer.weight_fp8.dtype == E4M3 and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    y = layer(torch.randn(3, 32, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 16)
