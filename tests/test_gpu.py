@@ -119,3 +119,36 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
         assert all(f.device.type == "cpu" and f.is_pinned() for f in host)
         assert [i for i, _ in handed] == sorted(i for i, _ in handed)
         torch.testing.assert_close(torch.cat(host, dim=1), decoded.cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_fp8_linear_kernel_matches_its_cpu_emulation():
+    """torch._scaled_mm with row-wise scales (FP8 tensor cores) computes what model/fp8.py emulates on the CPU."""
+    from torch import nn
+
+    from model.fp8 import Fp8Linear, fp8_matmul_supported
+    if not fp8_matmul_supported(CUDA):
+        pytest.skip("no FP8 tensor cores on this GPU")
+    torch.manual_seed(0)
+    linear = nn.Linear(1536, 8960).to(CUDA, torch.bfloat16)
+    x = torch.randn(2, 520, 1536, device=CUDA, dtype=torch.bfloat16)
+    layer = Fp8Linear(linear)
+    with torch.no_grad():
+        kernel = layer(x)
+        emulated = Fp8Linear(linear.cpu().float())(x.cpu().float())
+        reference = linear.to(CUDA)(x)
+    assert kernel.dtype == torch.bfloat16 and kernel.shape == (2, 520, 8960)
+    assert rel_err(kernel.cpu(), emulated) < 1e-2  # bf16 output rounding and accumulation order
+    assert rel_err(kernel, reference) < 6e-2
+
+
+def test_channels_last_wan_vae_decode_on_cuda():
+    """The NDHWC decoder (cuDNN's channels-last Conv3d kernels) gives the plain decoder's frames."""
+    from tests.test_speed_benchmark import benchmark_module
+    random_codec = benchmark_module("common").random_codec  # both seeded alike: the same weights
+    plain = random_codec("wan_vae", CUDA, torch.bfloat16, tiny=True)
+    fast = random_codec("wan_vae_cl", CUDA, torch.bfloat16, tiny=True)
+    latent = torch.randn(1, 3, plain.latent_channels, 12, 16, device=CUDA, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a = plain.stream_decoder().decode_chunk(latent)
+        b = fast.stream_decoder().decode_chunk(latent)
+    assert rel_err(b, a) < 1e-2
