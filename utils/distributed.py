@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -102,10 +103,40 @@ def _state(rank: int, local_rank: int, world: int, use_cuda: bool, backend: str,
 
 
 def cleanup_distributed(state: DistState) -> None:
-    """Barrier, then destroy the group we created (gloo teardown can abort while a peer is still sending)."""
+    """Barrier, then destroy the group we created. On gloo, a rank that closes its connections while a peer is still
+    finishing the last collective makes that peer abort ("terminate called without an active exception"): the
+    ranks first meet in the store, which carries no gloo traffic."""
     if state.owns_group and dist.is_initialized():
         dist.barrier()
+        if dist.get_backend() == "gloo" and dist.get_world_size() > 1:
+            _store_exit_barrier()
         dist.destroy_process_group()
+
+
+_EXIT_ROUNDS = itertools.count()
+
+
+def _store_exit_barrier(timeout_s: float = 300.0) -> None:
+    """Every rank has returned from its last collective before any leaves; rank 0 (which may host the store) leaves
+    last, once the others are done with the store."""
+    import time
+    store = dist.distributed_c10d._get_default_store()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    deadline = time.monotonic() + timeout_s
+
+    def wait_for(key: str, count: int) -> None:
+        while int(store.add(key, 0)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks did not reach the exit barrier ({key}) within {timeout_s:.0f} s")
+            time.sleep(0.005)
+    round_ = next(_EXIT_ROUNDS)  # every rank cleans up as often (a store can outlive a group: torchrun's agent's)
+    arrived, left = f"sf_exit_arrived_{round_}", f"sf_exit_left_{round_}"
+    store.add(arrived, 1)
+    wait_for(arrived, world)
+    if rank != 0:
+        store.add(left, 1)
+    else:
+        wait_for(left, world - 1)
 
 
 # ------------------------------------------------------------------------------------------------ collectives
