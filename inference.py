@@ -46,6 +46,9 @@ def add_device_arguments(group) -> None:
     group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="generator precision (default: bfloat16 on GPU, float32 on CPU)")
     group.add_argument("--text-encoder-device", help="device of the text encoder (e.g. cpu to save GPU memory)")
+    group.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks, for "
+                       "GPUs with FP8 tensor cores (Ada, Hopper); speed and quality are measured by speed.py --fp8 and "
+                       "evaluate_shapes.py --fp8 (not yet on a GPU); emulated, slower, elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
     run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
                      "(config key cuda_graphs; CUDA only)")
-    run.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks, for GPUs "
-                     "with FP8 tensor cores (Ada, Hopper); speed and quality are measured by speed.py --fp8 and "
-                     "evaluate_shapes.py --fp8 (not yet on a GPU); emulated, slower, elsewhere")
     run.add_argument("--offload-text-encoder", action="store_true",
                      help="encode every prompt first, then move the text encoder to the CPU")
     run.add_argument("--parallel", choices=["data", "sequence"], default="data",
@@ -191,7 +191,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
         source = str(args.checkpoint_path or cfg.generator_ckpt)
-    if getattr(args, "fp8", False):
+    if args.fp8:
         from model.fp8 import convert_to_fp8, fp8_matmul_supported
         if not fp8_matmul_supported(device):
             print(f"warning: --fp8 on {device} is emulated (no FP8 tensor cores): slower than without", flush=True)
