@@ -40,6 +40,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("weight_fp8", weight)  # [N, K] row-major: its transpose is the column-major operand
         self.register_buffer("weight_scale", scale.reshape(1, -1))  # [1, N]
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.use_kernel = fp8_matmul_supported(weight.device)  # decided where the weights live, not per call
 
     def _apply(self, fn, recurse: bool = True):
         """`.to(device)` moves the quantized weights and scales; `.to(dtype)` (the network's) leaves them alone."""
@@ -47,13 +48,14 @@ class Fp8Linear(nn.Module):
         super()._apply(fn, recurse)
         for name, tensor in kept.items():
             self._buffers[name] = tensor.to(self._buffers[name].device)
+        self.use_kernel = fp8_matmul_supported(self.weight_fp8.device)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         q, scale = quantize_rows(rows)
-        if fp8_matmul_supported(x.device):
+        if self.use_kernel:
             y = torch._scaled_mm(q, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
                                  out_dtype=x.dtype)
         else:

@@ -12,7 +12,6 @@ Every reader returns a plain state dict with the ORIGINAL Wan parameter names an
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import pickle

@@ -12,6 +12,7 @@ import datetime
 import itertools
 import os
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -119,7 +120,6 @@ _EXIT_ROUNDS = itertools.count()
 def _store_exit_barrier(timeout_s: float = 300.0) -> None:
     """Every rank has returned from its last collective before any leaves; rank 0 (which may host the store) leaves
     last, once the others are done with the store."""
-    import time
     store = dist.distributed_c10d._get_default_store()
     world, rank = dist.get_world_size(), dist.get_rank()
     deadline = time.monotonic() + timeout_s
