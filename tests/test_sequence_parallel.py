@@ -88,6 +88,7 @@ def _rollout_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for name in CASES:
         for key, value in run_case(model, name).items():
             results[f"{name}/{key}"] = value
+    results["rotations_reused"] = torch.tensor(_local_rotation_is_reused(model))
     if world == 4:  # two data-parallel groups of 2-way sequence parallelism, each on its own video
         layout = parallel_layout(world, rank, 2)
         model = tiny_model(0, **HEADS)
@@ -102,6 +103,19 @@ def _rollout_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def _local_rotation_is_reused(model) -> bool:
+    """Two calls on the same positions share this rank's slice of the RoPE tables (cut once), and it is the slice."""
+    from types import SimpleNamespace
+    sp, tokens_per_frame = model.sequence_parallel, 6
+    rope = model.rope.rotation(0, 2, 2, 3, torch.device("cpu"))
+    ctxs = [SimpleNamespace(shard=None, rope=rope) for _ in range(2)]
+    for ctx in ctxs:
+        with torch.no_grad():
+            sp.scatter(torch.zeros(1, 2 * tokens_per_frame, 4), ctx, tokens_per_frame)
+    fresh = ctxs[0].shard.split(rope.cos)
+    return ctxs[0].rope is ctxs[1].rope and torch.equal(ctxs[0].rope.cos, fresh)
+
+
 @pytest.fixture(scope="module")
 def single():
     """The one-process results every sequence-parallel run must reproduce."""
@@ -114,12 +128,14 @@ def single():
     return out
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 6 tokens per frame: 3 + 3 on 2 ranks, padded to 4 x 2 on 4 ranks
+# 6 tokens per frame: 3 + 3 on 2 ranks, padded to 4 x 2 on 4 ranks
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sequence_parallel_rollout_matches_one_process(single, tmp_path, world):
     mp.spawn(_rollout_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for r, res in enumerate(ranks):
         assert int(res["cache_heads"]) == 12 // world  # each rank caches its own heads only
+        assert bool(res["rotations_reused"])
         assert "5 heads cannot be split over" in res["error"] and f"over {world} ranks" in res["error"]
         for key in single:
             if key.startswith("groups/"):

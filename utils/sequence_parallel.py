@@ -35,6 +35,7 @@ Inference only: the collectives here carry no gradients.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,9 @@ class SequenceParallel:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        # This rank's slice of each RoPE table, per (table, frame layout): the full tables are cached by
+        # `RotaryTables`, so their slices live as long as they do instead of being cut again in every call.
+        self._rotations: weakref.WeakKeyDictionary[Rotation, dict[int, Rotation]] = weakref.WeakKeyDictionary()
 
     def local_heads(self, num_heads: int) -> int:
         check_head_split(num_heads, self.size)
@@ -83,8 +87,14 @@ class SequenceParallel:
                                "as CUDA graphs do)")
         shard = Shard(self, tokens_per_frame, math.ceil(tokens_per_frame / self.size))
         ctx.shard = shard
-        ctx.rope = Rotation(shard.split(ctx.rope.cos), shard.split(ctx.rope.sin))  # a new one: tables are cached
+        ctx.rope = self._local_rotation(ctx.rope, shard)
         return shard.split(tokens)
+
+    def _local_rotation(self, rope: Rotation, shard: "Shard") -> Rotation:
+        per_layout = self._rotations.setdefault(rope, {})
+        if shard.tokens_per_frame not in per_layout:  # a new object: the full one is shared through the cache
+            per_layout[shard.tokens_per_frame] = Rotation(shard.split(rope.cos), shard.split(rope.sin))
+        return per_layout[shard.tokens_per_frame]
 
 
 @dataclass(frozen=True)
