@@ -75,6 +75,9 @@ _DIFFUSERS_CONFIG_KEYS = {
     "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len",
 }
 _QK_NORM_ACROSS_HEADS = "rms_norm_across_heads"
+# Settings diffusers' config has no key for, kept in the same config.json by our export and read back by our loader
+# (diffusers' own `from_pretrained` would reject them, as it does our `causal` block).
+_OUR_CONFIG_KEYS = ("text_len", "prediction")
 
 
 class UnknownKeyError(KeyError):
@@ -201,12 +204,22 @@ def diffusers_config_from_wan(cfg: WanConfig) -> dict[str, Any]:
     }
 
 
+def diffusers_config_json(cfg: WanConfig) -> dict[str, Any]:
+    """The body of an exported diffusers `transformer/config.json`: diffusers' keys plus the settings it has no key
+    for (`text_len` always, `prediction` when the head is not the default flow head)."""
+    ours = {"text_len": cfg.text_len} | ({"prediction": cfg.prediction} if cfg.prediction != "flow" else {})
+    return diffusers_config_from_wan(cfg) | ours
+
+
 def wan_config_from_diffusers(d: dict[str, Any], text_len: int = 512, source: str = "config") -> WanConfig:
-    """diffusers `WanTransformer3DModel` config dict -> WanConfig.
+    """diffusers `WanTransformer3DModel` config dict (possibly with our `text_len`/`prediction`) -> WanConfig.
 
     Keys starting with "_" (`_class_name`, `_diffusers_version`, ...) go to `WanConfig.extra`; any other
-    unknown key is a KeyError. `text_len` is not stored by diffusers (512 for every Wan2.1 model).
+    unknown key is a KeyError. `text_len` (when `d` has none) is not stored by diffusers: 512 for every Wan2.1 model.
     """
+    d = dict(d)
+    ours = {k: d.pop(k) for k in _OUR_CONFIG_KEYS if k in d}
+    text_len = int(ours.get("text_len", text_len))
     unknown = sorted(k for k in d if k not in _DIFFUSERS_CONFIG_KEYS and not k.startswith("_"))
     if unknown:
         raise KeyError(f"{source}: unknown diffusers WanTransformer3DModel config key(s) {unknown}; "
@@ -237,5 +250,6 @@ def wan_config_from_diffusers(d: dict[str, Any], text_len: int = 512, source: st
         cross_attn_norm=bool(d.get("cross_attn_norm", True)),
         eps=float(d.get("eps", 1e-6)),
         rope_max_positions=int(d.get("rope_max_seq_len", 1024)),
+        prediction=ours.get("prediction", "flow"),
         extra={k: v for k, v in d.items() if k.startswith("_")},
     )

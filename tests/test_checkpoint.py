@@ -1,6 +1,7 @@
 """Checkpoint readers/writers (utils/checkpoint.py) and the Wan <-> diffusers key table (model/dit_keys.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from model.config import WAN_1_3B, WAN_14B, WanConfig
-from model.dit_keys import (diffusers_config_from_wan, diffusers_to_wan, is_diffusers_state_dict,
-                            wan_config_from_diffusers, wan_to_diffusers)
+from model.dit_keys import (diffusers_config_from_wan, diffusers_config_json, diffusers_to_wan,
+                            is_diffusers_state_dict, wan_config_from_diffusers, wan_to_diffusers)
 from utils.checkpoint import (StateDictMismatchError, infer_wan_config, load_diffusers_transformer,
                               load_dit_state_dict, load_self_forcing_pt, load_state_dict_strict,
                               load_wan_safetensors, save_safetensors_atomic, save_wan_safetensors_sharded)
@@ -110,6 +111,18 @@ def test_config_round_trip():
         wan_config_from_diffusers({**diffusers_config_from_wan(TINY), "num_heads": 4})
     with pytest.raises(ValueError, match="image_dim"):
         wan_config_from_diffusers({**diffusers_config_from_wan(TINY), "image_dim": 1280})
+
+
+
+def test_config_json_keeps_what_diffusers_has_no_key_for():
+    x0 = dataclasses.replace(TINY, text_len=24, prediction="x0")
+    body = diffusers_config_json(x0)
+    assert (body["text_len"], body["prediction"]) == (24, "x0")
+    assert wan_config_from_diffusers(body).to_dict() == x0.to_dict()  # no text_len argument: read from the body
+    assert "prediction" not in diffusers_config_json(TINY)  # the default head writes nothing diffusers lacks
+    assert wan_config_from_diffusers(diffusers_config_json(TINY)).to_dict() == TINY.to_dict()
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        wan_config_from_diffusers({**body, "prediction": "eps"})
 
 
 # ------------------------------------------------------------------------------------------------ manifests

@@ -11,7 +11,6 @@ Every reader returns a plain state dict with the ORIGINAL Wan parameter names an
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pickle
@@ -130,10 +129,7 @@ def read_transformer_config(config_path: str | Path) -> tuple[WanConfig, dict]:
     data = _read_config_json(config_path)
     causal = data.pop("causal", {})
     if _is_diffusers_config(data):
-        text_len = data.pop("text_len", 512)  # diffusers has no text_len; our export keeps it beside
-        prediction = data.pop("prediction", "flow")  # nor an x0-predicting head (WanConfig.prediction)
-        config = wan_config_from_diffusers(data, text_len=text_len, source=str(config_path))
-        return dataclasses.replace(config, prediction=prediction), causal
+        return wan_config_from_diffusers(data, source=str(config_path)), causal
     return WanConfig.from_json(config_path), causal
 
 

@@ -66,13 +66,10 @@ def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, tor
         if transformer_format == "diffusers":
             from diffusers import __version__ as diffusers_version
 
-            from model.dit_keys import diffusers_config_from_wan, wan_to_diffusers
+            from model.dit_keys import diffusers_config_json, wan_to_diffusers
             state = wan_to_diffusers(state)
             config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": diffusers_version,
-                      **diffusers_config_from_wan(wan_config), "causal": causal,
-                      "text_len": wan_config.text_len}  # diffusers has no text_len; kept for our loader
-            if wan_config.prediction != "flow":  # nor an x0-predicting head: our loader reads it back
-                config["prediction"] = wan_config.prediction
+                      **diffusers_config_json(wan_config), "causal": causal}
             index["transformer"] = ["diffusers", "WanTransformer3DModel"]
         else:
             config = wan_config.to_dict() | {"causal": causal}
