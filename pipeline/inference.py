@@ -102,8 +102,8 @@ class CausalInferencePipeline:
         self._prompt_cache.clear()
 
     # ------------------------------------------------------------------------------------------------ shapes
-    def latent_grid(self, height: int, width: int) -> tuple[int, int]:
-        s = self.codec.spatial_factor
+    def latent_grid(self, height: int, width: int, codec: Any = None) -> tuple[int, int]:
+        s = (codec or self.codec).spatial_factor
         _, ph, pw = self.generator.config.patch_size
         if height % (s * ph) or width % (s * pw):
             raise ValueError(f"height/width {height}x{width} must be multiples of {s * ph}x{s * pw} "
@@ -118,8 +118,7 @@ class CausalInferencePipeline:
         st = self.settings
         return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
 
-    def _cache(self, batch: int, h: int, w: int, frames: int) -> KVCache:
-        st = self.settings
+    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings) -> KVCache:
         rolling = st.window_frames != -1
         if not rolling and frames > st.max_frames_without_window:
             raise ValueError(f"{frames} latent frames do not fit the KV cache without a rolling window (at most "
@@ -145,7 +144,8 @@ class CausalInferencePipeline:
                  initial_latent: Tensor | None = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
                  prompt_source: PromptSource | None = None, should_stop: Callable[[], bool] | None = None,
                  on_frames: FramesCallback | None = None, decode: bool = True,
-                 keep_video: bool = True, frames_on_host: bool = False) -> Generation:
+                 keep_video: bool = True, frames_on_host: bool = False, settings: CausalSettings | None = None,
+                 codec: Any = None, denoiser: Denoiser | None = None) -> Generation:
         """Generate `num_latent_frames` new latent frames per prompt (after `initial_latent` frames if given).
 
         prompt_schedule: `[(block, prompt), ...]` switching every sample's prompt at block boundaries (block 0 first;
@@ -157,9 +157,13 @@ class CausalInferencePipeline:
         keep_video: False streams frames to `on_frames` only (`video` is None), so long runs hold no pixels.
         frames_on_host: frames reach `on_frames` (and `video`) as CPU tensors, copied off the GPU asynchronously
           (`BlockDecoder`); for callers that write or send them.
+        settings / codec / denoiser: this call's instead of the pipeline's (e.g. a rolling cache for a long job, another
+          decoder, a compiled twin of the generator sharing its weights), leaving the pipeline as it is.
         """
-        st = self.settings
-        h, w = self.latent_grid(height, width)
+        st = settings or self.settings
+        codec = codec or self.codec
+        denoiser = denoiser or self.denoiser
+        h, w = self.latent_grid(height, width, codec)
         batch = len(prompts)
         layout = block_layout(num_latent_frames, st.frames_per_block,
                               st.independent_first_frame and initial_latent is None)
@@ -194,12 +198,12 @@ class CausalInferencePipeline:
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         if initial_latent is not None:
             initial_latent = initial_latent.to(device=self.device, dtype=self.dtype)
-        cache = self._cache(batch, h, w, prefix + num_latent_frames)
+        cache = self._cache(batch, h, w, prefix + num_latent_frames, st)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start_ms = (time.perf_counter() - tic) * 1000.0  # prompt encoding and set-up, before the decoder's clock
 
-        stream = self.codec.stream_decoder() if decode else None
+        stream = codec.stream_decoder() if decode else None
         if stream is not None and initial_latent is not None:
             pixels = to_unit(stream.decode_chunk(initial_latent))
             if on_frames is not None:
@@ -223,7 +227,7 @@ class CausalInferencePipeline:
             if decoder is not None:
                 decoder.submit(index, x0)
 
-        result = rollout(self.denoiser, noise, context, cache, steps=st.steps, frames_per_block=st.frames_per_block,
+        result = rollout(denoiser, noise, context, cache, steps=st.steps, frames_per_block=st.frames_per_block,
                          independent_first_frame=st.independent_first_frame, initial_latent=initial_latent,
                          context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
                          should_stop=should_stop, final_context_pass=False)

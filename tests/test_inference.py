@@ -105,6 +105,20 @@ def test_long_rollout_with_window_and_sink_is_finite_and_bounded(folder):
         load_pipe(folder, max_frames_without_window=6).generate(["a cat"], num_latent_frames=8, height=32, width=48)
 
 
+def test_per_call_settings_match_a_pipeline_built_with_them_and_leave_the_pipeline_as_it_is(folder):
+    rolling = dict(window_frames=4, sink_frames=2, rope="relative", max_frames_without_window=6)
+    built = load_pipe(folder, **rolling).generate(["a cat"], num_latent_frames=12, height=32, width=48,
+                                                  generator=torch.Generator().manual_seed(3))
+    pipe = load_pipe(folder, max_frames_without_window=6)
+    before = (pipe.settings, pipe.codec, pipe.denoiser)
+    per_call = pipe.generate(["a cat"], num_latent_frames=12, height=32, width=48,
+                             generator=torch.Generator().manual_seed(3), settings=load_pipe(folder, **rolling).settings)
+    torch.testing.assert_close(per_call.latents, built.latents, rtol=0, atol=0)
+    assert (pipe.settings, pipe.codec, pipe.denoiser) == before
+    with pytest.raises(ValueError, match="rolling window"):  # the pipeline's own settings still hold
+        pipe.generate(["a cat"], num_latent_frames=12, height=32, width=48)
+
+
 def test_video_extension_keeps_the_given_frames(folder):
     pipe = load_pipe(folder)
     prefix = torch.randn(1, 2, 12, 16, 24).clamp(-2, 2)

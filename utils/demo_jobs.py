@@ -281,7 +281,6 @@ class DemoService:
         self.max_blocks, self.rolling_window, self.rolling_sink = max_blocks, rolling_window, rolling_sink
         self.attach_timeout, self.keep_jobs = attach_timeout, keep_jobs
         self.compile_fn = compile_fn or compiled_twin
-        self._base = (pipe.settings, pipe.codec, pipe.denoiser)
         pipe.first_frame_alone = False  # the page takes one event per block (block 0 is not split in two)
         self._compiled: Denoiser | None = None
         self._busy = threading.Lock()
@@ -292,7 +291,7 @@ class DemoService:
     # -------------------------------------------------------------------------------------------- what fits
     @property
     def settings(self) -> CausalSettings:
-        return self._base[0]
+        return self.pipe.settings
 
     def latent_frames(self, blocks: int) -> int:
         return self.pipe.latent_frames_for_blocks(blocks)
@@ -353,7 +352,7 @@ class DemoService:
 
     def _denoiser(self, compile_: bool) -> Denoiser:
         if not compile_:
-            return self._base[2]
+            return self.pipe.denoiser
         if self._compiled is None:  # compiled once; torch.compile itself is lazy (the first block pays)
             self._compiled = Denoiser(self.compile_fn(self.pipe.generator), self.pipe.schedule)
         return self._compiled
@@ -363,11 +362,9 @@ class DemoService:
         sink: _VideoSink | None = None
         sent = {"frames": 0, "blocks": 0, "last": time.perf_counter()}
         try:
-            pipe.settings = self.settings_for(req.blocks)
-            pipe.codec = self.decoders[req.decoder]
-            pipe.denoiser = self._denoiser(req.compile)
+            # This job's cache layout, decoder and (compiled or not) generator; the pipeline itself is left as is.
+            st = self.settings_for(req.blocks)
             frames = self.latent_frames(req.blocks)
-            st = pipe.settings
             job.emit("start", {
                 "job": job.id, "seed": req.seed, "prompt": req.prompt, "fps": req.fps, "decoder": req.decoder,
                 "compile": req.compile, "height": self.height, "width": self.width,
@@ -390,7 +387,8 @@ class DemoService:
             result = pipe.generate([req.prompt], num_latent_frames=frames, height=self.height, width=self.width,
                                    generator=torch.Generator().manual_seed(req.seed),
                                    prompt_source=job.prompt_for_block, should_stop=job.should_stop,
-                                   on_frames=on_frames, keep_video=False, frames_on_host=True)
+                                   on_frames=on_frames, keep_video=False, frames_on_host=True, settings=st,
+                                   codec=self.decoders[req.decoder], denoiser=self._denoiser(req.compile))
             job.video_ready = sink.close()
             stats = result.stats
             outcome = ("stopped" if stats["stopped"] else "done", {
@@ -404,7 +402,6 @@ class DemoService:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             outcome = ("failed", {"error": message, "frames": sent["frames"], "blocks": sent["blocks"]})
         finally:
-            pipe.settings, pipe.codec, pipe.denoiser = self._base
             pipe.clear_prompt_cache()  # prompts typed during a session would otherwise pile up on the device
             self.current = None
             self._busy.release()
