@@ -81,9 +81,9 @@ def run_base(out: Path, size: str) -> None:
     if shipped == dit["text_dim"]:
         # Random initialisation may differ between torch/transformers versions; the shipped copy cannot.
         shutil.copytree(BASE_ASSET, base, dirs_exist_ok=True)
-        return
-    write_text_encoder(base, dim=dit["text_dim"], text_len=dit["text_len"], seed=0)
-    codec = shapes_codec(cfg)
+    else:
+        write_text_encoder(base, dim=dit["text_dim"], text_len=dit["text_len"], seed=0)
+    codec = shapes_codec(cfg)  # always the config's (the shipped folder's codec is only the default config's)
     (base / "codec").mkdir(exist_ok=True)
     (base / "codec" / "config.json").write_text(json.dumps(codec.config(), indent=2))
     (base / "model_index.json").write_text(json.dumps({

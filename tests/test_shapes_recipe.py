@@ -45,6 +45,17 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
     assert capsys.readouterr().out.count("done, skipped") == 2
 
 
+def test_base_folder_codec_is_the_configs(tmp_path, monkeypatch):
+    """The shipped base folder lends its text encoder; the codec written beside it is the run's config's."""
+    shipped = json.loads((shapes_world.BASE_ASSET / "codec" / "config.json").read_text())["spatial_factor"]
+    other = 8 if shipped != 8 else 2
+    monkeypatch.setenv("SHAPES_OVERRIDES", f"codec_spatial_factor={other}")
+    shapes_world.run_base(tmp_path, "full")
+    assert json.loads((tmp_path / "base" / "codec" / "config.json").read_text())["spatial_factor"] == other
+    assert (tmp_path / "base" / "text_encoder" / "config.json").read_bytes() == (
+        shapes_world.BASE_ASSET / "text_encoder" / "config.json").read_bytes()
+
+
 @pytest.mark.parametrize("folder", ["shipped", "written"])
 def test_shapes_text_encoder_tokens_carry_their_neighbouring_words(tmp_path, folder):
     """A random UMT5 is a bag of words: "magenta circle ... white background" would not say which colour is the
