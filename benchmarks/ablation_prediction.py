@@ -1,12 +1,13 @@
 """Ablation (CPU, ~20 min at 5000 steps): flow prediction vs x0 prediction for a DiT whose tokens carry as many
-values as it is wide (the shapes world's 192 = 2x2 patch x 48 latent channels, in a 192-wide model).
+values as it is wide (the shapes world's 192 = 2x2 patch x 48 latent channels, in a 192-wide model), and how wide a
+token should be for the model (the codec's pixel-unshuffle factor: a token is 2F x 2F pixels, 12 F^2 values).
 
-    python benchmarks/ablation_prediction.py flow|x0 STEPS DIM LAYERS     # e.g. x0 5000 192 2
+    python benchmarks/ablation_prediction.py flow|x0 STEPS DIM LAYERS [FACTOR SIZE]   # e.g. x0 5000 192 2 (4 64)
 
-Trains on single 64x64 frames (one shape) with the same flow-matching loss for both (`WanConfig.prediction`: with
-"x0" the head outputs the clean latent and the model returns (x_t - x0) / max(sigma, 0.05)), then reports the x0 error
-at four noise levels and writes 8 samples (24 Euler steps) under the ground truth to
-runs/ablations/prediction_<mode>_<steps>.png.
+Trains on single SIZE x SIZE frames (one shape) with the same flow-matching loss for both (`WanConfig.prediction`:
+with "x0" the head outputs the clean latent and the model returns (x_t - x0) / max(sigma, 0.05)), then reports the x0
+error in pixels at four noise levels (the same for every FACTOR: the codec only rearranges pixels) and writes 8
+samples (24 Euler steps) under the ground truth to runs/ablations/prediction_<mode>_<steps>[_f<F>_s<S>].png.
 Results: benchmarks/results/shapes_ablations_cpu.json.
 """
 from __future__ import annotations
@@ -33,15 +34,17 @@ ENCODER = REPO / "assets" / "shapes_base"  # the shipped text encoder
 
 def main() -> None:
     mode, steps, dim, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    factor, size = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (4, 64)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     text = TextEncoder.from_diffusers_folder(ENCODER, text_len=32, device="cpu")
-    codec = PixelShuffleCodec(spatial_factor=4)
+    codec = PixelShuffleCodec(spatial_factor=factor)
+    channels = 3 * factor * factor
     net = WanDiT(WanConfig(dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers, text_dim=64,
-                           text_len=32, freq_dim=32, in_dim=48, out_dim=48, prediction=mode))
+                           text_len=32, freq_dim=32, in_dim=channels, out_dim=channels, prediction=mode))
     net.init_weights()
-    train_on_shapes_frames(net, text, codec, steps, lr=5e-4, num_shapes=1, label=mode)
-    _, x0, context = shapes_frames(text, codec, 64, torch.Generator().manual_seed(99), num_shapes=1)
+    train_on_shapes_frames(net, text, codec, steps, lr=5e-4, num_shapes=1, label=mode, size=size)
+    _, x0, context = shapes_frames(text, codec, 64, torch.Generator().manual_seed(99), num_shapes=1, size=size)
     errors = []
     with torch.no_grad():
         for s in (0.2, 0.5, 0.8, 0.95):
@@ -57,7 +60,8 @@ def main() -> None:
     truth = codec.decode_to_pixel(x0[:8])[:, 0] * 0.5 + 0.5
     samples = (codec.decode_to_pixel(x)[:, 0] * 0.5 + 0.5).clamp(0, 1)
     grid = torch.cat(list(torch.cat([truth, samples], 2)), 2).permute(1, 2, 0)
-    image = REPO / "runs" / "ablations" / f"prediction_{mode}_{steps}.png"
+    suffix = "" if (factor, size) == (4, 64) else f"_f{factor}_s{size}"
+    image = REPO / "runs" / "ablations" / f"prediction_{mode}_{steps}{suffix}.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((grid.numpy() * 255).astype(np.uint8)).save(image)
     print(mode, "x0 mse", " ".join(errors), f"(samples: {image})")

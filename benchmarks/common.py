@@ -180,17 +180,17 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 # ------------------------------------------------------------------- shapes-world ablations (single frames, CPU)
 
-def shapes_frames(text, codec, n: int, generator: torch.Generator, num_shapes=(1, 2)):
-    """`n` train-split scenes as single frames: (scenes, latents `[n, 1, C, h, w]`, prompt embeddings)."""
+def shapes_frames(text, codec, n: int, generator: torch.Generator, num_shapes=(1, 2), size: int = 64):
+    """`n` train-split scenes as single `size`x`size` frames: (scenes, latents `[n, 1, C, h, w]`, prompt embeddings)."""
     from utils.shapes import render, sample_scenes, short_prompt
     scenes = sample_scenes(n, generator, "train", num_shapes=num_shapes)
     with torch.no_grad():
         context = text([short_prompt(s) for s in scenes])
-    return scenes, codec.encode_to_latent(render(scenes, 1)), context
+    return scenes, codec.encode_to_latent(render(scenes, 1, size, size)), context
 
 
 def train_on_shapes_frames(net, text, codec, steps: int, lr: float, num_shapes=(1, 2), batch_size: int = 32,
-                           log_every: int = 500, label: str = ""):
+                           log_every: int = 500, label: str = "", size: int = 64):
     """Flow-matching training of `net` on single shapes-world frames (shift-5 timesteps, plain MSE on the flow);
     returns the last loss."""
     from pipeline.schedule import FlowMatchSchedule
@@ -199,7 +199,7 @@ def train_on_shapes_frames(net, text, codec, steps: int, lr: float, num_shapes=(
     g = torch.Generator().manual_seed(1)
     tic = time.time()
     for step in range(steps):
-        _, x0, context = shapes_frames(text, codec, batch_size, g, num_shapes)
+        _, x0, context = shapes_frames(text, codec, batch_size, g, num_shapes, size)
         t = schedule.timesteps[torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=g)]
         noise = torch.randn(x0.shape, generator=g)
         x_t = schedule.add_noise(x0, noise, t[:, None])
