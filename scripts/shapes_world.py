@@ -39,7 +39,7 @@ SMOKE = ["max_steps=3", "batch_size=2", "log_every=1", "lr_warmup_steps=0", "ema
          "discriminator_warmup_steps=1", "dfake_gen_update_ratio=2",
          "dit_config={dim: 32, ffn_dim: 64, num_heads: 2, num_layers: 2, text_dim: 32, text_len: 32, freq_dim: 32, "
          "prediction: x0}",
-         "image_or_video_shape=[1,6,48,16,16]", "num_training_frames=6", "mixed_precision=false", "compile=false"]
+         "image_or_video_shape=[1,6,12,16,16]", "num_training_frames=6", "mixed_precision=false", "compile=false"]
 SMOKE_ODE_PAIRS = {"num_prompts": 4, "num_steps": 8, "record": [0, 2, 4, 6, 8]}
 FULL_ODE_PAIRS = {"num_prompts": 2048, "num_steps": 48, "record": [0, 12, 24, 36, 48]}
 

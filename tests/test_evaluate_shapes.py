@@ -184,7 +184,7 @@ def test_bad_arguments_are_errors(tmp_path, capsys):
 
 
 def _config(frames: int, block: int, **extra):
-    overrides = [f"image_or_video_shape=[1,{frames},48,16,16]", f"num_training_frames={frames}",
+    overrides = [f"image_or_video_shape=[1,{frames},12,16,16]", f"num_training_frames={frames}",
                  f"num_frame_per_block={block}", *[f"{k}={v}" for k, v in extra.items()]]
     return load_config(None, overrides)
 

@@ -30,7 +30,8 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
     index = json.loads((out / "ode_pairs" / "index.json").read_text())
     assert index["num_pairs"] == shapes_world.SMOKE_ODE_PAIRS["num_prompts"]
     model, causal = load_transformer(out / "export")
-    assert causal["num_frame_per_block"] == 3 and model.config.in_dim == 48
+    factor = json.loads((out / "export" / "codec" / "config.json").read_text())["spatial_factor"]
+    assert causal["num_frame_per_block"] == 3 and model.config.in_dim == 3 * factor**2
     # The generator changed during distillation, the teacher did not take its place.
     from safetensors.torch import load_file
     before = load_file(str(out / "ode_init" / "generator.safetensors"))

@@ -47,7 +47,7 @@ class Config:
     text_encoder_path: Optional[str] = None  # folder with text_encoder/ + tokenizer/ (overrides the Wan T5)
     real_score_ckpt: Optional[str] = None  # teacher weights (else <model_root>/<real_name>)
     fake_score_ckpt: Optional[str] = None  # critic initial weights (else <model_root>/<fake_name>, or the teacher's)
-    codec_spatial_factor: int = 4  # shapes world: pixel-unshuffle factor of the latent codec
+    codec_spatial_factor: int = 2  # shapes world: pixel-unshuffle factor of the latent codec
     model_root: str = "wan_models"  # folder holding <real_name>/, <fake_name>/ and model_kwargs.model_name/
     generator_ckpt: Optional[str] = None
     real_name: str = "Wan2.1-T2V-1.3B"
