@@ -103,7 +103,7 @@ class CausalInferencePipeline:
 
     # ------------------------------------------------------------------------------------------------ shapes
     def latent_grid(self, height: int, width: int, codec: Any = None) -> tuple[int, int]:
-        s = (codec or self.codec).spatial_factor
+        s = (self.codec if codec is None else codec).spatial_factor
         _, ph, pw = self.generator.config.patch_size
         if height % (s * ph) or width % (s * pw):
             raise ValueError(f"height/width {height}x{width} must be multiples of {s * ph}x{s * pw} "
@@ -160,9 +160,9 @@ class CausalInferencePipeline:
         settings / codec / denoiser: this call's instead of the pipeline's (e.g. a rolling cache for a long job, another
           decoder, a compiled twin of the generator sharing its weights), leaving the pipeline as it is.
         """
-        st = settings or self.settings
-        codec = codec or self.codec
-        denoiser = denoiser or self.denoiser
+        st = self.settings if settings is None else settings
+        codec = self.codec if codec is None else codec
+        denoiser = self.denoiser if denoiser is None else denoiser
         h, w = self.latent_grid(height, width, codec)
         batch = len(prompts)
         layout = block_layout(num_latent_frames, st.frames_per_block,
