@@ -209,7 +209,8 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
-        raise ConfigError(f"{source}: unknown config key {err.full_key!r} (misspelt? see configs/default_config.yaml)") from None
+        raise ConfigError(f"{source}: unknown config key {err.full_key!r} "
+                          f"(misspelt? see configs/default_config.yaml)") from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         raise ConfigError(f"{source}: bad value for {key!r}: {err.msg if hasattr(err, 'msg') else err}") from None
