@@ -46,6 +46,18 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
     assert capsys.readouterr().out.count("done, skipped") == 2
 
 
+def test_shipped_base_codec_is_the_shapes_configs():
+    """assets/shapes_base is what a ship command includes beside the student: its codec must be the recipe's."""
+    from utils.config import load_config
+    from utils.shapes_components import shapes_codec
+    cfg = load_config(shapes_world.CONFIGS / "base.yaml")
+    shipped = json.loads((shapes_world.BASE_ASSET / "codec" / "config.json").read_text())
+    assert shipped == shapes_codec(cfg).config()
+    assert cfg.image_or_video_shape[2] == shapes_codec(cfg).latent_channels
+    factor = cfg.codec_spatial_factor
+    assert list(cfg.image_or_video_shape[3:]) == [cfg.height // factor, cfg.width // factor]
+
+
 def test_base_folder_codec_is_the_configs(tmp_path, monkeypatch):
     """The shipped base folder lends its text encoder; the codec written beside it is the run's config's."""
     shipped = json.loads((shapes_world.BASE_ASSET / "codec" / "config.json").read_text())["spatial_factor"]
