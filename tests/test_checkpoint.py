@@ -113,7 +113,6 @@ def test_config_round_trip():
         wan_config_from_diffusers({**diffusers_config_from_wan(TINY), "image_dim": 1280})
 
 
-
 def test_config_json_keeps_what_diffusers_has_no_key_for():
     x0 = dataclasses.replace(TINY, text_len=24, prediction="x0")
     body = diffusers_config_json(x0)
