@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
     from utils.prompts import output_name, parse_prompt_schedule, shard
-    from utils.video import StreamingVideoWriter, write_json_atomic
+    from utils.video import BackgroundVideoWriter, write_json_atomic
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device, dtype = pick_device(args)
@@ -342,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
     for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
         # Under --parallel sequence every rank of the group rolls out the same video; only its leader decodes.
-        writers = [StreamingVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names] if layout.is_leader else []
+        # x264 runs on each writer's own thread, beside the next block's denoising (each block's frames are a fresh
+        # host tensor, so the queue may hold them).
+        writers = [BackgroundVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names] if layout.is_leader else []
         try:
             first = prefix if prompt.image is None else image_latent(pipe, prompt.image, height, width, prompt.crop)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from utils import video as video_mod
-from utils.video import (StreamingVideoWriter, read_image, read_video, resize_center_crop, to_uint8_frames,
-                         write_json_atomic, write_video)
+from utils.video import (BackgroundVideoWriter, StreamingVideoWriter, read_image, read_video, resize_center_crop,
+                         to_uint8_frames, write_json_atomic, write_video)
 
 T, H, W = 6, 32, 48
 
@@ -187,6 +187,56 @@ def test_streaming_writer_size_change_and_no_frames(tmp_path):
         with StreamingVideoWriter(tmp_path / "b.mp4"):
             pass
     assert dir_listing(tmp_path) == []
+
+
+def test_background_writer_equals_streaming_and_encodes_off_the_caller_thread(tmp_path, monkeypatch):
+    import threading
+    frames = smooth_frames(7)
+    with StreamingVideoWriter(tmp_path / "direct.mp4") as writer:
+        for block in frames.split(3):
+            writer.append(block)
+    real_encode, encoding_threads = video_mod._encode_frame, set()
+
+    def recording_encode(encoder, rgb):
+        encoding_threads.add(threading.current_thread().name)
+        real_encode(encoder, rgb)
+
+    monkeypatch.setattr(video_mod, "_encode_frame", recording_encode)
+    with BackgroundVideoWriter(tmp_path / "background.mp4") as writer:
+        for block in frames.split(3):
+            writer.append(block)
+    assert writer.frames_written == 7
+    assert encoding_threads == {"mp4-background.mp4"}  # never the caller's thread
+    direct, _ = read_video(tmp_path / "direct.mp4")
+    background, _ = read_video(tmp_path / "background.mp4")
+    assert torch.equal(direct, background)
+    with pytest.raises(ValueError, match="already closed"):
+        writer.append(frames)
+
+
+def test_background_writer_reports_encoder_errors_and_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"previous output")
+    real_encode, calls = video_mod._encode_frame, []
+
+    def encode_then_fail(encoder, rgb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("encoder died mid-video")
+        real_encode(encoder, rgb)
+
+    monkeypatch.setattr(video_mod, "_encode_frame", encode_then_fail)
+    writer = BackgroundVideoWriter(path)
+    writer.append(smooth_frames(3))  # queued: the error comes from the thread later
+    with pytest.raises(RuntimeError, match="mid-video"):
+        writer.close()
+    assert len(calls) == 2  # the frame after the failing one was not encoded
+    assert dir_listing(tmp_path) == ["clip.mp4"] and path.read_bytes() == b"previous output"
+    # Empty: ValueError like the streaming writer, or no file and False when allowed (a demo stopped at once).
+    with pytest.raises(ValueError, match="no frames"):
+        BackgroundVideoWriter(tmp_path / "empty.mp4").close()
+    assert BackgroundVideoWriter(tmp_path / "empty.mp4").close(allow_empty=True) is False
+    assert dir_listing(tmp_path) == ["clip.mp4"]
 
 
 def test_read_video_errors(tmp_path):

@@ -22,14 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline.denoiser import Denoiser
 from pipeline.inference import CausalInferencePipeline, CausalSettings
 from pipeline.rollout import block_layout
 from utils.prompts import slugify
-from utils.video import StreamingVideoWriter, to_uint8_frames
+from utils.video import BackgroundVideoWriter, to_uint8_frames
 
 DECODER_LABELS = {"wan": "Wan VAE", "taehv": "TAEHV", "pixel": "pixel shuffle (shapes)"}
 MAX_PROMPT_CHARS = 2000
@@ -198,51 +197,6 @@ class Job:
                            "video": f"/api/video/{self.id}.mp4" if self.video_ready else None, **data})
 
 
-class _VideoSink:
-    """The mp4 of a job, encoded on its own thread so x264 never delays the next block; atomic (written to a temp
-    file and renamed only when complete) through StreamingVideoWriter."""
-
-    def __init__(self, path: Path, fps: int):
-        self._writer = StreamingVideoWriter(path, fps=fps)
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name=f"mp4-{path.name}", daemon=True)
-        self._thread.start()
-
-    def append(self, rgb: np.ndarray) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put(rgb)
-
-    def _work(self) -> None:
-        while (rgb := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._writer.append(rgb)
-                except Exception as err:  # noqa: BLE001 - reported by the generation thread at its next append
-                    self._error = err
-
-    def _drain(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def close(self) -> bool:
-        """Finish the file; False (and no file) when no frame was made."""
-        self._drain()
-        if self._error is not None:
-            self._writer.abort()
-            raise self._error
-        if self._writer.frames_written == 0:
-            self._writer.abort()
-            return False
-        self._writer.close()
-        return True
-
-    def abort(self) -> None:
-        self._drain()
-        self._writer.abort()
-
-
 def codec_name(codec: Any) -> str:
     names = {"PixelShuffleCodec": "pixel", "WanVAE": "wan", "TAEHVCodec": "taehv"}
     return names.get(type(codec).__name__, type(codec).__name__)
@@ -359,7 +313,7 @@ class DemoService:
 
     def _run(self, job: Job) -> None:
         req, pipe = job.request, self.pipe
-        sink: _VideoSink | None = None
+        sink: BackgroundVideoWriter | None = None
         sent = {"frames": 0, "blocks": 0, "last": time.perf_counter()}
         try:
             # This job's cache layout, decoder and (compiled or not) generator; the pipeline itself is left as is.
@@ -371,7 +325,7 @@ class DemoService:
                 "blocks": len(block_layout(frames, st.frames_per_block, st.independent_first_frame)),
                 "rolling": {"window_frames": st.window_frames, "sink_frames": st.sink_frames}
                 if st.window_frames != -1 else None})
-            sink = _VideoSink(job.video_path, req.fps)
+            sink = BackgroundVideoWriter(job.video_path, fps=req.fps)  # x264 off the generation thread
 
             def on_frames(index: int, pixels: torch.Tensor) -> None:
                 rgb = to_uint8_frames(pixels[0])  # batch of one; uint8 [t, H, W, 3] on the CPU
@@ -389,7 +343,7 @@ class DemoService:
                                    prompt_source=job.prompt_for_block, should_stop=job.should_stop,
                                    on_frames=on_frames, keep_video=False, frames_on_host=True, settings=st,
                                    codec=self.decoders[req.decoder], denoiser=self._denoiser(req.compile))
-            job.video_ready = sink.close()
+            job.video_ready = sink.close(allow_empty=True)  # stopped before a frame: no file
             stats = result.stats
             outcome = ("stopped" if stats["stopped"] else "done", {
                 "frames": sent["frames"], "blocks": sent["blocks"], "total_ms": stats["total_ms"],

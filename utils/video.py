@@ -22,8 +22,10 @@ import contextlib
 import json
 import math
 import os
+import queue
 import subprocess
 import tempfile
+import threading
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -371,6 +373,75 @@ def write_video(path: PathLike, frames: Frames, fps: float = 16, crf: int = DEFA
     """Write `frames` (`[T, H, W, 3]` / `[T, 3, H, W]`, uint8 or float in [0, 1]) as an H.264 mp4, atomically."""
     with StreamingVideoWriter(path, fps=fps, crf=crf, backend=backend) as writer:
         writer.append(frames)
+
+
+class BackgroundVideoWriter:
+    """A `StreamingVideoWriter` fed from its own thread, so x264 never delays the next block of a rollout.
+
+    `append` only queues the frames (hand over frames nothing else writes to afterwards); an encoder error is raised
+    by the next `append`, or by `close`. `close` waits for the queue, then finishes the file atomically like the
+    streaming writer; `abort` waits and discards it. Also a context manager (close on success, abort on error).
+    """
+
+    def __init__(self, path: PathLike, fps: float = 16, crf: int = DEFAULT_CRF, backend: str = "auto"):
+        self._writer = StreamingVideoWriter(path, fps=fps, crf=crf, backend=backend)
+        self.path = self._writer.path
+        self._queue: queue.Queue[Frames | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=f"mp4-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> "BackgroundVideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+    @property
+    def frames_written(self) -> int:
+        return self._writer.frames_written
+
+    def append(self, frames: Frames) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._thread.is_alive():
+            raise ValueError(f"BackgroundVideoWriter for {self.path} is already closed")
+        self._queue.put(frames)
+
+    def _work(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is None:  # after an error the rest is only drained
+                try:
+                    self._writer.append(frames)
+                except Exception as err:  # noqa: BLE001 - raised on the caller's thread at its next call
+                    self._error = err
+
+    def _drain(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def close(self, allow_empty: bool = False) -> bool:
+        """Finish and move the file onto `path`; True. With no frame appended: ValueError, or with `allow_empty`
+        False and no file."""
+        self._drain()
+        if self._error is not None:
+            self._writer.abort()
+            raise self._error
+        if allow_empty and self._writer.frames_written == 0:
+            self._writer.abort()
+            return False
+        self._writer.close()
+        return True
+
+    def abort(self) -> None:
+        """Drop the queued frames' file; `path` is left as it was."""
+        self._drain()
+        self._writer.abort()
 
 
 # ----------------------------------------------------------------------------------------------- readers
