@@ -112,19 +112,25 @@ def test_bad_fps_and_empty_frames(tmp_path):
     assert dir_listing(tmp_path) == []
 
 
-@pytest.mark.parametrize("backend", ["auto", "ffmpeg"])
-def test_failing_encoder_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch, backend):
-    path = tmp_path / "clip.mp4"
-    path.write_bytes(b"previous output")
+def fail_encoder_at(monkeypatch, nth: int) -> list[int]:
+    """Make the `nth` encoded frame raise; returns the list that counts the frames tried."""
     real_encode, calls = video_mod._encode_frame, []
 
     def encode_then_fail(encoder, rgb):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == nth:
             raise RuntimeError("encoder died mid-video")
         real_encode(encoder, rgb)
 
     monkeypatch.setattr(video_mod, "_encode_frame", encode_then_fail)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["auto", "ffmpeg"])
+def test_failing_encoder_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch, backend):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"previous output")
+    calls = fail_encoder_at(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="mid-video"):
         write_video(path, smooth_frames(), backend=backend)
     assert len(calls) == 3
@@ -218,15 +224,7 @@ def test_background_writer_equals_streaming_and_encodes_off_the_caller_thread(tm
 def test_background_writer_reports_encoder_errors_and_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "clip.mp4"
     path.write_bytes(b"previous output")
-    real_encode, calls = video_mod._encode_frame, []
-
-    def encode_then_fail(encoder, rgb):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("encoder died mid-video")
-        real_encode(encoder, rgb)
-
-    monkeypatch.setattr(video_mod, "_encode_frame", encode_then_fail)
+    calls = fail_encoder_at(monkeypatch, 2)
     writer = BackgroundVideoWriter(path)
     writer.append(smooth_frames(3))  # queued: the error comes from the thread later
     with pytest.raises(RuntimeError, match="mid-video"):

@@ -269,7 +269,21 @@ def _open_encoder(path: str, width: int, height: int, fps: Fraction, crf: int, b
 
 # ----------------------------------------------------------------------------------------------- writers
 
-class StreamingVideoWriter:
+class _CommitOnSuccess:
+    """`with writer:` closes (commits the file) on a clean exit and aborts (discards it) on an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class StreamingVideoWriter(_CommitOnSuccess):
     """Write an H.264 `.mp4` block by block as frames are generated; the file appears only on success.
 
     with StreamingVideoWriter("out/0000-a-cat.mp4", fps=16) as writer:
@@ -295,16 +309,6 @@ class StreamingVideoWriter:
         self._temp: _TempBeside | None = None
         self._encoder = None
         self._closed = False
-
-    def __enter__(self) -> "StreamingVideoWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
     def __del__(self) -> None:
         # A writer dropped without close() (no `with`, an exception in the caller) must not leave its temp file.
@@ -375,7 +379,7 @@ def write_video(path: PathLike, frames: Frames, fps: float = 16, crf: int = DEFA
         writer.append(frames)
 
 
-class BackgroundVideoWriter:
+class BackgroundVideoWriter(_CommitOnSuccess):
     """A `StreamingVideoWriter` fed from its own thread, so x264 never delays the next block of a rollout.
 
     `append` only queues the frames (hand over frames nothing else writes to afterwards); an encoder error is raised
@@ -390,16 +394,6 @@ class BackgroundVideoWriter:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name=f"mp4-{self.path.name}", daemon=True)
         self._thread.start()
-
-    def __enter__(self) -> "BackgroundVideoWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
     @property
     def frames_written(self) -> int:
