@@ -390,7 +390,8 @@ class BackgroundVideoWriter(_CommitOnSuccess):
     def __init__(self, path: PathLike, fps: float = 16, crf: int = DEFAULT_CRF, backend: str = "auto"):
         self._writer = StreamingVideoWriter(path, fps=fps, crf=crf, backend=backend)
         self.path = self._writer.path
-        self._queue: queue.Queue[Frames | None] = queue.Queue()
+        # Bounded: if x264 falls behind a long rollout, the generator waits instead of piling frames up in memory.
+        self._queue: queue.Queue[Frames | None] = queue.Queue(maxsize=8)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name=f"mp4-{self.path.name}", daemon=True)
         self._thread.start()
