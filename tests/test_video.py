@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -236,6 +237,41 @@ def test_background_writer_reports_encoder_errors_and_leaves_nothing(tmp_path, m
         BackgroundVideoWriter(tmp_path / "empty.mp4").close()
     assert BackgroundVideoWriter(tmp_path / "empty.mp4").close(allow_empty=True) is False
     assert dir_listing(tmp_path) == ["clip.mp4"]
+
+
+def test_dropped_background_writer_stops_its_thread_and_deletes_its_temp_file(tmp_path):
+    import gc
+    import threading
+    writer = BackgroundVideoWriter(tmp_path / "dropped.mp4")
+    writer.append(smooth_frames(3))
+    thread = writer._thread
+    for _ in range(200):  # until the thread has encoded them into its temp file
+        if writer.frames_written == 3:
+            break
+        time.sleep(0.05)
+    assert any(name.startswith(".dropped.mp4.") for name in dir_listing(tmp_path))
+    del writer  # no close, no abort: e.g. an exception between blocks in a caller without `with`
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert thread not in threading.enumerate()
+    assert dir_listing(tmp_path) == []
+
+    # Collected on the worker thread itself (a GC cycle there), the finalizer cannot wait for the thread: the worker
+    # notices its owner is gone once the queue is empty, and discards the file itself.
+    import queue
+    import weakref
+
+    class Owner:
+        pass
+
+    owner, inner = Owner(), StreamingVideoWriter(tmp_path / "orphan.mp4")
+    owner_ref = weakref.ref(owner)
+    frames_queue = queue.Queue()
+    frames_queue.put(smooth_frames(2))
+    del owner
+    video_mod._encode_queued(frames_queue, inner, [], owner_ref)  # returns: nothing left to encode, no owner
+    assert inner.frames_written == 2 and dir_listing(tmp_path) == []
 
 
 def test_read_video_errors(tmp_path):

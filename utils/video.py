@@ -26,6 +26,7 @@ import queue
 import subprocess
 import tempfile
 import threading
+import weakref
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -392,41 +393,33 @@ class BackgroundVideoWriter(_CommitOnSuccess):
         self.path = self._writer.path
         # Bounded: if x264 falls behind a long rollout, the generator waits instead of piling frames up in memory.
         self._queue: queue.Queue[Frames | None] = queue.Queue(maxsize=8)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name=f"mp4-{self.path.name}", daemon=True)
+        self._errors: list[BaseException] = []  # the worker's first error, raised on the caller's thread
+        # The thread holds the queue and the inner writer, never `self`: a writer dropped without close/abort is
+        # collected, and then the thread stops and the temp file is deleted (also at interpreter exit).
+        self._thread = threading.Thread(
+            target=_encode_queued, args=(self._queue, self._writer, self._errors, weakref.ref(self)),
+            name=f"mp4-{self.path.name}", daemon=True)
         self._thread.start()
+        self._discard_if_dropped = weakref.finalize(self, _stop_and_discard, self._queue, self._thread, self._writer)
 
     @property
     def frames_written(self) -> int:
         return self._writer.frames_written
 
     def append(self, frames: Frames) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._errors:
+            raise self._errors[0]
         if not self._thread.is_alive():
             raise ValueError(f"BackgroundVideoWriter for {self.path} is already closed")
         self._queue.put(frames)
 
-    def _work(self) -> None:
-        while (frames := self._queue.get()) is not None:
-            if self._error is None:  # after an error the rest is only drained
-                try:
-                    self._writer.append(frames)
-                except Exception as err:  # noqa: BLE001 - raised on the caller's thread at its next call
-                    self._error = err
-
-    def _drain(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
     def close(self, allow_empty: bool = False) -> bool:
         """Finish and move the file onto `path`; True. With no frame appended: ValueError, or with `allow_empty`
         False and no file."""
-        self._drain()
-        if self._error is not None:
+        _stop_worker(self._queue, self._thread)
+        if self._errors:
             self._writer.abort()
-            raise self._error
+            raise self._errors[0]
         if allow_empty and self._writer.frames_written == 0:
             self._writer.abort()
             return False
@@ -435,8 +428,40 @@ class BackgroundVideoWriter(_CommitOnSuccess):
 
     def abort(self) -> None:
         """Drop the queued frames' file; `path` is left as it was."""
-        self._drain()
-        self._writer.abort()
+        self._discard_if_dropped()
+
+
+def _encode_queued(frames_queue: queue.Queue, writer: StreamingVideoWriter, errors: list[BaseException],
+                   owner: weakref.ref) -> None:
+    while True:
+        try:
+            frames = frames_queue.get(timeout=0.5)
+        except queue.Empty:
+            # The owner's finalizer stops this loop, except when garbage collection ran it on this very thread.
+            if owner() is None:
+                writer.abort()
+                return
+            continue
+        if frames is None:
+            return
+        if not errors:  # after an error the rest is only drained
+            try:
+                writer.append(frames)
+            except Exception as err:  # noqa: BLE001 - raised on the caller's thread at its next call
+                errors.append(err)
+
+
+def _stop_worker(frames_queue: queue.Queue, thread: threading.Thread) -> None:
+    if thread.is_alive():
+        frames_queue.put(None)
+        thread.join()
+
+
+def _stop_and_discard(frames_queue: queue.Queue, thread: threading.Thread, writer: StreamingVideoWriter) -> None:
+    if threading.current_thread() is thread:
+        return  # collected on the worker itself: it cannot wait for itself; it notices the owner is gone
+    _stop_worker(frames_queue, thread)
+    writer.abort()  # a no-op once closed
 
 
 # ----------------------------------------------------------------------------------------------- readers
