@@ -6,7 +6,7 @@
 
 Stages, in order (configs/shapes/*.yaml):
   base         frozen text encoder + tokenizer over the world's vocabulary, and the codec, as a model folder
-  teacher      bidirectional teacher, flow matching on rendered videos
+  teacher      bidirectional teacher, flow matching on rendered videos (from <out>/teacher_init if present)
   ode_pairs    teacher ODE trajectories (48 Euler steps, shift 5, CFG) recorded at the student's 4 timesteps
   ode_init     causal student regressed onto the ODE pairs
   dmd sid gan  Self Forcing with DMD / SiD / GAN from the ODE init
@@ -53,8 +53,13 @@ def stage_overrides(out: Path, size: str) -> list[str]:
 
 
 def weights_overrides(stage: str, out: Path) -> list[str]:
-    """Point the stage's config at the previous stages' outputs under `out`."""
+    """Point the stage's config at the previous stages' outputs under `out`. The teacher continues from
+    `out/teacher_init/generator_ema.safetensors` when there is one (a teacher trained by an earlier, time-boxed
+    session: device time comes in pieces)."""
     teacher = out / "teacher" / "generator_ema.safetensors"
+    teacher_init = out / "teacher_init" / "generator_ema.safetensors"
+    if stage == "teacher":
+        return [f"generator_ckpt={teacher_init}"] if teacher_init.is_file() else []
     ode_init = out / "ode_init" / "generator.safetensors"
     if stage == "ode_init" or stage in ("teacher_forcing", "diffusion_forcing"):
         return [f"generator_ckpt={teacher}"]
