@@ -41,9 +41,11 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "up_left": (-1, -1), "up_right": (1, -1), "down_left": (-1, 1), "down_right": (1, 1),
 }
 REFERENCE_SIDE = 64
-# A shape starts at least this fraction of its free range away from the walls it heads to, so the first frames show
-# the prompt's direction before any bounce (>= 7 frames at 64 px for the fastest diagonal).
-START_MARGIN = 0.25
+# A shape starts at least this fraction of its free range away from the walls it heads to: the first frames show the
+# prompt's direction before any bounce, and (at one half) each frame's mean position depends on the direction, which
+# is what lets a teacher trained by x0/flow regression learn to read it (with nearly uniform starts it did not:
+# benchmarks/results/shapes_teacher_attempt5.json).
+START_MARGIN = 0.5
 # Two shapes stay apart for this many frames, so both show their colour, shape and direction unoccluded first.
 SEPARATE_FRAMES = 8
 SPLITS = ("train", "heldout", "all")
