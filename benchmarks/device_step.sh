@@ -13,6 +13,8 @@
 #   .shapes_carry/ (keeping the earlier ones) before the next call: if the machine was lost meanwhile, the run
 #   resumes from them; once the run has finished, they are what a later plan (e.g. part 2 of a recipe split over two
 #   sessions) starts from.
+# SHAPES_TEACHER_INIT=FOLDER (e.g. benchmarks/carry/shapes_teacher_20261205): a fresh run folder gets it as
+# teacher_init/, so the teacher stage continues that teacher instead of starting from random weights.
 # Environment for the run (SHAPES_EVAL_PROMPTS, SHAPES_EVAL_TEACHER_STEPS, ...) is passed on as set.
 set -uo pipefail
 plan_file=$1; limit=$2
@@ -31,6 +33,16 @@ if [ ! -f runs/device_out/DONE ] && ! alive; then
   for pack in $(packs); do  # oldest first: a stage kept again later wins
     cat "$pack".part-* | tar x -C "$runs" || exit 1
   done
+  # A teacher from an earlier session to continue (scripts/shapes_world.py: teacher starts from teacher_init).
+  if [ -n "${SHAPES_TEACHER_INIT:-}" ] && [ ! -d "$runs/teacher_init" ]; then
+    [ -f "$SHAPES_TEACHER_INIT/generator_ema.safetensors" ] \
+      || { echo "[step] SHAPES_TEACHER_INIT=$SHAPES_TEACHER_INIT has no generator_ema.safetensors" >&2; exit 1; }
+    mkdir -p "$runs/teacher_init" || exit 1
+    for f in generator_ema.safetensors config.yaml config.json; do
+      [ -f "$SHAPES_TEACHER_INIT/$f" ] && { cp "$SHAPES_TEACHER_INIT/$f" "$runs/teacher_init/" || exit 1; }
+    done
+    echo "[step] teacher_init: $SHAPES_TEACHER_INIT"
+  fi
   for stage in "$runs"/*/; do  # the file that marks a finished stage (the teacher's own is not needed later)
     [ -f "$stage/generator_ema.safetensors" ] && [ ! -f "$stage/generator.safetensors" ] \
       && cp "$stage/generator_ema.safetensors" "$stage/generator.safetensors"
