@@ -32,7 +32,7 @@ def main() -> None:
     net = WanDiT(WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=3, text_dim=64, text_len=32, freq_dim=32,
                            in_dim=48, out_dim=48))
     net.init_weights()
-    loss = train_on_shapes_frames(net, text, codec, steps, lr=1e-3, log_every=200, label=folder)
+    loss, _ = train_on_shapes_frames(net, text, codec, steps, lr=1e-3, log_every=200, label=folder)
     palette = torch.tensor([PALETTE[c] for c in COLOURS])
     scenes, x0, context = shapes_frames(text, codec, 128, torch.Generator().manual_seed(99))
     with torch.no_grad():

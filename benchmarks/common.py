@@ -180,33 +180,38 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 # ------------------------------------------------------------------- shapes-world ablations (single frames, CPU)
 
-def shapes_frames(text, codec, n: int, generator: torch.Generator, num_shapes=(1, 2), size: int = 64):
-    """`n` train-split scenes as single `size`x`size` frames: (scenes, latents `[n, 1, C, h, w]`, prompt embeddings)."""
+def shapes_frames(text, codec, n: int, generator: torch.Generator, num_shapes=(1, 2), size: int = 64,
+                  frames: int = 1):
+    """`n` train-split scenes as `frames` `size`x`size` frames: (scenes, latents `[n, frames, C, h, w]`, prompt
+    embeddings)."""
     from utils.shapes import render, sample_scenes, short_prompt
     scenes = sample_scenes(n, generator, "train", num_shapes=num_shapes)
     with torch.no_grad():
         context = text([short_prompt(s) for s in scenes])
-    return scenes, codec.encode_to_latent(render(scenes, 1, size, size)), context
+    return scenes, codec.encode_to_latent(render(scenes, frames, size, size)), context
 
 
 def train_on_shapes_frames(net, text, codec, steps: int, lr: float, num_shapes=(1, 2), batch_size: int = 32,
-                           log_every: int = 500, label: str = "", size: int = 64):
-    """Flow-matching training of `net` on single shapes-world frames (shift-5 timesteps, plain MSE on the flow);
-    returns the last loss."""
+                           log_every: int = 500, label: str = "", size: int = 64, frames: int = 1,
+                           time_limit_s: float = math.inf):
+    """Flow-matching training of `net` on shapes-world frames (single ones, or clips of `frames`; shift-5
+    timesteps, plain MSE on the flow) for `steps` or `time_limit_s`; returns (last loss, steps done)."""
     from pipeline.schedule import FlowMatchSchedule
     schedule = FlowMatchSchedule(5.0)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     g = torch.Generator().manual_seed(1)
-    tic = time.time()
+    tic, loss = time.time(), torch.tensor(float("nan"))
     for step in range(steps):
-        _, x0, context = shapes_frames(text, codec, batch_size, g, num_shapes, size)
+        if time.time() - tic > time_limit_s:
+            return float(loss.detach()), step
+        _, x0, context = shapes_frames(text, codec, batch_size, g, num_shapes, size, frames)
         t = schedule.timesteps[torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=g)]
         noise = torch.randn(x0.shape, generator=g)
-        x_t = schedule.add_noise(x0, noise, t[:, None])
+        x_t = schedule.add_noise(x0, noise, t[:, None].expand(x0.shape[:2]))
         loss = ((net(x_t, t, context) - (noise - x0)) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % log_every == 0:
             print(f"{label} step {step} loss {float(loss.detach()):.4f} ({time.time() - tic:.0f} s)", flush=True)
-    return float(loss.detach())
+    return float(loss.detach()), steps

@@ -47,17 +47,26 @@ def _changed(scene: Any, attribute: str) -> Any:
 
 def probe(run: Path, num_scenes: int = 32, timesteps: tuple[float, ...] = (900.0, 700.0, 500.0), seed: int = 0,
           stage: str = "teacher") -> dict[str, Any]:
+    """Probe a stage of a shapes-world run (its EMA weights, on the CPU)."""
     from pipeline.denoiser import Denoiser
     from pipeline.schedule import FlowMatchSchedule
-    from utils.shapes import render, sample_scenes, short_prompt
     from utils.shapes_components import shapes_codec
     cfg = load_stage_config(run, stage)
     net, text = load_networks(cfg, stage_files(run, stage, "ema")[1], torch.device("cpu"), torch.float32)
     schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
-    denoiser = Denoiser(net, schedule, uniform_timestep=True)
-    frames = cfg.image_or_video_shape[1]
+    found = measure(Denoiser(net, schedule, uniform_timestep=True), text, shapes_codec(cfg),
+                    cfg.image_or_video_shape[1], cfg.height, cfg.width, num_scenes, timesteps, seed)
+    return {"run": str(run), "stage": stage, **found}
+
+
+def measure(denoiser: Any, text: Any, codec: Any, frames: int, height: int, width: int, num_scenes: int = 32,
+            timesteps: tuple[float, ...] = (900.0, 700.0, 500.0), seed: int = 0) -> dict[str, Any]:
+    """Prompt sensitivity and clip errors (see the module's text) of a bidirectional `denoiser` (uniform timestep)
+    on `num_scenes` one-shape train scenes of the world as it is now."""
+    from utils.shapes import render, sample_scenes, short_prompt
+    schedule = denoiser.schedule
     scenes = sample_scenes(num_scenes, torch.Generator().manual_seed(seed), split="train", num_shapes=1)
-    x0 = shapes_codec(cfg).encode_to_latent(render(scenes, frames, cfg.height, cfg.width))
+    x0 = codec.encode_to_latent(render(scenes, frames, height, width))
     context = text([short_prompt(s) for s in scenes])
     attributes = ("direction", "speed", "colour", "shape", "size")
     changed = {a: text([short_prompt(_changed(s, a)) for s in scenes]) for a in attributes}
@@ -65,8 +74,7 @@ def probe(run: Path, num_scenes: int = 32, timesteps: tuple[float, ...] = (900.0
     clips = {"as_rendered": x0, "reversed": x0.flip(1), "shuffled": x0[:, order],
              "first_frame_frozen": x0[:, :1].expand_as(x0).contiguous()}
     gen = torch.Generator().manual_seed(seed + 2)
-    out: dict[str, Any] = {"run": str(run), "stage": stage, "num_scenes": num_scenes, "frames": frames,
-                           "by_timestep": {}}
+    out: dict[str, Any] = {"num_scenes": num_scenes, "frames": frames, "by_timestep": {}}
     with torch.no_grad():
         for t_value in timesteps:
             noise = torch.randn(x0.shape, generator=gen)
@@ -87,6 +95,14 @@ def probe(run: Path, num_scenes: int = 32, timesteps: tuple[float, ...] = (900.0
     return out
 
 
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{'t':>4} {'sigma':>5} {'x0 err':>7}  prediction change per prompt attribute  |  x0 error per clip")
+    for t_value, e in result["by_timestep"].items():
+        changes = " ".join(f"{a}={v['prediction_change']:.5f}" for a, v in e["prompt_change"].items())
+        clips = " ".join(f"{c}={v:.4f}" for c, v in e["clip_error"].items())
+        print(f"{t_value:>4} {e['sigma']:5.2f} {e['x0_error']:7.4f}  {changes}  |  {clips}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the --out folder of scripts/shapes_world.py")
@@ -98,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.run) / args.stage).is_dir():
         p.error(f"{args.run} has no stage folder {args.stage!r}")
     result = probe(Path(args.run), args.num_scenes, seed=args.seed, stage=args.stage)
-    print(f"{'t':>4} {'sigma':>5} {'x0 err':>7}  prediction change per prompt attribute  |  x0 error per clip")
-    for t_value, e in result["by_timestep"].items():
-        changes = " ".join(f"{a}={v['prediction_change']:.5f}" for a, v in e["prompt_change"].items())
-        clips = " ".join(f"{c}={v:.4f}" for c, v in e["clip_error"].items())
-        print(f"{t_value:>4} {e['sigma']:5.2f} {e['x0_error']:7.4f}  {changes}  |  {clips}")
+    print_table(result)
     if args.output:
         write_json_atomic(args.output, result)
         print(f"wrote {args.output}")

@@ -42,9 +42,10 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 }
 REFERENCE_SIDE = 64
 # A shape starts at least this fraction of its free range away from the walls it heads to: the first frames show the
-# prompt's direction before any bounce, and (at one half) each frame's mean position depends on the direction, which
-# is what lets a teacher trained by x0/flow regression learn to read it (with nearly uniform starts it did not:
-# benchmarks/results/shapes_teacher_attempt5.json).
+# prompt's direction before any bounce. At one half the direction also says where the shape is: it explains 6.0% of
+# the variance of a clip's shape mask instead of 1.45% at 0.25 (`benchmarks/ablation_start_margin.py signal`), more
+# for a teacher's regression to learn from; attempt 5's teacher, trained at 0.25, ignored the direction
+# (benchmarks/results/shapes_teacher_attempt5.json).
 START_MARGIN = 0.5
 # Two shapes stay apart for this many frames, so both show their colour, shape and direction unoccluded first.
 SEPARATE_FRAMES = 8
