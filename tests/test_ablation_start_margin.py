@@ -1,0 +1,16 @@
+"""benchmarks/ablation_start_margin.py signal: the share of shape-mask variance a prompt attribute explains."""
+from __future__ import annotations
+
+from tests.test_speed_benchmark import benchmark_module
+from utils.shapes import world
+
+
+def test_direction_says_more_about_the_mask_when_shapes_start_in_the_half_they_leave(monkeypatch):
+    ablation = benchmark_module("ablation_start_margin")
+    monkeypatch.setattr(world, "START_MARGIN", world.START_MARGIN)  # the ablation sets it; restored afterwards
+    near_uniform, half = ablation.explained_shares(0.25, 1500), ablation.explained_shares(0.5, 1500)
+    assert set(half) == {"direction", "speed", "shape", "size"}
+    assert all(0.0 <= v < 1.0 for v in (*near_uniform.values(), *half.values()))
+    assert half["direction"] > 2.5 * near_uniform["direction"]
+    # the start margin is about position only: what size explains barely moves
+    assert abs(half["size"] - near_uniform["size"]) < 0.5 * near_uniform["size"]
