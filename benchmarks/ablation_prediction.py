@@ -22,27 +22,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import shapes_frames, train_on_shapes_frames  # noqa: E402
-from model.config import WanConfig  # noqa: E402
-from model.pixel_codec import PixelShuffleCodec  # noqa: E402
-from model.text_encoder import TextEncoder  # noqa: E402
-from model.wan import WanDiT  # noqa: E402
+from common import shapes_frames, small_shapes_setup, train_on_shapes_frames  # noqa: E402
 from pipeline.solvers import euler_sampler_sigmas  # noqa: E402
 
-ENCODER = REPO / "assets" / "shapes_base"  # the shipped text encoder
 
 
 def main() -> None:
     mode, steps, dim, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     factor, size = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (4, 64)
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    text = TextEncoder.from_diffusers_folder(ENCODER, text_len=32, device="cpu")
-    codec = PixelShuffleCodec(spatial_factor=factor)
-    channels = 3 * factor * factor
-    net = WanDiT(WanConfig(dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers, text_dim=64,
-                           text_len=32, freq_dim=32, in_dim=channels, out_dim=channels, prediction=mode))
-    net.init_weights()
+    text, codec, net = small_shapes_setup(dim, layers, factor, mode)
     train_on_shapes_frames(net, text, codec, steps, lr=5e-4, num_shapes=1, label=mode, size=size)
     _, x0, context = shapes_frames(text, codec, 64, torch.Generator().manual_seed(99), num_shapes=1, size=size)
     errors = []

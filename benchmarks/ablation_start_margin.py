@@ -24,17 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import train_on_shapes_frames  # noqa: E402
-from model.config import WanConfig  # noqa: E402
-from model.pixel_codec import PixelShuffleCodec  # noqa: E402
-from model.text_encoder import TextEncoder  # noqa: E402
-from model.wan import WanDiT  # noqa: E402
+from common import small_shapes_setup, train_on_shapes_frames  # noqa: E402
 from pipeline.denoiser import Denoiser  # noqa: E402
 from pipeline.schedule import FlowMatchSchedule  # noqa: E402
 from scripts.probe_shapes_teacher import measure, print_table  # noqa: E402
 from utils.shapes import world  # noqa: E402
 
-ENCODER = REPO / "assets" / "shapes_base"  # the shipped text encoder
 FRAMES, SIZE, FACTOR = 12, 32, 2
 
 
@@ -77,14 +72,7 @@ def main() -> None:
     margin, seconds = float(sys.argv[1]), float(sys.argv[2])
     dim, layers = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (96, 3)
     world.START_MARGIN = margin  # read at every draw of a scene
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    text = TextEncoder.from_diffusers_folder(ENCODER, text_len=32, device="cpu")
-    codec = PixelShuffleCodec(spatial_factor=FACTOR)
-    channels = 3 * FACTOR * FACTOR
-    net = WanDiT(WanConfig(dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers, text_dim=64,
-                           text_len=32, freq_dim=32, in_dim=channels, out_dim=channels, prediction="x0"))
-    net.init_weights()
+    text, codec, net = small_shapes_setup(dim, layers, FACTOR, "x0")
     loss, steps = train_on_shapes_frames(net, text, codec, 10**9, lr=5e-4, num_shapes=1, batch_size=16,
                                          log_every=200, label=f"margin {margin}", size=SIZE, frames=FRAMES,
                                          time_limit_s=seconds)

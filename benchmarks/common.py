@@ -180,6 +180,22 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 # ------------------------------------------------------------------- shapes-world ablations (single frames, CPU)
 
+def small_shapes_setup(dim: int, layers: int, factor: int, prediction: str):
+    """One CPU thread, seed 0, and (the shipped shapes text encoder, an x`factor` pixel codec, a fresh small DiT of
+    `dim` width and `layers` layers with the given head) for the CPU ablations."""
+    from model.pixel_codec import PixelShuffleCodec
+    from model.text_encoder import TextEncoder
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "shapes_base"
+    text = TextEncoder.from_diffusers_folder(shipped, text_len=32, device="cpu")
+    channels = 3 * factor * factor
+    net = WanDiT(WanConfig(dim=dim, ffn_dim=4 * dim, num_heads=dim // 32, num_layers=layers, text_dim=64,
+                           text_len=32, freq_dim=32, in_dim=channels, out_dim=channels, prediction=prediction))
+    net.init_weights()
+    return text, PixelShuffleCodec(spatial_factor=factor), net
+
+
 def shapes_frames(text, codec, n: int, generator: torch.Generator, num_shapes=(1, 2), size: int = 64,
                   frames: int = 1):
     """`n` train-split scenes as `frames` `size`x`size` frames: (scenes, latents `[n, frames, C, h, w]`, prompt
