@@ -35,13 +35,17 @@ FRAMES, SIZE, FACTOR = 12, 32, 2
 
 def explained_shares(margin: float, n: int) -> dict[str, float]:
     from utils.shapes import render, sample_scenes
-    world.START_MARGIN = margin
-    scenes = sample_scenes(n, torch.Generator().manual_seed(0), num_shapes=1)
+    default, world.START_MARGIN = world.START_MARGIN, margin  # read at every draw of a scene
+    try:
+        scenes = sample_scenes(n, torch.Generator().manual_seed(0), num_shapes=1)
+    finally:
+        world.START_MARGIN = default
     masks = []
     for i in range(0, n, 500):
-        video = render(scenes[i:i + 500], FRAMES, SIZE, SIZE)                     # [B, 3, T, H, W]
-        # the first frame's corner pixel as the background (a shape rarely covers it): the shape's mask
-        masks.append(((video - video[:, :, :1, :1, :1]).abs().sum(1) > 0.5).float())
+        batch = scenes[i:i + 500]
+        video = render(batch, FRAMES, SIZE, SIZE)                                   # [B, 3, T, H, W] in [-1, 1]
+        background = torch.tensor([world.PALETTE[s.background] for s in batch]) * 2 - 1
+        masks.append(((video - background[:, :, None, None, None]).abs().sum(1) > 0.5).float())
     x = torch.cat(masks).flatten(1)
     total = ((x - x.mean(0)) ** 2).sum(1).mean()
     shares = {}

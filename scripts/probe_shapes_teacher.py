@@ -27,16 +27,13 @@ if str(REPO) not in sys.path:
 
 from scripts.evaluate_shapes import load_networks, load_stage_config, stage_files, write_json_atomic  # noqa: E402
 
-OPPOSITE = {"up": "down", "down": "up", "left": "right", "right": "left", "up_left": "down_right",
-            "down_right": "up_left", "up_right": "down_left", "down_left": "up_right"}
-
-
 def _changed(scene: Any, attribute: str) -> Any:
     """`scene` with its (only) shape's `attribute` changed to another valid value."""
-    from utils.shapes.world import COLOURS, SHAPES, SIZES
+    from utils.shapes.world import COLOURS, DIRECTIONS, SHAPES, SIZES
     shape = scene.shapes[0]
-    if attribute == "direction":
-        value = OPPOSITE[shape.direction]
+    if attribute == "direction":  # the opposite one
+        dx, dy = DIRECTIONS[shape.direction]
+        value = next(d for d, v in DIRECTIONS.items() if v == (-dx, -dy))
     elif attribute == "speed":
         value = "slow" if shape.speed == "fast" else "fast"
     else:
