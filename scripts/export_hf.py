@@ -64,6 +64,8 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
                 raise
             stem = "generator"
             state, wan_config = load_dit_state_dict(path)
+        if stem == "auto":  # a plain weights file: one set of weights, named by the file
+            stem = path.name
     if config_path:
         cfg = load_config(config_path)
     from utils.lora import is_lora_state_dict, lora_scaling, merge_lora_state_dict
@@ -90,6 +92,19 @@ def base_components(base: Path, text_len: int) -> dict:
     return {"text_encoder": text.encoder, "tokenizer": text.tokenizer, "vae": load_wan_vae(base).vae}
 
 
+def card_evaluation(path: Path) -> dict | str:
+    """The card's evaluation: a shapes-world evaluation (scripts/evaluate_shapes.py) as its results table and the
+    paper's claims checked on it; any other JSON as its flat numbers."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of evaluation numbers, got {type(data).__name__}")
+    from scripts.shapes_results import FORMAT, claims, load_eval, markdown_table
+    if data.get("format") != FORMAT:
+        return data
+    data = load_eval(path)
+    return markdown_table(data) + "\n\n" + "\n".join(f"- {sentence}" for sentence in claims(data))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="training checkpoint folder, logdir, or weights file (.pt / .safetensors)")
@@ -114,12 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         causal = causal_settings(cfg if cfg is not None else load_config())
         extra = base_components(Path(args.include_base), wan_config.text_len) if args.include_base else {}
         copy_from = extra.pop("copy_from", None)
-        evaluation = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
-        from utils.hub import model_card
+        evaluation = card_evaluation(Path(args.eval_json)) if args.eval_json else None
+        from utils.hub import DEFAULT_EXAMPLE_PROMPT, model_card
         from utils.config import config_to_dict
+        example = DEFAULT_EXAMPLE_PROMPT
+        if cfg is not None and cfg.world == "shapes":
+            from utils.samples import DEFAULT_PROMPTS
+            example = DEFAULT_PROMPTS["shapes"][0]
         card = model_card(repo_name=args.push_to_hub or Path(args.output).name, base_model=args.base_model,
                           config=config_to_dict(cfg) if cfg is not None else None, weights=stem, step=step,
-                          causal=causal, evaluation=evaluation, include_base=bool(args.include_base))
+                          causal=causal, evaluation=evaluation, include_base=bool(args.include_base),
+                          example_prompt=example)
         out = save_model_folder(args.output, transformer=state, wan_config=wan_config, causal=causal,
                                 transformer_format=args.format, max_shard_bytes=parse_size(args.max_shard_size),
                                 extra_files={"README.md": card}, index_extra={"base_model": args.base_model},

@@ -151,3 +151,20 @@ def test_bare_weights_with_a_dit_config_export_its_architecture(tmp_path):
                            "--output", str(out)]) == 0
     loaded, _ = model_folder.load_transformer(out)
     assert loaded.config.prediction == "x0" and loaded.config.num_heads == 3 and loaded.config.text_len == 16
+
+
+def test_model_card_evaluation_and_example_prompt():
+    from utils.hub import model_card
+    causal = {"denoising_step_list": [1000, 750], "model_kwargs": {}}
+    card = model_card(repo_name="m", base_model="b", config={"trainer": "ode", "dit_config": {"dim": 8},
+                                                             "real_name": "Wan2.1-T2V-1.3B"},
+                      weights="dmd.safetensors", step=None, causal=causal,
+                      evaluation={"attribute_accuracy": 0.74, "settings": {"num_prompts": 64}, "runs": [1, 2]},
+                      example_prompt="a large red circle moves slowly left on a blue background")
+    assert "| attribute_accuracy | 0.74 |" in card and "num_prompts" not in card and "runs" not in card
+    assert '--prompt "a large red circle moves slowly left on a blue background"' in card
+    assert "real_name" not in card  # a dit_config network has no Wan teacher to name
+    table = "| Model | Attribute acc. |\n|---|---:|\n| DMD | 0.74 |"
+    written = model_card(repo_name="m", base_model="b", config=None, weights="w", step=None, causal=causal,
+                         evaluation=table + "\n")
+    assert written.rstrip().endswith(table)

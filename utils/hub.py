@@ -9,17 +9,23 @@ from typing import Any
 CARD_KEYS = ("trainer", "distribution_loss", "denoising_step_list", "warp_denoising_step", "num_frame_per_block",
              "num_training_frames", "guidance_scale", "lr", "lr_critic", "dfake_gen_update_ratio", "ema_weight",
              "ema_start_step", "max_steps", "total_batch_size", "real_name", "fake_name", "context_noise",
-             "kv_cache_grad", "lora_rank")
+             "kv_cache_grad", "lora_rank", "time_limit_s")
 
 
 def _yaml_list(values: list[str]) -> str:
     return "\n".join(f"  - {v}" for v in values)
 
 
+DEFAULT_EXAMPLE_PROMPT = "a red fox runs through snow"
+
+
 def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None, weights: str, step: int | None,
-               causal: dict[str, Any], evaluation: dict[str, Any] | None = None, license: str = "apache-2.0",
-               include_base: bool = False) -> str:
-    """README.md with YAML front matter for the Hub, from the stored training configuration."""
+               causal: dict[str, Any], evaluation: dict[str, Any] | str | None = None, license: str = "apache-2.0",
+               include_base: bool = False, example_prompt: str = DEFAULT_EXAMPLE_PROMPT) -> str:
+    """README.md with YAML front matter for the Hub, from the stored training configuration.
+
+    evaluation: markdown written by the caller (e.g. the shapes-world results table), or a flat dict of numbers
+    (nested values are left out: a card is read by people, the JSON holds the rest)."""
     tags = ["self-forcing", "video-generation", "autoregressive", "wan2.1", "text-to-video"]
     front = (f"---\nlibrary_name: self-forcing\nlicense: {license}\npipeline_tag: text-to-video\n"
              f"base_model: {base_model}\ntags:\n{_yaml_list(tags)}\n---\n")
@@ -28,7 +34,9 @@ def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None
     if config:
         loss = config.get("distribution_loss") if config.get("trainer") == "score_distillation" else ""
         recipe = f"`trainer: {config.get('trainer')}`" + (f" with `distribution_loss: {loss}`" if loss else "")
-        rows = "\n".join(f"| `{k}` | `{json.dumps(config[k], ensure_ascii=False)}` |" for k in CARD_KEYS if k in config)
+        # A network built from dit_config (the shapes world) has no Wan teacher: its real/fake names are defaults.
+        keys = [k for k in CARD_KEYS if k in config and not (config.get("dit_config") and k.endswith("_name"))]
+        rows = "\n".join(f"| `{k}` | `{json.dumps(config[k], ensure_ascii=False)}` |" for k in keys)
         rows = "| key | value |\n| --- | --- |\n" + rows
     mk = causal.get("model_kwargs", {})
     settings = (f"{len(causal.get('denoising_step_list', []))} denoising steps "
@@ -37,9 +45,11 @@ def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None
                 f"{mk.get('timestep_shift')}, KV window {mk.get('local_attn_size')} frames, sink {mk.get('sink_size')}, "
                 f"RoPE {mk.get('rope')}")
     evaluation_text = "No evaluation numbers were given to the export."
-    if evaluation:
+    if isinstance(evaluation, str):
+        evaluation_text = evaluation.strip()
+    elif evaluation:
         evaluation_text = "| metric | value |\n| --- | --- |\n" + "\n".join(
-            f"| {k} | {v} |" for k, v in evaluation.items())
+            f"| {k} | {v} |" for k, v in evaluation.items() if not isinstance(v, (dict, list)))
     base_note = ("The text encoder, tokenizer and VAE are included." if include_base else
                  f"The text encoder, tokenizer and VAE are those of `{base_model}` (not included; pass "
                  "`--model-root` with its folder, or export with `--include-base`).")
@@ -61,7 +71,7 @@ Rollout settings stored with the weights: {settings}.
 ## How to run it
 
 ```bash
-python inference.py --model <this folder> --prompt "a red fox runs through snow"
+python inference.py --model <this folder> --prompt "{example_prompt}"
 python inference.py --model <this folder> --data_path prompts.txt --output-dir videos/
 ```
 
