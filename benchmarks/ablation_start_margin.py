@@ -3,11 +3,16 @@ moves away from (`utils.shapes.world.START_MARGIN` 0.5) than with near-uniform s
 
     python benchmarks/ablation_start_margin.py MARGIN SECONDS [DIM LAYERS]     # e.g. 0.5 900 96 3
     python benchmarks/ablation_start_margin.py signal [N]                      # no training, seconds
+    python benchmarks/ablation_start_margin.py ideal [N]                       # no training, seconds
 
 `signal`: what a prompt attribute is worth to an x0 regression at sigma -> 1, where the best prediction is the mean
 clip given the prompt. Colours are named by the prompt, so what is left to predict is where the shape is: the share
 of the variance of the shape's mask (12 frames) that the attribute's group means explain, for both margins, over N
 (default 6000) one-shape scenes. A share near the floor (groups - 1) / N is a signal the regression cannot see.
+`ideal`: the same question in the units of `scripts/probe_shapes_teacher.py`: how much the best prediction at
+sigma -> 1 (the mean latent clip given the prompt, over N start positions) changes when one attribute of a fixed
+prompt changes (direction reversed, speed, colour, size swapped), for both margins. A teacher whose own change for an
+attribute is far below this has not learnt it, whatever the attribute's share of the variance.
 Trains a small bidirectional DiT (x0 head, shift-5 flow matching) from scratch on 12-frame one-shape clips of the
 32x32 world (x2 codec) for SECONDS on one thread, then measures with `scripts/probe_shapes_teacher.measure` (on
 scenes of the same world) how far each prompt attribute moves its x0 prediction. Prints the table and writes
@@ -15,6 +20,7 @@ runs/ablations/start_margin_<MARGIN>.json. Run both margins side by side (one co
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -57,6 +63,47 @@ def explained_shares(margin: float, n: int) -> dict[str, float]:
     return shares
 
 
+def ideal_changes(margin: float, n: int, seed: int = 0) -> dict[str, float]:
+    """Mean squared change (per latent element) of the mean clip of "a large red circle moves quickly left on a blue
+    background" when one attribute changes, starts drawn as the world draws them at `margin`."""
+    from model.pixel_codec import PixelShuffleCodec
+    from utils.shapes import render
+    codec = PixelShuffleCodec(spatial_factor=FACTOR)
+    base = world.ShapeSpec("circle", "red", "large", "left", "fast")
+    changed = {"direction": {"direction": "right"}, "speed": {"speed": "slow"}, "colour": {"colour": "green"},
+               "size": {"size": "small"}}
+    starts = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+
+    def mean_clip(spec: "world.ShapeSpec") -> torch.Tensor:
+        scenes = []
+        for u in starts:  # the same uniform draws for every prompt, mapped into the direction's start range
+            start = []
+            for step, r in zip(world.DIRECTIONS[spec.direction], u):
+                lo, hi = (0.0, 1.0 - margin) if step > 0 else (margin, 1.0) if step < 0 else (0.0, 1.0)
+                start.append(lo + (hi - lo) * r)
+            scenes.append(world.SceneSpec("blue", (dataclasses.replace(spec, start=(start[0], start[1])),)))
+        total = 0
+        for i in range(0, n, 500):
+            total = total + codec.encode_to_latent(render(scenes[i:i + 500], FRAMES, SIZE, SIZE)).sum(0)
+        return total / n
+
+    reference = mean_clip(base)
+    return {a: float(((mean_clip(dataclasses.replace(base, **kw)) - reference) ** 2).mean())
+            for a, kw in changed.items()}
+
+
+def ideal(n: int) -> None:
+    result = {"n": n, "prompt": "a large red circle moves quickly left on a blue background", "by_margin": {}}
+    for margin in (0.25, 0.5):
+        result["by_margin"][str(margin)] = changes = ideal_changes(margin, n)
+        print(f"START_MARGIN {margin}: best sigma->1 prediction changes by "
+              + " ".join(f"{a}={v:.2e}" for a, v in changes.items()))
+    out = REPO / "runs" / "ablations" / "start_margin_ideal.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
 def signal(n: int) -> None:
     result = {"n": n, "floor_8_groups": 7 / n, "by_margin": {}}
     for margin in (0.25, 0.5):
@@ -70,8 +117,9 @@ def signal(n: int) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] == "signal":
-        signal(int(sys.argv[2]) if len(sys.argv) > 2 else 6000)
+    if sys.argv[1] in ("signal", "ideal"):
+        measure_fn = signal if sys.argv[1] == "signal" else ideal
+        measure_fn(int(sys.argv[2]) if len(sys.argv) > 2 else 6000 if sys.argv[1] == "signal" else 3000)
         return
     margin, seconds = float(sys.argv[1]), float(sys.argv[2])
     dim, layers = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (96, 3)
