@@ -30,10 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import small_shapes_setup, train_on_shapes_frames  # noqa: E402
-from pipeline.denoiser import Denoiser  # noqa: E402
-from pipeline.schedule import FlowMatchSchedule  # noqa: E402
-from scripts.probe_shapes_teacher import measure, print_table  # noqa: E402
+from common import small_shapes_setup, train_and_probe, write_probe_result  # noqa: E402
 from utils.shapes import world  # noqa: E402
 
 FRAMES, SIZE, FACTOR = 12, 32, 2
@@ -125,18 +122,9 @@ def main() -> None:
     dim, layers = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (96, 3)
     world.START_MARGIN = margin  # read at every draw of a scene
     text, codec, net = small_shapes_setup(dim, layers, FACTOR, "x0")
-    loss, steps = train_on_shapes_frames(net, text, codec, 10**9, lr=5e-4, num_shapes=1, batch_size=16,
-                                         log_every=200, label=f"margin {margin}", size=SIZE, frames=FRAMES,
-                                         time_limit_s=seconds)
-    net.eval()
-    result = measure(Denoiser(net, FlowMatchSchedule(5.0), uniform_timestep=True), text, codec, FRAMES, SIZE, SIZE)
-    result.update(start_margin=margin, seconds=seconds, steps=steps, last_loss=loss, dim=dim, layers=layers)
-    print(f"start margin {margin}: {steps} steps in {seconds:.0f} s, last loss {loss:.4f}")
-    print_table(result)
-    out = REPO / "runs" / "ablations" / f"start_margin_{margin}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    result = train_and_probe(net, text, codec, seconds, FRAMES, SIZE, f"margin {margin}")
+    result.update(start_margin=margin, dim=dim, layers=layers)
+    write_probe_result(result, f"start_margin_{margin}")
 
 
 if __name__ == "__main__":

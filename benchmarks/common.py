@@ -231,3 +231,30 @@ def train_on_shapes_frames(net, text, codec, steps: int, lr: float, num_shapes=(
         if step % log_every == 0:
             print(f"{label} step {step} loss {float(loss.detach()):.4f} ({time.time() - tic:.0f} s)", flush=True)
     return float(loss.detach()), steps
+
+
+def train_and_probe(net, text, codec, seconds: float, frames: int, size: int, label: str,
+                    num_scenes: int = 32) -> dict:
+    """The from-scratch teacher ablations' protocol: flow-matching training on one-shape clips of `frames` frames
+    (batch 16, lr 5e-4) for `seconds`, then `scripts/probe_shapes_teacher.measure` on the world as it is."""
+    from pipeline.denoiser import Denoiser
+    from pipeline.schedule import FlowMatchSchedule
+    from scripts.probe_shapes_teacher import measure
+    loss, steps = train_on_shapes_frames(net, text, codec, 10**9, lr=5e-4, num_shapes=1, batch_size=16,
+                                         log_every=500, label=label, size=size, frames=frames, time_limit_s=seconds)
+    net.eval()
+    result = measure(Denoiser(net, FlowMatchSchedule(5.0), uniform_timestep=True), text, codec, frames, size, size,
+                     num_scenes=num_scenes)
+    print(f"{label}: {steps} steps in {seconds:.0f} s, last loss {loss:.4f}")
+    return {**result, "seconds": seconds, "steps": steps, "last_loss": loss}
+
+
+def write_probe_result(result: dict, name: str) -> Path:
+    """Print a probe table and write the result to runs/ablations/<name>.json."""
+    from scripts.probe_shapes_teacher import print_table
+    print_table(result)
+    out = Path(__file__).resolve().parents[1] / "runs" / "ablations" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return out
