@@ -178,6 +178,16 @@ def test_blocks_stream_as_they_are_decoded_and_the_mp4_matches(make_service):
     assert [b["frames"] for b in repeat] == [b["frames"] for b in blocks]
 
 
+def test_a_relative_output_dir_still_downloads(make_service, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # demo.py's default --output-dir is relative (outputs/demo)
+    client = create_app(make_service(output_dir=Path("videos"))).test_client()
+    job = start(client, blocks=1).get_json()["job"]
+    done = [d for n, d in sse_events(client.get(f"/api/events/{job}", buffered=False)) if n == "done"][0]
+    video = client.get(done["video"])
+    assert video.status_code == 200 and len(video.get_data()) > 0
+    assert list((tmp_path / "videos").glob("*.mp4"))
+
+
 def test_busy_while_running_then_stop_between_blocks_then_restart(make_service):
     service = make_service()
     client = create_app(service).test_client()

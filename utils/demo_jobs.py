@@ -230,7 +230,8 @@ class DemoService:
             raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
         pipe.latent_grid(height, width)  # a bad resolution fails at start-up, not at the first click
         self.pipe, self.decoders = pipe, dict(decoders)
-        self.height, self.width, self.output_dir = height, width, Path(output_dir)
+        # Absolute now: Flask's send_file reads a relative path against the app's package folder, not the cwd.
+        self.height, self.width, self.output_dir = height, width, Path(output_dir).resolve()
         self.source, self.device, self.default_fps, self.default_prompt = source, device, default_fps, default_prompt
         self.max_blocks, self.rolling_window, self.rolling_sink = max_blocks, rolling_window, rolling_sink
         self.attach_timeout, self.keep_jobs = attach_timeout, keep_jobs
