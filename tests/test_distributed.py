@@ -98,8 +98,10 @@ def test_two_ranks_match_one_process_and_resume(tmp_path):
         a = load_file(ts.checkpoint_dir(tmp_path / "single", 4) / f"{stem}.safetensors")
         b = load_file(ts.checkpoint_dir(dist_dir, 4) / f"{stem}.safetensors")
         assert a.keys() == b.keys()
-        for k in a:  # Adam turns float noise in near-zero gradients into ~1e-5 weight differences at lr 1e-2
-            torch.testing.assert_close(a[k], b[k], atol=2e-4, rtol=1e-4, msg=f"{stem}: {k}")
+        # Adam turns float noise in near-zero gradients into weight differences of up to ~4e-4 at lr 2e-2 (one
+        # element in a thousand, on some CPUs); a real fault (gradients not averaged, a shard missed) moves ~lr.
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=1e-4, msg=f"{stem}: {k}")
     state = ts.load_training_state(ts.checkpoint_dir(dist_dir, 4))
     assert state["world_size"] == 2 and len(state["rng"]) == 2
     assert set(state["optimizers"]["generator"]["state"]) == set(a)  # full, name-keyed optimizer state
