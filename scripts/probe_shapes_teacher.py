@@ -63,19 +63,20 @@ def measure(denoiser: Any, text: Any, codec: Any, frames: int, height: int, widt
     from utils.shapes import render, sample_scenes, short_prompt
     schedule = denoiser.schedule
     scenes = sample_scenes(num_scenes, torch.Generator().manual_seed(seed), split="train", num_shapes=1)
-    x0 = codec.encode_to_latent(render(scenes, frames, height, width))
-    context = text([short_prompt(s) for s in scenes])
+    device = next(denoiser.model.parameters()).device  # the text encoder and the codec may stay on the CPU
+    x0 = codec.encode_to_latent(render(scenes, frames, height, width)).to(device)
+    context = text([short_prompt(s) for s in scenes]).to(device)
     attributes = ("direction", "speed", "colour", "shape", "size")
-    changed = {a: text([short_prompt(_changed(s, a)) for s in scenes]) for a in attributes}
-    order = torch.randperm(frames, generator=torch.Generator().manual_seed(seed + 1))
+    changed = {a: text([short_prompt(_changed(s, a)) for s in scenes]).to(device) for a in attributes}
+    order = torch.randperm(frames, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     clips = {"as_rendered": x0, "reversed": x0.flip(1), "shuffled": x0[:, order],
              "first_frame_frozen": x0[:, :1].expand_as(x0).contiguous()}
     gen = torch.Generator().manual_seed(seed + 2)
     out: dict[str, Any] = {"num_scenes": num_scenes, "frames": frames, "by_timestep": {}}
     with torch.no_grad():
         for t_value in timesteps:
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.full(x0.shape[:2], t_value)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.full(x0.shape[:2], t_value, device=device)
             x_t = schedule.add_noise(x0, noise, t)
             _, pred = denoiser(x_t, t, context)
             entry = {"sigma": float(schedule.sigma(torch.tensor(t_value))),
