@@ -9,7 +9,6 @@ Any demo.py model flag works (--model, --checkpoint_path, --preset, --device, --
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,14 +22,10 @@ from common import environment, print_table, write_result  # noqa: E402
 
 def sse_events(response):
     """(name, data, seconds since the request) of each server-sent event, as it arrives."""
-    tic, buffer = time.perf_counter(), ""
-    for chunk in response.response:
-        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
-        while "\n\n" in buffer:
-            message, buffer = buffer.split("\n\n", 1)
-            fields = dict(line.split(": ", 1) for line in message.splitlines() if not line.startswith(":"))
-            if "event" in fields:
-                yield fields["event"], json.loads(fields["data"]), time.perf_counter() - tic
+    from utils.demo_server import read_sse
+    tic = time.perf_counter()
+    for name, data in read_sse(response.response):
+        yield name, data, time.perf_counter() - tic
 
 
 def smoke(argv: list[str]) -> tuple[dict, str]:

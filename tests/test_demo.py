@@ -29,7 +29,7 @@ import demo
 import inference
 from tests.tiny import save_tiny_model_folder
 from utils.demo_jobs import DemoService
-from utils.demo_server import create_app
+from utils.demo_server import create_app, read_sse
 from utils.video import read_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,14 +71,7 @@ def make_service(loaded, tmp_path):
 
 def sse_events(response):
     """(name, data) of each server-sent event of a streamed test-client response, as it arrives."""
-    buffer = ""
-    for chunk in response.response:
-        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
-        while "\n\n" in buffer:
-            message, buffer = buffer.split("\n\n", 1)
-            fields = dict(line.split(": ", 1) for line in message.splitlines() if not line.startswith(":"))
-            if "event" in fields:
-                yield fields["event"], json.loads(fields["data"])
+    return read_sse(response.response)
 
 
 def start(client, **body):

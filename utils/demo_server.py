@@ -18,7 +18,7 @@ import base64
 import io
 import json
 import queue
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,19 @@ def sse_message(name: str, data: dict[str, Any]) -> str:
     if name == "block":  # frames travel as uint8 arrays up to here: encoding them is this thread's work
         data = {**data, "frames": [jpeg_data_url(frame) for frame in data["frames"]]}
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def read_sse(chunks: Iterable[bytes | str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(name, data) of each event in a stream of SSE text chunks, as it completes (comments skipped): the reading
+    side of `sse_message`, for scripts and tests that drive the app without a browser."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        while "\n\n" in buffer:
+            message, buffer = buffer.split("\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in message.splitlines() if not line.startswith(":"))
+            if "event" in fields:
+                yield fields["event"], json.loads(fields["data"])
 
 
 def event_stream(job: Job, heartbeat_s: float) -> Iterator[str]:
