@@ -21,7 +21,6 @@ runs/ablations/start_margin_<MARGIN>.json. Run both margins side by side (one co
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import small_shapes_setup, train_and_probe, write_probe_result  # noqa: E402
+from common import small_shapes_setup, train_and_probe, write_ablation, write_probe_result  # noqa: E402
 from utils.shapes import world  # noqa: E402
 
 FRAMES, SIZE, FACTOR = 12, 32, 2
@@ -76,7 +75,7 @@ def ideal_changes(margin: float, n: int, seed: int = 0) -> dict[str, float]:
         for u in starts:  # the same uniform draws for every prompt, mapped into the direction's start range
             start = []
             for step, r in zip(world.DIRECTIONS[spec.direction], u):
-                lo, hi = (0.0, 1.0 - margin) if step > 0 else (margin, 1.0) if step < 0 else (0.0, 1.0)
+                lo, hi = world.start_range(step, margin)
                 start.append(lo + (hi - lo) * r)
             scenes.append(world.SceneSpec("blue", (dataclasses.replace(spec, start=(start[0], start[1])),)))
         total = 0
@@ -95,10 +94,7 @@ def ideal(n: int) -> None:
         result["by_margin"][str(margin)] = changes = ideal_changes(margin, n)
         print(f"START_MARGIN {margin}: best sigma->1 prediction changes by "
               + " ".join(f"{a}={v:.2e}" for a, v in changes.items()))
-    out = REPO / "runs" / "ablations" / "start_margin_ideal.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_ablation(result, 'start_margin_ideal')}")
 
 
 def signal(n: int) -> None:
@@ -107,10 +103,7 @@ def signal(n: int) -> None:
         result["by_margin"][str(margin)] = shares = explained_shares(margin, n)
         print(f"START_MARGIN {margin}: share of the mask variance explained by "
               + " ".join(f"{a}={v:.4f}" for a, v in shares.items()) + f"  (floor for 8 groups ~{7 / n:.4f})")
-    out = REPO / "runs" / "ablations" / "start_margin_signal.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_ablation(result, 'start_margin_signal')}")
 
 
 def main() -> None:

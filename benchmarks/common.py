@@ -252,12 +252,18 @@ def train_and_probe(net, text, codec, seconds: float, frames: int, size: int, la
     return {**result, "seconds": seconds, "steps": steps, "last_loss": loss, "batch_size": batch_size}
 
 
+def write_ablation(result: dict, name: str) -> Path:
+    """Write an ablation's result to runs/ablations/<name>.json (what later goes into benchmarks/results/)."""
+    out = Path(__file__).resolve().parents[1] / "runs" / "ablations" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return out
+
+
 def write_probe_result(result: dict, name: str) -> Path:
     """Print a probe table and write the result to runs/ablations/<name>.json."""
     from scripts.probe_shapes_teacher import print_table
     print_table(result)
-    out = Path(__file__).resolve().parents[1] / "runs" / "ablations" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_ablation(result, name)
     print(f"wrote {out}")
     return out

@@ -154,6 +154,14 @@ def _overlap_early(scene: SceneSpec) -> bool:
     return False
 
 
+def start_range(step: int, margin: Optional[float] = None) -> tuple[float, float]:
+    """Where a shape may start along one axis, as a fraction of its free range: heading to the wall at 1 (step > 0)
+    it starts below 1 - margin, heading to 0 above margin, anywhere when still along that axis. margin: START_MARGIN
+    unless given (read at each call, so ablations may change it)."""
+    margin = START_MARGIN if margin is None else margin
+    return (0.0, 1.0 - margin) if step > 0 else (margin, 1.0) if step < 0 else (0.0, 1.0)
+
+
 def _draw_scene(generator: torch.Generator, counts: Sequence[int]) -> SceneSpec:
     u = iter(torch.rand(32, generator=generator, dtype=torch.float64).tolist())
 
@@ -170,8 +178,7 @@ def _draw_scene(generator: torch.Generator, counts: Sequence[int]) -> SceneSpec:
         direction = pick(tuple(DIRECTIONS))
         start = []
         for step in DIRECTIONS[direction]:
-            # Heading to the wall at 1 (step > 0) the start is kept below 1 - margin, and symmetrically.
-            lo, hi = (0.0, 1.0 - START_MARGIN) if step > 0 else (START_MARGIN, 1.0) if step < 0 else (0.0, 1.0)
+            lo, hi = start_range(step)
             start.append(lo + (hi - lo) * next(u))
         shapes.append(ShapeSpec(pick(SHAPES), colour, pick(tuple(SIZES)), direction, pick(tuple(SPEEDS)),
                                 (start[0], start[1])))
