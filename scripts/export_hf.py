@@ -130,12 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = base_components(Path(args.include_base), wan_config.text_len) if args.include_base else {}
         copy_from = extra.pop("copy_from", None)
         evaluation = card_evaluation(Path(args.eval_json)) if args.eval_json else None
-        from utils.hub import DEFAULT_EXAMPLE_PROMPT, model_card
         from utils.config import config_to_dict
-        example = DEFAULT_EXAMPLE_PROMPT
-        if cfg is not None and cfg.world == "shapes":
-            from utils.samples import DEFAULT_PROMPTS
-            example = DEFAULT_PROMPTS["shapes"][0]
+        from utils.hub import model_card
+        from utils.samples import DEFAULT_PROMPTS
+        example = DEFAULT_PROMPTS[cfg.world if cfg is not None else "wan"][0]
         card = model_card(repo_name=args.push_to_hub or Path(args.output).name, base_model=args.base_model,
                           config=config_to_dict(cfg) if cfg is not None else None, weights=stem, step=step,
                           causal=causal, evaluation=evaluation, include_base=bool(args.include_base),

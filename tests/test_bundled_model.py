@@ -10,9 +10,7 @@ import torch
 
 import demo
 import inference
-from utils.demo_jobs import DemoService
 from utils.demo_server import create_app
-from utils.samples import DEFAULT_PROMPTS
 from utils.shapes import evaluate, sample_scenes, short_prompt
 from utils.video import read_video
 
@@ -66,13 +64,10 @@ def test_bundled_model_meets_the_attribute_accuracy_bar(held_in_report):
 
 
 def test_demo_serves_the_bundled_model_out_of_the_box(tmp_path):
-    loaded = demo.load_service(demo.build_parser().parse_args(["--output-dir", str(tmp_path), "--device", "cpu"]))
-    service = DemoService(loaded.pipe, loaded.decoders, height=loaded.height, width=loaded.width,
-                          output_dir=tmp_path, source=str(inference.DEFAULT_MODEL), device="cpu", default_fps=8,
-                          default_prompt=DEFAULT_PROMPTS["shapes"][0], max_blocks=40)
+    service = demo.load_service(demo.build_parser().parse_args(["--output-dir", str(tmp_path), "--device", "cpu"]))
+    assert service.source == str(inference.DEFAULT_MODEL) and service.default_prompt == inference.BUILTIN_PROMPTS[0]
     client = create_app(service).test_client()
-    started = client.post("/api/start", json={"prompt": DEFAULT_PROMPTS["shapes"][0], "seed": "3", "fps": 8,
-                                              "blocks": 2})
+    started = client.post("/api/start", json={"prompt": service.default_prompt, "seed": "3", "fps": 8, "blocks": 2})
     assert started.status_code == 200, started.get_json()
     job = service.current
     assert job is not None and job.finished.wait(120)

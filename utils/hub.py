@@ -16,16 +16,17 @@ def _yaml_list(values: list[str]) -> str:
     return "\n".join(f"  - {v}" for v in values)
 
 
-DEFAULT_EXAMPLE_PROMPT = "a red fox runs through snow"
-
-
 def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None, weights: str, step: int | None,
                causal: dict[str, Any], evaluation: dict[str, Any] | str | None = None, license: str = "apache-2.0",
-               include_base: bool = False, example_prompt: str = DEFAULT_EXAMPLE_PROMPT) -> str:
+               include_base: bool = False, example_prompt: str | None = None) -> str:
     """README.md with YAML front matter for the Hub, from the stored training configuration.
 
     evaluation: markdown written by the caller (e.g. the shapes-world results table), or a flat dict of numbers
-    (nested values are left out: a card is read by people, the JSON holds the rest)."""
+    (nested values are left out: a card is read by people, the JSON holds the rest).
+    example_prompt: the prompt in the card's command (default: the Wan sample prompt of `utils.samples`)."""
+    if example_prompt is None:
+        from utils.samples import DEFAULT_PROMPTS
+        example_prompt = DEFAULT_PROMPTS["wan"][0]
     tags = ["self-forcing", "video-generation", "autoregressive", "wan2.1", "text-to-video"]
     front = (f"---\nlibrary_name: self-forcing\nlicense: {license}\npipeline_tag: text-to-video\n"
              f"base_model: {base_model}\ntags:\n{_yaml_list(tags)}\n---\n")
