@@ -107,9 +107,10 @@ def signal(n: int) -> None:
 
 
 def main() -> None:
-    if sys.argv[1] in ("signal", "ideal"):
-        measure_fn = signal if sys.argv[1] == "signal" else ideal
-        measure_fn(int(sys.argv[2]) if len(sys.argv) > 2 else 6000 if sys.argv[1] == "signal" else 3000)
+    no_training = {"signal": (signal, 6000), "ideal": (ideal, 3000)}  # (measure, default N)
+    if sys.argv[1] in no_training:
+        measure_fn, default_n = no_training[sys.argv[1]]
+        measure_fn(int(sys.argv[2]) if len(sys.argv) > 2 else default_n)
         return
     margin, seconds = float(sys.argv[1]), float(sys.argv[2])
     dim, layers = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (96, 3)
