@@ -333,6 +333,52 @@ def test_diffusion_loss_is_the_weighted_flow_matching_loss(overrides):
     assert _has_grad(models.generator.model)
 
 
+def test_frame_causal_steps_of_a_bidirectional_model():
+    """A `frame_causal_fraction` of a bidirectional model's steps attend frame-causally: chosen per step (the same
+    choice on every rank and on resume), the loss of such a step is the one under that mask, the others unmasked."""
+    from model.attention import BlockCausal
+    cfg = tiny_train_config(trainer="diffusion", causal=False, frame_causal_fraction=0.3)
+    models = tiny_models(cfg, teacher=False, critic=False)
+    algo = build_algorithm(cfg, models)
+    masks = [algo.attention_mask(step) for step in range(1000)]
+    assert 250 < sum(m is not None for m in masks) < 350
+    assert [algo.attention_mask(step) for step in range(1000)] == masks  # a function of the step
+    assert all(m == BlockCausal(frames_per_block=1) for m in masks if m is not None)
+    batch, x0 = _batch(), _batch()["latents"]
+    for step in (masks.index(None), next(i for i, m in enumerate(masks) if m is not None)):
+        torch.manual_seed(9)
+        loss, _ = algo.generator_loss(batch, step)
+        torch.manual_seed(9)
+        t = algo.timesteps(2, 6, torch.device("cpu"))
+        noise = torch.randn(SHAPE)
+        kwargs = {} if masks[step] is None else {"block_causal": masks[step]}
+        x_t = models.generator.schedule.add_noise(x0, noise, t)
+        flow = models.generator.model(x_t, t[:, 0], models.text(batch["prompts"]), **kwargs)
+        per_frame = ((flow - (noise - x0)) ** 2).mean(dim=(2, 3, 4))
+        torch.testing.assert_close(loss, (per_frame * models.generator.schedule.training_weight(t)).mean())
+    # frame-causal really is causal: the first frame's prediction ignores the later frames
+    t = torch.full((2,), 500.0)
+    x = torch.randn(SHAPE)
+    later = x.clone()
+    later[:, 1:] += 1.0
+    net, context = models.generator.model, models.text(batch["prompts"])
+    mask = BlockCausal(frames_per_block=1)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, context, block_causal=mask)[:, 0],
+                                   net(later, t, context, block_causal=mask)[:, 0])
+        assert not torch.allclose(net(x, t, context)[:, 0], net(later, t, context)[:, 0])
+    cfg0 = tiny_train_config(trainer="diffusion", causal=False)
+    assert build_algorithm(cfg0, tiny_models(cfg0, teacher=False, critic=False)).attention_mask(3) is None
+    with pytest.raises(ValueError, match="frame_causal_fraction"):
+        Diffusion(tiny_train_config(trainer="diffusion", causal=True, frame_causal_fraction=0.5), models)
+
+
+def test_frame_causal_fraction_out_of_range_is_a_config_error():
+    from utils.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="frame_causal_fraction"):
+        load_config(None, ["frame_causal_fraction=1.0"])
+
+
 def test_diffusion_rejects_teacher_forcing_without_causal():
     cfg = tiny_train_config(trainer="diffusion", causal=False, teacher_forcing=True)
     with pytest.raises(ValueError, match="teacher_forcing"):

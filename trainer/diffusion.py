@@ -5,6 +5,14 @@ attention) or teacher forcing (`teacher_forcing: true`: noisy blocks attend to t
 Timesteps: a grid index per block (per sample for the bidirectional model) uniform in 0..T-1, `t = timesteps[i]`;
 loss = per-frame MSE of the flow prediction against `noise - x0`, weighted by the schedule's `training_weight(t)`.
 
+`frame_causal_fraction` (bidirectional model only) runs that fraction of the steps with frame-causal attention (each
+frame sees itself and the frames before it). Why:
+with 3-D RoPE alone a bidirectional DiT has no arrow of time, and on the shapes world it learnt each prompted motion's
+axis and speed but not its sign (half its "left" clips moved right; a clip reversed in time scored as well as the
+clip). Attention that peaks one frame back and one at an offset along the prompted direction only helps when BOTH are
+one-sided, so neither is learnt alone; the causal steps make the one-sided spatial half pay on its own, after which the
+one-sided temporal half pays in the bidirectional steps. The model stays bidirectional at inference.
+
 `text_dropout` trains the unconditional branch that classifier-free guidance needs (the real Wan teacher was trained
 with caption dropout; a teacher pre-trained here needs it too, else its negative-prompt prediction is meaningless).
 
@@ -15,6 +23,7 @@ noisy end, so "small" augmentation meant t ~ 1000).
 """
 from __future__ import annotations
 
+import random
 from typing import Optional
 
 import torch
@@ -37,6 +46,20 @@ class Diffusion:
                                          cfg.model_kwargs.local_attn_size) if cfg.causal else None)
         if cfg.teacher_forcing and not cfg.causal:
             raise ValueError("teacher_forcing: true needs causal: true (a bidirectional model has no clean context)")
+        if cfg.frame_causal_fraction > 0 and cfg.causal:
+            raise ValueError("frame_causal_fraction is for a bidirectional model (causal: false); a causal one always "
+                             "attends block-causally")
+        # one frame a block: every pair of frames is ordered
+        self.arrow_of_time = BlockCausal(frames_per_block=1) if cfg.frame_causal_fraction > 0 else None
+
+    def attention_mask(self, step: int) -> Optional[BlockCausal]:
+        """The attention of this step: the causal model's always; for a bidirectional one, frame-causal in a
+        `frame_causal_fraction` of the steps (a function of the step alone: the same on every rank and on resume)."""
+        if self.block_causal is not None:
+            return self.block_causal
+        if self.arrow_of_time is not None and random.Random(step).random() < self.cfg.frame_causal_fraction:
+            return self.arrow_of_time
+        return None
 
     def _grid_indices(self, b: int, f: int, high: int, device: torch.device) -> Tensor:
         """Per block for the causal model, per sample for the bidirectional one -> `[B, F]`."""
@@ -86,8 +109,9 @@ class Diffusion:
         noise = torch.randn_like(x0)
         x_t = schedule.add_noise(x0, noise, t)
         kwargs = {}
-        if self.block_causal is not None:
-            kwargs["block_causal"] = self.block_causal
+        mask = self.attention_mask(step)
+        if mask is not None:
+            kwargs["block_causal"] = mask
         if cfg.teacher_forcing:
             clean, aug_t = x0, self.augmentation_timesteps(b, f, x0.device)
             if aug_t is not None:

@@ -103,6 +103,7 @@ class Config:
     # --- diffusion / ODE pre-training -----------------------------------------------------------------------------
     noise_augmentation_max_timestep: int = 0
     text_dropout: float = 0.0
+    frame_causal_fraction: float = 0.0
     ode_data_path: Optional[str] = None
 
     # --- optimisation ---------------------------------------------------------------------------------------------
@@ -203,6 +204,9 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: dfake_gen_update_ratio must be >= 1")
     if not 0.0 <= cfg.text_dropout < 1.0:
         raise ConfigError(f"{source}: text_dropout must be in [0, 1), got {cfg.text_dropout}")
+    if not 0.0 <= cfg.frame_causal_fraction < 1.0:
+        raise ConfigError(f"{source}: frame_causal_fraction must be in [0, 1) (a model trained only causally is a "
+                          f"causal one: causal: true), got {cfg.frame_causal_fraction}")
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
