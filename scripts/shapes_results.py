@@ -106,16 +106,22 @@ def load_eval(path: str | Path) -> dict[str, Any]:
 
 def merge_evals(docs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     """One document from evaluations of different stages run apart (e.g. in parallel on one GPU): their settings
-    (prompts, seed, lengths, steps) must agree, so the scenes and noise agree; a (stage, split, length) entry present
-    in several (the rendered reference) is taken from the first."""
+    (prompts, seed, steps) must agree, so the scenes and noise agree; the rollout lengths may differ (the noise is
+    seeded per length, and a teacher is scored at 1x only) and the merged document lists them all. A (stage, split,
+    length) entry present in several (the rendered reference) is taken from the first."""
     first = docs[0]
+
+    def compared(doc: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in doc["settings"].items() if k != "lengths"}
     for doc, name in zip(docs[1:], names[1:]):
-        if doc["settings"] != first["settings"]:
-            diff = sorted(k for k in set(doc["settings"]) | set(first["settings"])
-                          if doc["settings"].get(k) != first["settings"].get(k))
+        if compared(doc) != compared(first):
+            diff = sorted(k for k in set(compared(doc)) | set(compared(first))
+                          if compared(doc).get(k) != compared(first).get(k))
             raise ValueError(f"{name}: settings {diff} differ from {names[0]}'s; evaluations to merge must share "
                              "them (the same scenes and noise)")
-    merged = {**first, "stages": {}, "results": [], "complete": all(d.get("complete", True) for d in docs)}
+    lengths = sorted({n for doc in docs for n in doc["settings"].get("lengths", [])})
+    merged = {**first, "settings": {**first["settings"], "lengths": lengths}, "stages": {}, "results": [],
+              "complete": all(d.get("complete", True) for d in docs)}
     seen = set()
     for doc in docs:
         for stage, info in doc["stages"].items():

@@ -148,9 +148,10 @@ def test_evaluations_made_apart_merge_into_the_same_table(run, evaluated, tmp_pa
     from one evaluation of every stage, and files made with other settings are refused by name."""
     path, _ = evaluated
     parts = []
-    for group in ("teacher", "teacher_forcing,dmd"):
+    for group, lengths in (("teacher", "1"), ("teacher_forcing,dmd", None)):  # a teacher is scored at 1x only
         parts.append(tmp_path / f"eval_{group}.json")
-        assert ev.main(_eval_args(run, parts[-1], "--stages", group)) == 0
+        extra = ["--lengths", lengths] if lengths else []
+        assert ev.main(_eval_args(run, parts[-1], "--stages", group, *extra)) == 0
     capsys.readouterr()
 
     def table_without_timings(argv):  # the last two columns are latency and frames/s: measured, not recomputable
