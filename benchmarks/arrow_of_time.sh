@@ -4,8 +4,10 @@
 #
 #   bash benchmarks/arrow_of_time.sh SECONDS FRACTION [FRACTION ...]        (carry .whl)
 #
-# Every FRACTION (`frame_causal_fraction`; 0 is the control) continues attempt 7's teacher
-# (benchmarks/carry/shapes_teacher_attempt7) for SECONDS of training, compiled, all side by side on one GPU; then
+# Every FRACTION (`frame_causal_fraction`; 0 is the control) continues a teacher (ARROW_INIT, a folder with
+# generator_ema.safetensors; default the newest committed one, benchmarks/carry/shapes_teacher_attempt8; the recorded
+# run, benchmarks/results/shapes_arrow_of_time_h100.json, started from attempt 7's, in git before 2026-12-06) for
+# SECONDS of training, compiled, all side by side on one GPU; then
 # each is probed (scripts/probe_shapes_teacher.py: how far reversing the prompt's direction moves the x0
 # prediction, and whether a clip reversed in time is harder than the clip) and evaluated (teacher stage, 64
 # held-in and held-out prompts: direction_accuracy). To $OUT: arrow_f<FRACTION>/{eval,probe}.json, the logs, and the
@@ -20,7 +22,7 @@ if compgen -G ".whl/*.whl" > /dev/null && [ ! -d "$site" ]; then
 fi
 [ -d "$site" ] && export PYTHONPATH="$site:${PYTHONPATH:-}"
 out=${OUT:-runs/arrow_out}; mkdir -p "$out"
-init=benchmarks/carry/shapes_teacher_attempt7
+init=${ARROW_INIT:-benchmarks/carry/shapes_teacher_attempt8}
 for frac in "$@"; do
   run=runs/arrow/f$frac; mkdir -p "$run/teacher_init" "$out/arrow_f$frac"
   cp "$init"/* "$run/teacher_init/"

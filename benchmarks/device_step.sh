@@ -13,7 +13,7 @@
 #   .shapes_carry/ (keeping the earlier ones) before the next call: if the machine was lost meanwhile, the run
 #   resumes from them; once the run has finished, they are what a later plan (e.g. part 2 of a recipe split over two
 #   sessions) starts from.
-# SHAPES_TEACHER_INIT=FOLDER (e.g. benchmarks/carry/shapes_teacher_attempt7): a fresh run folder gets it as
+# SHAPES_TEACHER_INIT=FOLDER (e.g. benchmarks/carry/shapes_teacher_attempt8): a fresh run folder gets it as
 # teacher_init/, so the teacher stage continues that teacher instead of starting from random weights.
 # Environment for the run (SHAPES_EVAL_PROMPTS, SHAPES_EVAL_TEACHER_STEPS, ...) is passed on as set.
 set -uo pipefail
