@@ -57,10 +57,12 @@ def test_bundled_model_draws_the_prompted_scene(held_in_report):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #5's bar is not met yet: the bundled DMD student scores ~0.74 on "
-                                      "held-in prompts; its teacher does not bind the prompted direction")
 def test_bundled_model_meets_the_attribute_accuracy_bar(held_in_report):
+    """Issue #5's bar. The bundled DMD student (attempt 8) scored 0.89 on the H100 (bf16) and 0.89 here (fp32). It
+    moves shapes the prompted way (0.72 here; chance 0.125; attempt 7's student, whose teacher had no arrow of time:
+    0.22)."""
     assert held_in_report["attribute_accuracy"] >= ISSUE_BAR
+    assert held_in_report["direction_accuracy"] >= 0.5
 
 
 def test_demo_serves_the_bundled_model_out_of_the_box(tmp_path):
