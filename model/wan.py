@@ -39,6 +39,10 @@ class WanDiT(nn.Module):
         self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
         self.gradient_checkpointing = False
         self.inference_options = InferenceOptions()
+        # Set by `utils.distributed.compile_blocks` (training): KV-cached calls then run each block uncompiled with
+        # its layer-independent pieces compiled. A whole compiled block guards on the layer index and the cache's
+        # Python state, so a rollout recompiles per layer and, past dynamo's recompile limit, runs eager.
+        self.compile_cached_pieces = False
         self.sequence_parallel = None  # split tokens over ranks (inference): utils.sequence_parallel
 
     # ------------------------------------------------------------------------------------------------ helpers
@@ -185,7 +189,11 @@ class WanDiT(nn.Module):
         if self.sequence_parallel is not None:  # from here on this rank holds its share of the tokens only
             tokens = self.sequence_parallel.scatter(tokens, ctx, grid[1] * grid[2])
         hidden = []
+        # `_call_impl` is the module call without its compiled wrapper (hooks such as FSDP's still run)
+        uncompiled = kv_cache is not None and self.compile_cached_pieces
         for layer, block in enumerate(self.blocks):
+            if uncompiled:
+                block = block._call_impl
             if kv_only and layer == len(self.blocks) - 1:
                 block(tokens, e0, text, ctx, layer, kv_only=True)
                 return None
@@ -252,4 +260,4 @@ class WanDiT(nn.Module):
                                             device)
         opts = self.inference_options
         return Context(1, rope, cache=kv_cache, plan=plan, cache_rope=cache_rope, options=opts,
-                       compiled=opts.compile and not torch.is_grad_enabled())
+                       compiled=(opts.compile and not torch.is_grad_enabled()) or self.compile_cached_pieces)

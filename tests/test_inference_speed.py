@@ -187,3 +187,38 @@ def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time(ki
     torch.testing.assert_close(torch.cat(frames, dim=1), torch.cat(whole, dim=1), atol=1e-5, rtol=1e-5)
     assert torch.cat(frames, dim=1).shape[1] == 1 + codec.temporal_factor * 5
     assert decoder.time_to_first_frame_ms is not None and decoder.time_to_first_frame_ms >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_training_compile_runs_cached_calls_as_shared_pieces_whatever_the_depth():
+    """Training's `compile: true` (`compile_blocks`) compiles whole blocks; a whole block guards on the layer index
+    and the cache's Python state, so a KV-cached rollout recompiled per layer and, past dynamo's limit of 8 graphs,
+    ran eager. Cached calls now run the shared pieces: the same few graphs at 2 and 6 layers, the same numbers and
+    gradients as eager."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from utils.distributed import compile_blocks
+    graphs = {}
+    for layers in (2, 6):
+        torch._dynamo.reset()
+        counters.clear()
+        eager = tiny_model(num_layers=layers)
+        model = copy.deepcopy(eager)
+        compile_blocks(model)
+        torch.testing.assert_close(run_rollout(model, 3), run_rollout(eager, 3), atol=1e-5, rtol=1e-5)
+        grads = []
+        for net in (eager, model):  # one cached call with gradients, as the rollout's last denoising step
+            net.zero_grad()
+            x = torch.randn(1, 2, net.config.in_dim, 4, 6, generator=torch.Generator().manual_seed(3))
+            context = torch.randn(1, 6, net.config.text_dim, generator=torch.Generator().manual_seed(4))
+            cache = net.new_kv_cache(1, 4, 6, 2)
+            net(x, torch.full((1,), 500.0), context, kv_cache=cache).square().sum().backward()
+            grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
+        assert len(grads[0]) == len(grads[1]) > 0
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+        graphs[layers] = counters["stats"]["unique_graphs"]
+    assert graphs[2] == graphs[6] <= 6, graphs

@@ -383,6 +383,8 @@ def compile_blocks(net: nn.Module) -> None:
     for block in blocks:
         if not getattr(block, "_compiled_call_impl", None):
             block.compile()
+    if hasattr(net, "compile_cached_pieces"):
+        net.compile_cached_pieces = True  # KV-cached calls (rollouts): see WanDiT.compile_cached_pieces
 
 
 # ------------------------------------------------------------------------------------------- tensors and grads
