@@ -6,12 +6,12 @@ Timesteps: a grid index per block (per sample for the bidirectional model) unifo
 loss = per-frame MSE of the flow prediction against `noise - x0`, weighted by the schedule's `training_weight(t)`.
 
 `frame_causal_fraction` (bidirectional model only) runs that fraction of the steps with frame-causal attention (each
-frame sees itself and the frames before it). Why:
-with 3-D RoPE alone a bidirectional DiT has no arrow of time, and on the shapes world it learnt each prompted motion's
-axis and speed but not its sign (half its "left" clips moved right; a clip reversed in time scored as well as the
-clip). Attention that peaks one frame back and one at an offset along the prompted direction only helps when BOTH are
-one-sided, so neither is learnt alone; the causal steps make the one-sided spatial half pay on its own, after which the
-one-sided temporal half pays in the bidirectional steps. The model stays bidirectional at inference.
+frame sees itself and the frames before it). Why: with 3-D RoPE alone a bidirectional DiT has no arrow of time; on the
+shapes world it learnt each prompted motion's axis and speed but not its sign (as many clips moved against the prompt
+as with it, and a clip reversed in time scored as well as the clip). Attention that peaks one frame back and at an
+offset along the prompted direction helps only when BOTH halves are one-sided, so neither is learnt alone; the causal
+steps make the one-sided spatial half pay on its own, after which the one-sided temporal half pays in the
+bidirectional steps. The model stays bidirectional at inference.
 
 `text_dropout` trains the unconditional branch that classifier-free guidance needs (the real Wan teacher was trained
 with caption dropout; a teacher pre-trained here needs it too, else its negative-prompt prediction is meaningless).
