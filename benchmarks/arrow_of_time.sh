@@ -16,11 +16,7 @@
 set -uo pipefail
 seconds=$1; shift
 export PYTHONUNBUFFERED=1
-site="${TMPDIR:-/tmp}/sf-site"
-if compgen -G ".whl/*.whl" > /dev/null && [ ! -d "$site" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-fi
-[ -d "$site" ] && export PYTHONPATH="$site:${PYTHONPATH:-}"
+source benchmarks/device_site.sh
 out=${OUT:-runs/arrow_out}; mkdir -p "$out"
 init=${ARROW_INIT:-benchmarks/carry/shapes_teacher_attempt8}
 for frac in "$@"; do

@@ -24,11 +24,7 @@
 # Wheels for packages the device image lacks are carried in .whl/ (see the device tool's README).
 set -uo pipefail
 plan=$1; shift
-if compgen -G ".whl/*.whl" > /dev/null; then
-  site="${TMPDIR:-/tmp}/sf-site"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-  export PYTHONPATH="$site:${PYTHONPATH:-}"
-fi
+source benchmarks/device_site.sh
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # Several host-bound stages share the machine: a few threads each, not one per core each.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

@@ -19,11 +19,7 @@
 set -uo pipefail
 plan_file=$1; limit=$2
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-site="${TMPDIR:-/tmp}/sf-site"
-if compgen -G ".whl/*.whl" > /dev/null && [ ! -d "$site" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-fi
-[ -d "$site" ] && export PYTHONPATH="$site:${PYTHONPATH:-}"
+source benchmarks/device_site.sh
 runs=${SHAPES_RUNS:-runs/shapes}; keep=${SHAPES_KEEP:-teacher,ode_init}
 packs() { ls .shapes_carry/keep-*.tar.part-aa 2> /dev/null | sed 's/\.part-aa$//' | sort; }
 alive() { [ -f runs/daemon.pid ] && kill -0 "$(cat runs/daemon.pid)" 2> /dev/null; }

@@ -110,13 +110,10 @@ def merge_evals(docs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     seeded per length, and a teacher is scored at 1x only) and the merged document lists them all. A (stage, split,
     length) entry present in several (the rendered reference) is taken from the first."""
     first = docs[0]
-
-    def compared(doc: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in doc["settings"].items() if k != "lengths"}
-    for doc, name in zip(docs[1:], names[1:]):
-        if compared(doc) != compared(first):
-            diff = sorted(k for k in set(compared(doc)) | set(compared(first))
-                          if compared(doc).get(k) != compared(first).get(k))
+    shared = [{k: v for k, v in doc["settings"].items() if k != "lengths"} for doc in docs]
+    for settings, name in zip(shared[1:], names[1:]):
+        if settings != shared[0]:
+            diff = sorted(k for k in set(settings) | set(shared[0]) if settings.get(k) != shared[0].get(k))
             raise ValueError(f"{name}: settings {diff} differ from {names[0]}'s; evaluations to merge must share "
                              "them (the same scenes and noise)")
     lengths = sorted({n for doc in docs for n in doc["settings"].get("lengths", [])})
