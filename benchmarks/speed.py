@@ -17,6 +17,7 @@ measured; sections are skipped once `--budget-s` is spent.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import re
 import time
@@ -36,7 +37,8 @@ from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder
 
-LEVERS = ("eager", "rope_real", "xattn_cache", "fused_qkv", "sdpa", "compile", "cudagraph")
+LEVERS = ("eager", "rope_real", "xattn_cache", "fused_qkv", "sdpa", "compile", "cudagraph", "gelu_epilogue",
+          "fused_cache_write")
 # Relative L2 error of the final latents vs eager allowed per dtype: bf16 rounding differs with fused/reordered
 # kernels and grows through 7 autoregressive blocks x 4 steps; float32 differences are rounding only.
 ERROR_BOUND = {torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float32: 1e-4}
@@ -64,6 +66,8 @@ def apply_lever(s: Setting, lever: str, bench: Bench) -> None:
         o.compile = True
     elif lever == "cudagraph":
         s.graphs = True
+    elif lever in ("gelu_epilogue", "fused_cache_write"):
+        setattr(o, lever, True)
     elif lever != "eager":
         raise ValueError(f"unknown lever {lever!r}; expected one of {LEVERS}")
 
@@ -300,8 +304,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gemm-tflops", type=float, default=797.0)
     parser.add_argument("--attention-tflops", type=float, default=548.0)
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip sections once this much time is spent")
+    parser.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
+                        help="torch._inductor.config settings for every compiled entry, e.g. split_reductions=False")
     parser.add_argument("--name", default="speed")
     args = parser.parse_args(argv)
+    for item in [x for x in args.inductor.split(",") if x]:
+        key, _, value = item.partition("=")
+        setattr(torch._inductor.config, key.strip(), ast.literal_eval(value.strip()))
     start = time.perf_counter()
     name = args.name + ("_tiny_cpu" if args.size == "tiny" else "")
     bench = Bench(args)

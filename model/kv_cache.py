@@ -226,6 +226,14 @@ class KVCache:
             with torch.no_grad():
                 self.sink_k[layer, :, plan.write_start:end] = k[:, :end - plan.write_start]
 
+    def slots(self, layer: int, plan: CacheWrite) -> tuple[Tensor, Tensor] | None:
+        """Views of the K/V slots this call writes, `[B, n, heads, head_dim]`, for writers that store in place; None
+        when a write must go through `write` (the pristine sink copy of relative RoPE)."""
+        if self.sink_k is not None and plan.write_start < self.sink:
+            return None
+        return (self.k[layer, :, plan.write_start:plan.write_end],
+                self.v[layer, :, plan.write_start:plan.write_end])
+
     def past(self, layer: int, plan: CacheWrite) -> tuple[Tensor, Tensor]:
         """Cached K/V before this call's own slots, `[B, write_start - read_start, heads, head_dim]` (views)."""
         return (self.k[layer, :, plan.read_start:plan.write_start],

@@ -90,6 +90,10 @@ class InferenceOptions:
     fused_qkv: one GEMM for the self-attention q/k/v projections (copies of the weights, rebuilt when they change).
     compile: `torch.compile` the per-layer pieces around attention (static shapes: compiled once, shared by every
       layer and block position) on the KV-cached no-grad path.
+    gelu_epilogue: the FFN's first GEMM applies its tanh GELU in cuBLASLt's epilogue (CUDA, no grad; elsewhere the
+      plain path), so the 8960-wide hidden activation is written once instead of written, read and written again.
+    fused_cache_write: the piece that makes K/V writes them straight into the cache slots (no grad, plain slot
+      writes) instead of returning them for a separate copy.
     """
 
     fused_rope: bool = True
@@ -97,6 +101,8 @@ class InferenceOptions:
     cache_pass_kv_only: bool = True
     fused_qkv: bool = False
     compile: bool = False
+    gelu_epilogue: bool = False
+    fused_cache_write: bool = False
 
     @classmethod
     def all_off(cls) -> InferenceOptions:
@@ -144,13 +150,20 @@ def _gate(x: Tensor, y: Tensor, gate: Tensor, groups: int) -> Tensor:
 # The three pieces of a layer around its two attentions: pure tensor functions of static shape, so one compiled
 # graph serves every layer (parameters are graph inputs) and every block position of a rollout.
 def _attention_inputs(block: WanBlock, x: Tensor, mod: Tensor, groups: int, rope: Rotation, rotate_k: bool,
-                      fused_rope: bool, fused_qkv: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+                      fused_rope: bool, fused_qkv: tuple[Tensor, Tensor] | None,
+                      slots: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Rotated q, k and v heads; with `slots` (the cache's K/V views for this call) k and v are written there and
+    (None, None) is returned in their place, so a compiled piece stores them once, from the kernel that makes them."""
     h = _modulate(block.norm1, x, mod[:, :, 0], mod[:, :, 1], groups)
     q, k, v = block.self_attn.qkv(h, fused_qkv)
     q = apply_rope(q, rope, fused=fused_rope)
     if rotate_k:
         k = apply_rope(k, rope, fused=fused_rope)
-    return q, k, v
+    if slots is None:
+        return q, k, v
+    slots[0].copy_(k)
+    slots[1].copy_(v)
+    return q, None, None
 
 
 def _cross_query(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int) -> tuple[Tensor, Tensor]:
@@ -158,10 +171,20 @@ def _cross_query(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int
     return x, block.cross_attn.query(block.norm3(x))
 
 
-def _feed_forward(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int) -> Tensor:
+def _feed_forward(block: WanBlock, x: Tensor, y: Tensor, mod: Tensor, groups: int, gelu_epilogue: bool = False
+                  ) -> Tensor:
     x = x + block.cross_attn.out(y)
     h = _modulate(block.norm2, x, mod[:, :, 3], mod[:, :, 4], groups)
-    return _gate(x, block.ffn(h), mod[:, :, 5], groups)
+    return _gate(x, _ffn(block.ffn, h, gelu_epilogue), mod[:, :, 5], groups)
+
+
+def _ffn(ffn: nn.Sequential, h: Tensor, gelu_epilogue: bool) -> Tensor:
+    first = ffn[0]
+    # On the CPU `_addmm_activation` applies the exact (erf) GELU, not Wan's tanh one: CUDA only.
+    if not (gelu_epilogue and h.is_cuda and type(first) is nn.Linear):
+        return ffn(h)
+    hidden = torch._addmm_activation(first.bias, h.flatten(0, -2), first.weight.t(), use_gelu=True)
+    return ffn[2](hidden.unflatten(0, h.shape[:-1]))
 
 
 @functools.cache
@@ -188,26 +211,34 @@ class WanBlock(nn.Module):
         mod = self.modulation.unsqueeze(1) + e0  # `[B, G, 6, D]`: shift, scale, gate (attention), same (FFN)
         opts = ctx.options
         rotate_k = ctx.cache is None or ctx.cache.keys_rotated
-        fused = self.self_attn.fused_qkv() if opts.fused_qkv and not torch.is_grad_enabled() else None
-        q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused)
+        no_grad = not torch.is_grad_enabled()
+        fused = self.self_attn.fused_qkv() if opts.fused_qkv and no_grad else None
+        slots = None
+        if opts.fused_cache_write and no_grad and ctx.cache is not None and ctx.shard is None:
+            slots = ctx.cache.slots(layer, ctx.plan)
+        q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused,
+                                               slots)
         if kv_only:
-            if ctx.shard is not None:
-                k, v = ctx.shard.to_heads(k, v)  # the query is not needed: only K/V are written
-            ctx.cache.write(layer, ctx.plan, k, v)
+            if slots is None:
+                if ctx.shard is not None:
+                    k, v = ctx.shard.to_heads(k, v)  # the query is not needed: only K/V are written
+                ctx.cache.write(layer, ctx.plan, k, v)
             return x
         y = self._self_attention(q, k, v, ctx, layer)
         x, cross_q = ctx.piece(_cross_query)(self, x, y, mod, ctx.groups)
         y = attention(cross_q, *self._text_key_value(text, ctx, layer))
-        return ctx.piece(_feed_forward)(self, x, y, mod, ctx.groups)
+        return ctx.piece(_feed_forward)(self, x, y, mod, ctx.groups, opts.gelu_epilogue and no_grad)
 
-    def _self_attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, layer: int) -> Tensor:
-        """Attention heads `[B, L, heads, head_dim]` (before the output projection) of the rotated q, k and v."""
+    def _self_attention(self, q: Tensor, k: Tensor | None, v: Tensor | None, ctx: Context, layer: int) -> Tensor:
+        """Attention heads `[B, L, heads, head_dim]` (before the output projection) of the rotated q, k and v
+        (k and v None: already written into the cache's slots)."""
         cache, plan = ctx.cache, ctx.plan
         if ctx.shard is not None:  # sequence parallel: [local tokens, all heads] -> [all tokens, local heads]
             q, k, v = ctx.shard.to_heads(q, k, v)
         if cache is None:
             return self._heads_to_tokens(attention(q, k, v, ctx.mask), ctx)
-        cache.write(layer, plan, k, v)
+        if k is not None:
+            cache.write(layer, plan, k, v)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
             # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
             past_k, past_v = cache.past(layer, plan)

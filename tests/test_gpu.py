@@ -77,6 +77,44 @@ def test_training_backward_through_flex_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_levers_on_cuda_match_the_plain_path(dtype):
+    """The CUDA-only levers (cuBLASLt's GELU epilogue, K/V stored from the compiled piece) under torch.compile and
+    CUDA graphs give the plain path's numbers; the epilogue is the tanh GELU of Wan's FFN, not the erf one."""
+    from model.wan_block import InferenceOptions, _ffn
+    from pipeline.cuda_graphs import GraphedDiT
+    from pipeline.denoiser import Denoiser
+    from pipeline.rollout import rollout
+    from tests.test_inference_speed import SCHEDULE, STEPS
+    model = tiny_model().to(CUDA, dtype)
+    h = torch.randn(1, 40, model.config.dim, device=CUDA, dtype=dtype)
+    ffn = model.blocks[0].ffn
+    tanh_err = rel_err(_ffn(ffn, h, gelu_epilogue=True), ffn(h))
+    erf = ffn[2](torch.nn.functional.gelu(ffn[0](h)))
+    assert tanh_err < (1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.float32:
+        assert rel_err(_ffn(ffn, h, gelu_epilogue=True), erf) > 10 * tanh_err
+
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    noise = torch.randn(1, 8, 4, 4, 6, generator=g, device=CUDA, dtype=dtype)
+    context = torch.randn(1, 6, 16, generator=g, device=CUDA, dtype=dtype)
+
+    def run(options, graphs):
+        model.inference_options = options
+        cache = model.new_kv_cache(1, 4, 6, 6, window_frames=6, sink_frames=2, rope="relative")
+        renoise = torch.Generator(device=CUDA).manual_seed(1)
+        with torch.no_grad():
+            return rollout(Denoiser(GraphedDiT(model) if graphs else model, SCHEDULE), noise, context, cache,
+                           steps=STEPS, frames_per_block=2,
+                           noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=CUDA).to(x)).latents
+
+    torch._dynamo.reset()
+    plain = run(InferenceOptions(), graphs=False)
+    fast = InferenceOptions(fused_qkv=True, compile=True, gelu_epilogue=True, fused_cache_write=True)
+    for graphs in (False, True):
+        assert rel_err(run(fast, graphs), plain) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
     """Real CUDA-graph captures (one per cache plan) and decoding on a side stream give the eager numbers."""
     from model.pixel_codec import PixelShuffleCodec

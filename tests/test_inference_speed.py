@@ -60,13 +60,16 @@ def test_relative_rope_equals_rerotation_across_a_prompt_switch():
     torch.testing.assert_close(outs[1], outs[0], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("lever", ["fused_rope", "reuse_text", "cache_pass_kv_only", "fused_qkv", "all"])
+# On the CPU gelu_epilogue must keep the plain path: there `_addmm_activation` applies the erf GELU, which differs.
+# fused_cache_write runs both ways here: the sink block goes through `KVCache.write`, the others in place.
+@pytest.mark.parametrize("lever", ["fused_rope", "reuse_text", "cache_pass_kv_only", "fused_qkv", "gelu_epilogue",
+                                   "fused_cache_write", "all"])
 def test_each_inference_option_matches_the_plain_path(lever):
     model = tiny_model()
     model.inference_options = InferenceOptions.all_off()
     reference = run_rollout(model, 3, window=4, sink=1, rope="relative")
     if lever == "all":
-        model.inference_options = InferenceOptions(fused_qkv=True)
+        model.inference_options = InferenceOptions(fused_qkv=True, gelu_epilogue=True, fused_cache_write=True)
     else:
         model.inference_options = InferenceOptions.all_off()
         setattr(model.inference_options, lever, True)
@@ -149,6 +152,13 @@ def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_positi
                           denoiser=Denoiser(GraphedDiT(model, emulate=True), SCHEDULE))
     torch.testing.assert_close(graphed, reference, atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 3
+    # Writing K/V into the cache slots from the piece: one more graph (the writing variant of the first piece), not
+    # one per slot position (the slots are views at a different offset each block).
+    model.inference_options = InferenceOptions(compile=True, fused_cache_write=True)
+    fused = run_rollout(model, 4)
+    model.inference_options = InferenceOptions()
+    torch.testing.assert_close(fused, run_rollout(model, 4), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 4
 
 
 def tiny_codec(kind: str):

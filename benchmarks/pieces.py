@@ -1,0 +1,189 @@
+"""One KV-cached DiT call under variants of the compiled path: where the time outside GEMM and attention goes.
+
+    python benchmarks/pieces.py                       # 1.3B, 480x832, bf16, a denoising call at block position 3
+    python benchmarks/pieces.py --size tiny           # harness check on CPU
+
+Each variant adds to the one before (`InferenceOptions` switches and inductor settings), compiles cold, then is
+timed as CUDA-graph replays of the same call (median of `--repeats`), profiled once without graphs (device time by
+kernel family and the top kernels, per call), and compared with the first variant's output on the same weights and
+inputs. The full rollout is `benchmarks/speed.py`'s job; this isolates one call so each setting costs seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import traceback
+
+import torch
+from common import environment, print_table, random_dit, sync, tiny_config, write_result
+from speed import KERNEL_FAMILIES, rel_error
+
+from model import wan_block
+from model.config import WAN_1_3B
+from model.wan_block import InferenceOptions
+from pipeline.cuda_graphs import GraphedDiT
+
+# name -> (InferenceOptions switches, inductor config), each on top of the previous variant's.
+VARIANTS = {
+    "compiled": ({"fused_qkv": True, "compile": True}, {}),
+    "gelu_epilogue": ({"gelu_epilogue": True}, {}),
+    "fused_cache_write": ({"fused_cache_write": True}, {}),
+    "no_split_reductions": ({}, {"split_reductions": False}),
+    "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
+    "max_autotune": ({}, {"max_autotune": True}),
+}
+
+
+def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
+    """Device time per kernel family and the top kernels, per call."""
+    fn()
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        if device.type == "cuda":
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+                rows.append((e.key, e.self_device_time_total / 1000.0 / calls, e.count / calls))
+        elif e.self_cpu_time_total > 0:
+            rows.append((e.key, e.self_cpu_time_total / 1000.0 / calls, e.count / calls))
+    rows.sort(key=lambda r: -r[1])
+    families: dict[str, float] = {}
+    for name, ms, _ in rows:
+        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+        families[family] = families.get(family, 0.0) + ms
+    return {"total_ms": sum(r[1] for r in rows), "by_family_ms": families,
+            "top": [{"name": n[:100], "ms": ms, "calls": c} for n, ms, c in rows[:14]]}
+
+
+def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """The call's attentions alone (the configured back-end): self-attention over `keys` cached tokens, and
+    cross-attention over the padded prompt (text_len keys) or over a short prompt's tokens plus one key standing for
+    all pad rows (additive bias log(pad rows): the same softmax, as the pad rows' keys are identical)."""
+    from model.attention import attention
+    q = torch.randn(1, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
+    out = {}
+    for label, n, bias in (("self", keys, None), ("cross_padded", cfg.text_len, None),
+                           ("cross_128_plus_pad_key", min(129, cfg.text_len), True)):
+        k = torch.randn(1, n, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
+        mask = None
+        if bias:
+            mask = torch.zeros(1, 1, 1, n, device=device, dtype=dtype)
+            mask[..., -1] = float(cfg.text_len - n + 1)
+            mask = mask.log1p()  # log(pad rows) on the pad key, 0 elsewhere
+
+        def fn():
+            if mask is None:
+                return attention(q, k, k)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), attn_mask=mask)
+        fn()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            fn()
+            sync(device)
+            times.append((time.perf_counter() - tic) * 1000.0)
+        out[label] = sorted(times)[len(times) // 2]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["real", "tiny"], default="real")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="cumulative, in order (default: %(default)s)")
+    parser.add_argument("--position", type=int, default=3, help="block position of the call (cached blocks before it)")
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--frames-per-block", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--name", default="pieces")
+    args = parser.parse_args(argv)
+    tiny = args.size == "tiny"
+    device = torch.device("cpu" if tiny else "cuda")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    cfg = tiny_config() if tiny else WAN_1_3B
+    h, w = (6, 10) if tiny else (args.height // 8, args.width // 8)
+    fpb, pos = args.frames_per_block, args.position
+    model = random_dit(cfg, device, dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    context = torch.randn(1, cfg.text_len, cfg.text_dim, generator=g, device=device, dtype=dtype)
+    x = torch.randn(1, (pos + 1) * fpb, cfg.in_dim, h, w, generator=g, device=device, dtype=dtype)
+    t = torch.full((1, fpb), 900.0, device=device)
+    cache = model.new_kv_cache(1, h, w, (pos + 1) * fpb)
+    start = pos * fpb
+    result = {"env": environment(device), "args": vars(args), "variants": {}}
+    name = args.name + ("_tiny_cpu" if tiny else "")
+    options, inductor, reference = {}, {}, None
+    for variant in [v for v in args.variants.split(",") if v]:
+        opt_step, ind_step = VARIANTS[variant]
+        options, inductor = dict(options, **opt_step), dict(inductor, **ind_step)
+        entry: dict = {"options": dict(options), "inductor": dict(inductor)}
+        try:
+            wan_block._compiled.cache_clear()
+            torch._dynamo.reset()
+            model.inference_options = dataclasses.replace(InferenceOptions(), **options)
+            cache.reset()
+            graphed = GraphedDiT(model, emulate=tiny)
+            with torch.no_grad(), torch._inductor.config.patch(inductor):
+                sync(device)
+                tic = time.perf_counter()
+                for b in range(pos):  # the cached blocks before the call
+                    model(x[:, b * fpb:(b + 1) * fpb], torch.zeros_like(t), context, kv_cache=cache,
+                          start_frame=b * fpb, cache_only=True)
+                chunk = x[:, start:]
+
+                def call():
+                    return graphed(chunk, t, context, kv_cache=cache, start_frame=start)
+
+                out = call()  # compiled by now, with the cached blocks' calls
+                sync(device)
+                entry["compile_s"] = time.perf_counter() - tic
+                call()  # captured
+                times = []
+                for _ in range(args.repeats):
+                    sync(device)
+                    tic = time.perf_counter()
+                    out = call()
+                    sync(device)
+                    times.append((time.perf_counter() - tic) * 1000.0)
+                entry["call_ms"] = sorted(times)[len(times) // 2]
+                entry["graph_errors"] = graphed.errors
+                entry["profile"] = profile_call(
+                    lambda: model(chunk, t, context, kv_cache=cache, start_frame=start), device)
+            if reference is None:
+                reference = out.float()
+            entry["rel_error_vs_first"] = rel_error(out, reference)
+        except Exception as err:  # noqa: BLE001 - record and go on with the next variant
+            entry["error"] = f"{type(err).__name__}: {err}"
+            entry["traceback"] = traceback.format_exc()[-3000:]
+            options, inductor = {k: v for k, v in options.items() if k not in opt_step}, {
+                k: v for k, v in inductor.items() if k not in ind_step}
+        result["variants"][variant] = entry
+        write_result(name, result)
+        print(f"[pieces] {variant}: " + (entry.get("error") or f"{entry['call_ms']:.2f} ms"), flush=True)
+    tpf = model.tokens_per_frame(h, w)
+    result["attention_ms"] = attention_ms(cfg, fpb * tpf, (pos + 1) * fpb * tpf, device, dtype, args.repeats)
+    write_result(name, result)
+    rows = [("device", result["env"]["device"]), ("call", f"block position {pos}, {fpb} frames, {h}x{w} latents"),
+            ("attention alone", ", ".join(f"{k} {v:.3f} ms" for k, v in result["attention_ms"].items()))]
+    for variant, e in result["variants"].items():
+        if "error" in e:
+            rows.append((variant, "ERROR " + e["error"][:100]))
+            continue
+        fam = e["profile"]["by_family_ms"]
+        rows.append((variant, f"{e['call_ms']:7.2f} ms/call  compile {e['compile_s']:5.1f} s  rel.err "
+                              f"{e['rel_error_vs_first']:.1e}  | " + ", ".join(
+                                  f"{k} {v:.2f}" for k, v in sorted(fam.items(), key=lambda kv: -kv[1]))))
+    print_table(rows)
+    return result
+
+
+if __name__ == "__main__":
+    main()
