@@ -11,6 +11,7 @@ inputs. The full rollout is `benchmarks/speed.py`'s job; this isolates one call 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 import traceback
@@ -32,7 +33,27 @@ VARIANTS = {
     "no_split_reductions": ({}, {"split_reductions": False}),
     "coordinate_descent": ({}, {"coordinate_descent_tuning": True}),
     "max_autotune": ({}, {"max_autotune": True}),
+    "multi_kernel": ({}, {"triton.multi_kernel": 1}),
+    "persistent_inner_2048": ({}, {"persistent_inner_max": 2048}),
 }
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::reshape")
+
+
+def choices_handler(persistent_inner_max: int):
+    """Inductor heuristics that keep inner reductions up to `persistent_inner_max` wide in one persistent kernel
+    (the default stops at 1024; the model's rows are 1536 wide)."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class Choices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            if (features.get_reduction_hint() == ReductionHint.INNER and not cooperative_reduction
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, persistent_inner_max)):
+                return True
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+    return V.set_choices_handler(Choices())
 
 
 def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
@@ -41,10 +62,12 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
     sync(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         for _ in range(calls):
             fn()
         sync(device)
+    copies = [{"op": e.key, "shapes": str(e.input_shapes)[:200], "calls": e.count / calls}
+              for e in prof.key_averages(group_by_input_shape=True) if e.key in COPY_OPS]
     rows = []
     for e in prof.key_averages():
         if device.type == "cuda":
@@ -58,7 +81,8 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
         family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
         families[family] = families.get(family, 0.0) + ms
     return {"total_ms": sum(r[1] for r in rows), "by_family_ms": families,
-            "top": [{"name": n[:100], "ms": ms, "calls": c} for n, ms, c in rows[:14]]}
+            "top": [{"name": n[:100], "ms": ms, "calls": c} for n, ms, c in rows[:14]],
+            "host_copy_ops": sorted(copies, key=lambda c: -c["calls"])[:12]}
 
 
 def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
@@ -131,7 +155,11 @@ def main(argv: list[str] | None = None) -> dict:
             model.inference_options = dataclasses.replace(InferenceOptions(), **options)
             cache.reset()
             graphed = GraphedDiT(model, emulate=tiny)
-            with torch.no_grad(), torch._inductor.config.patch(inductor):
+            # No FX graph cache: its key does not cover the choices handler, and each variant compiles cold.
+            patch = {k: v for k, v in inductor.items() if k != "persistent_inner_max"} | {"fx_graph_cache": False}
+            handler = (choices_handler(inductor["persistent_inner_max"]) if "persistent_inner_max" in inductor
+                       else contextlib.nullcontext())
+            with torch.no_grad(), torch._inductor.config.patch(patch), handler:
                 sync(device)
                 tic = time.perf_counter()
                 for b in range(pos):  # the cached blocks before the call

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 from typing import Any
 
 import torch
@@ -45,17 +46,19 @@ class _Captured:
         self.ctx.rope = _clone_rotation(ctx.rope)
         self.ctx.cache_rope = _clone_rotation(ctx.cache_rope)
         self.out: Tensor | None = None
-
-        def call() -> Tensor | None:
-            return model(self.x, self.t, self.context, kv_cache=kv_cache, prepared=self.ctx, cache_only=cache_only)
-
-        self._call = call
+        # No closure over self: a reference cycle would keep the graph alive until the cyclic collector runs, and
+        # a graph destroyed while another is being captured breaks that capture.
+        self.model, self.kv_cache, self.cache_only = model, kv_cache, cache_only
         self.graph = None
         if emulate:
             return
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = call()
+            self.out = self._call()
+
+    def _call(self) -> Tensor | None:
+        return self.model(self.x, self.t, self.context, kv_cache=self.kv_cache, prepared=self.ctx,
+                          cache_only=self.cache_only)
 
     def replay(self, x: Tensor, t: Tensor, context: Tensor, ctx: Context) -> Tensor | None:
         self.x.copy_(x)
@@ -128,6 +131,10 @@ class GraphedDiT:
     def _capture(self, x, t, context, ctx, kv_cache, cache_only) -> _Captured | None:
         if not self.emulate and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        # No garbage collection during a capture: it may destroy a dead runner's graphs, which a capture forbids
+        # (the capture fails, and the CUDA generator is left expecting one).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
         try:
             captured = _Captured(self.model, x, t, context, ctx, kv_cache, cache_only, self._pool, self.emulate)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager for this plan
@@ -135,5 +142,8 @@ class GraphedDiT:
             if x.is_cuda:
                 torch.cuda.synchronize(x.device)
             return None
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         self.captures += 1
         return captured

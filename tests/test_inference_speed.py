@@ -120,6 +120,33 @@ def test_graph_runner_replays_each_plan_with_fresh_inputs(policy, positions):
     assert (graphed.captures, graphed.replays) == (positions * 2, 4 * 5 - positions * 2)
 
 
+def test_graph_runner_frees_its_captures_without_the_cyclic_collector(monkeypatch):
+    # A capture held by a reference cycle dies whenever the collector runs, possibly during another capture.
+    import gc
+    import weakref
+
+    from pipeline import cuda_graphs
+    model = tiny_model()
+    graphed = cuda_graphs.GraphedDiT(model, emulate=True)
+    gc_during_capture = []
+    real_init = cuda_graphs._Captured.__init__
+
+    def init(self, *args):
+        gc_during_capture.append(gc.isenabled())
+        real_init(self, *args)
+
+    monkeypatch.setattr(cuda_graphs._Captured, "__init__", init)
+    run_rollout(model, 2, denoiser=Denoiser(graphed, SCHEDULE))
+    captured = [weakref.ref(c) for c in graphed._graphs.values() if c]
+    assert captured and gc_during_capture and not any(gc_during_capture) and gc.isenabled()
+    gc.disable()
+    try:
+        del graphed
+        assert all(ref() is None for ref in captured)
+    finally:
+        gc.enable()
+
+
 def test_graph_runner_refills_the_prompt_after_a_switch():
     from pipeline.cuda_graphs import GraphedDiT
     model = tiny_model()
