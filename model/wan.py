@@ -132,7 +132,9 @@ class WanDiT(nn.Module):
     def patchify(self, x: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
         """`[B, F, C, H, W]` -> tokens `[B, F'*H'*W', D]` (frame-major, then row, then column) and the grid."""
         h = self.patch_embedding(x.transpose(1, 2).to(self.patch_embedding.weight.dtype))
-        return h.flatten(2).transpose(1, 2), tuple(h.shape[2:])
+        # Row-major tokens: the residual stream inherits this layout through every layer, and a transposed one makes
+        # each norm a strided column reduction and each elementwise kernel a transpose.
+        return h.flatten(2).transpose(1, 2).contiguous(), tuple(h.shape[2:])
 
     def unpatchify(self, h: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """`[B, L, pt*ph*pw*C]` (channel fastest) -> `[B, F, C, H, W]`."""

@@ -77,6 +77,22 @@ def test_each_inference_option_matches_the_plain_path(lever):
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
 
 
+def test_residual_stream_is_row_major_in_every_layer_and_mode():
+    # A transposed stream (the patch embedding's channels-first output, viewed) made every norm a column reduction.
+    from model.attention import BlockCausal
+    model = tiny_model()
+    layouts = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    x, t, context = torch.randn(1, 4, 4, 4, 6), torch.full((1, 4), 500.0), torch.randn(1, 6, 16)
+    cache = model.new_kv_cache(1, 4, 6, 4)
+    with torch.no_grad():
+        model(x, t[:, 0], context)
+        model(x, t, context, block_causal=BlockCausal(frames_per_block=2))
+        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
+    assert len(layouts) == 3 * len(model.blocks) and all(layouts)
+
+
 def test_fused_qkv_follows_weight_updates():
     model = tiny_model()
     model.inference_options = InferenceOptions(fused_qkv=True)
