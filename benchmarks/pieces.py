@@ -85,36 +85,55 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
             "host_copy_ops": sorted(copies, key=lambda c: -c["calls"])[:12]}
 
 
-def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
-    """The call's attentions alone (the configured back-end): self-attention over `keys` cached tokens, and
-    cross-attention over the padded prompt (text_len keys) or over a short prompt's tokens plus one key standing for
-    all pad rows (additive bias log(pad rows): the same softmax, as the pad rows' keys are identical)."""
-    from model.attention import attention
-    q = torch.randn(1, tokens, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
-    out = {}
-    for label, n, bias in (("self", keys, None), ("cross_padded", cfg.text_len, None),
-                           ("cross_128_plus_pad_key", min(129, cfg.text_len), True)):
-        k = torch.randn(1, n, cfg.num_heads, cfg.head_dim, device=device, dtype=dtype)
-        mask = None
-        if bias:
-            mask = torch.zeros(1, 1, 1, n, device=device, dtype=dtype)
-            mask[..., -1] = float(cfg.text_len - n + 1)
-            mask = mask.log1p()  # log(pad rows) on the pad key, 0 elsewhere
+def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch.dtype, repeats: int,
+                 kernels: str) -> dict:
+    """The call's attentions alone, median ms (event-free: synchronised wall clock over one launch).
 
-        def fn():
-            if mask is None:
-                return attention(q, k, k)
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), attn_mask=mask)
-        fn()
-        sync(device)
-        times = []
-        for _ in range(repeats):
-            tic = time.perf_counter()
-            fn()
+    self / cross: the configured back-end on the model's layouts (`[B, L, heads, head_dim]` views, the KV cache's
+    token-major slots). Then, for the self-attention shape, each of `kernels`: "cudnn_bhld" (cuDNN on head-major
+    contiguous tensors), "flex" (compiled flex attention, no mask), "flex_autotune" (the same, max-autotune)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from model.attention import attention
+    heads, dim = cfg.num_heads, cfg.head_dim
+    q = torch.randn(1, tokens, heads, dim, device=device, dtype=dtype)
+    k = torch.randn(1, keys, heads, dim, device=device, dtype=dtype)
+    text = torch.randn(1, cfg.text_len, heads, dim, device=device, dtype=dtype)
+    qh, kh = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+    fns = {"self": lambda: attention(q, k, k), "cross": lambda: attention(q, text, text)}
+    for kernel in [x for x in kernels.split(",") if x]:
+        if kernel == "cudnn_bhld":
+            def cudnn_bhld():
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(qh, kh, kh)
+            fns[kernel] = cudnn_bhld
+        elif kernel in ("flex", "flex_autotune"):
+            from torch.nn.attention.flex_attention import flex_attention
+            mode = "max-autotune-no-cudagraphs" if kernel == "flex_autotune" else None
+            flex = torch.compile(flex_attention, dynamic=False, mode=mode)
+            fns[kernel] = lambda flex=flex: flex(qh, kh, kh)
+        else:
+            raise ValueError(f"unknown attention kernel {kernel!r}")
+    out = {}
+    reference = fns["self"]().transpose(1, 2).float()
+    for label, fn in fns.items():
+        try:
+            result = fn()
             sync(device)
-            times.append((time.perf_counter() - tic) * 1000.0)
-        out[label] = sorted(times)[len(times) // 2]
+            times = []
+            for _ in range(repeats):
+                tic = time.perf_counter()
+                fn()
+                sync(device)
+                times.append((time.perf_counter() - tic) * 1000.0)
+            out[label] = sorted(times)[len(times) // 2]
+            if label not in ("self", "cross"):
+                out[label + "_rel_err"] = rel_error(result, reference)
+        except Exception as err:  # noqa: BLE001 - a kernel that does not run here is a fact to record
+            out[label] = f"{type(err).__name__}: {str(err)[:200]}"
+    flops = 4.0 * tokens * keys * heads * dim
+    out["self_tflops"] = {label: flops / (ms * 1e9) for label, ms in out.items()
+                          if label not in ("cross",) and not label.endswith("_rel_err") and isinstance(ms, float)}
     return out
 
 
@@ -127,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--frames-per-block", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--attention-kernels", default="cudnn_bhld,flex,flex_autotune",
+                        help="extra kernels timed on the self-attention shape (see attention_ms)")
     parser.add_argument("--name", default="pieces")
     args = parser.parse_args(argv)
     tiny = args.size == "tiny"
@@ -197,10 +218,13 @@ def main(argv: list[str] | None = None) -> dict:
         write_result(name, result)
         print(f"[pieces] {variant}: " + (entry.get("error") or f"{entry['call_ms']:.2f} ms"), flush=True)
     tpf = model.tokens_per_frame(h, w)
-    result["attention_ms"] = attention_ms(cfg, fpb * tpf, (pos + 1) * fpb * tpf, device, dtype, args.repeats)
+    result["attention_ms"] = attention_ms(cfg, fpb * tpf, (pos + 1) * fpb * tpf, device, dtype, args.repeats,
+                                          args.attention_kernels if not tiny else "cudnn_bhld")
     write_result(name, result)
     rows = [("device", result["env"]["device"]), ("call", f"block position {pos}, {fpb} frames, {h}x{w} latents"),
-            ("attention alone", ", ".join(f"{k} {v:.3f} ms" for k, v in result["attention_ms"].items()))]
+            ("attention alone", ", ".join(f"{k} {v:.3f} ms" for k, v in result["attention_ms"].items()
+                                          if isinstance(v, float) and not k.endswith("_rel_err"))),
+            ("self-attention TFLOP/s", ", ".join(f"{k} {v:.0f}" for k, v in result["attention_ms"]["self_tflops"].items()))]
     for variant, e in result["variants"].items():
         if "error" in e:
             rows.append((variant, "ERROR " + e["error"][:100]))
