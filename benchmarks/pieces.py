@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("device", result["env"]["device"]), ("call", f"block position {pos}, {fpb} frames, {h}x{w} latents"),
             ("attention alone", ", ".join(f"{k} {v:.3f} ms" for k, v in result["attention_ms"].items()
                                           if isinstance(v, float) and not k.endswith("_rel_err"))),
-            ("self-attention TFLOP/s", ", ".join(f"{k} {v:.0f}" for k, v in result["attention_ms"]["self_tflops"].items()))]
+            ("self-attention TFLOP/s", ", ".join(f"{k} {v:.0f}"
+                                                 for k, v in result["attention_ms"]["self_tflops"].items()))]
     for variant, e in result["variants"].items():
         if "error" in e:
             rows.append((variant, "ERROR " + e["error"][:100]))
