@@ -70,6 +70,8 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
               for e in prof.key_averages(group_by_input_shape=True) if e.key in COPY_OPS]
     rows = []
     for e in prof.key_averages():
+        if e.key.startswith("## "):  # a profiler range (e.g. a compiled graph's call), not a kernel
+            continue
         if device.type == "cuda":
             if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
                 rows.append((e.key, e.self_device_time_total / 1000.0 / calls, e.count / calls))

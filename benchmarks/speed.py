@@ -261,6 +261,7 @@ def profile_rollout(bench: Bench, s: Setting) -> dict:
                 if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
     else:
         rows = [(e.key, e.self_cpu_time_total / 1000.0, e.count) for e in events if e.self_cpu_time_total > 0]
+    rows = [r for r in rows if not r[0].startswith("## ")]  # profiler ranges (a compiled graph's call), not kernels
     rows.sort(key=lambda r: -r[1])
     families: dict[str, float] = {}
     for name, ms, _ in rows:

@@ -18,7 +18,12 @@ def rows() -> list[str]:
         data = json.loads(path.read_text())
         env = data.get("env", {})
         head = f"| `{path.name}` | {env.get('device', '?')} | {env.get('torch', '?')} "
-        if "total_ms" in data and "block_ms" in data:
+        if "mp4_bytes" in data:  # benchmarks/demo_smoke.py: the demo's routes end to end
+            blocks = data["block_ms"]
+            out.append(head + f"| demo app, {data['blocks']} blocks, {data['frames']} frames | first block "
+                              f"{blocks[0]:.0f} ms, then {min(blocks[1:]):.0f}-{max(blocks[1:]):.0f} ms a block "
+                              f"(Wan VAE decode included), mp4 {data['mp4_bytes'] / 2**20:.1f} MiB |")
+        elif "total_ms" in data and "block_ms" in data:
             blocks = data["block_ms"]
             figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, {data['frames_per_s_dit_only']:.1f} frames/s "
                       f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms")
@@ -48,6 +53,11 @@ def rows() -> list[str]:
                               f"{data['ms_per_step_median'] / 1000:.1f} s/step median, "
                               f"{data['ms_per_step_mean'] / 1000:.1f} s mean over {len(data['ms_per_step'])} steps, "
                               f"peak {memory} per rank |")
+        elif "runs" in data and all("variants" in r for r in data["runs"]):  # benchmarks/pieces.py runs
+            for run in data["runs"]:
+                parts = [f"{name} {v['call_ms']:.1f} ms" + (f" (other+copy {v['profile']['by_family_ms'].get('other', 0) + v['profile']['by_family_ms'].get('copy', 0):.1f})" if "profile" in v else "")
+                         for name, v in run["variants"].items() if "call_ms" in v]
+                out.append(head + f"| one cached call, {run['label']} | {'; '.join(parts)} |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]

@@ -101,12 +101,13 @@ class InferenceOptions:
     cache_pass_kv_only: bool = True
     fused_qkv: bool = False
     compile: bool = False
-    gelu_epilogue: bool = False
-    fused_cache_write: bool = False
+    gelu_epilogue: bool = True
+    fused_cache_write: bool = True
 
     @classmethod
     def all_off(cls) -> InferenceOptions:
-        return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False, compile=False)
+        return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False, compile=False,
+                   gelu_epilogue=False, fused_cache_write=False)
 
 
 class Context:
