@@ -35,13 +35,15 @@ VARIANTS = {
     "max_autotune": ({}, {"max_autotune": True}),
     "multi_kernel": ({}, {"triton.multi_kernel": 1}),
     "persistent_inner_2048": ({}, {"persistent_inner_max": 2048}),
+    "persistent_norms_2048": ({}, {"persistent_inner_max": 2048, "persistent_welford_only": True}),
 }
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::reshape")
 
 
-def choices_handler(persistent_inner_max: int):
+def choices_handler(persistent_inner_max: int, welford_only: bool = False):
     """Inductor heuristics that keep inner reductions up to `persistent_inner_max` wide in one persistent kernel
-    (the default stops at 1024; the model's rows are 1536 wide)."""
+    (the default stops at 1024; the model's rows are 1536 wide); `welford_only`: only mean/variance reductions (the
+    layer norms), not the RMS norms fused with RoPE."""
     from torch._inductor.choices import InductorChoices
     from torch._inductor.runtime.hints import ReductionHint
     from torch._inductor.virtualized import V
@@ -49,7 +51,10 @@ def choices_handler(persistent_inner_max: int):
     class Choices(InductorChoices):
         @staticmethod
         def should_use_persistent_reduction(features, cooperative_reduction):
+            welford = any(getattr(n.node, "get_reduction_type", lambda: None)() in ("welford_reduce", "welford_combine")
+                          for n in features.reduction_nodes())
             if (features.get_reduction_hint() == ReductionHint.INNER and not cooperative_reduction
+                    and (welford or not welford_only)
                     and V.graph.sizevars.statically_known_leq(features.reduction_numel, persistent_inner_max)):
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
@@ -179,9 +184,10 @@ def main(argv: list[str] | None = None) -> dict:
             cache.reset()
             graphed = GraphedDiT(model, emulate=tiny)
             # No FX graph cache: its key does not cover the choices handler, and each variant compiles cold.
-            patch = {k: v for k, v in inductor.items() if k != "persistent_inner_max"} | {"fx_graph_cache": False}
-            handler = (choices_handler(inductor["persistent_inner_max"]) if "persistent_inner_max" in inductor
-                       else contextlib.nullcontext())
+            ours = ("persistent_inner_max", "persistent_welford_only")
+            patch = {k: v for k, v in inductor.items() if k not in ours} | {"fx_graph_cache": False}
+            handler = (choices_handler(inductor["persistent_inner_max"], inductor.get("persistent_welford_only", False))
+                       if "persistent_inner_max" in inductor else contextlib.nullcontext())
             with torch.no_grad(), torch._inductor.config.patch(patch), handler:
                 sync(device)
                 tic = time.perf_counter()
