@@ -74,3 +74,24 @@ def test_steady_block_is_the_median_once_the_rolling_window_is_full():
     assert steady_block_ms(blocks, window_frames=21, frames_per_block=3) == 201.0
     assert steady_block_ms([500.0, 50.0, 60.0, 70.0, 80.0, 90.0, 99.0], window_frames=-1) == 80.0  # last 5
     assert steady_block_ms([7.0, 9.0], window_frames=21) == 9.0  # shorter than the window: all blocks
+
+
+@pytest.mark.slow
+def test_pieces_benchmark_times_each_variant_against_the_first(tmp_path, monkeypatch):
+    pieces = benchmark_module("pieces")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    pieces.main(["--size", "tiny", "--repeats", "2", "--variants", "compiled,gelu_epilogue,fused_cache_write"])
+    saved = json.loads((tmp_path / "pieces_tiny_cpu.json").read_text())
+    assert list(saved["variants"]) == ["compiled", "gelu_epilogue", "fused_cache_write"]
+    for name, entry in saved["variants"].items():
+        assert "error" not in entry, (name, entry.get("traceback"))
+        assert entry["call_ms"] > 0 and entry["compile_s"] > 0 and not entry["graph_errors"]
+        # float32 on the CPU: the levers are exact there (the GELU epilogue keeps the plain path off CUDA)
+        assert entry["rel_error_vs_first"] < 1e-5, name
+        profile = entry["profile"]
+        assert profile["top"] and sum(profile["by_family_ms"].values()) == pytest.approx(profile["total_ms"])
+    # cumulative: each variant keeps the switches of the ones before
+    assert saved["variants"]["fused_cache_write"]["options"] == {"fused_qkv": True, "compile": True,
+                                                                 "gelu_epilogue": True, "fused_cache_write": True}
+    attention = saved["attention_ms"]
+    assert attention["self"] > 0 and attention["cross"] > 0 and attention["self_tflops"]["self"] > 0
