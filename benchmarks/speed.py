@@ -307,8 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip sections once this much time is spent")
     parser.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
                         help="torch._inductor.config settings for every compiled entry, e.g. split_reductions=False")
+    parser.add_argument("--persistent-norms", action="store_true",
+                        help="compile the layer norms as persistent reductions (benchmarks/pieces.py's handler)")
     parser.add_argument("--name", default="speed")
     args = parser.parse_args(argv)
+    if args.persistent_norms:  # stays set for this thread: every compile below uses it
+        from pieces import choices_handler
+        choices_handler(2048, welford_only=True)
+        torch._inductor.config.fx_graph_cache = False  # its key does not cover the handler
     for item in [x for x in args.inductor.split(",") if x]:
         key, _, value = item.partition("=")
         setattr(torch._inductor.config, key.strip(), ast.literal_eval(value.strip()))
