@@ -26,7 +26,7 @@ from model.wan_block import InferenceOptions
 from pipeline.cuda_graphs import GraphedDiT
 
 # The options every variant starts from: the defaults without the levers measured here.
-PIECES_BASE = InferenceOptions(gelu_epilogue=False, fused_cache_write=False)
+PIECES_BASE = InferenceOptions(gelu_epilogue=False, fused_cache_write=False, persistent_norms=False)
 # name -> (InferenceOptions switches, inductor config), each on top of the previous variant's.
 VARIANTS = {
     "compiled": ({"fused_qkv": True, "compile": True}, {}),
@@ -37,30 +37,17 @@ VARIANTS = {
     "max_autotune": ({}, {"max_autotune": True}),
     "multi_kernel": ({}, {"triton.multi_kernel": 1}),
     "persistent_inner_2048": ({}, {"persistent_inner_max": 2048}),
-    "persistent_norms_2048": ({}, {"persistent_inner_max": 2048, "persistent_welford_only": True}),
+    "persistent_norms": ({"persistent_norms": True}, {}),
 }
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::reshape")
 
 
-def choices_handler(persistent_inner_max: int, welford_only: bool = False):
-    """Inductor heuristics that keep inner reductions up to `persistent_inner_max` wide in one persistent kernel
-    (the default stops at 1024; the model's rows are 1536 wide); `welford_only`: only mean/variance reductions (the
-    layer norms), not the RMS norms fused with RoPE."""
-    from torch._inductor.choices import InductorChoices
-    from torch._inductor.runtime.hints import ReductionHint
-    from torch._inductor.virtualized import V
-
-    class Choices(InductorChoices):
-        @staticmethod
-        def should_use_persistent_reduction(features, cooperative_reduction):
-            welford = any(getattr(n.node, "get_reduction_type", lambda: None)() in ("welford_reduce", "welford_combine")
-                          for n in features.reduction_nodes())
-            if (features.get_reduction_hint() == ReductionHint.INNER and not cooperative_reduction
-                    and (welford or not welford_only)
-                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, persistent_inner_max)):
-                return True
-            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
-    return V.set_choices_handler(Choices())
+def choices_handler(persistent_inner_max: int):
+    """Inductor heuristics keeping every inner reduction up to `persistent_inner_max` wide in one persistent kernel
+    (the default stops at 1024; the model's rows are 1536 wide). The kept lever, `persistent_norms`, does this for
+    the layer norms only."""
+    from model.inductor_heuristics import persistent_reductions
+    return persistent_reductions(persistent_inner_max, welford_only=False)
 
 
 def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
@@ -186,10 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
             cache.reset()
             graphed = GraphedDiT(model, emulate=tiny)
             # No FX graph cache: its key does not cover the choices handler, and each variant compiles cold.
-            ours = ("persistent_inner_max", "persistent_welford_only")
-            patch = {k: v for k, v in inductor.items() if k not in ours} | {"fx_graph_cache": False}
-            handler = (choices_handler(inductor["persistent_inner_max"], inductor.get("persistent_welford_only", False))
-                       if "persistent_inner_max" in inductor else contextlib.nullcontext())
+            patch = {k: v for k, v in inductor.items() if k != "persistent_inner_max"} | {"fx_graph_cache": False}
+            handler = (choices_handler(inductor["persistent_inner_max"]) if "persistent_inner_max" in inductor
+                       else contextlib.nullcontext())
             with torch.no_grad(), torch._inductor.config.patch(patch), handler:
                 sync(device)
                 tic = time.perf_counter()

@@ -38,7 +38,7 @@ from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder
 
 LEVERS = ("eager", "rope_real", "xattn_cache", "fused_qkv", "sdpa", "compile", "cudagraph", "gelu_epilogue",
-          "fused_cache_write")
+          "fused_cache_write", "persistent_norms")
 # Relative L2 error of the final latents vs eager allowed per dtype: bf16 rounding differs with fused/reordered
 # kernels and grows through 7 autoregressive blocks x 4 steps; float32 differences are rounding only.
 ERROR_BOUND = {torch.bfloat16: 5e-2, torch.float16: 5e-2, torch.float32: 1e-4}
@@ -66,7 +66,7 @@ def apply_lever(s: Setting, lever: str, bench: Bench) -> None:
         o.compile = True
     elif lever == "cudagraph":
         s.graphs = True
-    elif lever in ("gelu_epilogue", "fused_cache_write"):
+    elif lever in ("gelu_epilogue", "fused_cache_write", "persistent_norms"):
         setattr(o, lever, True)
     elif lever != "eager":
         raise ValueError(f"unknown lever {lever!r}; expected one of {LEVERS}")
@@ -307,14 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-s", type=float, default=300.0, help="skip sections once this much time is spent")
     parser.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
                         help="torch._inductor.config settings for every compiled entry, e.g. split_reductions=False")
-    parser.add_argument("--persistent-norms", action="store_true",
-                        help="compile the layer norms as persistent reductions (benchmarks/pieces.py's handler)")
     parser.add_argument("--name", default="speed")
     args = parser.parse_args(argv)
-    if args.persistent_norms:  # stays set for this thread: every compile below uses it
-        from pieces import choices_handler
-        choices_handler(2048, welford_only=True)
-        torch._inductor.config.fx_graph_cache = False  # its key does not cover the handler
     for item in [x for x in args.inductor.split(",") if x]:
         key, _, value = item.partition("=")
         setattr(torch._inductor.config, key.strip(), ast.literal_eval(value.strip()))

@@ -55,9 +55,20 @@ def rows() -> list[str]:
                               f"peak {memory} per rank |")
         elif "runs" in data and all("variants" in r for r in data["runs"]):  # benchmarks/pieces.py runs
             for run in data["runs"]:
-                parts = [f"{name} {v['call_ms']:.1f} ms" + (f" (other+copy {v['profile']['by_family_ms'].get('other', 0) + v['profile']['by_family_ms'].get('copy', 0):.1f})" if "profile" in v else "")
-                         for name, v in run["variants"].items() if "call_ms" in v]
+                parts = []
+                for variant, v in run["variants"].items():
+                    if "call_ms" not in v:
+                        continue
+                    fam = v.get("profile", {}).get("by_family_ms", {})
+                    elementwise = f" (other+copy {fam.get('other', 0) + fam.get('copy', 0):.1f})" if fam else ""
+                    parts.append(f"{variant} {v['call_ms']:.1f} ms{elementwise}")
+                rates = run.get("attention_ms", {}).get("self_tflops", {})
+                if len(rates) > 1:  # several attention kernels were timed on the call's shape
+                    parts.append("self-attention TFLOP/s " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items()))
                 out.append(head + f"| one cached call, {run['label']} | {'; '.join(parts)} |")
+        elif "codecs" in data:  # benchmarks/decode.py
+            parts = [f"{label} {e['total_ms']:.0f} ms ({e['frames_per_s']:.1f} frames/s)" for label, e in data["codecs"].items()]
+            out.append(head + f"| streamed decode alone, {data['args']['blocks']} blocks | {'; '.join(parts)} |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]

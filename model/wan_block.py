@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from model.attention import AttentionMask, attention
 from model.config import WanConfig
+from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import CacheWrite, KVCache
 from model.rope import Rotation, apply_rope
 
@@ -94,6 +95,8 @@ class InferenceOptions:
       plain path), so the 8960-wide hidden activation is written once instead of written, read and written again.
     fused_cache_write: the piece that makes K/V writes them straight into the cache slots (no grad, plain slot
       writes) instead of returning them for a separate copy.
+    persistent_norms: with `compile`, the layer norms' reductions as persistent kernels
+      (`model/inductor_heuristics.py`).
     """
 
     fused_rope: bool = True
@@ -103,11 +106,12 @@ class InferenceOptions:
     compile: bool = False
     gelu_epilogue: bool = True
     fused_cache_write: bool = True
+    persistent_norms: bool = True
 
     @classmethod
     def all_off(cls) -> InferenceOptions:
         return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False, compile=False,
-                   gelu_epilogue=False, fused_cache_write=False)
+                   gelu_epilogue=False, fused_cache_write=False, persistent_norms=False)
 
 
 class Context:
@@ -131,7 +135,7 @@ class Context:
         return [t for r in rotations for t in r.tensors()]
 
     def piece(self, fn):
-        return _compiled(fn) if self.compiled else fn
+        return _compiled(fn, self.options.persistent_norms) if self.compiled else fn
 
 
 def _grouped(h: Tensor, groups: int) -> Tensor:
@@ -189,8 +193,17 @@ def _ffn(ffn: nn.Sequential, h: Tensor, gelu_epilogue: bool) -> Tensor:
 
 
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+def _compiled(fn, persistent_norms: bool):
+    if not persistent_norms:
+        # Inductor's on-disk graph cache does not key on the heuristics below: only their compiles may fill it.
+        return torch.compile(fn, fullgraph=True, dynamic=False, options={"fx_graph_cache": False})
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    @functools.wraps(fn)
+    def call(*args):
+        with persistent_reductions():  # compilation happens inside the first call
+            return compiled(*args)
+    return call
 
 
 class WanBlock(nn.Module):
