@@ -3,12 +3,13 @@
 Inductor keeps an inner reduction in one persistent kernel (the whole row in registers) only up to 1024 elements;
 wider rows get a looped kernel that reads each row twice (statistics, then the normalised output). The 1.3B model's
 rows are 1536 wide: its layer norms (mean/variance, a Welford reduction) as persistent kernels took 14 us instead of
-24 us each on an H100, and the 7-block rollout 1831 ms instead of 1882 (`benchmarks/speed.py --persistent-norms`,
-`benchmarks/results/speed_persistent_norms_h100.json`). The RMS norms fused with RoPE got slower that way
-(`benchmarks/results/pieces_h100.json`), hence `welford_only`.
+24 us each on an H100, and the 7-block rollout 1831 ms instead of 1882
+(`benchmarks/results/speed_persistent_norms_h100.json`; `benchmarks/speed.py`'s `persistent_norms` lever). The RMS
+norms fused with RoPE got slower that way (`benchmarks/results/pieces_h100.json`), hence `welford_only`.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 
 import sympy
@@ -35,8 +36,14 @@ def persistent_reductions(max_width: int = PERSISTENT_NORM_WIDTH, welford_only: 
                           ) -> AbstractContextManager[None]:
     """A context under which inductor compiles with `wants_persistent` added to its choices (this thread only).
     Enter it around the first call of a compiled function: compilation happens there."""
-    from torch._inductor.choices import InductorChoices
     from torch._inductor.virtualized import V
+    return V.set_choices_handler(_choices(max_width, welford_only))
+
+
+@functools.cache
+def _choices(max_width: int, welford_only: bool):
+    """One handler per setting: entering the context on every call of a compiled piece stays cheap."""
+    from torch._inductor.choices import InductorChoices
 
     class Choices(InductorChoices):
         @staticmethod
@@ -45,4 +52,4 @@ def persistent_reductions(max_width: int = PERSISTENT_NORM_WIDTH, welford_only: 
                 return True
             return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
 
-    return V.set_choices_handler(Choices())
+    return Choices()
