@@ -95,3 +95,16 @@ def test_pieces_benchmark_times_each_variant_against_the_first(tmp_path, monkeyp
                                                                  "gelu_epilogue": True, "fused_cache_write": True}
     attention = saved["attention_ms"]
     assert attention["self"] > 0 and attention["cross"] > 0 and attention["self_tflops"]["self"] > 0
+
+
+@pytest.mark.slow
+def test_decode_benchmark_times_each_codec_with_and_without_the_algorithm_search(tmp_path, monkeypatch):
+    decode = benchmark_module("decode")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    decode.main(["--size", "tiny", "--repeats", "1", "--codecs", "wan_vae_cl,taehv", "--blocks", "2"])
+    saved = json.loads((tmp_path / "decode_tiny_cpu.json").read_text())
+    assert set(saved["codecs"]) == {"wan_vae_cl", "wan_vae_cl cudnn_benchmark", "taehv", "taehv cudnn_benchmark"}
+    for label, entry in saved["codecs"].items():
+        assert entry["pixel_frames"] == 1 + 4 * 5, label  # 6 latent frames: the first alone, then 4 per latent
+        assert 0 < entry["first_block_ms"] <= entry["total_ms"], label
+    assert not torch.backends.cudnn.benchmark  # restored
