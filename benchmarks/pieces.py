@@ -87,7 +87,8 @@ def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch
 
     self / cross: the configured back-end on the model's layouts (`[B, L, heads, head_dim]` views, the KV cache's
     token-major slots). Then, for the self-attention shape, each of `kernels`: "cudnn_bhld" (cuDNN on head-major
-    contiguous tensors), "flex" (compiled flex attention, no mask), "flex_autotune" (the same, max-autotune)."""
+    contiguous tensors), "flex" (compiled flex attention, no mask), "flex_autotune" (the same, max-autotune),
+    "flash_attn" (the installed flash-attn 3, 4 or 2, on the model's layouts)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from model.attention import attention
@@ -103,6 +104,13 @@ def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch
                 with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                     return torch.nn.functional.scaled_dot_product_attention(qh, kh, kh)
             fns[kernel] = cudnn_bhld
+        elif kernel == "flash_attn":
+            from model.attention import _flash_attn_func
+            flash = _flash_attn_func()
+
+            def missing():
+                raise ImportError("none of flash-attn 3, 4 or 2 is installed")
+            fns[kernel] = missing if flash is None else (lambda flash=flash: flash(q, k, k).transpose(1, 2))
         elif kernel in ("flex", "flex_autotune"):
             from torch.nn.attention.flex_attention import flex_attention
             mode = "max-autotune-no-cudagraphs" if kernel == "flex_autotune" else None

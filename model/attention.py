@@ -1,8 +1,8 @@
 """Attention back-ends (chosen here and nowhere else) and the block-causal masks of the causal DiT.
 
-Back-end order for unmasked attention: flash-attn 3 -> flash-attn 2 (CUDA, half precision, when installed) ->
-torch SDPA (cuDNN/flash kernels on GPU, math on CPU); `set_attention_backend` pins one (e.g. cuDNN SDPA where the
-speed benchmark finds it fastest). Masked (block-causal) attention uses flex attention on CUDA
+Back-end order for unmasked attention: flash-attn 3 -> flash-attn 4 -> flash-attn 2 (CUDA, half precision, when
+installed) -> torch SDPA (cuDNN/flash kernels on GPU, math on CPU); `set_attention_backend` pins one (e.g. cuDNN SDPA
+where the speed benchmark finds it fastest). Masked (block-causal) attention uses flex attention on CUDA
 and SDPA with the equivalent dense boolean mask on CPU, where compiling flex attention costs ~20 s per shape.
 """
 from __future__ import annotations
@@ -25,6 +25,15 @@ def _flash_attn_func():
             out = fa3(q, k, v)
             return out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
         return flash3
+    except ImportError:
+        pass
+    try:
+        from flash_attn.cute import flash_attn_func as fa4  # flash-attn 4 (CuTe DSL; Hopper and Blackwell)
+
+        def flash4(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            out = fa4(q, k, v)
+            return out[0] if isinstance(out, tuple) else out
+        return flash4
     except ImportError:
         pass
     try:
@@ -153,7 +162,7 @@ def set_attention_backend(name: str) -> None:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
     if name == "flash_attn" and _flash_attn_func() is None:
-        raise ValueError("attention backend flash_attn: neither flash-attn 3 nor 2 is installed")
+        raise ValueError("attention backend flash_attn: none of flash-attn 3, 4 or 2 is installed")
     _backend = name
 
 

@@ -1,0 +1,62 @@
+"""Choosing the unmasked attention back-end: flash-attn 3, then 4, then 2 when installed (faked here), SDPA
+otherwise, and clear errors for a back-end that cannot run."""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from model import attention as backends
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Fake flash-attn packages: `installed("fa3", "fa4", "fa2")`; the rest are made unimportable."""
+    def install(*names):
+        marks = {"fa3": 3.0, "fa4": 4.0, "fa2": 2.0}
+        fake = {}
+        for name, mark in marks.items():
+            # each returns its mark so the test sees which ran; flash-attn 4 (and some 3) also return the LSE
+            def func(q, k, v, mark=mark, with_lse=name != "fa2"):
+                out = torch.full_like(q, mark)
+                return (out, None) if with_lse else out
+            fake[name] = func if name in names else None
+        package = types.ModuleType("flash_attn")
+        if fake["fa2"]:
+            package.flash_attn_func = fake["fa2"]
+        cute = types.ModuleType("flash_attn.cute")
+        if fake["fa4"]:
+            cute.flash_attn_func = fake["fa4"]
+        interface = types.ModuleType("flash_attn_interface")
+        interface.flash_attn_func = fake["fa3"]
+        monkeypatch.setitem(sys.modules, "flash_attn_interface", interface if fake["fa3"] else None)
+        monkeypatch.setitem(sys.modules, "flash_attn", package if (fake["fa2"] or fake["fa4"]) else None)
+        monkeypatch.setitem(sys.modules, "flash_attn.cute", cute if fake["fa4"] else None)
+        backends._flash_attn_func.cache_clear()
+    yield install
+    backends._flash_attn_func.cache_clear()
+    backends.set_attention_backend("auto")
+
+
+@pytest.mark.parametrize("names, expected", [(("fa3", "fa4", "fa2"), 3.0), (("fa4", "fa2"), 4.0), (("fa2",), 2.0)])
+def test_the_newest_installed_flash_attn_is_chosen_and_returns_only_the_output(installed, names, expected):
+    installed(*names)
+    q = torch.randn(1, 5, 2, 8)
+    out = backends._flash_attn_func()(q, q, q)
+    assert isinstance(out, torch.Tensor) and torch.all(out == expected)
+
+
+def test_without_flash_attn_the_backend_cannot_be_pinned_and_auto_uses_sdpa(installed):
+    installed()
+    assert backends._flash_attn_func() is None
+    with pytest.raises(ValueError, match="none of flash-attn 3, 4 or 2"):
+        backends.set_attention_backend("flash_attn")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        backends.set_attention_backend("flash")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 8, generator=g) for _ in range(3))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
+    reference = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
+    torch.testing.assert_close(backends.attention(q, k, v), reference, atol=1e-5, rtol=1e-5)
