@@ -14,4 +14,5 @@ if [ ! -d "$fa4_site" ]; then
     && cat "${fa4_parts[@]}" | xz -d | tar -C "$fa4_site.tmp" -xf - \
     && mv "$fa4_site.tmp" "$fa4_site" || { echo "fa4_site.sh: install failed" >&2; return 1 2>/dev/null || exit 1; }
 fi
-export PYTHONPATH="$fa4_site:${PYTHONPATH:-}"
+# The runtime's .pth file (which adds its dsl_packages folder) is only read in site-packages, not on PYTHONPATH.
+export PYTHONPATH="$fa4_site:$fa4_site/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}"
