@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,34 @@ def timed(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> tuple[
         times.append((time.perf_counter() - tic) * 1000.0)
     times.sort()
     return times[len(times) // 2], out
+
+
+# Kernel families by name (cuBLAS/CUTLASS GEMMs, flash/cuDNN attention, copies); the rest is elementwise work
+# (norms, modulation, RoPE, casts): the part the speed issue says to fuse away.
+KERNEL_FAMILIES = (("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(add|b)?mm$|aten::linear$", re.I)),
+                   ("attention", re.compile(r"flash|fmha|sdpa|attention|cudnn", re.I)),
+                   ("copy", re.compile(r"memcpy|memset|copy|cat_", re.I)))
+
+
+def kernel_table(prof, cuda: bool, calls: int = 1, top: int = 20) -> dict:
+    """A finished `torch.profiler` run as device time per kernel family and the top kernels (CPU: self time per
+    operator), per call of `calls`. Profiler ranges ("## ...", e.g. a compiled graph's call) are not kernels."""
+    rows = []
+    for e in prof.key_averages():
+        if e.key.startswith("## "):
+            continue
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+            rows.append((e.key, e.self_device_time_total / 1000.0 / calls, e.count / calls))
+        elif not cuda and e.self_cpu_time_total > 0:
+            rows.append((e.key, e.self_cpu_time_total / 1000.0 / calls, e.count / calls))
+    rows.sort(key=lambda r: -r[1])
+    families: dict[str, float] = {}
+    for name, ms, _ in rows:
+        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+        families[family] = families.get(family, 0.0) + ms
+    return {"what": "device time per kernel" if cuda else "CPU self time per operator",
+            "total_ms": sum(r[1] for r in rows), "by_family_ms": families,
+            "top": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in rows[:top]]}
 
 
 def steady_block_ms(block_ms: list[float], window_frames: int = -1, frames_per_block: int = 3) -> float:

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
             result["codecs"][label] = entry
             rows.append((label, f"{total_ms:8.1f} ms  {entry['frames_per_s']:6.1f} frames/s  first block "
                                 f"{first_ms:6.1f} ms  ({frames} frames)"))
-            del codec
             write_result(name, result)
     torch.backends.cudnn.benchmark = False
     print_table(rows)

@@ -17,8 +17,8 @@ import time
 import traceback
 
 import torch
-from common import environment, print_table, random_dit, sync, tiny_config, write_result
-from speed import KERNEL_FAMILIES, rel_error
+from common import environment, kernel_table, print_table, random_dit, sync, timed, tiny_config, write_result
+from speed import rel_error
 
 from model import wan_block
 from model.config import WAN_1_3B
@@ -62,23 +62,8 @@ def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
         sync(device)
     copies = [{"op": e.key, "shapes": str(e.input_shapes)[:200], "calls": e.count / calls}
               for e in prof.key_averages(group_by_input_shape=True) if e.key in COPY_OPS]
-    rows = []
-    for e in prof.key_averages():
-        if e.key.startswith("## "):  # a profiler range (e.g. a compiled graph's call), not a kernel
-            continue
-        if device.type == "cuda":
-            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
-                rows.append((e.key, e.self_device_time_total / 1000.0 / calls, e.count / calls))
-        elif e.self_cpu_time_total > 0:
-            rows.append((e.key, e.self_cpu_time_total / 1000.0 / calls, e.count / calls))
-    rows.sort(key=lambda r: -r[1])
-    families: dict[str, float] = {}
-    for name, ms, _ in rows:
-        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
-        families[family] = families.get(family, 0.0) + ms
-    return {"total_ms": sum(r[1] for r in rows), "by_family_ms": families,
-            "top": [{"name": n[:100], "ms": ms, "calls": c} for n, ms, c in rows[:14]],
-            "host_copy_ops": sorted(copies, key=lambda c: -c["calls"])[:12]}
+    return dict(kernel_table(prof, device.type == "cuda", calls, top=14),
+                host_copy_ops=sorted(copies, key=lambda c: -c["calls"])[:12])
 
 
 def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch.dtype, repeats: int,
@@ -122,15 +107,7 @@ def attention_ms(cfg, tokens: int, keys: int, device: torch.device, dtype: torch
     reference = fns["self"]().transpose(1, 2).float()
     for label, fn in fns.items():
         try:
-            result = fn()
-            sync(device)
-            times = []
-            for _ in range(repeats):
-                tic = time.perf_counter()
-                fn()
-                sync(device)
-                times.append((time.perf_counter() - tic) * 1000.0)
-            out[label] = sorted(times)[len(times) // 2]
+            out[label], result = timed(fn, device, repeats=repeats)  # the warm-up call compiles flex
             if label not in ("self", "cross"):
                 out[label + "_rel_err"] = rel_error(result, reference)
         except Exception as err:  # noqa: BLE001 - a kernel that does not run here is a fact to record
@@ -198,15 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
                 out = call()  # compiled by now, with the cached blocks' calls
                 sync(device)
                 entry["compile_s"] = time.perf_counter() - tic
-                call()  # captured
-                times = []
-                for _ in range(args.repeats):
-                    sync(device)
-                    tic = time.perf_counter()
-                    out = call()
-                    sync(device)
-                    times.append((time.perf_counter() - tic) * 1000.0)
-                entry["call_ms"] = sorted(times)[len(times) // 2]
+                entry["call_ms"], out = timed(call, device, repeats=args.repeats)  # the warm-up call captures
                 entry["graph_errors"] = graphed.errors
                 entry["profile"] = profile_call(
                     lambda: model(chunk, t, context, kv_cache=cache, start_frame=start), device)

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import re
 import time
 import traceback
 
 import torch
 from common import (
-    BlockClock, environment, print_table, random_codec, random_dit, rollout_flops, steady_block_ms, sync, timed,
-    tiny_config, write_result)
+    BlockClock, environment, kernel_table, print_table, random_codec, random_dit, rollout_flops, steady_block_ms, sync,
+    timed, tiny_config, write_result)
 
 from model import attention as attention_backends
 from model.config import WAN_1_3B
@@ -238,13 +237,6 @@ def measure_decode(bench: Bench, s: Setting, kind: str) -> dict:
     return dict(best, side_stream=not args.no_side_stream)
 
 
-# Kernel families by name (cuBLAS/CUTLASS GEMMs, flash/cuDNN attention, copies); the rest is elementwise work
-# (norms, modulation, RoPE, casts): the part the issue says to fuse away.
-KERNEL_FAMILIES = (("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(add|b)?mm$|aten::linear$", re.I)),
-                   ("attention", re.compile(r"flash|fmha|sdpa|attention|cudnn", re.I)),
-                   ("copy", re.compile(r"memcpy|memset|copy|cat_", re.I)))
-
-
 def profile_rollout(bench: Bench, s: Setting) -> dict:
     """One rollout with the levers but CUDA graphs (whose replays hide their kernels) under torch.profiler: device
     time per kernel family and the top kernels (CPU: the top operators by self time)."""
@@ -255,21 +247,7 @@ def profile_rollout(bench: Bench, s: Setting) -> dict:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
         bench.run(denoiser, bench.args.blocks, rerotate=s.rerotate)
-    events = prof.key_averages()
-    if cuda:
-        rows = [(e.key, e.self_device_time_total / 1000.0, e.count) for e in events
-                if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
-    else:
-        rows = [(e.key, e.self_cpu_time_total / 1000.0, e.count) for e in events if e.self_cpu_time_total > 0]
-    rows = [r for r in rows if not r[0].startswith("## ")]  # profiler ranges (a compiled graph's call), not kernels
-    rows.sort(key=lambda r: -r[1])
-    families: dict[str, float] = {}
-    for name, ms, _ in rows:
-        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
-        families[family] = families.get(family, 0.0) + ms
-    return {"what": "device time per kernel" if cuda else "CPU self time per operator", "graphs": False,
-            "total_ms": sum(r[1] for r in rows), "by_family_ms": families,
-            "top": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in rows[:20]]}
+    return dict(kernel_table(prof, cuda), graphs=False)
 
 
 def measure_long(bench: Bench, s: Setting, blocks: int) -> dict:
