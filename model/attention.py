@@ -15,25 +15,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _output_only(fn):
+    """flash-attn 3 (some releases) and 4 also return the log-sum-exp: keep the output."""
+    def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = fn(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+    return call
+
+
 @functools.cache
 def _flash_attn_func():
     """The installed flash-attention function taking `[B, L, H, D]`, or None."""
     try:
         from flash_attn_interface import flash_attn_func as fa3  # flash-attn 3 (Hopper)
-
-        def flash3(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            out = fa3(q, k, v)
-            return out[0] if isinstance(out, tuple) else out  # some releases also return the log-sum-exp
-        return flash3
+        return _output_only(fa3)
     except ImportError:
         pass
     try:
         from flash_attn.cute import flash_attn_func as fa4  # flash-attn 4 (CuTe DSL; Hopper and Blackwell)
-
-        def flash4(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            out = fa4(q, k, v)
-            return out[0] if isinstance(out, tuple) else out
-        return flash4
+        return _output_only(fa4)
     except ImportError:
         pass
     try:

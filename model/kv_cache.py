@@ -219,8 +219,9 @@ class KVCache:
         """Store a call's keys (rotated, or raw with `rerotate_window`) and values `[B, n, heads, head_dim]`."""
         if self.detach_writes:
             k, v = k.detach(), v.detach()
-        self.k[layer, :, plan.write_start:plan.write_end] = k
-        self.v[layer, :, plan.write_start:plan.write_end] = v
+        k_slots, v_slots = self._slot_views(layer, plan)
+        k_slots.copy_(k)
+        v_slots.copy_(v)
         if self.sink_k is not None and plan.write_start < self.sink:
             end = min(plan.write_end, self.sink)
             with torch.no_grad():
@@ -231,6 +232,9 @@ class KVCache:
         when a write must go through `write` (the pristine sink copy of relative RoPE)."""
         if self.sink_k is not None and plan.write_start < self.sink:
             return None
+        return self._slot_views(layer, plan)
+
+    def _slot_views(self, layer: int, plan: CacheWrite) -> tuple[Tensor, Tensor]:
         return (self.k[layer, :, plan.write_start:plan.write_end],
                 self.v[layer, :, plan.write_start:plan.write_end])
 
