@@ -10,6 +10,8 @@ model); modulation is applied per timestep group accordingly.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import BlockCausal, block_causal_mask
 from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
+from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import KVCache
 from model.rope import RotaryTables, Rotation, sinusoidal_embedding
 from model.wan_block import Context, Head, InferenceOptions, WanBlock
@@ -193,18 +196,22 @@ class WanDiT(nn.Module):
         hidden = []
         # `_call_impl` is the module call without its compiled wrapper (hooks such as FSDP's still run)
         uncompiled = kv_cache is not None and self.compile_cached_pieces
-        for layer, block in enumerate(self.blocks):
-            if uncompiled:
-                block = block._call_impl
-            if kv_only and layer == len(self.blocks) - 1:
-                block(tokens, e0, text, ctx, layer, kv_only=True)
-                return None
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
-            else:
-                tokens = block(tokens, e0, text, ctx, layer)
-            if layer in return_hidden:
-                hidden.append(tokens if ctx.shard is None else ctx.shard.gather(tokens))
+        # Compiled pieces compile (once) inside their first call, under the model's inductor heuristics.
+        heuristics = (persistent_reductions() if ctx.compiled and ctx.options.persistent_norms
+                      else contextlib.nullcontext())
+        with heuristics:
+            for layer, block in enumerate(self.blocks):
+                if uncompiled:
+                    block = block._call_impl
+                if kv_only and layer == len(self.blocks) - 1:
+                    block(tokens, e0, text, ctx, layer, kv_only=True)
+                    return None
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
+                else:
+                    tokens = block(tokens, e0, text, ctx, layer)
+                if layer in return_hidden:
+                    hidden.append(tokens if ctx.shard is None else ctx.shard.gather(tokens))
         if clean_x is not None:
             tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
         out = self.head(tokens, e, groups)

@@ -14,7 +14,6 @@ from torch import Tensor, nn
 
 from model.attention import AttentionMask, attention
 from model.config import WanConfig
-from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import CacheWrite, KVCache
 from model.rope import Rotation, apply_rope
 
@@ -194,16 +193,10 @@ def _ffn(ffn: nn.Sequential, h: Tensor, gelu_epilogue: bool) -> Tensor:
 
 @functools.cache
 def _compiled(fn, persistent_norms: bool):
-    if not persistent_norms:
-        # Inductor's on-disk graph cache does not key on the heuristics below: only their compiles may fill it.
-        return torch.compile(fn, fullgraph=True, dynamic=False, options={"fx_graph_cache": False})
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-
-    @functools.wraps(fn)
-    def call(*args):
-        with persistent_reductions():  # compilation happens inside the first call
-            return compiled(*args)
-    return call
+    # `WanDiT.forward` compiles these under the persistent-norm heuristics, which inductor's on-disk graph cache does
+    # not key on: only their compiles may fill it.
+    options = None if persistent_norms else {"fx_graph_cache": False}
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
 class WanBlock(nn.Module):

@@ -2,10 +2,12 @@
 to 2048 wide), and that it is installed only while compiling under it."""
 from __future__ import annotations
 
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import sympy
+import torch
 from torch._inductor.runtime.hints import ReductionHint
 
 from model.inductor_heuristics import PERSISTENT_NORM_WIDTH, persistent_reductions, wants_persistent
@@ -36,3 +38,26 @@ def test_the_heuristic_is_installed_only_inside_its_context():
         inside = V.choices
         assert inside.should_use_persistent_reduction(features(1536, "welford_reduce"), False)
     assert type(V.choices) is before and type(inside) is not before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
+def test_compiled_cached_calls_run_their_layers_under_it_and_plain_calls_do_not():
+    from torch._inductor.virtualized import V
+
+    from model.wan_block import InferenceOptions
+    from tests.tiny import tiny_model
+    model = tiny_model()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(type(V.choices).__name__))
+    x, context = torch.randn(1, 2, 4, 4, 6), torch.randn(1, 6, 16)
+    default = type(V.choices).__name__
+    for persistent in (True, False):
+        model.inference_options = InferenceOptions(compile=True, persistent_norms=persistent)
+        with torch.no_grad():
+            model(x, torch.full((1, 2), 500.0), context, kv_cache=model.new_kv_cache(1, 4, 6, 2))
+    model(x, torch.full((1,), 500.0), context)  # no cache: never compiled, no heuristics
+    layers = len(model.blocks)
+    assert seen[:layers] == ["Choices"] * layers and default != "Choices"
+    assert seen[layers:] == [default] * (2 * layers)
