@@ -22,6 +22,7 @@ from speed import rel_error
 
 from model import wan_block
 from model.config import WAN_1_3B
+from model.inductor_heuristics import persistent_reductions
 from model.wan_block import InferenceOptions
 from pipeline.cuda_graphs import GraphedDiT
 
@@ -40,14 +41,6 @@ VARIANTS = {
     "persistent_norms": ({"persistent_norms": True}, {}),
 }
 COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::reshape")
-
-
-def choices_handler(persistent_inner_max: int):
-    """Inductor heuristics keeping every inner reduction up to `persistent_inner_max` wide in one persistent kernel
-    (the default stops at 1024; the model's rows are 1536 wide). The kept lever, `persistent_norms`, does this for
-    the layer norms only."""
-    from model.inductor_heuristics import persistent_reductions
-    return persistent_reductions(persistent_inner_max, welford_only=False)
 
 
 def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
@@ -159,8 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
             graphed = GraphedDiT(model, emulate=tiny)
             # No FX graph cache: its key does not cover the choices handler, and each variant compiles cold.
             patch = {k: v for k, v in inductor.items() if k != "persistent_inner_max"} | {"fx_graph_cache": False}
-            handler = (choices_handler(inductor["persistent_inner_max"]) if "persistent_inner_max" in inductor
-                       else contextlib.nullcontext())
+            # every inner reduction that wide persistent (the kept `persistent_norms` lever: the layer norms only)
+            handler = (persistent_reductions(inductor["persistent_inner_max"], welford_only=False)
+                       if "persistent_inner_max" in inductor else contextlib.nullcontext())
             with torch.no_grad(), torch._inductor.config.patch(patch), handler:
                 sync(device)
                 tic = time.perf_counter()
