@@ -43,6 +43,18 @@ def _flash_attn_func():
         return None
 
 
+@torch.library.custom_op("self_forcing::flash_attention", mutates_args=())
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The installed flash-attn as one opaque op: torch.compile does not trace into it (flash-attn 4 is a JIT-compiling
+    Python DSL that dynamo cannot follow), so the compiled pieces keep one graph around it."""
+    return _flash_attn_func()(q, k, v)
+
+
+@_flash_attention.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
@@ -189,7 +201,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
     if _backend.startswith("sdpa"):
         return _sdpa(q, k, v, _backend[5:] or None)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        flash = _flash_attn_func()
-        if flash is not None:
-            return flash(q, k, v)
+        if _flash_attn_func() is not None:
+            return _flash_attention(q, k, v)
     return _sdpa(q, k, v, None)

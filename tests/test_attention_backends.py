@@ -60,3 +60,19 @@ def test_without_flash_attn_the_backend_cannot_be_pinned_and_auto_uses_sdpa(inst
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / 8 ** 0.5
     reference = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
     torch.testing.assert_close(backends.attention(q, k, v), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_is_one_opaque_op_under_torch_compile(installed, monkeypatch):
+    """flash-attn 4 is a Python DSL that JIT-compiles on first call; dynamo must not trace into it. The fake here does
+    a host sync and a Python branch on its value, which `fullgraph=True` would refuse to trace."""
+    installed("fa4")
+
+    def untraceable(q, k, v):
+        scale = 2.0 if float(q.abs().sum()) > 0 else 3.0
+        return torch.full_like(q, scale), None
+    monkeypatch.setattr(sys.modules["flash_attn.cute"], "flash_attn_func", untraceable)
+    backends._flash_attn_func.cache_clear()
+    compiled = torch.compile(lambda q, k, v: backends._flash_attention(q, k, v) + 1, fullgraph=True, backend="eager")
+    q, kv = torch.randn(1, 5, 2, 8), torch.randn(1, 7, 2, 8)
+    out = compiled(q, kv, kv)
+    assert out.shape == q.shape and torch.all(out == 3.0)
