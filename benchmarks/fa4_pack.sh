@@ -3,8 +3,9 @@
 # which reach no package index and take at most 64 MiB a call, the working tree (~18 MB) included. Its CUDA-13
 # runtime wheel is 92 MB; unpacked and re-compressed with xz it is ~64 MB, split here into two ~32 MB parts:
 #   bash benchmarks/fa4_pack.sh            # -> .fa4/small/*.whl (~10 MB) and .fa4/big/cu13.tar.xz.part-a{a,b}
-# Then two back-to-back calls on one machine (ignored files carried by the first stay there for the second):
-#   call 1: carry [".fa4/small", ".fa4/big/cu13.tar.xz.part-aa"], command `true`
+# Then two back-to-back calls on one warm machine (a carried path replaces the ignored files of its folder there, so
+#   fa4_site.sh stashes what each call brings outside the tree):
+#   call 1: carry [".fa4/small", ".fa4/big/cu13.tar.xz.part-aa"], command `source benchmarks/fa4_site.sh` (stashes them)
 #   call 2: carry [".whl", ".fa4/big/cu13.tar.xz.part-ab"], command starting
 #           `source benchmarks/device_site.sh; source benchmarks/fa4_site.sh;`
 # xz takes ~3 minutes on two cores. Versions are pinned: the ones this was put together with.
