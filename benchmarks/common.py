@@ -145,9 +145,17 @@ def timed(fn, device: torch.device, repeats: int = 3, warmup: int = 1) -> tuple[
 
 # Kernel families by name (cuBLAS/CUTLASS GEMMs, flash/cuDNN attention, copies); the rest is elementwise work
 # (norms, modulation, RoPE, casts): the part the speed issue says to fuse away.
-KERNEL_FAMILIES = (("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(add|b)?mm$|aten::linear$", re.I)),
-                   ("attention", re.compile(r"flash|fmha|sdpa|attention|cudnn", re.I)),
+# First match wins. Attention goes first: flash-attn 4's kernels are CUTLASS kernels ("kernel_cutlass_..._flash_fwd")
+# and cuDNN's SDPA kernels are named "cudnn_generated_..._sdpa_..."; cuDNN's convolutions (implicit GEMMs, "xmma")
+# count as GEMMs.
+KERNEL_FAMILIES = (("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+                   ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|aten::(add|b)?mm$|aten::linear$", re.I)),
                    ("copy", re.compile(r"memcpy|memset|copy|cat_", re.I)))
+
+
+def kernel_family(name: str) -> str:
+    """The family of a kernel (CUDA) or operator (CPU) name: attention, gemm, copy or other."""
+    return next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
 
 
 def kernel_table(prof, cuda: bool, calls: int = 1, top: int = 20) -> dict:
@@ -164,7 +172,7 @@ def kernel_table(prof, cuda: bool, calls: int = 1, top: int = 20) -> dict:
     rows.sort(key=lambda r: -r[1])
     families: dict[str, float] = {}
     for name, ms, _ in rows:
-        family = next((f for f, pattern in KERNEL_FAMILIES if pattern.search(name)), "other")
+        family = kernel_family(name)
         families[family] = families.get(family, 0.0) + ms
     return {"what": "device time per kernel" if cuda else "CPU self time per operator",
             "total_ms": sum(r[1] for r in rows), "by_family_ms": families,

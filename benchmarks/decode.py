@@ -1,20 +1,27 @@
-"""Streamed decoding alone: the latent codecs on a 7-block video, block by block, with cuDNN's algorithm search off
-and on.
+"""Streamed decoding alone: the latent codecs on a 7-block video, block by block, under a few settings.
 
     python benchmarks/decode.py                 # Wan VAE (both layouts) and TAEHV, random weights, 480x832, bf16
     python benchmarks/decode.py --size tiny     # harness check on CPU
+    python benchmarks/decode.py --codecs wan_vae_cl --settings plain,compile --profile
 
-`torch.backends.cudnn.benchmark` times the convolution algorithms of every new shape once (the first rollout) and
-keeps the fastest; off, cuDNN's heuristics choose. Each setting gets a fresh codec, one warm-up video, then the median
-of `--repeats` videos: total ms, pixel frames/s, and the first block's ms.
+Settings: `plain`; `cudnn_benchmark` (`torch.backends.cudnn.benchmark`: cuDNN times the convolution algorithms of
+every new shape once, in the warm-up video, and keeps the fastest; off, its heuristics choose); `compile` (the
+decoder module under `torch.compile`, so its fp32 RMS norms, SiLUs and cache copies fuse around the cuDNN
+convolutions; it recompiles for the first frames, whose conv caches are still empty). Each setting gets a fresh
+codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
+frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
+raises is recorded with its error.
 """
 from __future__ import annotations
 
 import argparse
 import time
+import traceback
 
 import torch
-from common import environment, print_table, random_codec, sync, write_result
+from common import environment, kernel_table, print_table, random_codec, sync, write_result
+
+SETTINGS = ("plain", "cudnn_benchmark", "compile")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames-per-block", type=int, default=3)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--settings", default="plain,cudnn_benchmark", help=f"any of {', '.join(SETTINGS)}")
+    parser.add_argument("--profile", action="store_true", help="device time per kernel family for one video")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="decode")
     args = parser.parse_args(argv)
@@ -38,38 +47,76 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"env": environment(device), "args": vars(args), "codecs": {}}
     name = args.name + ("_tiny_cpu" if tiny else "")
     rows = [("device", result["env"]["device"])]
+    settings = [x for x in args.settings.split(",") if x]
+    if unknown := sorted(set(settings) - set(SETTINGS)):
+        parser.error(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
     for kind in [k for k in args.codecs.split(",") if k]:
-        for search in (False, True):
-            torch.backends.cudnn.benchmark = search
-            codec = random_codec(kind, device, dtype, tiny=tiny)
-
-            def video() -> tuple[float, float, int]:
-                decoder = codec.stream_decoder()
-                sync(device)
-                tic = time.perf_counter()
-                first_ms, frames = None, 0
-                with torch.no_grad():
-                    for start in range(0, latents.shape[1], fpb):
-                        frames += decoder.decode_chunk(latents[:, start:start + fpb]).shape[1]
-                        if first_ms is None:
-                            sync(device)
-                            first_ms = (time.perf_counter() - tic) * 1000.0
-                sync(device)
-                return (time.perf_counter() - tic) * 1000.0, first_ms, frames
-
-            video()  # warm-up (with the search on, it also picks the algorithms)
-            runs = sorted(video() for _ in range(args.repeats))
-            total_ms, first_ms, frames = runs[len(runs) // 2]
-            entry = {"total_ms": total_ms, "first_block_ms": first_ms, "pixel_frames": frames,
-                     "frames_per_s": frames / (total_ms / 1000.0)}
-            label = f"{kind}{' cudnn_benchmark' if search else ''}"
+        for setting in settings:
+            label = kind if setting == "plain" else f"{kind} {setting}"
+            try:
+                entry = time_setting(kind, setting, latents, fpb, args, tiny)
+            except Exception as err:  # noqa: BLE001 - a setting that fails is a result to record
+                entry = {"error": f"{type(err).__name__}: {str(err)[:300]}",
+                         "traceback": traceback.format_exc()[-2000:]}
+                rows.append((label, entry["error"]))
+            else:
+                rows.append((label, f"{entry['total_ms']:8.1f} ms  {entry['frames_per_s']:6.1f} frames/s  first block "
+                                    f"{entry['first_block_ms']:6.1f} ms  ({entry['pixel_frames']} frames)  warm-up "
+                                    f"{entry['warmup_s']:5.1f} s"))
+                if "profile" in entry:
+                    fam = entry["profile"]["by_family_ms"]
+                    rows.append(("", "profile " + ", ".join(f"{k} {v:.0f} ms" for k, v in fam.items())))
             result["codecs"][label] = entry
-            rows.append((label, f"{total_ms:8.1f} ms  {entry['frames_per_s']:6.1f} frames/s  first block "
-                                f"{first_ms:6.1f} ms  ({frames} frames)"))
             write_result(name, result)
-    torch.backends.cudnn.benchmark = False
     print_table(rows)
     return result
+
+
+def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args, tiny: bool) -> dict:
+    device = latents.device
+    codec = random_codec(kind, device, latents.dtype, tiny=tiny)
+    if setting == "compile":
+        decoder_module = codec.vae.decoder if hasattr(codec, "vae") else None
+        if decoder_module is None:
+            raise ValueError(f"the compile setting is for the Wan VAE decoder, not {kind}")
+        decoder_module.compile()
+    torch.backends.cudnn.benchmark = setting == "cudnn_benchmark"
+    # The Wan VAE decoder's first frames see conv caches that are still empty (None, then one frame): a compile for
+    # each, beyond dynamo's default of 8 per code object once the modules' shared forwards are counted.
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)
+    try:
+        def video() -> tuple[float, float, int]:
+            decoder = codec.stream_decoder()
+            sync(device)
+            tic = time.perf_counter()
+            first_ms, frames = None, 0
+            with torch.no_grad():
+                for start in range(0, latents.shape[1], fpb):
+                    frames += decoder.decode_chunk(latents[:, start:start + fpb]).shape[1]
+                    if first_ms is None:
+                        sync(device)
+                        first_ms = (time.perf_counter() - tic) * 1000.0
+            sync(device)
+            return (time.perf_counter() - tic) * 1000.0, first_ms, frames
+
+        tic = time.perf_counter()
+        video()  # warm-up: the algorithm search or the compile happens here
+        warmup_s = time.perf_counter() - tic
+        runs = sorted(video() for _ in range(args.repeats))
+        total_ms, first_ms, frames = runs[len(runs) // 2]
+        entry = {"total_ms": total_ms, "first_block_ms": first_ms, "pixel_frames": frames,
+                 "frames_per_s": frames / (total_ms / 1000.0), "warmup_s": warmup_s}
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with torch.profiler.profile(activities=activities) as prof:
+                video()
+            entry["profile"] = kernel_table(prof, device.type == "cuda", top=10)
+        return entry
+    finally:
+        torch.backends.cudnn.benchmark = False
+        torch._dynamo.config.recompile_limit = limit
 
 
 if __name__ == "__main__":

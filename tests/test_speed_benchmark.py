@@ -101,10 +101,32 @@ def test_pieces_benchmark_times_each_variant_against_the_first(tmp_path, monkeyp
 def test_decode_benchmark_times_each_codec_with_and_without_the_algorithm_search(tmp_path, monkeypatch):
     decode = benchmark_module("decode")
     monkeypatch.setenv("OUT", str(tmp_path))
-    decode.main(["--size", "tiny", "--repeats", "1", "--codecs", "wan_vae_cl,taehv", "--blocks", "2"])
+    decode.main(["--size", "tiny", "--repeats", "1", "--codecs", "wan_vae_cl,taehv", "--blocks", "2", "--profile"])
     saved = json.loads((tmp_path / "decode_tiny_cpu.json").read_text())
     assert set(saved["codecs"]) == {"wan_vae_cl", "wan_vae_cl cudnn_benchmark", "taehv", "taehv cudnn_benchmark"}
     for label, entry in saved["codecs"].items():
         assert entry["pixel_frames"] == 1 + 4 * 5, label  # 6 latent frames: the first alone, then 4 per latent
         assert 0 < entry["first_block_ms"] <= entry["total_ms"], label
+        assert entry["warmup_s"] > 0 and entry["profile"]["total_ms"] > 0, label
     assert not torch.backends.cudnn.benchmark  # restored
+    # The compile setting is the Wan VAE decoder's (timed on the GPU: a tiny CPU compile takes minutes): recorded as an
+    # error for TAEHV, and an unknown setting is refused with the choices.
+    decode.main(["--size", "tiny", "--repeats", "1", "--codecs", "taehv", "--blocks", "1", "--settings", "compile"])
+    saved = json.loads((tmp_path / "decode_tiny_cpu.json").read_text())
+    assert "for the Wan VAE decoder" in saved["codecs"]["taehv compile"]["error"]
+    with pytest.raises(SystemExit):
+        decode.main(["--size", "tiny", "--settings", "plain,fast"])
+
+
+@pytest.mark.parametrize("name, family", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0",
+     "attention"),
+    ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at__tensor0000o1",
+     "attention"),
+    ("nvjet_sm90_tst_192x144_64x5_2x1_v_bz_coopB_bias_TNT", "gemm"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_ndhwc_kernel", "gemm"),
+    ("triton_poi_fused_copy_copy__split_view_2", "copy"),
+    ("triton_per_fused_add_mul_native_layer_norm_select_unsqueeze_view_0", "other"),
+])
+def test_profiles_sort_kernels_into_families(name, family):
+    assert benchmark_module("common").kernel_family(name) == family
