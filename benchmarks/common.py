@@ -41,11 +41,14 @@ def tiny_config() -> WanConfig:
 
 def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
     """A latent codec with random weights: "wan_vae" (the Wan2.1 VAE architecture), "wan_vae_cl" (the same, decoding
-    in the channels-last 3-D layout) or "taehv" (real sizes unless `tiny`). Decoding time does not depend on weight
+    in the channels-last 3-D layout), "wan_vae_compiled" (that decoder under torch.compile) or "taehv" (real sizes
+    unless `tiny`). Decoding time does not depend on weight
     values."""
     torch.manual_seed(seed)
     if kind == "wan_vae_cl":
         return random_codec("wan_vae", device, dtype, tiny, seed).decoder_to_channels_last()
+    if kind == "wan_vae_compiled":  # what the inference pipeline runs with compile on CUDA
+        return random_codec("wan_vae_cl", device, dtype, tiny, seed).compile_decoder()
     if kind == "wan_vae":
         from diffusers import AutoencoderKLWan
 
@@ -56,7 +59,7 @@ def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool
         from model.taehv import TAEHV, TAEHVCodec
         taehv = TAEHV(decoder_n_f=(16, 8, 8, 8), encoder_width=8) if tiny else TAEHV()
         return TAEHVCodec(taehv.eval()).to(device=device, dtype=dtype).requires_grad_(False)
-    raise ValueError(f"codec must be wan_vae, wan_vae_cl or taehv, got {kind!r}")
+    raise ValueError(f"codec must be wan_vae, wan_vae_cl, wan_vae_compiled or taehv, got {kind!r}")
 
 
 class BlockClock:

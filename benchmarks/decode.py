@@ -6,8 +6,8 @@
 
 Settings: `plain`; `cudnn_benchmark` (`torch.backends.cudnn.benchmark`: cuDNN times the convolution algorithms of
 every new shape once, in the warm-up video, and keeps the fastest; off, its heuristics choose); `compile` (the
-decoder module under `torch.compile`, so its fp32 RMS norms, SiLUs and cache copies fuse around the cuDNN
-convolutions; it recompiles for the first frames, whose conv caches are still empty). Each setting gets a fresh
+decoder under `torch.compile`, `WanVAE.compile_decoder`, so its fp32 RMS norms, SiLUs and cache copies fuse around the
+cuDNN convolutions; it recompiles for the first frames, whose conv caches are still filling). Each setting gets a fresh
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
 frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
 raises is recorded with its error.
@@ -76,15 +76,10 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
     device = latents.device
     codec = random_codec(kind, device, latents.dtype, tiny=tiny)
     if setting == "compile":
-        decoder_module = codec.vae.decoder if hasattr(codec, "vae") else None
-        if decoder_module is None:
+        if not hasattr(codec, "compile_decoder"):
             raise ValueError(f"the compile setting is for the Wan VAE decoder, not {kind}")
-        decoder_module.compile()
+        codec.compile_decoder()
     torch.backends.cudnn.benchmark = setting == "cudnn_benchmark"
-    # The Wan VAE decoder's first frames see conv caches that are still empty (None, then one frame): a compile for
-    # each, beyond dynamo's default of 8 per code object once the modules' shared forwards are counted.
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, 64)
     try:
         def video() -> tuple[float, float, int]:
             decoder = codec.stream_decoder()
@@ -116,7 +111,6 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
         return entry
     finally:
         torch.backends.cudnn.benchmark = False
-        torch._dynamo.config.recompile_limit = limit
 
 
 if __name__ == "__main__":

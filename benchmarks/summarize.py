@@ -86,7 +86,8 @@ def speed_figure(data: dict) -> str:
                          f"rel.err {e.get('rel_error_vs_eager', 0):.1e})")
         else:
             parts.append(f"{lever} failed")
-    decoders = (("decode_wan_vae", "Wan VAE"), ("decode_wan_vae_cl", "Wan VAE NDHWC"), ("decode_taehv", "TAEHV"))
+    decoders = (("decode_wan_vae", "Wan VAE"), ("decode_wan_vae_cl", "Wan VAE NDHWC"),
+                ("decode_wan_vae_compiled", "Wan VAE NDHWC compiled"), ("decode_taehv", "TAEHV"))
     for key, label in decoders:
         e = data.get(key, {})
         if "frames_per_s" in e:

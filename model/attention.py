@@ -201,6 +201,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
     if _backend.startswith("sdpa"):
         return _sdpa(q, k, v, _backend[5:] or None)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if _flash_attn_func() is not None:
+        flash = _flash_attn_func()
+        if flash is not None:
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return flash(q, k, v)  # flash-attn's own autograd function; the opaque op has no backward
             return _flash_attention(q, k, v)
     return _sdpa(q, k, v, None)

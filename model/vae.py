@@ -6,6 +6,7 @@ Pixel frames `T = 1 + temporal_factor * (F - 1)`: the first latent frame stands 
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
@@ -291,18 +292,22 @@ class StreamingVAEDecoder:
             z = z.contiguous(memory_format=torch.channels_last_3d)
         x = codec.vae.post_quant_conv(z)
         frames = []
+        # A compiled decoder sees the conv caches fill over its first frames (None, one frame, two), a compile for each
+        # state of each of its code objects: more than dynamo's default limit of 8.
+        limit = torch._dynamo.config.patch(recompile_limit=64) if codec.decoder_compiled else contextlib.nullcontext()
         # One latent frame per decoder call, as the reference does: the first frame of a video must pass
         # alone, since the temporal upsamplers skip it (the "Rep" cache sentinel) to emit a single frame.
-        for i in range(f):
-            frames.append(
-                codec.vae.decoder(
-                    x[:, :, i : i + 1],
-                    feat_cache=self._feat_cache,
-                    feat_idx=[0],
-                    first_chunk=self.frames_decoded == 0,
+        with limit:
+            for i in range(f):
+                frames.append(
+                    codec.vae.decoder(
+                        x[:, :, i : i + 1],
+                        feat_cache=self._feat_cache,
+                        feat_idx=[0],
+                        first_chunk=self.frames_decoded == 0,
+                    )
                 )
-            )
-            self.frames_decoded += 1
+                self.frames_decoded += 1
         out = torch.cat(frames, dim=2).permute(0, 2, 1, 3, 4).float()
         return out.clamp(-1.0, 1.0) if self.clamp else out
 
@@ -337,6 +342,7 @@ class WanVAE(nn.Module):
         self.temporal_factor = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
         self.pixel_channels = int(cfg.in_channels)
         self.decoder_channels_last = False
+        self.decoder_compiled = False
 
     def decoder_to_channels_last(self, enabled: bool = True) -> "WanVAE":
         """Decode in the channels-last 3-D layout (NDHWC): the same arithmetic, and cuDNN's fastest Conv3d kernels on
@@ -345,6 +351,15 @@ class WanVAE(nn.Module):
         for conv in (m for m in (*self.vae.decoder.modules(), self.vae.post_quant_conv) if isinstance(m, nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         self.decoder_channels_last = enabled
+        return self
+
+    def compile_decoder(self, **compile_kwargs: Any) -> "WanVAE":
+        """Run the decoder under `torch.compile`: its fp32 RMS norms, SiLUs, causal padding and cache copies fuse
+        around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1869 -> 1139 ms,
+        benchmarks/results/decode_h100.json). The first frames of a stream, whose conv caches are still filling, each
+        compile once (~70 s at that size; again for another resolution). `compile_kwargs` go to `torch.compile`."""
+        self.vae.decoder.compile(**compile_kwargs)
+        self.decoder_compiled = True
         return self
 
     def encode_to_latent(self, video: torch.Tensor) -> torch.Tensor:

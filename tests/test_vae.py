@@ -363,3 +363,36 @@ def test_channels_last_decoder_streams_the_same_frames():
         assert conv.weight.is_contiguous() and not codec.decoder_channels_last
     assert out.shape == reference.shape == (1, 13, 3, 48, 64)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decoder_streams_the_same_frames_without_hitting_the_recompile_limit():
+    """WanVAE.compile_decoder (dynamo tracing only here: the eager backend; inductor is timed on the GPU by
+    benchmarks/decode.py): the same frames as the plain decoder, and dynamo never gives up on a frame for hitting its
+    recompile limit while the conv caches fill (it would fall back to eager silently)."""
+    from diffusers import AutoencoderKLWan
+    from torch._dynamo.utils import counters
+
+    from model.vae import WAN21_VAE_CONFIG
+    torch.manual_seed(0)
+    codec = WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=8)).eval()).requires_grad_(False)
+    latent = torch.randn(1, 5, codec.latent_channels, 6, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        plain = codec.stream_decoder()
+        reference = torch.cat([plain.decode_chunk(latent[:, :1]), plain.decode_chunk(latent[:, 1:3]),
+                               plain.decode_chunk(latent[:, 3:])], dim=1)
+        codec.compile_decoder(backend="eager")
+        assert codec.decoder_compiled
+        limits = []
+        codec.vae.decoder.register_forward_pre_hook(lambda *_: limits.append(torch._dynamo.config.recompile_limit))
+        fast = codec.stream_decoder()
+        out = torch.cat([fast.decode_chunk(latent[:, :1]), fast.decode_chunk(latent[:, 1:3]),
+                         fast.decode_chunk(latent[:, 3:])], dim=1)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not any("recompile limit" in str(reason) for reason in counters["unimplemented"])
+    assert len(limits) == 5 and min(limits) >= 64  # at 480x832 the first frames take 15 compiles of one code object
+    assert torch._dynamo.config.recompile_limit == 8  # patched only around the decoder's calls
+    torch._dynamo.reset()
+    assert out.shape == reference.shape == (1, 17, 3, 48, 64)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
