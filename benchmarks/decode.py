@@ -3,6 +3,7 @@
     python benchmarks/decode.py                 # Wan VAE (both layouts) and TAEHV, random weights, 480x832, bf16
     python benchmarks/decode.py --size tiny     # harness check on CPU
     python benchmarks/decode.py --codecs wan_vae_cl --settings plain,compile --profile
+    python benchmarks/decode.py --codecs wan_vae_cl --settings compile --frames-per-call 1,3
 
 Settings: `plain`; `cudnn_benchmark` (`torch.backends.cudnn.benchmark`: cuDNN times the convolution algorithms of
 every new shape once, in the warm-up video, and keeps the fastest; off, its heuristics choose); `compile` (the
@@ -10,7 +11,8 @@ decoder under `torch.compile`, `WanVAE.compile_decoder`, so its fp32 RMS norms, 
 cuDNN convolutions; it recompiles for the first frames, whose conv caches are still filling). Each setting gets a fresh
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
 frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
-raises is recorded with its error.
+raises is recorded with its error. `--frames-per-call` (Wan VAE): latent frames per decoder call, each value timed
+(1 is the reference's frame-by-frame loop; the first frame of a video always passes alone).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--settings", default="plain,cudnn_benchmark", help=f"any of {', '.join(SETTINGS)}")
     parser.add_argument("--profile", action="store_true", help="device time per kernel family for one video")
+    parser.add_argument("--frames-per-call", default="3",
+                        help="Wan VAE: latent frames per decoder call, comma-separated values to time (default 3)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="decode")
     args = parser.parse_args(argv)
@@ -48,13 +52,22 @@ def main(argv: list[str] | None = None) -> dict:
     name = args.name + ("_tiny_cpu" if tiny else "")
     rows = [("device", result["env"]["device"])]
     settings = [x for x in args.settings.split(",") if x]
+    try:
+        per_call = [int(x) for x in args.frames_per_call.split(",") if x]
+    except ValueError:
+        parser.error(f"--frames-per-call: comma-separated integers, got {args.frames_per_call!r}")
+    if not per_call or min(per_call) < 1:
+        parser.error(f"--frames-per-call: integers >= 1, got {args.frames_per_call!r}")
     if unknown := sorted(set(settings) - set(SETTINGS)):
         parser.error(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
     for kind in [k for k in args.codecs.split(",") if k]:
-        for setting in settings:
+        for setting, frames_per_call in [(s, n) for s in settings
+                                         for n in (per_call if kind.startswith("wan_vae") else [None])]:
             label = kind if setting == "plain" else f"{kind} {setting}"
+            if frames_per_call is not None and per_call != [3]:
+                label += f" {frames_per_call}/call"
             try:
-                entry = time_setting(kind, setting, latents, fpb, args, tiny)
+                entry = time_setting(kind, setting, latents, fpb, args, tiny, frames_per_call)
             except Exception as err:  # noqa: BLE001 - a setting that fails is a result to record
                 entry = {"error": f"{type(err).__name__}: {str(err)[:300]}",
                          "traceback": traceback.format_exc()[-2000:]}
@@ -72,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args, tiny: bool) -> dict:
+def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args, tiny: bool,
+                 frames_per_call: int | None = None) -> dict:
     device = latents.device
     codec = random_codec(kind, device, latents.dtype, tiny=tiny)
     if setting == "compile":
@@ -82,7 +96,8 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
     torch.backends.cudnn.benchmark = setting == "cudnn_benchmark"
     try:
         def video() -> tuple[float, float, int]:
-            decoder = codec.stream_decoder()
+            decoder = codec.stream_decoder() if frames_per_call is None else codec.stream_decoder(
+                frames_per_call=frames_per_call)
             sync(device)
             tic = time.perf_counter()
             first_ms, frames = None, 0
@@ -100,7 +115,8 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
         warmup_s = time.perf_counter() - tic
         runs = sorted(video() for _ in range(args.repeats))
         total_ms, first_ms, frames = runs[len(runs) // 2]
-        entry = {"total_ms": total_ms, "first_block_ms": first_ms, "pixel_frames": frames,
+        entry = {"frames_per_call": frames_per_call, "total_ms": total_ms, "first_block_ms": first_ms,
+                 "pixel_frames": frames,
                  "frames_per_s": frames / (total_ms / 1000.0), "warmup_s": warmup_s}
         if args.profile:
             activities = [torch.profiler.ProfilerActivity.CPU] + (

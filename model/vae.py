@@ -253,11 +253,16 @@ class StreamingVAEDecoder:
     The cache list is owned here and handed to the diffusers decoder through its `feat_cache`/`feat_idx`
     arguments rather than living in `AutoencoderKLWan._feat_map`: `AutoencoderKLWan.encode/decode` call
     `clear_cache()`, which would otherwise wipe a stream mid-video, and several streams can run at once.
+    `frames_per_call` latent frames go through the decoder at once (3: one Self Forcing block; 1 is the reference's
+    loop); more is faster and takes more activation memory.
     """
 
-    def __init__(self, codec: "WanVAE", clamp: bool = True):
+    def __init__(self, codec: "WanVAE", clamp: bool = True, frames_per_call: int = 3):
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
         self.codec = codec
         self.clamp = clamp
+        self.frames_per_call = frames_per_call
         self._num_convs = sum(isinstance(m, WanCausalConv3d) for m in codec.vae.decoder.modules())
         self.reset()
 
@@ -292,22 +297,27 @@ class StreamingVAEDecoder:
             z = z.contiguous(memory_format=torch.channels_last_3d)
         x = codec.vae.post_quant_conv(z)
         frames = []
-        # A compiled decoder sees the conv caches fill over its first frames (None, one frame, two), a compile for each
+        # A compiled decoder sees the conv caches fill over its first calls (None, one frame, two), a compile for each
         # state of each of its code objects: more than dynamo's default limit of 8.
         limit = torch._dynamo.config.patch(recompile_limit=64) if codec.decoder_compiled else contextlib.nullcontext()
-        # One latent frame per decoder call, as the reference does: the first frame of a video must pass
-        # alone, since the temporal upsamplers skip it (the "Rep" cache sentinel) to emit a single frame.
         with limit:
-            for i in range(f):
+            start = 0
+            while start < f:
+                # The first frame of a video passes alone: the temporal upsamplers skip it (the "Rep" cache sentinel)
+                # to emit a single frame. Later frames go up to `frames_per_call` at a time: every layer is causal in
+                # time (a 2-frame conv cache) or per-frame, so this equals the reference's frame-by-frame loop, with
+                # fewer, larger convolutions and less cache concatenation per frame.
+                size = 1 if self.frames_decoded == 0 else min(self.frames_per_call, f - start)
                 frames.append(
                     codec.vae.decoder(
-                        x[:, :, i : i + 1],
+                        x[:, :, start : start + size],
                         feat_cache=self._feat_cache,
                         feat_idx=[0],
                         first_chunk=self.frames_decoded == 0,
                     )
                 )
-                self.frames_decoded += 1
+                self.frames_decoded += size
+                start += size
         out = torch.cat(frames, dim=2).permute(0, 2, 1, 3, 4).float()
         return out.clamp(-1.0, 1.0) if self.clamp else out
 
@@ -356,9 +366,10 @@ class WanVAE(nn.Module):
     def compile_decoder(self, **compile_kwargs: Any) -> "WanVAE":
         """Run the decoder under `torch.compile`: its fp32 RMS norms, SiLUs, causal padding and cache copies fuse
         around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1869 -> 1139 ms,
-        benchmarks/results/decode_h100.json). The first frames of a stream, whose conv caches are still filling, each
-        compile once (~70 s at that size; again for another resolution). `compile_kwargs` go to `torch.compile`."""
-        self.vae.decoder.compile(**compile_kwargs)
+        benchmarks/results/decode_compile_h100.json). The first calls of a stream, whose conv caches are still filling,
+        each compile once (~70 s at that size; again for another resolution). `compile_kwargs` go to `torch.compile`
+        (default `dynamic=False`: a stream's few frame counts each get a static graph)."""
+        self.vae.decoder.compile(**{"dynamic": False, **compile_kwargs})
         self.decoder_compiled = True
         return self
 
@@ -386,9 +397,9 @@ class WanVAE(nn.Module):
         """
         return StreamingVAEDecoder(self, clamp=clamp).decode_chunk(latent)
 
-    def stream_decoder(self, clamp: bool = True) -> StreamingVAEDecoder:
+    def stream_decoder(self, clamp: bool = True, frames_per_call: int = 3) -> StreamingVAEDecoder:
         """A fresh `StreamingVAEDecoder` over this VAE."""
-        return StreamingVAEDecoder(self, clamp=clamp)
+        return StreamingVAEDecoder(self, clamp=clamp, frames_per_call=frames_per_call)
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], source: str = "state dict", **stats: Any) -> "WanVAE":

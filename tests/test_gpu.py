@@ -197,23 +197,38 @@ def test_channels_last_wan_vae_decode_on_cuda():
 
 def test_installed_flash_attn_matches_cudnn_sdpa_and_compiles_as_one_op():
     """Whichever flash-attn is installed (3, 4 or 2) against cuDNN SDPA on the rollout's shapes (queries of one block,
-    keys of the whole cache; head dim 128), eager and inside a compiled function with CUDA graphs."""
+    keys of the whole cache; head dim 128): eager, inside a fullgraph compile, and under a CUDA graph capture of that
+    compiled function. Each stage's error is collected so one run on a lent GPU reports all of them."""
+    import traceback
+
     from model import attention as backends
     if backends._flash_attn_func() is None:
         pytest.skip("no flash-attn installed")
     g = torch.Generator(device=CUDA).manual_seed(0)
     q = torch.randn(1, 96, 4, 128, device=CUDA, dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(1, 480, 4, 128, device=CUDA, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    outcome: dict[str, object] = {}
+
+    def stage(name, fn):
+        try:
+            outcome[name] = rel_err(fn(), outcome.get("scale", 1) * ref)
+        except Exception:  # noqa: BLE001 - reported below with the other stages
+            outcome[name] = traceback.format_exc(limit=6)
+
     try:
         backends.set_attention_backend("sdpa_cudnn")
         ref = backends.attention(q, k, v)
         backends.set_attention_backend("flash_attn")
-        eager = backends.attention(q, k, v)
-        compiled = torch.compile(lambda q, k, v: backends.attention(q, k, v) * 2, fullgraph=True,
-                                 mode="reduce-overhead")
-        for _ in range(3):  # warm-up, capture, replay
-            graphed = compiled(q, k, v)
+        stage("eager", lambda: backends.attention(q, k, v))
+        outcome["scale"] = 2
+        compiled = torch.compile(lambda q, k, v: backends.attention(q, k, v) * 2, fullgraph=True)
+        stage("compiled", lambda: compiled(q, k, v))
+        graphed = torch.compile(lambda q, k, v: backends.attention(q, k, v) * 2, fullgraph=True,
+                                mode="reduce-overhead")
+        # warm-up, capture, replay
+        stage("compiled+cudagraphs", lambda: [graphed(q, k, v).clone() for _ in range(3)][-1])
     finally:
         backends.set_attention_backend("auto")
-    assert eager.shape == ref.shape and rel_err(eager, ref) < 1e-2
-    assert rel_err(graphed, 2 * ref) < 1e-2
+    outcome.pop("scale")
+    bad = {name: value for name, value in outcome.items() if not isinstance(value, float) or value >= 1e-2}
+    assert not bad, "\n".join(f"{name}: {value}" for name, value in bad.items())

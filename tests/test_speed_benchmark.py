@@ -117,6 +117,16 @@ def test_decode_benchmark_times_each_codec_with_and_without_the_algorithm_search
     assert "for the Wan VAE decoder" in saved["codecs"]["taehv compile"]["error"]
     with pytest.raises(SystemExit):
         decode.main(["--size", "tiny", "--settings", "plain,fast"])
+    # Several --frames-per-call values: one entry each for the Wan VAE, labelled; TAEHV ignores the option.
+    decode.main(["--size", "tiny", "--repeats", "1", "--codecs", "wan_vae,taehv", "--blocks", "2",
+                 "--settings", "plain", "--frames-per-call", "1,3"])
+    saved = json.loads((tmp_path / "decode_tiny_cpu.json").read_text())
+    assert set(saved["codecs"]) == {"wan_vae 1/call", "wan_vae 3/call", "taehv"}
+    assert [saved["codecs"][f"wan_vae {n}/call"]["frames_per_call"] for n in (1, 3)] == [1, 3]
+    assert saved["codecs"]["wan_vae 3/call"]["pixel_frames"] == 1 + 4 * 5
+    for bad in ("0", "x"):
+        with pytest.raises(SystemExit):
+            decode.main(["--size", "tiny", "--frames-per-call", bad])
 
 
 @pytest.mark.parametrize("name, family", [
