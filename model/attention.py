@@ -2,7 +2,8 @@
 
 Back-end order for unmasked attention: flash-attn 3 -> flash-attn 4 -> flash-attn 2 (CUDA, half precision, when
 installed) -> torch SDPA (cuDNN/flash kernels on GPU, math on CPU); `set_attention_backend` pins one (e.g. cuDNN SDPA
-where the speed benchmark finds it fastest). Masked (block-causal) attention uses flex attention on CUDA
+where the speed benchmark finds it fastest). Under torch.compile flash-attn is one opaque op without gradients; a
+compiled graph that needs gradients uses SDPA (eager training keeps flash-attn's own autograd). Masked (block-causal) attention uses flex attention on CUDA
 and SDPA with the equivalent dense boolean mask on CPU, where compiling flex attention costs ~20 s per shape.
 """
 from __future__ import annotations
@@ -41,6 +42,17 @@ def _flash_attn_func():
         return flash_attn_func
     except ImportError:
         return None
+
+
+@torch.compiler.assume_constant_result
+def _flash_attn_installed() -> bool:
+    """`_flash_attn_func() is not None` as a constant to torch.compile: dynamo cannot trace the try-imports (a failing
+    import is a graph break), so it runs this eagerly once per graph instead."""
+    return _flash_attn_func() is not None
+
+
+# Devices whose tensors flash-attn takes (a test adds "cpu" to run the branch with a fake flash-attn).
+_FLASH_DEVICE_TYPES = ("cuda",)
 
 
 @torch.library.custom_op("self_forcing::flash_attention", mutates_args=())
@@ -200,10 +212,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
         return out.transpose(1, 2)
     if _backend.startswith("sdpa"):
         return _sdpa(q, k, v, _backend[5:] or None)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        flash = _flash_attn_func()
-        if flash is not None:
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-                return flash(q, k, v)  # flash-attn's own autograd function; the opaque op has no backward
+    if q.device.type in _FLASH_DEVICE_TYPES and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
+        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             return _flash_attention(q, k, v)
+        if not torch.compiler.is_compiling():
+            return _flash_attn_func()(q, k, v)  # flash-attn's own autograd function; the opaque op has no backward
+        # A compiled graph that needs gradients takes SDPA: flash-attn 4's autograd function is not traceable.
     return _sdpa(q, k, v, None)

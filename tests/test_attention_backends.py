@@ -38,6 +38,7 @@ def installed(monkeypatch):
     yield install
     backends._flash_attn_func.cache_clear()
     backends.set_attention_backend("auto")
+    torch._dynamo.reset()  # compiled graphs hold the installed-or-not answer as a constant
 
 
 @pytest.mark.parametrize("names, expected", [(("fa3", "fa4", "fa2"), 3.0), (("fa4", "fa2"), 4.0), (("fa2",), 2.0)])
@@ -76,3 +77,32 @@ def test_flash_attn_is_one_opaque_op_under_torch_compile(installed, monkeypatch)
     q, kv = torch.randn(1, 5, 2, 8), torch.randn(1, 7, 2, 8)
     out = compiled(q, kv, kv)
     assert out.shape == q.shape and torch.all(out == 3.0)
+
+
+def test_compiled_attention_resolves_flash_attn_outside_the_graph(installed, monkeypatch):
+    """`attention()` inside a fullgraph compile with flash-attn 4 installed (flash-attn 3's import fails, a graph break
+    if dynamo traced the lookup): the opaque op without gradients; with gradients, SDPA in the graph and flash-attn's
+    own autograd function eagerly."""
+    installed("fa4")
+    calls = []
+
+    def fa4(q, k, v):
+        calls.append(q.requires_grad)
+        return torch.full_like(q, 4.0), None
+    monkeypatch.setattr(sys.modules["flash_attn.cute"], "flash_attn_func", fa4)
+    backends._flash_attn_func.cache_clear()
+    monkeypatch.setattr(backends, "_FLASH_DEVICE_TYPES", ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 2, 8, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: backends.attention(q, k, v) + 1, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.all(compiled(q, k, v) == 5.0)
+    assert calls == [False]
+    reference = backends._sdpa(q.float(), k.float(), v.float(), None)
+    qg = q.clone().requires_grad_()
+    out = compiled(qg, k, v)
+    assert calls == [False]  # SDPA, not flash-attn, inside a graph that needs gradients
+    torch.testing.assert_close(out.float() - 1, reference, atol=2e-2, rtol=2e-2)
+    out.sum().backward()
+    assert qg.grad is not None and qg.grad.abs().sum() > 0
+    assert torch.all(backends.attention(qg, k, v) == 4.0) and calls == [False, True]  # eager: flash-attn's autograd
