@@ -8,7 +8,8 @@
 Settings: `plain`; `cudnn_benchmark` (`torch.backends.cudnn.benchmark`: cuDNN times the convolution algorithms of
 every new shape once, in the warm-up video, and keeps the fastest; off, its heuristics choose); `compile` (the
 decoder under `torch.compile`, `WanVAE.compile_decoder`, so its fp32 RMS norms, SiLUs and cache copies fuse around the
-cuDNN convolutions; it recompiles for the first frames, whose conv caches are still filling). Each setting gets a fresh
+cuDNN convolutions; a stream's first two calls run eagerly while its conv caches fill); `compile_pad` (that, with
+the full-resolution stage's 96 channels zero-padded to 128, `WanVAE.pad_decoder_channels`). Each setting gets a fresh
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
 frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
 raises is recorded with its error. `--frames-per-call` (Wan VAE): latent frames per decoder call, each value timed
@@ -23,7 +24,7 @@ import traceback
 import torch
 from common import environment, kernel_table, print_table, random_codec, sync, write_result
 
-SETTINGS = ("plain", "cudnn_benchmark", "compile")
+SETTINGS = ("plain", "cudnn_benchmark", "compile", "compile_pad")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,9 +90,11 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
                  frames_per_call: int | None = None) -> dict:
     device = latents.device
     codec = random_codec(kind, device, latents.dtype, tiny=tiny)
-    if setting == "compile":
+    if setting.startswith("compile"):
         if not hasattr(codec, "compile_decoder"):
-            raise ValueError(f"the compile setting is for the Wan VAE decoder, not {kind}")
+            raise ValueError(f"the {setting} setting is for the Wan VAE decoder, not {kind}")
+        if setting == "compile_pad":
+            codec.pad_decoder_channels(16 if tiny else 128)
         codec.compile_decoder()
     torch.backends.cudnn.benchmark = setting == "cudnn_benchmark"
     try:

@@ -220,6 +220,10 @@ def measure_lever(bench: Bench, s: Setting, reference: torch.Tensor | None) -> d
     return entry
 
 
+# The Wan VAE's decode modes (benchmarks/common.random_codec kinds), slowest first.
+WAN_VAE_DECODE_MODES = ("wan_vae", "wan_vae_cl", "wan_vae_compiled", "wan_vae_compiled_pad")
+
+
 def measure_decode(bench: Bench, s: Setting, kind: str) -> dict:
     args = bench.args
     codec = random_codec(kind, bench.device, bench.dtype, tiny=args.size == "tiny")
@@ -234,7 +238,9 @@ def measure_decode(bench: Bench, s: Setting, kind: str) -> dict:
                         "time_to_first_frame_ms": decoder.time_to_first_frame_ms, "peak_gib": peak_gib(bench.device)})
     del codec
     best = min(results[1:], key=lambda r: r["total_ms"])
-    return dict(best, side_stream=not args.no_side_stream)
+    # The first video's excess over a warm one: the decoder's compile, for the compiled kinds.
+    warmup_s = max(results[0]["total_ms"] - best["total_ms"], 0.0) / 1000.0
+    return dict(best, side_stream=not args.no_side_stream, warmup_s=warmup_s)
 
 
 def profile_rollout(bench: Bench, s: Setting) -> dict:
@@ -265,9 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 real, fp32 tiny")
     parser.add_argument("--levers", default=",".join(LEVERS), help="cumulative, in order (default: %(default)s)")
-    parser.add_argument("--decode", default="none,wan_vae,wan_vae_cl,wan_vae_compiled,taehv",
+    parser.add_argument("--decode", default=",".join(("none", *WAN_VAE_DECODE_MODES, "taehv")),
                         help="decode modes measured with every lever on (wan_vae_cl: the Wan VAE in NDHWC layout; "
-                             "wan_vae_compiled: that decoder compiled, as the pipeline runs it with compile)")
+                             "wan_vae_compiled: that decoder compiled, as the pipeline runs it with compile; "
+                             "wan_vae_compiled_pad: and its full-resolution channels padded to 128)")
     parser.add_argument("--no-side-stream", action="store_true", help="decode on the generation stream")
     parser.add_argument("--long", action="store_true", help="also a long rolling rollout (first and last entry)")
     parser.add_argument("--fp8", action="store_true",
@@ -397,8 +404,7 @@ def targets(result: dict) -> dict:
     """The issue's targets against the best entry (the last lever that ran) and the decode sections."""
     best = [e for e in result["levers"].values() if "rollout_ms" in e]
     compiled = [e for k, e in result["levers"].items() if "warmup_s" in e and k in ("compile", "cudagraph")]
-    wan_vae = [result[k] for k in ("decode_wan_vae", "decode_wan_vae_cl", "decode_wan_vae_compiled")
-               if "frames_per_s" in result.get(k, {})]
+    wan_vae = [result[f"decode_{k}"] for k in WAN_VAE_DECODE_MODES if "frames_per_s" in result.get(f"decode_{k}", {})]
     wan_vae_fps = [e["frames_per_s"] for e in wan_vae]  # the faster layout is what a user gets
     wan_vae_first = [e["time_to_first_frame_ms"] for e in wan_vae]
     checks = {"dit_rollout_ms<=1750": best[-1]["rollout_ms"] if best else None,
@@ -406,7 +412,9 @@ def targets(result: dict) -> dict:
               "wan_vae_fps>=30": max(wan_vae_fps, default=None),
               "taehv_fps>=40": result.get("decode_taehv", {}).get("frames_per_s"),
               "first_frame_ms<=250": min(wan_vae_first, default=None),
-              "warmup_s<=60": sum(e["warmup_s"] for e in compiled) if compiled else None}
+              # A user's first run compiles the DiT's pieces and, with a Wan VAE, its decoder (the slowest to compile).
+              "warmup_s<=60": (sum(e["warmup_s"] for e in compiled) + max(
+                  (e.get("warmup_s", 0.0) for e in wan_vae), default=0.0)) if compiled else None}
     out = {}
     for key, value in checks.items():
         bound = float(key.split("=")[-1])
@@ -438,8 +446,8 @@ def print_summary(result: dict) -> None:
         rows.append(("fp8 (apart)", "ERROR " + fp8["error"][:100] if "error" in fp8 else
                      f"{fp8['rollout_ms']:.1f} ms  rel.err {fp8['rel_error_vs_eager']:.1e}"
                      f"{'' if fp8['fp8_kernels'] else '  (emulated: no FP8 tensor cores)'}"))
-    for key in ("block_alone", "profile", "decode_wan_vae", "decode_wan_vae_cl", "decode_wan_vae_compiled",
-                "decode_taehv", "long_eager", "long"):
+    for key in ("block_alone", "profile", *(f"decode_{k}" for k in (*WAN_VAE_DECODE_MODES, "taehv")),
+                "long_eager", "long"):
         e = result.get(key)
         if not e:
             continue
@@ -451,7 +459,8 @@ def print_summary(result: dict) -> None:
         elif key == "block_alone":
             rows.append((key, f"block {e['position']}: {e['ms']:.1f} ms"))
         elif key.startswith("decode"):
-            rows.append((key, f"{e['frames_per_s']:.1f} fps incl. decode, first frame {e['time_to_first_frame_ms']:.0f} ms"))
+            rows.append((key, f"{e['frames_per_s']:.1f} fps incl. decode, first frame {e['time_to_first_frame_ms']:.0f} ms"
+                              f", warm-up {e.get('warmup_s', 0.0):.1f} s"))
         else:
             rows.append((key, f"{e['blocks']} blocks: steady {e['steady_block_ms']:.1f} ms/block"
                               + (f", peak {e['peak_gib']:.1f} GiB" if e["peak_gib"] else "")))

@@ -87,7 +87,9 @@ def speed_figure(data: dict) -> str:
         else:
             parts.append(f"{lever} failed")
     decoders = (("decode_wan_vae", "Wan VAE"), ("decode_wan_vae_cl", "Wan VAE NDHWC"),
-                ("decode_wan_vae_compiled", "Wan VAE NDHWC compiled"), ("decode_taehv", "TAEHV"))
+                ("decode_wan_vae_compiled", "Wan VAE NDHWC compiled"),
+                ("decode_wan_vae_compiled_pad", "Wan VAE NDHWC compiled, 96 -> 128 channels"),
+                ("decode_taehv", "TAEHV"))
     for key, label in decoders:
         e = data.get(key, {})
         if "frames_per_s" in e:

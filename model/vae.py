@@ -297,25 +297,30 @@ class StreamingVAEDecoder:
             z = z.contiguous(memory_format=torch.channels_last_3d)
         x = codec.vae.post_quant_conv(z)
         frames = []
-        # A compiled decoder sees the conv caches fill over its first calls (None, one frame, two), a compile for each
-        # state of each of its code objects: more than dynamo's default limit of 8.
+        # A compiled decoder compiles once per call shape and cache state; more than dynamo's default limit of 8 when
+        # chunk sizes vary.
         limit = torch._dynamo.config.patch(recompile_limit=64) if codec.decoder_compiled else contextlib.nullcontext()
         with limit:
             start = 0
             while start < f:
+                # The first two calls of a stream, while the conv caches fill (none, then one frame), run eagerly: a
+                # compile for each of them would take longer than the whole video's decoding saves.
+                stance = (torch.compiler.set_stance("force_eager") if codec.decoder_compiled and self.frames_decoded < 2
+                          else contextlib.nullcontext())
                 # The first frame of a video passes alone: the temporal upsamplers skip it (the "Rep" cache sentinel)
                 # to emit a single frame. Later frames go up to `frames_per_call` at a time: every layer is causal in
                 # time (a 2-frame conv cache) or per-frame, so this equals the reference's frame-by-frame loop, with
                 # fewer, larger convolutions and less cache concatenation per frame.
                 size = 1 if self.frames_decoded == 0 else min(self.frames_per_call, f - start)
-                frames.append(
-                    codec.vae.decoder(
-                        x[:, :, start : start + size],
-                        feat_cache=self._feat_cache,
-                        feat_idx=[0],
-                        first_chunk=self.frames_decoded == 0,
+                with stance:
+                    frames.append(
+                        codec.vae.decoder(
+                            x[:, :, start : start + size],
+                            feat_cache=self._feat_cache,
+                            feat_idx=[0],
+                            first_chunk=self.frames_decoded == 0,
+                        )
                     )
-                )
                 self.frames_decoded += size
                 start += size
         out = torch.cat(frames, dim=2).permute(0, 2, 1, 3, 4).float()
@@ -353,6 +358,7 @@ class WanVAE(nn.Module):
         self.pixel_channels = int(cfg.in_channels)
         self.decoder_channels_last = False
         self.decoder_compiled = False
+        self.decoder_channels_padded: int | None = None
 
     def decoder_to_channels_last(self, enabled: bool = True) -> "WanVAE":
         """Decode in the channels-last 3-D layout (NDHWC): the same arithmetic, and cuDNN's fastest Conv3d kernels on
@@ -363,12 +369,66 @@ class WanVAE(nn.Module):
         self.decoder_channels_last = enabled
         return self
 
+    def pad_decoder_channels(self, multiple: int = 128) -> "WanVAE":
+        """Zero-pad the channels of the decoder's full-resolution stage (96 in Wan2.1) up to a multiple of `multiple`:
+        cuDNN runs 96-channel 3x3x3 convolutions with an Ampere kernel at ~230 TFLOP/s on an H100, and 128 lets it pick
+        its Hopper ones (measured by benchmarks/conv_layouts.py and decode.py). Exact: the padded channels are zero
+        into and out of every layer (zero weights, gamma and bias; the RMS norm's L2 norm and scale are unchanged; SiLU
+        keeps 0), so the frames are the same. A decode-time rewrite: do not save this VAE's state dict afterwards."""
+        if multiple < 1:
+            raise ValueError(f"pad_decoder_channels: multiple must be >= 1, got {multiple}")
+        decoder = self.vae.decoder
+        stage, previous = decoder.up_blocks[-1], decoder.up_blocks[-2]
+        upsample = previous.upsamplers[0].resample[1] if previous.upsamplers is not None else None
+        channels = stage.out_dim
+        padded = -(-channels // multiple) * multiple
+        if padded == channels:
+            return self
+        if not isinstance(upsample, nn.Conv2d) or upsample.out_channels != channels or stage.in_dim != channels or any(
+                not isinstance(r.conv_shortcut, nn.Identity) for r in stage.resnets):
+            raise ValueError("pad_decoder_channels: expected the Wan2.1 decoder layout (a 2-D upsampling conv into a "
+                             f"last stage of {channels} channels without shortcut convs)")
+
+        def grow(param: nn.Parameter | float, sizes: dict[int, int]) -> nn.Parameter | float:
+            if not isinstance(param, torch.Tensor):
+                return param
+            shape = list(param.shape)
+            for dim, size in sizes.items():
+                shape[dim] = size
+            out = param.new_zeros(shape)
+            out[tuple(slice(0, n) for n in param.shape)] = param.detach()
+            return nn.Parameter(out, requires_grad=param.requires_grad)
+
+        def grow_conv(conv: nn.Module, out_ch: int | None, in_ch: int | None) -> None:
+            sizes = {k: v for k, v in ((0, out_ch), (1, in_ch)) if v is not None}
+            conv.weight = grow(conv.weight, sizes)
+            if conv.bias is not None and out_ch is not None:
+                conv.bias = grow(conv.bias, {0: out_ch})
+            conv.out_channels, conv.in_channels = out_ch or conv.out_channels, in_ch or conv.in_channels
+
+        def grow_norm(norm: nn.Module) -> None:
+            norm.gamma = grow(norm.gamma, {0: padded})
+            norm.bias = grow(norm.bias, {0: padded})
+
+        grow_conv(upsample, padded, None)
+        for resnet in stage.resnets:
+            grow_norm(resnet.norm1)
+            grow_conv(resnet.conv1, padded, padded)
+            grow_norm(resnet.norm2)
+            grow_conv(resnet.conv2, padded, padded)
+        grow_norm(decoder.norm_out)
+        grow_conv(decoder.conv_out, None, padded)
+        if self.decoder_channels_last:
+            self.decoder_to_channels_last()
+        self.decoder_channels_padded = padded
+        return self
+
     def compile_decoder(self, **compile_kwargs: Any) -> "WanVAE":
         """Run the decoder under `torch.compile`: its fp32 RMS norms, SiLUs, causal padding and cache copies fuse
         around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1869 -> 1139 ms,
-        benchmarks/results/decode_compile_h100.json). The first calls of a stream, whose conv caches are still filling,
-        each compile once (~70 s at that size; again for another resolution). `compile_kwargs` go to `torch.compile`
-        (default `dynamic=False`: a stream's few frame counts each get a static graph)."""
+        benchmarks/results/decode_compile_h100.json). Only the steady calls compile (a stream's first two run eagerly
+        while the conv caches fill), once per resolution and frames per call. `compile_kwargs` go to `torch.compile`
+        (default `dynamic=False`: static shapes)."""
         self.vae.decoder.compile(**{"dynamic": False, **compile_kwargs})
         self.decoder_compiled = True
         return self

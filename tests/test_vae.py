@@ -391,10 +391,10 @@ def test_channels_last_decoder_streams_the_same_frames():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decoder_streams_the_same_frames_without_hitting_the_recompile_limit():
+def test_compiled_decoder_streams_the_same_frames_and_compiles_only_the_steady_calls():
     """WanVAE.compile_decoder (dynamo tracing only here: the eager backend; inductor is timed on the GPU by
-    benchmarks/decode.py): the same frames as the plain decoder, and dynamo never gives up on a frame for hitting its
-    recompile limit while the conv caches fill (it would fall back to eager silently)."""
+    benchmarks/decode.py): the same frames as the plain decoder; the first two calls, while the conv caches fill, run
+    eagerly, so a stream of equal chunks compiles one graph; dynamo's recompile limit is raised around the calls."""
     from diffusers import AutoencoderKLWan
     from torch._dynamo.utils import counters
 
@@ -415,10 +415,50 @@ def test_compiled_decoder_streams_the_same_frames_without_hitting_the_recompile_
         fast = codec.stream_decoder()
         out = torch.cat([fast.decode_chunk(latent[:, :1]), fast.decode_chunk(latent[:, 1:3]),
                          fast.decode_chunk(latent[:, 3:])], dim=1)
-    assert counters["stats"]["unique_graphs"] > 0
+        assert counters["stats"]["unique_graphs"] == 1  # the third call only
+        again = codec.stream_decoder()
+        for start in (0, 1, 3):
+            again.decode_chunk(latent[:, start:start + 2] if start else latent[:, :1])
+    assert counters["stats"]["unique_graphs"] == 1  # a second stream reuses it
     assert not any("recompile limit" in str(reason) for reason in counters["unimplemented"])
-    assert len(limits) == 3 and min(limits) >= 64  # frame 0 alone, then one call per chunk (2 frames each)
+    assert len(limits) == 6 and min(limits) >= 64  # per stream: frame 0 alone, then one call per chunk
     assert torch._dynamo.config.recompile_limit == 8  # patched only around the decoder's calls
     torch._dynamo.reset()
     assert out.shape == reference.shape == (1, 17, 3, 48, 64)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padded_decoder_channels_stream_the_same_frames(channels_last):
+    """WanVAE.pad_decoder_channels: the full-resolution stage widened with zero channels decodes the same frames, in
+    both layouts, streamed in blocks; a multiple it already meets changes nothing; a bad multiple is refused."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    codec = WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=12)).eval()).requires_grad_(False)
+    with torch.no_grad():  # non-zero biases and gammas, so a wrongly padded channel would show
+        for name, p in codec.vae.decoder.named_parameters():
+            if name.endswith("bias") or name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    latent = torch.randn(1, 4, codec.latent_channels, 6, 8)
+
+    def stream() -> torch.Tensor:
+        decoder = codec.stream_decoder(clamp=False)
+        return torch.cat([decoder.decode_chunk(latent[:, :3]), decoder.decode_chunk(latent[:, 3:])], dim=1)
+
+    with torch.no_grad():
+        reference = stream()
+        if channels_last:
+            codec.decoder_to_channels_last()
+        stage = codec.vae.decoder.up_blocks[-1]
+        assert stage.out_dim == 12 and codec.pad_decoder_channels(4).decoder_channels_padded is None  # 12 = 3 * 4
+        assert codec.pad_decoder_channels(16).decoder_channels_padded == 16
+        assert stage.resnets[0].conv1.weight.shape[:2] == (16, 16) and codec.vae.decoder.conv_out.weight.shape[1] == 16
+        assert codec.vae.decoder.norm_out.gamma.shape[0] == 16
+        if channels_last:
+            assert stage.resnets[0].conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        out = stream()
+    assert out.shape == reference.shape == (1, 13, 3, 48, 64)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        codec.pad_decoder_channels(0)
