@@ -67,8 +67,9 @@ def rows() -> list[str]:
                     parts.append("self-attention TFLOP/s " + ", ".join(f"{k} {r:.0f}" for k, r in rates.items()))
                 out.append(head + f"| one cached call, {run['label']} | {'; '.join(parts)} |")
         elif "codecs" in data:  # benchmarks/decode.py
-            parts = [f"{label} {e['total_ms']:.0f} ms ({e['frames_per_s']:.1f} frames/s)"
-                     for label, e in data["codecs"].items()]
+            parts = [f"{label} {e['total_ms']:.0f} ms ({e['frames_per_s']:.1f} frames/s"
+                     + (f", warm-up {e['warmup_s']:.0f} s)" if e.get("warmup_s", 0) >= 5 else ")")
+                     for label, e in data["codecs"].items() if "total_ms" in e]
             out.append(head + f"| streamed decode alone, {data['args']['blocks']} blocks | {'; '.join(parts)} |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
