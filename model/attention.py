@@ -3,8 +3,9 @@
 Back-end order for unmasked attention: flash-attn 3 -> flash-attn 4 -> flash-attn 2 (CUDA, half precision, when
 installed) -> torch SDPA (cuDNN/flash kernels on GPU, math on CPU); `set_attention_backend` pins one (e.g. cuDNN SDPA
 where the speed benchmark finds it fastest). Under torch.compile flash-attn is one opaque op without gradients; a
-compiled graph that needs gradients uses SDPA (eager training keeps flash-attn's own autograd). Masked (block-causal) attention uses flex attention on CUDA
-and SDPA with the equivalent dense boolean mask on CPU, where compiling flex attention costs ~20 s per shape.
+compiled graph that needs gradients uses SDPA (eager training keeps flash-attn's own autograd). Masked
+(block-causal) attention uses flex attention on CUDA and SDPA with the equivalent dense boolean mask on CPU, where
+compiling flex attention costs ~20 s per shape.
 """
 from __future__ import annotations
 
