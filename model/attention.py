@@ -202,7 +202,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str | None) -> Tensor:
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None) -> Tensor:
-    """Softmax attention with scale 1/sqrt(head_dim). `q` `[B, Lq, H, D]`, `k`/`v` `[B, Lk, H, D]` -> `[B, Lq, H, D]`."""
+    """Softmax attention with scale 1/sqrt(head_dim): `q` `[B, Lq, H, D]`, `k`/`v` `[B, Lk, H, D]` -> `[B, Lq, H, D]`.
+    """
     if mask is not None:
         if q.is_cuda:
             out = _compiled_flex_attention()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
