@@ -47,11 +47,11 @@ def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool
     torch.manual_seed(seed)
     if kind == "wan_vae_cl":
         return random_codec("wan_vae", device, dtype, tiny, seed).decoder_to_channels_last()
-    if kind == "wan_vae_compiled":  # what the inference pipeline runs with compile on CUDA
+    if kind == "wan_vae_compiled":
         return random_codec("wan_vae_cl", device, dtype, tiny, seed).compile_decoder()
-    if kind == "wan_vae_compiled_pad":  # and with the full-resolution channels padded to 128 (16 at tiny size)
+    if kind == "wan_vae_compiled_pad":  # what the inference pipeline runs with compile on CUDA
         codec = random_codec("wan_vae_cl", device, dtype, tiny, seed)
-        return codec.pad_decoder_channels(16 if tiny else 128).compile_decoder()
+        return codec.pad_decoder_channels(decoder_pad_multiple(tiny)).compile_decoder()
     if kind == "wan_vae":
         from diffusers import AutoencoderKLWan
 
@@ -64,6 +64,11 @@ def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool
         return TAEHVCodec(taehv.eval()).to(device=device, dtype=dtype).requires_grad_(False)
     raise ValueError(f"codec must be wan_vae, wan_vae_cl, wan_vae_compiled, wan_vae_compiled_pad or taehv, "
                      f"got {kind!r}")
+
+
+def decoder_pad_multiple(tiny: bool) -> int:
+    """`WanVAE.pad_decoder_channels`'s multiple: 128 as the pipeline pads; 16 for the tiny VAE (8 channels)."""
+    return 16 if tiny else 128
 
 
 class BlockClock:

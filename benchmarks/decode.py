@@ -13,7 +13,8 @@ the full-resolution stage's 96 channels zero-padded to 128, `WanVAE.pad_decoder_
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
 frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
 raises is recorded with its error. `--frames-per-call` (Wan VAE): latent frames per decoder call, each value timed
-(1 is the reference's frame-by-frame loop; the first frame of a video always passes alone).
+and labelled when there are several (1 is the reference's frame-by-frame loop; the first frame of a video always
+passes alone).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 import traceback
 
 import torch
-from common import environment, kernel_table, print_table, random_codec, sync, write_result
+from common import decoder_pad_multiple, environment, kernel_table, print_table, random_codec, sync, write_result
 
 SETTINGS = ("plain", "cudnn_benchmark", "compile", "compile_pad")
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         for setting, frames_per_call in [(s, n) for s in settings
                                          for n in (per_call if kind.startswith("wan_vae") else [None])]:
             label = kind if setting == "plain" else f"{kind} {setting}"
-            if frames_per_call is not None and per_call != [3]:
+            if frames_per_call is not None and len(per_call) > 1:
                 label += f" {frames_per_call}/call"
             try:
                 entry = time_setting(kind, setting, latents, fpb, args, tiny, frames_per_call)
@@ -94,7 +95,7 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
         if not hasattr(codec, "compile_decoder"):
             raise ValueError(f"the {setting} setting is for the Wan VAE decoder, not {kind}")
         if setting == "compile_pad":
-            codec.pad_decoder_channels(16 if tiny else 128)
+            codec.pad_decoder_channels(decoder_pad_multiple(tiny))
         codec.compile_decoder()
     torch.backends.cudnn.benchmark = setting == "cudnn_benchmark"
     try:

@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--levers", default=",".join(LEVERS), help="cumulative, in order (default: %(default)s)")
     parser.add_argument("--decode", default=",".join(("none", *WAN_VAE_DECODE_MODES, "taehv")),
                         help="decode modes measured with every lever on (wan_vae_cl: the Wan VAE in NDHWC layout; "
-                             "wan_vae_compiled: that decoder compiled, as the pipeline runs it with compile; "
-                             "wan_vae_compiled_pad: and its full-resolution channels padded to 128)")
+                             "wan_vae_compiled: that decoder compiled; wan_vae_compiled_pad: and its "
+                             "full-resolution channels padded to 128, as the pipeline runs it with compile)")
     parser.add_argument("--no-side-stream", action="store_true", help="decode on the generation stream")
     parser.add_argument("--long", action="store_true", help="also a long rolling rollout (first and last entry)")
     parser.add_argument("--fp8", action="store_true",

@@ -372,7 +372,7 @@ class WanVAE(nn.Module):
     def pad_decoder_channels(self, multiple: int = 128) -> "WanVAE":
         """Zero-pad the channels of the decoder's full-resolution stage (96 in Wan2.1) up to a multiple of `multiple`:
         cuDNN runs 96-channel 3x3x3 convolutions with an Ampere kernel at ~230 TFLOP/s on an H100, and 128 lets it pick
-        its Hopper ones (measured by benchmarks/conv_layouts.py and decode.py). Exact: the padded channels are zero
+        its Hopper ones (benchmarks/decode.py, compile_pad: 1132 -> 1037 ms for 81 frames at 480x832). Exact: the padded channels are zero
         into and out of every layer (zero weights, gamma and bias; the RMS norm's L2 norm and scale are unchanged; SiLU
         keeps 0), so the frames are the same. A decode-time rewrite: do not save this VAE's state dict afterwards."""
         if multiple < 1:
@@ -425,8 +425,8 @@ class WanVAE(nn.Module):
 
     def compile_decoder(self, **compile_kwargs: Any) -> "WanVAE":
         """Run the decoder under `torch.compile`: its fp32 RMS norms, SiLUs, causal padding and cache copies fuse
-        around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1869 -> 1139 ms,
-        benchmarks/results/decode_compile_h100.json). Only the steady calls compile (a stream's first two run eagerly
+        around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1867 ms eager, decode_h100.json;
+        1132 ms compiled, decode_pad_h100.json). Only the steady calls compile (a stream's first two run eagerly
         while the conv caches fill), once per resolution and frames per call. `compile_kwargs` go to `torch.compile`
         (default `dynamic=False`: static shapes)."""
         self.vae.decoder.compile(**{"dynamic": False, **compile_kwargs})
