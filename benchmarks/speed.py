@@ -459,8 +459,8 @@ def print_summary(result: dict) -> None:
         elif key == "block_alone":
             rows.append((key, f"block {e['position']}: {e['ms']:.1f} ms"))
         elif key.startswith("decode"):
-            rows.append((key, f"{e['frames_per_s']:.1f} fps incl. decode, first frame {e['time_to_first_frame_ms']:.0f} ms"
-                              f", warm-up {e.get('warmup_s', 0.0):.1f} s"))
+            rows.append((key, f"{e['frames_per_s']:.1f} fps incl. decode, first frame "
+                              f"{e['time_to_first_frame_ms']:.0f} ms, warm-up {e.get('warmup_s', 0.0):.1f} s"))
         else:
             rows.append((key, f"{e['blocks']} blocks: steady {e['steady_block_ms']:.1f} ms/block"
                               + (f", peak {e['peak_gib']:.1f} GiB" if e["peak_gib"] else "")))

@@ -372,9 +372,9 @@ class WanVAE(nn.Module):
     def pad_decoder_channels(self, multiple: int = 128) -> "WanVAE":
         """Zero-pad the channels of the decoder's full-resolution stage (96 in Wan2.1) up to a multiple of `multiple`:
         cuDNN runs 96-channel 3x3x3 convolutions with an Ampere kernel at ~230 TFLOP/s on an H100, and 128 lets it pick
-        its Hopper ones (benchmarks/decode.py, compile_pad: 1132 -> 1037 ms for 81 frames at 480x832). Exact: the padded channels are zero
-        into and out of every layer (zero weights, gamma and bias; the RMS norm's L2 norm and scale are unchanged; SiLU
-        keeps 0), so the frames are the same. A decode-time rewrite: do not save this VAE's state dict afterwards."""
+        its Hopper ones (benchmarks/decode.py, compile_pad: 1132 -> 1037 ms for 81 frames at 480x832). Exact: the
+        padded channels are zero into and out of every layer (zero weights, gamma and bias; the RMS norm's L2 norm and
+        scale are unchanged; SiLU keeps 0), so the frames are the same. A decode-time rewrite: do not save this VAE's state dict afterwards."""
         if multiple < 1:
             raise ValueError(f"pad_decoder_channels: multiple must be >= 1, got {multiple}")
         decoder = self.vae.decoder
