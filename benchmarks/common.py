@@ -41,17 +41,20 @@ def tiny_config() -> WanConfig:
 
 def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool = False, seed: int = 0):
     """A latent codec with random weights: "wan_vae" (the Wan2.1 VAE architecture), "wan_vae_cl" (the same, decoding
-    in the channels-last 3-D layout), "wan_vae_compiled" (that decoder under torch.compile), "wan_vae_compiled_pad"
-    (and its full-resolution channels zero-padded, `WanVAE.pad_decoder_channels`) or "taehv" (real sizes unless
-    `tiny`). Decoding time does not depend on weight values."""
+    in the channels-last 3-D layout), "wan_vae_compiled" (that decoder compiled whole), "wan_vae_compiled_pad" (and its
+    full-resolution channels zero-padded, `WanVAE.pad_decoder_channels`), "wan_vae_pipeline" (what the inference
+    pipeline runs with compile on CUDA: `WanVAE.speed_up_decoder`) or "taehv" (real sizes unless `tiny`). Decoding
+    time does not depend on weight values."""
     torch.manual_seed(seed)
     if kind == "wan_vae_cl":
         return random_codec("wan_vae", device, dtype, tiny, seed).decoder_to_channels_last()
     if kind == "wan_vae_compiled":
-        return random_codec("wan_vae_cl", device, dtype, tiny, seed).compile_decoder()
-    if kind == "wan_vae_compiled_pad":  # what the inference pipeline runs with compile on CUDA
+        return random_codec("wan_vae_cl", device, dtype, tiny, seed).compile_decoder(regional=False)
+    if kind == "wan_vae_compiled_pad":
         codec = random_codec("wan_vae_cl", device, dtype, tiny, seed)
-        return codec.pad_decoder_channels(decoder_pad_multiple(tiny)).compile_decoder()
+        return codec.pad_decoder_channels(decoder_pad_multiple(tiny)).compile_decoder(regional=False)
+    if kind == "wan_vae_pipeline":
+        return random_codec("wan_vae", device, dtype, tiny, seed).speed_up_decoder(decoder_pad_multiple(tiny))
     if kind == "wan_vae":
         from diffusers import AutoencoderKLWan
 
@@ -62,8 +65,8 @@ def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool
         from model.taehv import TAEHV, TAEHVCodec
         taehv = TAEHV(decoder_n_f=(16, 8, 8, 8), encoder_width=8) if tiny else TAEHV()
         return TAEHVCodec(taehv.eval()).to(device=device, dtype=dtype).requires_grad_(False)
-    raise ValueError(f"codec must be wan_vae, wan_vae_cl, wan_vae_compiled, wan_vae_compiled_pad or taehv, "
-                     f"got {kind!r}")
+    raise ValueError(f"codec must be wan_vae, wan_vae_cl, wan_vae_compiled, wan_vae_compiled_pad, wan_vae_pipeline or "
+                     f"taehv, got {kind!r}")
 
 
 def decoder_pad_multiple(tiny: bool) -> int:

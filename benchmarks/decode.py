@@ -6,10 +6,13 @@
     python benchmarks/decode.py --codecs wan_vae_cl --settings compile --frames-per-call 1,3
 
 Settings: `plain`; `cudnn_benchmark` (`torch.backends.cudnn.benchmark`: cuDNN times the convolution algorithms of
-every new shape once, in the warm-up video, and keeps the fastest; off, its heuristics choose); `compile` (the
-decoder under `torch.compile`, `WanVAE.compile_decoder`, so its fp32 RMS norms, SiLUs and cache copies fuse around the
-cuDNN convolutions; a stream's first two calls run eagerly while its conv caches fill); `compile_pad` (that, with
-the full-resolution stage's 96 channels zero-padded to 128, `WanVAE.pad_decoder_channels`). Each setting gets a fresh
+every new shape once, in the warm-up video, and keeps the fastest; off, its heuristics choose); `compile` (the whole
+decoder as one graph under `torch.compile`, `WanVAE.compile_decoder(regional=False)`, so its fp32 RMS norms, SiLUs and
+cache copies fuse around the cuDNN convolutions; a stream's first two calls run eagerly while its conv caches fill);
+`compile_pad` (that, with the full-resolution stage's 96 channels zero-padded to 128, `WanVAE.pad_decoder_channels`);
+`compile_pad_inside` (and the convolutions' spatial zero padding done inside cuDNN, `WanVAE.pad_decoder_convs_inside`);
+`pipeline` (what the pipeline runs: those levers with one compiled graph per distinct layer instead of one for the
+whole decoder, `WanVAE.speed_up_decoder`). Each setting gets a fresh
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
 frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
 raises is recorded with its error. `--frames-per-call` (Wan VAE): latent frames per decoder call, each value timed
@@ -25,7 +28,7 @@ import traceback
 import torch
 from common import decoder_pad_multiple, environment, kernel_table, print_table, random_codec, sync, write_result
 
-SETTINGS = ("plain", "cudnn_benchmark", "compile", "compile_pad")
+SETTINGS = ("plain", "cudnn_benchmark", "compile", "compile_pad", "compile_pad_inside", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--settings", default="plain,cudnn_benchmark", help=f"any of {', '.join(SETTINGS)}")
     parser.add_argument("--profile", action="store_true", help="device time per kernel family for one video")
+    parser.add_argument("--profile-top", type=int, default=10, help="kernels listed by --profile (default 10)")
     parser.add_argument("--frames-per-call", default="3",
                         help="Wan VAE: latent frames per decoder call, comma-separated values to time (default 3)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -91,12 +95,17 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
                  frames_per_call: int | None = None) -> dict:
     device = latents.device
     codec = random_codec(kind, device, latents.dtype, tiny=tiny)
-    if setting.startswith("compile"):
+    if setting.startswith("compile") or setting == "pipeline":
         if not hasattr(codec, "compile_decoder"):
             raise ValueError(f"the {setting} setting is for the Wan VAE decoder, not {kind}")
-        if setting == "compile_pad":
-            codec.pad_decoder_channels(decoder_pad_multiple(tiny))
-        codec.compile_decoder()
+        if setting == "pipeline":
+            codec.speed_up_decoder(decoder_pad_multiple(tiny))
+        else:
+            if setting.startswith("compile_pad"):
+                codec.pad_decoder_channels(decoder_pad_multiple(tiny))
+            if setting == "compile_pad_inside":
+                codec.pad_decoder_convs_inside()
+            codec.compile_decoder(regional=False)
     torch.backends.cudnn.benchmark = setting == "cudnn_benchmark"
     try:
         def video() -> tuple[float, float, int]:
@@ -127,7 +136,7 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
                 [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with torch.profiler.profile(activities=activities) as prof:
                 video()
-            entry["profile"] = kernel_table(prof, device.type == "cuda", top=10)
+            entry["profile"] = kernel_table(prof, device.type == "cuda", top=args.profile_top)
         return entry
     finally:
         torch.backends.cudnn.benchmark = False

@@ -221,7 +221,7 @@ def measure_lever(bench: Bench, s: Setting, reference: torch.Tensor | None) -> d
 
 
 # The Wan VAE's decode modes (benchmarks/common.random_codec kinds), slowest first.
-WAN_VAE_DECODE_MODES = ("wan_vae", "wan_vae_cl", "wan_vae_compiled", "wan_vae_compiled_pad")
+WAN_VAE_DECODE_MODES = ("wan_vae", "wan_vae_cl", "wan_vae_compiled", "wan_vae_compiled_pad", "wan_vae_pipeline")
 
 
 def measure_decode(bench: Bench, s: Setting, kind: str) -> dict:
@@ -266,15 +266,16 @@ def measure_long(bench: Bench, s: Setting, blocks: int) -> dict:
             "peak_gib": peak_gib(bench.device), "latents": run["latents"]}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 real, fp32 tiny")
     parser.add_argument("--levers", default=",".join(LEVERS), help="cumulative, in order (default: %(default)s)")
     parser.add_argument("--decode", default=",".join(("none", *WAN_VAE_DECODE_MODES, "taehv")),
                         help="decode modes measured with every lever on (wan_vae_cl: the Wan VAE in NDHWC layout; "
-                             "wan_vae_compiled: that decoder compiled; wan_vae_compiled_pad: and its "
-                             "full-resolution channels padded to 128, as the pipeline runs it with compile)")
+                             "wan_vae_compiled: that decoder compiled whole; wan_vae_compiled_pad: and its "
+                             "full-resolution channels padded to 128; wan_vae_pipeline: as the pipeline runs it with "
+                             "compile, WanVAE.speed_up_decoder)")
     parser.add_argument("--no-side-stream", action="store_true", help="decode on the generation stream")
     parser.add_argument("--long", action="store_true", help="also a long rolling rollout (first and last entry)")
     parser.add_argument("--fp8", action="store_true",
@@ -294,7 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--inductor", default="", metavar="KEY=VALUE,...",
                         help="torch._inductor.config settings for every compiled entry, e.g. split_reductions=False")
     parser.add_argument("--name", default="speed")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     for item in [x for x in args.inductor.split(",") if x]:
         key, _, value = item.partition("=")
         setattr(torch._inductor.config, key.strip(), ast.literal_eval(value.strip()))

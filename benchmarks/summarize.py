@@ -90,6 +90,7 @@ def speed_figure(data: dict) -> str:
     decoders = (("decode_wan_vae", "Wan VAE"), ("decode_wan_vae_cl", "Wan VAE NDHWC"),
                 ("decode_wan_vae_compiled", "Wan VAE NDHWC compiled"),
                 ("decode_wan_vae_compiled_pad", "Wan VAE NDHWC compiled, 96 -> 128 channels"),
+                ("decode_wan_vae_pipeline", "Wan VAE as the pipeline runs it"),
                 ("decode_taehv", "TAEHV"))
     for key, label in decoders:
         e = data.get(key, {})

@@ -175,9 +175,14 @@ def block_causal_mask(spec: BlockCausal, num_frames: int, tokens_per_frame: int,
     return AttentionMask(spec, num_frames, tokens_per_frame, teacher_forcing, device)
 
 
-# Unmasked attention back-end: "auto" (flash-attn if installed, else SDPA's own choice), "flash_attn", or one SDPA
-# kernel: "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math" (benchmarks/speed.py times them and picks).
-ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math")
+# Unmasked attention back-end: "auto" (flash-attn if installed, else SDPA's own choice), "flash_attn", one SDPA
+# kernel: "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", or "sdpa_cudnn_halves" (cuDNN with long key sets in
+# two halves, `_cudnn_key_halves`); benchmarks/speed.py times them and picks.
+ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
+                      "sdpa_cudnn_halves")
+# Key sets at least this long are halved by "sdpa_cudnn_halves" (the self-attention over the cache; not the 512 text
+# tokens of cross-attention).
+HALVES_MIN_KEYS = 4096
 _backend = "auto"
 
 
@@ -201,6 +206,42 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str | None) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
+def merge_attention_parts(outs: Tensor, lses: Tensor) -> Tensor:
+    """Attention over the union of disjoint key sets from each set's result: `outs` `[S, ..., L, D]` and natural-log
+    sums of exponentiated scores `lses` `[S, ..., L]` -> `[..., L, D]` (each part weighted by its share of the total
+    softmax mass)."""
+    weights = torch.softmax(lses.float(), dim=0).unsqueeze(-1)
+    return (outs.float() * weights).sum(0).to(outs.dtype)
+
+
+@functools.cache
+def _compiled_merge():
+    return torch.compile(merge_attention_parts, dynamic=False)
+
+
+def _cudnn_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """cuDNN SDPA on `[B, H, L, D]` returning the output and the log-sum-exp `[B, H, Lq]`."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+    return out, lse.reshape(out.shape[:3])
+
+
+def _cudnn_key_halves(q: Tensor, k: Tensor, v: Tensor, partial=_cudnn_attention_with_lse) -> Tensor:
+    """Batch-1 attention (`[1, L, H, D]`) with the keys split into two halves run as a batch of two, then merged.
+
+    A block's queries make 37 row tiles of 128 per head, 444 tiles on an H100's 132 SMs: 3.4 waves, so cuDNN's last
+    wave runs a third full (a 4,224-token query takes the time of 4,680: benchmarks/attention_split.py). Two halves
+    of the keys in one launch make 888 shorter tiles, 6.7 waves. The halves are views of the contiguous cache; the
+    query is shared (a stride-0 batch)."""
+    half = k.shape[1] // 2
+    heads = q.shape[2]
+    qh = q.transpose(1, 2).expand(2, -1, -1, -1)
+    kh, vh = (t.reshape(2, half, *t.shape[2:]).transpose(1, 2) for t in (k, v))
+    out, lse = partial(qh, kh, vh)
+    # One fused kernel on the GPU (attention runs between the compiled pieces, so the merge is compiled on its own).
+    merge = _compiled_merge() if out.is_cuda else merge_attention_parts
+    return merge(out, lse).unsqueeze(0).transpose(1, 2).reshape(1, q.shape[1], heads, -1)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None) -> Tensor:
     """Softmax attention with scale 1/sqrt(head_dim): `q` `[B, Lq, H, D]`, `k`/`v` `[B, Lk, H, D]` -> `[B, Lq, H, D]`.
     """
@@ -212,6 +253,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask.dense())
         return out.transpose(1, 2)
+    if _backend == "sdpa_cudnn_halves":
+        if q.is_cuda and q.shape[0] == 1 and k.shape[1] >= HALVES_MIN_KEYS and k.shape[1] % 2 == 0:
+            return _cudnn_key_halves(q, k, v)
+        return _sdpa(q, k, v, "cudnn")
     if _backend.startswith("sdpa"):
         return _sdpa(q, k, v, _backend[5:] or None)
     if q.device.type in _FLASH_DEVICE_TYPES and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():

@@ -247,6 +247,85 @@ def _shape_error(what: str, expected: str, got: torch.Tensor) -> ValueError:
     return ValueError(f"{what}: expected a tensor of shape {expected}, got {tuple(got.shape)}")
 
 
+class _InsidePaddedCausalConv3d(WanCausalConv3d):
+    """`WanCausalConv3d` whose spatial zero padding happens inside the convolution (cuDNN treats out-of-range pixels as
+    zero) instead of in a padded copy of the input; only the causal time padding (the cache, or zero frames) is still
+    concatenated. The same arithmetic; `WanVAE.pad_decoder_convs_inside` swaps the class in."""
+
+    def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+        time_pad = self._padding[4]
+        if cache_x is not None and time_pad > 0:
+            x = torch.cat([cache_x.to(x.device), x], dim=2)
+            time_pad -= cache_x.shape[2]
+        if time_pad > 0:
+            x = nn.functional.pad(x, (0, 0, 0, 0, time_pad, 0))
+        return nn.functional.conv3d(x, self.weight, self.bias, self.stride, (0, self._padding[2], self._padding[0]),
+                                    self.dilation, self.groups)
+
+
+# The decoder's steady calls (every conv cache holding its 2 frames) as a walk over its layers: each layer runs as one
+# of four region functions, so torch.compile builds one small graph per distinct layer shape (the 5 residual blocks
+# of a level share one) instead of one graph of the whole decoder, which takes about a minute to compile cold.
+# The regions call diffusers' own forwards with a local cache list (same arithmetic, no guard on the caller's
+# cache index); only the decoder's first and last convolutions, written inline in `WanDecoder3d.forward`, are
+# restated here.
+
+
+def _cached_layer(layer: nn.Module, x: torch.Tensor, caches: list) -> tuple[torch.Tensor, list]:
+    """A residual block or resampler: its forward reads and replaces `len(caches)` conv caches from index 0."""
+    caches = list(caches)
+    return layer(x, feat_cache=caches, feat_idx=[0]), caches
+
+
+def _plain_layer(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)
+
+
+def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: torch.Tensor,
+                 norm: nn.Module | None = None, act: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`conv(act(norm(x)))` with its 2-frame cache, as `WanDecoder3d.forward` runs its first and last convolutions."""
+    if norm is not None:
+        x = act(norm(x))
+    new_cache = (x if x.shape[2] >= 2 else torch.cat([cache[:, :, -1:], x], dim=2))[:, :, -2:].clone()
+    return conv(x, cache), new_cache
+
+
+class _SteadyDecoder:
+    """`WanDecoder3d.forward(x, feat_cache, ...)` for a stream's calls after its first two, whose conv caches all hold 2
+    frames, as a walk over the layers in the decoder's cache order; the regions run compiled when built with
+    `compile_kwargs`."""
+
+    def __init__(self, decoder: nn.Module, compile_kwargs: dict | None = None):
+        self.decoder = decoder
+        wrap = (lambda fn: torch.compile(fn, **compile_kwargs)) if compile_kwargs is not None else (lambda fn: fn)
+        self._cached_layer, self._plain_layer, self._cached_conv = map(
+            wrap, (_cached_layer, _plain_layer, _cached_conv))
+
+    def __call__(self, x: torch.Tensor, feat_cache: list) -> torch.Tensor:
+        d, index = self.decoder, 1
+        x, feat_cache[0] = self._cached_conv(d.conv_in, x, feat_cache[0])
+
+        def cached(layer: nn.Module, count: int) -> torch.Tensor:
+            nonlocal index
+            out, feat_cache[index:index + count] = self._cached_layer(layer, x, feat_cache[index:index + count])
+            index += count
+            return out
+
+        x = cached(d.mid_block.resnets[0], 2)
+        for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:]):
+            if attention is not None:
+                x = self._plain_layer(attention, x)
+            x = cached(resnet, 2)
+        for up_block in d.up_blocks:
+            for resnet in up_block.resnets:
+                x = cached(resnet, 2)
+            if up_block.upsamplers is not None:
+                upsampler = up_block.upsamplers[0]
+                x = cached(upsampler, 1 if upsampler.mode == "upsample3d" else 0)
+        x, feat_cache[index] = self._cached_conv(d.conv_out, x, feat_cache[index], d.norm_out, d.nonlinearity)
+        return x
+
+
 class StreamingVAEDecoder:
     """Block-by-block Wan VAE decoding that keeps the causal conv cache between `decode_chunk` calls.
 
@@ -297,30 +376,29 @@ class StreamingVAEDecoder:
             z = z.contiguous(memory_format=torch.channels_last_3d)
         x = codec.vae.post_quant_conv(z)
         frames = []
-        # A compiled decoder compiles once per call shape and cache state; more than dynamo's default limit of 8 when
-        # chunk sizes vary.
+        # A compiled decoder compiles once per call shape and layer shape; more than dynamo's default limit of 8.
         limit = torch._dynamo.config.patch(recompile_limit=64) if codec.decoder_compiled else contextlib.nullcontext()
         with limit:
             start = 0
             while start < f:
-                # The first two calls of a stream, while the conv caches fill (none, then one frame), run eagerly: a
-                # compile for each of them would take longer than the whole video's decoding saves.
-                stance = (torch.compiler.set_stance("force_eager") if codec.decoder_compiled and self.frames_decoded < 2
-                          else contextlib.nullcontext())
                 # The first frame of a video passes alone: the temporal upsamplers skip it (the "Rep" cache sentinel)
                 # to emit a single frame. Later frames go up to `frames_per_call` at a time: every layer is causal in
                 # time (a 2-frame conv cache) or per-frame, so this equals the reference's frame-by-frame loop, with
                 # fewer, larger convolutions and less cache concatenation per frame.
                 size = 1 if self.frames_decoded == 0 else min(self.frames_per_call, f - start)
-                with stance:
-                    frames.append(
-                        codec.vae.decoder(
-                            x[:, :, start : start + size],
-                            feat_cache=self._feat_cache,
-                            feat_idx=[0],
-                            first_chunk=self.frames_decoded == 0,
-                        )
-                    )
+                chunk = x[:, :, start : start + size]
+                # The first two calls of a stream, while the conv caches fill (none, then one frame), run eagerly: a
+                # compile for each of them would take longer than the whole video's decoding saves. From the third
+                # on every cache holds 2 frames: the steady walk (compiled regions) or the compiled whole decoder.
+                steady = self.frames_decoded >= 2
+                if steady and codec.decoder_steady is not None:
+                    frames.append(codec.decoder_steady(chunk, self._feat_cache))
+                else:
+                    stance = (torch.compiler.set_stance("force_eager") if codec.decoder_compiled and not steady
+                              else contextlib.nullcontext())
+                    with stance:
+                        frames.append(codec.vae.decoder(chunk, feat_cache=self._feat_cache, feat_idx=[0],
+                                                        first_chunk=self.frames_decoded == 0))
                 self.frames_decoded += size
                 start += size
         out = torch.cat(frames, dim=2).permute(0, 2, 1, 3, 4).float()
@@ -359,6 +437,8 @@ class WanVAE(nn.Module):
         self.decoder_channels_last = False
         self.decoder_compiled = False
         self.decoder_channels_padded: int | None = None
+        self.decoder_convs_padded_inside = False
+        self.decoder_steady: _SteadyDecoder | None = None
 
     def decoder_to_channels_last(self, enabled: bool = True) -> "WanVAE":
         """Decode in the channels-last 3-D layout (NDHWC): the same arithmetic, and cuDNN's fastest Conv3d kernels on
@@ -367,6 +447,17 @@ class WanVAE(nn.Module):
         for conv in (m for m in (*self.vae.decoder.modules(), self.vae.post_quant_conv) if isinstance(m, nn.Conv3d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=layout)
         self.decoder_channels_last = enabled
+        return self
+
+    def pad_decoder_convs_inside(self, enabled: bool = True) -> "WanVAE":
+        """Let the decoder's causal convolutions zero-pad height and width inside cuDNN rather than through a padded
+        copy of every input (diffusers pads all three dimensions with `F.pad`, a full extra pass over each activation
+        that torch.compile cannot always fuse into its producer). Exact: the same zeros enter the same sums."""
+        cls = _InsidePaddedCausalConv3d if enabled else WanCausalConv3d
+        for conv in (*self.vae.decoder.modules(), self.vae.post_quant_conv):
+            if isinstance(conv, WanCausalConv3d):
+                conv.__class__ = cls
+        self.decoder_convs_padded_inside = enabled
         return self
 
     def pad_decoder_channels(self, multiple: int = 128) -> "WanVAE":
@@ -423,15 +514,28 @@ class WanVAE(nn.Module):
         self.decoder_channels_padded = padded
         return self
 
-    def compile_decoder(self, **compile_kwargs: Any) -> "WanVAE":
+    def compile_decoder(self, regional: bool = True, **compile_kwargs: Any) -> "WanVAE":
         """Run the decoder under `torch.compile`: its fp32 RMS norms, SiLUs, causal padding and cache copies fuse
         around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1867 ms eager, decode_h100.json;
-        1132 ms compiled, decode_pad_h100.json). Only the steady calls compile (a stream's first two run eagerly
-        while the conv caches fill), once per resolution and frames per call. `compile_kwargs` go to `torch.compile`
-        (default `dynamic=False`: static shapes)."""
-        self.vae.decoder.compile(**{"dynamic": False, **compile_kwargs})
+        1132 ms compiled whole, decode_pad_h100.json). Only a stream's steady calls run compiled (its first two run
+        eagerly while the conv caches fill). `regional` (default): one graph per distinct layer (`_SteadyDecoder`),
+        which compiles in a fraction of the whole decoder's time; else the whole decoder as one graph.
+        `compile_kwargs` go to `torch.compile` (default `dynamic=False`: static shapes)."""
+        compile_kwargs = {"dynamic": False, **compile_kwargs}
+        if regional:
+            self.decoder_steady = _SteadyDecoder(self.vae.decoder, compile_kwargs)
+        else:
+            self.vae.decoder.compile(**compile_kwargs)
         self.decoder_compiled = True
         return self
+
+    def speed_up_decoder(self, pad_multiple: int = 128, **compile_kwargs: Any) -> "WanVAE":
+        """Every decode lever the pipeline uses on CUDA, each exact (benchmarks/decode.py times them one by one): the
+        NDHWC layout, the full-resolution channels padded to `pad_multiple`, spatial padding inside the convolutions,
+        and the regionally compiled steady calls. A decode-time rewrite: do not save this VAE's state dict
+        afterwards."""
+        return (self.decoder_to_channels_last().pad_decoder_channels(pad_multiple).pad_decoder_convs_inside()
+                .compile_decoder(**compile_kwargs))
 
     def encode_to_latent(self, video: torch.Tensor) -> torch.Tensor:
         """Pixels `[B, 3, T, H, W]` in [-1, 1] -> normalized posterior mean `[B, F, C, H/8, W/8]` float32.

@@ -67,8 +67,8 @@ class CausalInferencePipeline:
                  settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
                  cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True):
         """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`); compile
-        also compiles a Wan VAE codec's decoder on CUDA, in the NDHWC layout with its full-resolution channels
-        padded to 128 (`WanVAE.compile_decoder`, `pad_decoder_channels`);
+        also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
+        convolutions, regionally compiled);
         decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
         first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
         `on_frames` is called twice with block 0), for the earliest first frame."""
@@ -83,8 +83,7 @@ class CausalInferencePipeline:
         if compile:
             generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
             if hasattr(codec, "compile_decoder") and next(codec.parameters()).device.type == "cuda":
-                # The Wan VAE: NDHWC, 96 -> 128 channels at full resolution (exact), compiled: 1.8x faster on an H100.
-                codec.decoder_to_channels_last().pad_decoder_channels().compile_decoder()
+                codec.speed_up_decoder()
         self.denoiser = Denoiser(GraphedDiT(generator) if cuda_graphs else generator, schedule)
         self._prompt_cache = PromptEmbeddingCache()
         self._kv: KVCache | None = None

@@ -106,3 +106,36 @@ def test_compiled_attention_resolves_flash_attn_outside_the_graph(installed, mon
     out.sum().backward()
     assert qg.grad is not None and qg.grad.abs().sum() > 0
     assert torch.all(backends.attention(qg, k, v) == 4.0) and calls == [False, True]  # eager: flash-attn's autograd
+
+
+def _math_attention_with_lse(q, k, v):
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1) @ v.float()).to(q.dtype), scores.logsumexp(-1)
+
+
+def test_key_halves_merge_into_whole_attention():
+    """`_cudnn_key_halves` (the "sdpa_cudnn_halves" back-end's path, cuDNN on the GPU) with an exact math partial here:
+    the two halves of the keys, run as a batch of two over one shared query, merge into whole attention; equal
+    weights instead of the log-sum-exp ones would not."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 7, 3, 16, generator=g)
+    k, v = (torch.randn(1, 10, 3, 16, generator=g) for _ in range(2))
+    whole = backends._sdpa(q, k, v, None)
+    halves = backends._cudnn_key_halves(q, k, v, partial=_math_attention_with_lse)
+    assert halves.shape == whole.shape == (1, 7, 3, 16)
+    torch.testing.assert_close(halves, whole, atol=1e-5, rtol=1e-5)
+    out, _ = _math_attention_with_lse(q.transpose(1, 2).expand(2, -1, -1, -1),
+                                      *(t.reshape(2, 5, 3, 16).transpose(1, 2) for t in (k, v)))
+    assert not torch.allclose(out.mean(0).unsqueeze(0).transpose(1, 2), whole, atol=1e-3)
+
+
+def test_key_halves_backend_is_cuda_only_and_otherwise_plain_sdpa():
+    """On the CPU (and for short key sets) "sdpa_cudnn_halves" is plain SDPA; unknown names are refused."""
+    q, k, v = (torch.randn(1, n, 2, 8) for n in (4, 4096, 4096))
+    backends.set_attention_backend("sdpa_cudnn_halves")
+    try:
+        torch.testing.assert_close(backends.attention(q, k, v), backends._sdpa(q, k, v, None))
+    finally:
+        backends.set_attention_backend("auto")
+    with pytest.raises(ValueError, match="must be one of"):
+        backends.set_attention_backend("sdpa_halves")

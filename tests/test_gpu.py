@@ -195,6 +195,45 @@ def test_channels_last_wan_vae_decode_on_cuda():
     assert rel_err(b, a) < 1e-2
 
 
+def test_pipeline_wan_vae_decoder_on_cuda():
+    """WanVAE.speed_up_decoder (NDHWC, padded channels and convolutions, regions compiled by inductor) streams the plain
+    decoder's frames, through the steady calls too."""
+    from tests.test_speed_benchmark import benchmark_module
+    random_codec = benchmark_module("common").random_codec  # both seeded alike: the same weights
+    plain = random_codec("wan_vae", CUDA, torch.bfloat16, tiny=True)
+    fast = random_codec("wan_vae_pipeline", CUDA, torch.bfloat16, tiny=True)
+    latent = torch.randn(1, 9, plain.latent_channels, 12, 16, device=CUDA, dtype=torch.bfloat16)
+
+    def stream(codec):
+        decoder = codec.stream_decoder()
+        return torch.cat([decoder.decode_chunk(latent[:, i:i + 3]) for i in range(0, 9, 3)], dim=1)
+
+    with torch.no_grad():
+        a, b = stream(plain), stream(fast)
+        b_again = stream(fast)
+    assert fast.decoder_steady is not None and a.shape == b.shape == (1, 33, 3, 96, 128)
+    assert rel_err(b, a) < 1e-2 and rel_err(b_again, a) < 1e-2
+
+
+def test_cudnn_key_halves_backend_matches_cudnn_sdpa():
+    """The "sdpa_cudnn_halves" back-end (keys in two halves as a batch of two, one cuDNN launch, merged by their
+    log-sum-exps) against whole cuDNN attention on a block's shapes; short key sets take the plain path."""
+    from model import attention as backends
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    q = torch.randn(1, 520, 12, 128, device=CUDA, dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(1, 4160, 12, 128, device=CUDA, dtype=torch.bfloat16, generator=g) for _ in range(2))
+    ref = backends._sdpa(q, k, v, "cudnn")
+    backends.set_attention_backend("sdpa_cudnn_halves")
+    try:
+        with torch.no_grad():
+            out = backends.attention(q, k, v)
+            short = backends.attention(q, k[:, :512], v[:, :512])
+    finally:
+        backends.set_attention_backend("auto")
+    assert out.shape == ref.shape and rel_err(out, ref) < 1e-2
+    assert torch.equal(short, backends._sdpa(q, k[:, :512], v[:, :512], "cudnn"))
+
+
 def test_installed_flash_attn_matches_cudnn_sdpa_and_compiles_as_one_op():
     """Whichever flash-attn is installed (3, 4 or 2) against cuDNN SDPA on the rollout's shapes (queries of one block,
     keys of the whole cache; head dim 128): eager, inside a fullgraph compile, and under a CUDA graph capture of that

@@ -134,6 +134,45 @@ def test_decode_benchmark_times_each_codec_with_and_without_the_algorithm_search
             decode.main(["--size", "tiny", "--frames-per-call", bad])
 
 
+def test_attention_split_benchmark_merges_key_parts_into_whole_attention(tmp_path, monkeypatch):
+    """benchmarks/attention_split.py at tiny size: every block position and split, each merged result equal to
+    whole attention (math partials on the CPU), and the query sweep recorded."""
+    split = benchmark_module("attention_split")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    split.main(["--size", "tiny", "--repeats", "1", "--splits", "2,3"])
+    saved = json.loads((tmp_path / "attention_split.json").read_text())
+    assert [b["block"] for b in saved["blocks"]] == list(range(7))
+    for block in saved["blocks"]:
+        assert set(block["rel_err"]) == {"cudnn", "cudnn_split2", "cudnn_split3", "cudnn_halves"}
+        assert max(block["rel_err"].values()) < 1e-5
+    assert saved["query_sweep"] and saved["query_sweep"][0]["lk"] == 4 * saved["blocks"][0]["lq"]
+    # The merge itself: two halves of the keys give whole attention; a wrong weighting would not.
+    q, k, v = (torch.randn(1, 2, n, 8) for n in (5, 12, 12))
+    parts = [split.math_partial(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 4), (4, 12))]
+    whole = split.math_partial(q, k, v)[0]
+    torch.testing.assert_close(split.merge_partials([p[0] for p in parts], [p[1] for p in parts]), whole)
+    assert not torch.allclose((parts[0][0] + parts[1][0]) / 2, whole, atol=1e-3)
+
+
+def test_warmup_benchmark_times_a_cold_and_a_warm_process(tmp_path, monkeypatch):
+    """benchmarks/warmup.py at tiny size without compile (the harness, not the figures): two fresh processes sharing
+    one cache folder, each timing a cold and a warm DiT rollout and decode, then its videos."""
+    warmup = benchmark_module("warmup")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    warmup.main(["--size", "tiny", "--levers", "eager,rope_real", "--decode", "wan_vae", "--videos", "2",
+                 "--cache-dir", str(tmp_path / "cache")])
+    saved = json.loads((tmp_path / "warmup_tiny_cpu.json").read_text())
+    assert list(saved["phases"]) == ["cold", "warm"]
+    for phase in saved["phases"].values():
+        assert len(phase["videos"]) == 2 and all(v["wall_ms"] > 0 for v in phase["videos"])
+        assert phase["warmup_s"] == pytest.approx(phase["dit_first_s"] - phase["dit_warm_s"] + phase["decoder_first_s"]
+                                                  - phase["decoder_warm_s"])
+        assert min(phase["dit_warm_s"], phase["decoder_warm_s"]) > 0
+        assert phase["options"]["fused_rope"] and not phase["options"]["compile"]
+    with pytest.raises(SystemExit):
+        warmup.main(["--size", "tiny", "--videos", "0"])
+
+
 @pytest.mark.parametrize("name, family", [
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0",
      "attention"),

@@ -391,10 +391,88 @@ def test_channels_last_decoder_streams_the_same_frames():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decoder_streams_the_same_frames_and_compiles_only_the_steady_calls():
+def test_decoder_convs_padded_inside_stream_the_same_frames():
+    """WanVAE.pad_decoder_convs_inside: spatial zero padding inside the convolutions, not in a padded copy; the same
+    frames, streamed in blocks (frame 0 alone, a 1-frame cache, then full caches), in the NDHWC layout too."""
+    from diffusers import AutoencoderKLWan
+
+    from model.vae import WAN21_VAE_CONFIG
+    torch.manual_seed(0)
+    codec = WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=8)).eval()).requires_grad_(False)
+    latent = torch.randn(1, 7, codec.latent_channels, 6, 8)
+
+    def stream() -> torch.Tensor:
+        decoder = codec.stream_decoder(clamp=False)
+        return torch.cat([decoder.decode_chunk(latent[:, :3]), decoder.decode_chunk(latent[:, 3:])], dim=1)
+
+    calls = []
+    with torch.no_grad():
+        reference = stream()
+        codec.pad_decoder_convs_inside()
+        assert codec.decoder_convs_padded_inside
+        pads = []
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: calls.append(type(m).__name__))
+        original_pad = torch.nn.functional.pad
+        try:
+            torch.nn.functional.pad = lambda x, pad, *a, **k: pads.append(tuple(pad)) or original_pad(x, pad, *a, **k)
+            inside = stream()
+        finally:
+            torch.nn.functional.pad = original_pad
+            handle.remove()
+        codec.decoder_to_channels_last()
+        inside_cl = stream()
+        codec.pad_decoder_convs_inside(False)
+        assert type(codec.vae.decoder.conv_in).__name__ == "WanCausalConv3d"
+    assert "_InsidePaddedCausalConv3d" in calls and "WanCausalConv3d" not in calls
+    assert pads and all(p[:4] == (0, 0, 0, 0) for p in pads)  # only time is padded outside the convolutions
+    assert inside.shape == reference.shape == (1, 25, 3, 48, 64)
+    torch.testing.assert_close(inside, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inside_cl, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames_per_call", [3, 1])
+def test_steady_walk_decodes_the_same_frames(frames_per_call):
+    """The steady decoder walk (`_SteadyDecoder`, what a regionally compiled decoder runs from a stream's third
+    call on), uncompiled: the same frames as diffusers' decoder forward, with whole and 1-frame calls, and with the
+    decoder padded to 16 channels in the NDHWC layout with convolutions padded inside."""
+    from diffusers import AutoencoderKLWan
+
+    from model.vae import WAN21_VAE_CONFIG, _SteadyDecoder
+    torch.manual_seed(0)
+    codec = WanVAE(AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=12)).eval()).requires_grad_(False)
+    with torch.no_grad():  # non-zero biases and gammas, so a misplaced cache or layer would show
+        for name, p in codec.vae.decoder.named_parameters():
+            if name.endswith("bias") or name.endswith("gamma"):
+                p.uniform_(0.5, 1.5)
+    latent = torch.randn(1, 8, codec.latent_channels, 6, 8)
+    steady_calls = []
+
+    def stream() -> torch.Tensor:
+        decoder = codec.stream_decoder(clamp=False, frames_per_call=frames_per_call)
+        return torch.cat([decoder.decode_chunk(latent[:, i:i + 3]) for i in range(0, 8, 3)], dim=1)
+
+    with torch.no_grad():
+        reference = stream()
+        walk = _SteadyDecoder(codec.vae.decoder)
+        codec.decoder_steady = lambda x, caches: steady_calls.append(x.shape[2]) or walk(x, caches)
+        out = stream()
+        codec.decoder_to_channels_last().pad_decoder_channels(16).pad_decoder_convs_inside()
+        out_fast = stream()
+    expected_calls = [3, 2] if frames_per_call == 3 else [1] * 6  # after frame 0 alone and one more call
+    assert steady_calls == expected_calls * 2
+    assert out.shape == reference.shape == (1, 29, 3, 48, 64)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_fast, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("regional", [True, False])
+def test_compiled_decoder_streams_the_same_frames_and_compiles_only_the_steady_calls(regional):
     """WanVAE.compile_decoder (dynamo tracing only here: the eager backend; inductor is timed on the GPU by
     benchmarks/decode.py): the same frames as the plain decoder; the first two calls, while the conv caches fill, run
-    eagerly, so a stream of equal chunks compiles one graph; dynamo's recompile limit is raised around the calls."""
+    eagerly; the steady calls compile once, as one graph per distinct layer (regional: fewer graphs than layers
+    walked) or one graph of the whole decoder; a second stream compiles nothing; dynamo's recompile limit is raised
+    around the calls only."""
     from diffusers import AutoencoderKLWan
     from torch._dynamo.utils import counters
 
@@ -408,20 +486,25 @@ def test_compiled_decoder_streams_the_same_frames_and_compiles_only_the_steady_c
         plain = codec.stream_decoder()
         reference = torch.cat([plain.decode_chunk(latent[:, :1]), plain.decode_chunk(latent[:, 1:3]),
                                plain.decode_chunk(latent[:, 3:])], dim=1)
-        codec.compile_decoder(backend="eager")
-        assert codec.decoder_compiled
+        codec.compile_decoder(regional=regional, backend="eager")
+        assert codec.decoder_compiled and (codec.decoder_steady is not None) == regional
         limits = []
+        # On the module diffusers' forward runs (the regional walk calls its layers, not it): not traced by dynamo.
         codec.vae.decoder.register_forward_pre_hook(lambda *_: limits.append(torch._dynamo.config.recompile_limit))
         fast = codec.stream_decoder()
         out = torch.cat([fast.decode_chunk(latent[:, :1]), fast.decode_chunk(latent[:, 1:3]),
                          fast.decode_chunk(latent[:, 3:])], dim=1)
-        assert counters["stats"]["unique_graphs"] == 1  # the third call only
+        graphs = counters["stats"]["unique_graphs"]
         again = codec.stream_decoder()
         for start in (0, 1, 3):
             again.decode_chunk(latent[:, start:start + 2] if start else latent[:, :1])
-    assert counters["stats"]["unique_graphs"] == 1  # a second stream reuses it
+    layers_walked = 2 + sum(len(b.resnets) + (b.upsamplers is not None) for b in codec.vae.decoder.up_blocks) + 3
+    assert (1 < graphs < layers_walked) if regional else graphs == 1
+    assert counters["stats"]["unique_graphs"] == graphs  # a second stream reuses them
     assert not any("recompile limit" in str(reason) for reason in counters["unimplemented"])
-    assert len(limits) == 6 and min(limits) >= 64  # per stream: frame 0 alone, then one call per chunk
+    assert not counters["graph_break"]
+    # Per stream: frame 0 alone, then one call per chunk, the steady one through the walk when regional.
+    assert len(limits) == (4 if regional else 6) and min(limits) >= 64
     assert torch._dynamo.config.recompile_limit == 8  # patched only around the decoder's calls
     torch._dynamo.reset()
     assert out.shape == reference.shape == (1, 17, 3, 48, 64)
