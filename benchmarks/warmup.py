@@ -9,8 +9,9 @@ Each phase is a new Python process, so dynamo, cuDNN and cuBLAS start empty as t
 compiles (`wan_vae_pipeline`), then times a 7-block DiT rollout twice and the streamed decode of its latents twice:
 warm-up = the excess of each first run over its second, summed (what a user's first video costs beyond a warm one;
 the two overlap in a streamed video, so this is an upper bound). Then a few streamed videos (decode on a side stream).
-Phase `cold` starts with an empty TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR;
-phase `warm` runs after it in the same folders (inductor's FX-graph and AOT-autograd caches, Triton's kernels).
+Phase `cold` starts with empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and FLASH_ATTENTION_CUTE_DSL_CACHE_DIR; phase
+`warm` runs after it with the same folders (inductor's FX-graph and AOT-autograd caches, Triton's and flash-attn 4's
+compiled kernels).
 Prints a table, writes JSON (benchmarks/results/<name>.json, or $OUT on a device machine).
 """
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="sf-warmup-") as tmp:
         cache = Path(args.cache_dir or tmp)
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"),
-                   PYTHONUNBUFFERED="1")
+                   FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=str(cache / "flash_attn"), PYTHONUNBUFFERED="1")
         child = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, "--levers", args.levers,
                  "--decode", args.decode, "--backend", args.backend, "--videos", str(args.videos)]
         for phase in PHASES:

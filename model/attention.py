@@ -10,6 +10,7 @@ compiling flex attention costs ~20 s per shape.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,9 @@ def _flash_attn_func():
         return _output_only(fa3)
     except ImportError:
         pass
+    # flash-attn 4 compiles its kernels at first use (seconds each) and keeps them on disk only when asked: ask, as
+    # torch.compile keeps inductor's, so a second process starts warm (a user's own setting wins).
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
         from flash_attn.cute import flash_attn_func as fa4  # flash-attn 4 (CuTe DSL; Hopper and Blackwell)
         return _output_only(fa4)

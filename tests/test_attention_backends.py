@@ -2,6 +2,7 @@
 otherwise, and clear errors for a back-end that cannot run."""
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -139,3 +140,17 @@ def test_key_halves_backend_is_cuda_only_and_otherwise_plain_sdpa():
         backends.set_attention_backend("auto")
     with pytest.raises(ValueError, match="must be one of"):
         backends.set_attention_backend("sdpa_halves")
+
+
+@pytest.mark.parametrize("user_setting", [None, "0"])
+def test_flash_attn_4_keeps_its_compiled_kernels_on_disk_unless_the_user_said_otherwise(installed, monkeypatch,
+                                                                                        user_setting):
+    """flash-attn 4 compiles kernels at first use; its disk cache is asked for (so a second process starts warm),
+    but a user's own FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED wins."""
+    if user_setting is None:
+        monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    else:
+        monkeypatch.setenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", user_setting)
+    installed("fa4")
+    assert backends._flash_attn_func() is not None
+    assert os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] == (user_setting or "1")
