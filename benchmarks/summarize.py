@@ -74,8 +74,8 @@ def rows() -> list[str]:
         elif "phases" in data:  # benchmarks/warmup.py
             parts = []
             for phase, e in data["phases"].items():
-                detail = (f" (DiT {e['dit_first_s']:.1f} -> {e['dit_warm_s']:.2f} s, decoder {e['decoder_first_s']:.1f} "
-                          f"-> {e['decoder_warm_s']:.2f} s)" if "dit_first_s" in e else
+                detail = (f" (DiT {e['dit_first_s']:.1f} -> {e['dit_warm_s']:.2f} s, decoder "
+                          f"{e['decoder_first_s']:.1f} -> {e['decoder_warm_s']:.2f} s)" if "dit_first_s" in e else
                           f" (first video {e['videos'][0]['wall_ms'] / 1e3:.1f} s, last "
                           f"{e['videos'][-1]['wall_ms'] / 1e3:.2f} s)")
                 parts.append(f"{phase} compile cache: warm-up {e['warmup_s']:.1f} s{detail}")
@@ -84,8 +84,8 @@ def rows() -> list[str]:
             last = data["blocks"][-1]
             parts = [f"{k} {v:.2f} ms" for k, v in last["ms"].items() if isinstance(v, float)]
             sweep = ", ".join(f"{q['lq']}: {q['cudnn_ms']:.2f}" for q in data["query_sweep"])
-            out.append(head + f"| self-attention kernels, block {last['block']} (Lk {last['lk']}) | {'; '.join(parts)}; "
-                              f"cuDNN ms by query length at Lk {data['query_sweep'][0]['lk']}: {sweep} |")
+            out.append(head + f"| self-attention kernels, block {last['block']} (Lk {last['lk']}) | "
+                              f"{'; '.join(parts)}; cuDNN ms by query length at Lk {data['query_sweep'][0]['lk']}: {sweep} |")
         elif "cases" in data:  # benchmarks/conv_layouts.py
             parts = [f"{c['case']} {c['layout']}{' bench' if c['cudnn_benchmark'] else ''} {c['ms']:.2f} ms "
                      f"({c['tflops']:.0f} TFLOP/s)" for c in data["cases"] if "ms" in c and not c["cudnn_benchmark"]]
