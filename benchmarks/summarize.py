@@ -85,7 +85,8 @@ def rows() -> list[str]:
             parts = [f"{k} {v:.2f} ms" for k, v in last["ms"].items() if isinstance(v, float)]
             sweep = ", ".join(f"{q['lq']}: {q['cudnn_ms']:.2f}" for q in data["query_sweep"])
             out.append(head + f"| self-attention kernels, block {last['block']} (Lk {last['lk']}) | "
-                              f"{'; '.join(parts)}; cuDNN ms by query length at Lk {data['query_sweep'][0]['lk']}: {sweep} |")
+                              f"{'; '.join(parts)}; cuDNN ms by query length at Lk "
+                              f"{data['query_sweep'][0]['lk']}: {sweep} |")
         elif "cases" in data:  # benchmarks/conv_layouts.py
             parts = [f"{c['case']} {c['layout']}{' bench' if c['cudnn_benchmark'] else ''} {c['ms']:.2f} ms "
                      f"({c['tflops']:.0f} TFLOP/s)" for c in data["cases"] if "ms" in c and not c["cudnn_benchmark"]]
