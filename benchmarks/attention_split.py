@@ -112,19 +112,19 @@ def main(argv: list[str] | None = None) -> dict:
         for s in splits:
             candidates[f"cudnn_split{s}"] = lambda s=s: split_attention(q, k, v, s, partial, merge)
         # The two halves of the keys as a batch of two in ONE launch (model/attention.py's "sdpa_cudnn_halves").
-        halves_partial = math_partial if tiny else attention_backends._cudnn_attention_with_lse
-        candidates["cudnn_halves"] = lambda: attention_backends._cudnn_key_halves(
+        def halves_partial(qh, kh, vh):  # [B, L, H, D] in, as model/attention.py's partials
+            if not tiny:
+                return attention_backends._cudnn_attention_with_lse(qh, kh, vh)
+            out, lse = math_partial(*(t.transpose(1, 2) for t in (qh, kh, vh)))
+            return out.transpose(1, 2), lse
+        candidates["cudnn_halves"] = lambda: attention_backends._key_halves(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), partial=halves_partial).transpose(1, 2)
         if flash is not None:
             qf, kf, vf = (t.transpose(1, 2) for t in (q, k, v))
             for s in [1, *splits, 0]:
                 candidates[f"fa4_splits{s}"] = lambda s=s: flash(qf, kf, vf, num_splits=s)[0].transpose(1, 2)
-
-            def fa4_partial(qh, kh, vh):  # [B, H, L, D] in and out, as the halves path calls it
-                out, lse = flash(*(t.transpose(1, 2) for t in (qh, kh, vh)), return_lse=True)
-                return out.transpose(1, 2), lse
-            candidates["fa4_halves"] = lambda: attention_backends._cudnn_key_halves(
-                qf, kf, vf, partial=fa4_partial).transpose(1, 2)
+            candidates["fa4_halves"] = lambda: attention_backends._key_halves(
+                qf, kf, vf, partial=attention_backends._flash_attention_lse).transpose(1, 2)
         for label, fn in candidates.items():
             try:
                 out = fn()

@@ -180,11 +180,12 @@ def block_causal_mask(spec: BlockCausal, num_frames: int, tokens_per_frame: int,
 
 
 # Unmasked attention back-end: "auto" (flash-attn if installed, else SDPA's own choice), "flash_attn", one SDPA
-# kernel: "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", or "sdpa_cudnn_halves" (cuDNN with long key sets in
-# two halves, `_cudnn_key_halves`); benchmarks/speed.py times them and picks.
+# kernel: "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math", or cuDNN / flash-attn with long key sets in two
+# halves without gradients ("sdpa_cudnn_halves", "flash_attn_halves", `_key_halves`); benchmarks/speed.py times them
+# and picks.
 ATTENTION_BACKENDS = ("auto", "flash_attn", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
-                      "sdpa_cudnn_halves")
-# Key sets at least this long are halved by "sdpa_cudnn_halves" (the self-attention over the cache; not the 512 text
+                      "sdpa_cudnn_halves", "flash_attn_halves")
+# Key sets at least this long are halved by the *_halves back-ends (the self-attention over the cache; not the 512 text
 # tokens of cross-attention).
 HALVES_MIN_KEYS = 4096
 _backend = "auto"
@@ -195,8 +196,8 @@ def set_attention_backend(name: str) -> None:
     global _backend
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
-    if name == "flash_attn" and _flash_attn_func() is None:
-        raise ValueError("attention backend flash_attn: none of flash-attn 3, 4 or 2 is installed")
+    if name in ("flash_attn", "flash_attn_halves") and _flash_attn_func() is None:
+        raise ValueError(f"attention backend {name}: none of flash-attn 3, 4 or 2 is installed")
     _backend = name
 
 
@@ -211,9 +212,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, kernel: str | None) -> Tensor:
 
 
 def merge_attention_parts(outs: Tensor, lses: Tensor) -> Tensor:
-    """Attention over the union of disjoint key sets from each set's result: `outs` `[S, ..., L, D]` and natural-log
-    sums of exponentiated scores `lses` `[S, ..., L]` -> `[..., L, D]` (each part weighted by its share of the total
-    softmax mass)."""
+    """Attention over the union of disjoint key sets from each set's result: `outs` `[S, ..., D]` and the natural-log
+    sums of exponentiated scores `lses` `[S, ...]` -> `[..., D]` (each part weighted by its share of the softmax
+    mass)."""
     weights = torch.softmax(lses.float(), dim=0).unsqueeze(-1)
     return (outs.float() * weights).sum(0).to(outs.dtype)
 
@@ -224,26 +225,64 @@ def _compiled_merge():
 
 
 def _cudnn_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """cuDNN SDPA on `[B, H, L, D]` returning the output and the log-sum-exp `[B, H, Lq]`."""
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
-    return out, lse.reshape(out.shape[:3])
+    """cuDNN SDPA on `[B, L, H, D]`: the output `[B, Lq, H, D]` and the log-sum-exp `[B, H, Lq]`."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False)[:2]
+    return out.transpose(1, 2), lse.reshape(out.shape[:3])
 
 
-def _cudnn_key_halves(q: Tensor, k: Tensor, v: Tensor, partial=_cudnn_attention_with_lse) -> Tensor:
-    """Batch-1 attention (`[1, L, H, D]`) with the keys split into two halves run as a batch of two, then merged.
+@functools.cache
+def _flash_attn_lse_func():
+    """The installed flash-attn as `(q, k, v) -> (out, lse)` (`[B, L, H, D]`, lse `[B, H, Lq]`), or None."""
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+        return lambda q, k, v: fa3(q, k, v)[:2]
+    except ImportError:
+        pass
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")  # see _flash_attn_func
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+        return lambda q, k, v: fa4(q, k, v, return_lse=True)[:2]
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func as fa2
+        return lambda q, k, v: fa2(q, k, v, return_attn_probs=True)[:2]
+    except ImportError:
+        return None
 
-    A block's queries make 37 row tiles of 128 per head, 444 tiles on an H100's 132 SMs: 3.4 waves, so cuDNN's last
-    wave runs a third full (a 4,224-token query takes the time of 4,680: benchmarks/attention_split.py). Two halves
+
+@torch.library.custom_op("self_forcing::flash_attention_lse", mutates_args=())
+def _flash_attention_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The installed flash-attn with its log-sum-exp, one opaque op (as `_flash_attention`)."""
+    out, lse = _flash_attn_lse_func()(q, k, v)
+    return out, lse.float()
+
+
+@_flash_attention_lse.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty((q.shape[0], q.shape[2], q.shape[1]),
+                                                                  dtype=torch.float32)
+
+
+def _key_halves(q: Tensor, k: Tensor, v: Tensor, partial) -> Tensor:
+    """Batch-1 attention (`[1, L, H, D]`) with the keys split into two halves run as a batch of two, then merged;
+    `partial(q, k, v) -> (out [B, Lq, H, D], lse [B, H, Lq])` is one kernel launch with its log-sum-exp.
+
+    A block's queries make 37 row tiles of 128 per head, 444 tiles on an H100's 132 SMs: 3.4 waves, so the last wave
+    runs a third full (cuDNN takes as long for 4,680 queries as for 5,376: benchmarks/attention_split.py). Two halves
     of the keys in one launch make 888 shorter tiles, 6.7 waves. The halves are views of the contiguous cache; the
     query is shared (a stride-0 batch)."""
     half = k.shape[1] // 2
-    heads = q.shape[2]
-    qh = q.transpose(1, 2).expand(2, -1, -1, -1)
-    kh, vh = (t.reshape(2, half, *t.shape[2:]).transpose(1, 2) for t in (k, v))
-    out, lse = partial(qh, kh, vh)
+    kh, vh = (t.reshape(2, half, *t.shape[2:]) for t in (k, v))
+    out, lse = partial(q.expand(2, -1, -1, -1), kh, vh)
     # One fused kernel on the GPU (attention runs between the compiled pieces, so the merge is compiled on its own).
     merge = _compiled_merge() if out.is_cuda else merge_attention_parts
-    return merge(out, lse).unsqueeze(0).transpose(1, 2).reshape(1, q.shape[1], heads, -1)
+    return merge(out, lse.transpose(1, 2)).unsqueeze(0)
+
+
+def _halves_apply(q: Tensor, k: Tensor) -> bool:
+    return q.is_cuda and q.shape[0] == 1 and k.shape[1] >= HALVES_MIN_KEYS and k.shape[1] % 2 == 0
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None) -> Tensor:
@@ -257,14 +296,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask.dense())
         return out.transpose(1, 2)
+    no_grad = not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
     if _backend == "sdpa_cudnn_halves":
-        if q.is_cuda and q.shape[0] == 1 and k.shape[1] >= HALVES_MIN_KEYS and k.shape[1] % 2 == 0:
-            return _cudnn_key_halves(q, k, v)
+        if no_grad and _halves_apply(q, k):
+            return _key_halves(q, k, v, _cudnn_attention_with_lse)
         return _sdpa(q, k, v, "cudnn")
+    half_precision = q.dtype in (torch.float16, torch.bfloat16)
+    if _backend == "flash_attn_halves" and no_grad and half_precision and _halves_apply(q, k):
+        return _key_halves(q, k, v, _flash_attention_lse)
     if _backend.startswith("sdpa"):
         return _sdpa(q, k, v, _backend[5:] or None)
-    if q.device.type in _FLASH_DEVICE_TYPES and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_installed():
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if q.device.type in _FLASH_DEVICE_TYPES and half_precision and _flash_attn_installed():
+        if no_grad:
             return _flash_attention(q, k, v)
         if not torch.compiler.is_compiling():
             return _flash_attn_func()(q, k, v)  # flash-attn's own autograd function; the opaque op has no backward

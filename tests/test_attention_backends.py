@@ -110,24 +110,28 @@ def test_compiled_attention_resolves_flash_attn_outside_the_graph(installed, mon
 
 
 def _math_attention_with_lse(q, k, v):
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return (scores.softmax(-1) @ v.float()).to(q.dtype), scores.logsumexp(-1)
+    """`[B, L, H, D]` -> output `[B, Lq, H, D]` and log-sum-exp `[B, H, Lq]`, exactly (the partials' contract)."""
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1) @ v).transpose(1, 2), scores.logsumexp(-1)
 
 
-def test_key_halves_merge_into_whole_attention():
-    """`_cudnn_key_halves` (the "sdpa_cudnn_halves" back-end's path, cuDNN on the GPU) with an exact math partial here:
-    the two halves of the keys, run as a batch of two over one shared query, merge into whole attention; equal
-    weights instead of the log-sum-exp ones would not."""
+def test_key_halves_merge_into_whole_attention(monkeypatch):
+    """`_key_halves` (the *_halves back-ends' path: cuDNN or flash-attn on the GPU) with an exact math partial here,
+    directly and through the flash-attn op: the two halves of the keys, run as a batch of two over one shared query,
+    merge into whole attention; equal weights instead of the log-sum-exp ones would not."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 7, 3, 16, generator=g)
     k, v = (torch.randn(1, 10, 3, 16, generator=g) for _ in range(2))
     whole = backends._sdpa(q, k, v, None)
-    halves = backends._cudnn_key_halves(q, k, v, partial=_math_attention_with_lse)
+    halves = backends._key_halves(q, k, v, partial=_math_attention_with_lse)
     assert halves.shape == whole.shape == (1, 7, 3, 16)
     torch.testing.assert_close(halves, whole, atol=1e-5, rtol=1e-5)
-    out, _ = _math_attention_with_lse(q.transpose(1, 2).expand(2, -1, -1, -1),
-                                      *(t.reshape(2, 5, 3, 16).transpose(1, 2) for t in (k, v)))
-    assert not torch.allclose(out.mean(0).unsqueeze(0).transpose(1, 2), whole, atol=1e-3)
+    monkeypatch.setattr(backends, "_flash_attn_lse_func", lambda: _math_attention_with_lse)
+    torch.testing.assert_close(backends._key_halves(q, k, v, partial=backends._flash_attention_lse), whole,
+                               atol=1e-5, rtol=1e-5)
+    out, _ = _math_attention_with_lse(q.expand(2, -1, -1, -1), *(t.reshape(2, 5, 3, 16) for t in (k, v)))
+    assert not torch.allclose(out.mean(0, keepdim=True), whole, atol=1e-3)
 
 
 def test_key_halves_backend_is_cuda_only_and_otherwise_plain_sdpa():
@@ -140,6 +144,12 @@ def test_key_halves_backend_is_cuda_only_and_otherwise_plain_sdpa():
         backends.set_attention_backend("auto")
     with pytest.raises(ValueError, match="must be one of"):
         backends.set_attention_backend("sdpa_halves")
+
+
+def test_flash_attn_halves_needs_flash_attn(installed):
+    installed()
+    with pytest.raises(ValueError, match="flash_attn_halves: none of flash-attn"):
+        backends.set_attention_backend("flash_attn_halves")
 
 
 @pytest.mark.parametrize("user_setting", [None, "0"])
