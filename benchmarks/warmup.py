@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--levers", default=",".join(x for x in LEVERS if x != "sdpa"),
                         help="speed.py levers to switch on (default: all but timing the attention back-ends)")
     parser.add_argument("--decode", default="wan_vae_pipeline", help="codec kind (benchmarks/common.random_codec)")
-    parser.add_argument("--backend", default="auto", help="attention back-end (model/attention.py ATTENTION_BACKENDS)")
+    parser.add_argument("--backend", default="auto",
+                        help="attention back-end (model/attention.py ATTENTION_BACKENDS), or 'fastest': the one "
+                             "speed.py's sdpa lever times fastest (its timing counts as build time)")
     parser.add_argument("--videos", type=int, default=2, help="streamed videos per phase after the warm-up runs")
     parser.add_argument("--cache-dir", help="compile-cache folder (default: a new temporary one, removed after)")
     parser.add_argument("--name", default="warmup")
@@ -60,7 +62,7 @@ def run_phase(args) -> dict:
     setting = Setting(InferenceOptions.all_off())
     for lever in [x for x in args.levers.split(",") if x]:
         apply_lever(setting, lever, bench)
-    setting.backend = args.backend
+    setting.backend = bench.fastest_attention() if args.backend == "fastest" else args.backend
     codec = random_codec(args.decode, bench.device, bench.dtype, tiny=args.size == "tiny")
     denoiser = bench.denoiser(setting)
     build_s = time.perf_counter() - tic
