@@ -197,22 +197,27 @@ def test_channels_last_wan_vae_decode_on_cuda():
 
 def test_pipeline_wan_vae_decoder_on_cuda():
     """WanVAE.speed_up_decoder (NDHWC, padded channels and convolutions, regions compiled by inductor) streams the plain
-    decoder's frames, through the steady calls too."""
+    decoder's frames, through the steady calls too: against the plain decoder in float32 it is as close as the plain
+    bf16 decoder is (inductor keeps its fused norms in float32, so the two bf16 roundings differ by ~2%, the CPU
+    tests show the walk itself exact)."""
     from tests.test_speed_benchmark import benchmark_module
-    random_codec = benchmark_module("common").random_codec  # both seeded alike: the same weights
+    random_codec = benchmark_module("common").random_codec  # all seeded alike: the same weights
+    exact = random_codec("wan_vae", CUDA, torch.float32, tiny=True)
     plain = random_codec("wan_vae", CUDA, torch.bfloat16, tiny=True)
     fast = random_codec("wan_vae_pipeline", CUDA, torch.bfloat16, tiny=True)
     latent = torch.randn(1, 9, plain.latent_channels, 12, 16, device=CUDA, dtype=torch.bfloat16)
 
     def stream(codec):
         decoder = codec.stream_decoder()
-        return torch.cat([decoder.decode_chunk(latent[:, i:i + 3]) for i in range(0, 9, 3)], dim=1)
+        return torch.cat([decoder.decode_chunk(latent[:, i:i + 3].to(next(codec.parameters()).dtype))
+                          for i in range(0, 9, 3)], dim=1)
 
-    with torch.no_grad():
-        a, b = stream(plain), stream(fast)
+    with torch.backends.cudnn.flags(allow_tf32=False), torch.no_grad():
+        reference, a, b = stream(exact), stream(plain), stream(fast)
         b_again = stream(fast)
-    assert fast.decoder_steady is not None and a.shape == b.shape == (1, 33, 3, 96, 128)
-    assert rel_err(b, a) < 1e-2 and rel_err(b_again, a) < 1e-2
+    assert fast.decoder_steady is not None and a.shape == b.shape == reference.shape == (1, 33, 3, 96, 128)
+    plain_err = rel_err(a, reference)
+    assert plain_err < 3e-2 and rel_err(b, reference) < 1.5 * plain_err and rel_err(b_again, b) < 1e-3
 
 
 @pytest.mark.parametrize("backend", ["sdpa_cudnn_halves", "flash_attn_halves"])
