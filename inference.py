@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from model.attention import ATTENTION_BACKENDS
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
 PRESETS = {name: REPO_ROOT / "configs" / f"inference_{name}.yaml" for name in ("official", "taehv", "long")}
@@ -82,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
     run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
                      "(config key cuda_graphs; CUDA only)")
+    run.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                     help="unmasked attention kernel (config key attention_backend, default auto: flash-attn if "
+                     "installed, else SDPA's choice); sdpa_cudnn_halves / flash_attn_halves split the cache's keys "
+                     "in two halves, faster at batch 1 on an H100/H200 (benchmarks/attention_split.py)")
     run.add_argument("--offload-text-encoder", action="store_true",
                      help="encode every prompt first, then move the text encoder to the CPU")
     run.add_argument("--parallel", choices=["data", "sequence"], default="data",
@@ -108,6 +114,8 @@ def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | Non
         overrides.append("compile=true")
     if getattr(args, "cuda_graphs", False):
         overrides.append("cuda_graphs=true")
+    if getattr(args, "attention_backend", None):
+        overrides.append(f"attention_backend={args.attention_backend}")
     layers = [("model folder settings", folder_causal)] if folder_causal else []
     extra = [PRESETS[args.preset]] if args.preset else []
     return load_config(args.config_path, overrides, layers=layers, extra_paths=extra)
@@ -141,6 +149,7 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(pipeline, config, description of what was loaded)."""
+    from model.attention import set_attention_backend
     from pipeline.inference import CausalInferencePipeline, CausalSettings
     from pipeline.schedule import FlowMatchSchedule
     from utils import model_folder, wan_components
@@ -196,6 +205,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         if not fp8_matmul_supported(device):
             print(f"warning: --fp8 on {device} is emulated (no FP8 tensor cores): slower than without", flush=True)
         convert_to_fp8(generator)
+    set_attention_backend(cfg.attention_backend)  # process-wide; raises if it names a flash-attn that is missing
     schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
     pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
                                    negative_prompt=cfg.negative_prompt, compile=cfg.compile,

@@ -270,6 +270,7 @@ def test_schedule_from_cli(folder, tmp_path):
     (["--prompt", "x", "lr_typo=1"], "lr_typo"),
     (["--prompt", "x", "--total-blocks", "20"], "rolling window"),
     (["--prompt", "x", "--checkpoint_path", "{tmp}/garbage.pt"], "garbage.pt"),
+    (["--prompt", "x", "attention_backend=fastest"], "attention_backend"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(folder, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("\n \n")
@@ -281,6 +282,30 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(folder, tmp_path, caps
     last = err.splitlines()[-1]
     assert last.startswith("error:") and message in last and "Traceback" not in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_attention_backend_flag_pins_the_process_backend(folder, tmp_path, capsys):
+    """--attention-backend (config key attention_backend) is set process-wide before generating; the key-halves
+    back-end is plain SDPA on the CPU, so the video is the default one; a flash-attn back-end without flash-attn is a
+    one-line error."""
+    from model import attention
+    out_default, out_halves = tmp_path / "default", tmp_path / "halves"
+    try:
+        assert run_cli("--model", folder, "--prompt", "a red circle", "--output-dir", out_default,
+                       "--total-blocks", 2) == 0
+        assert attention._backend == "auto"
+        assert run_cli("--model", folder, "--prompt", "a red circle", "--output-dir", out_halves, "--total-blocks", 2,
+                       "--attention-backend", "sdpa_cudnn_halves") == 0
+        assert attention._backend == "sdpa_cudnn_halves"
+        if attention._flash_attn_func() is None:
+            capsys.readouterr()
+            assert run_cli("--model", folder, "--prompt", "x", "--output-dir", tmp_path / "flash",
+                           "--attention-backend", "flash_attn_halves") == 2
+            assert "flash_attn_halves: none of flash-attn" in capsys.readouterr().err
+    finally:
+        attention.set_attention_backend("auto")
+    (a, _), (b, _) = (read_video(next(d.glob("*.mp4"))) for d in (out_default, out_halves))
+    assert a.shape == b.shape and (a == b).all()
 
 
 def test_bare_run_without_default_model_says_what_it_needs(tmp_path, monkeypatch, capsys):

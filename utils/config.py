@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING is re-exported for recipes)
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from model.attention import ATTENTION_BACKENDS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
 
@@ -59,6 +61,7 @@ class Config:
     taehv_path: Optional[str] = None
     compile: bool = False  # torch.compile the DiT: inference compiles the generator's layer pieces, training each block
     cuda_graphs: bool = False  # inference on CUDA: replay one CUDA graph per KV-cache plan (block position)
+    attention_backend: str = "auto"  # inference: model/attention.py ATTENTION_BACKENDS (benchmarks/speed.py times them)
 
     # --- the causal generator and its rollout ---------------------------------------------------------------------
     denoising_step_list: list[int] = field(default_factory=lambda: [1000, 750, 500, 250])
@@ -185,6 +188,7 @@ _CHOICES = {
     "denoising_loss_type": ("flow",),
     "sharding_strategy": ("full", "hybrid_full", "hybrid_zero2", "no_shard"),
     "model_kwargs.rope": ("absolute", "relative"),
+    "attention_backend": ATTENTION_BACKENDS,
 }
 
 
