@@ -263,9 +263,10 @@ class _InsidePaddedCausalConv3d(WanCausalConv3d):
                                     self.dilation, self.groups)
 
 
-# The decoder's steady calls (every conv cache holding its 2 frames) as a walk over its layers: each layer runs as one
-# of four region functions, so torch.compile builds one small graph per distinct layer shape (the 5 residual blocks
-# of a level share one) instead of one graph of the whole decoder, which takes about a minute to compile cold.
+# The decoder's steady calls (every conv cache holding its 2 frames) as a walk over its layers: each layer runs through
+# one of three region functions, so torch.compile builds one small graph per distinct layer shape (the 5 residual
+# blocks at the lowest resolution share one) instead of one graph of the whole decoder, which took about a minute to
+# compile cold (benchmarks/results/warmup_compile_pad_h100.json).
 # The regions call diffusers' own forwards with a local cache list (same arithmetic, no guard on the caller's
 # cache index); only the decoder's first and last convolutions, written inline in `WanDecoder3d.forward`, are
 # restated here.
@@ -305,23 +306,24 @@ class _SteadyDecoder:
         d, index = self.decoder, 1
         x, feat_cache[0] = self._cached_conv(d.conv_in, x, feat_cache[0])
 
-        def cached(layer: nn.Module, count: int) -> torch.Tensor:
+        def cached(layer: nn.Module, x: torch.Tensor, count: int) -> torch.Tensor:
+            """`layer` on `x` with the next `count` caches in the decoder's order."""
             nonlocal index
             out, feat_cache[index:index + count] = self._cached_layer(layer, x, feat_cache[index:index + count])
             index += count
             return out
 
-        x = cached(d.mid_block.resnets[0], 2)
+        x = cached(d.mid_block.resnets[0], x, 2)
         for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:]):
             if attention is not None:
                 x = self._plain_layer(attention, x)
-            x = cached(resnet, 2)
+            x = cached(resnet, x, 2)
         for up_block in d.up_blocks:
             for resnet in up_block.resnets:
-                x = cached(resnet, 2)
+                x = cached(resnet, x, 2)
             if up_block.upsamplers is not None:
                 upsampler = up_block.upsamplers[0]
-                x = cached(upsampler, 1 if upsampler.mode == "upsample3d" else 0)
+                x = cached(upsampler, x, 1 if upsampler.mode == "upsample3d" else 0)
         x, feat_cache[index] = self._cached_conv(d.conv_out, x, feat_cache[index], d.norm_out, d.nonlinearity)
         return x
 
@@ -465,7 +467,8 @@ class WanVAE(nn.Module):
         cuDNN runs 96-channel 3x3x3 convolutions with an Ampere kernel at ~230 TFLOP/s on an H100, and 128 lets it pick
         its Hopper ones (benchmarks/decode.py, compile_pad: 1132 -> 1037 ms for 81 frames at 480x832). Exact: the
         padded channels are zero into and out of every layer (zero weights, gamma and bias; the RMS norm's L2 norm and
-        scale are unchanged; SiLU keeps 0), so the frames are the same. A decode-time rewrite: do not save this VAE's state dict afterwards."""
+        scale are unchanged; SiLU keeps 0), so the frames are the same. A decode-time rewrite: do not save this VAE's
+        state dict afterwards."""
         if multiple < 1:
             raise ValueError(f"pad_decoder_channels: multiple must be >= 1, got {multiple}")
         decoder = self.vae.decoder
