@@ -27,26 +27,49 @@ def _output_only(fn):
 
 
 @functools.cache
-def _flash_attn_func():
-    """The installed flash-attention function taking `[B, L, H, D]`, or None."""
+def _installed_flash_attn():
+    """(major version, `flash_attn_func`) of the installed flash-attention taking `[B, L, H, D]`, or None: 3 (Hopper),
+    then 4 (CuTe DSL; Hopper and Blackwell), then 2."""
     try:
-        from flash_attn_interface import flash_attn_func as fa3  # flash-attn 3 (Hopper)
-        return _output_only(fa3)
+        from flash_attn_interface import flash_attn_func
+        return 3, flash_attn_func
     except ImportError:
         pass
     # flash-attn 4 compiles its kernels at first use (seconds each) and keeps them on disk only when asked: ask, as
     # torch.compile keeps inductor's, so a second process starts warm (a user's own setting wins).
     os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
     try:
-        from flash_attn.cute import flash_attn_func as fa4  # flash-attn 4 (CuTe DSL; Hopper and Blackwell)
-        return _output_only(fa4)
+        from flash_attn.cute import flash_attn_func
+        return 4, flash_attn_func
     except ImportError:
         pass
     try:
-        from flash_attn import flash_attn_func  # flash-attn 2
-        return flash_attn_func
+        from flash_attn import flash_attn_func
+        return 2, flash_attn_func
     except ImportError:
         return None
+
+
+def _flash_attn_func():
+    """The installed flash-attention as `(q, k, v) -> out`, or None."""
+    installed = _installed_flash_attn()
+    if installed is None:
+        return None
+    version, fn = installed
+    return fn if version == 2 else _output_only(fn)
+
+
+def _flash_attn_lse_func():
+    """The installed flash-attention as `(q, k, v) -> (out, lse [B, H, Lq])`, or None."""
+    installed = _installed_flash_attn()
+    if installed is None:
+        return None
+    version, fn = installed
+    if version == 4:
+        return lambda q, k, v: fn(q, k, v, return_lse=True)[:2]
+    if version == 2:
+        return lambda q, k, v: fn(q, k, v, return_attn_probs=True)[:2]
+    return lambda q, k, v: fn(q, k, v)[:2]
 
 
 @torch.compiler.assume_constant_result
@@ -229,27 +252,6 @@ def _cudnn_attention_with_lse(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False)[:2]
     return out.transpose(1, 2), lse.reshape(out.shape[:3])
-
-
-@functools.cache
-def _flash_attn_lse_func():
-    """The installed flash-attn as `(q, k, v) -> (out, lse)` (`[B, L, H, D]`, lse `[B, H, Lq]`), or None."""
-    try:
-        from flash_attn_interface import flash_attn_func as fa3
-        return lambda q, k, v: fa3(q, k, v)[:2]
-    except ImportError:
-        pass
-    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")  # see _flash_attn_func
-    try:
-        from flash_attn.cute import flash_attn_func as fa4
-        return lambda q, k, v: fa4(q, k, v, return_lse=True)[:2]
-    except ImportError:
-        pass
-    try:
-        from flash_attn import flash_attn_func as fa2
-        return lambda q, k, v: fa2(q, k, v, return_attn_probs=True)[:2]
-    except ImportError:
-        return None
 
 
 @torch.library.custom_op("self_forcing::flash_attention_lse", mutates_args=())

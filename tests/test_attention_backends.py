@@ -19,10 +19,14 @@ def installed(monkeypatch):
         marks = {"fa3": 3.0, "fa4": 4.0, "fa2": 2.0}
         fake = {}
         for name, mark in marks.items():
-            # each returns its mark so the test sees which ran; flash-attn 4 (and some 3) also return the LSE
-            def func(q, k, v, mark=mark, with_lse=name != "fa2"):
+            # each returns its mark so the test sees which ran; flash-attn 4 (and some 3) also return the LSE, and
+            # 4 / 2 return it (as the mark, [B, H, Lq]) only when asked with their own keyword
+            def func(q, k, v, mark=mark, name=name, **asked):
                 out = torch.full_like(q, mark)
-                return (out, None) if with_lse else out
+                lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), mark)
+                if asked.get({"fa4": "return_lse", "fa2": "return_attn_probs"}.get(name, "")):
+                    return (out, lse, None) if name == "fa2" else (out, lse)
+                return out if name == "fa2" else (out, lse if name == "fa3" else None)
             fake[name] = func if name in names else None
         package = types.ModuleType("flash_attn")
         if fake["fa2"]:
@@ -35,9 +39,9 @@ def installed(monkeypatch):
         monkeypatch.setitem(sys.modules, "flash_attn_interface", interface if fake["fa3"] else None)
         monkeypatch.setitem(sys.modules, "flash_attn", package if (fake["fa2"] or fake["fa4"]) else None)
         monkeypatch.setitem(sys.modules, "flash_attn.cute", cute if fake["fa4"] else None)
-        backends._flash_attn_func.cache_clear()
+        backends._installed_flash_attn.cache_clear()
     yield install
-    backends._flash_attn_func.cache_clear()
+    backends._installed_flash_attn.cache_clear()
     backends.set_attention_backend("auto")
     torch._dynamo.reset()  # compiled graphs hold the installed-or-not answer as a constant
 
@@ -48,6 +52,14 @@ def test_the_newest_installed_flash_attn_is_chosen_and_returns_only_the_output(i
     q = torch.randn(1, 5, 2, 8)
     out = backends._flash_attn_func()(q, q, q)
     assert isinstance(out, torch.Tensor) and torch.all(out == expected)
+
+
+@pytest.mark.parametrize("names, expected", [(("fa3", "fa4", "fa2"), 3.0), (("fa4", "fa2"), 4.0), (("fa2",), 2.0)])
+def test_flash_attn_with_its_log_sum_exp_asks_each_version_its_own_way(installed, names, expected):
+    installed(*names)
+    q = torch.randn(1, 5, 2, 8)
+    out, lse = backends._flash_attn_lse_func()(q, q, q)
+    assert torch.all(out == expected) and lse.shape == (1, 2, 5) and torch.all(lse == expected)
 
 
 def test_without_flash_attn_the_backend_cannot_be_pinned_and_auto_uses_sdpa(installed):
@@ -73,7 +85,7 @@ def test_flash_attn_is_one_opaque_op_under_torch_compile(installed, monkeypatch)
         scale = 2.0 if float(q.abs().sum()) > 0 else 3.0
         return torch.full_like(q, scale), None
     monkeypatch.setattr(sys.modules["flash_attn.cute"], "flash_attn_func", untraceable)
-    backends._flash_attn_func.cache_clear()
+    backends._installed_flash_attn.cache_clear()
     compiled = torch.compile(lambda q, k, v: backends._flash_attention(q, k, v) + 1, fullgraph=True, backend="eager")
     q, kv = torch.randn(1, 5, 2, 8), torch.randn(1, 7, 2, 8)
     out = compiled(q, kv, kv)
@@ -91,7 +103,7 @@ def test_compiled_attention_resolves_flash_attn_outside_the_graph(installed, mon
         calls.append(q.requires_grad)
         return torch.full_like(q, 4.0), None
     monkeypatch.setattr(sys.modules["flash_attn.cute"], "flash_attn_func", fa4)
-    backends._flash_attn_func.cache_clear()
+    backends._installed_flash_attn.cache_clear()
     monkeypatch.setattr(backends, "_FLASH_DEVICE_TYPES", ("cuda", "cpu"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 6, 2, 8, generator=g, dtype=torch.bfloat16) for _ in range(3))
