@@ -12,7 +12,8 @@ cache copies fuse around the cuDNN convolutions; a stream's first two calls run 
 `compile_pad` (that, with the full-resolution stage's 96 channels zero-padded to 128, `WanVAE.pad_decoder_channels`);
 `compile_pad_inside` (and the convolutions' spatial zero padding done inside cuDNN, `WanVAE.pad_decoder_convs_inside`);
 `pipeline` (what the pipeline runs: those levers with one compiled graph per distinct layer instead of one for the
-whole decoder, `WanVAE.speed_up_decoder`). Each setting gets a fresh
+whole decoder, `WanVAE.speed_up_decoder`); `pipeline_from_second` (and the first block's second call compiled too, its
+caches completed with zero frames: `steady_from_second_call`). Each setting gets a fresh
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
 frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
 raises is recorded with its error. `--frames-per-call` (Wan VAE): latent frames per decoder call, each value timed
@@ -28,7 +29,8 @@ import traceback
 import torch
 from common import decoder_pad_multiple, environment, kernel_table, print_table, random_codec, sync, write_result
 
-SETTINGS = ("plain", "cudnn_benchmark", "compile", "compile_pad", "compile_pad_inside", "pipeline")
+SETTINGS = ("plain", "cudnn_benchmark", "compile", "compile_pad", "compile_pad_inside", "pipeline",
+            "pipeline_from_second")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,11 +97,12 @@ def time_setting(kind: str, setting: str, latents: torch.Tensor, fpb: int, args,
                  frames_per_call: int | None = None) -> dict:
     device = latents.device
     codec = random_codec(kind, device, latents.dtype, tiny=tiny)
-    if setting.startswith("compile") or setting == "pipeline":
+    if setting.startswith("compile") or setting.startswith("pipeline"):
         if not hasattr(codec, "compile_decoder"):
             raise ValueError(f"the {setting} setting is for the Wan VAE decoder, not {kind}")
-        if setting == "pipeline":
-            codec.speed_up_decoder(decoder_pad_multiple(tiny))
+        if setting.startswith("pipeline"):
+            codec.speed_up_decoder(decoder_pad_multiple(tiny),
+                                   steady_from_second_call=setting == "pipeline_from_second")
         else:
             if setting.startswith("compile_pad"):
                 codec.pad_decoder_channels(decoder_pad_multiple(tiny))

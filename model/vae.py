@@ -291,13 +291,26 @@ def _cached_conv(conv: nn.Module, x: torch.Tensor, cache: torch.Tensor,
     return conv(x, cache), new_cache
 
 
-class _SteadyDecoder:
-    """`WanDecoder3d.forward(x, feat_cache, ...)` for a stream's calls after its first two, whose conv caches all hold 2
-    frames, as a walk over the layers in the decoder's cache order; the regions run compiled when built with
-    `compile_kwargs`."""
+def _fill_caches_with_zero_frames(feat_cache: list) -> None:
+    """After a stream's first call: every conv cache to 2 frames, in place. A 1-frame cache gets a zero frame before it
+    and the temporal upsamplers' "Rep" (run without a cache) 2 zero frames: the zeros the causal padding adds anyway,
+    so the next call computes the same. A "Rep" takes the shape of the cache before it, the input of its up block's
+    last convolution, which has the upsampler's input channels and size."""
+    for i, cache in enumerate(feat_cache):
+        if isinstance(cache, torch.Tensor) and cache.shape[2] == 1:
+            feat_cache[i] = torch.cat([torch.zeros_like(cache), cache], dim=2)
+        elif isinstance(cache, str):  # "Rep"
+            feat_cache[i] = torch.zeros_like(feat_cache[i - 1])
 
-    def __init__(self, decoder: nn.Module, compile_kwargs: dict | None = None):
+
+class _SteadyDecoder:
+    """`WanDecoder3d.forward(x, feat_cache, ...)` for a stream's calls after its first two (or after its first, with
+    `from_second_call`), whose conv caches all hold 2 frames, as a walk over the layers in the decoder's cache order;
+    the regions run compiled when built with `compile_kwargs`."""
+
+    def __init__(self, decoder: nn.Module, compile_kwargs: dict | None = None, from_second_call: bool = False):
         self.decoder = decoder
+        self.from_second_call = from_second_call
         wrap = (lambda fn: torch.compile(fn, **compile_kwargs)) if compile_kwargs is not None else (lambda fn: fn)
         self._cached_layer, self._plain_layer, self._cached_conv = map(
             wrap, (_cached_layer, _plain_layer, _cached_conv))
@@ -392,9 +405,15 @@ class StreamingVAEDecoder:
                 # The first two calls of a stream, while the conv caches fill (none, then one frame), run eagerly: a
                 # compile for each of them would take longer than the whole video's decoding saves. From the third
                 # on every cache holds 2 frames: the steady walk (compiled regions) or the compiled whole decoder.
+                # With `steady_from_second_call` the caches are completed after the first call instead (exactly: the
+                # missing frames are the zeros causal padding stands for), so the second call takes the walk too.
                 steady = self.frames_decoded >= 2
-                if steady and codec.decoder_steady is not None:
-                    frames.append(codec.decoder_steady(chunk, self._feat_cache))
+                walk = codec.decoder_steady
+                if walk is not None and self.frames_decoded == 1 and walk.from_second_call:
+                    _fill_caches_with_zero_frames(self._feat_cache)
+                    steady = True
+                if steady and walk is not None:
+                    frames.append(walk(chunk, self._feat_cache))
                 else:
                     stance = (torch.compiler.set_stance("force_eager") if codec.decoder_compiled and not steady
                               else contextlib.nullcontext())
@@ -517,16 +536,22 @@ class WanVAE(nn.Module):
         self.decoder_channels_padded = padded
         return self
 
-    def compile_decoder(self, regional: bool = True, **compile_kwargs: Any) -> "WanVAE":
+    def compile_decoder(self, regional: bool = True, steady_from_second_call: bool = False,
+                        **compile_kwargs: Any) -> "WanVAE":
         """Run the decoder under `torch.compile`: its fp32 RMS norms, SiLUs, causal padding and cache copies fuse
         around the cuDNN convolutions (H100, 480x832, 81 frames in the NDHWC layout: 1867 ms eager, decode_h100.json;
         1132 ms compiled whole, decode_pad_h100.json). Only a stream's steady calls run compiled (its first two run
         eagerly while the conv caches fill). `regional` (default): one graph per distinct layer (`_SteadyDecoder`),
         which compiles in a fraction of the whole decoder's time; else the whole decoder as one graph.
-        `compile_kwargs` go to `torch.compile` (default `dynamic=False`: static shapes)."""
+        `steady_from_second_call` (regional only): the walk from a stream's second call on (its caches completed with
+        zero frames), so the first block's second call runs compiled too, at the price of its own graphs (a second
+        call has 2 latent frames, the steady ones 3). `compile_kwargs` go to `torch.compile` (default `dynamic=False`:
+        static shapes)."""
         compile_kwargs = {"dynamic": False, **compile_kwargs}
+        if steady_from_second_call and not regional:
+            raise ValueError("compile_decoder: steady_from_second_call needs the regional walk (regional=True)")
         if regional:
-            self.decoder_steady = _SteadyDecoder(self.vae.decoder, compile_kwargs)
+            self.decoder_steady = _SteadyDecoder(self.vae.decoder, compile_kwargs, steady_from_second_call)
         else:
             self.vae.decoder.compile(**compile_kwargs)
         self.decoder_compiled = True

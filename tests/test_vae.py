@@ -431,11 +431,13 @@ def test_decoder_convs_padded_inside_stream_the_same_frames():
     torch.testing.assert_close(inside_cl, reference, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("from_second_call", [False, True])
 @pytest.mark.parametrize("frames_per_call", [3, 1])
-def test_steady_walk_decodes_the_same_frames(frames_per_call):
+def test_steady_walk_decodes_the_same_frames(frames_per_call, from_second_call):
     """The steady decoder walk (`_SteadyDecoder`, what a regionally compiled decoder runs from a stream's third
-    call on), uncompiled: the same frames as diffusers' decoder forward, with whole and 1-frame calls, and with the
-    decoder padded to 16 channels in the NDHWC layout with convolutions padded inside."""
+    call on, or from its second with the caches completed by zero frames), uncompiled: the same frames as diffusers'
+    decoder forward, with whole and 1-frame calls, and with the decoder padded to 16 channels in the NDHWC layout
+    with convolutions padded inside."""
     from diffusers import AutoencoderKLWan
 
     from model.vae import WAN21_VAE_CONFIG, _SteadyDecoder
@@ -454,12 +456,18 @@ def test_steady_walk_decodes_the_same_frames(frames_per_call):
 
     with torch.no_grad():
         reference = stream()
-        walk = _SteadyDecoder(codec.vae.decoder)
-        codec.decoder_steady = lambda x, caches: steady_calls.append(x.shape[2]) or walk(x, caches)
+        class Recording(_SteadyDecoder):
+            def __call__(self, x, caches):
+                steady_calls.append(x.shape[2])
+                return super().__call__(x, caches)
+
+        codec.decoder_steady = Recording(codec.vae.decoder, from_second_call=from_second_call)
         out = stream()
         codec.decoder_to_channels_last().pad_decoder_channels(16).pad_decoder_convs_inside()
         out_fast = stream()
-    expected_calls = [3, 2] if frames_per_call == 3 else [1] * 6  # after frame 0 alone and one more call
+    # After frame 0 alone (and one more eager call unless from the second call on).
+    expected_calls = ([2] if from_second_call else []) + [3, 2] if frames_per_call == 3 else (
+        [1] * (7 if from_second_call else 6))
     assert steady_calls == expected_calls * 2
     assert out.shape == reference.shape == (1, 29, 3, 48, 64)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
@@ -508,6 +516,9 @@ def test_compiled_decoder_streams_the_same_frames_and_compiles_only_the_steady_c
     assert torch._dynamo.config.recompile_limit == 8  # patched only around the decoder's calls
     torch._dynamo.reset()
     assert out.shape == reference.shape == (1, 17, 3, 48, 64)
+    if not regional:
+        with pytest.raises(ValueError, match="needs the regional walk"):
+            codec.compile_decoder(regional=False, steady_from_second_call=True)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
