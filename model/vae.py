@@ -303,6 +303,20 @@ def _fill_caches_with_zero_frames(feat_cache: list) -> None:
             feat_cache[i] = torch.zeros_like(feat_cache[i - 1])
 
 
+def _dense_caches(feat_cache: list, channels_last: bool) -> None:
+    """Every conv cache, in place, with the strides a fresh dense tensor of its shape has. A cache sliced from a longer
+    input keeps that input's batch stride (meaningless at batch 1, but dynamo guards on it), so caches made by the
+    eager first calls and by the compiled regions would otherwise make each region compile twice."""
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    for i, cache in enumerate(feat_cache):
+        if isinstance(cache, torch.Tensor):
+            c, t, h, w = cache.shape[1:]
+            dense = ((c * t * h * w, 1, h * w * c, w * c, c) if channels_last
+                     else (c * t * h * w, t * h * w, h * w, w, 1))
+            if cache.stride() != dense:
+                feat_cache[i] = cache.clone(memory_format=memory_format)
+
+
 class _SteadyDecoder:
     """`WanDecoder3d.forward(x, feat_cache, ...)` for a stream's calls after its first two (or after its first, with
     `from_second_call`), whose conv caches all hold 2 frames, as a walk over the layers in the decoder's cache order;
@@ -413,6 +427,7 @@ class StreamingVAEDecoder:
                     _fill_caches_with_zero_frames(self._feat_cache)
                     steady = True
                 if steady and walk is not None:
+                    _dense_caches(self._feat_cache, codec.decoder_channels_last)
                     frames.append(walk(chunk, self._feat_cache))
                 else:
                     stance = (torch.compiler.set_stance("force_eager") if codec.decoder_compiled and not steady

@@ -556,3 +556,20 @@ def test_padded_decoder_channels_stream_the_same_frames(channels_last):
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="multiple must be >= 1"):
         codec.pad_decoder_channels(0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_caches_give_slices_fresh_strides_and_keep_dense_ones(channels_last):
+    """The steady walk's caches get a dense tensor's strides (a 2-frame slice of a 4-frame input keeps the input's
+    batch stride, on which dynamo guards), with the same values; dense caches and the "Rep"/None slots stay as they
+    are."""
+    from model.vae import _dense_caches
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+    longer = torch.randn(1, 6, 4, 3, 5).contiguous(memory_format=memory_format)
+    sliced = longer[:, :, -2:]
+    dense = torch.randn(1, 6, 2, 3, 5).contiguous(memory_format=memory_format)
+    caches = [sliced, dense, None, "Rep"]
+    _dense_caches(caches, channels_last)
+    fresh = torch.empty(1, 6, 2, 3, 5, memory_format=memory_format)
+    assert caches[0].stride() == fresh.stride() != sliced.stride() and torch.equal(caches[0], sliced)
+    assert caches[1] is dense and caches[2:] == [None, "Rep"]
