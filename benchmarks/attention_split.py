@@ -6,7 +6,7 @@
 A block's query (3 frames = 4680 tokens, 12 heads) makes only 37 row tiles of 128 per head: 444 tiles on 132 SMs is
 3.4 waves, so the last wave runs a third full. Splitting the keys into `s` parts multiplies the tiles by `s`; the
 parts are merged with their log-sum-exps (one fused elementwise pass). This script times, per block position, cuDNN
-SDPA whole and split (`aten._scaled_dot_product_cudnn_attention` returns the log-sum-exp), flash-attn 4 whole and with
+SDPA whole and split (model/attention.py's log-sum-exp partials and merge), flash-attn 4 whole and with
 its own `num_splits`, the two halves of the keys as a batch of two in one cuDNN launch (`sdpa_cudnn_halves`), and the
 query-length sweep that shows the wave effect; each split result is checked against
 the whole one. Prints a table, writes JSON (benchmarks/results/<name>_<gpu>.json via common.write_result).
@@ -22,30 +22,18 @@ from common import environment, print_table, write_result
 from model import attention as attention_backends
 
 
-def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
-    """Attention over concatenated key sets from per-set outputs `[B, H, L, D]` and log-sum-exps `[B, H, L]`."""
-    lse = torch.stack(lses).float()
-    weights = torch.softmax(lse, dim=0)  # exp(lse_i - logsumexp_i lse_i)
-    out = (torch.stack(outs).float() * weights.unsqueeze(-1)).sum(0)
-    return out.to(outs[0].dtype)
-
-
-def cudnn_partial(q, k, v):
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
-    return out, lse.reshape(q.shape[:3])
-
-
 def math_partial(q, k, v):
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    lse = torch.logsumexp(scores, dim=-1)
-    return (torch.softmax(scores, -1) @ v.float()).to(q.dtype), lse
+    """Exact attention with its log-sum-exp on `[B, L, H, D]` (the CPU stand-in for cuDNN's)."""
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (scores.softmax(-1) @ v).transpose(1, 2), scores.logsumexp(-1)
 
 
 def split_attention(q, k, v, splits: int, partial, merge) -> torch.Tensor:
-    """`[B, H, L, D]` attention with the keys in `splits` contiguous parts."""
-    bounds = [round(i * k.shape[2] / splits) for i in range(splits + 1)]
-    parts = [partial(q, k[:, :, a:b], v[:, :, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return merge([p[0] for p in parts], [p[1] for p in parts])
+    """`[B, L, H, D]` attention with the keys in `splits` contiguous parts, one launch each."""
+    bounds = [round(i * k.shape[1] / splits) for i in range(splits + 1)]
+    parts = [partial(q, k[:, a:b], v[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return merge(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]).transpose(2, 3))
 
 
 def time_ms(fn, device, repeats: int) -> float:
@@ -78,8 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     heads, dim, tokens_per_frame = (2, 16, 16) if tiny else (12, 128, 1560)
     block_tokens = 3 * tokens_per_frame
     splits = [int(s) for s in args.splits.split(",") if s]
-    partial = math_partial if tiny else cudnn_partial
-    merge = merge_partials if tiny else torch.compile(merge_partials, dynamic=False)
+    partial = math_partial if tiny else attention_backends._cudnn_attention_with_lse
+    merge = (attention_backends.merge_attention_parts if tiny
+             else torch.compile(attention_backends.merge_attention_parts, dynamic=False))
     flash = None
     if not tiny:
         try:
@@ -90,18 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [("device", result["env"]["device"])]
     g = torch.Generator(device=device).manual_seed(0)
 
-    def tensors(lq, lk):
-        return [torch.randn(1, heads, n, dim, generator=g, device=device, dtype=dtype) for n in (lq, lk, lk)]
+    def tensors(lq, lk):  # [B, L, H, D], the model's layout
+        return [torch.randn(1, n, heads, dim, generator=g, device=device, dtype=dtype) for n in (lq, lk, lk)]
 
     def tflops(lq, lk, ms):
         return 4 * lq * lk * heads * dim / (ms * 1e-3) / 1e12
 
     def sdpa(q, k, v):
-        if tiny:
-            return math_partial(q, k, v)[0]
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return math_partial(q, k, v)[0].to(q.dtype) if tiny else attention_backends._sdpa(q, k, v, "cudnn")
 
     for block in range(7):
         lq, lk = block_tokens, block_tokens * (block + 1)
@@ -111,20 +96,13 @@ def main(argv: list[str] | None = None) -> dict:
         candidates = {"cudnn": lambda: sdpa(q, k, v)}
         for s in splits:
             candidates[f"cudnn_split{s}"] = lambda s=s: split_attention(q, k, v, s, partial, merge)
-        # The two halves of the keys as a batch of two in ONE launch (model/attention.py's "sdpa_cudnn_halves").
-        def halves_partial(qh, kh, vh):  # [B, L, H, D] in, as model/attention.py's partials
-            if not tiny:
-                return attention_backends._cudnn_attention_with_lse(qh, kh, vh)
-            out, lse = math_partial(*(t.transpose(1, 2) for t in (qh, kh, vh)))
-            return out.transpose(1, 2), lse
-        candidates["cudnn_halves"] = lambda: attention_backends._key_halves(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), partial=halves_partial).transpose(1, 2)
+        # The two halves of the keys as a batch of two in ONE launch (model/attention.py's *_halves back-ends).
+        candidates["cudnn_halves"] = lambda: attention_backends._key_halves(q, k, v, partial=partial)
         if flash is not None:
-            qf, kf, vf = (t.transpose(1, 2) for t in (q, k, v))
             for s in [1, *splits, 0]:
-                candidates[f"fa4_splits{s}"] = lambda s=s: flash(qf, kf, vf, num_splits=s)[0].transpose(1, 2)
+                candidates[f"fa4_splits{s}"] = lambda s=s: flash(q, k, v, num_splits=s)[0]
             candidates["fa4_halves"] = lambda: attention_backends._key_halves(
-                qf, kf, vf, partial=attention_backends._flash_attention_lse).transpose(1, 2)
+                q, k, v, partial=attention_backends._flash_attention_lse)
         for label, fn in candidates.items():
             try:
                 out = fn()

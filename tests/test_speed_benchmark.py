@@ -146,11 +146,13 @@ def test_attention_split_benchmark_merges_key_parts_into_whole_attention(tmp_pat
         assert set(block["rel_err"]) == {"cudnn", "cudnn_split2", "cudnn_split3", "cudnn_halves"}
         assert max(block["rel_err"].values()) < 1e-5
     assert saved["query_sweep"] and saved["query_sweep"][0]["lk"] == 4 * saved["blocks"][0]["lq"]
-    # The merge itself: two halves of the keys give whole attention; a wrong weighting would not.
-    q, k, v = (torch.randn(1, 2, n, 8) for n in (5, 12, 12))
-    parts = [split.math_partial(q, k[:, :, a:b], v[:, :, a:b]) for a, b in ((0, 4), (4, 12))]
+    # The split itself (parts of unequal length, merged by model/attention.py): whole attention; a wrong weighting of
+    # the parts would not be.
+    from model.attention import merge_attention_parts
+    q, k, v = (torch.randn(1, n, 2, 8) for n in (5, 12, 12))
     whole = split.math_partial(q, k, v)[0]
-    torch.testing.assert_close(split.merge_partials([p[0] for p in parts], [p[1] for p in parts]), whole)
+    torch.testing.assert_close(split.split_attention(q, k, v, 5, split.math_partial, merge_attention_parts), whole)
+    parts = [split.math_partial(q, k[:, a:b], v[:, a:b]) for a, b in ((0, 4), (4, 12))]
     assert not torch.allclose((parts[0][0] + parts[1][0]) / 2, whole, atol=1e-3)
 
 
