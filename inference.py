@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from model.attention import ATTENTION_BACKENDS
+from model.attention import ATTENTION_BACKENDS, set_attention_backend
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
@@ -149,7 +149,6 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(pipeline, config, description of what was loaded)."""
-    from model.attention import set_attention_backend
     from pipeline.inference import CausalInferencePipeline, CausalSettings
     from pipeline.schedule import FlowMatchSchedule
     from utils import model_folder, wan_components

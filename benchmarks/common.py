@@ -70,8 +70,9 @@ def random_codec(kind: str, device: torch.device, dtype: torch.dtype, tiny: bool
 
 
 def decoder_pad_multiple(tiny: bool) -> int:
-    """`WanVAE.pad_decoder_channels`'s multiple: 128 as the pipeline pads; 16 for the tiny VAE (8 channels)."""
-    return 16 if tiny else 128
+    """`WanVAE.pad_decoder_channels`'s multiple: the pipeline's at real size; 16 for the tiny VAE (8 channels)."""
+    from model.vae import DECODER_PAD_MULTIPLE
+    return 16 if tiny else DECODER_PAD_MULTIPLE
 
 
 class BlockClock:

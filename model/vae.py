@@ -28,6 +28,10 @@ WAN21_LATENTS_STD = [
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
 ]
 
+# Channels of the decoder's full-resolution stage are zero-padded to a multiple of this for cuDNN's Hopper kernels
+# (`WanVAE.pad_decoder_channels`).
+DECODER_PAD_MULTIPLE = 128
+
 # `AutoencoderKLWan(**WAN21_VAE_CONFIG)` is the architecture of the released `Wan2.1_VAE.pth`.
 WAN21_VAE_CONFIG: dict[str, Any] = {
     "base_dim": 96,
@@ -496,7 +500,7 @@ class WanVAE(nn.Module):
         self.decoder_convs_padded_inside = enabled
         return self
 
-    def pad_decoder_channels(self, multiple: int = 128) -> "WanVAE":
+    def pad_decoder_channels(self, multiple: int = DECODER_PAD_MULTIPLE) -> "WanVAE":
         """Zero-pad the channels of the decoder's full-resolution stage (96 in Wan2.1) up to a multiple of `multiple`:
         cuDNN runs 96-channel 3x3x3 convolutions with an Ampere kernel at ~230 TFLOP/s on an H100, and 128 lets it pick
         its Hopper ones (benchmarks/decode.py, compile_pad: 1132 -> 1037 ms for 81 frames at 480x832). Exact: the
@@ -572,7 +576,7 @@ class WanVAE(nn.Module):
         self.decoder_compiled = True
         return self
 
-    def speed_up_decoder(self, pad_multiple: int = 128, **compile_kwargs: Any) -> "WanVAE":
+    def speed_up_decoder(self, pad_multiple: int = DECODER_PAD_MULTIPLE, **compile_kwargs: Any) -> "WanVAE":
         """Every decode lever the pipeline uses on CUDA, each exact (benchmarks/decode.py times them one by one): the
         NDHWC layout, the full-resolution channels padded to `pad_multiple`, spatial padding inside the convolutions,
         and the regionally compiled steady calls. A decode-time rewrite: do not save this VAE's state dict
