@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every #6 figure that needs no flash-attn, in one device call (flash-attn 4 takes two calls to carry, see
-# fa4_pack.sh): the speed levers with the long rollout and both streamed decoders, the warm-up from a cold and a warm
-# compile cache, then the CUDA tests. Carry `.whl` and `.golden_gpu`; ~400 s on an H100. Logs and JSON go to $OUT.
+# Every figure of the speed targets that needs no flash-attn, in one device call (flash-attn 4 takes two calls to
+# carry, see fa4_pack.sh): the speed levers with the long rollout and both streamed decoders, the warm-up from a cold
+# and a warm compile cache, then the CUDA tests. Carry `.whl` and `.golden_gpu`; 325 s on an H100 (2026-12-06). Logs
+# and JSON go to $OUT.
 #   bash benchmarks/speed_one_call.sh [suffix]      # results named speed_pipeline<suffix>, warmup_pipeline<suffix>
 set -uo pipefail
 suffix=${1:-}
