@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from tests.ranks import free_port, spawn_ranks
 from tests.test_loop import FakeAlgorithm, ListDataset
 from utils import train_state as ts
 from utils.data import ShardedBatches
@@ -36,11 +36,6 @@ keep_checkpoints: 0
 gradient_checkpointing: true
 """
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(argv: list[str], out_json: str):
@@ -74,7 +69,7 @@ def _worker(rank: int, world: int, port: int, argv: list[str], out_prefix: str) 
 
 
 def _spawn(argv: list[str], out_prefix: str) -> list[dict]:
-    mp.spawn(_worker, args=(2, _free_port(), argv, out_prefix), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, 2, free_port(), argv, out_prefix)
     return [json.load(open(f"{out_prefix}{r}.json")) for r in range(2)]
 
 
@@ -155,7 +150,7 @@ def test_real_dmd_recipe_under_torchrun_on_two_ranks(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY + f"data_path: {tmp_path / 'prompts.txt'}\nsharding_strategy: full\n")
     logdir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO_ROOT / "train.py"), "--config_path", str(recipe), "--logdir", str(logdir), "--disable-wandb",
            "max_steps=2", f"model_root={root}", "model_kwargs.model_name=TinyWan", "real_name=TinyWan",
            "fake_name=TinyWan"]
@@ -211,9 +206,20 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_rollout_forwards_gather_each_unit_once_with_the_same_numbers(tmp_path):
-    mp.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path / "r")), nprocs=2, join=True)
+    spawn_ranks(_gather_worker, 2, 2, free_port(), str(tmp_path / "r"))
     for rank in range(2):
         r = json.load(open(tmp_path / f"r{rank}.json"))
         assert r["gathered"] == [False, True, False]  # between forwards: freed, kept, freed again
         assert r["sharded_after"] == [True, True, True]
         assert r["losses"][0] == r["losses"][1] == r["losses"][2] and r["grads_equal"]
+
+
+def _failing_worker(rank: int, message: str) -> None:
+    if rank == 1:
+        raise RuntimeError(message)
+
+
+def test_a_failing_rank_fails_the_spawn_with_its_message():
+    """spawn_ranks leaves a finished rank without finalizing; a rank that raises must still fail the test."""
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails"):
+        spawn_ranks(_failing_worker, 2, "rank 1 fails")

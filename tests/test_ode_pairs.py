@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.teacher import ode_pair_timesteps
 from scripts import generate_ode_pairs as cli
+from tests.ranks import free_port
 from tests.tiny import TinyText, save_tiny_model_folder, tiny_model, tiny_train_config
 from utils import ode_pairs
 from utils.data import ShardedBatches, build_data
@@ -306,17 +306,12 @@ def test_python_api_is_deterministic_per_prompt_across_batch_sizes(tmp_path):
     assert not torch.allclose(outs[0][PROMPTS[0]], outs[0][PROMPTS[1]])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_ranks_write_the_same_pairs_as_one(teacher_folder, one_rank_pairs):
     out = teacher_folder / "two_ranks"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "scripts" / "generate_ode_pairs.py"), "--teacher", str(teacher_folder / "model"),
            "--prompts", str(teacher_folder / "prompts.txt"), "--output", str(out), *GEN_ARGS]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule
+from tests.ranks import free_port, spawn_ranks
 from tests.tiny import tiny_model
 from utils.sequence_parallel import check_head_split, parallel_layout
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.distributed
 HEADS = {"dim": 96, "num_heads": 12, "ffn_dim": 64}  # 12 heads, as Wan 1.3B: splits over 2, 3, 4 and 6 ranks
 STEPS = [1000.0, 937.5, 833.3]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int) -> None:
@@ -131,7 +125,7 @@ def single():
 # 6 tokens per frame: 3 + 3 on 2 ranks, padded to 4 x 2 on 4 ranks
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sequence_parallel_rollout_matches_one_process(single, tmp_path, world):
-    mp.spawn(_rollout_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn_ranks(_rollout_worker, world, world, free_port(), str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for r, res in enumerate(ranks):
         assert int(res["cache_heads"]) == 12 // world  # each rank caches its own heads only
@@ -182,7 +176,7 @@ def test_inference_cli_sequence_parallel_writes_one_video_per_prompt(tmp_path):
             "--seed", "3"]
     assert inference.main(base + ["--output-dir", str(tmp_path / "one")]) == 0
     argv = base + ["--output-dir", str(tmp_path / "sp"), "--parallel", "sequence"]
-    mp.spawn(_cli_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_cli_worker, 2, 2, free_port(), argv, str(tmp_path))
     assert [json.loads((tmp_path / f"rc{r}.json").read_text()) for r in range(2)] == [0, 0]
     one, sp = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "sp").iterdir())
     assert [p.name for p in sp] == [p.name for p in one] and len([p for p in sp if p.suffix == ".mp4"]) == 2
@@ -265,7 +259,7 @@ def _gpu_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_match_one_gpu_at_real_size(tmp_path):
-    mp.spawn(_gpu_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_gpu_worker, 2, 2, free_port(), str(tmp_path))
     sp = torch.load(tmp_path / "sp.pt", weights_only=True)
     one = _real_size_rollouts(torch.device("cuda", 0), sp=False)
     for dtype, tol in (("torch.float32", 1e-3), ("torch.bfloat16", 5e-2)):
