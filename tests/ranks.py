@@ -1,4 +1,4 @@
-"""Several ranks in one test: a free port and `spawn_ranks`, shared by the gloo tests."""
+"""Several ranks in one test: a free port and `spawn_ranks`, shared by the multi-process tests."""
 from __future__ import annotations
 
 import faulthandler
@@ -16,7 +16,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(rank: int, worker: Callable, args: tuple) -> None:
+def _rank_entry(rank: int, worker: Callable, world: int, port: int, args: tuple) -> None:
+    # What torchrun would set: `init_distributed` and `init_process_group("gloo")` read it.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # A rank that aborts in C++ (SIGABRT) leaves no Python traceback; faulthandler prints every thread's stack.
     faulthandler.enable(all_threads=True)
     worker(rank, *args)  # an exception here reaches mp.spawn as usual (traceback file, exit code 1)
@@ -30,5 +33,6 @@ def _rank_entry(rank: int, worker: Callable, args: tuple) -> None:
 
 
 def spawn_ranks(worker: Callable, nprocs: int, *args) -> None:
-    """Run `worker(rank, *args)` in `nprocs` fresh processes; raises if any rank fails."""
-    mp.spawn(_rank_entry, args=(worker, args), nprocs=nprocs, join=True)
+    """Run `worker(rank, *args)` in `nprocs` fresh processes, each with torchrun's variables for a job of `nprocs`
+    ranks on a free local port; raises if any rank fails."""
+    mp.spawn(_rank_entry, args=(worker, nprocs, free_port(), args), nprocs=nprocs, join=True)

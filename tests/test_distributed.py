@@ -37,7 +37,6 @@ gradient_checkpointing: true
 """
 
 
-
 def _run(argv: list[str], out_json: str):
     """train.main with tiny networks, the fake algorithm and an in-memory dataset; writes the returned logs."""
     import train
@@ -62,14 +61,12 @@ def _run(argv: list[str], out_json: str):
         json.dump({"logs": trainer.last_logs, "step": trainer.step, **sharded}, f)
 
 
-def _worker(rank: int, world: int, port: int, argv: list[str], out_prefix: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, argv: list[str], out_prefix: str) -> None:
     _run(argv, f"{out_prefix}{rank}.json")
 
 
 def _spawn(argv: list[str], out_prefix: str) -> list[dict]:
-    spawn_ranks(_worker, 2, 2, free_port(), argv, out_prefix)
+    spawn_ranks(_worker, 2, argv, out_prefix)
     return [json.load(open(f"{out_prefix}{r}.json")) for r in range(2)]
 
 
@@ -169,9 +166,7 @@ def test_real_dmd_recipe_under_torchrun_on_two_ranks(tmp_path):
         assert any(not torch.equal(trained[k].float(), initial[k].float()) for k in trained), f"{stem} did not train"
 
 
-def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _gather_worker(rank: int, out: str) -> None:
     from tests.tiny import tiny_inputs, tiny_model
     from utils.distributed import cleanup_distributed, gathered_across_forwards, init_distributed, shard_module
     state = init_distributed(device="cpu")
@@ -206,7 +201,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_rollout_forwards_gather_each_unit_once_with_the_same_numbers(tmp_path):
-    spawn_ranks(_gather_worker, 2, 2, free_port(), str(tmp_path / "r"))
+    spawn_ranks(_gather_worker, 2, str(tmp_path / "r"))
     for rank in range(2):
         r = json.load(open(tmp_path / f"r{rank}.json"))
         assert r["gathered"] == [False, True, False]  # between forwards: freed, kept, freed again

@@ -306,7 +306,6 @@ def test_python_api_is_deterministic_per_prompt_across_batch_sizes(tmp_path):
     assert not torch.allclose(outs[0][PROMPTS[0]], outs[0][PROMPTS[1]])
 
 
-
 @pytest.mark.distributed
 def test_two_ranks_write_the_same_pairs_as_one(teacher_folder, one_rank_pairs):
     out = teacher_folder / "two_ranks"

@@ -12,7 +12,7 @@ import torch
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule
-from tests.ranks import free_port, spawn_ranks
+from tests.ranks import spawn_ranks
 from tests.tiny import tiny_model
 from utils.sequence_parallel import check_head_split, parallel_layout
 
@@ -22,10 +22,7 @@ HEADS = {"dim": 96, "num_heads": 12, "ffn_dim": 64}  # 12 heads, as Wan 1.3B: sp
 STEPS = [1000.0, 937.5, 833.3]
 
 
-
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init() -> None:
     torch.set_num_threads(1)  # several ranks share 2 cores
 
 
@@ -69,11 +66,11 @@ def run_case(model, name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rollout_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _rollout_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from utils.sequence_parallel import enable_sequence_parallel, new_sequence_group
-    _init(rank, world, port)
+    _init()
     dist.init_process_group("gloo")
     results = {}
     model = tiny_model(0, **HEADS)
@@ -125,7 +122,7 @@ def single():
 # 6 tokens per frame: 3 + 3 on 2 ranks, padded to 4 x 2 on 4 ranks
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_sequence_parallel_rollout_matches_one_process(single, tmp_path, world):
-    spawn_ranks(_rollout_worker, world, world, free_port(), str(tmp_path))
+    spawn_ranks(_rollout_worker, world, world, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for r, res in enumerate(ranks):
         assert int(res["cache_heads"]) == 12 // world  # each rank caches its own heads only
@@ -153,9 +150,9 @@ def test_uneven_heads_and_layouts_are_clear_errors():
 
 # ---------------------------------------------------------------------------------------------------- the CLI
 
-def _cli_worker(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
+def _cli_worker(rank: int, argv: list[str], out_dir: str) -> None:
     import inference
-    _init(rank, world, port)
+    _init()
     code = inference.main(argv)
     with open(f"{out_dir}/rc{rank}.json", "w") as f:
         json.dump(code, f)
@@ -176,7 +173,7 @@ def test_inference_cli_sequence_parallel_writes_one_video_per_prompt(tmp_path):
             "--seed", "3"]
     assert inference.main(base + ["--output-dir", str(tmp_path / "one")]) == 0
     argv = base + ["--output-dir", str(tmp_path / "sp"), "--parallel", "sequence"]
-    spawn_ranks(_cli_worker, 2, 2, free_port(), argv, str(tmp_path))
+    spawn_ranks(_cli_worker, 2, argv, str(tmp_path))
     assert [json.loads((tmp_path / f"rc{r}.json").read_text()) for r in range(2)] == [0, 0]
     one, sp = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "sp").iterdir())
     assert [p.name for p in sp] == [p.name for p in one] and len([p for p in sp if p.suffix == ".mp4"]) == 2
@@ -241,9 +238,9 @@ def _real_size_rollouts(device: torch.device, sp: bool, config=None, latent=(60,
     return out
 
 
-def _gpu_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gpu_worker(rank: int, out_dir: str) -> None:
     import torch.distributed as dist
-    _init(rank, world, port)
+    _init()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -259,7 +256,7 @@ def _gpu_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_gpus_match_one_gpu_at_real_size(tmp_path):
-    spawn_ranks(_gpu_worker, 2, 2, free_port(), str(tmp_path))
+    spawn_ranks(_gpu_worker, 2, str(tmp_path))
     sp = torch.load(tmp_path / "sp.pt", weights_only=True)
     one = _real_size_rollouts(torch.device("cuda", 0), sp=False)
     for dtype, tol in (("torch.float32", 1e-3), ("torch.bfloat16", 5e-2)):
