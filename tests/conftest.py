@@ -12,10 +12,13 @@ from safetensors.torch import load_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+SHIPPED_GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
+
+
 def golden_dir() -> Path:
-    """`$SF_GOLDEN_DIR`, or `../shared/golden` next to the repository root."""
+    """`$SF_GOLDEN_DIR` (another fixture set of the same format), else the set shipped in `tests/golden/`."""
     env = os.environ.get("SF_GOLDEN_DIR")
-    return Path(env) if env else (REPO_ROOT.parent / "shared" / "golden")
+    return Path(env).expanduser() if env else SHIPPED_GOLDEN_DIR
 
 
 class GoldenCase:
@@ -24,12 +27,16 @@ class GoldenCase:
     def __init__(self, name: str):
         root = golden_dir()
         if not root.is_dir():
-            pytest.fail(f"golden fixture directory {root} does not exist (set SF_GOLDEN_DIR)")
+            origin = "$SF_GOLDEN_DIR" if os.environ.get("SF_GOLDEN_DIR") else "the shipped fixtures"
+            pytest.fail(f"golden fixture directory {root} ({origin}) does not exist: point SF_GOLDEN_DIR at a "
+                        f"folder of fixtures in the format of tests/golden/, or unset it")
         self.root = root
         self.name = name
         json_path = root / f"{name}.json"
-        self.meta = json.loads(json_path.read_text()) if json_path.exists() else {}
         io_path = root / f"{name}.io.safetensors"
+        if not json_path.exists() and not io_path.exists():
+            pytest.fail(f"golden case {name!r} is missing from {root}: expected {json_path.name} and/or {io_path.name}")
+        self.meta = json.loads(json_path.read_text()) if json_path.exists() else {}
         self.io = load_file(str(io_path)) if io_path.exists() else {}
 
     def weights(self, file_name: str | None = None) -> dict[str, torch.Tensor]:
