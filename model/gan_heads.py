@@ -1,4 +1,4 @@
-"""Discriminator heads on the critic trunk for the GAN variant of Self Forcing (SPEC §7.2).
+"""Discriminator heads on the critic trunk for the GAN variant of Self Forcing (docs/method.md, "GAN").
 
 Learned register tokens cross-attend to the critic's hidden tokens after a few of its transformer blocks; the
 resulting tokens (optionally plus the scaled time embedding) go through a small classification branch -> logits

@@ -1,9 +1,9 @@
 """The KV cache of the causal DiT: static buffers, rolling window, attention sink, absolute or relative RoPE.
 
 Bookkeeping is plain Python ints (no tensor indices, so no host syncs per layer). Semantics follow the original
-(SPEC 1.10.5): a call for frames `[s, e)` writes the slots that end `e - global_end` past the last valid slot, so
-repeated calls for the same block (denoising steps, then the clean-context pass) overwrite the same slots; a call
-that would overflow a rolling cache first evicts the oldest non-sink frames.
+(`wan/modules/causal_model.py`): a call for frames `[s, e)` writes the slots that end `e - global_end` past the
+last valid slot, so repeated calls for the same block (denoising steps, then the clean-context pass) overwrite the
+same slots; a call that would overflow a rolling cache first evicts the oldest non-sink frames.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class KVCache:
       benchmark's baseline and as the reference of the tests.
     rope_tables: the model's `RotaryTables` (needed by "relative" to re-rotate sink keys).
     detach_writes: write K/V without autograd history (the paper's semantics: the cache is computed without
-      gradients). False reproduces the original, where gradients leak through in-place cache writes (SPEC 5.3).
+      gradients). False reproduces the original, where gradients leak through in-place cache writes (docs/original.md).
     cross_heads: heads of the cross-attention K/V (default num_heads); under sequence parallelism the self-attention
       cache holds this rank's heads only, the prompt's K/V all of them.
     """

@@ -1,6 +1,6 @@
 """Text encoder: the UMT5 encoder of Wan2.1 as a `transformers.UMT5EncoderModel`, plus its tokenizer.
 
-Reproduces `utils/wan_wrapper.py::WanTextEncoder` of the original (SPEC §4.1): text cleaning, padding to
+Reproduces `utils/wan_wrapper.py::WanTextEncoder` of the original: text cleaning, padding to
 `text_len` tokens with EOS appended, the encoder under the attention mask, then every row past the number of
 real tokens set to zero. Weights load from a diffusers folder or from the original Wan checkpoint
 (`models_t5_umt5-xxl-enc-bf16.pth`), whose keys are renamed by the one table `_WAN_T5_TO_UMT5`.

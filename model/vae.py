@@ -18,7 +18,7 @@ from torch import nn
 
 from model.weights import load_state_dict_strict
 
-# Per-channel latent statistics of the released Wan2.1 VAE (SPEC §4.2).
+# Per-channel latent statistics of the released Wan2.1 VAE (the original's `utils/wan_wrapper.py`).
 WAN21_LATENTS_MEAN = [
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,

@@ -51,8 +51,8 @@ class WanDiT(nn.Module):
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()
     def init_weights(self) -> "WanDiT":
-        """The original initialisation, for training from scratch (SPEC 1.8): Xavier-uniform linears with zero bias,
-        text/time embeddings N(0, 0.02), a zero output head, modulation randn / sqrt(dim)."""
+        """The original initialisation (`wan/modules/model.py`), for training from scratch: Xavier-uniform linears
+        with zero bias, text/time embeddings N(0, 0.02), a zero output head, modulation randn / sqrt(dim)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -1,4 +1,4 @@
-"""The flow-matching noise schedule of Self Forcing / Wan2.1 (SPEC §2).
+"""The flow-matching noise schedule of Self Forcing / Wan2.1 (docs/method.md, "Schedule").
 
 Rectified-flow parameterisation: `x_t = (1 - sigma) * x0 + sigma * eps`, the network predicts the flow
 `v = eps - x0`. Timesteps live on the `0..num_train_timesteps` scale (`t = T * sigma`).
@@ -176,8 +176,9 @@ class FlowMatchSchedule:
     def denoising_steps(self, step_list: Sequence[int] | Tensor, warp: bool,
                         drop_final_zero: bool = False) -> list[float]:
         """The timesteps a few-step generator runs for a configured `step_list`: warped onto this grid when `warp`
-        (SPEC 2.1). `drop_final_zero` removes a trailing 0 (a call at t=0 would be wasted; the training rollout does
-        so, the original inference does not; ODE regression keeps it: the clean trajectory end)."""
+        (docs/method.md, "Schedule"). `drop_final_zero` removes a trailing 0 (a call at t=0 would be wasted; the
+        training rollout does so, the original inference does not; ODE regression keeps it: the clean trajectory
+        end)."""
         steps = self.warp(step_list).tolist() if warp else [float(s) for s in step_list]
         steps = [float(s) for s in steps]
         if drop_final_zero and len(steps) > 1 and steps[-1] == 0:
@@ -189,7 +190,7 @@ class FlowMatchSchedule:
 
         `step_list` is the list the rollout actually runs (warped if warping is on). Both values are
         `T - grid_index(step)` - with warping this recovers the un-warped 0..T config step - and `to` is 0 when
-        the exit step is the last one (SPEC §5.2).
+        the exit step is the last one (docs/method.md, "The rollout").
         """
         steps = _as_tensor(step_list).float()
         if steps.ndim != 1 or not 0 <= exit_index < steps.numel():
@@ -204,7 +205,7 @@ class FlowMatchSchedule:
     def score_timestep_range(self, denoised_from: int | None = None, denoised_to: int | None = None,
                              ts_schedule: bool = False, ts_schedule_max: bool = False,
                              min_score_timestep: int = 0) -> tuple[int, int]:
-        """`[lo, hi)` of the integer score-timestep draw (SPEC §6.2 step 1)."""
+        """`[lo, hi)` of the integer score-timestep draw (docs/method.md, "Score timesteps")."""
         lo = denoised_to if ts_schedule and denoised_to is not None else min_score_timestep
         hi = denoised_from if ts_schedule_max and denoised_from is not None else self.num_train_timesteps
         return int(lo), int(hi)
@@ -230,7 +231,8 @@ class FlowMatchSchedule:
                                device: torch.device | str | None = None, lo: int = 0, hi: int | None = None,
                                shift: float | None = None, num_frames: int | None = None,
                                min_fraction: float = 0.02, max_fraction: float = 0.98) -> Tensor:
-        """DMD / critic timestep sampling (SPEC §6.2) -> float32 `[B]`, or `[B, F]` (same value on every frame).
+        """DMD / critic timestep sampling (docs/method.md, "Score timesteps") -> float32 `[B]`, or `[B, F]` (same
+        value on every frame).
 
         Integer draws uniform in `[lo, hi)` (hi defaults to T), then `shift_score_timesteps`. `shift` defaults to
         this schedule's shift (the config's `timestep_shift`).

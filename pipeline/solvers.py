@@ -1,4 +1,4 @@
-"""Multi-step flow samplers for the bidirectional teacher (ODE pairs, multi-step comparisons; SPEC §2.2, §8.1).
+"""Multi-step flow samplers for the bidirectional teacher (ODE pairs, multi-step comparisons; docs/method.md).
 
 Two schedulers with the same `timesteps` / `sigmas` / `step(...)` interface as diffusers schedulers:
 

@@ -3,9 +3,10 @@ bidirectional sampler.
 
 Two many-step recipes of the original share `sample_bidirectional`:
 
-* ODE pairs (SPEC §8.1, `scripts/generate_ode_pairs.py`): 48 Euler steps, shift 8, CFG in x0 space, trajectory
+* ODE pairs (`scripts/generate_ode_pairs.py`): 48 Euler steps, shift 8, CFG in x0 space, trajectory
   entries [0, 12, 24, 36, 48] recorded (t = 1000, 960, 888.89, 727.27 and the clean sample);
-* bidirectional diffusion inference (SPEC §9, §2.2): 50 UniPC steps, shift 8, CFG in flow space.
+* bidirectional diffusion inference (the original's `pipeline/bidirectional_diffusion_inference.py`): 50 UniPC
+  steps, shift 8, CFG in flow space.
 
 The teacher is always called with one timestep per sample (the `Denoiser` should have `uniform_timestep=True`).
 """
@@ -50,7 +51,7 @@ def ode_pair_timesteps(num_steps: int = 48, shift: float = 8.0, record_steps: Se
     """Timesteps of the ODE-pair trajectory entries recorded by the Euler sampler (0 for the final clean sample).
 
     (48, 8, [0, 12, 24, 36, 48]) -> [1000, 960, 888.89, 727.27, 0] - the shift-8 warped [1000, 750, 500, 250, 0]
-    that ODE regression trains on (SPEC §8.1, App. A).
+    that ODE regression trains on (docs/method.md, "ODE regression").
     """
     steps = _check_record_steps(record_steps, num_steps)
     t = euler_sampler_sigmas(num_steps, shift) * num_train_timesteps
@@ -81,7 +82,7 @@ def _check_contexts(noise: Tensor, context: Tensor, negative_context: Tensor | N
             or negative_context.shape[2] != context.shape[2]:
         raise ValueError(f"negative_context must be [1 or {noise.shape[0]}, L', {context.shape[2]}], "
                          f"got {list(negative_context.shape)}")
-    # The original cached one negative-prompt embedding whatever the batch size (SPEC §13.1 #17); broadcast it.
+    # The original cached one negative-prompt embedding whatever the batch size; broadcast it.
     return negative_context.expand(noise.shape[0], -1, -1)
 
 
@@ -192,7 +193,7 @@ def sample_bidirectional_few_step(denoiser: Denoiser, noise: Tensor, context: Te
     (drawn from `generator`); the x0 of the LAST step is returned, so the model runs exactly len(steps) times.
     """
     # The original `BidirectionalInferencePipeline` looped over steps[:-1] and returned the x0 of the
-    # second-to-last step, i.e. it skipped the final denoising step (SPEC §9, §13.1 #10); we run all of them.
+    # second-to-last step, i.e. it skipped the final denoising step (docs/original.md); we run all of them.
     steps = [float(s) for s in steps]
     if not steps:
         raise ValueError("the denoising step list is empty")

@@ -1,4 +1,4 @@
-"""Generate ODE pairs: teacher ODE trajectories for ODE-regression initialisation (SPEC §8.1), as safetensors shards.
+"""Generate ODE pairs: teacher ODE trajectories for ODE-regression initialisation (docs/method.md), in safetensors.
 
     python scripts/generate_ode_pairs.py --prompts prompts.txt --output data/ode_pairs \\
         --model-root wan_models --teacher-name Wan2.1-T2V-1.3B --negative-prompt "<Wan negative prompt>"
@@ -32,7 +32,7 @@ from utils.ode_pairs import DTYPES, OdePairWriter, clear_output, finalize_index 
 from utils.prompts import Prompt, read_prompt_file, shard  # noqa: E402
 
 WAN_SPATIAL_FACTOR = 8  # the Wan2.1 VAE
-# The original's teacher wrapper converts flow <-> x0 on a shift-8 grid whatever the sampler's shift (SPEC §8.1).
+# The original's teacher wrapper converts flow <-> x0 on a shift-8 grid whatever the sampler's shift (docs/original.md).
 TEACHER_SHIFT = 8.0
 
 

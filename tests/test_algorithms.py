@@ -1,5 +1,5 @@
 """The training algorithms as loss functions (trainer/*.py): finite losses, gradients reaching exactly the right
-models, and the loss formulas of SPEC §6-9 (DMD gradient, SiD mask, GAN losses, ODE and diffusion losses)."""
+models, and the loss formulas of docs/method.md (DMD gradient, SiD mask, GAN losses, ODE and diffusion losses)."""
 from __future__ import annotations
 
 import pytest

@@ -112,7 +112,7 @@ def test_fp8_evaluation_samples_with_fp8_blocks_and_is_not_merged_with_a_plain_o
 
 @pytest.mark.slow
 def test_progress_is_written_after_each_stage(run, evaluated):
-    """A time-boxed GPU call may be cut during the evaluation: the stages already scored are on disk."""
+    """An evaluation may be cut short: the stages already scored are on disk."""
     _, full = evaluated
     seen = []
     settings = ev.EvalSettings(num_prompts=2, lengths=(1,), teacher_steps=2, baseline_steps=2, batch_size=2,

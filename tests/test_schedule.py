@@ -113,7 +113,7 @@ def test_analytic_lookup_differs_from_grid_by_the_quantisation():
     grid, analytic = FlowMatchSchedule(5.0), FlowMatchSchedule(5.0, sigma_lookup="analytic")
     t = torch.tensor([20.0])
     assert float(analytic.sigma(t)) == pytest.approx(0.02, abs=1e-8)
-    # SPEC App. A: t=20 snaps to 19.6850 on the shift-5 grid -> sigma 0.019685, 3.15e-4 below t/1000
+    # the original's table: t=20 snaps to 19.6850 on the shift-5 grid -> sigma 0.019685, 3.15e-4 below t/1000
     assert float(analytic.sigma(t) - grid.sigma(t)) == pytest.approx(0.02 - 0.019685, abs=2e-6)
     x0, noise = torch.ones(1, 3), torch.zeros(1, 3)
     assert torch.equal(analytic.add_noise(x0, noise, torch.zeros(1)), x0)
@@ -200,7 +200,7 @@ def test_sample_score_timesteps_distribution_and_range():
     t = s.sample_score_timesteps(20000, generator=g)
     assert t.dtype == torch.float32 and t.shape == (20000,)
     assert float(t.min()) >= 20.0 and float(t.max()) <= 980.0
-    # SPEC §6.2: mean ~745.7, about 9.2 % clamped at 980
+    # docs/method.md, "Score timesteps": mean ~745.7, about 9.2 % clamped at 980
     assert float(t.mean()) == pytest.approx(745.7, abs=5.0)
     assert float((t == 980.0).float().mean()) == pytest.approx(0.092, abs=0.01)
     t_bf = s.sample_score_timesteps(3, generator=torch.Generator().manual_seed(1), num_frames=4)

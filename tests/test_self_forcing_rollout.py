@@ -1,5 +1,5 @@
-"""The self-forcing training rollout (trainer/self_forcing.py, SPEC §5): shared random plan, gradient truncation,
-loss window and gradient mask, and the KV-cache gradient modes of SPEC §5.3."""
+"""The self-forcing training rollout (trainer/self_forcing.py, docs/method.md): shared random plan, gradient truncation,
+loss window and gradient mask, and the KV-cache gradient modes (docs/original.md)."""
 from __future__ import annotations
 
 import pytest
@@ -68,7 +68,7 @@ def test_output_shapes_timestep_range_and_no_mask_by_default():
     out = rollout(_context(models), plan=RolloutPlan(3, [1, 1, 1]))
     assert out.latents.shape == (2, 6, 4, 4, 6) and out.latents.requires_grad
     assert out.gradient_mask is None and out.num_frames == 6
-    assert (out.denoised_timestep_from, out.denoised_timestep_to) == (750, 500)  # SPEC §5.2 (exit 1)
+    assert (out.denoised_timestep_from, out.denoised_timestep_to) == (750, 500)  # docs/method.md, rollout (exit 1)
     assert rollout(_context(models), plan=RolloutPlan(3, [3, 3, 3])).denoised_timestep_to == 0
     with torch.no_grad():
         assert not rollout(_context(models), plan=RolloutPlan(3, [0, 0, 0])).latents.requires_grad

@@ -1,4 +1,5 @@
-"""Multi-step flow samplers: grids of SPEC §2.2 / §8.1 and convergence on problems with a known exact flow."""
+"""Multi-step flow samplers: the original's UniPC and ODE-pair grids, and convergence on problems with a known
+exact flow."""
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,8 @@ def test_euler_grid_matches_ode_pair_sampler():
     sigmas = euler_sampler_sigmas(48, 8.0)
     assert sigmas.shape == (49,) and sigmas.dtype == torch.float32 and float(sigmas[-1]) == 0.0
     t = 1000 * sigmas
-    # SPEC §8.1: t = 1000, 997.35, ..., 145.45; kept indices 0/12/24/36 = shift-8 warped [1000, 750, 500, 250]
+    # the original's ODE-pair grid: t = 1000, 997.35, ..., 145.45; kept indices 0/12/24/36 = shift-8 warped
+    # [1000, 750, 500, 250]
     assert float(t[0]) == 1000.0 and float(t[1]) == pytest.approx(997.35, abs=1e-2)
     assert float(t[47]) == pytest.approx(145.45, abs=1e-2)
     warped = FlowMatchSchedule(shift=8.0).warp([1000, 750, 500, 250])

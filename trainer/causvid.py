@@ -1,4 +1,5 @@
-"""CausVid baseline (SPEC §9), `distribution_loss: causvid`: DMD where the generator's input comes from DATA.
+"""CausVid baseline (docs/method.md, "CausVid"), `distribution_loss: causvid`: DMD where the generator's input
+comes from DATA.
 
 Every frame of the clean latent clip is noised to one of the few-step timesteps, the index drawn per block
 ("diffusion forcing": independent noise levels per block), and ONE block-causal forward (optionally teacher

@@ -1,4 +1,4 @@
-"""Small pieces shared by the training algorithms: text conditions, score timesteps (SPEC §6.2), classifier-free
+"""Small pieces shared by the training algorithms: text conditions, score timesteps (docs/method.md), classifier-free
 guidance on x0 predictions, data latents from a batch, and parameter bookkeeping.
 """
 from __future__ import annotations
@@ -52,9 +52,9 @@ def data_latents(batch: Batch, algorithm: str) -> Tensor:
 def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, device: torch.device,
                     denoised_from: Optional[int] = None, denoised_to: Optional[int] = None,
                     shift: Optional[float] = None) -> Tensor:
-    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames), SPEC §6.2: integers in
-    the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to [0.02 T, 0.98 T].
-    Drawn from the per-rank RNG (the original draws these on every rank independently)."""
+    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames), docs/method.md
+    "Score timesteps": integers in the (optionally exit-step restricted) range, analytic shift by `timestep_shift`,
+    clamp to [0.02 T, 0.98 T]. Drawn from the per-rank RNG (the original draws these on every rank independently)."""
     schedule = denoiser.schedule
     lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.ts_schedule, cfg.ts_schedule_max,
                                            cfg.min_score_timestep)
@@ -75,8 +75,8 @@ def guided_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, context: Tensor, negat
 
 
 def guidance_scales(cfg) -> tuple[float, float]:
-    """(real, fake) guidance scales (SPEC §6.1): `real_guidance_scale`/`fake_guidance_scale` when the former is
-    set, else `guidance_scale` for the teacher and none for the critic."""
+    """(real, fake) guidance scales (docs/method.md, "DMD"): `real_guidance_scale`/`fake_guidance_scale` when
+    the former is set, else `guidance_scale` for the teacher and none for the critic."""
     if cfg.real_guidance_scale is not None:
         return float(cfg.real_guidance_scale), float(cfg.fake_guidance_scale or 0.0)
     return float(cfg.guidance_scale), 0.0

@@ -1,4 +1,4 @@
-"""Flow-matching pre-training (SPEC §9), trainer key `diffusion`: a bidirectional teacher (`causal: false`) or a
+"""Flow-matching pre-training (docs/method.md), trainer key `diffusion`: a bidirectional teacher (`causal: false`) or a
 causal model with diffusion forcing (`teacher_forcing: false`: each block at its own noise level, block-causal
 attention) or teacher forcing (`teacher_forcing: true`: noisy blocks attend to the clean clip before them).
 

@@ -1,4 +1,4 @@
-"""Self Forcing with Distribution Matching Distillation (SPEC §6, Appendix B).
+"""Self Forcing with Distribution Matching Distillation (paper Sec. 3.3; docs/method.md, "DMD").
 
 Generator loss: a self-forcing rollout `x` (with gradients through the exit steps), noised at a random score
 timestep; the frozen teacher (real score, CFG with the negative prompt) and the critic (fake score) predict x0; the
@@ -59,7 +59,7 @@ class DMD:
         return self.rollout(context, initial_latent=batch.get("initial_latent"))
 
     def score_t(self, x: Tensor, sample: GeneratorOutput) -> Tensor:
-        """Score timesteps `[B, F]` for samples x `[B, F, C, H, W]` (SPEC §6.2)."""
+        """Score timesteps `[B, F]` for samples x `[B, F, C, H, W]` (docs/method.md, "Score timesteps")."""
         return score_timesteps(self.models.generator, self.cfg, x.shape[0], x.shape[1], x.device,
                                sample.denoised_timestep_from, sample.denoised_timestep_to)
 
@@ -92,7 +92,8 @@ class DMD:
         t, noise, x_t = self._noised(x, sample)
         _, fake_x0 = self.models.critic(x_t, t, context)
         # [QUIRK, reproduced] the critic's x0 (from its own schedule) is turned back into flow with the GENERATOR's
-        # schedule, so the regressed flow is the raw prediction times sigma_critic / sigma_generator (SPEC §6.4).
+        # schedule, so the regressed flow is the raw prediction times sigma_critic / sigma_generator
+        # (docs/method.md, "Critic loss").
         flow = self.models.generator.schedule.flow_from_x0(fake_x0, x_t, t)
         target = noise - x
         loss = ((flow.float() - target.float()) ** 2).mean()

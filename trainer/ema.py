@@ -1,10 +1,10 @@
 """Exponential moving average of the generator's trainable parameters.
 
-Differences from the original `EMA_FSDP` (SPEC 10.7), on purpose:
+Differences from the original `EMA_FSDP` (its `utils/distributed.py`), on purpose:
 * the shadow lives where the parameters live, shard by shard (no full CPU copy on every rank; gathered only to
   save a checkpoint);
 * keys are the module's own parameter names; FSDP2 wraps in place, so they carry no `_fsdp_wrapped_module.` infix
-  and `generator_ema.safetensors` loads into a plain `WanDiT` (the original's EMA keys did not, SPEC 13.1.11);
+  and `generator_ema.safetensors` loads into a plain `WanDiT` (the original's EMA keys did not: docs/original.md);
 * resume restores the shadow instead of re-initialising it from the current weights.
 
 The update after each generator step is the original's: `shadow = d * shadow + (1 - d) * param`, in float32.

@@ -1,4 +1,4 @@
-"""Self Forcing with an adversarial loss (SPEC §7.2), trainer key `gan`.
+"""Self Forcing with an adversarial loss (docs/method.md, "GAN"), trainer key `gan`.
 
 The discriminator is the critic trunk (a bidirectional Wan DiT) plus `model.gan_heads.GanHeads` on its hidden
 states. Generated (self-forcing rollout) and real (data) latents are noised at the same score timestep and
@@ -10,7 +10,7 @@ Discriminator warm-up: for the first `discriminator_warmup_steps` steps only the
 used AdamW beta1 = 0.9 for them; `critic_param_groups(step)` and `critic_phase(step)` expose that to the loop,
 which re-creates the critic optimizer when the phase changes (see their docstrings).
 
-Fixes of the original (its GAN trainer did not run, SPEC §7.2 Status): prompt embeddings are concatenated into a
+Fixes of the original (its GAN trainer did not run, docs/original.md): prompt embeddings are concatenated into a
 new tensor instead of being duplicated in place inside the conditioning dict; the rollout's return values are
 unpacked correctly; R2 is 0 (not a NameError) when `r2_weight == 0`; the per-rank batch-size factor
 `mini_bs * world / full_bs` (from batch keys that were never produced) is left to the loop's accumulation.

@@ -1,10 +1,10 @@
 """The one training loop: steps, the generator/critic alternation, AdamW, accumulation, clipping, warm-up, EMA,
 non-finite guards, logging and checkpoints with exact resume. Algorithms only supply the two losses (`trainer/base.py`).
 
-Step semantics (SPEC 6.5): the step counter counts loop iterations. With a critic, the generator is updated when
-`step % dfake_gen_update_ratio == 0`, before that step's critic update; the critic is updated every step. Without a
-critic the generator is updated every step. Each update draws its own batches from the data iterator (the original
-fetches another prompt batch for the critic).
+Step semantics (docs/method.md, "Update schedule"): the step counter counts loop iterations. With a critic, the
+generator is updated when `step % dfake_gen_update_ratio == 0`, before that step's critic update; the critic is
+updated every step. Without a critic the generator is updated every step. Each update draws its own batches from
+the data iterator (the original fetches another prompt batch for the critic).
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ class Trainer:
         return {f"{role}_skipped": 1.0}
 
     def train_step(self) -> Logs:
-        """One loop step (SPEC 6.5); returns its scalar logs (this rank's values)."""
+        """One loop step (docs/method.md, "Update schedule"); returns its scalar logs (this rank's values)."""
         start = time.perf_counter()
         ema = self.ema
         if ema is not None and not ema.started and self.step >= ema.start_step:

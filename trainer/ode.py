@@ -1,4 +1,4 @@
-"""ODE-regression initialisation of the causal generator (SPEC §8.3), trainer key `ode`.
+"""ODE-regression initialisation of the causal generator (docs/method.md, "ODE regression"), trainer key `ode`.
 
 Each batch holds teacher ODE trajectories `ode_latent [B, K, F, C, H, W]` recorded at the K timesteps of
 `denoising_step_list` (warped like the generator's; the last entry is 0 = the clean sample). Per sample and per

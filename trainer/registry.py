@@ -1,4 +1,4 @@
-"""Which algorithm a config asks for (SPEC §10.1): `trainer` picks the family, `distribution_loss` the score-
+"""Which algorithm a config asks for (docs/training.md): `trainer` picks the family, `distribution_loss` the score-
 distillation variant."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The self-forcing generator rollout used by the DMD, SiD and GAN losses (SPEC §5.1-5.3).
+"""The self-forcing generator rollout used by the DMD, SiD and GAN losses (docs/method.md, "The rollout").
 
 `SelfForcingRollout` is the original `_run_generator` on top of the one rollout (`pipeline.rollout.rollout`):
 draw the number of blocks and the exit steps (from a generator shared by all ranks), draw fresh per-rank noise, run
@@ -6,7 +6,7 @@ the few-step block-wise rollout with stochastic gradient truncation, keep the lo
 `image_or_video_shape[1]` frames, re-encoding the frame before it through the codec when more were generated) and
 build the gradient mask.
 
-KV-cache gradients (SPEC §5.3), `kv_cache_grad`:
+KV-cache gradients (docs/original.md), `kv_cache_grad`:
   * "paper" (default): the cache is written without autograd history (the paper's Algorithm 1). The exit-step
     forward of a block attends to the detached past K/V concatenated with its own K/V, which keep their graph.
   * "original": the cache keeps the autograd history of in-place writes, as the reference does, so a block's loss
@@ -31,7 +31,8 @@ from utils.distributed import gathered_across_forwards
 
 def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True) -> list[float]:
     """The denoising timesteps the generator runs: `denoising_step_list`, warped onto the generator's shifted grid
-    if `warp_denoising_step` (SPEC §2.1). The training rollout drops a trailing 0 (a call at t=0 would be wasted)."""
+    if `warp_denoising_step` (docs/method.md, "Schedule"). The training rollout drops a trailing 0 (a call at t=0
+    would be wasted)."""
     return schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step, drop_final_zero)
 
 

@@ -1,4 +1,4 @@
-"""Self Forcing with Score identity Distillation (SPEC §7.1), `distribution_loss: sid`.
+"""Self Forcing with Score identity Distillation (docs/method.md, "SiD"), `distribution_loss: sid`.
 
 Same rollout, teacher, critic and critic loss as DMD; the generator loss differentiates THROUGH the teacher and the
 critic: `L = (r - f) * ((r - x) - alpha (r - f)) / mean|x - r|`, with only the normaliser under stop-gradient.

@@ -26,13 +26,13 @@ from trainer.base import Models, frozen
 from utils.lora import apply_lora
 
 # The original's WanDiffusionWrapper default: teacher and critic convert x0 <-> flow on a shift-8 grid while the
-# generator uses model_kwargs.timestep_shift (SPEC 6.1, 6.4, 13.1.3). Kept for parity with released checkpoints.
+# generator uses model_kwargs.timestep_shift (docs/original.md). Kept for parity with released checkpoints.
 SCORE_NETWORK_SHIFT = 8.0
 
 
 class PromptEncoder:
     """The `TextConditioner` of a run: prompts -> `[B, text_len, text_dim]` on `device`; the negative prompt is
-    encoded once and cached per batch size (the original cached it regardless of batch size, SPEC 13.1.17).
+    encoded once and cached per batch size (the original cached it regardless of batch size).
 
     `cache_size` > 0 keeps that many prompt embeddings (least recently used dropped first): the encoder is frozen and
     each prompt is encoded on its own padded row, so a cached embedding is the one a new encoding would give. Data-free

@@ -32,7 +32,7 @@ StateDict = dict[str, torch.Tensor]
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 # Activation checkpointing, FSDP1 and torch.compile insert these module names into parameter names; the
-# reference EMA shadow keeps them (SPEC §10.7), the released checkpoints do not.
+# reference EMA shadow keeps them (docs/original.md, "EMA"), the released checkpoints do not.
 _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 

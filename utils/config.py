@@ -72,7 +72,7 @@ class Config:
     num_training_frames: int = 21
     same_step_across_blocks: bool = True
     last_step_only: bool = False
-    kv_cache_grad: str = "paper"  # paper: cache written without gradient | original: gradients leak (SPEC 5.3)
+    kv_cache_grad: str = "paper"  # paper: cache written without gradient | original: gradients leak (docs/original.md)
     image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
 
     # --- distribution matching ------------------------------------------------------------------------------------

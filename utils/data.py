@@ -9,7 +9,7 @@ The plug-in protocol (ODE-pair shards and the shapes world implement `Dataset`; 
   tensors stacked along a new batch dim `[B, ...]`), plus `state_dict()` / `load_state_dict()` of plain ints.
 
 `ShardedBatches` walks a fresh permutation of the dataset every epoch (seeded by the run seed and the epoch: the
-original never reshuffled, SPEC 10.10) as one stream of global batches of `batch_size * world_size` items; rank r
+original never reshuffled) as one stream of global batches of `batch_size * world_size` items; rank r
 takes the r-th slice of each. A global batch may straddle an epoch boundary, so no item is dropped and datasets
 smaller than a global batch still work. The position (epoch, index in the epoch's permutation) is all a resume needs.
 """

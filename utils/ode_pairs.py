@@ -1,7 +1,7 @@
-"""ODE pairs on disk: teacher ODE trajectories for ODE-regression initialisation (SPEC §8), as safetensors shards.
+"""ODE pairs on disk: teacher ODE trajectories for ODE-regression initialisation (docs/method.md), in safetensors.
 
 The original wrote one `.pt` pickle per prompt and then converted them to an LMDB whose shape entry came from the
-last processed file (SPEC §8.2, wrong when that file was all duplicates). This format replaces both:
+last processed file (wrong when that file was all duplicates). This format replaces both:
 
     folder/
       index.json    {"format": "self-forcing-ode-pairs", "version": 1,

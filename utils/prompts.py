@@ -126,7 +126,7 @@ def slugify(text: str, max_len: int = 60) -> str:
     transliterated (é → e), other non-ASCII dropped; at most `max_len` characters, cut at a word
     boundary when one is close; never empty ("prompt"), never a path, never a hidden or reserved name.
 
-    The original used `prompt[:100]` as the file name, which breaks on '/' (SPEC §11.1)."""
+    The original used `prompt[:100]` as the file name, which breaks on '/'."""
     if max_len < 1:
         raise ValueError(f"slugify max_len must be >= 1, got {max_len}")
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()

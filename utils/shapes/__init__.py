@@ -1,4 +1,4 @@
-"""The shapes world: a miniature procedural video world with ground truth (see docs DESIGN.md "The shapes world").
+"""The shapes world: a miniature procedural video world with ground truth (see docs/shapes_world.md).
 
 `world` (attributes, held-out split, sampler, renderer), `prompts` (short/extended prompts, vocabulary), `dataset`
 (on-the-fly training batches), `reading` + `segment` (attributes read back out of frames), `evaluator` (scores).

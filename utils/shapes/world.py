@@ -43,11 +43,11 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
 REFERENCE_SIDE = 64
 # A shape starts at least this fraction of its free range away from the walls it heads to: the first frames show the
 # prompt's direction before any bounce (at 0 the evaluator reads the direction of rendered clips right only 78% of
-# the time). 0.25 still lets 12% of shapes bounce within a 12-frame training clip; at 0.5 (attempts 6-8) none did, and
-# attempt 8's student, the first to follow the prompted direction, ran into the walls instead of bouncing in 10x
+# the time). 0.25 still lets 12% of shapes bounce within a 12-frame training clip; at 0.5 none did, and
+# the first student to follow the prompted direction, trained at 0.5, ran into the walls instead of bouncing in 10x
 # rollouts. The 0.5 margin was meant to make the direction say where a shape is (6.0% of a clip's mask variance
 # against 1.45%, `benchmarks/ablation_start_margin.py signal`); what the teacher lacked was an arrow of time
-# (`frame_causal_fraction`, benchmarks/results/shapes_arrow_of_time_h100.json).
+# (`frame_causal_fraction`, docs/shapes_world.md).
 START_MARGIN = 0.25
 # Two shapes stay apart for this many frames, so both show their colour, shape and direction unoccluded first.
 SEPARATE_FRAMES = 8
@@ -203,7 +203,7 @@ def sample_scenes(n: int, generator: torch.Generator, split: str = "train",
         raise ValueError(f"n must be >= 0, got {n}")
     scenes = []
     for _ in range(n):
-        for _attempt in range(10_000):
+        for _draw in range(10_000):
             scene = _draw_scene(generator, counts)
             if len(scene.shapes) == 2 and _overlap_early(scene):
                 continue
