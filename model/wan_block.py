@@ -267,8 +267,7 @@ class WanBlock(nn.Module):
     def _text_key_value(self, text: Tensor | None, ctx: Context, layer: int) -> tuple[Tensor, Tensor]:
         attn = self.cross_attn
         cache = ctx.cache
-        # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients
-        # (docs/original.md, gradient checkpointing).
+        # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients (SPEC 5.3).
         if cache is not None and not torch.is_grad_enabled():
             if not cache.cross_ready[layer]:
                 cache.store_text(layer, *attn.key_value(text))

@@ -6,7 +6,7 @@ the few-step block-wise rollout with stochastic gradient truncation, keep the lo
 `image_or_video_shape[1]` frames, re-encoding the frame before it through the codec when more were generated) and
 build the gradient mask.
 
-KV-cache gradients (docs/original.md), `kv_cache_grad`:
+KV-cache gradients (SPEC §5.3), `kv_cache_grad`:
   * "paper" (default): the cache is written without autograd history (the paper's Algorithm 1). The exit-step
     forward of a block attends to the detached past K/V concatenated with its own K/V, which keep their graph.
   * "original": the cache keeps the autograd history of in-place writes, as the reference does, so a block's loss
