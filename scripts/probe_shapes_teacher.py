@@ -1,6 +1,6 @@
 """What a shapes-world teacher listens to: which prompt attributes move its x0 prediction, and whether it models
 the order and the motion of frames. Cheap (a few forward passes, CPU is fine), so it can diagnose a teacher before
-device time is spent distilling it.
+GPU hours are spent distilling it.
 
     python scripts/probe_shapes_teacher.py --run runs/shapes --output probe.json
 

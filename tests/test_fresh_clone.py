@@ -21,7 +21,7 @@ def test_golden_tests_pass_in_a_fresh_clone_with_nothing_beside_it(tmp_path):
     if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
         pytest.skip("needs git and a git checkout of the repository (this copy is not one)")
     head = _git("rev-parse", "HEAD")
-    alone = tmp_path / "empty"  # the clone's parent holds nothing else: no ../shared, no fixtures
+    alone = tmp_path / "empty"  # the clone's parent holds nothing else: no fixture folder beside it
     alone.mkdir()
     clone = alone / "self-forcing"
     _git("clone", "--quiet", "--no-checkout", str(REPO_ROOT), str(clone), cwd=tmp_path)
