@@ -37,27 +37,32 @@ def rows() -> list[str]:
                               f"(Wan VAE decode included), mp4 {data['mp4_bytes'] / 2**20:.1f} MiB |")
         elif "total_ms" in data and "block_ms" in data:
             blocks = data["block_ms"]
-            figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, {data['frames_per_s_dit_only']:.1f} frames/s "
-                      f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms")
+            figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, "
+                      f"{data['frames_per_s_dit_only']:.1f} frames/s (DiT only), block 0 {blocks[0]:.0f} ms, "
+                      f"last {blocks[-1]:.0f} ms")
             if data.get("peak_gib") is not None:  # None on CPU
                 figure += f", peak {data['peak_gib']:.1f} GiB"
             world = data.get("parallel", {}).get("world_size", 1)
             where = f", sequence parallel over {world} GPUs" if world > 1 else ""
-            out.append(head + f"| rollout {data['args']['blocks']}x{data['args']['frames_per_block']} frames, "
-                              f"window {data['args']['window']}, sink {data['args']['sink']}, rope {data['args']['rope']}"
-                              f"{where} | {figure} |")
+            a = data["args"]
+            out.append(head + f"| rollout {a['blocks']}x{a['frames_per_block']} frames, window {a['window']}, "
+                              f"sink {a['sink']}, rope {a['rope']}{where} | {figure} |")
         elif "levers" in data:
-            out.append(head + f"| speed levers, {data['args']['blocks']} blocks, {data['dtype']} | {speed_figure(data)} |")
+            out.append(head + f"| speed levers, {data['args']['blocks']} blocks, {data['dtype']} | "
+                              f"{speed_figure(data)} |")
         elif "speedup" in data:
             n, one, many = data["gpus"], data["one_gpu"], data[f"{data['gpus']}_gpus"]
+            up = data["speedup"]
             out.append(head + f"| sequence parallel, 1 vs {n} GPUs | steady block {one['steady_block_ms']:.0f} -> "
-                              f"{many['steady_block_ms']:.0f} ms ({data['speedup']['steady_block']:.2f}x), block 60 "
-                              f"{data['speedup']['block_60']:.2f}x, frames/s {data['speedup']['frames_per_s_60blocks']:.2f}x |")
+                              f"{many['steady_block_ms']:.0f} ms ({up['steady_block']:.2f}x), block 60 "
+                              f"{up['block_60']:.2f}x, frames/s {up['frames_per_s_60blocks']:.2f}x |")
         elif "stats" in data and "pixel_frames" in data["stats"]:  # inference.py stats (gpu_realsize.sh)
             st = data["stats"]
-            out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | {st['total_ms']:.0f} ms for "
-                              f"{st['pixel_frames']} frames, {st['frames_per_s']:.1f} frames/s incl. decode, first "
-                              f"frame {st['time_to_first_frame_ms']:.0f} ms, peak {st['peak_gpu_memory_gib']:.1f} GiB |")
+            out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | "
+                              f"{st['total_ms']:.0f} ms for {st['pixel_frames']} frames, "
+                              f"{st['frames_per_s']:.1f} frames/s incl. decode, "
+                              f"first frame {st['time_to_first_frame_ms']:.0f} ms, "
+                              f"peak {st['peak_gpu_memory_gib']:.1f} GiB |")
         elif "ms_per_step_median" in data and "peak_gpu_memory_gib" in data:  # benchmarks/train_step.py
             peaks = data.get("peak_gpu_memory_gib_per_rank") or [data["peak_gpu_memory_gib"]]
             memory = "-" if peaks[0] is None else " / ".join(f"{p:.1f}" for p in peaks) + " GiB"
