@@ -1,7 +1,7 @@
 """Ablation (CPU): can the shapes DiT place a shape by ABSOLUTE position, as the best high-noise prediction of a
 prompted direction needs (a shape heading left starts in the right half: `benchmarks/ablation_start_margin.py
 ideal`)? The Wan DiT knows positions only relative to each other (3-D RoPE in self-attention, no absolute
-embedding), and attempts 5-7's teachers learnt every attribute but direction.
+embedding), and shapes teachers trained without frame-causal steps learnt every attribute but direction.
 
     python benchmarks/ablation_position.py VARIANT SECONDS [--dim 96 --layers 3]     # CPU, one thread
     python benchmarks/ablation_position.py VARIANT SECONDS --device cuda --batch-size 256   # a GPU: many more steps

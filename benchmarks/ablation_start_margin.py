@@ -1,5 +1,5 @@
 """Ablation (CPU): does a teacher learn to read the prompted direction sooner when a shape starts in the half it
-moves away from (0.5, `utils.shapes.world.START_MARGIN` in attempts 6-8) than with near-uniform starts (0.25)?
+moves away from (0.5, a value `utils.shapes.world.START_MARGIN` once had) than with near-uniform starts (0.25)?
 
     python benchmarks/ablation_start_margin.py MARGIN SECONDS [DIM LAYERS]     # e.g. 0.5 900 96 3
     python benchmarks/ablation_start_margin.py signal [N]                      # no training, seconds

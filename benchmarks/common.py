@@ -215,7 +215,7 @@ def environment(device: torch.device) -> dict:
 
 
 def write_result(name: str, result: dict) -> Path:
-    """Write `<name>.json` under $OUT (device runs) or benchmarks/results/ (local runs), atomically."""
+    """Write `<name>.json` under $OUT when set, else benchmarks/results/, atomically."""
     out_dir = Path(os.environ.get("OUT") or Path(__file__).with_name("results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"

@@ -1,11 +1,18 @@
-"""Compare the rollout benchmark on one GPU with the same run under sequence parallelism (issue #9).
+"""Compare the rollout benchmark on one GPU with the same run under sequence parallelism.
 
-    python benchmarks/compare_parallel.py --tag h200x2 --gpus 2     # after benchmarks/sequence_parallel.sh
+    cd benchmarks
+    python rollout.py --name sp_TAG_1gpu_7blocks
+    python rollout.py --blocks 60 --window 21 --sink 3 --rope relative --repeats 1 --name sp_TAG_1gpu_60blocks
+    torchrun --standalone --nproc_per_node=N rollout.py --parallel sequence --name sp_TAG_Ngpu_7blocks
+    torchrun --standalone --nproc_per_node=N rollout.py --parallel sequence --blocks 60 --window 21 --sink 3 \
+        --rope relative --repeats 1 --name sp_TAG_Ngpu_60blocks
+    python compare_parallel.py --tag TAG --gpus N
 
 Reads `sp_<tag>_1gpu_{7,60}blocks.json` and `sp_<tag>_<N>gpu_{7,60}blocks.json` (under $OUT or benchmarks/results/),
 prints a table and writes `sequence_parallel_<tag>.json`: per-block ms at blocks 0..6 (full cache) and at the last
 of 60 blocks (window 21 + sink 3), steady per-block ms (benchmarks/common.steady_block_ms of the 60-block run), warm-up
 run, frames/s of the DiT, and the speed-up of N GPUs over one (target: steady >= 1.7x on 2 GPUs at 480x832).
+No multi-GPU figures have been recorded yet.
 """
 from __future__ import annotations
 

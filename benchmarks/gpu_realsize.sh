@@ -6,7 +6,7 @@
 #   2. Self Forcing DMD training steps with the 1.3B model as generator, critic and teacher (FSDP2 on one rank,
 #      bf16, activation checkpointing): benchmarks/train_step.py JSON (s/step, profile) to $OUT;
 #   3. (part train2) the same training steps under torchrun on 2 GPUs (FSDP2 full sharding), peak memory per rank.
-# The videos themselves (random weights: noise) stay on the machine.
+# The videos themselves (random weights: noise) are not kept.
 #   bash benchmarks/gpu_realsize.sh [infer] [train] [train2]        (default: infer train)
 set -uo pipefail
 export OUT=${OUT:-runs/gpu_realsize}; out=$OUT; root=${WAN_RANDOM_ROOT:-runs/wan_random}; model=$root/Wan2.1-T2V-1.3B
@@ -34,7 +34,7 @@ train_steps() {  # launcher...
     total_batch_size=null text_encoder_cpu_offload=${TEXT_OFFLOAD:-false} dfake_gen_update_ratio=5 2>&1 \
     | grep -v "^\[rank1\]"
 }
-for part in $parts; do  # in the order given; the whole log also goes to $OUT (a call cut short keeps it)
+for part in $parts; do  # in the order given; the whole log also goes to $OUT (a run cut short keeps it)
   echo "== $part $(date +%T)"
   case $part in
     infer) infer ;;

@@ -7,7 +7,7 @@
 
 Prints per-block milliseconds and writes JSON (per block, total, frames/s of the DiT alone, peak memory, warm-up:
 the first, untimed-for-results run). With --parallel sequence (under torchrun) rank 0 reports; compare with the
-same command on one GPU of the same machine (benchmarks/sequence_parallel.sh runs both).
+same command on one GPU of the same machine (benchmarks/compare_parallel.py reads both).
 """
 from __future__ import annotations
 

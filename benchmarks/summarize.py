@@ -1,11 +1,23 @@
-"""Print the benchmark results under benchmarks/results/ as a markdown table (pasted into the README).
+"""The README's results table, computed from the JSON files under benchmarks/results/.
 
-    python benchmarks/summarize.py
+    python benchmarks/summarize.py          # the table in README.md, exactly (tests/test_readme_table.py checks it)
+    python benchmarks/summarize.py --all    # one row per result file
+
+Every figure comes from a result file named in its row; the only numbers typed in here are the original's, as its
+paper reports them (they were not re-measured).
 """
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from scripts import shapes_results  # noqa: E402  (the shapes-world numbers mean what that script says)
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -25,27 +37,32 @@ def rows() -> list[str]:
                               f"(Wan VAE decode included), mp4 {data['mp4_bytes'] / 2**20:.1f} MiB |")
         elif "total_ms" in data and "block_ms" in data:
             blocks = data["block_ms"]
-            figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, {data['frames_per_s_dit_only']:.1f} frames/s "
-                      f"(DiT only), block 0 {blocks[0]:.0f} ms, last {blocks[-1]:.0f} ms")
+            figure = (f"{data['total_ms']:.0f} ms for {len(blocks)} blocks, "
+                      f"{data['frames_per_s_dit_only']:.1f} frames/s (DiT only), block 0 {blocks[0]:.0f} ms, "
+                      f"last {blocks[-1]:.0f} ms")
             if data.get("peak_gib") is not None:  # None on CPU
                 figure += f", peak {data['peak_gib']:.1f} GiB"
             world = data.get("parallel", {}).get("world_size", 1)
             where = f", sequence parallel over {world} GPUs" if world > 1 else ""
-            out.append(head + f"| rollout {data['args']['blocks']}x{data['args']['frames_per_block']} frames, "
-                              f"window {data['args']['window']}, sink {data['args']['sink']}, rope {data['args']['rope']}"
-                              f"{where} | {figure} |")
+            a = data["args"]
+            out.append(head + f"| rollout {a['blocks']}x{a['frames_per_block']} frames, window {a['window']}, "
+                              f"sink {a['sink']}, rope {a['rope']}{where} | {figure} |")
         elif "levers" in data:
-            out.append(head + f"| speed levers, {data['args']['blocks']} blocks, {data['dtype']} | {speed_figure(data)} |")
+            out.append(head + f"| speed levers, {data['args']['blocks']} blocks, {data['dtype']} | "
+                              f"{speed_figure(data)} |")
         elif "speedup" in data:
             n, one, many = data["gpus"], data["one_gpu"], data[f"{data['gpus']}_gpus"]
+            up = data["speedup"]
             out.append(head + f"| sequence parallel, 1 vs {n} GPUs | steady block {one['steady_block_ms']:.0f} -> "
-                              f"{many['steady_block_ms']:.0f} ms ({data['speedup']['steady_block']:.2f}x), block 60 "
-                              f"{data['speedup']['block_60']:.2f}x, frames/s {data['speedup']['frames_per_s_60blocks']:.2f}x |")
+                              f"{many['steady_block_ms']:.0f} ms ({up['steady_block']:.2f}x), block 60 "
+                              f"{up['block_60']:.2f}x, frames/s {up['frames_per_s_60blocks']:.2f}x |")
         elif "stats" in data and "pixel_frames" in data["stats"]:  # inference.py stats (gpu_realsize.sh)
             st = data["stats"]
-            out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | {st['total_ms']:.0f} ms for "
-                              f"{st['pixel_frames']} frames, {st['frames_per_s']:.1f} frames/s incl. decode, first "
-                              f"frame {st['time_to_first_frame_ms']:.0f} ms, peak {st['peak_gpu_memory_gib']:.1f} GiB |")
+            out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | "
+                              f"{st['total_ms']:.0f} ms for {st['pixel_frames']} frames, "
+                              f"{st['frames_per_s']:.1f} frames/s incl. decode, "
+                              f"first frame {st['time_to_first_frame_ms']:.0f} ms, "
+                              f"peak {st['peak_gpu_memory_gib']:.1f} GiB |")
         elif "ms_per_step_median" in data and "peak_gpu_memory_gib" in data:  # benchmarks/train_step.py
             peaks = data.get("peak_gpu_memory_gib_per_rank") or [data["peak_gpu_memory_gib"]]
             memory = "-" if peaks[0] is None else " / ".join(f"{p:.1f}" for p in peaks) + " GiB"
@@ -129,5 +146,90 @@ def speed_figure(data: dict) -> str:
     return "; ".join(parts)
 
 
+# Huang et al. 2025 (arXiv 2506.08009), Table 1: the original Self Forcing (chunk-wise) on one H100, decode
+# included.
+PAPER_FRAMES_PER_S, PAPER_LATENCY_S = 17.0, 0.69
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _speed_rows() -> list[str]:
+    fa4 = _load("speed_fa4_pipeline_h100.json")
+    eager, best = fa4["levers"]["eager"], fa4["levers"][list(fa4["levers"])[-1]]
+    vae, taehv = fa4["decode_wan_vae_pipeline"], fa4["decode_taehv"]
+    sdpa = _load("speed_pipeline_h100.json")["levers"]["persistent_norms"]
+    warm = _load("warmup_fa4_pipeline_h100.json")["phases"]
+    train = _load("train_step_dmd_1.3b_h200.json")
+    f = "`speed_fa4_pipeline_h100.json`"
+    return [
+        f"| Video streamed, Wan VAE decoding beside the DiT | {vae['frames_per_s']:.1f} frames/s, first frame "
+        f"{vae['time_to_first_frame_ms']:.0f} ms | original: {PAPER_FRAMES_PER_S} frames/s, "
+        f"{PAPER_LATENCY_S} s latency (its paper; not re-run here) | {f} |",
+        f"| Video streamed, TAEHV decoding | {taehv['frames_per_s']:.1f} frames/s, first frame "
+        f"{taehv['time_to_first_frame_ms']:.0f} ms | | {f} |",
+        f"| DiT rollout alone, every speed option (compile, CUDA graphs, flash-attn 4) | {best['rollout_ms']:.0f} ms, "
+        f"{best['frames_per_s_dit_only']:.1f} frames/s, {fa4['floor_ratio']:.2f}x the analytic floor "
+        f"({fa4['flops']['floor_ms']:.0f} ms) | every option off: {eager['rollout_ms']:.0f} ms, "
+        f"{eager['frames_per_s_dit_only']:.1f} frames/s | {f} |",
+        f"| The same without flash-attn (PyTorch SDPA, cuDNN) | {sdpa['rollout_ms']:.0f} ms, "
+        f"{sdpa['frames_per_s_dit_only']:.1f} frames/s | | `speed_pipeline_h100.json` |",
+        f"| Warm-up of a fresh process (compile, first calls) | {warm['cold']['warmup_s']:.1f} s, "
+        f"{warm['warm']['warmup_s']:.1f} s with a warm compile cache | | `warmup_fa4_pipeline_h100.json` |",
+        f"| DMD training step, 1.3B generator, critic and teacher, one {train['env']['device'].split()[-1]} | "
+        f"{train['ms_per_step_median'] / 1000:.1f} s median, peak {train['peak_gpu_memory_gib']:.1f} GiB "
+        f"(UMT5 on the CPU) | | `train_step_dmd_1.3b_h200.json` |",
+    ]
+
+
+def _shapes_rows() -> list[str]:
+    sr = shapes_results
+    run = _load("shapes_recipe_h100.json")["evaluation"]  # the bundled student and its teacher
+    evals = _load("shapes_recipe_baselines_h100.json")["evaluations"]  # every stage, an earlier teacher
+    full = sr.merge_evals(list(evals.values()), list(evals))
+
+    def m(stage: str, key: str, split: str = "train", data: dict = run) -> float:
+        return sr.metric(data, stage, key, split=split)
+
+    def acc(stage: str) -> str:
+        return f"{m(stage, 'attribute_accuracy'):.2f} / {m(stage, 'attribute_accuracy', 'heldout'):.2f}"
+
+    def motion(stage: str) -> str:
+        return f"{m(stage, 'motion_correct'):.2f}; {m(stage, 'direction_accuracy'):.2f}"
+
+    def timing(stage: str) -> str:
+        t = run["stages"][stage]["timing_batch1"]
+        return f"{t['time_to_first_frame_ms']:.0f} ms, {t['frames_per_s_per_video']:.0f} frames/s"
+
+    def overall(stages: tuple[str, ...]) -> str:
+        return ", ".join(f"{sr.LABELS[s].replace('Self Forcing ', 'SF ')} {m(s, 'overall', data=full):.3f}"
+                         for s in stages)
+
+    steps = {stage: run["stages"][stage]["steps_per_block"] for stage in ("dmd", "teacher")}
+    gaps = ", ".join(f"{sr._gap(full, n, 'overall'):+.3f} at {n}x" for n in sr.lengths(full))
+    f, g = "`shapes_recipe_h100.json`", "`shapes_recipe_baselines_h100.json`"
+    return [
+        f"| Shapes world: attribute accuracy held-in / held-out, bundled DMD student ({steps['dmd']} steps) | "
+        f"{acc('dmd')} | teacher ({steps['teacher']} steps, CFG): {acc('teacher')} | {f} |",
+        f"| Shapes world, held-in: videos with every motion right; shapes moving the prompted direction | "
+        f"{motion('dmd')} | teacher {motion('teacher')} | {f} |",
+        f"| Shapes world: first frame and frames/s at batch 1 | {timing('dmd')} | teacher {timing('teacher')} | {f} |",
+        f"| Claim: the few-step student is close to the teacher (overall score) | {m('dmd', 'overall'):.3f} | "
+        f"teacher {m('teacher', 'overall'):.3f} | {f} |",
+        f"| Claim: Self Forcing beats teacher / diffusion forcing (overall, 1x) | {overall(sr.SELF_FORCING)} | "
+        f"{overall(sr.BASELINES)} | {g} |",
+        f"| Claim: the gap grows with video length (Self Forcing minus baselines) | {gaps} | | {g} |",
+    ]
+
+
+def readme_table() -> str:
+    """The README's one results table (markdown)."""
+    lines = ["| measured | this code | compared with | result file |", "| --- | --- | --- | --- |"]
+    return "\n".join(lines + _speed_rows() + _shapes_rows())
+
+
 if __name__ == "__main__":
-    print("\n".join(rows()))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="one row per result file instead of the README table")
+    print("\n".join(rows()) if parser.parse_args().all else readme_table())

@@ -12,7 +12,7 @@ the two overlap in a streamed video, so this is an upper bound). Then a few stre
 Phase `cold` starts with empty TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR and FLASH_ATTENTION_CUTE_DSL_CACHE_DIR; phase
 `warm` runs after it with the same folders (inductor's FX-graph and AOT-autograd caches, Triton's and flash-attn 4's
 compiled kernels).
-Prints a table, writes JSON (benchmarks/results/<name>.json, or $OUT on a device machine).
+Prints a table, writes JSON (benchmarks/results/<name>.json, or $OUT when set).
 """
 from __future__ import annotations
 

@@ -295,8 +295,8 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
                  log: Callable[[str], None] = print,
                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Generate and score every stage, then the rendered reference -> the eval JSON dict (layout: see `main`).
-    `on_progress` gets the document so far (`"complete": false`) after each stage, so a run cut short (a time-boxed
-    GPU call) keeps the stages it finished."""
+    `on_progress` gets the document so far (`"complete": false`) after each stage, so a run cut short (a killed or
+    time-limited job) keeps the stages it finished."""
     from utils.shapes import sample_scenes
     run = Path(run)
     if not run.is_dir():

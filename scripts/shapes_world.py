@@ -54,8 +54,8 @@ def stage_overrides(out: Path, size: str) -> list[str]:
 
 def weights_overrides(stage: str, out: Path) -> list[str]:
     """Point the stage's config at the previous stages' outputs under `out`. The teacher continues from
-    `out/teacher_init/generator_ema.safetensors` when there is one (a teacher trained by an earlier, time-boxed
-    session: device time comes in pieces)."""
+    `out/teacher_init/generator_ema.safetensors` when there is one (a teacher trained by an earlier run, copied
+    there to train it further)."""
     teacher = out / "teacher" / "generator_ema.safetensors"
     teacher_init = out / "teacher_init" / "generator_ema.safetensors"
     if stage == "teacher":
