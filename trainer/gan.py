@@ -25,27 +25,31 @@ from torch import Tensor, nn
 
 from model.gan_heads import GanHeads
 from trainer.base import Batch, Logs, Models
-from trainer.common import data_latents, require, score_timesteps, text_conditions, trainable
+from trainer.common import clean_latents, image_condition, require, score_timesteps, text_conditions, trainable
 from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
 
 WARMUP_BETAS = (0.9, 0.999)  # the original's critic AdamW betas during discriminator warm-up
 
 
 def generator_gan_loss(fake_logits: Tensor, real_logits: Tensor, relativistic: bool) -> Tensor:
-    """Non-saturating `mean softplus(-D(fake))`, or relativistic `mean softplus(-(D(fake) - D(real)))`."""
+    """Non-saturating `mean softplus(-D(fake))`, or relativistic `mean softplus(-(D(fake) - D(real)))`; float32."""
+    fake_logits, real_logits = fake_logits.float(), real_logits.float()
     return F.softplus(-(fake_logits - real_logits) if relativistic else -fake_logits).mean()
 
 
 def discriminator_gan_loss(fake_logits: Tensor, real_logits: Tensor, relativistic: bool) -> Tensor:
-    """`mean softplus(-D(real)) + mean softplus(D(fake))`, or relativistic `mean softplus(-(D(real) - D(fake)))`."""
+    """`mean softplus(-D(real)) + mean softplus(D(fake))`, or relativistic `mean softplus(-(D(real) - D(fake)))`;
+    float32."""
+    fake_logits, real_logits = fake_logits.float(), real_logits.float()
     if relativistic:
         return F.softplus(-(real_logits - fake_logits)).mean()
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
 def finite_difference_penalty(perturbed_logits: Tensor, logits: Tensor, sigma: float) -> Tensor:
-    """`mean(((D(x + sigma * n) - D(x)) / sigma)^2)`: a finite-difference stand-in for the gradient penalty."""
-    return (((perturbed_logits - logits) / sigma) ** 2).mean()
+    """`mean(((D(x + sigma * n) - D(x)) / sigma)^2)`: a finite-difference stand-in for the gradient penalty, in
+    float32 (with sigma 0.01 the logit change is about as small as bf16's rounding of the logits themselves)."""
+    return (((perturbed_logits.float() - logits.float()) / sigma) ** 2).mean()
 
 
 class GAN:
@@ -77,7 +81,7 @@ class GAN:
         return self.heads(hidden, e[:, 0] if self.heads.time_embed_dim else None)
 
     def _real(self, batch: Batch, like: Tensor) -> Tensor:
-        real = data_latents(batch, "GAN").to(device=like.device, dtype=like.dtype)
+        real = clean_latents(batch, "GAN").to(device=like.device, dtype=like.dtype)
         if real.shape != like.shape:
             raise ValueError(f"GAN: real latents {list(real.shape)} must match the generated window "
                              f"{list(like.shape)} (image_or_video_shape / batch size)")
@@ -109,7 +113,7 @@ class GAN:
     # --------------------------------------------------------------------------------------------- losses
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         context, _ = text_conditions(self.models, batch)
-        sample = self.rollout(context, initial_latent=batch.get("initial_latent"))
+        sample = self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"))
         x = sample.latents
         real = self._real(batch, x)
         t = self._timesteps(x, sample)
@@ -125,7 +129,7 @@ class GAN:
         cfg = self.cfg
         context, _ = text_conditions(self.models, batch)
         with torch.no_grad():
-            sample = self.rollout(context, initial_latent=batch.get("initial_latent"))
+            sample = self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"))
         x = sample.latents.detach()
         real = self._real(batch, x)
         t = self._timesteps(x, sample)
