@@ -43,7 +43,8 @@ def clean_latents(batch: Batch, algorithm: str) -> Tensor:
     elif batch.get("ode_latent") is not None:
         trajectory = batch["ode_latent"]
         if trajectory.dim() != 6:
-            raise ValueError(f"{algorithm}: batch['ode_latent'] must be [B, K, F, C, H, W], got {list(trajectory.shape)}")
+            raise ValueError(f"{algorithm}: batch['ode_latent'] must be [B, K, F, C, H, W], "
+                             f"got {list(trajectory.shape)}")
         latents = trajectory[:, -1]
     else:
         raise KeyError(f"{algorithm} trains on data: the batch needs 'latents' [B, F, C, H, W] (clean latents) or "

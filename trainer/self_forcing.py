@@ -113,10 +113,16 @@ class SelfForcingRollout:
         num_blocks = int(torch.randint(lo, hi + 1, (1,), generator=g).item())
         total_blocks = num_blocks + int(self.cfg.independent_first_frame)
         exits = torch.randint(0, len(self.steps), (total_blocks,), generator=g).tolist()
+        return self.plan_from_draws(num_blocks, exits)
+
+    def plan_from_draws(self, num_blocks: int, exit_draws: list[int]) -> RolloutPlan:
+        """The plan for drawn exit steps (one per block, in [0, K)): all K-1 with `last_step_only`, all the first
+        one with `same_step_across_blocks` (as the original applies its draw)."""
+        exits = [int(e) for e in exit_draws]
         if self.cfg.last_step_only:
-            exits = [len(self.steps) - 1] * total_blocks
+            exits = [len(self.steps) - 1] * len(exits)
         if self.cfg.same_step_across_blocks:
-            exits = [exits[0]] * total_blocks
+            exits = [exits[0]] * len(exits)
         return RolloutPlan(num_blocks=num_blocks, exit_steps=exits)
 
     # ------------------------------------------------------------------------------------------ the rollout
@@ -127,9 +133,29 @@ class SelfForcingRollout:
 
         noise: the initial noise of the generated frames `[B, F, C, H, W]` (default: drawn from the per-rank RNG);
         noise_fn: the fresh noise of every re-noising, in call order (default `torch.randn_like`)."""
+        cfg = self.cfg
+        plan = plan or self.sample_plan(generator)
+        generated = self.generate_frames(context, plan, initial_latent=initial_latent, noise=noise, noise_fn=noise_fn)
+        latents = self._loss_window(generated)
+        mask = None
+        nfpb = cfg.num_frame_per_block
+        if plan.num_blocks * nfpb != self.min_frames:
+            # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
+            # block's frames of the window (the first frame with an independent first frame) out of the loss.
+            mask = torch.ones_like(latents, dtype=torch.bool)
+            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
+        t_from = t_to = None
+        if cfg.same_step_across_blocks:
+            t_from, t_to = self.generator.schedule.exit_step_range(self.steps, plan.exit_steps[0])
+        return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=generated.shape[1])
+
+    def generate_frames(self, context: Tensor, plan: RolloutPlan, *, initial_latent: Optional[Tensor] = None,
+                        noise: Optional[Tensor] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
+        """Every latent frame of the rollout `[B, F, C, H, W]` (initial latent included), before the loss window:
+        the original's `inference_with_trajectory`. Only the exit-step forwards of blocks starting at or after
+        frame `F - image_or_video_shape[1]` keep their graph."""
         cfg, denoiser = self.cfg, self.generator
         model = denoiser.model
-        plan = plan or self.sample_plan(generator)
         batch = context.shape[0]
         device = next(model.parameters()).device
         dtype = self._dtype(model, device)
@@ -163,18 +189,7 @@ class SelfForcingRollout:
                              independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
                              context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
                              policy=policy, noise_fn=noise_fn)
-        latents = self._loss_window(result.latents)
-
-        mask = None
-        if plan.num_blocks * nfpb != self.min_frames:
-            # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
-            # block's frames of the window (the first frame with an independent first frame) out of the loss.
-            mask = torch.ones_like(latents, dtype=torch.bool)
-            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
-        t_from = t_to = None
-        if cfg.same_step_across_blocks:
-            t_from, t_to = denoiser.schedule.exit_step_range(self.steps, exit_steps[0])
-        return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=total)
+        return result.latents
 
     def _dtype(self, model, device: torch.device) -> torch.dtype:
         if self.cache_dtype is not None:
