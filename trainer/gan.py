@@ -69,6 +69,10 @@ class GAN:
             param = next(critic.parameters())
             models.discriminator_heads.to(device=param.device)
         self.heads: GanHeads = models.discriminator_heads
+        if (cfg.r1_weight > 0 or cfg.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
+            raise ValueError("r1_weight / r2_weight need float32 discriminator passes (their finite differences are "
+                             "as small as bf16 rounding), but the critic computes in bf16 under FSDP mixed precision; "
+                             "set mixed_precision: false or sharding_strategy: no_shard (autocast)")
         self.rollout = SelfForcingRollout(cfg, models.generator, codec=models.codec, cache_dtype=cache_dtype)
         self.shift = cfg.critic_timestep_shift if cfg.critic_timestep_shift is not None else cfg.timestep_shift
 
@@ -103,12 +107,24 @@ class GAN:
         fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
         r1 = r2 = torch.zeros((), device=fake_t.device)
         if cfg.r1_weight > 0:
-            perturbed = self.discriminate(real_t + cfg.r1_sigma * torch.randn_like(real_t), t, context)
-            r1 = cfg.r1_weight * finite_difference_penalty(perturbed, real_logits, cfg.r1_sigma)
+            r1 = cfg.r1_weight * self._penalty(real_t, real_logits, t, context, cfg.r1_sigma)
         if cfg.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
-            perturbed = self.discriminate(fake_t + cfg.r2_sigma * torch.randn_like(fake_t), t, context)
-            r2 = cfg.r2_weight * finite_difference_penalty(perturbed, fake_logits, cfg.r2_sigma)
+            r2 = cfg.r2_weight * self._penalty(fake_t, fake_logits, t, context, cfg.r2_sigma)
         return fake_logits, real_logits, r1, r2
+
+    def _penalty(self, x_t: Tensor, logits: Tensor, t: Tensor, context: Tensor, sigma: float) -> Tensor:
+        """Finite-difference R1/R2 at `x_t` (whose logits are `logits`). Under bf16 autocast both discriminator
+        passes run again in float32: a perturbation of sigma = 0.01 moves the logits by about as much as bf16
+        rounding of the trunk moves them, so a bf16 difference would be mostly rounding."""
+        noise = torch.randn_like(x_t)
+        device = x_t.device.type
+        if not torch.is_autocast_enabled(device):
+            return finite_difference_penalty(self.discriminate(x_t + sigma * noise, t, context), logits, sigma)
+        with torch.autocast(device, enabled=False):
+            x_t, context = x_t.float(), context.float()
+            logits = self.discriminate(x_t, t, context)
+            perturbed = self.discriminate(x_t + sigma * noise.float(), t, context)
+        return finite_difference_penalty(perturbed, logits, sigma)
 
     # --------------------------------------------------------------------------------------------- losses
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
