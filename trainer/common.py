@@ -1,5 +1,6 @@
 """Small pieces shared by the training algorithms: text conditions, score timesteps (SPEC §6.2), classifier-free
-guidance on x0 predictions, data latents from a batch, and parameter bookkeeping.
+guidance on x0 predictions, the clean latents of a batch (and the i2v image taken from them), the random draws of
+the losses, and parameter bookkeeping.
 """
 from __future__ import annotations
 
