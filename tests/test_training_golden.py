@@ -208,6 +208,38 @@ def test_rollout_in_paper_mode_differs_from_the_original_by_the_kv_cache_path_on
             assert diff > 100 * GRAD_ATOL * scale, name
 
 
+def test_paper_mode_plus_the_kv_cache_path_is_the_original(golden, monkeypatch):
+    """Paper mode with one path added by hand: every read of an earlier block's cache slots (holding its clean-context
+    keys/values) passes its gradient straight through to that block's exit-step keys/values. That alone turns the
+    paper gradients into the original's."""
+    from model.kv_cache import KVCache
+    exit_writes = {}  # (layer, first slot, end slot) -> the exit-step (k, v) with their graph
+    write, past = KVCache.write, KVCache.past
+
+    def recording_write(self, layer, plan, k, v):
+        if torch.is_grad_enabled() and k.requires_grad:
+            exit_writes[(layer, plan.write_start, plan.write_end)] = (k, v)
+        write(self, layer, plan, k, v)
+
+    def straight_through_past(self, layer, plan):
+        past_k, past_v = past(self, layer, plan)
+        if not torch.is_grad_enabled():
+            return past_k, past_v
+        dk, dv = torch.zeros_like(past_k), torch.zeros_like(past_v)
+        for (written_layer, first, end), (k, v) in exit_writes.items():
+            if written_layer == layer and plan.read_start <= first and end <= plan.write_start:
+                dk[:, first - plan.read_start:end - plan.read_start] = k - k.detach()
+                dv[:, first - plan.read_start:end - plan.read_start] = v - v.detach()
+        return past_k + dk, past_v + dv
+    monkeypatch.setattr(KVCache, "write", recording_write)
+    monkeypatch.setattr(KVCache, "past", straight_through_past)
+    case, model, latents, _, _ = run_rollout(golden, "paper", checkpointing=False)
+    torch.testing.assert_close(latents.detach(), case.io["output_latents"], rtol=RTOL, atol=RTOL)
+    assert exit_writes
+    # Prompt K/V are recomputed in differentiable paper-mode calls, as the original does with checkpointing.
+    assert_grads(model, grads_file(case, "grads"), "paper mode + the KV-cache path")
+
+
 def test_rollout_modes_agree_when_no_block_reads_an_earlier_one(golden):
     """The first differentiable block reads no differentiable earlier cache write: an objective on it alone gets
     identical gradients in both modes, so the modes differ by the cache path and nothing else."""
