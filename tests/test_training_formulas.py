@@ -40,7 +40,8 @@ def _inputs(seed: int = 0):
 
 
 def grid_sigma(t: torch.Tensor, shift: float, steps: int = 1000) -> torch.Tensor:
-    """sigma of the training grid entry nearest to t, written out: 1000 sigmas from 1 down, shifted s u / (1 + (s-1) u)."""
+    """sigma of the training grid entry nearest to t, written out: 1000 sigmas from 1 down, each shifted to
+    s u / (1 + (s - 1) u)."""
     u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
     sigmas = shift * u / (1 + (shift - 1) * u)
     nearest = (sigmas[None, :] * steps - t.double().reshape(-1, 1)).abs().argmin(dim=1)

@@ -211,7 +211,8 @@ def _validate(cfg: Config, source: str) -> None:
     if cfg.load_raw_video:
         raise ConfigError(f"{source}: load_raw_video = true is not supported: training reads clips already encoded to "
                           "latents (ode_data_path: ODE-pair shards, whose clean end is the clip); set it to false")
-    rollout_recipe = cfg.trainer == "gan" or (cfg.trainer == "score_distillation" and cfg.distribution_loss != "causvid")
+    rollout_recipe = cfg.trainer == "gan" or (cfg.trainer == "score_distillation"
+                                              and cfg.distribution_loss != "causvid")
     if cfg.i2v and rollout_recipe and not cfg.independent_first_frame:
         raise ConfigError(f"{source}: i2v = true needs independent_first_frame = true: the rollout starts from the "
                           "data's first latent frame as a block of its own, then generates whole blocks")
