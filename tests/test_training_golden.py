@@ -73,17 +73,14 @@ def recipe(case, *overrides: str, window: int | None = None):
 
 
 def score_models(case) -> Models:
-    """Generator schedule (shift of the recipe) for noising; teacher and critic as the original's score wrappers."""
+    """Generator schedule (shift of the recipe) for noising; teacher and critic as the original's score wrappers. The
+    critic case has no teacher weights: the critic's stand in for the teacher DMD requires (and never calls there)."""
     generator = Denoiser(WanDiT(WanConfig.from_dict(case.meta["model_config"])), FlowMatchSchedule(
         recipe(case).model_kwargs.timestep_shift))
-    weights = case.meta["weights"]
-    teacher = critic = None
-    if "real_score" in weights:
-        teacher = Denoiser(network(case, "real_score"), FlowMatchSchedule(SCORE_NETWORK_SHIFT), uniform_timestep=True)
+    teacher_role = "real_score" if "real_score" in case.meta["weights"] else "fake_score"
+    teacher = Denoiser(network(case, teacher_role), FlowMatchSchedule(SCORE_NETWORK_SHIFT), uniform_timestep=True)
     critic = Denoiser(network(case, "fake_score").requires_grad_(True), FlowMatchSchedule(SCORE_NETWORK_SHIFT),
                       uniform_timestep=True)
-    if teacher is None:  # the critic case needs no teacher; DMD's constructor does
-        teacher = Denoiser(network(case, "fake_score"), FlowMatchSchedule(SCORE_NETWORK_SHIFT), uniform_timestep=True)
     return Models(generator=generator, text=None, teacher=teacher, critic=critic)
 
 
