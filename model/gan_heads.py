@@ -112,4 +112,15 @@ class GanHeads(nn.Module):
             if time_embedding is None:
                 raise ValueError("these heads append the time embedding (concat_time_embeddings): pass it")
             tokens.append(TIME_TOKEN_SCALE * time_embedding.to(dtype)[:, None, :])
-        return self._cls_pred_branch(torch.cat(tokens, dim=1).flatten(1))
+        return self._classify(torch.cat(tokens, dim=1).flatten(1))
+
+    def _classify(self, features: Tensor) -> Tensor:
+        """The classification branch in float32 whatever the trunk, the parameters or autocast compute in: the
+        losses apply softplus to the logits and R1/R2 divide logit differences by sigma = 0.01, where bf16 rounding
+        (~0.4% of a logit) is as large as the difference itself."""
+        norm, first, act, last = self._cls_pred_branch
+        with torch.autocast(features.device.type, enabled=False):
+            x = nn.functional.layer_norm(features.float(), norm.normalized_shape, norm.weight.float(),
+                                         norm.bias.float(), norm.eps)
+            x = act(nn.functional.linear(x, first.weight.float(), first.bias.float()))
+            return nn.functional.linear(x, last.weight.float(), last.bias.float())

@@ -255,6 +255,10 @@ class WanBlock(nn.Module):
             k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
         else:
             k_all, v_all = cache.readable(layer, plan)
+            if torch.is_grad_enabled() and not cache.detach_writes and not getattr(self, "_checkpointed", False):
+                # kv_cache_grad "original" without checkpointing: copies keep the values this call saw (later in-place
+                # writes would invalidate saved views) while gradients still reach the writes recorded in the cache.
+                k_all, v_all = k_all.clone(), v_all.clone()
         if not cache.keys_rotated:
             k_all = apply_rope(k_all, ctx.cache_rope, fused=ctx.options.fused_rope)
         return self._heads_to_tokens(attention(q, k_all, v_all), ctx)
@@ -267,10 +271,16 @@ class WanBlock(nn.Module):
     def _text_key_value(self, text: Tensor | None, ctx: Context, layer: int) -> tuple[Tensor, Tensor]:
         attn = self.cross_attn
         cache = ctx.cache
-        # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients (SPEC 5.3).
-        if cache is not None and not torch.is_grad_enabled():
+        # In grad mode the text K/V are recomputed so text_embedding and cross_attn.k/v receive gradients, except
+        # for kv_cache_grad "original" without checkpointing: the original then reads them from the cache filled by
+        # the first call, differentiable only if that call was.
+        reads_cache = not torch.is_grad_enabled() or (
+            cache is not None and not cache.detach_writes and not getattr(self, "_checkpointed", False))
+        if cache is not None and reads_cache:
             if not cache.cross_ready[layer]:
                 cache.store_text(layer, *attn.key_value(text))
+            if torch.is_grad_enabled():  # copies: the next layer's store would invalidate saved views of the buffer
+                return cache.cross_k[layer].clone(), cache.cross_v[layer].clone()
             return cache.cross_k[layer], cache.cross_v[layer]
         return attn.key_value(text)
 

@@ -168,13 +168,6 @@ def test_sid_generator_step_uses_the_rollout_mask(monkeypatch):
     torch.testing.assert_close(run(True), run(True))
 
 
-def test_causvid_needs_data_latents():
-    cfg = tiny_train_config(distribution_loss="causvid")
-    algo = CausVid(cfg, tiny_models(cfg))
-    with pytest.raises(KeyError, match="latents"):
-        algo.generator_loss({"prompts": ["a cat"]}, 0)
-
-
 def test_causvid_input_uses_one_step_per_block_and_teacher_forcing_runs():
     cfg = tiny_train_config(distribution_loss="causvid", denoising_step_list=[1000, 750, 500, 0])
     models = tiny_models(cfg)

@@ -328,7 +328,7 @@ def test_two_ranks_write_the_same_pairs_as_one(teacher_folder, one_rank_pairs):
 
 @pytest.mark.parametrize("overrides", [["trainer=gan"], ["trainer=diffusion"], ["distribution_loss=causvid"]])
 def test_data_trained_recipes_read_clean_latents_from_the_pairs(tmp_path, overrides):
-    from trainer.common import data_latents
+    from trainer.common import clean_latents
     from utils.config import load_config
     from utils.data import build_data
     _write(tmp_path / "pairs")
@@ -336,7 +336,7 @@ def test_data_trained_recipes_read_clean_latents_from_the_pairs(tmp_path, overri
     cfg = load_config(None, [f"ode_data_path={tmp_path / 'pairs'}", "batch_size=2", *overrides])
     batch = next(build_data(cfg))
     assert len(batch["prompts"]) == 2
-    latents = data_latents(batch, "test")
+    latents = clean_latents(batch, "test")
     torch.testing.assert_close(latents, batch["ode_latent"][:, -1])
     with pytest.raises(ValueError, match="ode_data_path"):
         build_data(load_config(None, overrides))

@@ -1,5 +1,6 @@
 """Small pieces shared by the training algorithms: text conditions, score timesteps (docs/method.md), classifier-free
-guidance on x0 predictions, data latents from a batch, and parameter bookkeeping.
+guidance on x0 predictions, the clean latents of a batch (and the i2v image taken from them), the random draws of
+the losses, and parameter bookkeeping.
 """
 from __future__ import annotations
 
@@ -34,13 +35,18 @@ def require(models: Models, *names: str, algorithm: str) -> None:
         raise ValueError(f"{algorithm} needs the model(s) {missing} in the Models bundle")
 
 
-def data_latents(batch: Batch, algorithm: str) -> Tensor:
-    """Clean data latents `[B, F, C, H, W]`: `batch['latents']`, else the clean end of an ODE trajectory
-    (`batch['ode_latent'][:, -1]`, as the original GAN/diffusion trainers read their LMDB shards)."""
+def clean_latents(batch: Batch, algorithm: str) -> Tensor:
+    """The clean data latents of a batch, `[B, F, C, H, W]`: `batch['latents']` (encoded clips, the shapes world),
+    else the clean end of the ODE trajectories `batch['ode_latent'][:, -1]` (`utils.ode_pairs.ODEPairDataset`, as the
+    original read its latent LMDB shards). Every recipe that trains on data reads them here."""
     if batch.get("latents") is not None:
         latents = batch["latents"]
     elif batch.get("ode_latent") is not None:
-        latents = batch["ode_latent"][:, -1]
+        trajectory = batch["ode_latent"]
+        if trajectory.dim() != 6:
+            raise ValueError(f"{algorithm}: batch['ode_latent'] must be [B, K, F, C, H, W], "
+                             f"got {list(trajectory.shape)}")
+        latents = trajectory[:, -1]
     else:
         raise KeyError(f"{algorithm} trains on data: the batch needs 'latents' [B, F, C, H, W] (clean latents) or "
                        "'ode_latent' [B, K, F, C, H, W]; got keys " + str(sorted(batch)))
@@ -49,18 +55,40 @@ def data_latents(batch: Batch, algorithm: str) -> Tensor:
     return latents
 
 
+def image_condition(cfg, batch: Batch, algorithm: str) -> Optional[Tensor]:
+    """Image-to-video distillation (`i2v: true`): the first clean latent frame of the data, `[B, 1, C, H, W]`, which
+    the rollout starts from (the original's `ode_latent[:, -1][:, 0:1]`); None for text-to-video."""
+    if not cfg.i2v:
+        return None
+    return clean_latents(batch, f"{algorithm} with i2v: true")[:, 0:1]
+
+
+class Draws:
+    """The random draws of the losses, from the per-rank default RNG. Tests replace an algorithm's `draws` to replay
+    recorded draws in order."""
+
+    def integers(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """int64 uniform in `[low, high)`."""
+        return torch.randint(low, high, shape, device=device, dtype=torch.long)
+
+    def normal_like(self, x: Tensor) -> Tensor:
+        return torch.randn_like(x)
+
+
 def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, device: torch.device,
                     denoised_from: Optional[int] = None, denoised_to: Optional[int] = None,
-                    shift: Optional[float] = None) -> Tensor:
-    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames), SPEC §6.2: integers in
+                    shift: Optional[float] = None, draws: Optional[Draws] = None) -> Tensor:
+    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames), docs/method.md "Score timesteps": integers in
     the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to [0.02 T, 0.98 T].
     Drawn from the per-rank RNG (the original draws these on every rank independently)."""
     schedule = denoiser.schedule
     lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.ts_schedule, cfg.ts_schedule_max,
                                            cfg.min_score_timestep)
-    return schedule.sample_score_timesteps(batch_size, device=device, lo=lo, hi=hi,
-                                           shift=cfg.timestep_shift if shift is None else shift,
-                                           num_frames=num_frames)
+    if not 0 <= lo < hi <= schedule.num_train_timesteps:
+        raise ValueError(f"score timestep range [{lo}, {hi}) is empty or outside [0, {schedule.num_train_timesteps})")
+    t_int = (draws or Draws()).integers(lo, hi, (batch_size,), device)
+    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), cfg.timestep_shift if shift is None else shift)
+    return t[:, None].expand(batch_size, num_frames).contiguous()
 
 
 def guided_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, context: Tensor, negative: Tensor,

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from model.attention import BlockCausal
 from trainer.base import Batch, Logs, Models
 from trainer.causvid import per_block_indices
-from trainer.common import data_latents, text_conditions, trainable
+from trainer.common import clean_latents, text_conditions, trainable
 
 
 class Diffusion:
@@ -99,7 +99,7 @@ class Diffusion:
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         cfg = self.cfg
-        x0 = data_latents(batch, "diffusion training")
+        x0 = clean_latents(batch, "diffusion training")
         context, _ = text_conditions(self.models, self.drop_text(batch))
         denoiser = self.models.generator
         schedule = denoiser.schedule

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from trainer.base import Batch, Logs, Models, frozen
-from trainer.common import (guidance_scales, guided_x0, masked_mean, require, score_timesteps, text_conditions,
-                            trainable)
+from trainer.common import (Draws, guidance_scales, guided_x0, image_condition, masked_mean, require, score_timesteps,
+                            text_conditions, trainable)
 from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
 
 
@@ -46,6 +46,7 @@ class DMD:
         require(models, "teacher", "critic", algorithm=type(self).__name__)
         self.cfg = cfg
         self.models = models
+        self.draws = Draws()  # score timesteps and noise of the losses (tests replay recorded draws through it)
         frozen(models.teacher.model)
         self.real_guidance_scale, self.fake_guidance_scale = guidance_scales(cfg)
         self.rollout = self._make_rollout(cache_dtype)
@@ -55,25 +56,32 @@ class DMD:
 
     # --------------------------------------------------------------------------------------------- samples
     def generate(self, batch: Batch, context: Tensor) -> GeneratorOutput:
-        """Generator samples for the losses; differentiable where the rollout policy says (if grad mode is on)."""
-        return self.rollout(context, initial_latent=batch.get("initial_latent"))
+        """Generator samples for the losses; differentiable where the rollout policy says (if grad mode is on).
+        With `i2v` the rollout starts from the first clean latent frame of the batch's data."""
+        return self.rollout(context, initial_latent=image_condition(self.cfg, batch, type(self).__name__))
 
     def score_t(self, x: Tensor, sample: GeneratorOutput) -> Tensor:
         """Score timesteps `[B, F]` for samples x `[B, F, C, H, W]` (docs/method.md, "Score timesteps")."""
         return score_timesteps(self.models.generator, self.cfg, x.shape[0], x.shape[1], x.device,
-                               sample.denoised_timestep_from, sample.denoised_timestep_to)
+                               sample.denoised_timestep_from, sample.denoised_timestep_to, draws=self.draws)
 
     def _noised(self, x: Tensor, sample: GeneratorOutput) -> tuple[Tensor, Tensor, Tensor]:
         """(score timesteps `[B, F]`, noise, x_t). Noising uses the GENERATOR's schedule (its grid sigma), while the
         networks see the un-snapped float timesteps - as the original."""
         t = self.score_t(x, sample)
-        noise = torch.randn_like(x)
+        noise = self.draws.normal_like(x)
         return t, noise, self.models.generator.schedule.add_noise(x, noise, t)
 
     # --------------------------------------------------------------------------------------------- losses
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         context, negative = text_conditions(self.models, batch)
         sample = self.generate(batch, context)
+        return self.distribution_matching_loss(sample, context, negative)
+
+    def distribution_matching_loss(self, sample: GeneratorOutput, context: Tensor,
+                                   negative: Tensor) -> tuple[Tensor, Logs]:
+        """The generator loss on generated latents `sample.latents` (the original's
+        `compute_distribution_matching_loss`): score timestep and noise drawn, both score networks under no_grad."""
         x = sample.latents
         with torch.no_grad():
             t, _, x_t = self._noised(x.detach(), sample)
@@ -88,6 +96,10 @@ class DMD:
         context, _ = text_conditions(self.models, batch)
         with torch.no_grad():  # the critic step runs its own complete rollout (as the original)
             sample = self.generate(batch, context)
+        return self.denoising_loss(sample, context)
+
+    def denoising_loss(self, sample: GeneratorOutput, context: Tensor) -> tuple[Tensor, Logs]:
+        """The critic's flow-matching loss on generated latents `sample.latents` (their gradient is not used)."""
         x = sample.latents.detach()
         t, noise, x_t = self._noised(x, sample)
         _, fake_x0 = self.models.critic(x_t, t, context)

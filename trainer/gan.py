@@ -25,27 +25,31 @@ from torch import Tensor, nn
 
 from model.gan_heads import GanHeads
 from trainer.base import Batch, Logs, Models
-from trainer.common import data_latents, require, score_timesteps, text_conditions, trainable
+from trainer.common import clean_latents, image_condition, require, score_timesteps, text_conditions, trainable
 from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
 
 WARMUP_BETAS = (0.9, 0.999)  # the original's critic AdamW betas during discriminator warm-up
 
 
 def generator_gan_loss(fake_logits: Tensor, real_logits: Tensor, relativistic: bool) -> Tensor:
-    """Non-saturating `mean softplus(-D(fake))`, or relativistic `mean softplus(-(D(fake) - D(real)))`."""
+    """Non-saturating `mean softplus(-D(fake))`, or relativistic `mean softplus(-(D(fake) - D(real)))`; float32."""
+    fake_logits, real_logits = fake_logits.float(), real_logits.float()
     return F.softplus(-(fake_logits - real_logits) if relativistic else -fake_logits).mean()
 
 
 def discriminator_gan_loss(fake_logits: Tensor, real_logits: Tensor, relativistic: bool) -> Tensor:
-    """`mean softplus(-D(real)) + mean softplus(D(fake))`, or relativistic `mean softplus(-(D(real) - D(fake)))`."""
+    """`mean softplus(-D(real)) + mean softplus(D(fake))`, or relativistic `mean softplus(-(D(real) - D(fake)))`;
+    float32."""
+    fake_logits, real_logits = fake_logits.float(), real_logits.float()
     if relativistic:
         return F.softplus(-(real_logits - fake_logits)).mean()
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
 def finite_difference_penalty(perturbed_logits: Tensor, logits: Tensor, sigma: float) -> Tensor:
-    """`mean(((D(x + sigma * n) - D(x)) / sigma)^2)`: a finite-difference stand-in for the gradient penalty."""
-    return (((perturbed_logits - logits) / sigma) ** 2).mean()
+    """`mean(((D(x + sigma * n) - D(x)) / sigma)^2)`: a finite-difference stand-in for the gradient penalty, in
+    float32 (with sigma 0.01 the logit change is about as small as bf16's rounding of the logits themselves)."""
+    return (((perturbed_logits.float() - logits.float()) / sigma) ** 2).mean()
 
 
 class GAN:
@@ -65,6 +69,10 @@ class GAN:
             param = next(critic.parameters())
             models.discriminator_heads.to(device=param.device)
         self.heads: GanHeads = models.discriminator_heads
+        if (cfg.r1_weight > 0 or cfg.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
+            raise ValueError("r1_weight / r2_weight need float32 discriminator passes (their finite differences are "
+                             "as small as bf16 rounding), but the critic computes in bf16 under FSDP mixed precision; "
+                             "set mixed_precision: false or sharding_strategy: no_shard (autocast)")
         self.rollout = SelfForcingRollout(cfg, models.generator, codec=models.codec, cache_dtype=cache_dtype)
         self.shift = cfg.critic_timestep_shift if cfg.critic_timestep_shift is not None else cfg.timestep_shift
 
@@ -77,7 +85,7 @@ class GAN:
         return self.heads(hidden, e[:, 0] if self.heads.time_embed_dim else None)
 
     def _real(self, batch: Batch, like: Tensor) -> Tensor:
-        real = data_latents(batch, "GAN").to(device=like.device, dtype=like.dtype)
+        real = clean_latents(batch, "GAN").to(device=like.device, dtype=like.dtype)
         if real.shape != like.shape:
             raise ValueError(f"GAN: real latents {list(real.shape)} must match the generated window "
                              f"{list(like.shape)} (image_or_video_shape / batch size)")
@@ -99,17 +107,29 @@ class GAN:
         fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
         r1 = r2 = torch.zeros((), device=fake_t.device)
         if cfg.r1_weight > 0:
-            perturbed = self.discriminate(real_t + cfg.r1_sigma * torch.randn_like(real_t), t, context)
-            r1 = cfg.r1_weight * finite_difference_penalty(perturbed, real_logits, cfg.r1_sigma)
+            r1 = cfg.r1_weight * self._penalty(real_t, real_logits, t, context, cfg.r1_sigma)
         if cfg.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
-            perturbed = self.discriminate(fake_t + cfg.r2_sigma * torch.randn_like(fake_t), t, context)
-            r2 = cfg.r2_weight * finite_difference_penalty(perturbed, fake_logits, cfg.r2_sigma)
+            r2 = cfg.r2_weight * self._penalty(fake_t, fake_logits, t, context, cfg.r2_sigma)
         return fake_logits, real_logits, r1, r2
+
+    def _penalty(self, x_t: Tensor, logits: Tensor, t: Tensor, context: Tensor, sigma: float) -> Tensor:
+        """Finite-difference R1/R2 at `x_t` (whose logits are `logits`). Under bf16 autocast both discriminator
+        passes run again in float32: a perturbation of sigma = 0.01 moves the logits by about as much as bf16
+        rounding of the trunk moves them, so a bf16 difference would be mostly rounding."""
+        noise = torch.randn_like(x_t)
+        device = x_t.device.type
+        if not torch.is_autocast_enabled(device):
+            return finite_difference_penalty(self.discriminate(x_t + sigma * noise, t, context), logits, sigma)
+        with torch.autocast(device, enabled=False):
+            x_t, context = x_t.float(), context.float()
+            logits = self.discriminate(x_t, t, context)
+            perturbed = self.discriminate(x_t + sigma * noise.float(), t, context)
+        return finite_difference_penalty(perturbed, logits, sigma)
 
     # --------------------------------------------------------------------------------------------- losses
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         context, _ = text_conditions(self.models, batch)
-        sample = self.rollout(context, initial_latent=batch.get("initial_latent"))
+        sample = self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"))
         x = sample.latents
         real = self._real(batch, x)
         t = self._timesteps(x, sample)
@@ -125,7 +145,7 @@ class GAN:
         cfg = self.cfg
         context, _ = text_conditions(self.models, batch)
         with torch.no_grad():
-            sample = self.rollout(context, initial_latent=batch.get("initial_latent"))
+            sample = self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"))
         x = sample.latents.detach()
         real = self._real(batch, x)
         t = self._timesteps(x, sample)

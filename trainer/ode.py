@@ -36,15 +36,19 @@ class ODERegression:
         self.block_causal = BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
                                         cfg.model_kwargs.local_attn_size)
 
-    def sample_inputs(self, trajectory: Tensor, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
-        """(inputs `[B, F, C, H, W]`, timesteps `[B, F]`) picked from `trajectory` `[B, K, F, C, H, W]`."""
+    def sample_inputs(self, trajectory: Tensor, generator: Optional[torch.Generator] = None,
+                      index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(inputs `[B, F, C, H, W]`, timesteps `[B, F]`) picked from `trajectory` `[B, K, F, C, H, W]`.
+
+        index: the trajectory entry of every frame `[B, F]` (default: one random entry per sample and block)."""
         b, k, f = trajectory.shape[:3]
         if k != len(self.steps):
             raise ValueError(f"ode_latent holds {k} trajectory points but denoising_step_list has {len(self.steps)} "
                              f"entries ({self.steps}); they must correspond one to one")
-        index = per_block_indices(b, self.block_causal.block_sizes(f), k, trajectory.device, generator)
-        if self.cfg.i2v:
-            index[:, 0] = k - 1  # image-to-video: the first frame is the given clean image
+        if index is None:
+            index = per_block_indices(b, self.block_causal.block_sizes(f), k, trajectory.device, generator)
+            if self.cfg.i2v:
+                index[:, 0] = k - 1  # image-to-video: the first frame is the given clean image
         gather = index[:, None, :, None, None, None].expand(-1, 1, -1, *trajectory.shape[3:])
         inputs = trajectory.gather(1, gather).squeeze(1)
         t = torch.tensor(self.steps, device=trajectory.device, dtype=torch.float32)[index]
@@ -55,8 +59,13 @@ class ODERegression:
         if trajectory is None or trajectory.dim() != 6:
             raise KeyError("ODE regression needs batch['ode_latent'] [B, K, F, C, H, W] (teacher trajectories)")
         context, _ = text_conditions(self.models, batch)
+        return self.regression_loss(trajectory, context)
+
+    def regression_loss(self, trajectory: Tensor, context: Tensor,
+                        index: Optional[Tensor] = None) -> tuple[Tensor, Logs]:
+        """The loss on trajectories `[B, K, F, C, H, W]` (entry `index` `[B, F]` of each frame, drawn if None)."""
         trajectory = trajectory.to(next(self.models.generator.model.parameters()).device)
-        inputs, t = self.sample_inputs(trajectory)
+        inputs, t = self.sample_inputs(trajectory, index=index)
         _, x0 = self.models.generator(inputs, t, context, block_causal=self.block_causal)
         target = trajectory[:, -1].to(x0.dtype)
         per_frame = ((x0.float() - target.float()) ** 2).mean(dim=(2, 3, 4))  # [B, F]

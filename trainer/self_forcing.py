@@ -6,14 +6,17 @@ the few-step block-wise rollout with stochastic gradient truncation, keep the lo
 `image_or_video_shape[1]` frames, re-encoding the frame before it through the codec when more were generated) and
 build the gradient mask.
 
-KV-cache gradients (SPEC §5.3), `kv_cache_grad`:
+KV-cache gradients, `kv_cache_grad`:
   * "paper" (default): the cache is written without autograd history (the paper's Algorithm 1). The exit-step
     forward of a block attends to the detached past K/V concatenated with its own K/V, which keep their graph.
-  * "original": the cache keeps the autograd history of in-place writes, as the reference does, so a block's loss
-    also reaches the K/V projections of earlier blocks' exit steps (whose values were overwritten by the no-grad
-    context pass). Forward values are identical; gradients differ (mostly in `self_attn.k/v`). Backward through
-    in-place-overwritten cache slots only works with gradient checkpointing (the layer is recomputed with the cache
-    contents it saw), so this mode switches the generator's checkpointing on.
+  * "original": the cache keeps the autograd history of its in-place writes, as the original training code does. A
+    block's exit-step forward reads earlier blocks' slots holding the values of their clean-context pass, but the
+    gradient of those reads flows back through the recorded write of each earlier block's EXIT-step K/V (the no-grad
+    context pass overwrote the values without recording anything). Forward values are identical to "paper"; the
+    gradients differ by exactly that path. Also as the original, without gradient checkpointing the prompt's
+    cross-attention K/V come from the cache filled by the rollout's first call (so `text_embedding` and
+    `cross_attn.k/v` get gradients only if that call was differentiable); with checkpointing they are recomputed in
+    every differentiable call.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import GradientPolicy, block_layout, rollout
+from pipeline.rollout import GradientPolicy, NoiseFn, block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from utils.distributed import gathered_across_forwards
 
@@ -111,19 +114,49 @@ class SelfForcingRollout:
         num_blocks = int(torch.randint(lo, hi + 1, (1,), generator=g).item())
         total_blocks = num_blocks + int(self.cfg.independent_first_frame)
         exits = torch.randint(0, len(self.steps), (total_blocks,), generator=g).tolist()
+        return self.plan_from_draws(num_blocks, exits)
+
+    def plan_from_draws(self, num_blocks: int, exit_draws: list[int]) -> RolloutPlan:
+        """The plan for drawn exit steps (one per block, in [0, K)): all K-1 with `last_step_only`, all the first
+        one with `same_step_across_blocks` (as the original applies its draw)."""
+        exits = [int(e) for e in exit_draws]
         if self.cfg.last_step_only:
-            exits = [len(self.steps) - 1] * total_blocks
+            exits = [len(self.steps) - 1] * len(exits)
         if self.cfg.same_step_across_blocks:
-            exits = [exits[0]] * total_blocks
+            exits = [exits[0]] * len(exits)
         return RolloutPlan(num_blocks=num_blocks, exit_steps=exits)
 
     # ------------------------------------------------------------------------------------------ the rollout
     def __call__(self, context: Tensor, *, generator: Optional[torch.Generator] = None,
-                 initial_latent: Optional[Tensor] = None, plan: Optional[RolloutPlan] = None) -> GeneratorOutput:
-        """context `[B, L, text_dim]`; initial_latent `[B, 1, C, H, W]` (image-to-video) or None."""
+                 initial_latent: Optional[Tensor] = None, plan: Optional[RolloutPlan] = None,
+                 noise: Optional[Tensor] = None, noise_fn: Optional[NoiseFn] = None) -> GeneratorOutput:
+        """context `[B, L, text_dim]`; initial_latent `[B, 1, C, H, W]` (image-to-video) or None.
+
+        noise: the initial noise of the generated frames `[B, F, C, H, W]` (default: drawn from the per-rank RNG);
+        noise_fn: the fresh noise of every re-noising, in call order (default `torch.randn_like`)."""
+        cfg = self.cfg
+        plan = plan or self.sample_plan(generator)
+        generated = self.generate_frames(context, plan, initial_latent=initial_latent, noise=noise, noise_fn=noise_fn)
+        latents = self._loss_window(generated)
+        mask = None
+        nfpb = cfg.num_frame_per_block
+        if plan.num_blocks * nfpb != self.min_frames:
+            # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
+            # block's frames of the window (the first frame with an independent first frame) out of the loss.
+            mask = torch.ones_like(latents, dtype=torch.bool)
+            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
+        t_from = t_to = None
+        if cfg.same_step_across_blocks:
+            t_from, t_to = self.generator.schedule.exit_step_range(self.steps, plan.exit_steps[0])
+        return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=generated.shape[1])
+
+    def generate_frames(self, context: Tensor, plan: RolloutPlan, *, initial_latent: Optional[Tensor] = None,
+                        noise: Optional[Tensor] = None, noise_fn: Optional[NoiseFn] = None) -> Tensor:
+        """Every latent frame of the rollout `[B, F, C, H, W]` (initial latent included), before the loss window:
+        the original's `inference_with_trajectory`. Only the exit-step forwards of blocks starting at or after
+        frame `F - image_or_video_shape[1]` keep their graph."""
         cfg, denoiser = self.cfg, self.generator
         model = denoiser.model
-        plan = plan or self.sample_plan(generator)
         batch = context.shape[0]
         device = next(model.parameters()).device
         dtype = self._dtype(model, device)
@@ -138,14 +171,16 @@ class SelfForcingRollout:
             raise ValueError(f"rollout plan has {len(plan.exit_steps)} exit steps for {blocks} blocks")
         exit_steps = list(plan.exit_steps[:blocks])
 
-        if cfg.kv_cache_grad == "original" and not model.gradient_checkpointing:
-            model.set_gradient_checkpointing(True)  # see the module docstring: required to backward through the leak
         kwargs = cfg.model_kwargs
         window = kwargs.local_attn_size if 0 < kwargs.local_attn_size < total else -1
         cache = model.new_kv_cache(batch, *self.latent_shape[1:], capacity_frames=total, window_frames=window,
                                    sink_frames=kwargs.sink_size if window != -1 else 0, rope=kwargs.rope,
                                    detach_writes=cfg.kv_cache_grad == "paper", dtype=dtype, device=device)
-        noise = torch.randn(batch, noise_frames, *self.latent_shape, device=device, dtype=dtype)
+        shape = (batch, noise_frames, *self.latent_shape)
+        if noise is None:
+            noise = torch.randn(shape, device=device, dtype=dtype)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"rollout noise must be {list(shape)} for this plan, got {list(noise.shape)}")
         policy = GradientPolicy(exit_steps=exit_steps, grad_from_frame=max(0, total - self.window))
         # renoise_context: the training rollout re-noises each block to `context_noise` before the cache pass
         # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
@@ -154,19 +189,8 @@ class SelfForcingRollout:
             result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
                              independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
                              context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
-                             policy=policy)
-        latents = self._loss_window(result.latents)
-
-        mask = None
-        if plan.num_blocks * nfpb != self.min_frames:
-            # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
-            # block's frames of the window (the first frame with an independent first frame) out of the loss.
-            mask = torch.ones_like(latents, dtype=torch.bool)
-            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
-        t_from = t_to = None
-        if cfg.same_step_across_blocks:
-            t_from, t_to = denoiser.schedule.exit_step_range(self.steps, exit_steps[0])
-        return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=total)
+                             policy=policy, noise_fn=noise_fn)
+        return result.latents
 
     def _dtype(self, model, device: torch.device) -> torch.dtype:
         if self.cache_dtype is not None:

@@ -7,8 +7,11 @@ Fixes of the original (each commented where it happens):
   * the gradient mask of longer rollouts is applied (the original ignored it);
   * every setting the loss needs comes from the config (the original never set `num_training_frames` /
     `min_score_timestep` and crashed; its shipped `self_forcing_sid.yaml` even selected DMD);
-  * `dmdtrain_gradient_norm` logs the mean |(f - r) / normaliser| instead of a zero placeholder;
-  * critic parameters are left out of the generator step's graph (gradients still flow through its activations).
+  * `dmdtrain_gradient_norm` logs the mean |(f - r) / normaliser| instead of a zero placeholder.
+
+The generator step differentiates through the critic's forward, so the critic's parameters receive gradients there
+too (as in the original); the loop clears each role's gradients before that role's own update, so they never train
+the critic.
 """
 from __future__ import annotations
 
@@ -17,9 +20,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from trainer.base import Batch, Logs, Models
-from trainer.common import guided_x0, masked_mean, text_conditions
+from trainer.base import Logs, Models
+from trainer.common import guided_x0, masked_mean
 from trainer.dmd import DMD
+from trainer.self_forcing import GeneratorOutput
 
 
 def sid_loss(x: Tensor, fake_x0: Tensor, real_x0: Tensor, alpha: float,
@@ -47,13 +51,12 @@ class SiD(DMD):
         if cfg.gradient_checkpointing and hasattr(models.teacher.model, "set_gradient_checkpointing"):
             models.teacher.model.set_gradient_checkpointing(True)
 
-    def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
-        context, negative = text_conditions(self.models, batch)
-        sample = self.generate(batch, context)
+    def distribution_matching_loss(self, sample: GeneratorOutput, context: Tensor,
+                                   negative: Tensor) -> tuple[Tensor, Logs]:
         x = sample.latents
         t = self.score_t(x, sample)
         # x_t depends on x (not under no_grad): SiD's gradient passes through both score networks into x.
-        x_t = self.models.generator.schedule.add_noise(x, torch.randn_like(x), t)
+        x_t = self.models.generator.schedule.add_noise(x, self.draws.normal_like(x), t)
         # Critic parameters collect gradients here too; the loop clears a role's gradients before its own update.
         fake = guided_x0(self.models.critic, x_t, t, context, negative, self.fake_guidance_scale)
         real = guided_x0(self.models.teacher, x_t, t, context, negative, self.real_guidance_scale)

@@ -138,7 +138,7 @@ class Config:
     # --- data, logging, checkpoints -------------------------------------------------------------------------------
     data_path: Optional[str] = None
     extended_prompt_path: Optional[str] = None
-    load_raw_video: bool = False
+    load_raw_video: bool = False  # kept for the original's configs; true is an error (no raw-video reader)
     seed: int = 0
     log_iters: int = 50
     keep_checkpoints: int = 3  # newest checkpoints kept in the logdir (0: all)
@@ -146,7 +146,7 @@ class Config:
     sample_every: int = 0
     sample_prompts: list[str] = field(default_factory=list)
     gc_interval: int = 100
-    i2v: bool = False
+    i2v: bool = False  # image-to-video distillation: the data's first latent frame conditions the rollout
     wandb_host: Optional[str] = None
     wandb_key: Optional[str] = None
     wandb_entity: Optional[str] = None
@@ -208,6 +208,14 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: dfake_gen_update_ratio must be >= 1")
     if not 0.0 <= cfg.text_dropout < 1.0:
         raise ConfigError(f"{source}: text_dropout must be in [0, 1), got {cfg.text_dropout}")
+    if cfg.load_raw_video:
+        raise ConfigError(f"{source}: load_raw_video = true is not supported: training reads clips already encoded to "
+                          "latents (ode_data_path: ODE-pair shards, whose clean end is the clip); set it to false")
+    rollout_recipe = cfg.trainer == "gan" or (cfg.trainer == "score_distillation"
+                                              and cfg.distribution_loss != "causvid")
+    if cfg.i2v and rollout_recipe and not cfg.independent_first_frame:
+        raise ConfigError(f"{source}: i2v = true needs independent_first_frame = true: the rollout starts from the "
+                          "data's first latent frame as a block of its own, then generates whole blocks")
     if not 0.0 <= cfg.frame_causal_fraction < 1.0:
         raise ConfigError(f"{source}: frame_causal_fraction must be in [0, 1) (a model trained only causally is a "
                           f"causal one: causal: true), got {cfg.frame_causal_fraction}")

@@ -152,14 +152,15 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     """The batch iterator a recipe trains on. Score distillation is data-free apart from prompts (`data_path`).
 
     `trainer: ode` reads the ODE pairs of `ode_data_path` (utils/ode_pairs.py), checked against the configured steps.
-    The data-trained recipes (GAN, diffusion / teacher / diffusion forcing, CausVid) read clean latents from the same
-    shards (the clean end of each trajectory, as the original read its latent LMDB shards).
+    The data-trained recipes (GAN, diffusion / teacher / diffusion forcing, CausVid, i2v distillation) read clean
+    latents from the same shards (the clean end of each trajectory, as the original read its latent LMDB shards).
     """
     if cfg.world == "shapes" and cfg.trainer != "ode":
         from utils.shapes_components import shapes_data  # rendered videos (and their prompts), no files
         return shapes_data(cfg, rank, world_size, seed)
-    needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.distribution_loss == "causvid" and \
-        cfg.trainer == "score_distillation"
+    # i2v distillation takes the first latent frame of each clip from the data (the original read its LMDB shards).
+    needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.trainer == "score_distillation" and (
+        cfg.distribution_loss == "causvid" or cfg.i2v)
     if needs_latents:
         from utils.ode_pairs import ODEPairDataset
         if not cfg.ode_data_path:
