@@ -78,8 +78,9 @@ class Draws:
 def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, device: torch.device,
                     denoised_from: Optional[int] = None, denoised_to: Optional[int] = None,
                     shift: Optional[float] = None, draws: Optional[Draws] = None) -> Tensor:
-    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames), docs/method.md "Score timesteps": integers in
-    the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to [0.02 T, 0.98 T].
+    """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames; docs/method.md, "Score
+    timesteps"): integers in the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to
+    [0.02 T, 0.98 T].
     Drawn from the per-rank RNG (the original draws these on every rank independently)."""
     schedule = denoiser.schedule
     lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.ts_schedule, cfg.ts_schedule_max,
