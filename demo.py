@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most blocks one video may have; larger requests are refused (default: %(default)s)")
     run = p.add_argument_group("runtime")
     inference.add_device_arguments(run)
+    inference.add_speed_arguments(run, compile_flag=False)  # compile: the page's switch, per video
+    p.set_defaults(compile=False)
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 

@@ -19,6 +19,7 @@ from model.prompt_cache import PromptEmbeddingCache
 from model.wan import WanDiT
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
+from pipeline.levers import memory_report
 from pipeline.rollout import block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder, FramesCallback, to_unit
@@ -122,7 +123,8 @@ class CausalInferencePipeline:
         st = self.settings
         return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
 
-    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings) -> KVCache:
+    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings, denoiser: Denoiser) -> KVCache:
+        """The KV cache of a call, sized for its frames (the window's when rolling), reused while it fits exactly."""
         rolling = st.window_frames != -1
         if not rolling and frames > st.max_frames_without_window:
             raise ValueError(f"{frames} latent frames do not fit the KV cache without a rolling window (at most "
@@ -130,14 +132,27 @@ class CausalInferencePipeline:
         if st.rope == "absolute" and frames > self.generator.config.rope_max_positions:
             raise ValueError(f"{frames} latent frames exceed the RoPE table of "
                              f"{self.generator.config.rope_max_positions}; use model_kwargs.rope=relative")
-        capacity = st.window_frames if rolling else frames
+        capacity, window, sink = frames, st.window_frames, st.sink_frames
+        if rolling and frames < st.window_frames:
+            # A video shorter than the window never rolls: a cache of its own length attends to the same frames and
+            # holds no slots it would never fill (the sink only matters once frames are evicted).
+            window, sink = frames, min(st.sink_frames, frames - 1)
+        elif rolling:
+            capacity = st.window_frames
         cache = self._kv
         if (cache is None or cache.k.shape[1] != batch
                 or cache.capacity != capacity * self.generator.tokens_per_frame(h, w)
+                or cache.window_frames != window or cache.sink != sink * cache.tokens_per_frame
                 or cache.rope != st.rope or cache.k.dtype != self.dtype or cache.k.device != self.device
                 or cache.tokens_per_frame != self.generator.tokens_per_frame(h, w)):
-            cache = self._kv = self.generator.new_kv_cache(batch, h, w, capacity, window_frames=st.window_frames,
-                                                           sink_frames=st.sink_frames, rope=st.rope)
+            # The old cache goes before the new one is allocated (never both at once), and with it every CUDA graph
+            # recorded on it: a graph holds its cache, its static inputs and its memory pool.
+            self._kv = cache = None
+            for denoiser in {id(d): d for d in (self.denoiser, denoiser)}.values():
+                if isinstance(denoiser.model, GraphedDiT):
+                    denoiser.model.reset()
+            cache = self._kv = self.generator.new_kv_cache(batch, h, w, capacity, window_frames=window,
+                                                           sink_frames=sink, rope=st.rope)
         cache.reset()
         return cache
 
@@ -202,7 +217,7 @@ class CausalInferencePipeline:
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         if initial_latent is not None:
             initial_latent = initial_latent.to(device=self.device, dtype=self.dtype)
-        cache = self._cache(batch, h, w, prefix + num_latent_frames, st)
+        cache = self._cache(batch, h, w, prefix + num_latent_frames, st, denoiser)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start_ms = (time.perf_counter() - tic) * 1000.0  # prompt encoding and set-up, before the decoder's clock
@@ -249,7 +264,6 @@ class CausalInferencePipeline:
         if decoder is not None and decoder.pixel_frames:
             stats["pixel_frames"] = decoder.pixel_frames
             stats["frames_per_s"] = decoder.pixel_frames * batch / (total_ms / 1000.0)
-        if self.device.type == "cuda":
-            stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        stats.update(memory_report(self.device))
         return Generation(video=video, latents=result.latents, stats=stats)
 
