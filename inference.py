@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from model.attention import ATTENTION_BACKENDS
-from pipeline.levers import MEMORY_KEYS, format_memory
+from pipeline.levers import MEMORY_KEYS, format_memory, memory_report
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
@@ -408,8 +408,10 @@ def run(args: argparse.Namespace) -> int:
         text_ms = (time.perf_counter() - tic) * 1000.0  # reported apart: the videos' own clocks start after it
     if args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
         pipe.text_encoder.offload()
+    # Loading and text encoding: each video's stats then carry the peaks of its own generation.
+    setup_peaks = memory_report(device)
+    peaks = dict(setup_peaks)
     from tqdm import tqdm
-    peaks: dict = {}
     for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
         # Under --parallel sequence every rank of the group rolls out the same video; only its leader decodes.
@@ -446,8 +448,9 @@ def run(args: argparse.Namespace) -> int:
                 "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
                 "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
                 "settings": vars(pipe.settings), "levers": dataclasses.asdict(pipe.levers),
-                "text_encoding_ms_all_prompts": text_ms, "parallel": {"mode": args.parallel, "sequence_size":
-                                                              layout.sequence_size, "data_size": layout.data_size},
+                "text_encoding_ms_all_prompts": text_ms, **{f"setup_{k}": v for k, v in setup_peaks.items()},
+                "parallel": {"mode": args.parallel, "sequence_size": layout.sequence_size,
+                             "data_size": layout.data_size},
                 **result.stats})
     if todo and layout.is_leader:
         print(f"[rank {rank}/{world}] {format_memory(peaks)}", flush=True)

@@ -22,7 +22,7 @@ from pipeline.denoiser import Denoiser
 from pipeline.levers import memory_report
 from pipeline.rollout import block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
-from pipeline.streaming import BlockDecoder, FramesCallback, to_unit
+from pipeline.streaming import BlockDecoder, FramesCallback, TimelineClock, to_unit
 
 # FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]), in order; block -1 carries the decoded frames
 # of an initial latent; block 0 comes in two calls (its first frame alone) unless first_frame_alone is off.
@@ -242,7 +242,10 @@ class CausalInferencePipeline:
                 noise = noise.pin_memory().to(like.device, non_blocking=True)
             return noise.to(like)
 
+        clock = TimelineClock(self.device)
+
         def on_block(index: int, start: int, x0: Tensor) -> None:
+            clock.mark()
             if decoder is not None:
                 decoder.submit(index, x0)
 
@@ -251,12 +254,17 @@ class CausalInferencePipeline:
                          context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
                          should_stop=should_stop, final_context_pass=False)
         frames = decoder.finish() if decoder is not None else []
+        clock.mark()  # after `finish`, the generation stream has waited for the decode stream: every frame is out
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         total_ms = (time.perf_counter() - tic) * 1000.0
         video = torch.cat(frames, dim=1) if frames else None
         first_ms = decoder.time_to_first_frame_ms if decoder is not None else None
-        stats = {"block_ms": result.block_ms, "total_ms": total_ms, "latent_frames": result.latents.shape[1],
+        *block_end_ms, done_ms = clock.since_start_ms()
+        # block_ms: host time per block (the host may run ahead of the GPU); block_end_ms / done_ms: on the device's
+        # timeline from the rollout's start, when each block's latents were ready and when the last frame was decoded.
+        stats = {"block_ms": result.block_ms, "block_end_ms": block_end_ms, "done_ms": done_ms, "total_ms": total_ms,
+                 "latent_frames": result.latents.shape[1],
                  "time_to_first_frame_ms": None if first_ms is None else first_ms + start_ms,
                  "stopped": result.stopped}
         if switches:
