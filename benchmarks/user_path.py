@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def long_block_ms(stats: dict) -> float:
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="user_path_"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="user_path_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tiny = args.tiny
     height, width = args.height or (64 if tiny else 480), args.width or (96 if tiny else 832)
@@ -138,13 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_full_t5 = args.model_full_t5 or args.model
     if not args.model:
         raise SystemExit("--model is required (or --tiny)")
+    args.model = str(Path(args.model).resolve())
+    args.model_full_t5 = str(Path(args.model_full_t5).resolve()) if args.model_full_t5 else None
     taehv_path = work / "taehv_random.safetensors"
     write_random_taehv(taehv_path, tiny)
     device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
     env_info = environment(device)
     name = args.name or ("user_path_tiny_cpu" if tiny else f"user_path_{gpu_slug(env_info['device'])}")
+    compile_cache = work / "compile_cache"  # empty until the cold run fills it
+    if "cold" in args.sections.split(",") and compile_cache.exists():
+        shutil.rmtree(compile_cache)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
-               TORCHINDUCTOR_CACHE_DIR=str(work / "compile_cache"))  # empty until the cold run fills it
+               TORCHINDUCTOR_CACHE_DIR=str(compile_cache))
     (work / "prompts_4.txt").write_text("\n".join(PROMPTS) + "\n")
     (work / "prompts_1.txt").write_text(PROMPTS[0] + "\n")
     common = [*(["--device", "cpu"] if tiny else []), "--height", str(height), "--width", str(width),
@@ -211,7 +217,7 @@ def headline(sections: dict) -> dict:
 
 
 def write_random_taehv(path: Path, tiny: bool) -> None:
-    """TAEHV weights of the real architecture (toy widths with `tiny`), random: decoding time does not depend on them."""
+    """Random TAEHV weights of the real architecture (toy widths with `tiny`): decoding time does not depend on them."""
     from safetensors.torch import save_file
 
     from model.taehv import TAEHV
