@@ -77,6 +77,9 @@ def add_speed_arguments(group, *, compile_flag: bool = True) -> None:
                        "CUDA the fastest available one, timed at start-up on the last block's shape; else SDPA's "
                        "choice (flash-attn if installed). sdpa_cudnn_halves / flash_attn_halves split the cache's "
                        "keys in two halves, faster at batch 1 on an H100/H200 (benchmarks/attention_split.py)")
+    group.add_argument("--decode-frames-per-call", type=int, metavar="N",
+                       help="latent frames per Wan VAE decoder call (default 3, one block): fewer hold less of the "
+                       "decoder's activation memory, for small cards; the same frames")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,7 +241,8 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
     pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
                                    negative_prompt=cfg.negative_prompt, compile=levers.compile,
-                                   cuda_graphs=levers.cuda_graphs, decode_side_stream=levers.decode_side_stream)
+                                   cuda_graphs=levers.cuda_graphs, decode_side_stream=levers.decode_side_stream,
+                                   decode_frames_per_call=levers.decode_frames_per_call)
     pipe.levers = levers
     return pipe, cfg, source
 
@@ -254,7 +258,10 @@ def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: to
     """The speed levers of this config on this device (`pipeline.levers.levers_for`), set on the generator and the
     process (attention back-end, timed first where it is `auto` on CUDA, at --height/--width and the cache's length)."""
     from pipeline.levers import MEASURE, apply_attention_backend, attention_shape, levers_for
-    levers = levers_for(cfg, device.type, fused_qkv=getattr(args, "fused_qkv", None))
+    per_call = getattr(args, "decode_frames_per_call", None)
+    if per_call is not None and per_call < 1:
+        raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
+    levers = levers_for(cfg, device.type, fused_qkv=getattr(args, "fused_qkv", None), decode_frames_per_call=per_call)
     generator.inference_options = levers.inference_options(generator.inference_options)
     shape = None
     if levers.attention_backend == MEASURE:

@@ -14,7 +14,9 @@ Sections (the command's defaults otherwise: on CUDA every speed lever, pipeline/
   taehv        the same with `--preset taehv` (random TAEHV weights, written here): steady frames/s;
   long         one prompt, 60 blocks, `--preset long`, Wan VAE: ms per block from the first block that attends to a
                full window until the last frame is decoded;
-  text_on_gpu  the model folder with all 24 UMT5-XXL layers (`--model-full-t5`), its text encoder on the GPU: peaks.
+  text_on_gpu  the model folder with all 24 UMT5-XXL layers (`--model-full-t5`), its text encoder on the GPU: peaks;
+  decode_1_per_call  as cold with `--decode-frames-per-call 1` and a warm cache: the smaller decoder's peaks and
+               steady frames/s (what the memory lever costs).
 Text encoding is timed apart (the videos' clocks start after it); the command writes mp4s on background threads, off
 the generation path. Writes `user_path_<gpu>.json` under $OUT or benchmarks/results/ (atomically, after every
 section, so a run cut short keeps what it measured) and prints a table.
@@ -45,7 +47,7 @@ TARGETS = [("steady_video_fps_wan_vae", 32.0, ">="), ("steady_video_fps_taehv", 
            ("ttff_ms_steady", 200.0, "<="), ("first_video_s_cold", 20.0, "<="),
            ("first_video_s_warm_cache", 6.0, "<="), ("long_block_ms_steady", 420.0, "<="),
            ("peak_reserved_gib", 14.0, "<="), ("peak_reserved_gib_text_on_gpu", 24.0, "<=")]
-SECTIONS = ("cold", "warm_cache", "taehv", "long", "text_on_gpu")
+SECTIONS = ("cold", "warm_cache", "taehv", "long", "text_on_gpu", "decode_1_per_call")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-blocks", type=int, default=60)
     p.add_argument("--cli-arg", action="append", default=[], metavar="ARG",
                    help="passed to every inference.py call (repeat; e.g. --cli-arg=--no-cuda-graphs)")
+    p.add_argument("--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF for every call (default: the environment's)")
     p.add_argument("--budget-s", type=float, default=540.0, help="sections are skipped once this much time is spent")
     p.add_argument("--work-dir", help="videos, prompt files and the compile cache (default: a temporary folder)")
     p.add_argument("--name", help="result name (default: user_path_<gpu>, user_path_tiny_cpu with --tiny)")
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(compile_cache)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
                TORCHINDUCTOR_CACHE_DIR=str(compile_cache))
+    if args.alloc_conf is not None:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = args.alloc_conf
     (work / "prompts_4.txt").write_text("\n".join(PROMPTS) + "\n")
     (work / "prompts_1.txt").write_text(PROMPTS[0] + "\n")
     common = [*(["--device", "cpu"] if tiny else []), "--height", str(height), "--width", str(width),
@@ -163,8 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
              "long": ["--model", args.model, "--data_path", str(work / "prompts_1.txt"), "--preset", "long",
                       "--total-blocks", str(args.long_blocks), "--text-encoder-device", "cpu"],
              "text_on_gpu": ["--model", str(args.model_full_t5), "--data_path", str(work / "prompts_1.txt"),
-                             "--num_output_frames", str(args.latent_frames)]}
-    result = {"device": env_info["device"], "env": env_info, "args": vars(args), "height": height,
+                             "--num_output_frames", str(args.latent_frames)],
+             "decode_1_per_call": ["--model", args.model, *video, "--decode-frames-per-call", "1"]}
+    result = {"device": env_info["device"], "env": env_info, "args": vars(args),
+              "alloc_conf": env.get("PYTORCH_CUDA_ALLOC_CONF"), "height": height,
               "width": width, "sections": {}, "skipped": []}
     for section in [s for s in args.sections.split(",") if s]:
         if section not in calls:
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
 def headline(sections: dict) -> dict:
     """The issue's figures, from whatever sections ran (None where a section is missing)."""
     ok = {k: v for k, v in sections.items() if "error" not in v}
-    cold, warm, taehv, long_, text = (ok.get(k) for k in SECTIONS)
+    cold, warm, taehv, long_, text, small = (ok.get(k) for k in SECTIONS)
     first = lambda s: s["videos"][0]["total_s"] if s and s["videos"] else None  # noqa: E731
     return {"steady_video_fps_wan_vae": steady(cold, "frames_per_s") if cold else None,
             "steady_video_fps_taehv": steady(taehv, "frames_per_s") if taehv else None,
@@ -212,6 +219,8 @@ def headline(sections: dict) -> dict:
             "peak_reserved_gib": cold["peak_reserved_gib"] if cold else None,
             "peak_allocated_gib_text_on_gpu": text["peak_allocated_gib"] if text else None,
             "peak_reserved_gib_text_on_gpu": text["peak_reserved_gib"] if text else None,
+            "peak_reserved_gib_decode_1_per_call": small["peak_reserved_gib"] if small else None,
+            "steady_video_fps_wan_vae_decode_1_per_call": steady(small, "frames_per_s") if small else None,
             "text_encoding_ms_per_prompt_cpu": (cold["text_encoding_ms_all_prompts"] / len(PROMPTS)
                                                 if cold and cold["text_encoding_ms_all_prompts"] else None)}
 
@@ -231,7 +240,8 @@ def write_random_taehv(path: Path, tiny: bool) -> None:
 def print_summary(result: dict) -> None:
     rows = [("device", result["device"])]
     for key, value in result.items():
-        if key in ("device", "env", "args", "sections", "skipped", "targets", "total_s", "height", "width"):
+        if key in ("device", "env", "args", "alloc_conf", "sections", "skipped", "targets", "total_s", "height",
+                   "width"):
             continue
         rows.append((key, "-" if value is None else f"{value:.2f}"))
     for section, entry in result["sections"].items():

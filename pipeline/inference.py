@@ -6,6 +6,7 @@ blocks), so frames are available while later blocks are still being generated.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,13 +67,16 @@ class CausalInferencePipeline:
 
     def __init__(self, generator: WanDiT, text_encoder: Any, codec: Any, schedule: FlowMatchSchedule,
                  settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
-                 cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True):
+                 cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True,
+                 decode_frames_per_call: int | None = None):
         """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`); compile
         also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
         convolutions, regionally compiled);
         decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
         first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
-        `on_frames` is called twice with block 0), for the earliest first frame."""
+        `on_frames` is called twice with block 0), for the earliest first frame;
+        decode_frames_per_call: latent frames per Wan VAE decoder call (None: the decoder's default, 3): fewer hold
+        less activation memory, at some decode speed (`StreamingVAEDecoder`; the same frames)."""
         self.generator = generator.eval()
         self.text_encoder = text_encoder
         self.codec = codec
@@ -81,6 +85,7 @@ class CausalInferencePipeline:
         self.negative_prompt = negative_prompt
         self.decode_side_stream = decode_side_stream
         self.first_frame_alone = first_frame_alone
+        self.decode_frames_per_call = decode_frames_per_call
         if compile:
             generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
             if hasattr(codec, "compile_decoder") and next(codec.parameters()).device.type == "cuda":
@@ -156,6 +161,13 @@ class CausalInferencePipeline:
         cache.reset()
         return cache
 
+    def _stream_decoder(self, codec: Any):
+        """`codec.stream_decoder()`, with `decode_frames_per_call` where the codec takes it (the Wan VAE)."""
+        takes = "frames_per_call" in inspect.signature(codec.stream_decoder).parameters
+        if self.decode_frames_per_call is None or not takes:
+            return codec.stream_decoder()
+        return codec.stream_decoder(frames_per_call=self.decode_frames_per_call)
+
     # ------------------------------------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, num_latent_frames: int, height: int, width: int,
@@ -222,7 +234,7 @@ class CausalInferencePipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         start_ms = (time.perf_counter() - tic) * 1000.0  # prompt encoding and set-up, before the decoder's clock
 
-        stream = codec.stream_decoder() if decode else None
+        stream = self._stream_decoder(codec) if decode else None
         if stream is not None and initial_latent is not None:
             pixels = to_unit(stream.decode_chunk(initial_latent))
             if on_frames is not None:

@@ -39,20 +39,23 @@ class Levers:
     fused_qkv: bool = False
     attention_backend: str = "auto"
     decode_side_stream: bool = True
+    decode_frames_per_call: int | None = None  # the Wan VAE's latent frames per decoder call (None: its default)
 
     def inference_options(self, base: InferenceOptions | None = None) -> InferenceOptions:
         """`base` (default: `InferenceOptions()`, the exact levers on) with this set's generator switches."""
         return dataclasses.replace(base or InferenceOptions(), compile=self.compile, fused_qkv=self.fused_qkv)
 
 
-def levers_for(cfg: Any, device_type: str, *, fused_qkv: bool | None = None) -> Levers:
+def levers_for(cfg: Any, device_type: str, *, fused_qkv: bool | None = None,
+               decode_frames_per_call: int | None = None) -> Levers:
     """The levers of a resolved config (`config_defaults` merged in) on a device. On CUDA `attention_backend: auto`
     becomes a measurement (`fastest_attention_backend`) and the fused q/k/v GEMM is on unless `fused_qkv` is False;
     CUDA graphs exist on CUDA only."""
     cuda = device_type == "cuda"
     backend = MEASURE if cuda and cfg.attention_backend == "auto" else cfg.attention_backend
     return Levers(compile=bool(cfg.compile), cuda_graphs=bool(cfg.cuda_graphs) and cuda,
-                  fused_qkv=cuda if fused_qkv is None else fused_qkv, attention_backend=backend)
+                  fused_qkv=cuda if fused_qkv is None else fused_qkv, attention_backend=backend,
+                  decode_frames_per_call=decode_frames_per_call)
 
 
 def attention_shape(config: Any, tokens_per_frame: int, frames_per_block: int, cache_frames: int) -> dict[str, int]:

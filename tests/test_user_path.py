@@ -228,3 +228,29 @@ def test_cuda_graphs_are_never_on_off_cuda_even_when_asked():
     cfg = SimpleNamespace(compile=False, cuda_graphs=True, attention_backend="sdpa_flash")
     assert levers_for(cfg, "cpu") == Levers(compile=False, cuda_graphs=False, fused_qkv=False,
                                             attention_backend="sdpa_flash")
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_folder(tmp_path_factory):
+    """A folder with the Wan VAE's architecture at toy widths (benchmarks/random_wan_folder.py --tiny)."""
+    folder = tmp_path_factory.mktemp("wan") / "tiny_wan"
+    benchmark_module("random_wan_folder").main(["--tiny", "--out", str(folder), "--device", "cpu"])
+    return folder
+
+
+def test_fewer_latent_frames_per_decoder_call_give_the_same_video(tiny_wan_folder):
+    videos, calls = {}, {}
+    for per_call in (None, 1):
+        argv = ["--model", str(tiny_wan_folder)] + ([] if per_call is None else ["--decode-frames-per-call", "1"])
+        args = inference.build_parser().parse_intermixed_args(argv)
+        pipe, _, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+        assert pipe.levers.decode_frames_per_call == per_call
+        seen = calls[per_call] = []
+        hook = pipe.codec.vae.decoder.register_forward_pre_hook(
+            lambda _, a, kw, seen=seen: seen.append(a[0].shape[2]), with_kwargs=True)
+        videos[per_call] = pipe.generate(["a cat walks"], num_latent_frames=6, height=64, width=96,
+                                         generator=torch.Generator().manual_seed(1)).video
+        hook.remove()
+    assert calls[1] == [1] * 6 and calls[None] == [1, 2, 3]  # block 0: its first frame alone, then 2; block 1: 3
+    torch.testing.assert_close(videos[1], videos[None], atol=1e-5, rtol=0)
+    assert inference.main(["--model", str(tiny_wan_folder), "--decode-frames-per-call", "0", "--prompt", "x"]) == 2
