@@ -105,12 +105,19 @@ def test_the_built_cpu_pipeline_records_its_levers_in_the_stats(folder, tmp_path
     assert stats["text_encoding_ms_all_prompts"] > 0
 
 
-def test_demo_builds_through_the_same_levers_with_compile_left_to_the_page():
+def test_demo_builds_through_the_same_levers_with_compile_left_to_the_page(folder, tmp_path):
     args = demo.build_parser().parse_intermixed_args(["--no-fused-qkv"])
-    assert args.compile is False and args.fused_qkv is False and args.cuda_graphs is None
+    assert args.compile is None and args.fused_qkv is False and args.cuda_graphs is None
     cfg = inference.resolve_config(args, {}, "cuda")
-    assert levers_for(cfg, "cuda", fused_qkv=args.fused_qkv) == Levers(compile=False, cuda_graphs=True,
+    assert levers_for(cfg, "cuda", fused_qkv=args.fused_qkv) == Levers(compile=True, cuda_graphs=True,
                                                                         fused_qkv=False, attention_backend=MEASURE)
+    # The pipeline stays uncompiled (a job that asks compiles a twin); --compile starts the page's switch on.
+    for argv, page in (([], False), (["--compile"], True)):
+        args = demo.build_parser().parse_intermixed_args(["--model", str(folder), "--output-dir", str(tmp_path),
+                                                          *argv])
+        service = demo.load_service(args)
+        assert not service.pipe.generator.inference_options.compile and service.pipe.levers.compile is False
+        assert service.info()["default_compile"] is page and service.default_compile is page
 
 
 # ------------------------------------------------------------------------------------------------ presets
@@ -254,3 +261,12 @@ def test_fewer_latent_frames_per_decoder_call_give_the_same_video(tiny_wan_folde
     assert calls[1] == [1] * 6 and calls[None] == [1, 2, 3]  # block 0: its first frame alone, then 2; block 1: 3
     torch.testing.assert_close(videos[1], videos[None], atol=1e-5, rtol=0)
     assert inference.main(["--model", str(tiny_wan_folder), "--decode-frames-per-call", "0", "--prompt", "x"]) == 2
+
+
+def test_a_demo_request_without_compile_takes_the_pages_default():
+    from utils.demo_jobs import parse_request
+    body = {"prompt": "a red circle", "blocks": 1, "decoder": "pixel"}
+    assert parse_request(body, max_blocks=4, decoders=["pixel"], default_compile=True).compile is True
+    assert parse_request(body, max_blocks=4, decoders=["pixel"]).compile is False
+    assert parse_request(dict(body, compile=False), max_blocks=4, decoders=["pixel"], default_compile=True).compile \
+        is False
