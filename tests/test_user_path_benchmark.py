@@ -62,3 +62,13 @@ def test_peaks_take_loading_and_every_video():
                                         ("NVIDIA L40S", "l40s")])
 def test_result_file_is_named_after_the_gpu(name, slug):
     assert benchmark_module("user_path").gpu_slug(name) == slug
+
+
+def test_summary_row_names_the_measured_figures_only():
+    summarize = benchmark_module("summarize")
+    data = {"steady_video_fps_wan_vae": 30.12, "steady_video_fps_taehv": None, "ttff_ms_steady": 187.4,
+            "first_video_s_cold": 21.04, "first_video_s_warm_cache": 5.5, "long_block_ms_steady": 401.2,
+            "peak_reserved_gib": 12.34, "peak_reserved_gib_text_on_gpu": 23.0}
+    assert summarize.user_path_figure(data) == ("30.1 frames/s Wan VAE, first frame 187 ms, first video 21.0 s cold, "
+                                                "5.5 s warm cache, long 401 ms/block, peak reserved 12.3 GiB (text on "
+                                                "CPU), 23.0 GiB (UMT5-XXL on GPU)")
