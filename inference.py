@@ -438,8 +438,11 @@ def run(args: argparse.Namespace) -> int:
                                    width=width, generator=generator, initial_latent=first,
                                    prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames,
                                    keep_video=False, frames_on_host=True)
+            tic = time.perf_counter()
             for w in writers:
                 w.close()
+            # How long the writers' tail held up the next video (x264 runs beside the generation until here).
+            result.stats["mp4_wait_ms"] = (time.perf_counter() - tic) * 1000.0
         except BaseException:
             for w in writers:
                 w.abort()
