@@ -13,6 +13,7 @@ is a config value under the user's: a config file, a `key=value` override or a f
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
 from typing import Any
 
@@ -25,9 +26,17 @@ from model.wan_block import InferenceOptions
 MEASURE = "measure"
 
 
+def compiler_available() -> bool:
+    """Whether torch.compile can build GPU kernels here (inductor's CUDA code is Triton)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def config_defaults(device_type: str) -> dict[str, Any]:
-    """The config keys whose default depends on the device: merged under every file and override of the user."""
-    return {"compile": True, "cuda_graphs": True} if device_type == "cuda" else {}
+    """The config keys whose default depends on the device: merged under every file and override of the user.
+    Compile is a default only where Triton is installed (asked for without it, it fails, naming the cause)."""
+    if device_type != "cuda":
+        return {}
+    return {"compile": compiler_available(), "cuda_graphs": True}
 
 
 @dataclasses.dataclass(frozen=True)

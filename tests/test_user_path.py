@@ -35,6 +35,12 @@ def restore_attention_backend():
     attention.set_attention_backend("auto")
 
 
+@pytest.fixture(autouse=True)
+def triton_installed(monkeypatch):
+    """Settings for a CUDA machine with Triton, whatever this one has (nothing is compiled here)."""
+    monkeypatch.setattr(levers_module, "compiler_available", lambda: True)
+
+
 def cli_levers(argv: list[str], device_type: str, causal: dict | None = None) -> Levers:
     """The levers `inference.py argv` computes for a device, without loading anything."""
     args = inference.build_parser().parse_intermixed_args(argv)
@@ -229,6 +235,13 @@ def test_offloading_the_text_encoder_returns_its_gpu_memory(monkeypatch):
     monkeypatch.setattr(type(param), "is_cuda", property(lambda self: True))
     text.offload()
     assert emptied == [True]
+
+
+def test_compile_is_no_cuda_default_without_triton(monkeypatch):
+    monkeypatch.setattr(levers_module, "compiler_available", lambda: False)
+    levers = cli_levers([], "cuda")
+    assert not levers.compile and levers.cuda_graphs and levers.fused_qkv
+    assert cli_levers(["--compile"], "cuda").compile  # asked for: tried, and its failure names the cause
 
 
 def test_cuda_graphs_are_never_on_off_cuda_even_when_asked():
