@@ -16,8 +16,10 @@ if compgen -G ".whl_extra/*.whl" > /dev/null && ! python3 -c "import av" 2> /dev
     .whl_extra/*.whl && export PYTHONPATH="${TMPDIR:-/tmp}/sf-site:${PYTHONPATH:-}"
 fi
 start=$(date +%s)
-[ -f "$root/t5x2/model_index.json" ] || python3 benchmarks/random_wan_folder.py --out "$root/t5x2" --t5-layers 2 || exit 1
-[ -f "$root/t5x24/model_index.json" ] || python3 benchmarks/random_wan_folder.py --out "$root/t5x24" || exit 1
+for layers in 2 24; do
+  [ -f "$root/t5x$layers/model_index.json" ] ||
+    python3 benchmarks/random_wan_folder.py --out "$root/t5x$layers" --t5-layers $layers || exit 1
+done
 left=$((${USER_PATH_SECONDS:-570} - $(date +%s) + start))
 echo "model folders ready after $(( $(date +%s) - start )) s; ${left} s left for the sections"
 timeout "$left" python3 benchmarks/user_path.py --model "$root/t5x2" --model-full-t5 "$root/t5x24" \
