@@ -153,9 +153,9 @@ class CausalInferencePipeline:
             # The old cache goes before the new one is allocated (never both at once), and with it every CUDA graph
             # recorded on it: a graph holds its cache, its static inputs and its memory pool.
             self._kv = cache = None
-            for denoiser in {id(d): d for d in (self.denoiser, denoiser)}.values():
-                if isinstance(denoiser.model, GraphedDiT):
-                    denoiser.model.reset()
+            for user in {id(d): d for d in (self.denoiser, denoiser)}.values():
+                if isinstance(user.model, GraphedDiT):
+                    user.model.reset()
             cache = self._kv = self.generator.new_kv_cache(batch, h, w, capacity, window_frames=window,
                                                            sink_frames=sink, rope=st.rope)
         cache.reset()
