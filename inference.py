@@ -67,7 +67,7 @@ def add_speed_arguments(group, *, compile_flag: bool = True) -> None:
     if compile_flag:
         group.add_argument("--compile", action=argparse.BooleanOptionalAction,
                            help="torch.compile the generator's layer pieces and the Wan VAE's steady decoder (config "
-                           "key compile; default: on with CUDA, off on the CPU)")
+                           "key compile; default: on with CUDA where Triton is installed, off on the CPU)")
     group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
                        help="replay one CUDA graph per block position (config key cuda_graphs; default: on with CUDA)")
     group.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction,
