@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most blocks one video may have; larger requests are refused (default: %(default)s)")
     run = p.add_argument_group("runtime")
     inference.add_device_arguments(run)
+    inference.add_speed_arguments(run, compile_flag=False)
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                     help="whether the page's torch.compile switch starts on (each video compiles or not as the page "
+                     "says; default: on with CUDA)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 
@@ -86,15 +90,19 @@ def load_service(args: argparse.Namespace):
     from utils.demo_jobs import DemoService
     if args.max_blocks < 1:
         raise UsageError(f"--max-blocks must be >= 1, got {args.max_blocks}")
+    from pipeline.levers import config_defaults
     device, dtype = inference.pick_device(args)
-    pipe, cfg, source = inference.build_pipeline(args, device, dtype)
+    # The pipeline itself stays uncompiled: a job that asks for compile runs a compiled twin sharing its weights.
+    pipe, cfg, source = inference.build_pipeline(argparse.Namespace(**{**vars(args), "compile": False}), device, dtype)
+    default_compile = args.compile if args.compile is not None else config_defaults(device.type).get("compile", False)
     window, sink = rolling_cache_of_long_preset()
     decoders = load_decoders(args, cfg, pipe, device, dtype)
     shapes = "pixel" in decoders  # the pixel-shuffle codec is the shapes world's; the built-in prompts speak it
     return DemoService(pipe, decoders, height=cfg.height, width=cfg.width,
                        output_dir=args.output_dir, source=source, device=str(device), default_fps=cfg.fps,
                        default_prompt=inference.BUILTIN_PROMPTS[0] if shapes else GENERIC_PROMPT,
-                       max_blocks=args.max_blocks, rolling_window=window, rolling_sink=sink)
+                       max_blocks=args.max_blocks, rolling_window=window, rolling_sink=sink,
+                       default_compile=default_compile)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,14 +15,17 @@ skips finished outputs. Trailing `key=value` arguments override config keys (see
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.attention import ATTENTION_BACKENDS, set_attention_backend
+from model.attention import ATTENTION_BACKENDS
+from pipeline.levers import MEMORY_KEYS, format_memory, memory_report
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
@@ -34,8 +37,11 @@ def add_model_arguments(p: argparse.ArgumentParser):
     src = p.add_argument_group("model")
     src.add_argument("--model", help="exported model folder (default: the bundled assets/shapes_world)")
     src.add_argument("--config_path", help="YAML merged onto configs/default_config.yaml (original flag)")
-    src.add_argument("--preset", choices=sorted(PRESETS), help="inference preset: official | taehv | long "
-                     "(sink 5 + window 21 frames + relative RoPE for long, steady rollouts)")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="rollout preset, for any model (the bundled one "
+                     "too): long = sink 5 + window 21 latent frames + relative RoPE, for long steady rollouts; "
+                     "taehv = the TAEHV decoder (taehv_path); official = the released checkpoint's steps and blocks. "
+                     "It never chooses the model: with Wan weights (no --model) the released checkpoint's settings "
+                     "lie under it")
     src.add_argument("--checkpoint_path", help="generator weights: Self-Forcing .pt, safetensors or a folder")
     src.add_argument("--use_ema", action="store_true", help="load generator_ema from the checkpoint")
     src.add_argument("--model-root", help="folder holding the Wan model folders (config key model_root)")
@@ -47,10 +53,33 @@ def add_device_arguments(group) -> None:
     group.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     group.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="generator precision (default: bfloat16 on GPU, float32 on CPU)")
-    group.add_argument("--text-encoder-device", help="device of the text encoder (e.g. cpu to save GPU memory)")
+    group.add_argument("--text-encoder-device", help="device of the text encoder; cpu keeps UMT5-XXL (11 GB in "
+                       "bf16) off the GPU for good: the way onto a card of 24 GB or less (prompts are encoded once, "
+                       "before generating)")
     group.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks, for "
                        "GPUs with FP8 tensor cores (Ada, Hopper); speed and quality are measured by speed.py --fp8 and "
                        "evaluate_shapes.py --fp8 (not yet on a GPU); emulated, slower, elsewhere")
+
+
+def add_speed_arguments(group, *, compile_flag: bool = True) -> None:
+    """The speed levers (pipeline/levers.py): on by default on CUDA, each flag turns one off or pins it; shared with
+    demo.py (whose page switches compile per video: compile_flag=False)."""
+    if compile_flag:
+        group.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                           help="torch.compile the generator's layer pieces and the Wan VAE's steady decoder (config "
+                           "key compile; default: on with CUDA where Triton is installed, off on the CPU)")
+    group.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                       help="replay one CUDA graph per block position (config key cuda_graphs; default: on with CUDA)")
+    group.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction,
+                       help="one GEMM for the self-attention q/k/v projections (default: on with CUDA)")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                       help="pin the unmasked attention kernel (config key attention_backend). Default auto: with "
+                       "CUDA the fastest available one, timed at start-up on the last block's shape; else SDPA's "
+                       "choice (flash-attn if installed). sdpa_cudnn_halves / flash_attn_halves split the cache's "
+                       "keys in two halves, faster at batch 1 on an H100/H200 (benchmarks/attention_split.py)")
+    group.add_argument("--decode-frames-per-call", type=int, metavar="N",
+                       help="latent frames per Wan VAE decoder call (default 3, one block): fewer hold less of the "
+                       "decoder's activation memory, for small cards; the same frames")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,15 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="pixels (default: config width)")
     run = p.add_argument_group("runtime")
     add_device_arguments(run)
-    run.add_argument("--compile", action="store_true", help="torch.compile the generator (config key compile)")
-    run.add_argument("--cuda-graphs", action="store_true", help="replay CUDA graphs per block position "
-                     "(config key cuda_graphs; CUDA only)")
-    run.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
-                     help="unmasked attention kernel (config key attention_backend, default auto: flash-attn if "
-                     "installed, else SDPA's choice); sdpa_cudnn_halves / flash_attn_halves split the cache's keys "
-                     "in two halves, faster at batch 1 on an H100/H200 (benchmarks/attention_split.py)")
+    add_speed_arguments(run)
     run.add_argument("--offload-text-encoder", action="store_true",
-                     help="encode every prompt first, then move the text encoder to the CPU")
+                     help="encode every prompt first, then move the text encoder to the CPU and return its GPU memory "
+                     "(its weights still pass through the GPU once; --text-encoder-device cpu never puts them there)")
     run.add_argument("--parallel", choices=["data", "sequence"], default="data",
                      help="under torchrun: data = each rank generates its own share of the prompts; sequence = the "
                      "ranks of a group split the tokens (and KV cache heads) of ONE video, for lower latency per "
@@ -105,19 +129,27 @@ class UsageError(Exception):
     """A problem with the command line or inputs: reported in one line, exit code 2."""
 
 
-def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | None):
+def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | None, device_type: str = "cpu"):
+    """default_config.yaml <- the device's lever defaults <- the model folder's settings <- the preset <- --config_path
+    <- flags and key=value overrides. folder_causal None means Wan weights without a folder: the released checkpoint's
+    settings (configs/inference_official.yaml) then lie under any preset, as a folder's own settings do."""
+    from pipeline.levers import config_defaults
     from utils.config import load_config
     overrides = list(args.overrides)
     if args.model_root:
         overrides.append(f"model_root={args.model_root}")
-    if getattr(args, "compile", False):  # demo.py has its own per-video compile switch instead
-        overrides.append("compile=true")
-    if getattr(args, "cuda_graphs", False):
-        overrides.append("cuda_graphs=true")
+    for key in ("compile", "cuda_graphs"):  # None: the flag was not given, the config and device decide
+        if getattr(args, key, None) is not None:
+            overrides.append(f"{key}={str(getattr(args, key)).lower()}")
     if getattr(args, "attention_backend", None):
         overrides.append(f"attention_backend={args.attention_backend}")
-    layers = [("model folder settings", folder_causal)] if folder_causal else []
-    extra = [PRESETS[args.preset]] if args.preset else []
+    defaults = config_defaults(device_type)
+    layers = [(f"{device_type} defaults", defaults)] if defaults else []
+    layers += [("model folder settings", folder_causal)] if folder_causal else []
+    extra = []
+    if args.preset:
+        extra = [PRESETS["official"]] if folder_causal is None and args.preset != "official" else []
+        extra.append(PRESETS[args.preset])
     return load_config(args.config_path, overrides, layers=layers, extra_paths=extra)
 
 
@@ -154,7 +186,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     from utils import model_folder, wan_components
 
     folder = Path(args.model) if args.model else None
-    if folder is None and not (args.config_path or args.checkpoint_path or args.preset):
+    if folder is None and not (args.config_path or args.checkpoint_path):  # a preset never chooses the model
         if not model_folder.is_model_folder(DEFAULT_MODEL):
             raise UsageError(f"no model given and the bundled default {DEFAULT_MODEL} is missing: pass --model DIR "
                              "(an exported model folder) or --config_path/--checkpoint_path with Wan weights")
@@ -164,26 +196,30 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         if not model_folder.is_model_folder(folder):
             raise UsageError(f"{folder} is not a model folder (no model_index.json)")
         generator, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
-        cfg = resolve_config(args, causal)
+        cfg = resolve_config(args, causal, device.type)
         if args.checkpoint_path:
             from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
             state, _ = load_dit_state_dict(args.checkpoint_path, use_ema=args.use_ema)
             load_state_dict_strict(generator, state, args.checkpoint_path)
-        # An export without --include-base carries only the transformer: the rest comes from the Wan folder.
-        if model_folder.has_codec(folder):
-            codec = model_folder.load_codec(folder, device=device, dtype=torch.float32)
+        # An export without --include-base carries only the transformer: the rest comes from the Wan folder. Every
+        # part runs in the generator's precision (the original casts the whole pipeline to bf16).
+        if cfg.decoder == "taehv":
+            codec = load_taehv(cfg, device, dtype)
+        elif model_folder.has_codec(folder):
+            codec = model_folder.load_codec(folder, device=device, dtype=dtype)
         else:
             codec = wan_components.load_wan_vae(wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name),
                                                 device=device, dtype=dtype)
         if (folder / "text_encoder").is_dir():
-            text_encoder = model_folder.load_text_encoder(folder, generator.config.text_len, device=text_device)
+            text_encoder = model_folder.load_text_encoder(folder, generator.config.text_len, device=text_device,
+                                                          dtype=dtype)
         else:
             text_encoder = wan_components.load_wan_text_encoder(
                 wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name),
                 text_len=generator.config.text_len, device=text_device, dtype=dtype)
         source = str(folder)
     else:
-        cfg = resolve_config(args, None)
+        cfg = resolve_config(args, None, device.type)
         wan_dir = wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name)
         if not args.checkpoint_path and not cfg.generator_ckpt:
             raise UsageError("--checkpoint_path is required with Wan weights (a Self Forcing generator)")
@@ -192,10 +228,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         text_encoder = wan_components.load_wan_text_encoder(wan_dir, text_len=generator.config.text_len,
                                                             device=text_device, dtype=dtype)
         if cfg.decoder == "taehv":
-            if not cfg.taehv_path:
-                raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
-            from model.taehv import TAEHVCodec
-            codec = TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
+            codec = load_taehv(cfg, device, dtype)
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
         source = str(args.checkpoint_path or cfg.generator_ckpt)
@@ -204,12 +237,44 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         if not fp8_matmul_supported(device):
             print(f"warning: --fp8 on {device} is emulated (no FP8 tensor cores): slower than without", flush=True)
         convert_to_fp8(generator)
-    set_attention_backend(cfg.attention_backend)  # process-wide; raises if it names a flash-attn that is missing
+    levers = configure_levers(args, cfg, generator, codec, device, dtype)
     schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
     pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
-                                   negative_prompt=cfg.negative_prompt, compile=cfg.compile,
-                                   cuda_graphs=cfg.cuda_graphs and device.type == "cuda")
+                                   negative_prompt=cfg.negative_prompt, compile=levers.compile,
+                                   cuda_graphs=levers.cuda_graphs, decode_side_stream=levers.decode_side_stream,
+                                   decode_frames_per_call=levers.decode_frames_per_call)
+    pipe.levers = levers
     return pipe, cfg, source
+
+
+def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
+    if not cfg.taehv_path:
+        raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
+    from model.taehv import TAEHVCodec
+    return TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
+
+
+def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: torch.device, dtype: torch.dtype):
+    """The speed levers of this config on this device (`pipeline.levers.levers_for`), set on the generator and the
+    process (attention back-end, timed first where it is `auto` on CUDA, at --height/--width and the cache's length)."""
+    from pipeline.levers import MEASURE, apply_attention_backend, attention_shape, levers_for
+    per_call = getattr(args, "decode_frames_per_call", None)
+    if per_call is not None and per_call < 1:
+        raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
+    levers = levers_for(cfg, device.type, fused_qkv=getattr(args, "fused_qkv", None), decode_frames_per_call=per_call)
+    generator.inference_options = levers.inference_options(generator.inference_options)
+    shape = None
+    if levers.attention_backend == MEASURE:
+        s = codec.spatial_factor
+        height, width = getattr(args, "height", None) or cfg.height, getattr(args, "width", None) or cfg.width
+        window = cfg.model_kwargs.local_attn_size
+        shape = attention_shape(generator.config, generator.tokens_per_frame(height // s, width // s),
+                                cfg.num_frame_per_block, window if window != -1 else cfg.num_training_frames)
+    levers, measured = apply_attention_backend(levers, device, dtype, shape)
+    if measured is not None and int(os.environ.get("RANK", "0")) == 0:
+        timings = ", ".join(f"{k} {v:.2f} ms" for k, v in measured["ms"].items() if isinstance(v, float))
+        print(f"attention back-end: {levers.attention_backend} (timed: {timings})", flush=True)
+    return levers
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -343,10 +408,16 @@ def run(args: argparse.Namespace) -> int:
           f"{frames} latent frames at {height}x{width}, model {source}", flush=True)
     # All text is encoded up front, off the generation path (and so the encoder can be offloaded afterwards).
     texts = [p.model_text for p, _ in todo] + ([text for _, text in schedule] if schedule and todo else [])
+    text_ms = None
     if texts:
+        tic = time.perf_counter()
         pipe.encode_prompts(texts)
+        text_ms = (time.perf_counter() - tic) * 1000.0  # reported apart: the videos' own clocks start after it
     if args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
         pipe.text_encoder.offload()
+    # Loading and text encoding: each video's stats then carry the peaks of its own generation.
+    setup_peaks = memory_report(device)
+    peaks = dict(setup_peaks)
     from tqdm import tqdm
     for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
@@ -367,12 +438,16 @@ def run(args: argparse.Namespace) -> int:
                                    width=width, generator=generator, initial_latent=first,
                                    prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames,
                                    keep_video=False, frames_on_host=True)
+            tic = time.perf_counter()
             for w in writers:
                 w.close()
+            # How long the writers' tail held up the next video (x264 runs beside the generation until here).
+            result.stats["mp4_wait_ms"] = (time.perf_counter() - tic) * 1000.0
         except BaseException:
             for w in writers:
                 w.abort()
             raise
+        peaks = {k: max(filter(None, (peaks.get(k), result.stats.get(k))), default=None) for k in MEMORY_KEYS}
         if not layout.is_leader:
             continue
         for sample, name in enumerate(names):
@@ -382,9 +457,13 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
                 "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
                 "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
-                "settings": vars(pipe.settings), "parallel": {"mode": args.parallel, "sequence_size":
-                                                              layout.sequence_size, "data_size": layout.data_size},
+                "settings": vars(pipe.settings), "levers": dataclasses.asdict(pipe.levers),
+                "text_encoding_ms_all_prompts": text_ms, **{f"setup_{k}": v for k, v in setup_peaks.items()},
+                "parallel": {"mode": args.parallel, "sequence_size": layout.sequence_size,
+                             "data_size": layout.data_size},
                 **result.stats})
+    if todo and layout.is_leader:
+        print(f"[rank {rank}/{world}] {format_memory(peaks)}", flush=True)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -9,6 +9,8 @@ Layout: the exported folder (transformer/ in diffusers format, text_encoder/, to
 both `inference.py --model` and the training `model_root` read. The DiT and the VAE are the real architectures. The text
 encoder is UMT5-XXL's architecture with `--t5-layers` of its 24 layers (default all 24: 5.7 B parameters, the real
 memory footprint); the tokenizer is a word tokenizer built in code (the real SentencePiece vocabulary is a download).
+`--tiny`: the same layout and architectures at toy widths (a few MB, CPU), for harness checks such as
+`benchmarks/user_path.py --tiny`.
 """
 from __future__ import annotations
 
@@ -32,31 +34,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where random weights are drawn (GPU is much faster for 5.7 B parameters)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="toy widths of every part (CPU harness checks)")
     args = p.parse_args(argv)
 
     from diffusers import AutoencoderKLWan
     from transformers import UMT5EncoderModel
 
-    from model.config import WAN_1_3B
+    from model.config import WAN_1_3B, WanConfig
     from model.text_encoder import build_word_tokenizer, umt5_xxl_config
+    from model.vae import WAN21_VAE_CONFIG
     from model.wan import WanDiT
     from utils.model_folder import save_model_folder
 
     tic = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    with device:
-        dit = WanDiT(WAN_1_3B)
-        dit.init_weights()
-    dit = dit.to(torch.bfloat16)
     config = umt5_xxl_config()
     config.num_layers = args.t5_layers
+    dit_config, vae_config, dtype = WAN_1_3B, {}, torch.bfloat16  # diffusers' defaults are Wan2.1's VAE
+    if args.tiny:
+        dit_config = WanConfig(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, freq_dim=32, text_len=16,
+                               in_dim=16, out_dim=16)
+        config.update(dict(d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=min(args.t5_layers, 1),
+                           relative_attention_num_buckets=8, vocab_size=len(WORDS) + 8))
+        vae_config, dtype = dict(WAN21_VAE_CONFIG, base_dim=8), torch.float32
     with device:
-        t5 = UMT5EncoderModel(config).to(torch.bfloat16).eval()
-    vae = AutoencoderKLWan()  # diffusers' defaults are Wan2.1's VAE
+        dit = WanDiT(dit_config)
+        dit.init_weights()
+    dit = dit.to(dtype)
+    with device:
+        t5 = UMT5EncoderModel(config).to(dtype).eval()
+    vae = AutoencoderKLWan(**vae_config)
+    height, width = (64, 96) if args.tiny else (480, 832)
     causal = {"denoising_step_list": [1000, 750, 500, 250], "warp_denoising_step": True, "num_frame_per_block": 3,
-              "independent_first_frame": False, "context_noise": 0.0, "negative_prompt": "", "height": 480,
-              "width": 832, "fps": 16, "decoder": "wan", "image_or_video_shape": [1, 21, 16, 60, 104],
+              "independent_first_frame": False, "context_noise": 0.0, "negative_prompt": "", "height": height,
+              "width": width, "fps": 16, "decoder": "wan", "image_or_video_shape": [1, 21, 16, height // 8, width // 8],
               "model_kwargs": {"timestep_shift": 5.0, "local_attn_size": -1, "sink_size": 0, "rope": "absolute"}}
     save_model_folder(args.out, transformer=dit, wan_config=dit.config, causal=causal, text_encoder=t5,
                       tokenizer=build_word_tokenizer(WORDS), vae=vae, transformer_format="diffusers",

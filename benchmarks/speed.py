@@ -32,6 +32,7 @@ from model.config import WAN_1_3B
 from model.wan_block import InferenceOptions
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
+from pipeline.levers import attention_shape, fastest_attention_backend
 from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder
@@ -69,6 +70,15 @@ def apply_lever(s: Setting, lever: str, bench: Bench) -> None:
         setattr(o, lever, True)
     elif lever != "eager":
         raise ValueError(f"unknown lever {lever!r}; expected one of {LEVERS}")
+
+
+def every_lever(bench: Bench, levers: tuple[str, ...] = LEVERS) -> Setting:
+    """The setting of the last entry when every lever works: what the command line turns on by default on CUDA
+    (`pipeline.levers.levers_for`; tests/test_user_path.py holds the two together)."""
+    setting = Setting(InferenceOptions.all_off())
+    for lever in levers:
+        apply_lever(setting, lever, bench)
+    return setting
 
 
 class Bench:
@@ -112,24 +122,11 @@ class Bench:
         return Denoiser(GraphedDiT(self.model) if s.graphs else self.model, self.schedule)
 
     def fastest_attention(self) -> str:
-        """Time every available unmasked attention back-end on the last block's self-attention shape."""
+        """Every available unmasked attention back-end timed on the last block's self-attention shape, as the command
+        line times them at start-up (`pipeline.levers.fastest_attention_backend`)."""
         if self._attention is None:
-            q = torch.randn(1, self.fpb * self.tpf, self.config.num_heads, self.config.head_dim,
-                            device=self.device, dtype=self.dtype)
-            kv = torch.randn(1, self.args.blocks * self.fpb * self.tpf, *q.shape[2:], device=self.device,
-                             dtype=self.dtype)
-            times = {}
-            for name in attention_backends.ATTENTION_BACKENDS:
-                if name == "sdpa_math":  # materialises the score matrix: never the fastest, only slow to time
-                    continue
-                try:
-                    attention_backends.set_attention_backend(name)
-                    times[name] = timed(lambda: attention_backends.attention(q, kv, kv), self.device, repeats=5)[0]
-                except Exception as err:  # noqa: BLE001 - a back-end missing here is a fact to record
-                    times[name] = f"{type(err).__name__}: {str(err)[:200]}"
-            attention_backends.set_attention_backend("auto")
-            ok = {k: v for k, v in times.items() if isinstance(v, float)}
-            self._attention = {"ms": times, "fastest": min(ok, key=ok.get) if ok else "auto"}
+            shape = attention_shape(self.config, self.tpf, self.fpb, self.args.blocks * self.fpb)
+            self._attention = fastest_attention_backend(self.device, self.dtype, **shape)
         return self._attention["fastest"]
 
     # --------------------------------------------------------------------------------------------- runs

@@ -22,6 +22,13 @@ from scripts import shapes_results  # noqa: E402  (the shapes-world numbers mean
 RESULTS = Path(__file__).with_name("results")
 
 
+def memory_figure(stats: dict) -> str:
+    """inference.py's peaks: allocated and reserved (stats before both were kept: allocated only)."""
+    if "peak_reserved_gib" in stats:
+        return f"{stats['peak_allocated_gib']:.1f} GiB allocated, {stats['peak_reserved_gib']:.1f} GiB reserved"
+    return f"{stats['peak_gpu_memory_gib']:.1f} GiB"
+
+
 def rows() -> list[str]:
     out = ["| result file | device | torch | what | figure |", "| --- | --- | --- | --- | --- |"]
     for path in sorted(RESULTS.glob("*.json")):
@@ -61,8 +68,7 @@ def rows() -> list[str]:
             out.append(head + f"| inference.py {data['what']}, {st['height']}x{st['width']} | "
                               f"{st['total_ms']:.0f} ms for {st['pixel_frames']} frames, "
                               f"{st['frames_per_s']:.1f} frames/s incl. decode, "
-                              f"first frame {st['time_to_first_frame_ms']:.0f} ms, "
-                              f"peak {st['peak_gpu_memory_gib']:.1f} GiB |")
+                              f"first frame {st['time_to_first_frame_ms']:.0f} ms, peak {memory_figure(st)} |")
         elif "ms_per_step_median" in data and "peak_gpu_memory_gib" in data:  # benchmarks/train_step.py
             peaks = data.get("peak_gpu_memory_gib_per_rank") or [data["peak_gpu_memory_gib"]]
             memory = "-" if peaks[0] is None else " / ".join(f"{p:.1f}" for p in peaks) + " GiB"
@@ -109,11 +115,24 @@ def rows() -> list[str]:
                      f"({c['tflops']:.0f} TFLOP/s)" for c in data["cases"] if "ms" in c and not c["cudnn_benchmark"]]
             out.append(head + f"| Wan VAE decoder convolutions, one 12-frame call (cuDNN heuristics) | "
                               f"{'; '.join(parts)} |")
+        elif "steady_video_fps_wan_vae" in data:  # benchmarks/user_path.py
+            out.append(head + f"| inference.py as users run it, {data['height']}x{data['width']} | "
+                              f"{user_path_figure(data)} |")
         elif "bidirectional" in data:
             parts = [f"{k.replace('_', ' ')} {v['ms']:.0f} ms ({v['peak_gib']:.1f} GiB peak)"
                      for k, v in data.items() if isinstance(v, dict) and "ms" in v]
             out.append(head + f"| DiT forwards, latent {data['latent']} | {'; '.join(parts)} |")
     return out
+
+
+def user_path_figure(data: dict) -> str:
+    """The user's-path figures that were measured (benchmarks/user_path.py)."""
+    labels = (("steady_video_fps_wan_vae", "{:.1f} frames/s Wan VAE"), ("steady_video_fps_taehv", "{:.1f} TAEHV"),
+              ("ttff_ms_steady", "first frame {:.0f} ms"), ("first_video_s_cold", "first video {:.1f} s cold"),
+              ("first_video_s_warm_cache", "{:.1f} s warm cache"), ("long_block_ms_steady", "long {:.0f} ms/block"),
+              ("peak_reserved_gib", "peak reserved {:.1f} GiB (text on CPU)"),
+              ("peak_reserved_gib_text_on_gpu", "{:.1f} GiB (UMT5-XXL on GPU)"))
+    return ", ".join(text.format(data[key]) for key, text in labels if data.get(key) is not None)
 
 
 def speed_figure(data: dict) -> str:

@@ -223,7 +223,10 @@ class TextEncoder(nn.Module):
 
     def offload(self) -> TextEncoder:
         """Move the weights to CPU (e.g. after the prompts of a run are encoded) to free accelerator memory."""
+        was_cuda = next(self.encoder.parameters()).is_cuda
         self.encoder.to("cpu")
+        if was_cuda:  # nothing references the GPU copies now: hand the allocator's blocks back to the driver
+            torch.cuda.empty_cache()
         return self
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

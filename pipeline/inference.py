@@ -6,6 +6,7 @@ blocks), so frames are available while later blocks are still being generated.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from model.prompt_cache import PromptEmbeddingCache
 from model.wan import WanDiT
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
+from pipeline.levers import memory_report
 from pipeline.rollout import block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
-from pipeline.streaming import BlockDecoder, FramesCallback, to_unit
+from pipeline.streaming import BlockDecoder, FramesCallback, TimelineClock, to_unit
 
 # FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]), in order; block -1 carries the decoded frames
 # of an initial latent; block 0 comes in two calls (its first frame alone) unless first_frame_alone is off.
@@ -65,13 +67,16 @@ class CausalInferencePipeline:
 
     def __init__(self, generator: WanDiT, text_encoder: Any, codec: Any, schedule: FlowMatchSchedule,
                  settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
-                 cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True):
+                 cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True,
+                 decode_frames_per_call: int | None = None):
         """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`); compile
         also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
         convolutions, regionally compiled);
         decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
         first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
-        `on_frames` is called twice with block 0), for the earliest first frame."""
+        `on_frames` is called twice with block 0), for the earliest first frame;
+        decode_frames_per_call: latent frames per Wan VAE decoder call (None: the decoder's default, 3): fewer hold
+        less activation memory, at some decode speed (`StreamingVAEDecoder`; the same frames)."""
         self.generator = generator.eval()
         self.text_encoder = text_encoder
         self.codec = codec
@@ -80,6 +85,7 @@ class CausalInferencePipeline:
         self.negative_prompt = negative_prompt
         self.decode_side_stream = decode_side_stream
         self.first_frame_alone = first_frame_alone
+        self.decode_frames_per_call = decode_frames_per_call
         if compile:
             generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
             if hasattr(codec, "compile_decoder") and next(codec.parameters()).device.type == "cuda":
@@ -122,7 +128,8 @@ class CausalInferencePipeline:
         st = self.settings
         return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
 
-    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings) -> KVCache:
+    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings, denoiser: Denoiser) -> KVCache:
+        """The KV cache of a call, sized for its frames (the window's when rolling), reused while it fits exactly."""
         rolling = st.window_frames != -1
         if not rolling and frames > st.max_frames_without_window:
             raise ValueError(f"{frames} latent frames do not fit the KV cache without a rolling window (at most "
@@ -130,16 +137,36 @@ class CausalInferencePipeline:
         if st.rope == "absolute" and frames > self.generator.config.rope_max_positions:
             raise ValueError(f"{frames} latent frames exceed the RoPE table of "
                              f"{self.generator.config.rope_max_positions}; use model_kwargs.rope=relative")
-        capacity = st.window_frames if rolling else frames
+        capacity, window, sink = frames, st.window_frames, st.sink_frames
+        if rolling and frames < st.window_frames:
+            # A video shorter than the window never rolls: a cache of its own length attends to the same frames and
+            # holds no slots it would never fill (the sink only matters once frames are evicted).
+            window, sink = frames, min(st.sink_frames, frames - 1)
+        elif rolling:
+            capacity = st.window_frames
         cache = self._kv
         if (cache is None or cache.k.shape[1] != batch
                 or cache.capacity != capacity * self.generator.tokens_per_frame(h, w)
+                or cache.window_frames != window or cache.sink != sink * cache.tokens_per_frame
                 or cache.rope != st.rope or cache.k.dtype != self.dtype or cache.k.device != self.device
                 or cache.tokens_per_frame != self.generator.tokens_per_frame(h, w)):
-            cache = self._kv = self.generator.new_kv_cache(batch, h, w, capacity, window_frames=st.window_frames,
-                                                           sink_frames=st.sink_frames, rope=st.rope)
+            # The old cache goes before the new one is allocated (never both at once), and with it every CUDA graph
+            # recorded on it: a graph holds its cache, its static inputs and its memory pool.
+            self._kv = cache = None
+            for user in {id(d): d for d in (self.denoiser, denoiser)}.values():
+                if isinstance(user.model, GraphedDiT):
+                    user.model.reset()
+            cache = self._kv = self.generator.new_kv_cache(batch, h, w, capacity, window_frames=window,
+                                                           sink_frames=sink, rope=st.rope)
         cache.reset()
         return cache
+
+    def _stream_decoder(self, codec: Any):
+        """`codec.stream_decoder()`, with `decode_frames_per_call` where the codec takes it (the Wan VAE)."""
+        takes = "frames_per_call" in inspect.signature(codec.stream_decoder).parameters
+        if self.decode_frames_per_call is None or not takes:
+            return codec.stream_decoder()
+        return codec.stream_decoder(frames_per_call=self.decode_frames_per_call)
 
     # ------------------------------------------------------------------------------------------------ generate
     @torch.no_grad()
@@ -202,12 +229,12 @@ class CausalInferencePipeline:
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         if initial_latent is not None:
             initial_latent = initial_latent.to(device=self.device, dtype=self.dtype)
-        cache = self._cache(batch, h, w, prefix + num_latent_frames, st)
+        cache = self._cache(batch, h, w, prefix + num_latent_frames, st, denoiser)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start_ms = (time.perf_counter() - tic) * 1000.0  # prompt encoding and set-up, before the decoder's clock
 
-        stream = codec.stream_decoder() if decode else None
+        stream = self._stream_decoder(codec) if decode else None
         if stream is not None and initial_latent is not None:
             pixels = to_unit(stream.decode_chunk(initial_latent))
             if on_frames is not None:
@@ -227,7 +254,10 @@ class CausalInferencePipeline:
                 noise = noise.pin_memory().to(like.device, non_blocking=True)
             return noise.to(like)
 
+        clock = TimelineClock(self.device)
+
         def on_block(index: int, start: int, x0: Tensor) -> None:
+            clock.mark()
             if decoder is not None:
                 decoder.submit(index, x0)
 
@@ -236,12 +266,17 @@ class CausalInferencePipeline:
                          context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
                          should_stop=should_stop, final_context_pass=False)
         frames = decoder.finish() if decoder is not None else []
+        clock.mark()  # after `finish`, the generation stream has waited for the decode stream: every frame is out
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         total_ms = (time.perf_counter() - tic) * 1000.0
         video = torch.cat(frames, dim=1) if frames else None
         first_ms = decoder.time_to_first_frame_ms if decoder is not None else None
-        stats = {"block_ms": result.block_ms, "total_ms": total_ms, "latent_frames": result.latents.shape[1],
+        *block_end_ms, done_ms = clock.since_start_ms()
+        # block_ms: host time per block (the host may run ahead of the GPU); block_end_ms / done_ms: on the device's
+        # timeline from the rollout's start, when each block's latents were ready and when the last frame was decoded.
+        stats = {"block_ms": result.block_ms, "block_end_ms": block_end_ms, "done_ms": done_ms, "total_ms": total_ms,
+                 "latent_frames": result.latents.shape[1],
                  "time_to_first_frame_ms": None if first_ms is None else first_ms + start_ms,
                  "stopped": result.stopped}
         if switches:
@@ -249,7 +284,6 @@ class CausalInferencePipeline:
         if decoder is not None and decoder.pixel_frames:
             stats["pixel_frames"] = decoder.pixel_frames
             stats["frames_per_s"] = decoder.pixel_frames * batch / (total_ms / 1000.0)
-        if self.device.type == "cuda":
-            stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        stats.update(memory_report(self.device))
         return Generation(video=video, latents=result.latents, stats=stats)
 

@@ -134,3 +134,30 @@ class BlockDecoder:
             self._first_done.synchronize()
             self._first_frame_ms = self._start.elapsed_time(self._first_done)
         return self._first_frame_ms
+
+
+class TimelineClock:
+    """Marks on the device's timeline (CUDA events on the current stream; the host clock elsewhere), read once after
+    the work is done: never a host sync while marking."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list[Any] = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append(event)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def since_start_ms(self) -> list[float]:
+        """Milliseconds from construction to each later mark (waits for the last one)."""
+        first, rest = self._marks[0], self._marks[1:]
+        if self.cuda:
+            if rest:
+                rest[-1].synchronize()
+            return [first.elapsed_time(m) for m in rest]
+        return [(m - first) * 1000.0 for m in rest]

@@ -87,7 +87,8 @@ def _in_range(value: int, low: int, high: int, field: str, what: str) -> int:
     return value
 
 
-def parse_request(data: Mapping[str, Any], *, max_blocks: int, decoders: list[str]) -> GenerationRequest:
+def parse_request(data: Mapping[str, Any], *, max_blocks: int, decoders: list[str],
+                  default_compile: bool = False) -> GenerationRequest:
     """A page's start request -> GenerationRequest; RequestError names the first bad field."""
     if not isinstance(data, Mapping):
         raise RequestError("request", "expected a JSON object with prompt, seed, fps, blocks, decoder, compile")
@@ -105,7 +106,7 @@ def parse_request(data: Mapping[str, Any], *, max_blocks: int, decoders: list[st
     decoder = data.get("decoder") or decoders[0]
     if decoder not in decoders:
         raise RequestError("decoder", f"decoder {decoder!r} is not loaded; choose one of {', '.join(decoders)}")
-    compile_ = data.get("compile", False)
+    compile_ = data.get("compile", default_compile)
     if not isinstance(compile_, bool):
         raise RequestError("compile", f"compile must be true or false, got {compile_!r}")
     return GenerationRequest(prompt, seed, fps, blocks, decoder, compile_)
@@ -219,13 +220,14 @@ class DemoService:
       holds without a window (the `long` inference preset's values, capped to the model's trained length).
     compile_fn: how the generator is compiled when a job asks for it (once, then reused; default
       `compiled_twin`).
+    default_compile: whether a job compiles when its request does not say (the page's switch starts so).
     """
 
     def __init__(self, pipe: CausalInferencePipeline, decoders: dict[str, Any], *, height: int, width: int,
                  output_dir: str | Path, source: str = "", device: str = "", default_fps: int = 16,
                  default_prompt: str = "", max_blocks: int = 600, rolling_window: int = 21, rolling_sink: int = 5,
                  attach_timeout: float = 15.0, keep_jobs: int = 16,
-                 compile_fn: Callable[[torch.nn.Module], Any] | None = None):
+                 compile_fn: Callable[[torch.nn.Module], Any] | None = None, default_compile: bool = False):
         if max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
         pipe.latent_grid(height, width)  # a bad resolution fails at start-up, not at the first click
@@ -236,6 +238,7 @@ class DemoService:
         self.max_blocks, self.rolling_window, self.rolling_sink = max_blocks, rolling_window, rolling_sink
         self.attach_timeout, self.keep_jobs = attach_timeout, keep_jobs
         self.compile_fn = compile_fn or compiled_twin
+        self.default_compile = default_compile
         pipe.first_frame_alone = False  # the page takes one event per block (block 0 is not split in two)
         self._compiled: Denoiser | None = None
         self._busy = threading.Lock()
@@ -278,7 +281,7 @@ class DemoService:
                 "rolling_after_blocks": after, "window_frames": rolling.window_frames,
                 "sink_frames": rolling.sink_frames, "fps_range": list(FPS_RANGE),
                 "decoders": [{"name": n, "label": DECODER_LABELS.get(n, n)} for n in self.decoders],
-                "busy": self._busy.locked()}
+                "default_compile": self.default_compile, "busy": self._busy.locked()}
 
     # -------------------------------------------------------------------------------------------- jobs
     def job(self, job_id: str) -> Job | None:
@@ -286,7 +289,8 @@ class DemoService:
             return self._jobs.get(job_id)
 
     def start(self, data: Mapping[str, Any]) -> Job:
-        request = parse_request(data, max_blocks=self.max_blocks, decoders=list(self.decoders))
+        request = parse_request(data, max_blocks=self.max_blocks, decoders=list(self.decoders),
+                                default_compile=self.default_compile)
         if not self._busy.acquire(blocking=False):
             running = self.current
             detail = (f" ({running.request.blocks} blocks, started {time.monotonic() - running.started:.0f} s ago)"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The user's path on one GPU, in one command: random real-size model folders (UMT5-XXL with 2 of its 24 layers for the
+# timed sections, all 24 for the memory of the text encoder on the GPU), then benchmarks/user_path.py, which runs
+# inference.py itself for every section and writes user_path_<gpu>.json and its log to $OUT.
+#   bash benchmarks/user_path.sh [extra user_path.py arguments]     # USER_PATH_SECONDS: the whole time box (570)
+# Off-line machines: carry the wheels of benchmarks/plans/README.md (.whl, and .whl_extra for the mp4 writer).
+set -uo pipefail
+export OUT=${OUT:-runs/user_path_out} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+root=${WAN_RANDOM_ROOT:-runs/wan_random}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+source benchmarks/device_site.sh
+# mp4 writing needs PyAV or imageio-ffmpeg: carried wheels of the latter (.whl_extra) join the same site.
+if compgen -G ".whl_extra/*.whl" > /dev/null && ! python3 -c "import av" 2> /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "${TMPDIR:-/tmp}/sf-site" \
+    .whl_extra/*.whl && export PYTHONPATH="${TMPDIR:-/tmp}/sf-site:${PYTHONPATH:-}"
+fi
+start=$(date +%s)
+for layers in 2 24; do
+  [ -f "$root/t5x$layers/model_index.json" ] ||
+    python3 benchmarks/random_wan_folder.py --out "$root/t5x$layers" --t5-layers $layers || exit 1
+done
+left=$((${USER_PATH_SECONDS:-570} - $(date +%s) + start))
+echo "model folders ready after $(( $(date +%s) - start )) s; ${left} s left for the sections"
+timeout "$left" python3 benchmarks/user_path.py --model "$root/t5x2" --model-full-t5 "$root/t5x24" \
+  --work-dir runs/user_path_work --budget-s $((left - 20)) "$@" 2>&1 | tee "$OUT/user_path_log.txt" | tail -40
