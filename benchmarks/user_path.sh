@@ -3,18 +3,12 @@
 # timed sections, all 24 for the memory of the text encoder on the GPU), then benchmarks/user_path.py, which runs
 # inference.py itself for every section and writes user_path_<gpu>.json and its log to $OUT.
 #   bash benchmarks/user_path.sh [extra user_path.py arguments]     # USER_PATH_SECONDS: the whole time box (570)
-# Off-line machines: carry the wheels of benchmarks/plans/README.md (.whl, and .whl_extra for the mp4 writer).
+# Needs the project's requirements installed (`pip install -e .`) and a CUDA build of torch.
 set -uo pipefail
 export OUT=${OUT:-runs/user_path_out} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 root=${WAN_RANDOM_ROOT:-runs/wan_random}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-source benchmarks/device_site.sh
-# mp4 writing needs PyAV or imageio-ffmpeg: carried wheels of the latter (.whl_extra) join the same site.
-if compgen -G ".whl_extra/*.whl" > /dev/null && ! python3 -c "import av" 2> /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "${TMPDIR:-/tmp}/sf-site" \
-    .whl_extra/*.whl && export PYTHONPATH="${TMPDIR:-/tmp}/sf-site:${PYTHONPATH:-}"
-fi
 start=$(date +%s)
 for layers in 2 24; do
   [ -f "$root/t5x$layers/model_index.json" ] ||
