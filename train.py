@@ -35,9 +35,6 @@ distributed:
   Global batch = batch_size x GPUs x accumulation; set total_batch_size to accumulate.
 """
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, NotADirectoryError)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,13 +138,14 @@ def main(argv: Optional[Sequence[str]] = None, *, models: Any = None, data: Any 
     """
     args = parse_args(argv)
     from trainer.loop import NonFiniteLossError
+    from utils.errors import UserError
     from utils.distributed import cleanup_distributed, init_distributed
 
     dist_state = init_distributed()
     try:
         try:
             trainer = _setup(args, dist_state, models, data, algorithm_factory)
-        except _USER_ERRORS as err:
+        except UserError as err:  # only the project's own errors: a bug keeps its traceback
             _fail(err, 2)
         try:
             trainer.train()
@@ -159,12 +157,8 @@ def main(argv: Optional[Sequence[str]] = None, *, models: Any = None, data: Any 
 
 
 def _fail(err: BaseException, status: int) -> None:
-    from utils.config import ConfigError
-
-    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    if isinstance(err, ConfigError):  # omegaconf appends "full_key: ... object_type=..." lines; the first says it all
-        message = message.splitlines()[0]
-    print(f"train.py: error: {message}", file=sys.stderr)
+    from utils.errors import one_line
+    print(f"train.py: error: {one_line(err)}", file=sys.stderr)
     raise SystemExit(status)
 
 

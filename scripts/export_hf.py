@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.errors import InputError, MissingFileError, UserError, one_line  # noqa: E402
 from utils.model_folder import causal_settings, is_model_folder, save_model_folder  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
     if path.is_dir() and not (path / TRAINING_STATE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path} holds no training checkpoint (checkpoint_model_*/{TRAINING_STATE})")
+            raise MissingFileError(f"{path} holds no training checkpoint (checkpoint_model_*/{TRAINING_STATE})")
         path = latest
     cfg, step, wan_config = None, None, None
     if path.is_dir():
@@ -48,7 +49,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
             "generator_ema" if (path / "generator_ema.safetensors").is_file() else "generator")
         weight_file = path / f"{stem}.safetensors"
         if not weight_file.is_file():
-            raise FileNotFoundError(f"{weight_file} does not exist")
+            raise MissingFileError(f"{weight_file} does not exist")
         state, wan_config = load_dit_state_dict(weight_file)
         step = int(load_training_state(path).get("step", 0))
         if (path / "config.yaml").is_file() and not config_path:
@@ -71,7 +72,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
     from utils.lora import is_lora_state_dict, lora_scaling, merge_lora_state_dict
     if is_lora_state_dict(state):
         if cfg is None or cfg.lora_rank < 1:
-            raise ValueError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
+            raise InputError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
         state = merge_lora_state_dict(state, lora_scaling(cfg.lora_rank, cfg.lora_alpha))
     if wan_config is None and cfg is not None and cfg.dit_config:
         # A network built from dit_config (the shapes world): the config, not the weights, says its heads, text
@@ -97,7 +98,7 @@ def card_evaluation(path: Path) -> dict | str:
     paper's claims checked on it; any other JSON as its flat numbers."""
     data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of evaluation numbers, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON object of evaluation numbers, got {type(data).__name__}")
     from scripts.shapes_results import FORMAT, claims, load_eval, markdown_table
     if data.get("format") != FORMAT:
         return data
@@ -150,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copytree(copy_from / part, out / part, dirs_exist_ok=True)
                     index[part] = base_index.get(part)
             (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+    except UserError as err:  # only the project's own errors: a bug keeps its traceback
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     if args.push_to_hub:
