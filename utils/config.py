@@ -196,7 +196,9 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
         value = OmegaConf.select(OmegaConf.structured(cfg), key) if "." in key else getattr(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{where(key)}: {key} = {value!r} is not one of {list(allowed)}")
-    for key in ("num_frame_per_block", "dfake_gen_update_ratio", "max_steps", "fps", "height", "width", "batch_size",
+    if cfg.max_steps < 0:  # 0 is meaningful: the initial weights written as checkpoint 0
+        raise ConfigError(f"{where('max_steps')}: max_steps must be >= 0, got {cfg.max_steps}")
+    for key in ("num_frame_per_block", "dfake_gen_update_ratio", "fps", "height", "width", "batch_size",
                 "num_training_frames", "log_iters"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{where(key)}: {key} must be >= 1, got {getattr(cfg, key)}")
