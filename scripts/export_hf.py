@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import InputError, MissingFileError, UserError, one_line  # noqa: E402
-from utils.model_folder import causal_settings, is_model_folder, save_model_folder  # noqa: E402
+from utils.model_folder import PIPELINE_CLASS, causal_settings, is_model_folder, save_model_folder  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -106,10 +106,38 @@ def card_evaluation(path: Path) -> dict | str:
     return markdown_table(data) + "\n\n" + "\n".join(f"- {sentence}" for sentence in claims(data))
 
 
+def check_output(output: Path, inputs: list[str | None], overwrite: bool) -> None:
+    """The export replaces `output` as a whole: refuse what that would destroy. Never an input (the checkpoint, the
+    base model, the config) or a folder holding one; a non-empty folder that is not an earlier export only with
+    `--overwrite`."""
+    target = output.resolve()
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file; expected a folder to write the export into")
+    for given in filter(None, inputs):
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise InputError(f"--output {output} holds the input {given}: exporting there would delete it; choose "
+                             f"another --output")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    index = output / "model_index.json"
+    try:
+        earlier_export = json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError, AttributeError):
+        earlier_export = False
+    if not earlier_export and not overwrite:
+        raise InputError(f"--output {output} is a non-empty folder that is not an earlier export (no {index.name} of "
+                         f"a {PIPELINE_CLASS}); its content would be replaced: pass --overwrite, or choose another "
+                         "--output")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="training checkpoint folder, logdir, or weights file (.pt / .safetensors)")
-    p.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
+    p.add_argument("--output", required=True, help="folder to write; an earlier export there is replaced atomically, "
+                   "any other non-empty folder only with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output folder that is not an earlier export")
     p.add_argument("--weights", choices=["auto", "generator", "generator_ema"], default="auto",
                    help="which weights to export (default: EMA when present)")
     p.add_argument("--config", help="training config for a bare weights file (rollout settings, card)")
@@ -125,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     args = p.parse_args(argv)
     try:
+        check_output(Path(args.output), [args.source, args.include_base, args.config, args.eval_json], args.overwrite)
         state, wan_config, cfg, step, stem = read_source(Path(args.source), args.weights, args.config, args.num_heads,
                                                               args.text_len)
         causal = causal_settings(cfg if cfg is not None else load_config())

@@ -27,6 +27,7 @@ from utils.checkpoint import (load_state_dict_strict, load_wan_safetensors, read
 from utils.errors import InputError, MissingFileError, reading
 
 MODEL_INDEX = "model_index.json"
+PIPELINE_CLASS = "SelfForcingPipeline"  # the index's _class_name: what marks a folder as one of ours
 # Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained.
 CAUSAL_KEYS = ("denoising_step_list", "warp_denoising_step", "num_frame_per_block", "independent_first_frame",
                "context_noise", "negative_prompt", "height", "width", "fps", "decoder", "image_or_video_shape")
@@ -60,7 +61,7 @@ def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, tor
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        index: dict[str, Any] = {"_class_name": "SelfForcingPipeline", **(index_extra or {})}
+        index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, **(index_extra or {})}
         (tmp / "transformer").mkdir()
         state = transformer.state_dict() if isinstance(transformer, torch.nn.Module) else transformer
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
