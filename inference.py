@@ -489,7 +489,12 @@ def run_reporting_errors(run_fn, args: argparse.Namespace) -> int:
     """`run_fn(args)`, with the project's own errors (bad flags, config, input files: `utils.errors.UserError`)
     reported in one line and exit code 2; any other exception is a bug and keeps its traceback. Shared with demo.py."""
     from utils.errors import report_user_errors
-    return report_user_errors(lambda: run_fn(args))
+    from utils.outputs import disk_errors
+
+    def guarded() -> int:
+        with disk_errors(Path(args.output_dir)):  # a full disk or a read-only folder is the environment's fault
+            return run_fn(args)
+    return report_user_errors(guarded)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,16 +22,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.errors import InputError, MissingFileError, UserError, one_line  # noqa: E402
+from utils.errors import InputError, MissingFileError, UserError, one_line, reading  # noqa: E402
 from utils.model_folder import PIPELINE_CLASS, causal_settings, is_model_folder, save_model_folder  # noqa: E402
 
 
 def parse_size(text: str) -> int:
+    """`--max-shard-size`: bytes, or a number with KB / MB / GB."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[:-2]) * factor)
-    return int(text)
+    number, factor = text.strip(), 1
+    for unit, unit_factor in units.items():
+        if number.upper().endswith(unit):
+            number, factor = number[:-2].strip(), unit_factor
+            break
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise InputError(f"--max-shard-size {text!r}: expected bytes or a number with KB, MB or GB (e.g. 5GB)") from None
+    if size < 1:
+        raise InputError(f"--max-shard-size {text!r} must be positive")
+    return size
 
 
 def read_source(path: Path, weights: str, config_path: str | None, num_heads: int | None, text_len: int):
@@ -96,7 +105,8 @@ def base_components(base: Path, text_len: int) -> dict:
 def card_evaluation(path: Path) -> dict | str:
     """The card's evaluation: a shapes-world evaluation (scripts/evaluate_shapes.py) as its results table and the
     paper's claims checked on it; any other JSON as its flat numbers."""
-    data = json.loads(path.read_text())
+    with reading(f"--eval-json {path}"):
+        data = json.loads(path.read_text())
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object of evaluation numbers, got {type(data).__name__}")
     from scripts.shapes_results import FORMAT, claims, load_eval, markdown_table
@@ -154,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         check_output(Path(args.output), [args.source, args.include_base, args.config, args.eval_json], args.overwrite)
+        max_shard_bytes = parse_size(args.max_shard_size)
         state, wan_config, cfg, step, stem = read_source(Path(args.source), args.weights, args.config, args.num_heads,
                                                               args.text_len)
         causal = causal_settings(cfg if cfg is not None else load_config())
@@ -169,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                           causal=causal, evaluation=evaluation, include_base=bool(args.include_base),
                           example_prompt=example)
         out = save_model_folder(args.output, transformer=state, wan_config=wan_config, causal=causal,
-                                transformer_format=args.format, max_shard_bytes=parse_size(args.max_shard_size),
+                                transformer_format=args.format, max_shard_bytes=max_shard_bytes,
                                 extra_files={"README.md": card}, index_extra={"base_model": args.base_model},
                                 **extra)
         if copy_from is not None:

@@ -10,12 +10,14 @@ which prompt a process is working on, and what an interrupted process left behin
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from utils.errors import InputError
 from utils.locks import FileLock, describe_holder, try_lock
@@ -40,12 +42,29 @@ def prepare_output_dir(path: str | os.PathLike, flag: str = "--output-dir") -> P
     return folder
 
 
+# Write failures that are the environment's, not the program's: reported in one line like other user errors.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Path) -> Iterator[None]:
+    """A full disk, exceeded quota or a folder that became read-only while writing into `folder` becomes an
+    `InputError` naming the file; other OS errors keep their traceback."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS:
+            raise
+        raise InputError(f"cannot write {err.filename or folder}: {err.strerror}") from err
+
+
 def claim_path(folder: Path, name: str) -> Path:
     return folder / f".{name}.claim"
 
 
 def claim(folder: Path, name: str) -> FileLock | None:
     """Claim output `name` for this process: a held lock, or None while another live process generates it."""
+    folder.mkdir(parents=True, exist_ok=True)
     return try_lock(claim_path(folder, name))
 
 
