@@ -115,7 +115,7 @@ def finished(folder: Path, names: Iterable[str], record: dict[str, Any]) -> bool
             raise InputError(f"{stats_path} records no run_settings (written by another version?), so "
                              f"{name}.mp4 cannot be checked against this run: pass --overwrite to regenerate it, "
                              "or choose another --output-dir")
-        for key in sorted(set(record) | set(stored)):
+        for key in [*record, *(k for k in stored if k not in record)]:  # in the record's order: seed first
             if stored.get(key, "<not recorded>") != record.get(key, "<not given>"):
                 raise InputError(
                     f"{folder / (name + '.mp4')} was made with {key}={_short(stored.get(key, '<not recorded>'))}, "
