@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, jsonify, request, send_file
 from PIL import Image
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from utils.demo_jobs import Busy, DemoService, Job, JobError, RequestError, parse_prompt
 
@@ -102,7 +103,9 @@ def create_app(service: DemoService, *, page: Path = PAGE, heartbeat_s: float = 
                allowed_hosts: Iterable[str] = LOCAL_HOSTS) -> Flask:
     """The app; requests whose Host header names none of `allowed_hosts` get 403, bodies over MAX_BODY_BYTES 413."""
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES  # also bounds bodies sent without a Content-Length
+    # Werkzeug cuts a body sent without a Content-Length at this size (silently): one byte more than allowed, so a
+    # body that long is known to be too long, and memory stays bounded.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     allowed = {host_name(h) for h in allowed_hosts}
 
     @app.before_request
@@ -113,6 +116,12 @@ def create_app(service: DemoService, *, page: Path = PAGE, heartbeat_s: float = 
                           "--allowed-host adds one)", 403)
         if (request.content_length or 0) > MAX_BODY_BYTES:
             return _error(f"request body of {request.content_length} bytes; at most {MAX_BODY_BYTES}", 413)
+        try:  # read (and cache) a body sent without a length now: past the limit it is refused, not truncated
+            too_long = len(request.get_data(cache=True)) > MAX_BODY_BYTES
+        except RequestEntityTooLarge:
+            too_long = True
+        if too_long:
+            return _error(f"request body too large; at most {MAX_BODY_BYTES} bytes", 413)
         return None
 
     @app.errorhandler(413)
