@@ -10,7 +10,9 @@
     torchrun --nproc_per_node=8 inference.py --parallel sequence --sequence-parallel-size 4 ...  # 2 videos at a time
 
 Outputs per prompt and sample: `<index>-<slug>.mp4` and `stats_<index>-<slug>.json`, written atomically; a rerun
-skips finished outputs. Trailing `key=value` arguments override config keys (see configs/default_config.yaml).
+skips outputs finished under the same settings (other settings are an error naming the setting; --overwrite
+regenerates), and processes sharing a folder claim each prompt (docs/failure_behaviour.md). Trailing `key=value`
+arguments override config keys (see configs/default_config.yaml).
 """
 from __future__ import annotations
 

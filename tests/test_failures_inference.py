@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,35 @@ def test_the_command_exits_2_with_one_line_for_a_user_error_and_1_with_a_traceba
                           "sys.exit(inference.main(sys.argv[1:]))", "--prompt", "x", "--output-dir",
                           str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'missing'" in bug.stderr
+
+
+def test_sigterm_mid_video_leaves_no_temp_file_or_claim(folder, tmp_path):
+    """A scheduler's SIGTERM during a video: the command unwinds (exit 143), the half-written mp4 and the claim go."""
+    out = tmp_path / "out"
+    script = (
+        "import signal, sys, time, torch, inference\n"
+        "from pipeline.inference import CausalInferencePipeline\n"
+        "def slow(self, *args, on_frames=None, **kwargs):\n"
+        "    on_frames(0, torch.rand(1, 2, 3, 32, 48))\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(120)\n"
+        "CausalInferencePipeline.generate = slow\n"
+        "signal.signal(signal.SIGTERM, inference.exit_on_sigterm)\n"
+        "sys.exit(inference.main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "--model", str(folder), "--prompt", "a red circle",
+                             "--output-dir", str(out), "--total-blocks", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        for line in proc.stdout:
+            if line.startswith("writing"):
+                break
+        assert any(p.name.endswith(".claim") for p in out.iterdir())  # generating under its claim
+        deadline = time.monotonic() + 30
+        while not any(p.name.endswith(".tmp.mp4") for p in out.iterdir()):  # the encoder thread has begun the file
+            assert time.monotonic() < deadline, "no temp video appeared"
+            time.sleep(0.05)
+        proc.terminate()
+        assert proc.wait(timeout=60) == 143
+    finally:
+        proc.kill()
+    assert list(out.iterdir()) == []
