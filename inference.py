@@ -293,7 +293,7 @@ def image_latent(pipe, path: str, height: int, width: int, crop=None) -> torch.T
     if crop is not None:
         left, top, right, bottom = crop
         if right > image.shape[2] or bottom > image.shape[1]:
-            raise ValueError(f"{path}: crop box {crop} exceeds the image ({image.shape[2]}x{image.shape[1]})")
+            raise UsageError(f"{path}: crop box {crop} exceeds the image ({image.shape[2]}x{image.shape[1]})")
         image = image[:, top:bottom, left:right]
     image = resize_center_crop(image, height, width)
     return pipe.codec.encode_to_latent(image[None, :, None].to(pipe.device))
