@@ -411,8 +411,18 @@ def run(args: argparse.Namespace) -> int:
 
     mine = shard(prompts, layout.data_rank, layout.data_size)
     todo = [(p, output_names(args, p)) for p in mine]
-    if not args.overwrite:
-        todo = [(p, names) for p, names in todo if not outputs.finished(out_dir, names, record(p))]
+    problem = None
+    try:
+        if not args.overwrite:
+            todo = [(p, names) for p, names in todo if not outputs.finished(out_dir, names, record(p))]
+    except UsageError as err:
+        problem = err
+    if world > 1:  # one rank's settings mismatch stops every rank, rather than leaving the others at a barrier
+        found = [None] * world
+        torch.distributed.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise problem
     if layout.sequence_size > 1:  # the ranks of a video must agree on what to generate: the leader decides
         box = [todo]
         torch.distributed.broadcast_object_list(box, src=layout.rank - layout.sequence_rank, group=group)
@@ -429,10 +439,10 @@ def run(args: argparse.Namespace) -> int:
     for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
         # Another process sharing the folder may be generating this prompt (or have finished it meanwhile): the
         # claim is a lock its process holds until it is done, and released by the kernel if that process dies.
-        claim = outputs.claim(out_dir, names[0]) if layout.is_leader else None
+        claim = outputs.claim_all(out_dir, names) if layout.is_leader else None
         skip = None
         if layout.is_leader and claim is None:
-            skip = f"{outputs.claimed_by(out_dir, names[0])} is generating it"
+            skip = f"{outputs.claimed_by(out_dir, names)} is generating it"
         elif layout.is_leader and not args.overwrite and outputs.finished(out_dir, names, record(prompt)):
             skip = "another process finished it"
         if layout.sequence_size > 1:

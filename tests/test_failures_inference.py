@@ -351,3 +351,21 @@ def test_sigterm_mid_video_leaves_no_temp_file_or_claim(folder, tmp_path):
     finally:
         proc.kill()
     assert list(out.iterdir()) == []
+
+
+def test_every_sample_of_a_prompt_is_claimed(folder, tmp_path, capsys):
+    """With several samples each output has its own temp files, so each is claimed: one held sample holds the
+    prompt, and the sweep of another process leaves that sample's temp file alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    live_temp = out / ".0000-a-red-circle-s1.mp4.l1ve0000.tmp.mp4"
+    live_temp.write_bytes(b"partial")
+    held = try_lock(outputs.claim_path(out, "0000-a-red-circle-s1"))
+    try:
+        assert run_cli("--model", folder, "--prompt", "a red circle", "--output-dir", out, "--total-blocks", 1,
+                       "--num_samples", 2) == 0
+        assert f"skipping 0000-a-red-circle-s0: process {os.getpid()}" in capsys.readouterr().out
+        assert live_temp.exists() and not [p for p in out.glob("*.mp4") if not p.name.startswith(".")]
+        assert sorted(p.name for p in out.iterdir()) == [".0000-a-red-circle-s1.claim", live_temp.name]
+    finally:
+        held.release()

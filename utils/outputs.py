@@ -68,8 +68,39 @@ def claim(folder: Path, name: str) -> FileLock | None:
     return try_lock(claim_path(folder, name))
 
 
-def claimed_by(folder: Path, name: str) -> str:
-    return describe_holder(claim_path(folder, name))
+class Claims:
+    """The claims on all outputs of one prompt (its samples), released together."""
+
+    def __init__(self, locks: list[FileLock]):
+        self.locks = locks
+
+    def release(self) -> None:
+        for lock in self.locks:
+            lock.release()
+
+
+def claim_all(folder: Path, names: Iterable[str]) -> Claims | None:
+    """Claim every output of `names` (each has its own temp files, which the sweep must leave alone), or none: None
+    while another live process holds any of them."""
+    taken = []
+    for name in names:
+        lock = claim(folder, name)
+        if lock is None:
+            Claims(taken).release()
+            return None
+        taken.append(lock)
+    return Claims(taken)
+
+
+def claimed_by(folder: Path, names: Iterable[str]) -> str:
+    """Who holds the claims of `names` (the first that is held), for messages."""
+    names = list(names)
+    for name in names:
+        lock = claim(folder, name)
+        if lock is None:
+            return describe_holder(claim_path(folder, name))
+        lock.release()
+    return describe_holder(claim_path(folder, names[0]))
 
 
 def sweep_leftovers(folder: Path) -> list[str]:
