@@ -501,12 +501,22 @@ def run_reporting_errors(run_fn, args: argparse.Namespace) -> int:
     """`run_fn(args)`, with the project's own errors (bad flags, config, input files: `utils.errors.UserError`)
     reported in one line and exit code 2; any other exception is a bug and keeps its traceback. Shared with demo.py."""
     from utils.errors import report_user_errors
-    from utils.outputs import disk_errors
+    from utils.outputs import disk_errors, missing_root, remove_created
+
+    out_dir = Path(args.output_dir)
+    created = missing_root(out_dir)
 
     def guarded() -> int:
-        with disk_errors(Path(args.output_dir)):  # a full disk or a read-only folder is the environment's fault
+        with disk_errors(out_dir):  # a full disk or a read-only folder is the environment's fault
             return run_fn(args)
-    return report_user_errors(guarded)
+    try:
+        code = report_user_errors(guarded)
+    except BaseException:
+        remove_created(out_dir, created)  # a run that failed leaves no empty folders behind
+        raise
+    if code:
+        remove_created(out_dir, created)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,12 +96,15 @@ def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorit
     if cfg.max_steps == 0 and cfg.no_save:
         raise InputError("max_steps=0 with --no_save would do nothing: max_steps=0 only writes the initial weights as "
                          "checkpoint 0")
+    from utils.outputs import missing_root, remove_created
+    created = missing_root(Path(cfg.logdir))
     lock = lock_logdir(cfg.logdir, dist_state)
     try:
         trainer = _build(args, cfg, dist_state, models, data, algorithm_factory)
     except BaseException:
         if lock is not None:
             lock.release()
+            remove_created(Path(cfg.logdir), created)  # a run that failed to start leaves no empty logdir behind
         raise
     trainer.logdir_lock = lock
     return trainer

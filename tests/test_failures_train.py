@@ -113,3 +113,10 @@ def test_a_bug_keeps_its_traceback_and_releases_the_logdir(tmp_path, recipe, mon
     with pytest.raises(KeyError, match="an internal lookup"):
         run(recipe, tmp_path / "run", "max_steps=1")
     assert not (tmp_path / "run" / train.LOCK_FILE).exists()
+
+
+def test_a_run_that_fails_to_start_leaves_no_logdir_behind(tmp_path, recipe, capsys):  # noqa: F811
+    logdir = tmp_path / "new" / "run"
+    message = exits_2(capsys, recipe, logdir, f"data_path={tmp_path / 'absent.txt'}")
+    assert "absent.txt" in message
+    assert not (tmp_path / "new").exists()  # the folders this run created are gone again, lock included

@@ -58,6 +58,30 @@ def disk_errors(folder: Path) -> Iterator[None]:
         raise InputError(f"cannot write {err.filename or folder}: {err.strerror}") from err
 
 
+def missing_root(folder: Path) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (what creating it would create first)."""
+    missing = None
+    for candidate in [folder, *folder.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def remove_created(folder: Path, root: Path | None) -> None:
+    """Remove `folder` and its parents up to `root` (see `missing_root`) while they are empty: what a run created
+    before it failed."""
+    if root is None:
+        return
+    for candidate in [folder, *folder.parents]:
+        try:
+            candidate.rmdir()
+        except OSError:  # not empty (or already gone): stop
+            return
+        if candidate == root:
+            return
+
+
 def claim_path(folder: Path, name: str) -> Path:
     return folder / f".{name}.claim"
 
