@@ -37,7 +37,8 @@ def parse_size(text: str) -> int:
     try:
         size = int(float(number) * factor)
     except ValueError:
-        raise InputError(f"--max-shard-size {text!r}: expected bytes or a number with KB, MB or GB (e.g. 5GB)") from None
+        raise InputError(f"--max-shard-size {text!r}: expected bytes or a number with KB, MB or GB (e.g. "
+                         "5GB)") from None
     if size < 1:
         raise InputError(f"--max-shard-size {text!r} must be positive")
     return size

@@ -316,8 +316,8 @@ def test_the_command_exits_2_with_one_line_for_a_user_error_and_1_with_a_traceba
     env = dict(os.environ, PYTHONPATH=str(REPO))
     user = subprocess.run([sys.executable, str(REPO / "inference.py"), "--prompt", "", "--output-dir",
                            str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert user.returncode == 2 and user.stderr.strip().splitlines() == ["error: --prompt is empty; give the prompt "
-                                                                        "text (--prompt) or a prompt file (--data_path)"]
+    expected = "error: --prompt is empty; give the prompt text (--prompt) or a prompt file (--data_path)"
+    assert user.returncode == 2 and user.stderr.strip().splitlines() == [expected]
     bug = subprocess.run([sys.executable, "-c", "import sys, inference\n"
                           "inference.collect_prompts = lambda args: {}['missing']\n"
                           "sys.exit(inference.main(sys.argv[1:]))", "--prompt", "x", "--output-dir",

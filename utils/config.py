@@ -207,7 +207,8 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
     if not cfg.denoising_step_list:
         raise ConfigError(f"{where('denoising_step_list')}: denoising_step_list is empty")
     if cfg.height % 16 or cfg.width % 16:
-        raise ConfigError(f"{where('height' if cfg.height % 16 else 'width')}: height/width {cfg.height}x{cfg.width} must be multiples of 16 "
+        blamed = where("height" if cfg.height % 16 else "width")
+        raise ConfigError(f"{blamed}: height/width {cfg.height}x{cfg.width} must be multiples of 16 "
                           "(8x VAE downsampling, then 2x2 patches)")
     if not 0.0 <= cfg.text_dropout < 1.0:
         raise ConfigError(f"{where('text_dropout')}: text_dropout must be in [0, 1), got {cfg.text_dropout}")

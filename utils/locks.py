@@ -14,29 +14,24 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class FileLock:
-    """A held lock; `release()` (or leaving `with`) unlocks it and, with `remove=True`, deletes its file."""
+    """A held lock; `release()` unlocks it and deletes its file."""
 
     def __init__(self, path: Path, fd: int):
         self.path, self._fd = path, fd
 
-    def release(self, remove: bool = True) -> None:
+    def release(self) -> None:
         if self._fd is None:
             return
-        if remove:  # unlink while still holding it: a process that opened the old file re-checks after locking
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        # Unlinked while still held: a process that opened the old file checks, once it has the lock, that the file
+        # is still the one at `path` (see `try_lock`).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
-
-    def __enter__(self) -> "FileLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def try_lock(path: str | os.PathLike) -> FileLock | None:
@@ -47,15 +42,18 @@ def try_lock(path: str | os.PathLike) -> FileLock | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # The holder before us may have deleted the file as it released it: then we locked a file nobody else
-            # can find, and must lock the one now at `path` instead.
-            current = os.stat(path).st_ino if path.exists() else None
         except BlockingIOError:
             os.close(fd)
             return None
         except BaseException:
             os.close(fd)
             raise
+        # The holder before us may have deleted the file as it released it: then we locked a file nobody else can
+        # find, and must lock the one now at `path` instead.
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
         if current == os.fstat(fd).st_ino:
             break
         os.close(fd)
@@ -79,14 +77,3 @@ def describe_holder(path: str | os.PathLike) -> str:
     if not info:
         return "another process"
     return f"process {info.get('pid')} on {info.get('host')}"
-
-
-@contextlib.contextmanager
-def locked_if_free(path: str | os.PathLike) -> Iterator[FileLock | None]:
-    """`with locked_if_free(p) as lock:` - lock is None when another live process holds `p`."""
-    lock = try_lock(path)
-    try:
-        yield lock
-    finally:
-        if lock is not None:
-            lock.release()
