@@ -67,7 +67,9 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
     taehv_path = args.taehv_path or (cfg.taehv_path if cfg.taehv_path and Path(cfg.taehv_path).is_file() else None)
     if taehv_path and "taehv" not in decoders:
         from model.taehv import TAEHVCodec
-        codec = TAEHVCodec.from_checkpoint(taehv_path, device=device, dtype=dtype)
+        from utils.errors import reading
+        with reading(f"--taehv-path {taehv_path}"):
+            codec = TAEHVCodec.from_checkpoint(taehv_path, device=device, dtype=dtype)
         # Decoders are swapped per video, so they must read the same latents into frames of the same size.
         for what, attr in (("latent channels", "latent_channels"), ("spatial factor", "spatial_factor"),
                            ("temporal factor", "temporal_factor")):

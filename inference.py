@@ -215,7 +215,9 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
             if not cfg.taehv_path:
                 raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
             from model.taehv import TAEHVCodec
-            codec = TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
+            from utils.errors import reading
+            with reading(f"taehv_path {cfg.taehv_path}"):
+                codec = TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
         source = str(args.checkpoint_path or cfg.generator_ckpt)

@@ -19,7 +19,7 @@ from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models, frozen
 from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
-from utils.errors import InputError, MissingFileError
+from utils.errors import InputError, MissingFileError, reading
 
 
 def shapes_codec(cfg: Any) -> PixelShuffleCodec:
@@ -81,7 +81,8 @@ def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"
     if not cfg.text_encoder_path:
         raise InputError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
                          "scripts/shapes_world.py creates it)")
-    encoder = TextEncoder.from_diffusers_folder(cfg.text_encoder_path, text_len=text_len, device=device)
+    with reading(f"text_encoder_path {cfg.text_encoder_path}"):
+        encoder = TextEncoder.from_diffusers_folder(cfg.text_encoder_path, text_len=text_len, device=device)
     return PromptEncoder(encoder, cfg.negative_prompt, device=device, cache_size=cfg.prompt_cache_size)
 
 
@@ -93,7 +94,8 @@ def shapes_dit(cfg: Any, checkpoint: Optional[str], *, use_ema: bool = False) ->
         if not Path(checkpoint).exists():
             raise MissingFileError(f"checkpoint {checkpoint} does not exist")
         state, _ = load_dit_state_dict(checkpoint, use_ema=use_ema)
-        load_state_dict_strict(model, state, str(checkpoint))
+        with reading(f"checkpoint {checkpoint}"):
+            load_state_dict_strict(model, state, str(checkpoint))
     else:
         torch.manual_seed(cfg.seed or 0)
         model.init_weights()
