@@ -357,10 +357,14 @@ def check_args(args: argparse.Namespace) -> None:
 def check_request(pipe, frames: int, height: int, width: int, schedule, prefix) -> None:
     """The pipeline's own check of sizes and lengths, as a one-line error before any output is written."""
     try:
+        pipe.latent_grid(height, width)
+    except ValueError as err:
+        raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
+    try:
         pipe.check_request(frames, height, width, prompt_schedule=schedule,
                            initial_frames=0 if prefix is None else prefix.shape[1])
-    except ValueError as err:
-        raise UsageError(f"--height/--width/--total-blocks/--prompt-schedule: {err}") from None
+    except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
+        raise UsageError(str(err)) from None
 
 
 def output_names(args: argparse.Namespace, prompt) -> list[str]:

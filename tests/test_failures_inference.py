@@ -165,6 +165,9 @@ def test_a_size_override_is_blamed_on_the_override(folder, tmp_path, capsys):
     assert run_cli("--model", folder, "--prompt", "x", "--output-dir", tmp_path / "out", "height=40") == 2
     message = last_error(capsys)
     assert message.startswith("error: override 'height=40': height/width 40x") and "default_config" not in message
+    assert run_cli("--model", folder, "--prompt", "x", "--output-dir", tmp_path / "out", "--height", 30) == 2
+    assert last_error(capsys).startswith("error: --height/--width (or the config's height/width): height/width 30x")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------------------ model folders
