@@ -135,14 +135,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: listening on {args.host}: anyone who can reach this machine can use the demo (with a "
                   "host name given by --allowed-host)",
                   file=sys.stderr, flush=True)
-        server.serve_forever()
+        server.serve_forever()  # returns on Ctrl+C (werkzeug catches the KeyboardInterrupt)
     except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
         # As Stop does: the running video ends at its next block boundary and is kept as a (partial) mp4.
         job = service.stop_current("the demo was interrupted") if service is not None else None
         if job is not None and job.video_ready:
             print(f"kept the partial video {job.video_path}", flush=True)
-    finally:
-        server.server_close()
     return 0
 
 

@@ -3,6 +3,13 @@ that cannot be written, and an interrupted server that keeps its partial video (
 from __future__ import annotations
 
 import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +19,8 @@ from utils import outputs
 from utils.demo_server import MAX_BODY_BYTES, create_app, host_name
 from utils.locks import try_lock
 from utils.video import read_video
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("host, status", [
@@ -107,3 +116,35 @@ def test_a_demo_leaves_a_live_videos_temp_file_alone_and_sweeps_a_dead_ones(tmp_
         held.release()
     assert outputs.sweep_leftovers(out) == [live_temp.name]
     assert list(out.iterdir()) == []
+
+
+def test_sigterm_ends_the_command_and_keeps_the_running_video(folder, tmp_path):  # noqa: F811
+    videos = tmp_path / "videos"
+    proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--model", str(folder), "--port", "0",
+                             "--output-dir", str(videos)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        line = proc.stdout.readline()
+        assert "open http://127.0.0.1:" in line, line + proc.stderr.read()
+        port = int(line.split("open http://127.0.0.1:", 1)[1].split("/")[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/api/start", json.dumps({"prompt": "a red circle", "blocks": 400}),
+                     {"Content-Type": "application/json"})
+        job = json.loads(conn.getresponse().read())["job"]
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # the page watching the stream
+            sock.sendall(f"GET /api/events/{job} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+            received = b""
+            while received.count(b"event: block") < 2:
+                received += sock.recv(65536)
+            proc.send_signal(signal.SIGTERM)  # a service manager stopping the demo mid-video
+            code = proc.wait(timeout=60)
+        assert code == 0, proc.stderr.read()[-2000:]
+        out = proc.stdout.read()
+        assert "kept the partial video" in out, out + proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (video,) = videos.iterdir()  # the partial mp4, and no temp or claim file beside it
+    frames, _ = read_video(video)
+    assert video.suffix == ".mp4" and 4 <= frames.shape[0] < 800
