@@ -113,3 +113,20 @@ def test_an_upload_to_a_server_that_never_answers_ends_in_bounded_time(tmp_path,
     from huggingface_hub.utils import _http
     if hasattr(_http, "_GLOBAL_CLIENT_FACTORY"):
         assert _http._GLOBAL_CLIENT_FACTORY is _http.default_client_factory
+
+
+def test_export_push_to_a_silent_hub_exits_1_in_bounded_time_with_the_folder_complete(tmp_path, silent_server,
+                                                                                          monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    import utils.hub
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", silent_server)  # where HF_ENDPOINT would point
+    monkeypatch.setattr(utils.hub, "HUB_TIMEOUT_S", 1.0)
+    fake_self_forcing_pt(tmp_path / "sf.pt")
+    out = tmp_path / "export"
+    tic = time.monotonic()
+    assert export(tmp_path / "sf.pt", out, "--push-to-hub", "someone/model") == 1
+    assert time.monotonic() - tic < 60
+    err = capsys.readouterr().err
+    assert "someone/model" in err and "Timeout" in err and f"the local folder {out} is complete" in err
+    assert model_folder.is_model_folder(out) and (out / "README.md").is_file()

@@ -87,10 +87,11 @@ HUB_TIMEOUT_S = 60.0  # seconds without a byte from the server before an upload 
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, *, endpoint: str | None = None,
-                timeout_s: float = HUB_TIMEOUT_S) -> str:
+                timeout_s: float | None = None) -> str:
     """Upload `folder` as the repository's content; the token comes from the environment (HF_TOKEN), never logged.
-    A server that connects but stops answering for `timeout_s` seconds ends the upload with an error (the Hub
-    client's own default is to wait forever)."""
+    A server that connects but stops answering for `timeout_s` seconds (default HUB_TIMEOUT_S) ends the upload with
+    an error (the Hub client's own default is to wait forever)."""
+    timeout_s = HUB_TIMEOUT_S if timeout_s is None else timeout_s
     from huggingface_hub import HfApi
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     api = HfApi(token=token, **({"endpoint": endpoint} if endpoint else {}))  # default: HF_ENDPOINT or the Hub
