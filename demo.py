@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one (default: %(default)s)")
     srv.add_argument("--output-dir", default="outputs/demo",
                      help="where finished videos are written for download (default: %(default)s)")
+    srv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                     help="also answer requests addressed to this host name (repeatable; default: only 127.0.0.1, "
+                     "localhost, ::1 and --host, which keeps other web pages from reaching the demo)")
     srv.add_argument("--max-blocks", type=int, default=600,
                      help="the most blocks one video may have; larger requests are refused (default: %(default)s)")
     run = p.add_argument_group("runtime")
@@ -68,7 +71,9 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
     taehv_path = args.taehv_path or (cfg.taehv_path if cfg.taehv_path and Path(cfg.taehv_path).is_file() else None)
     if taehv_path and "taehv" not in decoders:
         from model.taehv import TAEHVCodec
-        codec = TAEHVCodec.from_checkpoint(taehv_path, device=device, dtype=dtype)
+        from utils.errors import reading
+        with reading(f"--taehv-path {taehv_path}"):
+            codec = TAEHVCodec.from_checkpoint(taehv_path, device=device, dtype=dtype)
         # Decoders are swapped per video, so they must read the same latents into frames of the same size.
         for what, attr in (("latent channels", "latent_channels"), ("spatial factor", "spatial_factor"),
                            ("temporal factor", "temporal_factor")):
@@ -88,8 +93,6 @@ def load_service(args: argparse.Namespace):
     import transformers
     transformers.utils.logging.disable_progress_bar()
     from utils.demo_jobs import DemoService
-    if args.max_blocks < 1:
-        raise UsageError(f"--max-blocks must be >= 1, got {args.max_blocks}")
     from pipeline.levers import config_defaults
     device, dtype = inference.pick_device(args)
     # The pipeline itself stays uncompiled: a job that asks for compile runs a compiled twin sharing its weights.
@@ -108,9 +111,17 @@ def load_service(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
-    from utils.demo_server import create_app
+    from utils.demo_server import LOCAL_HOSTS, create_app
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    if args.max_blocks < 1:
+        raise UsageError(f"--max-blocks must be >= 1, got {args.max_blocks}")
+    # Checked before the weights load, so an unwritable folder fails now rather than at every video.
+    from utils import outputs
+    output_dir = outputs.prepare_output_dir(args.output_dir)
+    swept = outputs.sweep_leftovers(output_dir)
+    if swept:
+        print(f"removed {len(swept)} file(s) an interrupted demo left in {output_dir}", flush=True)
     # Bound before loading, so a taken port fails in a second rather than after the weights load; bound here, not by
     # werkzeug, which reports a taken port over several lines and exits on its own.
     try:
@@ -120,20 +131,27 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
     with listener:
         server = make_server(args.host, args.port, app=None, threaded=True, fd=listener.fileno())  # dups the socket
+    service = None
     try:
         service = load_service(args)
-        server.app = create_app(service)
+        allowed = [*LOCAL_HOSTS, *args.allowed_host] + ([] if args.host in ("0.0.0.0", "::") else [args.host])
+        server.app = create_app(service, allowed_hosts=allowed)
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
         url = f"http://{f'[{host}]' if ':' in host else host}:{server.port}/"
         print(f"streaming demo of {service.source} on {service.device}: open {url}  (Ctrl+C ends it)", flush=True)
         if args.host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: listening on {args.host}: anyone who can reach this machine can use the demo",
+            print(f"warning: listening on {args.host}: anyone who can reach this machine can use the demo (with a "
+                  "host name given by --allowed-host)",
                   file=sys.stderr, flush=True)
-        server.serve_forever()
+        server.serve_forever()  # returns on Ctrl+C (werkzeug catches the KeyboardInterrupt)
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        # As Stop does: the running video ends at its next block boundary and is kept as a (partial) mp4.
+        job = service.stop_current("the demo was interrupted") if service is not None else None
+        if job is not None and job.video_ready:
+            print(f"kept the partial video {job.video_path}", flush=True)
     return 0
 
 
@@ -142,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     return inference.run_reporting_errors(run, args)
 
 
+def interrupt_on_sigterm(signum, frame) -> None:
+    """SIGTERM ends the demo as Ctrl+C does: the running video is kept as a partial mp4."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     code = main()
     # The server's handler threads are daemons (a page's event stream may still be open at Ctrl+C); if one writes
     # to stderr while the interpreter finalises, CPython aborts the process (SIGABRT). Nothing is left to clean up

@@ -10,7 +10,9 @@
     torchrun --nproc_per_node=8 inference.py --parallel sequence --sequence-parallel-size 4 ...  # 2 videos at a time
 
 Outputs per prompt and sample: `<index>-<slug>.mp4` and `stats_<index>-<slug>.json`, written atomically; a rerun
-skips finished outputs. Trailing `key=value` arguments override config keys (see configs/default_config.yaml).
+skips outputs finished under the same settings (other settings are an error naming the setting; --overwrite
+regenerates), and processes sharing a folder claim each prompt (docs/failure_behaviour.md). Trailing `key=value`
+arguments override config keys (see configs/default_config.yaml).
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ import torch
 
 from model.attention import ATTENTION_BACKENDS
 from pipeline.levers import MEMORY_KEYS, format_memory, memory_report
+from utils.errors import InputError as UsageError  # bad flags and inputs (the name demo.py and the tests use)
+from utils.errors import MissingFileError
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p)
     inp = p.add_argument_group("prompts")
-    inp.add_argument("--prompt", help="inline prompt text, or a .txt file with one prompt per line")
+    inp.add_argument("--prompt", help="the prompt text (a file of prompts goes to --data_path)")
     inp.add_argument("--data_path", help="prompt file, one prompt per line; with --i2v also the original's image-text "
                      "pair folder (target_crop_info_<ratio>.json + <ratio>/ images) (original flag)")
     inp.add_argument("--extended_prompt_path", help="longer prompts used for generation, line by line with the prompts")
@@ -123,10 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "world/K data-parallel groups that share the prompts")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
-
-
-class UsageError(Exception):
-    """A problem with the command line or inputs: reported in one line, exit code 2."""
 
 
 def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | None, device_type: str = "cpu"):
@@ -169,12 +169,30 @@ def latent_frames(args: argparse.Namespace, cfg, pipe) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- components
-def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def parse_device(text: str, flag: str) -> torch.device:
+    """A device flag's value, checked to exist on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"{flag} {text!r} is not a device: expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but CUDA is not available")
+        raise UsageError(f"{flag} {text} was asked for, but CUDA is not available")
+    if device.type not in ("cpu", "cuda", "meta"):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise UsageError(f"{flag} {text} is not available here: {str(err).splitlines()[0]}") from None
+    return device
+
+
+def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device} was asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    if getattr(args, "text_encoder_device", None):
+        parse_device(args.text_encoder_device, "--text-encoder-device")
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, args.dtype) if args.dtype else default
 
@@ -199,8 +217,10 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         cfg = resolve_config(args, causal, device.type)
         if args.checkpoint_path:
             from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
+            from utils.errors import reading
             state, _ = load_dit_state_dict(args.checkpoint_path, use_ema=args.use_ema)
-            load_state_dict_strict(generator, state, args.checkpoint_path)
+            with reading(f"--checkpoint_path {args.checkpoint_path}"):
+                load_state_dict_strict(generator, state, args.checkpoint_path)
         # An export without --include-base carries only the transformer: the rest comes from the Wan folder. Every
         # part runs in the generator's precision (the original casts the whole pipeline to bf16).
         if cfg.decoder == "taehv":
@@ -208,15 +228,15 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         elif model_folder.has_codec(folder):
             codec = model_folder.load_codec(folder, device=device, dtype=dtype)
         else:
-            codec = wan_components.load_wan_vae(wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name),
-                                                device=device, dtype=dtype)
+            codec = wan_components.load_wan_vae(base_model_dir(folder, cfg, "vae/ or codec/"), device=device,
+                                                dtype=dtype)
         if (folder / "text_encoder").is_dir():
             text_encoder = model_folder.load_text_encoder(folder, generator.config.text_len, device=text_device,
                                                           dtype=dtype)
         else:
             text_encoder = wan_components.load_wan_text_encoder(
-                wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name),
-                text_len=generator.config.text_len, device=text_device, dtype=dtype)
+                base_model_dir(folder, cfg, "text_encoder/"), text_len=generator.config.text_len,
+                device=text_device, dtype=dtype)
         source = str(folder)
     else:
         cfg = resolve_config(args, None, device.type)
@@ -251,7 +271,9 @@ def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
     if not cfg.taehv_path:
         raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
     from model.taehv import TAEHVCodec
-    return TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
+    from utils.errors import reading
+    with reading(f"taehv_path {cfg.taehv_path}"):
+        return TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
 
 
 def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: torch.device, dtype: torch.dtype):
@@ -277,13 +299,31 @@ def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: to
     return levers
 
 
+def base_model_dir(folder: Path, cfg, part: str) -> Path:
+    """The Wan folder that supplies `part`, which an export without --include-base leaves out."""
+    wan_dir = Path(cfg.model_root) / cfg.model_kwargs.model_name
+    if not wan_dir.is_dir():
+        raise MissingFileError(f"model folder {folder} has no {part} (exported without --include-base), and the base "
+                               f"model folder {wan_dir} it would come from does not exist: pass --model-root with the "
+                               f"folder that holds {cfg.model_kwargs.model_name}/")
+    return wan_dir
+
+
 # ---------------------------------------------------------------------------------------------------- the job
 def collect_prompts(args: argparse.Namespace):
     from utils.prompts import Prompt, attach_extended, read_image_pair_dir, read_prompt_file, read_prompts
-    if args.prompt and args.data_path:
+    if args.prompt is not None and args.data_path is not None:
         raise UsageError("give --prompt or --data_path, not both")
-    if args.prompt:
-        prompts = read_prompts(args.prompt)
+    for flag, value in (("--prompt", args.prompt), ("--data_path", args.data_path)):
+        if value is not None and not value.strip():  # an unset shell variable: never fall back to the built-ins
+            raise UsageError(f"{flag} is empty; give the prompt text (--prompt) or a prompt file (--data_path)")
+    if args.prompt is not None:
+        # --prompt is always the text itself; files are read only through --data_path (never a file's content by
+        # accident because the text happened to name one).
+        if args.prompt.strip().lower().endswith(".txt") or os.path.isfile(args.prompt):
+            raise UsageError(f"--prompt {args.prompt!r} names a file; --prompt takes the prompt text, to read "
+                             f"prompts from a file use --data_path {args.prompt}")
+        prompts = read_prompts([args.prompt])
     elif args.data_path and Path(args.data_path).is_dir():
         if not args.i2v:
             raise UsageError(f"--data_path {args.data_path} is a folder: the original's image-text pairs, which need "
@@ -317,7 +357,7 @@ def image_latent(pipe, path: str, height: int, width: int, crop=None) -> torch.T
     if crop is not None:
         left, top, right, bottom = crop
         if right > image.shape[2] or bottom > image.shape[1]:
-            raise ValueError(f"{path}: crop box {crop} exceeds the image ({image.shape[2]}x{image.shape[1]})")
+            raise UsageError(f"{path}: crop box {crop} exceeds the image ({image.shape[2]}x{image.shape[1]})")
         image = image[:, top:bottom, left:right]
     image = resize_center_crop(image, height, width)
     return pipe.codec.encode_to_latent(image[None, :, None].to(pipe.device))
@@ -359,19 +399,61 @@ def parallel_layout(args: argparse.Namespace, rank: int, world: int):
         raise UsageError(f"--sequence-parallel-size: {err}") from None
 
 
+# Flags whose value must be a positive number (None: the config's value).
+POSITIVE_FLAGS = {"height": "--height", "width": "--width", "fps": "--fps", "num_samples": "--num_samples",
+                  "num_output_frames": "--num_output_frames", "total_blocks": "--total-blocks",
+                  "sequence_parallel_size": "--sequence-parallel-size"}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What the command line alone decides, judged before any model loads."""
+    from utils.video import MAX_FPS
+    for attr, flag in POSITIVE_FLAGS.items():
+        value = getattr(args, attr, None)
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.fps is not None and args.fps > MAX_FPS:
+        raise UsageError(f"--fps must be at most {MAX_FPS}, got {args.fps}")
+
+
+def check_request(pipe, frames: int, height: int, width: int, schedule, prefix) -> None:
+    """The pipeline's own check of sizes and lengths, as a one-line error before any output is written."""
+    try:
+        pipe.latent_grid(height, width)
+    except ValueError as err:
+        raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
+    try:
+        pipe.check_request(frames, height, width, prompt_schedule=schedule,
+                           initial_frames=0 if prefix is None else prefix.shape[1])
+    except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
+        raise UsageError(str(err)) from None
+
+
+def output_names(args: argparse.Namespace, prompt) -> list[str]:
+    from utils.prompts import output_name
+    if args.save_with_index:
+        return [f"{prompt.index:04d}" + (f"-s{s}" if args.num_samples > 1 else "") for s in range(args.num_samples)]
+    return [output_name(prompt.index, prompt.text, s, args.num_samples) for s in range(args.num_samples)]
+
+
 def run(args: argparse.Namespace) -> int:
     import transformers
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
-    from utils.prompts import output_name, parse_prompt_schedule, shard
+    from utils import outputs
+    from utils.prompts import parse_prompt_schedule, shard
     from utils.video import BackgroundVideoWriter, write_json_atomic
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    check_args(args)
     device, dtype = pick_device(args)
-    if args.num_samples < 1:
-        raise UsageError(f"--num_samples must be >= 1, got {args.num_samples}")
     prompts = collect_prompts(args)
     schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
     layout = parallel_layout(args, rank, world)
+    out_dir = outputs.prepare_output_dir(args.output_dir)
+    if rank == 0:
+        swept = outputs.sweep_leftovers(out_dir)
+        if swept:
+            print(f"removed {len(swept)} file(s) an interrupted run left in {out_dir}", flush=True)
     if world > 1:
         from utils.distributed import init_distributed
         init_distributed("cpu" if device.type == "cpu" else None)  # NCCL (multicast off) or gloo
@@ -381,25 +463,34 @@ def run(args: argparse.Namespace) -> int:
         from utils.sequence_parallel import enable_sequence_parallel, new_sequence_group
         group = new_sequence_group(layout)
         enable_sequence_parallel(pipe.generator, group)
-    height, width = args.height or cfg.height, args.width or cfg.width
+    height = args.height if args.height is not None else cfg.height
+    width = args.width if args.width is not None else cfg.width
+    fps = args.fps if args.fps is not None else cfg.fps
     frames = latent_frames(args, cfg, pipe)
-    fps = args.fps or cfg.fps
-    pipe.latent_grid(height, width)  # validates the resolution before any work
     prefix = initial_latent(args, pipe, cfg, height, width)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_request(pipe, frames, height, width, schedule, prefix)
+
+    def record(prompt) -> dict[str, Any]:  # what decides the look of a prompt's videos (compared on reruns)
+        return outputs.settings_record(
+            model_prompt=prompt.model_text, image=prompt.image or args.image, video=args.video, seed=args.seed,
+            prompt_seed=args.seed * 1_000_003 + prompt.index, height=height, width=width, fps=fps,
+            latent_frames=frames, source=source, checkpoint=args.checkpoint_path, use_ema=args.use_ema, fp8=args.fp8,
+            dtype=str(dtype), prompt_schedule=schedule, settings=vars(pipe.settings))
+
     mine = shard(prompts, layout.data_rank, layout.data_size)
-    todo = []
-    for prompt in mine:
-        if args.save_with_index:
-            names = [f"{prompt.index:04d}" + (f"-s{s}" if args.num_samples > 1 else "")
-                     for s in range(args.num_samples)]
-        else:
-            names = [output_name(prompt.index, prompt.text, s, args.num_samples) for s in range(args.num_samples)]
-        done = all((out_dir / f"{n}.mp4").exists() and (out_dir / f"stats_{n}.json").exists() for n in names)
-        if done and not args.overwrite:
-            continue
-        todo.append((prompt, names))
+    todo = [(p, output_names(args, p)) for p in mine]
+    problem = None
+    try:
+        if not args.overwrite:
+            todo = [(p, names) for p, names in todo if not outputs.finished(out_dir, names, record(p))]
+    except UsageError as err:
+        problem = err
+    if world > 1:  # one rank's settings mismatch stops every rank, rather than leaving the others at a barrier
+        found = [None] * world
+        torch.distributed.all_gather_object(found, problem)
+        problem = next((p for p in found if p is not None), None)
+    if problem is not None:
+        raise problem
     if layout.sequence_size > 1:  # the ranks of a video must agree on what to generate: the leader decides
         box = [todo]
         torch.distributed.broadcast_object_list(box, src=layout.rank - layout.sequence_rank, group=group)
@@ -420,6 +511,23 @@ def run(args: argparse.Namespace) -> int:
     peaks = dict(setup_peaks)
     from tqdm import tqdm
     for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
+        # Another process sharing the folder may be generating this prompt (or have finished it meanwhile): the
+        # claim is a lock its process holds until it is done, and released by the kernel if that process dies.
+        claim = outputs.claim_all(out_dir, names) if layout.is_leader else None
+        skip = None
+        if layout.is_leader and claim is None:
+            skip = f"{outputs.claimed_by(out_dir, names)} is generating it"
+        elif layout.is_leader and not args.overwrite and outputs.finished(out_dir, names, record(prompt)):
+            skip = "another process finished it"
+        if layout.sequence_size > 1:
+            box = [skip]
+            torch.distributed.broadcast_object_list(box, src=layout.rank - layout.sequence_rank, group=group)
+            skip = box[0]
+        if skip:
+            if claim is not None:
+                claim.release()
+            print(f"skipping {names[0]}: {skip}", flush=True)
+            continue
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
         # Under --parallel sequence every rank of the group rolls out the same video; only its leader decodes.
         # x264 runs on each writer's own thread, beside the next block's denoising (each block's frames are a fresh
@@ -443,25 +551,26 @@ def run(args: argparse.Namespace) -> int:
                 w.close()
             # How long the writers' tail held up the next video (x264 runs beside the generation until here).
             result.stats["mp4_wait_ms"] = (time.perf_counter() - tic) * 1000.0
+            peaks = {k: max(filter(None, (peaks.get(k), result.stats.get(k))), default=None) for k in MEMORY_KEYS}
+            for sample, name in enumerate(names if layout.is_leader else []):
+                write_json_atomic(out_dir / f"stats_{name}.json", {
+                    "prompt": prompt.text, "model_prompt": prompt.model_text, "image": prompt.image or args.image,
+                    "index": prompt.index, "sample": sample,
+                    "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
+                    "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
+                    "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
+                    "settings": vars(pipe.settings), "levers": dataclasses.asdict(pipe.levers),
+                    "text_encoding_ms_all_prompts": text_ms, **{f"setup_{k}": v for k, v in setup_peaks.items()},
+                    "parallel": {"mode": args.parallel, "sequence_size": layout.sequence_size,
+                                 "data_size": layout.data_size},
+                    "run_settings": record(prompt), **result.stats})
         except BaseException:
             for w in writers:
                 w.abort()
             raise
-        peaks = {k: max(filter(None, (peaks.get(k), result.stats.get(k))), default=None) for k in MEMORY_KEYS}
-        if not layout.is_leader:
-            continue
-        for sample, name in enumerate(names):
-            write_json_atomic(out_dir / f"stats_{name}.json", {
-                "prompt": prompt.text, "model_prompt": prompt.model_text, "image": prompt.image or args.image,
-                "index": prompt.index, "sample": sample,
-                "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
-                "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
-                "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
-                "settings": vars(pipe.settings), "levers": dataclasses.asdict(pipe.levers),
-                "text_encoding_ms_all_prompts": text_ms, **{f"setup_{k}": v for k, v in setup_peaks.items()},
-                "parallel": {"mode": args.parallel, "sequence_size": layout.sequence_size,
-                             "data_size": layout.data_size},
-                **result.stats})
+        finally:
+            if claim is not None:
+                claim.release()
     if todo and layout.is_leader:
         print(f"[rank {rank}/{world}] {format_memory(peaks)}", flush=True)
     if world > 1:
@@ -471,19 +580,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_reporting_errors(run_fn, args: argparse.Namespace) -> int:
-    """`run_fn(args)`, with problems of the inputs (flags, files, config) reported in one line and exit code 2,
-    never a traceback; shared with demo.py."""
+    """`run_fn(args)`, with the project's own errors (bad flags, config, input files: `utils.errors.UserError`)
+    reported in one line and exit code 2; any other exception is a bug and keeps its traceback. Shared with demo.py."""
+    from utils.errors import report_user_errors
+    from utils.outputs import disk_errors, missing_root, remove_created
+
+    out_dir = Path(args.output_dir)
+    created = missing_root(out_dir)
+
+    def guarded() -> int:
+        with disk_errors(out_dir):  # a full disk or a read-only folder is the environment's fault
+            return run_fn(args)
     try:
-        from utils.config import ConfigError
-    except ImportError as err:  # a broken install: say so in one line
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        return run_fn(args)
-    except (UsageError, ConfigError, ValueError, KeyError, FileNotFoundError, NotImplementedError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        code = report_user_errors(guarded)
+    except BaseException:
+        remove_created(out_dir, created)  # a run that failed leaves no empty folders behind
+        raise
+    if code:
+        remove_created(out_dir, created)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,5 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors(run, args)
 
 
+def exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl+C: writers discard their temp files, claims are
+    released, instead of the process vanishing mid-write."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    import signal
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     sys.exit(main())

@@ -15,6 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from utils.errors import BusyError, InputError, UserError
+
+LOCK_FILE = ".lock"  # in the logdir, while a run holds it
+
 EPILOG = """\
 overrides:
   Trailing key=value pairs override any config key (nested with dots), e.g.
@@ -33,9 +37,12 @@ outputs (in --logdir):
 distributed:
   Single process: python train.py ...   Several GPUs / nodes: torchrun ... train.py ... (NCCL; gloo on CPU).
   Global batch = batch_size x GPUs x accumulation; set total_batch_size to accumulate.
-"""
 
-_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, NotADirectoryError)
+one run per logdir:
+  A run holds the lock file .lock in its logdir while it runs; a second run on the same logdir stops with a
+  one-line error naming the holder. A killed run leaves no live lock (the kernel releases it with the process).
+  On --resume, metrics.jsonl keeps only the rows up to the checkpoint's step, so no step is listed twice.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +91,53 @@ def load_run_config(args: argparse.Namespace):
 
 
 def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorithm_factory: Any):
+    """The ready `Trainer`, holding the logdir's lock (`trainer.logdir_lock`, released by `main`)."""
+    cfg = load_run_config(args)
+    if cfg.max_steps == 0 and cfg.no_save:
+        raise InputError("max_steps=0 with --no_save would do nothing: max_steps=0 only writes the initial weights as "
+                         "checkpoint 0")
+    from utils.outputs import missing_root, remove_created
+    created = missing_root(Path(cfg.logdir))
+    lock = lock_logdir(cfg.logdir, dist_state)
+    try:
+        trainer = _build(args, cfg, dist_state, models, data, algorithm_factory)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            remove_created(Path(cfg.logdir), created)  # a run that failed to start leaves no empty logdir behind
+        raise
+    trainer.logdir_lock = lock
+    return trainer
+
+
+def lock_logdir(logdir: str, dist_state):
+    """Claim the logdir for this run (rank 0 holds the lock until the run ends; the kernel drops it if the process
+    dies): two runs writing one logdir would interleave their metrics and overwrite each other's checkpoints. A
+    `BusyError` naming the holder while another live run has it."""
+    from utils.distributed import all_gather_object
+    from utils.locks import describe_holder, try_lock
+    path = Path(logdir)
+    lock, problem = None, None
+    if dist_state.rank == 0:
+        if path.exists() and not path.is_dir():
+            problem = InputError(f"logdir {path} is a file; expected a folder for checkpoints and metrics")
+        else:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                lock = try_lock(path / LOCK_FILE)
+            except OSError as err:
+                problem = InputError(f"logdir {path} cannot be written: {err.strerror or err}")
+            else:
+                if lock is None:
+                    problem = BusyError(f"logdir {path} is in use by {describe_holder(path / LOCK_FILE)}; wait for "
+                                        f"that run to end, or choose another --logdir")
+    problem = all_gather_object(problem)[0]  # every rank stops together
+    if problem is not None:
+        raise problem
+    return lock
+
+
+def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, algorithm_factory: Any):
     from trainer.loop import Trainer
     from utils.builders import build_models, prepare_injected_models
     from utils.data import build_data
@@ -91,12 +145,11 @@ def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorit
     from utils.logging import RunLogger, wandb_mode
     from utils.train_state import list_checkpoints, resolve_resume
 
-    cfg = load_run_config(args)
     resume = resolve_resume(args.resume, cfg.logdir)
     existing = list_checkpoints(cfg.logdir)
     if resume is None and existing and not cfg.no_save:
         # A fresh run would interleave its checkpoints with the old ones, and a later --resume would pick the newest.
-        raise ValueError(f"logdir {cfg.logdir} already holds {existing[-1][1].name}; pass --resume to continue "
+        raise InputError(f"logdir {cfg.logdir} already holds {existing[-1][1].name}; pass --resume to continue "
                          f"from it, or choose another --logdir")
     seed = resolve_seed(cfg.seed)
     # Identical on every rank: FSDP2 shards whatever each rank initialised (e.g. GAN heads) without syncing it.
@@ -147,24 +200,23 @@ def main(argv: Optional[Sequence[str]] = None, *, models: Any = None, data: Any 
     try:
         try:
             trainer = _setup(args, dist_state, models, data, algorithm_factory)
-        except _USER_ERRORS as err:
+        except UserError as err:  # only the project's own errors: a bug keeps its traceback
             _fail(err, 2)
         try:
             trainer.train()
         except NonFiniteLossError as err:
             _fail(err, 1)
+        finally:
+            if trainer.logdir_lock is not None:
+                trainer.logdir_lock.release()
         return trainer
     finally:
         cleanup_distributed(dist_state)
 
 
 def _fail(err: BaseException, status: int) -> None:
-    from utils.config import ConfigError
-
-    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    if isinstance(err, ConfigError):  # omegaconf appends "full_key: ... object_type=..." lines; the first says it all
-        message = message.splitlines()[0]
-    print(f"train.py: error: {message}", file=sys.stderr)
+    from utils.errors import one_line
+    print(f"train.py: error: {one_line(err)}", file=sys.stderr)
     raise SystemExit(status)
 
 

@@ -128,15 +128,39 @@ class CausalInferencePipeline:
         st = self.settings
         return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
 
-    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings, denoiser: Denoiser) -> KVCache:
-        """The KV cache of a call, sized for its frames (the window's when rolling), reused while it fits exactly."""
-        rolling = st.window_frames != -1
-        if not rolling and frames > st.max_frames_without_window:
+    def check_request(self, num_latent_frames: int, height: int, width: int, *, settings: CausalSettings | None = None,
+                      codec: Any = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
+                      initial_frames: int = 0) -> None:
+        """Raise ValueError, before any work, for a request `generate` cannot serve: a resolution off the latent grid,
+        more frames (after `initial_frames` of an initial latent) than the KV cache or the RoPE table hold, a prompt
+        schedule that does not fit the blocks."""
+        st = self.settings if settings is None else settings
+        self.latent_grid(height, width, codec)
+        if num_latent_frames < 1:
+            raise ValueError(f"the number of latent frames must be >= 1, got {num_latent_frames}")
+        self._check_length(initial_frames + num_latent_frames, st)
+        if prompt_schedule:
+            blocks = len(block_layout(num_latent_frames, st.frames_per_block,
+                                      st.independent_first_frame and not initial_frames))
+            if prompt_schedule[0][0] != 0:
+                raise ValueError("the prompt schedule must start at block 0")
+            if prompt_schedule[-1][0] >= blocks:
+                raise ValueError(f"prompt schedule switches at block {prompt_schedule[-1][0]}, "
+                                 f"but only {blocks} blocks are generated")
+
+    def _check_length(self, frames: int, st: CausalSettings) -> None:
+        """Cached frames (prefix included) must fit the cache without a window and the absolute RoPE table."""
+        if st.window_frames == -1 and frames > st.max_frames_without_window:
             raise ValueError(f"{frames} latent frames do not fit the KV cache without a rolling window (at most "
                              f"{st.max_frames_without_window}); set model_kwargs.local_attn_size (e.g. --preset long)")
         if st.rope == "absolute" and frames > self.generator.config.rope_max_positions:
             raise ValueError(f"{frames} latent frames exceed the RoPE table of "
                              f"{self.generator.config.rope_max_positions}; use model_kwargs.rope=relative")
+
+    def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings, denoiser: Denoiser) -> KVCache:
+        """The KV cache of a call, sized for its frames (the window's when rolling), reused while it fits exactly."""
+        self._check_length(frames, st)
+        rolling = st.window_frames != -1
         capacity, window, sink = frames, st.window_frames, st.sink_frames
         if rolling and frames < st.window_frames:
             # A video shorter than the window never rolls: a cache of its own length attends to the same frames and
@@ -213,11 +237,9 @@ class CausalInferencePipeline:
                     switches.append((block, prompt))  # the schedule as it happened, block 0 first
                 return embedded[prompt]
         elif prompt_schedule:
-            if prompt_schedule[0][0] != 0:
-                raise ValueError("the prompt schedule must start at block 0")
-            if prompt_schedule[-1][0] >= len(layout):
-                raise ValueError(f"prompt schedule switches at block {prompt_schedule[-1][0]}, "
-                                 f"but only {len(layout)} blocks are generated")
+            self.check_request(num_latent_frames, height, width, settings=st, codec=codec,
+                               prompt_schedule=prompt_schedule,
+                               initial_frames=0 if initial_latent is None else initial_latent.shape[1])
             context = [(b, self.encode_prompts([p] * batch)) for b, p in prompt_schedule]
         else:
             context = self.encode_prompts(prompts)

@@ -40,6 +40,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.shapes_results import FORMAT, format_compact, nan_to_none, pool_reports, pool_timing
+from utils.errors import InputError, MissingFileError, UserError, one_line
 
 EVAL_STAGES = ("teacher", "teacher_forcing", "diffusion_forcing", "causvid", "dmd", "sid", "gan", "ode_init")
 BASELINES = ("teacher_forcing", "diffusion_forcing")
@@ -69,7 +70,7 @@ def stage_files(run: Path, stage: str, weights: str) -> tuple[Path, Path]:
     ckpt = run / stage / ("generator_ema.safetensors" if weights == "ema" else "generator.safetensors")
     for path in (config, ckpt):
         if not path.is_file():
-            raise FileNotFoundError(f"stage {stage!r}: {path} does not exist (run scripts/shapes_world.py "
+            raise MissingFileError(f"stage {stage!r}: {path} does not exist (run scripts/shapes_world.py "
                                     f"--out {run} --stages {stage} first)")
     return config, ckpt
 
@@ -79,7 +80,7 @@ def available_stages(run: Path, requested: list[str] | None, weights: str) -> li
     if requested is not None:
         unknown = sorted(set(requested) - set(EVAL_STAGES))
         if unknown:
-            raise ValueError(f"--stages: unknown stage(s) {unknown}; choose from {list(EVAL_STAGES)}")
+            raise InputError(f"--stages: unknown stage(s) {unknown}; choose from {list(EVAL_STAGES)}")
         for stage in requested:
             stage_files(run, stage, weights)
         return [s for s in EVAL_STAGES if s in requested]
@@ -91,7 +92,7 @@ def available_stages(run: Path, requested: list[str] | None, weights: str) -> li
         except FileNotFoundError:
             pass
     if not found:
-        raise FileNotFoundError(f"{run}: no finished stage among {list(EVAL_STAGES)} (expected "
+        raise MissingFileError(f"{run}: no finished stage among {list(EVAL_STAGES)} (expected "
                                 f"<stage>/config.yaml and <stage>/generator*.safetensors)")
     return found
 
@@ -300,7 +301,7 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
     from utils.shapes import sample_scenes
     run = Path(run)
     if not run.is_dir():
-        raise FileNotFoundError(f"--run {run} is not a folder (expected the --out of scripts/shapes_world.py)")
+        raise MissingFileError(f"--run {run} is not a folder (expected the --out of scripts/shapes_world.py)")
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     names = available_stages(run, stages, settings.weights)
@@ -356,9 +357,9 @@ def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"{flag} must be comma-separated positive integers, got {text!r}") from None
+        raise InputError(f"{flag} must be comma-separated positive integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
-        raise ValueError(f"{flag} must be comma-separated positive integers, got {text!r}")
+        raise InputError(f"{flag} must be comma-separated positive integers, got {text!r}")
     return tuple(sorted(set(values)))
 
 
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for flag in ("num_prompts", "teacher_steps", "baseline_steps", "batch_size"):
             if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+                raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
         settings = EvalSettings(
             num_prompts=args.num_prompts, lengths=_positive_ints(args.lengths, "--lengths"), weights=args.weights,
             teacher_steps=args.teacher_steps, teacher_sampler=args.teacher_sampler,
@@ -398,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
         output = args.output or Path(args.run) / "eval.json"
         data = evaluate_run(args.run, stages, settings, on_progress=lambda doc: write_json_atomic(output, doc))
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # only the project's own errors: a bug keeps its traceback
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     out = write_json_atomic(output, data)
     print(format_compact(data))

@@ -21,16 +21,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
-from utils.model_folder import causal_settings, is_model_folder, save_model_folder  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.errors import InputError, MissingFileError, UserError, one_line, reading  # noqa: E402
+from utils.model_folder import PIPELINE_CLASS, causal_settings, is_model_folder, save_model_folder  # noqa: E402
 
 
 def parse_size(text: str) -> int:
+    """`--max-shard-size`: bytes, or a number with KB / MB / GB."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
-    for unit, factor in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[:-2]) * factor)
-    return int(text)
+    number, factor = text.strip(), 1
+    for unit, unit_factor in units.items():
+        if number.upper().endswith(unit):
+            number, factor = number[:-2].strip(), unit_factor
+            break
+    try:
+        size = int(float(number) * factor)
+    except ValueError:
+        raise InputError(f"--max-shard-size {text!r}: expected bytes or a number with KB, MB or GB (e.g. "
+                         "5GB)") from None
+    if size < 1:
+        raise InputError(f"--max-shard-size {text!r} must be positive")
+    return size
 
 
 def read_source(path: Path, weights: str, config_path: str | None, num_heads: int | None, text_len: int):
@@ -40,7 +51,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
     if path.is_dir() and not (path / TRAINING_STATE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"{path} holds no training checkpoint (checkpoint_model_*/{TRAINING_STATE})")
+            raise MissingFileError(f"{path} holds no training checkpoint (checkpoint_model_*/{TRAINING_STATE})")
         path = latest
     cfg, step, wan_config = None, None, None
     if path.is_dir():
@@ -48,7 +59,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
             "generator_ema" if (path / "generator_ema.safetensors").is_file() else "generator")
         weight_file = path / f"{stem}.safetensors"
         if not weight_file.is_file():
-            raise FileNotFoundError(f"{weight_file} does not exist")
+            raise MissingFileError(f"{weight_file} does not exist")
         state, wan_config = load_dit_state_dict(weight_file)
         step = int(load_training_state(path).get("step", 0))
         if (path / "config.yaml").is_file() and not config_path:
@@ -71,7 +82,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
     from utils.lora import is_lora_state_dict, lora_scaling, merge_lora_state_dict
     if is_lora_state_dict(state):
         if cfg is None or cfg.lora_rank < 1:
-            raise ValueError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
+            raise InputError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
         state = merge_lora_state_dict(state, lora_scaling(cfg.lora_rank, cfg.lora_alpha))
     if wan_config is None and cfg is not None and cfg.dit_config:
         # A network built from dit_config (the shapes world): the config, not the weights, says its heads, text
@@ -95,9 +106,10 @@ def base_components(base: Path, text_len: int) -> dict:
 def card_evaluation(path: Path) -> dict | str:
     """The card's evaluation: a shapes-world evaluation (scripts/evaluate_shapes.py) as its results table and the
     paper's claims checked on it; any other JSON as its flat numbers."""
-    data = json.loads(path.read_text())
+    with reading(f"--eval-json {path}"):
+        data = json.loads(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of evaluation numbers, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON object of evaluation numbers, got {type(data).__name__}")
     from scripts.shapes_results import FORMAT, claims, load_eval, markdown_table
     if data.get("format") != FORMAT:
         return data
@@ -105,10 +117,38 @@ def card_evaluation(path: Path) -> dict | str:
     return markdown_table(data) + "\n\n" + "\n".join(f"- {sentence}" for sentence in claims(data))
 
 
+def check_output(output: Path, inputs: list[str | None], overwrite: bool) -> None:
+    """The export replaces `output` as a whole: refuse what that would destroy. Never an input (the checkpoint, the
+    base model, the config) or a folder holding one; a non-empty folder that is not an earlier export only with
+    `--overwrite`."""
+    target = output.resolve()
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file; expected a folder to write the export into")
+    for given in filter(None, inputs):
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise InputError(f"--output {output} holds the input {given}: exporting there would delete it; choose "
+                             f"another --output")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    index = output / "model_index.json"
+    try:
+        earlier_export = json.loads(index.read_text()).get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError, AttributeError):
+        earlier_export = False
+    if not earlier_export and not overwrite:
+        raise InputError(f"--output {output} is a non-empty folder that is not an earlier export (no {index.name} of "
+                         f"a {PIPELINE_CLASS}); its content would be replaced: pass --overwrite, or choose another "
+                         "--output")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="training checkpoint folder, logdir, or weights file (.pt / .safetensors)")
-    p.add_argument("--output", required=True, help="folder to write (replaced atomically if it exists)")
+    p.add_argument("--output", required=True, help="folder to write; an earlier export there is replaced atomically, "
+                   "any other non-empty folder only with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --output folder that is not an earlier export")
     p.add_argument("--weights", choices=["auto", "generator", "generator_ema"], default="auto",
                    help="which weights to export (default: EMA when present)")
     p.add_argument("--config", help="training config for a bare weights file (rollout settings, card)")
@@ -124,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     args = p.parse_args(argv)
     try:
+        check_output(Path(args.output), [args.source, args.include_base, args.config, args.eval_json], args.overwrite)
+        max_shard_bytes = parse_size(args.max_shard_size)
         state, wan_config, cfg, step, stem = read_source(Path(args.source), args.weights, args.config, args.num_heads,
                                                               args.text_len)
         causal = causal_settings(cfg if cfg is not None else load_config())
@@ -139,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                           causal=causal, evaluation=evaluation, include_base=bool(args.include_base),
                           example_prompt=example)
         out = save_model_folder(args.output, transformer=state, wan_config=wan_config, causal=causal,
-                                transformer_format=args.format, max_shard_bytes=parse_size(args.max_shard_size),
+                                transformer_format=args.format, max_shard_bytes=max_shard_bytes,
                                 extra_files={"README.md": card}, index_extra={"base_model": args.base_model},
                                 **extra)
         if copy_from is not None:
@@ -150,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copytree(copy_from / part, out / part, dirs_exist_ok=True)
                     index[part] = base_index.get(part)
             (out / "model_index.json").write_text(json.dumps(index, indent=2))
-    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+    except UserError as err:  # only the project's own errors: a bug keeps its traceback
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     if args.push_to_hub:

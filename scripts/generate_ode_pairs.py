@@ -30,6 +30,7 @@ from pipeline.teacher import ode_pair_timesteps, sample_bidirectional  # noqa: E
 from utils.distributed import barrier  # noqa: E402
 from utils.ode_pairs import DTYPES, OdePairWriter, clear_output, finalize_index  # noqa: E402
 from utils.prompts import Prompt, read_prompt_file, shard  # noqa: E402
+from utils.errors import InputError, MissingFileError, UserError, one_line  # noqa: E402
 
 WAN_SPATIAL_FACTOR = 8  # the Wan2.1 VAE
 # The original's teacher wrapper converts flow <-> x0 on a shift-8 grid whatever the sampler's shift (docs/original.md).
@@ -68,12 +69,12 @@ def generate_ode_pairs(teacher: Denoiser, text_encoder_fn: Callable[[list[str]],
     """
     record = [int(k) for k in record_steps]
     if not record or record[-1] != num_steps:
-        raise ValueError(f"record_steps {record} must end with num_steps={num_steps}: the last trajectory entry "
+        raise InputError(f"record_steps {record} must end with num_steps={num_steps}: the last trajectory entry "
                          "is the clean sample that ODE regression regresses to")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if len(latent_shape) != 4:
-        raise ValueError(f"latent_shape must be [F, C, H, W], got {list(latent_shape)}")
+        raise InputError(f"latent_shape must be [F, C, H, W], got {list(latent_shape)}")
     timesteps = ode_pair_timesteps(num_steps, shift, record, teacher.schedule.num_train_timesteps)
     output = Path(output)
     clear_output(output, overwrite, delete=rank == 0)
@@ -160,7 +161,7 @@ def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         folder = Path(args.teacher)
         net, causal = load_transformer(folder, device=device, dtype=dtype)
         if not (folder / "text_encoder").is_dir():
-            raise FileNotFoundError(f"model folder {folder} has no text_encoder/; the teacher needs its encoder")
+            raise MissingFileError(f"model folder {folder} has no text_encoder/; the teacher needs its encoder")
         encoder = load_text_encoder(folder, text_len=net.config.text_len, device=device, dtype=text_dtype)
         factor = load_codec(folder).spatial_factor
         height, width, name = causal.get("height", 480), causal.get("width", 832), str(folder)
@@ -168,7 +169,7 @@ def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         from utils.wan_components import load_wan_dit, load_wan_text_encoder, model_dir
         folder = Path(args.teacher) if args.teacher else model_dir(args.model_root, args.teacher_name)
         if not folder.is_dir():
-            raise FileNotFoundError(f"teacher folder {folder} does not exist")
+            raise MissingFileError(f"teacher folder {folder} does not exist")
         net = load_wan_dit(folder, device=device, dtype=dtype)
         encoder = load_wan_text_encoder(folder, text_len=net.config.text_len, device=device, dtype=text_dtype)
         factor, height, width, name = WAN_SPATIAL_FACTOR, 480, 832, str(folder)
@@ -182,7 +183,7 @@ def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 def latent_grid(height: int, width: int, factor: int, patch: Sequence[int]) -> tuple[int, int]:
     h, w = height // factor, width // factor
     if height % factor or width % factor or h % patch[1] or w % patch[2] or h < 1 or w < 1:
-        raise ValueError(f"--height/--width {height}x{width} must be multiples of the codec's spatial factor "
+        raise InputError(f"--height/--width {height}x{width} must be multiples of the codec's spatial factor "
                          f"{factor} times the DiT patch size {list(patch[1:])}")
     return h, w
 
@@ -193,11 +194,11 @@ def run(args: argparse.Namespace) -> int:
     from utils.distributed import cleanup_distributed, init_distributed
     for name in ("num_frames", "num_steps", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     prompts = read_prompt_file(args.prompts)
     if args.max_prompts is not None:
         if args.max_prompts < 1:
-            raise ValueError(f"--max-prompts must be >= 1, got {args.max_prompts}")
+            raise InputError(f"--max-prompts must be >= 1, got {args.max_prompts}")
         prompts = prompts[:args.max_prompts]
     state = init_distributed(device="cpu" if args.device == "cpu" else None)
     device = torch.device(args.device) if args.device and state.world_size == 1 else state.device
@@ -224,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except UserError as err:  # only the project's own errors: a bug keeps its traceback
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.errors import InputError, InputKeyError, MissingFileError, UserError, one_line  # noqa: E402
+
 # (stage, row label) in the order of the paper's table; "reference" = the rendered ground truth.
 ROWS = (("teacher", "Teacher (bidirectional, many steps, CFG)"), ("teacher_forcing", "Teacher forcing"),
         ("diffusion_forcing", "Diffusion forcing"), ("causvid", "CausVid"), ("dmd", "Self Forcing (DMD)"),
@@ -90,17 +94,17 @@ def pool_timing(stats: list[tuple[int, dict[str, Any]]]) -> dict[str, Any] | Non
 def load_eval(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist (write it with scripts/evaluate_shapes.py)")
+        raise MissingFileError(f"{path} does not exist (write it with scripts/evaluate_shapes.py)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: key 'format' must be {FORMAT!r} (an evaluate_shapes.py output), "
+        raise InputError(f"{path}: key 'format' must be {FORMAT!r} (an evaluate_shapes.py output), "
                          f"got {data.get('format') if isinstance(data, dict) else type(data).__name__!r}")
     for key in ("results", "stages", "settings"):
         if key not in data:
-            raise KeyError(f"{path}: missing key {key!r}")
+            raise InputKeyError(f"{path}: missing key {key!r}")
     return data
 
 
@@ -114,7 +118,7 @@ def merge_evals(docs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
     for settings, name in zip(shared[1:], names[1:]):
         if settings != shared[0]:
             diff = sorted(k for k in set(settings) | set(shared[0]) if settings.get(k) != shared[0].get(k))
-            raise ValueError(f"{name}: settings {diff} differ from {names[0]}'s; evaluations to merge must share "
+            raise InputError(f"{name}: settings {diff} differ from {names[0]}'s; evaluations to merge must share "
                              "them (the same scenes and noise)")
     lengths = sorted({n for doc in docs for n in doc["settings"].get("lengths", [])})
     merged = {**first, "settings": {**first["settings"], "lengths": lengths}, "stages": {}, "results": [],
@@ -286,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         data = merge_evals([load_eval(path) for path in args.eval], args.eval)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except UserError as err:  # only the project's own errors: a bug keeps its traceback
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(markdown_table(data))
     print()

@@ -33,6 +33,7 @@ from model.attention import BlockCausal
 from trainer.base import Batch, Logs, Models
 from trainer.causvid import per_block_indices
 from trainer.common import clean_latents, text_conditions, trainable
+from utils.errors import InputError
 
 
 class Diffusion:
@@ -45,9 +46,9 @@ class Diffusion:
         self.block_causal = (BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
                                          cfg.model_kwargs.local_attn_size) if cfg.causal else None)
         if cfg.teacher_forcing and not cfg.causal:
-            raise ValueError("teacher_forcing: true needs causal: true (a bidirectional model has no clean context)")
+            raise InputError("teacher_forcing: true needs causal: true (a bidirectional model has no clean context)")
         if cfg.frame_causal_fraction > 0 and cfg.causal:
-            raise ValueError("frame_causal_fraction is for a bidirectional model (causal: false); a causal one always "
+            raise InputError("frame_causal_fraction is for a bidirectional model (causal: false); a causal one always "
                              "attends block-causally")
         # one frame a block: every pair of frames is ordered
         self.arrow_of_time = BlockCausal(frames_per_block=1) if cfg.frame_causal_fraction > 0 else None

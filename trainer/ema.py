@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from utils.distributed import full_tensor, local_tensor
+from utils.errors import InputError, InputKeyError
 
 
 def trainable_named_parameters(module: nn.Module, params: Iterable[nn.Parameter] | None = None
@@ -32,7 +33,7 @@ class EMA:
 
     def __init__(self, decay: float, start_step: int = 0):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_weight must be in (0, 1) to enable EMA, got {decay}")
+            raise InputError(f"ema_weight must be in (0, 1) to enable EMA, got {decay}")
         self.decay = float(decay)
         self.start_step = int(start_step)
         self.shadow: dict[str, Tensor] = {}
@@ -68,12 +69,12 @@ class EMA:
         """Restore a full shadow into shards shaped like `named_params` (every rank passes the full tensors)."""
         missing = sorted(set(named_params) - set(sd))
         if missing:
-            raise KeyError(f"{source}: EMA shadow lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
+            raise InputKeyError(f"{source}: EMA shadow lacks {len(missing)} parameter(s), e.g. {missing[:5]}")
         self.start(named_params)
         for name, p in named_params.items():
             value = sd[name].to(torch.float32)
             if tuple(value.shape) != tuple(p.shape):
-                raise ValueError(f"{source}: EMA entry {name!r} has shape {tuple(value.shape)}, "
+                raise InputError(f"{source}: EMA entry {name!r} has shape {tuple(value.shape)}, "
                                  f"the parameter {tuple(p.shape)}")
             self.shadow[name] = _like(p, value)
 

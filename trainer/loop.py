@@ -22,6 +22,7 @@ from utils import train_state as ts
 from utils.distributed import (DistState, all_finite, all_gather_object, any_rank, barrier, clip_grad_norm,
                                full_optimizer_state_dict, load_full_optimizer_state_dict, mean_over_ranks,
                                rng_state, seed_everything, set_rng_state)
+from utils.errors import InputError, InputKeyError
 from utils.logging import RunLogger, warn
 from utils.train_state import CheckpointIO
 
@@ -36,7 +37,7 @@ def micro_steps_for(cfg: Any, world_size: int) -> int:
     if cfg.total_batch_size is None:
         return 1
     if cfg.total_batch_size < per_pass or cfg.total_batch_size % per_pass:
-        raise ValueError(f"total_batch_size {cfg.total_batch_size} must be a positive multiple of batch_size x "
+        raise InputError(f"total_batch_size {cfg.total_batch_size} must be a positive multiple of batch_size x "
                          f"world size = {cfg.batch_size} x {world_size} = {per_pass}")
     return cfg.total_batch_size // per_pass
 
@@ -303,7 +304,7 @@ class Trainer:
         self._critic_phase = state.get("critic_phase", "main")
         for role in self.roles:
             if role not in state["optimizers"]:
-                raise KeyError(f"{folder}: training state has no optimizer for {role!r}")
+                raise InputKeyError(f"{folder}: training state has no optimizer for {role!r}")
             # Rebuilt as it was when saved (the groups of the step before), then the state is loaded into it.
             self._build_optimizer(role, max(0, self.step - 1))
             load_full_optimizer_state_dict(self.io.module(role), self.optimizers[role], state["optimizers"][role])

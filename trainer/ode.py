@@ -21,6 +21,7 @@ from trainer.base import Batch, Logs, Models
 from trainer.causvid import per_block_indices
 from trainer.common import text_conditions, trainable
 from trainer.self_forcing import rollout_steps
+from utils.errors import InputError
 
 NUM_LOG_BUCKETS = 4
 
@@ -43,7 +44,7 @@ class ODERegression:
         index: the trajectory entry of every frame `[B, F]` (default: one random entry per sample and block)."""
         b, k, f = trajectory.shape[:3]
         if k != len(self.steps):
-            raise ValueError(f"ode_latent holds {k} trajectory points but denoising_step_list has {len(self.steps)} "
+            raise InputError(f"ode_latent holds {k} trajectory points but denoising_step_list has {len(self.steps)} "
                              f"entries ({self.steps}); they must correspond one to one")
         if index is None:
             index = per_block_indices(b, self.block_causal.block_sizes(f), k, trajectory.device, generator)

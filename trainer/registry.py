@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 from trainer.base import Algorithm, Models
+from utils.errors import InputError
 
 SCORE_DISTILLATION = ("dmd", "sid", "causvid")
 TRAINERS = ("score_distillation", "gan", "ode", "diffusion")
@@ -22,7 +23,7 @@ def algorithm_class(trainer: str, distribution_loss: str = "dmd") -> type:
         if distribution_loss == "causvid":
             from trainer.causvid import CausVid
             return CausVid
-        raise ValueError(f"distribution_loss = {distribution_loss!r} is not one of {list(SCORE_DISTILLATION)}")
+        raise InputError(f"distribution_loss = {distribution_loss!r} is not one of {list(SCORE_DISTILLATION)}")
     if trainer == "gan":
         from trainer.gan import GAN
         return GAN
@@ -32,7 +33,7 @@ def algorithm_class(trainer: str, distribution_loss: str = "dmd") -> type:
     if trainer == "diffusion":
         from trainer.diffusion import Diffusion
         return Diffusion
-    raise ValueError(f"trainer = {trainer!r} is not one of {list(TRAINERS)}")
+    raise InputError(f"trainer = {trainer!r} is not one of {list(TRAINERS)}")
 
 
 def build_algorithm(cfg, models: Models) -> Algorithm:

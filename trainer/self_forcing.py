@@ -30,6 +30,7 @@ from pipeline.denoiser import Denoiser
 from pipeline.rollout import GradientPolicy, NoiseFn, block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from utils.distributed import gathered_across_forwards
+from utils.errors import InputError
 
 
 def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True) -> list[float]:
@@ -76,10 +77,10 @@ class SelfForcingRollout:
         self.cache_dtype = cache_dtype
         self.steps = rollout_steps(cfg, generator.schedule)
         if cfg.kv_cache_grad not in ("paper", "original"):
-            raise ValueError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.kv_cache_grad!r}")
+            raise InputError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.kv_cache_grad!r}")
         shape = list(cfg.image_or_video_shape)
         if len(shape) != 5:
-            raise ValueError(f"image_or_video_shape must be [B, F, C, H, W], got {shape}")
+            raise InputError(f"image_or_video_shape must be [B, F, C, H, W], got {shape}")
         self.window = int(shape[1])
         self.latent_shape = tuple(int(s) for s in shape[2:])
         nfpb, first = cfg.num_frame_per_block, int(cfg.independent_first_frame)
@@ -88,10 +89,10 @@ class SelfForcingRollout:
         self.min_frames, self.max_frames = self.window - first, cfg.num_training_frames - first
         for key, frames in (("image_or_video_shape[1]", self.min_frames), ("num_training_frames", self.max_frames)):
             if frames < nfpb or frames % nfpb:
-                raise ValueError(f"{key}: {frames + first} latent frames cannot be split into blocks of "
+                raise InputError(f"{key}: {frames + first} latent frames cannot be split into blocks of "
                                  f"num_frame_per_block={nfpb}" + (" after an independent first frame" if first else ""))
         if self.max_frames < self.min_frames:
-            raise ValueError(f"num_training_frames ({cfg.num_training_frames}) must be at least the loss window "
+            raise InputError(f"num_training_frames ({cfg.num_training_frames}) must be at least the loss window "
                              f"image_or_video_shape[1] ({self.window})")
         self.shared_generator = torch.Generator(device="cpu")
         self.seed(cfg.seed)

@@ -23,6 +23,7 @@ from model.prompt_cache import PromptEmbeddingCache
 from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models, frozen
+from utils.errors import MissingFileError
 from utils.lora import apply_lora
 
 # The original's WanDiffusionWrapper default: teacher and critic convert x0 <-> flow on a shift-8 grid while the
@@ -94,12 +95,12 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
 
     root = Path(cfg.model_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"model_root {root} does not exist (config key model_root; expected a folder with "
+        raise MissingFileError(f"model_root {root} does not exist (config key model_root; expected a folder with "
                                 f"{cfg.model_kwargs.model_name}/, {cfg.real_name}/, {cfg.fake_name}/)")
     gen_dir = model_dir(root, cfg.model_kwargs.model_name)
     ckpt = cfg.generator_ckpt
     if ckpt and not Path(ckpt).exists():
-        raise FileNotFoundError(f"generator_ckpt {ckpt} does not exist")
+        raise MissingFileError(f"generator_ckpt {ckpt} does not exist")
     generator_net = load_wan_dit(gen_dir, checkpoint=ckpt or None)
     if cfg.lora_rank > 0:
         apply_lora(generator_net, cfg.lora_rank, cfg.lora_alpha)

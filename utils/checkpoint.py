@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from model.config import WanConfig
 from model.dit_keys import to_wan_keys, wan_config_from_diffusers
 from model.weights import StateDictMismatchError, _head, load_state_dict_strict  # noqa: F401 (re-exported)
+from utils.errors import InputError, InputKeyError, MissingFileError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -41,11 +42,11 @@ _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 def _read_safetensors(path: Path) -> StateDict:
     if not path.is_file():
-        raise FileNotFoundError(f"safetensors file {path} does not exist")
+        raise MissingFileError(f"safetensors file {path} does not exist")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {err}") from err
+        raise InputError(f"{path}: not a readable safetensors file (corrupt or truncated?): {err}") from err
 
 
 def _load_index(index_path: Path) -> StateDict:
@@ -53,13 +54,13 @@ def _load_index(index_path: Path) -> StateDict:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path}: not a safetensors index (expected a JSON object with 'weight_map')") from err
+        raise InputError(f"{index_path}: not a safetensors index (expected a JSON object with 'weight_map')") from err
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index_path}: 'weight_map' must be a non-empty mapping key -> shard file")
+        raise InputError(f"{index_path}: 'weight_map' must be a non-empty mapping key -> shard file")
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (index_path.parent / s).is_file()]
     if missing:
-        raise FileNotFoundError(f"{index_path}: {len(missing)} of {len(shards)} shard(s) listed in the index "
+        raise MissingFileError(f"{index_path}: {len(missing)} of {len(shards)} shard(s) listed in the index "
                                 f"are missing from {index_path.parent}: {missing}")
     sd: StateDict = {}
     for shard in shards:
@@ -68,7 +69,7 @@ def _load_index(index_path: Path) -> StateDict:
         expected = {k for k, v in weight_map.items() if v == shard}
         absent, unlisted = sorted(expected - part.keys()), sorted(part.keys() - expected)
         if absent or unlisted:
-            raise ValueError(f"{shard_path} does not match {index_path.name}: keys listed but absent "
+            raise InputError(f"{shard_path} does not match {index_path.name}: keys listed but absent "
                              f"{absent[:10]} ({len(absent)}), keys present but not listed {unlisted[:10]} "
                              f"({len(unlisted)})")
         sd.update(part)
@@ -86,7 +87,7 @@ def _resolve_folder(folder: Path) -> Path:
         return indexes[0]
     if not indexes and len(files) == 1:
         return files[0]
-    raise FileNotFoundError(f"{folder}: expected {SINGLE_FILE} or {INDEX_FILE}; found index files "
+    raise MissingFileError(f"{folder}: expected {SINGLE_FILE} or {INDEX_FILE}; found index files "
                             f"{[p.name for p in indexes]} and safetensors files {[p.name for p in files]}")
 
 
@@ -101,7 +102,7 @@ def load_wan_safetensors(path: str | Path) -> StateDict:
         path = _resolve_folder(path)
     if path.name.endswith(".index.json"):
         if not path.is_file():
-            raise FileNotFoundError(f"safetensors index {path} does not exist")
+            raise MissingFileError(f"safetensors index {path} does not exist")
         return to_wan_keys(_load_index(path))
     return to_wan_keys(_read_safetensors(path))
 
@@ -110,9 +111,9 @@ def _read_config_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON: {err}") from err
+        raise InputError(f"{path}: invalid JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object")
     return data
 
 
@@ -125,7 +126,7 @@ def read_transformer_config(config_path: str | Path) -> tuple[WanConfig, dict]:
     (`WanTransformer3DModel`), either possibly with the `causal` block and `text_len` our export adds."""
     config_path = Path(config_path)
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} is missing")
+        raise MissingFileError(f"{config_path} is missing")
     data = _read_config_json(config_path)
     causal = data.pop("causal", {})
     if _is_diffusers_config(data):
@@ -141,10 +142,10 @@ def load_diffusers_transformer(folder: str | Path) -> tuple[WanConfig, StateDict
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers WanTransformer3DModel folder)")
+        raise MissingFileError(f"{folder}: no config.json (expected a diffusers WanTransformer3DModel folder)")
     data = _read_config_json(config_path)
     if not _is_diffusers_config(data):
-        raise ValueError(f"{config_path}: not a diffusers WanTransformer3DModel config "
+        raise InputError(f"{config_path}: not a diffusers WanTransformer3DModel config "
                          f"(_class_name={data.get('_class_name')!r}, no 'num_attention_heads')")
     return read_transformer_config(config_path)[0], load_wan_safetensors(folder)
 
@@ -153,18 +154,18 @@ def load_diffusers_transformer(folder: str | Path) -> tuple[WanConfig, StateDict
 
 def _torch_load(path: Path) -> object:
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingFileError(f"checkpoint {path} does not exist")
     # mmap keeps multi-GB checkpoints (generator + critic + EMA) out of RAM; only zip-format files allow it.
     mmap = zipfile.is_zipfile(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises KeyError/RuntimeError/EOFError/UnpicklingError for bad files
         if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
-            raise ValueError(
+            raise InputError(
                 f"{path}: refused to unpickle: the file holds objects other than tensors and plain containers "
                 f"(torch.load weights_only=True failed). Untrusted pickles are never executed; re-save the "
                 f"state dict with plain tensors or as safetensors. Detail: {str(err)[:300]}") from err
-        raise ValueError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): "
+        raise InputError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): "
                          f"{type(err).__name__}: {str(err)[:300]}") from err
 
 
@@ -189,7 +190,7 @@ def load_self_forcing_pt(path: str | Path, use_ema: bool = False, key: str | Non
     path = Path(path)
     obj = _torch_load(path)
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of state dicts, got {type(obj).__name__}")
+        raise InputError(f"{path}: expected a dict of state dicts, got {type(obj).__name__}")
     if key is None and use_ema:
         key = "generator_ema"
     if key is not None:
@@ -202,15 +203,15 @@ def load_self_forcing_pt(path: str | Path, use_ema: bool = False, key: str | Non
     elif key is None and _is_tensor_dict(obj):
         sd, chosen = obj, "<raw state dict>"
     else:
-        raise KeyError(f"{path}: no {' / '.join(repr(c) for c in candidates)} entry; top-level keys present: "
+        raise InputKeyError(f"{path}: no {' / '.join(repr(c) for c in candidates)} entry; top-level keys present: "
                        f"{sorted(map(str, obj))[:20]}")
     if not _is_tensor_dict(sd):
-        raise ValueError(f"{path}: entry {chosen!r} is not a non-empty dict of tensors")
+        raise InputError(f"{path}: entry {chosen!r} is not a non-empty dict of tensors")
     out: StateDict = {}
     for name, tensor in sd.items():
         new = clean_key(name)
         if new in out:
-            raise ValueError(f"{path}: entry {chosen!r}: keys collide on {new!r} after stripping wrapper prefixes")
+            raise InputError(f"{path}: entry {chosen!r}: keys collide on {new!r} after stripping wrapper prefixes")
         out[new] = tensor
     return to_wan_keys(out)
 
@@ -234,7 +235,7 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"DiT checkpoint {path} does not exist")
+        raise MissingFileError(f"DiT checkpoint {path} does not exist")
     if path.is_dir():
         if (path / "model_index.json").is_file() and (path / "transformer").is_dir():
             path = path / "transformer"
@@ -246,7 +247,7 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
         return load_wan_safetensors(path), _config_next_to(path.parent)
     if name.endswith(_PICKLE_SUFFIXES):
         return load_self_forcing_pt(path, use_ema=use_ema), None
-    raise ValueError(f"{path}: unrecognised checkpoint type; expected a folder, .safetensors, "
+    raise InputError(f"{path}: unrecognised checkpoint type; expected a folder, .safetensors, "
                      f".safetensors.index.json or one of {list(_PICKLE_SUFFIXES)}")
 
 
@@ -343,23 +344,23 @@ def infer_wan_config(sd: StateDict, num_heads: int | None = None, text_len: int 
     """
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd:
-            raise KeyError(f"{source}: cannot infer the Wan config, key {key!r} is missing")
+            raise InputKeyError(f"{source}: cannot infer the Wan config, key {key!r} is missing")
         return tuple(sd[key].shape)
 
     if "img_emb.proj.0.weight" in sd:
-        raise ValueError(f"{source}: image-to-video weights (img_emb.*) are not supported; only t2v")
+        raise InputError(f"{source}: image-to-video weights (img_emb.*) are not supported; only t2v")
     dim, in_dim, *patch = shape("patch_embedding.weight")
     layers = sorted({int(m.group(1)) for k in sd if (m := re.match(r"^blocks\.(\d+)\.", k))})
     if layers != list(range(len(layers))) or not layers:
-        raise ValueError(f"{source}: block indices must be 0..N-1 with N >= 1, found {layers[:10]}")
+        raise InputError(f"{source}: block indices must be 0..N-1 with N >= 1, found {layers[:10]}")
     head_out = shape("head.head.weight")[0]
     patch_volume = patch[0] * patch[1] * patch[2]
     if head_out % patch_volume:
-        raise ValueError(f"{source}: head.head.weight has {head_out} outputs, not a multiple of patch volume "
+        raise InputError(f"{source}: head.head.weight has {head_out} outputs, not a multiple of patch volume "
                          f"{patch_volume}")
     if num_heads is None:
         if dim % 128:
-            raise ValueError(f"{source}: dim {dim} is not a multiple of 128, pass num_heads explicitly")
+            raise InputError(f"{source}: dim {dim} is not a multiple of 128, pass num_heads explicitly")
         num_heads = dim // 128
     return WanConfig(
         patch_size=tuple(patch),

@@ -9,19 +9,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING is re-exported for recipes)
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf  # noqa: F401  (MISSING is re-exported for recipes)
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from model.attention import ATTENTION_BACKENDS
+from utils.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+from utils.video import MAX_FPS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default_config.yaml"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file and key in the message."""
 
 
 @dataclass
@@ -192,33 +190,54 @@ _CHOICES = {
 }
 
 
-def _validate(cfg: Config, source: str) -> None:
+def _validate(cfg: Config, where: Callable[[str], str]) -> None:
+    """Raise ConfigError for a bad value; `where(key)` names the file or override that set the key."""
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(cfg), key) if "." in key else getattr(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{source}: {key} = {value!r} is not one of {list(allowed)}")
-    if cfg.num_frame_per_block < 1:
-        raise ConfigError(f"{source}: num_frame_per_block must be >= 1, got {cfg.num_frame_per_block}")
+            raise ConfigError(f"{where(key)}: {key} = {value!r} is not one of {list(allowed)}")
+    if cfg.max_steps < 0:  # 0 is meaningful: the initial weights written as checkpoint 0
+        raise ConfigError(f"{where('max_steps')}: max_steps must be >= 0, got {cfg.max_steps}")
+    for key in ("num_frame_per_block", "dfake_gen_update_ratio", "fps", "height", "width", "batch_size",
+                "num_training_frames", "log_iters"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{where(key)}: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.fps > MAX_FPS:
+        raise ConfigError(f"{where('fps')}: fps must be at most {MAX_FPS}, got {cfg.fps}")
     if not cfg.denoising_step_list:
-        raise ConfigError(f"{source}: denoising_step_list is empty")
+        raise ConfigError(f"{where('denoising_step_list')}: denoising_step_list is empty")
     if cfg.height % 16 or cfg.width % 16:
-        raise ConfigError(f"{source}: height/width {cfg.height}x{cfg.width} must be multiples of 16 "
+        blamed = where("height" if cfg.height % 16 else "width")
+        raise ConfigError(f"{blamed}: height/width {cfg.height}x{cfg.width} must be multiples of 16 "
                           "(8x VAE downsampling, then 2x2 patches)")
-    if cfg.dfake_gen_update_ratio < 1:
-        raise ConfigError(f"{source}: dfake_gen_update_ratio must be >= 1")
     if not 0.0 <= cfg.text_dropout < 1.0:
-        raise ConfigError(f"{source}: text_dropout must be in [0, 1), got {cfg.text_dropout}")
+        raise ConfigError(f"{where('text_dropout')}: text_dropout must be in [0, 1), got {cfg.text_dropout}")
     if cfg.load_raw_video:
-        raise ConfigError(f"{source}: load_raw_video = true is not supported: training reads clips already encoded to "
-                          "latents (ode_data_path: ODE-pair shards, whose clean end is the clip); set it to false")
+        raise ConfigError(f"{where('load_raw_video')}: load_raw_video = true is not supported: training reads clips "
+                          "already encoded to latents (ode_data_path: ODE-pair shards, whose clean end is the clip); "
+                          "set it to false")
     rollout_recipe = cfg.trainer == "gan" or (cfg.trainer == "score_distillation"
                                               and cfg.distribution_loss != "causvid")
     if cfg.i2v and rollout_recipe and not cfg.independent_first_frame:
-        raise ConfigError(f"{source}: i2v = true needs independent_first_frame = true: the rollout starts from the "
-                          "data's first latent frame as a block of its own, then generates whole blocks")
+        raise ConfigError(f"{where('i2v')}: i2v = true needs independent_first_frame = true: the rollout starts from "
+                          "the data's first latent frame as a block of its own, then generates whole blocks")
     if not 0.0 <= cfg.frame_causal_fraction < 1.0:
-        raise ConfigError(f"{source}: frame_causal_fraction must be in [0, 1) (a model trained only causally is a "
-                          f"causal one: causal: true), got {cfg.frame_causal_fraction}")
+        raise ConfigError(f"{where('frame_causal_fraction')}: frame_causal_fraction must be in [0, 1) (a model trained "
+                          f"only causally is a causal one: causal: true), got {cfg.frame_causal_fraction}")
+
+
+def _keys(values: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a nested mapping (a YAML layer, an override)."""
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values)
+    if not isinstance(values, dict):
+        return []
+    keys = []
+    for key, value in values.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += _keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
@@ -240,7 +259,10 @@ def _load_yaml(source: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         loaded = OmegaConf.load(source)
     except Exception as err:  # YAML syntax errors
         raise ConfigError(f"{source}: cannot parse YAML: {err}") from None
-    base = loaded.pop("base_config", None) if isinstance(loaded, DictConfig) else None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{source}: expected a mapping of config keys (key: value lines), got a YAML "
+                          f"{'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
+    base = loaded.pop("base_config", None)
     if base is None:
         return loaded
     base_path = (source.parent / str(base)).resolve()
@@ -256,22 +278,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Schema defaults <- `default_config.yaml` <- `layers` (named dicts, e.g. a model folder's stored settings)
     <- `extra_paths` (e.g. a preset) <- `path` <- `key=value` overrides; returns a validated `Config`."""
     cfg = OmegaConf.structured(Config)
+    origin: dict[str, str] = {}  # key -> the layer that set it last, so an error blames the right file or override
+
+    def merge(values: Any, source: str) -> None:
+        nonlocal cfg
+        cfg = _merge(cfg, values, source)
+        origin.update(dict.fromkeys(_keys(values), source))
+
     if default_path is not None:
-        cfg = _merge(cfg, _load_yaml(Path(default_path)), str(default_path))
+        merge(_load_yaml(Path(default_path)), str(default_path))
     for name, values in layers or []:
-        cfg = _merge(cfg, values, name)
+        merge(values, name)
     for source in [*(extra_paths or []), path]:
         if source is None:
             continue
-        cfg = _merge(cfg, _load_yaml(Path(source)), str(source))
+        merge(_load_yaml(Path(source)), str(source))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override {item!r}")
+        merge(OmegaConf.from_dotlist([item]), f"override {item!r}")
     result: Config = OmegaConf.to_object(cfg)
     if path is not None and not result.config_name:
         result.config_name = Path(path).stem
-    _validate(result, str(path or default_path))
+
+    def where(key: str) -> str:
+        return origin.get(key, "the built-in defaults")
+
+    _validate(result, where)
     return result
 
 

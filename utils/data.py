@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Protocol
 import torch
 from torch import Tensor
 
+from utils.errors import InputError
 from utils.prompts import attach_extended, read_prompt_file
 
 Batch = dict[str, Any]
@@ -92,7 +93,7 @@ class ShardedBatches:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad sharding: batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if len(dataset) == 0:
-            raise ValueError("the training dataset is empty")
+            raise InputError("the training dataset is empty")
         self.dataset = dataset
         self.batch_size = batch_size
         self.rank = rank
@@ -142,7 +143,7 @@ class ShardedBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if int(state.get("num_items", len(self.dataset))) != len(self.dataset):
-            raise ValueError(f"data position was saved for a dataset of {state['num_items']} items, "
+            raise InputError(f"data position was saved for a dataset of {state['num_items']} items, "
                              f"this one has {len(self.dataset)}; the resumed order would differ")
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.seed = int(state.get("seed", self.seed))
@@ -164,21 +165,21 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     if needs_latents:
         from utils.ode_pairs import ODEPairDataset
         if not cfg.ode_data_path:
-            raise ValueError(f"trainer {cfg.trainer!r} trains on data: set ode_data_path to a folder of ODE pairs / "
+            raise InputError(f"trainer {cfg.trainer!r} trains on data: set ode_data_path to a folder of ODE pairs / "
                              "latents written by scripts/generate_ode_pairs.py")
         return ShardedBatches(ODEPairDataset(cfg.ode_data_path), cfg.batch_size, rank, world_size, seed)
     if cfg.trainer == "score_distillation":
         if not cfg.data_path:
-            raise ValueError("config key data_path is not set; expected a text file with one training prompt per line")
+            raise InputError("config key data_path is not set; expected a text file with one training prompt per line")
         dataset = PromptDataset(cfg.data_path, cfg.extended_prompt_path)
         return ShardedBatches(dataset, cfg.batch_size, rank, world_size, seed)
     if cfg.trainer == "ode":
         from utils.ode_pairs import ODEPairDataset, config_trajectory_timesteps
         if not cfg.ode_data_path:
-            raise ValueError("config key ode_data_path is not set; expected a folder of ODE pairs written by "
+            raise InputError("config key ode_data_path is not set; expected a folder of ODE pairs written by "
                              "scripts/generate_ode_pairs.py")
         ode_pairs = ODEPairDataset(cfg.ode_data_path)  # FileNotFoundError naming the folder / index.json
         # Entry k of a stored trajectory is fed at step k: a config whose steps differ would train on wrong levels.
         ode_pairs.check_timesteps(config_trajectory_timesteps(cfg))
         return ShardedBatches(ode_pairs, cfg.batch_size, rank, world_size, seed)
-    raise ValueError(f"trainer {cfg.trainer!r}: no built-in dataset; pass one to train.main(data=...)")
+    raise InputError(f"trainer {cfg.trainer!r}: no built-in dataset; pass one to train.main(data=...)")

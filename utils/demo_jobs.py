@@ -27,6 +27,7 @@ import torch
 from pipeline.denoiser import Denoiser
 from pipeline.inference import CausalInferencePipeline, CausalSettings
 from pipeline.rollout import block_layout
+from utils import outputs
 from utils.prompts import slugify
 from utils.video import BackgroundVideoWriter, to_uint8_frames
 
@@ -63,7 +64,9 @@ class GenerationRequest:
 
 
 def parse_prompt(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if value is not None and not isinstance(value, str):
+        raise RequestError("prompt", f"the prompt must be text (a JSON string), got {type(value).__name__}")
+    if value is None or not value.strip():
         raise RequestError("prompt", "the prompt is empty: describe the video to generate")
     text = " ".join(value.split())  # one line: newlines from the text box mean nothing to the model
     if len(text) > MAX_PROMPT_CHARS:
@@ -245,6 +248,17 @@ class DemoService:
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._jobs_lock = threading.Lock()
         self.current: Job | None = None
+        self._thread: threading.Thread | None = None
+
+    def stop_current(self, reason: str, timeout_s: float = 60.0) -> Job | None:
+        """Stop the running generation between blocks and wait for it to write what it made (as Stop does); the
+        stopped job, or None when none ran."""
+        job, thread = self.current, self._thread
+        if job is None or thread is None:
+            return None
+        job.stop(reason)
+        thread.join(timeout_s)
+        return job
 
     # -------------------------------------------------------------------------------------------- what fits
     @property
@@ -303,7 +317,8 @@ class DemoService:
                 while len(self._jobs) > self.keep_jobs:  # forget old jobs; their files stay in output_dir
                     self._jobs.popitem(last=False)
             self.current = job
-            threading.Thread(target=self._run, args=(job,), name=f"demo-job-{job.id}", daemon=True).start()
+            self._thread = threading.Thread(target=self._run, args=(job,), name=f"demo-job-{job.id}", daemon=True)
+            self._thread.start()
         except BaseException:
             self._busy.release()
             raise
@@ -319,6 +334,7 @@ class DemoService:
     def _run(self, job: Job) -> None:
         req, pipe = job.request, self.pipe
         sink: BackgroundVideoWriter | None = None
+        claim = None
         sent = {"frames": 0, "blocks": 0, "last": time.perf_counter()}
         try:
             # This job's cache layout, decoder and (compiled or not) generator; the pipeline itself is left as is.
@@ -330,6 +346,8 @@ class DemoService:
                 "blocks": len(block_layout(frames, st.frames_per_block, st.independent_first_frame)),
                 "rolling": {"window_frames": st.window_frames, "sink_frames": st.sink_frames}
                 if st.window_frames != -1 else None})
+            # Held while the video is written, so a demo starting on the same folder leaves its temp file alone.
+            claim = outputs.claim(job.video_path.parent, job.video_path.stem)
             sink = BackgroundVideoWriter(job.video_path, fps=req.fps)  # x264 off the generation thread
 
             def on_frames(index: int, pixels: torch.Tensor) -> None:
@@ -361,6 +379,8 @@ class DemoService:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             outcome = ("failed", {"error": message, "frames": sent["frames"], "blocks": sent["blocks"]})
         finally:
+            if claim is not None:
+                claim.release()
             pipe.clear_prompt_cache()  # prompts typed during a session would otherwise pile up on the device
             self.current = None
             self._busy.release()

@@ -25,11 +25,16 @@ from typing import Any
 import numpy as np
 from flask import Flask, Response, jsonify, request, send_file
 from PIL import Image
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from utils.demo_jobs import Busy, DemoService, Job, JobError, RequestError, parse_prompt
 
 PAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.html"
 JPEG_QUALITY = 90
+MAX_BODY_BYTES = 64 * 1024  # a start request is a few hundred bytes; the longest prompt is MAX_PROMPT_CHARS
+# Host names a page on this machine uses. Anything else is refused: a web page elsewhere could otherwise reach the
+# demo through a name it controls that resolves to 127.0.0.1 (DNS rebinding).
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def jpeg_data_url(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> str:
@@ -86,8 +91,42 @@ def _json_body() -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def create_app(service: DemoService, *, page: Path = PAGE, heartbeat_s: float = 1.0) -> Flask:
+def host_name(header: str) -> str:
+    """The host of a Host header, without its port (`[::1]:5001` -> `::1`), lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(service: DemoService, *, page: Path = PAGE, heartbeat_s: float = 1.0,
+               allowed_hosts: Iterable[str] = LOCAL_HOSTS) -> Flask:
+    """The app; requests whose Host header names none of `allowed_hosts` get 403, bodies over MAX_BODY_BYTES 413."""
     app = Flask(__name__, static_folder=None)
+    # Werkzeug cuts a body sent without a Content-Length at this size (silently): one byte more than allowed, so a
+    # body that long is known to be too long, and memory stays bounded.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
+    allowed = {host_name(h) for h in allowed_hosts}
+
+    @app.before_request
+    def guard():
+        host = host_name(request.headers.get("Host", ""))
+        if host not in allowed:
+            return _error(f"host {host!r} is not served here (allowed: {', '.join(sorted(allowed))}; demo.py "
+                          "--allowed-host adds one)", 403)
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return _error(f"request body of {request.content_length} bytes; at most {MAX_BODY_BYTES}", 413)
+        try:  # read (and cache) a body sent without a length now: past the limit it is refused, not truncated
+            too_long = len(request.get_data(cache=True)) > MAX_BODY_BYTES
+        except RequestEntityTooLarge:
+            too_long = True
+        if too_long:
+            return _error(f"request body too large; at most {MAX_BODY_BYTES} bytes", 413)
+        return None
+
+    @app.errorhandler(413)
+    def too_large(_err):
+        return _error(f"request body too large; at most {MAX_BODY_BYTES} bytes", 413)
 
     def find_job(data: dict[str, Any]) -> Job | tuple[Response, int]:
         job = service.job(str(data.get("job", "")))

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from utils.errors import InputKeyError
+
 try:  # DTensor is what FSDP2 turns parameters into; absent only on builds without distributed support
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
@@ -468,7 +470,7 @@ def load_full_optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Opt
     names = {name for name, _ in module.named_parameters()}
     unknown = sorted(set(osd.get("state", {})) - names)
     if unknown:
-        raise KeyError(f"optimizer state names {len(unknown)} parameter(s) the model does not have, e.g. "
+        raise InputKeyError(f"optimizer state names {len(unknown)} parameter(s) the model does not have, e.g. "
                        f"{unknown[:5]}")
     opts = _options(full_state_dict=True, broadcast_from_rank0=dist.is_initialized(), strict=False)
     set_optimizer_state_dict(module, optimizer, osd, options=opts)

@@ -1,10 +1,11 @@
 """Model cards and uploads to the Hugging Face Hub."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 CARD_KEYS = ("trainer", "distribution_loss", "denoising_step_list", "warp_denoising_step", "num_frame_per_block",
              "num_training_frames", "guidance_scale", "lr", "lr_critic", "dfake_gen_update_ratio", "ema_weight",
@@ -82,16 +83,63 @@ python inference.py --model <this folder> --data_path prompts.txt --output-dir v
 """
 
 
-def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Upload `folder` as the repository's content; the token comes from the environment (HF_TOKEN), never logged."""
+HUB_TIMEOUT_S = 60.0  # seconds without a byte from the server before an upload gives up
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False, *, endpoint: str | None = None,
+                timeout_s: float | None = None) -> str:
+    """Upload `folder` as the repository's content; the token comes from the environment (HF_TOKEN), never logged.
+    A server that connects but stops answering for `timeout_s` seconds (default HUB_TIMEOUT_S) ends the upload with
+    an error (the Hub client's own default is to wait forever)."""
+    timeout_s = HUB_TIMEOUT_S if timeout_s is None else timeout_s
     from huggingface_hub import HfApi
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    api = HfApi(token=token)
+    api = HfApi(token=token, **({"endpoint": endpoint} if endpoint else {}))  # default: HF_ENDPOINT or the Hub
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                 commit_message="Upload Self Forcing model")
+        with _http_timeout(timeout_s):
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                     commit_message="Upload Self Forcing model")
     except Exception as err:  # network, auth, permissions: one clear line, the local folder stays complete
         raise RuntimeError(f"could not upload {folder} to the Hub repository {repo_id}: "
                            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     return str(getattr(info, "commit_url", repo_id))
+
+
+@contextlib.contextmanager
+def _http_timeout(timeout_s: float) -> Iterator[None]:
+    """The Hub client's HTTP session, with connect and read timeouts, for the duration of the block."""
+    from huggingface_hub.utils import _http
+    if hasattr(_http, "set_client_factory"):  # huggingface_hub >= 1.0: one shared httpx client
+        previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+
+        def factory():
+            client = previous()
+            client.timeout = type(client.timeout)(timeout_s)
+            return client
+
+        _http.set_client_factory(factory)
+        try:
+            yield
+        finally:
+            _http.set_client_factory(previous)
+        return
+    import requests  # huggingface_hub < 1.0: requests sessions, whose calls pass no timeout
+
+    class TimeoutAdapter(requests.adapters.HTTPAdapter):
+        def send(self, request, **kwargs):
+            if kwargs.get("timeout") is None:
+                kwargs["timeout"] = timeout_s
+            return super().send(request, **kwargs)
+
+    def session_factory():
+        session = requests.Session()
+        session.mount("http://", TimeoutAdapter())
+        session.mount("https://", TimeoutAdapter())
+        return session
+
+    _http.configure_http_backend(backend_factory=session_factory)
+    try:
+        yield
+    finally:
+        _http.configure_http_backend()

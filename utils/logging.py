@@ -52,6 +52,7 @@ class RunLogger:
         if rank != 0:
             return
         self.logdir.mkdir(parents=True, exist_ok=True)
+        _keep_rows_up_to(self.logdir / METRICS_FILE, initial_step)
         self._file = open(self.logdir / METRICS_FILE, "a", encoding="utf-8")
         if wandb_mode:
             self._wandb = _start_wandb(wandb_mode, wandb_dir or self.logdir, run_name, redact(config or {}),
@@ -87,6 +88,27 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows after `step` (those of a run that ended after logging them but before its next checkpoint; a
+    resumed run logs those steps again) and a torn last line; rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed process
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(temp, path)
 
 
 def wandb_mode(cfg: Any) -> Optional[str]:

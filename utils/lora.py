@@ -12,6 +12,8 @@ import re
 import torch
 from torch import Tensor, nn
 
+from utils.errors import InputError
+
 # Attention projections of self- and cross-attention and both FFN linears of every block.
 LORA_TARGETS = r".*blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o)|.*blocks\.\d+\.ffn\.(0|2)"
 _ADAPTER = "default"
@@ -27,7 +29,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
     if rank < 1:
-        raise ValueError(f"lora_rank must be >= 1 to apply LoRA, got {rank}")
+        raise InputError(f"lora_rank must be >= 1 to apply LoRA, got {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                         bias="none")
     model = inject_adapter_in_model(config, model, adapter_name=_ADAPTER)

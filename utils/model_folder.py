@@ -24,8 +24,10 @@ from model.pixel_codec import PixelShuffleCodec
 from model.wan import WanDiT
 from utils.checkpoint import (load_state_dict_strict, load_wan_safetensors, read_transformer_config,
                               save_wan_safetensors_sharded)
+from utils.errors import InputError, MissingFileError, reading
 
 MODEL_INDEX = "model_index.json"
+PIPELINE_CLASS = "SelfForcingPipeline"  # the index's _class_name: what marks a folder as one of ours
 # Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained.
 CAUSAL_KEYS = ("denoising_step_list", "warp_denoising_step", "num_frame_per_block", "independent_first_frame",
                "context_noise", "negative_prompt", "height", "width", "fps", "decoder", "image_or_video_shape")
@@ -59,7 +61,7 @@ def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, tor
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        index: dict[str, Any] = {"_class_name": "SelfForcingPipeline", **(index_extra or {})}
+        index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, **(index_extra or {})}
         (tmp / "transformer").mkdir()
         state = transformer.state_dict() if isinstance(transformer, torch.nn.Module) else transformer
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -111,8 +113,9 @@ def read_model_index(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MODEL_INDEX
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a model folder: {MODEL_INDEX} is missing")
-    return json.loads(path.read_text())
+        raise MissingFileError(f"{folder} is not a model folder: {MODEL_INDEX} is missing")
+    with reading(str(path)):
+        return json.loads(path.read_text())
 
 
 def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
@@ -123,7 +126,8 @@ def load_transformer(folder: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = WanDiT(wan_config)
     state = load_wan_safetensors(tdir)
-    load_state_dict_strict(model, state, str(tdir), assign=True)
+    with reading(f"transformer weights {tdir}"):
+        load_state_dict_strict(model, state, str(tdir), assign=True)
     return model.to(device=device, dtype=dtype).eval(), causal
 
 
@@ -134,22 +138,27 @@ def has_codec(folder: str | Path) -> bool:
 def load_codec(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     folder = Path(folder)
     if (folder / "codec" / "config.json").is_file():
-        cfg = json.loads((folder / "codec" / "config.json").read_text())
-        kind = cfg.pop("type", None)
+        with reading(f"codec settings {folder / 'codec' / 'config.json'}"):
+            cfg = json.loads((folder / "codec" / "config.json").read_text())
+        kind = cfg.pop("type", None) if isinstance(cfg, dict) else None
         if kind != "pixel_shuffle":
-            raise ValueError(f"{folder / 'codec' / 'config.json'}: unknown codec type {kind!r}")
-        return PixelShuffleCodec(**cfg)
+            raise InputError(f"{folder / 'codec' / 'config.json'}: unknown codec type {kind!r}")
+        try:
+            return PixelShuffleCodec(**cfg)
+        except TypeError as err:  # unknown or missing keys
+            raise InputError(f"{folder / 'codec' / 'config.json'}: {err}") from None
     if (folder / "vae").is_dir():
         from utils.wan_components import load_wan_vae
         return load_wan_vae(folder, device=device, dtype=dtype)
-    raise FileNotFoundError(f"{folder} has neither codec/ nor vae/")
+    raise MissingFileError(f"{folder} has neither codec/ nor vae/")
 
 
 def load_text_encoder(folder: str | Path, text_len: int, device: str | torch.device = "cpu",
                       dtype: torch.dtype = torch.float32):
     """`text_encoder/` + `tokenizer/` of the folder; `text_len` is the generator's (rows it pads context to)."""
     if not (Path(folder) / "text_encoder").is_dir():
-        raise FileNotFoundError(f"{folder} has no text_encoder/ (export with --include-base, or give --model-root)")
+        raise MissingFileError(f"model folder {folder} has no text_encoder/ (export with --include-base, or give "
+                               "--model-root)")
     from utils.wan_components import load_wan_text_encoder
     return load_wan_text_encoder(folder, text_len=text_len, device=device, dtype=dtype)
 

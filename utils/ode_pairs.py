@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from utils.checkpoint import save_safetensors_atomic
+from utils.errors import InputError, InputKeyError, MissingFileError
 
 FORMAT = "self-forcing-ode-pairs"
 VERSION = 1
@@ -66,11 +67,11 @@ def _check_timesteps(timesteps: Sequence[float], k: int | None, source: str) -> 
     try:
         values = [float(t) for t in timesteps]
     except (TypeError, ValueError):
-        raise ValueError(f"{source}: timesteps must be a list of numbers, got {timesteps!r}") from None
+        raise InputError(f"{source}: timesteps must be a list of numbers, got {timesteps!r}") from None
     if not values or values[-1] != 0.0 or any(not math.isfinite(t) for t in values):
-        raise ValueError(f"{source}: timesteps must be finite and end with 0 (the clean sample), got {values}")
+        raise InputError(f"{source}: timesteps must be finite and end with 0 (the clean sample), got {values}")
     if k is not None and len(values) != k:
-        raise ValueError(f"{source}: {len(values)} timesteps for trajectories of {k} entries")
+        raise InputError(f"{source}: {len(values)} timesteps for trajectories of {k} entries")
     return values
 
 
@@ -166,22 +167,22 @@ def _read_shard_header(path: Path) -> dict[str, Any]:
     try:
         f = safe_open(str(path), framework="pt")
     except (OSError, SafetensorError) as err:  # truncated or foreign files
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+        raise InputError(f"{path} is not a readable safetensors file: {err}") from None
     meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
+        raise InputError(f"{path}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}")
     if LATENT_KEY not in f.keys():
-        raise KeyError(f"{path} has no tensor {LATENT_KEY!r} (found {list(f.keys())})")
+        raise InputKeyError(f"{path} has no tensor {LATENT_KEY!r} (found {list(f.keys())})")
     sl = f.get_slice(LATENT_KEY)
     shape = list(sl.get_shape())
     if len(shape) != 6:
-        raise ValueError(f"{path}: {LATENT_KEY} must be [n, K, F, C, H, W], got {shape}")
+        raise InputError(f"{path}: {LATENT_KEY} must be [n, K, F, C, H, W], got {shape}")
     try:
         prompts = json.loads(meta["prompts"])
     except (KeyError, json.JSONDecodeError):
-        raise KeyError(f"{path}: metadata 'prompts' (a JSON list of strings) is missing or malformed") from None
+        raise InputKeyError(f"{path}: metadata 'prompts' (a JSON list of strings) is missing or malformed") from None
     if not isinstance(prompts, list) or len(prompts) != shape[0]:
-        raise ValueError(f"{path}: {len(prompts)} prompts in the metadata for {shape[0]} trajectories")
+        raise InputError(f"{path}: {len(prompts)} prompts in the metadata for {shape[0]} trajectories")
     timesteps = json.loads(meta["timesteps"]) if "timesteps" in meta else None
     return {"count": shape[0], "entry_shape": shape[1:], "dtype": _SAFETENSORS_DTYPES.get(sl.get_dtype()),
             "prompts": prompts, "indices": json.loads(meta.get("indices", "null")), "timesteps": timesteps}
@@ -205,7 +206,7 @@ def finalize_index(folder: str | Path, *, timesteps: Sequence[float] | None = No
     folder = Path(folder)
     files = shard_files(folder)
     if not files:
-        raise FileNotFoundError(f"{folder} holds no ODE-pair shards (shard-r*-*.safetensors); nothing to index")
+        raise MissingFileError(f"{folder} holds no ODE-pair shards (shard-r*-*.safetensors); nothing to index")
     expected = None if timesteps is None else _check_timesteps(timesteps, None, "finalize_index")
     shards, entry_shape, dtype = [], None, None
     for path in files:
@@ -213,17 +214,17 @@ def finalize_index(folder: str | Path, *, timesteps: Sequence[float] | None = No
         if entry_shape is None:
             entry_shape, dtype = head["entry_shape"], head["dtype"]
         if head["entry_shape"] != entry_shape or head["dtype"] != dtype:
-            raise ValueError(f"{path}: pairs of shape {head['entry_shape']} ({head['dtype']}) differ from "
+            raise InputError(f"{path}: pairs of shape {head['entry_shape']} ({head['dtype']}) differ from "
                              f"{files[0].name}'s {entry_shape} ({dtype})")
         if head["timesteps"] is not None:
             stored = _check_timesteps(head["timesteps"], entry_shape[0], str(path))
             if expected is None:
                 expected = stored
             elif not torch.allclose(torch.tensor(stored), torch.tensor(expected), atol=1e-3, rtol=0):
-                raise ValueError(f"{path}: timesteps {stored} differ from {expected}")
+                raise InputError(f"{path}: timesteps {stored} differ from {expected}")
         shards.append({"file": path.name, "count": head["count"]})
     if expected is None:
-        raise ValueError(f"the shards in {folder} carry no timesteps; pass timesteps=[...] (K values, last 0)")
+        raise InputError(f"the shards in {folder} carry no timesteps; pass timesteps=[...] (K values, last 0)")
     index = {"format": FORMAT, "version": VERSION, "num_pairs": sum(s["count"] for s in shards),
              "latent_shape": entry_shape, "timesteps": _check_timesteps(expected, entry_shape[0], str(folder)),
              "dtype": dtype, "teacher": teacher, "sampler": sampler or {}, "shards": shards}
@@ -239,7 +240,7 @@ def clear_output(folder: str | Path, overwrite: bool, delete: bool) -> None:
         return
     old = [p for p in folder.iterdir() if p.name == INDEX or SHARD_PATTERN.match(p.name)]
     if old and not overwrite:
-        raise ValueError(f"{folder} already holds ODE pairs ({len(old)} files, e.g. {min(old).name}); "
+        raise InputError(f"{folder} already holds ODE pairs ({len(old)} files, e.g. {min(old).name}); "
                          "choose another output folder or pass --overwrite")
     if delete:
         temps = [p for p in folder.iterdir() if p.name.startswith((".shard-r", f".{INDEX}.")) and p.suffix == ".tmp"]
@@ -249,9 +250,9 @@ def clear_output(folder: str | Path, overwrite: bool, delete: bool) -> None:
 
 def _require(index: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
     if key not in index:
-        raise KeyError(f"{path}: key {key!r} is missing")
+        raise InputKeyError(f"{path}: key {key!r} is missing")
     if not isinstance(index[key], kind):
-        raise ValueError(f"{path}: key {key!r} must be {kind}, got {index[key]!r}")
+        raise InputError(f"{path}: key {key!r} must be {kind}, got {index[key]!r}")
     return index[key]
 
 
@@ -267,40 +268,40 @@ class ODEPairDataset:
         self.folder = Path(folder)
         path = self.folder / INDEX
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"ODE-pair folder {self.folder} does not exist "
+            raise MissingFileError(f"ODE-pair folder {self.folder} does not exist "
                                     "(write one with scripts/generate_ode_pairs.py)")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; is {self.folder} an ODE-pair folder written by "
+            raise MissingFileError(f"{path} does not exist; is {self.folder} an ODE-pair folder written by "
                                     "scripts/generate_ode_pairs.py (rank 0 writes it when all ranks are done)?")
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+            raise InputError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             found = index.get("format") if isinstance(index, dict) else type(index).__name__
-            raise ValueError(f"{path}: key 'format' is {found!r}, expected {FORMAT!r}")
+            raise InputError(f"{path}: key 'format' is {found!r}, expected {FORMAT!r}")
         version = _require(index, "version", int, path)
         if version > VERSION:
-            raise ValueError(f"{path}: format version {version} is newer than this code reads ({VERSION})")
+            raise InputError(f"{path}: format version {version} is newer than this code reads ({VERSION})")
         shape = _require(index, "latent_shape", list, path)
         if len(shape) != 5 or not all(isinstance(s, int) and s > 0 for s in shape):
-            raise ValueError(f"{path}: key 'latent_shape' must be [K, F, C, H, W] positive ints, got {shape}")
+            raise InputError(f"{path}: key 'latent_shape' must be [K, F, C, H, W] positive ints, got {shape}")
         self.latent_shape = tuple(shape)
         self.timesteps = _check_timesteps(_require(index, "timesteps", list, path), shape[0], f"{path}: key "
                                           "'timesteps'")
         self.dtype = _require(index, "dtype", str, path)
         if self.dtype not in DTYPES:
-            raise ValueError(f"{path}: key 'dtype' must be one of {list(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"{path}: key 'dtype' must be one of {list(DTYPES)}, got {self.dtype!r}")
         self.index = index
         self.files: list[Path] = []
         self.offsets = [0]
         for n, shard in enumerate(_require(index, "shards", list, path)):
             if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) \
                     or not isinstance(shard.get("count"), int) or shard["count"] < 0:
-                raise ValueError(f"{path}: shards[{n}] must be {{'file': str, 'count': int}}, got {shard!r}")
+                raise InputError(f"{path}: shards[{n}] must be {{'file': str, 'count': int}}, got {shard!r}")
             file = self.folder / shard["file"]
             if not file.is_file():
-                raise FileNotFoundError(f"{path}: shards[{n}] lists {shard['file']}, which does not exist in "
+                raise MissingFileError(f"{path}: shards[{n}] lists {shard['file']}, which does not exist in "
                                         f"{self.folder}")
             if verify:
                 self._verify_shard(file, shard["count"])
@@ -308,12 +309,12 @@ class ODEPairDataset:
             self.offsets.append(self.offsets[-1] + shard["count"])
         num_pairs = _require(index, "num_pairs", int, path)
         if num_pairs != self.offsets[-1]:
-            raise ValueError(f"{path}: key 'num_pairs' is {num_pairs} but the shards hold {self.offsets[-1]}")
+            raise InputError(f"{path}: key 'num_pairs' is {num_pairs} but the shards hold {self.offsets[-1]}")
 
     def _verify_shard(self, file: Path, count: int) -> None:
         head = _read_shard_header(file)
         if head["count"] != count or tuple(head["entry_shape"]) != self.latent_shape or head["dtype"] != self.dtype:
-            raise ValueError(f"{file}: holds {head['count']} pairs of {head['entry_shape']} ({head['dtype']}); "
+            raise InputError(f"{file}: holds {head['count']} pairs of {head['entry_shape']} ({head['dtype']}); "
                              f"{INDEX} says {count} of {list(self.latent_shape)} ({self.dtype})")
 
     def __len__(self) -> int:
@@ -340,7 +341,7 @@ class ODEPairDataset:
         """Raise unless the generator's (warped) step list `steps` names the stored entries one to one."""
         steps = [float(s) for s in steps]
         if len(steps) != len(self.timesteps) or any(abs(a - b) > atol for a, b in zip(steps, self.timesteps)):
-            raise ValueError(f"{source} (as the generator runs it: {[round(s, 2) for s in steps]}) does not match "
+            raise InputError(f"{source} (as the generator runs it: {[round(s, 2) for s in steps]}) does not match "
                              f"the timesteps of the ODE pairs in {self.folder / INDEX} "
                              f"({[round(t, 2) for t in self.timesteps]}); ODE regression feeds entry k at step k. "
                              "Check denoising_step_list (it must end with 0), warp_denoising_step and "

@@ -15,6 +15,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+from utils.errors import InputError, MissingFileError
+
 T = TypeVar("T")
 
 PathLike = str | os.PathLike
@@ -45,9 +47,9 @@ def _read_lines(path: PathLike, what: str) -> list[str]:
     """Decode `path` as UTF-8 line by line (so a bad byte is reported with its 1-based line number)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingFileError(f"{what} {path} does not exist")
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; expected a UTF-8 text file")
+        raise InputError(f"{what} {path} is a directory; expected a UTF-8 text file")
     raw_lines = path.read_bytes().split(b"\n")
     lines = []
     for number, raw in enumerate(raw_lines, start=1):
@@ -55,7 +57,7 @@ def _read_lines(path: PathLike, what: str) -> list[str]:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as error:
             byte = raw[error.start]
-            raise ValueError(
+            raise InputError(
                 f"{what} {path}: line {number}: invalid UTF-8 byte 0x{byte:02x} at column {error.start + 1}; "
                 "expected a UTF-8 encoded text file") from None
         if number == 1:
@@ -73,7 +75,7 @@ def read_prompt_file(path: PathLike) -> list[Prompt]:
         if text:
             prompts.append(Prompt(index=len(prompts), text=text, line=number))
     if not prompts:
-        raise ValueError(f"prompt file {path} contains no prompts; expected one prompt per line")
+        raise InputError(f"prompt file {path} contains no prompts; expected one prompt per line")
     return prompts
 
 
@@ -90,18 +92,18 @@ def read_prompts(prompt_arg: PathLike | Sequence[str]) -> list[Prompt]:
     if isinstance(prompt_arg, str):
         if _looks_like_file(prompt_arg):
             if not os.path.exists(prompt_arg):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"prompt file {prompt_arg} does not exist (a --prompt ending in .txt is read as a file)")
             return read_prompt_file(prompt_arg)
         prompt_arg = [prompt_arg]
     prompts = []
     for item in prompt_arg:
         if not isinstance(item, str):
-            raise TypeError(f"inline prompts must be strings, got {type(item).__name__}: {item!r}")
+            raise InputError(f"inline prompts must be strings, got {type(item).__name__}: {item!r}")
         if item.strip():
             prompts.append(Prompt(index=len(prompts), text=item.strip()))
     if not prompts:
-        raise ValueError(f"no prompt given: every inline prompt is empty ({list(prompt_arg)!r})")
+        raise InputError(f"no prompt given: every inline prompt is empty ({list(prompt_arg)!r})")
     return prompts
 
 
@@ -110,7 +112,7 @@ def attach_extended(prompts: Sequence[Prompt], extended_path: PathLike) -> list[
     `extended_path`; the counts must match."""
     extended = read_prompt_file(extended_path)
     if len(extended) != len(prompts):
-        raise ValueError(
+        raise InputError(
             f"extended prompt file {extended_path} has {len(extended)} non-blank lines but there are "
             f"{len(prompts)} prompts; expected exactly one extended prompt per prompt")
     return [dataclasses.replace(p, extended=e.text) for p, e in zip(prompts, extended)]
@@ -128,7 +130,7 @@ def slugify(text: str, max_len: int = 60) -> str:
 
     The original used `prompt[:100]` as the file name, which breaks on '/'."""
     if max_len < 1:
-        raise ValueError(f"slugify max_len must be >= 1, got {max_len}")
+        raise InputError(f"slugify max_len must be >= 1, got {max_len}")
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
     slug = re.sub(r"[^a-z0-9_]+", "-", ascii_text).strip("-_")
     slug = re.sub(r"[-_]{2,}", "-", slug)
@@ -155,9 +157,9 @@ def output_name(index: int, prompt: str, sample: int = 0, num_samples: int = 1, 
     pass the short prompt, not the extended one. Example: `output_name(7, "A cat / dog", 1, 2)` →
     `"0007-a-cat-dog-s1"`."""
     if index < 0:
-        raise ValueError(f"output index must be >= 0, got {index}")
+        raise InputError(f"output index must be >= 0, got {index}")
     if num_samples < 1 or not 0 <= sample < num_samples:
-        raise ValueError(f"sample must be in [0, num_samples={num_samples}), got {sample}")
+        raise InputError(f"sample must be in [0, num_samples={num_samples}), got {sample}")
     name = f"{index:04d}-{slugify(prompt, max_slug_len)}"
     if num_samples > 1:
         name += f"-s{sample}"
@@ -173,9 +175,9 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     their union is all of `items` (the original's `DistributedSampler(drop_last=True)` dropped the tail).
     Ranks may get different counts, even zero, so callers must not run collectives per item."""
     if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+        raise InputError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        raise InputError(f"rank must be in [0, {world_size}), got {rank}")
     return list(items[rank::world_size])
 
 
@@ -210,12 +212,12 @@ def parse_prompt_schedule(text_or_path: PathLike | list | dict) -> Schedule:
         text = text_or_path
     stripped = text.strip()
     if not stripped:
-        raise ValueError(f"{source} is empty; expected lines 'block: prompt' or JSON")
+        raise InputError(f"{source} is empty; expected lines 'block: prompt' or JSON")
     if stripped[0] in "[{":
         try:
             obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys(source))  # keeps line numbers
         except json.JSONDecodeError as error:
-            raise ValueError(f"{source}: invalid JSON at line {error.lineno}, column {error.colno}: "
+            raise InputError(f"{source}: invalid JSON at line {error.lineno}, column {error.colno}: "
                              f"{error.msg}") from None
         return _schedule_from_json(obj, source)
     return _schedule_from_lines(text.split("\n"), source)
@@ -226,7 +228,7 @@ def _reject_duplicate_keys(source: str):
         seen: dict[str, Any] = {}
         for key, value in pairs:
             if key in seen:
-                raise ValueError(f"{source}: key {key!r} appears twice")
+                raise InputError(f"{source}: key {key!r} appears twice")
             seen[key] = value
         return seen
     return hook
@@ -239,7 +241,7 @@ def _schedule_from_lines(lines: list[str], source: str) -> Schedule:
             continue
         match = _SCHEDULE_LINE.match(line)
         if match is None:
-            raise ValueError(f"{source}: line {number}: expected '<block index>: <prompt>' with a non-negative "
+            raise InputError(f"{source}: line {number}: expected '<block index>: <prompt>' with a non-negative "
                              f"integer block index, got {line.strip()!r}")
         entries.append((int(match.group(1)), match.group(2), f"line {number}"))
     return _validate_schedule(entries, source)
@@ -250,11 +252,11 @@ def _schedule_from_json(obj: Any, source: str) -> Schedule:
     if isinstance(obj, dict):
         for key, prompt in obj.items():
             if not re.fullmatch(r"[0-9]+", str(key).strip()):
-                raise ValueError(f"{source}: key {key!r}: expected a non-negative integer block index")
+                raise InputError(f"{source}: key {key!r}: expected a non-negative integer block index")
             entries.append((int(key), prompt, f"key {key!r}"))
         numbers = [block for block, _, _ in entries]
         if len(set(numbers)) != len(numbers):
-            raise ValueError(f"{source}: two keys name the same block ({sorted(numbers)})")
+            raise InputError(f"{source}: two keys name the same block ({sorted(numbers)})")
         entries.sort(key=lambda entry: entry[0])
     elif isinstance(obj, list):
         for position, item in enumerate(obj):
@@ -262,31 +264,31 @@ def _schedule_from_json(obj: Any, source: str) -> Schedule:
             if isinstance(item, dict):
                 unknown = set(item) - {"block", "prompt"}
                 if unknown or "block" not in item or "prompt" not in item:
-                    raise ValueError(f"{source}: {where}: expected keys 'block' and 'prompt', got {sorted(item)}")
+                    raise InputError(f"{source}: {where}: expected keys 'block' and 'prompt', got {sorted(item)}")
                 block, prompt = item["block"], item["prompt"]
             elif isinstance(item, (list, tuple)) and len(item) == 2:
                 block, prompt = item
             else:
-                raise ValueError(f"{source}: {where}: expected {{'block': int, 'prompt': str}}, got {item!r}")
+                raise InputError(f"{source}: {where}: expected {{'block': int, 'prompt': str}}, got {item!r}")
             if isinstance(block, bool) or not isinstance(block, int) or block < 0:
-                raise ValueError(f"{source}: {where}: 'block' must be a non-negative integer, got {block!r}")
+                raise InputError(f"{source}: {where}: 'block' must be a non-negative integer, got {block!r}")
             entries.append((block, prompt, where))
     else:
-        raise ValueError(f"{source}: expected a JSON list or object, got {type(obj).__name__}")
+        raise InputError(f"{source}: expected a JSON list or object, got {type(obj).__name__}")
     return _validate_schedule(entries, source)
 
 
 def _validate_schedule(entries: list[tuple[int, Any, str]], source: str) -> Schedule:
     if not entries:
-        raise ValueError(f"{source} has no entries; expected at least '0: <prompt>'")
+        raise InputError(f"{source} has no entries; expected at least '0: <prompt>'")
     schedule: Schedule = []
     for block, prompt, where in entries:
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{source}: {where}: block {block} needs a non-empty prompt string, got {prompt!r}")
+            raise InputError(f"{source}: {where}: block {block} needs a non-empty prompt string, got {prompt!r}")
         if not schedule and block != 0:
-            raise ValueError(f"{source}: {where}: the schedule must start at block 0, got block {block}")
+            raise InputError(f"{source}: {where}: the schedule must start at block 0, got block {block}")
         if schedule and block <= schedule[-1][0]:
-            raise ValueError(f"{source}: {where}: block {block} must be greater than the previous block "
+            raise InputError(f"{source}: {where}: block {block} must be greater than the previous block "
                              f"{schedule[-1][0]} (strictly increasing)")
         schedule.append((block, prompt.strip()))
     return schedule
@@ -295,7 +297,7 @@ def _validate_schedule(entries: list[tuple[int, Any, str]], source: str) -> Sche
 def prompt_at_block(schedule: Schedule, block: int) -> str:
     """The prompt active at `block`: the last schedule entry whose block index is <= `block`."""
     if block < 0:
-        raise ValueError(f"block index must be >= 0, got {block}")
+        raise InputError(f"block index must be >= 0, got {block}")
     active = schedule[0][1]
     for start, prompt in schedule:
         if start > block:
@@ -314,29 +316,29 @@ def read_image_pair_dir(data_dir: str | Path) -> list[Prompt]:
     data_dir = Path(data_dir)
     infos = sorted(data_dir.glob("target_crop_info_*.json"))
     if len(infos) != 1:
-        raise ValueError(f"{data_dir}: an i2v data folder needs exactly one target_crop_info_<ratio>.json, "
+        raise InputError(f"{data_dir}: an i2v data folder needs exactly one target_crop_info_<ratio>.json, "
                          f"found {len(infos)}")
     info = infos[0]
     ratio = info.stem[len("target_crop_info_"):]
     try:
         items = json.loads(info.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{info}: not valid UTF-8 JSON: {err}") from None
+        raise InputError(f"{info}: not valid UTF-8 JSON: {err}") from None
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{info}: expected a non-empty JSON list of items")
+        raise InputError(f"{info}: expected a non-empty JSON list of items")
     prompts = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("file_name"), str) \
                 or not isinstance(item.get("caption"), str) or not item["caption"].strip():
-            raise ValueError(f"{info}: item {i} needs a string file_name and a non-empty caption")
+            raise InputError(f"{info}: item {i} needs a string file_name and a non-empty caption")
         image = data_dir / ratio / item["file_name"]
         if not image.is_file():
-            raise FileNotFoundError(f"{info}: item {i}: image {image} does not exist")
+            raise MissingFileError(f"{info}: item {i}: image {image} does not exist")
         box = (item.get("target_crop") or {}).get("target_bbox")
         if box is not None:
             if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
                     and box[0] < box[2] and box[1] < box[3]):
-                raise ValueError(f"{info}: item {i}: target_crop.target_bbox must be [left, top, right, bottom], "
+                raise InputError(f"{info}: item {i}: target_crop.target_bbox must be [left, top, right, bottom], "
                                  f"got {box!r}")
             box = tuple(int(round(v)) for v in box)
         prompts.append(Prompt(i, item["caption"].strip(), image=str(image), crop=box))

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.rope import Rotation
+from utils.errors import InputError
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
@@ -51,10 +52,10 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 def check_head_split(num_heads: int, size: int) -> None:
     """Ulysses gives each rank num_heads / size heads: the group size must divide the head count."""
     if size < 1:
-        raise ValueError(f"the sequence-parallel group size must be >= 1, got {size}")
+        raise InputError(f"the sequence-parallel group size must be >= 1, got {size}")
     if num_heads % size:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-        raise ValueError(f"sequence parallelism splits attention heads over ranks: {num_heads} heads cannot be split "
+        raise InputError(f"sequence parallelism splits attention heads over ranks: {num_heads} heads cannot be split "
                          f"over {size} ranks (use a sequence-parallel size in {divisors})")
 
 
@@ -194,7 +195,7 @@ class ParallelLayout:
 def parallel_layout(world: int, rank: int, sequence_size: int | None) -> ParallelLayout:
     size = world if sequence_size is None else sequence_size
     if size < 1 or world % size:
-        raise ValueError(f"the sequence-parallel size {size} must divide the number of processes {world}")
+        raise InputError(f"the sequence-parallel size {size} must divide the number of processes {world}")
     return ParallelLayout(world, rank, size)
 
 

@@ -19,6 +19,7 @@ from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models, frozen
 from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
+from utils.errors import InputError, MissingFileError, reading
 
 
 def shapes_codec(cfg: Any) -> PixelShuffleCodec:
@@ -27,7 +28,7 @@ def shapes_codec(cfg: Any) -> PixelShuffleCodec:
 
 def shapes_wan_config(cfg: Any) -> WanConfig:
     if not cfg.dit_config:
-        raise ValueError("world: shapes needs dit_config (the DiT size, WanConfig fields) in the config")
+        raise InputError("world: shapes needs dit_config (the DiT size, WanConfig fields) in the config")
     channels = shapes_codec(cfg).latent_channels
     return WanConfig(**{**dict(cfg.dit_config), "in_dim": channels, "out_dim": channels})
 
@@ -78,9 +79,10 @@ def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"
     from model.text_encoder import TextEncoder
     from utils.builders import PromptEncoder
     if not cfg.text_encoder_path:
-        raise ValueError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
+        raise InputError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
                          "scripts/shapes_world.py creates it)")
-    encoder = TextEncoder.from_diffusers_folder(cfg.text_encoder_path, text_len=text_len, device=device)
+    with reading(f"text_encoder_path {cfg.text_encoder_path}"):
+        encoder = TextEncoder.from_diffusers_folder(cfg.text_encoder_path, text_len=text_len, device=device)
     return PromptEncoder(encoder, cfg.negative_prompt, device=device, cache_size=cfg.prompt_cache_size)
 
 
@@ -90,9 +92,10 @@ def shapes_dit(cfg: Any, checkpoint: Optional[str], *, use_ema: bool = False) ->
     model = WanDiT(wan_config)
     if checkpoint:
         if not Path(checkpoint).exists():
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+            raise MissingFileError(f"checkpoint {checkpoint} does not exist")
         state, _ = load_dit_state_dict(checkpoint, use_ema=use_ema)
-        load_state_dict_strict(model, state, str(checkpoint))
+        with reading(f"checkpoint {checkpoint}"):
+            load_state_dict_strict(model, state, str(checkpoint))
     else:
         torch.manual_seed(cfg.seed or 0)
         model.init_weights()
@@ -110,7 +113,7 @@ def build_shapes_models(cfg: Any) -> Models:
     teacher = critic = None
     if want_teacher:
         if not cfg.real_score_ckpt:
-            raise ValueError("this recipe needs a teacher: set real_score_ckpt (the pretrained shapes teacher)")
+            raise InputError("this recipe needs a teacher: set real_score_ckpt (the pretrained shapes teacher)")
         teacher = Denoiser(frozen(shapes_dit(cfg, cfg.real_score_ckpt)), schedule, uniform_timestep=True)
     if want_critic:
         init = cfg.fake_score_ckpt or cfg.real_score_ckpt

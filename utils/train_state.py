@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 from utils.checkpoint import clean_key, save_safetensors_atomic
+from utils.errors import InputError, InputKeyError, MissingFileError
 from utils.lora import adapter_state_dict, lora_scaling, merge_lora_state_dict
 
 CHECKPOINT_PREFIX = "checkpoint_model_"
@@ -72,11 +73,11 @@ def resolve_resume(resume: Optional[str], logdir: str | Path) -> Optional[Path]:
     if path.is_file() and path.name == TRAINING_STATE:
         path = path.parent
     if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        raise MissingFileError(f"--resume {resume}: no such checkpoint folder")
     if not (path / TRAINING_STATE).is_file():
         nested = latest_checkpoint(path)
         if nested is None:
-            raise FileNotFoundError(f"--resume {resume}: {path} holds no {TRAINING_STATE} and no "
+            raise MissingFileError(f"--resume {resume}: {path} holds no {TRAINING_STATE} and no "
                                     f"{CHECKPOINT_PREFIX}* folder")
         path = nested
     return path
@@ -157,14 +158,14 @@ def load_training_state(folder: str | Path) -> dict[str, Any]:
     """`training_state.pt` of a checkpoint folder, read with weights_only=True (memory-mapped)."""
     path = Path(folder) / TRAINING_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {folder} has no {TRAINING_STATE}")
+        raise MissingFileError(f"checkpoint {folder} has no {TRAINING_STATE}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable training state (corrupt, or written by another program): "
+        raise InputError(f"{path}: not a readable training state (corrupt, or written by another program): "
                          f"{type(err).__name__}: {str(err)[:300]}") from err
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: expected a training state of format_version {FORMAT_VERSION}, got "
+        raise InputError(f"{path}: expected a training state of format_version {FORMAT_VERSION}, got "
                          f"{state.get('format_version') if isinstance(state, dict) else type(state).__name__}")
     return state
 
@@ -174,12 +175,12 @@ def read_weights(folder: str | Path, stem: str, required: bool = True) -> Option
     path = Path(folder) / f"{stem}.safetensors"
     if not path.is_file():
         if required:
-            raise FileNotFoundError(f"checkpoint {folder} has no {path.name}")
+            raise MissingFileError(f"checkpoint {folder} has no {path.name}")
         return None
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:
-        raise ValueError(f"{path}: not a readable safetensors file (corrupt or truncated?): {err}") from err
+        raise InputError(f"{path}: not a readable safetensors file (corrupt or truncated?): {err}") from err
 
 
 def remap_to_module(sd: dict[str, torch.Tensor], module_keys: list[str], clean: Callable[[str], str],
@@ -194,7 +195,7 @@ def remap_to_module(sd: dict[str, torch.Tensor], module_keys: list[str], clean: 
         else:
             out[target] = value
     if unknown:
-        raise KeyError(f"{source}: {len(unknown)} key(s) do not belong to the model, e.g. {sorted(unknown)[:5]}")
+        raise InputKeyError(f"{source}: {len(unknown)} key(s) do not belong to the model, e.g. {sorted(unknown)[:5]}")
     return out
 
 

@@ -35,9 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.errors import InputError, MissingFileError
+
 PathLike = str | os.PathLike
 Frames = torch.Tensor | np.ndarray
 
+# The highest frame rate the entry points accept: beyond any display, and the mp4 muxer cannot represent some rates
+# (65535 fps gives a file that decodes to no frames); writers also check that what they wrote decodes.
+MAX_FPS = 240
 DEFAULT_CRF = 18  # visually lossless for x264; the original used torchvision's default (crf 23)
 
 # Outputs are BT.709 (the matrix, primaries and curve of sRGB content), limited range, and tagged so, so
@@ -126,14 +131,14 @@ def to_uint8_frames(frames: Frames) -> np.ndarray:
 
 def _check_even(height: int, width: int) -> None:
     if height % 2 or width % 2 or height == 0 or width == 0:
-        raise ValueError(
+        raise InputError(
             f"frame size {height}x{width} (HxW) cannot be stored as H.264 yuv420p: height and width must be "
             "even and non-zero (crop or pad the frames by one pixel)")
 
 
 def _fps_fraction(fps: float) -> Fraction:
     if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)) or not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"fps must be a positive finite number, got {fps!r}")
+        raise InputError(f"fps must be a positive finite number, got {fps!r}")
     return Fraction(fps).limit_denominator(1001 * 1000)
 
 
@@ -301,7 +306,7 @@ class StreamingVideoWriter(_CommitOnSuccess):
         self.path = Path(path)
         self.fps = _fps_fraction(fps)
         if not 0 <= crf <= 51:
-            raise ValueError(f"crf must be in [0, 51] (x264 quality; lower is better), got {crf}")
+            raise InputError(f"crf must be in [0, 51] (x264 quality; lower is better), got {crf}")
         if backend not in ("auto", "pyav", "ffmpeg"):
             raise ValueError(f"video backend must be 'auto', 'pyav' or 'ffmpeg', got {backend!r}")
         self.crf, self.backend = crf, backend
@@ -342,6 +347,9 @@ class StreamingVideoWriter(_CommitOnSuccess):
             raise ValueError(f"no frames were appended to the video {self.path}; nothing written")
         try:
             self._encoder.finish()
+            if not _decodes_a_frame(self._temp.path):
+                raise InputError(f"the video {self.path} written at {float(self.fps):g} fps decodes to no frames (the "
+                                 f"mp4 container cannot represent this frame rate); choose another fps")
         except BaseException:
             self.abort()
             raise
@@ -366,6 +374,19 @@ class StreamingVideoWriter(_CommitOnSuccess):
             self.abort()
             raise
         self.size = (height, width)
+
+
+def _decodes_a_frame(path: str) -> bool:
+    """Whether the finished file gives back at least its first frame (decoding stops there)."""
+    try:
+        import av
+    except ImportError:  # PyAV is optional when imageio-ffmpeg writes: nothing to check with
+        return True
+    try:
+        with av.open(path) as container:
+            return any(True for _ in container.decode(video=0))
+    except av.FFmpegError:
+        return False
 
 
 def _encode_frame(encoder, rgb: np.ndarray) -> None:
@@ -472,18 +493,18 @@ def read_video(path: PathLike) -> tuple[torch.Tensor, float]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video file {path} does not exist")
+        raise MissingFileError(f"video file {path} does not exist")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
+                raise InputError(f"{path} has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             frames = [_frame_to_rgb(frame) for frame in container.decode(stream)]
     except av.FFmpegError as error:
-        raise ValueError(f"cannot decode video file {path}: {error}") from error
+        raise InputError(f"cannot decode video file {path}: {error}") from error
     if not frames:
-        raise ValueError(f"video file {path} contains no frames")
+        raise InputError(f"video file {path} contains no frames")
     return torch.from_numpy(np.stack(frames)), float(rate) if rate else float("nan")
 
 
@@ -493,13 +514,13 @@ def read_image(path: PathLike) -> torch.Tensor:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
+        raise MissingFileError(f"image file {path} does not exist")
     try:
         with Image.open(path) as image:
             # Phone photos store rotation in EXIF; ignoring it would feed a sideways first frame.
             rgb = ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read image file {path}: {error}") from error
+        raise InputError(f"cannot read image file {path}: {error}") from error
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
     return pixels.float() / 127.5 - 1.0
 
