@@ -292,7 +292,10 @@ def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: to
         window = cfg.model_kwargs.local_attn_size
         shape = attention_shape(generator.config, generator.tokens_per_frame(height // s, width // s),
                                 cfg.num_frame_per_block, window if window != -1 else cfg.num_training_frames)
-    levers, measured = apply_attention_backend(levers, device, dtype, shape)
+    try:
+        levers, measured = apply_attention_backend(levers, device, dtype, shape)
+    except ValueError as err:  # a back-end name not known, or a flash-attn that is not installed
+        raise UsageError(f"attention_backend: {err}") from None
     if measured is not None and int(os.environ.get("RANK", "0")) == 0:
         timings = ", ".join(f"{k} {v:.2f} ms" for k, v in measured["ms"].items() if isinstance(v, float))
         print(f"attention back-end: {levers.attention_backend} (timed: {timings})", flush=True)
