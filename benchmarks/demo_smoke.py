@@ -35,7 +35,6 @@ def smoke(argv: list[str]) -> tuple[dict, str]:
     from utils.demo_server import create_app
     parser = demo.build_parser()
     parser.add_argument("--blocks", type=int, default=4, help="blocks to generate (default: 4)")
-    parser.add_argument("--compile", action="store_true", help="ask for the compiled generator (the page's box)")
     parser.add_argument("--prompt", help="prompt (default: the demo's own)")
     parser.add_argument("--name", default="demo_smoke", help="result file name (default: %(default)s)")
     args = parser.parse_intermixed_args(argv)
@@ -44,7 +43,7 @@ def smoke(argv: list[str]) -> tuple[dict, str]:
     load_s = time.perf_counter() - tic
     client = create_app(service).test_client()
     body = {"prompt": args.prompt or service.default_prompt, "seed": "0", "fps": service.default_fps,
-            "blocks": args.blocks, "compile": args.compile}
+            "blocks": args.blocks, "compile": service.default_compile}  # demo.py's --compile: the page's box
     started = client.post("/api/start", json=body)
     if started.status_code != 200:
         raise SystemExit(f"error: /api/start answered {started.status_code}: {started.get_json()}")
