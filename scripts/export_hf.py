@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluation = card_evaluation(Path(args.eval_json)) if args.eval_json else None
         from utils.config import config_to_dict
         from utils.hub import model_card
-        from utils.samples import DEFAULT_PROMPTS
+        from utils.prompts import DEFAULT_PROMPTS
         example = DEFAULT_PROMPTS[cfg.world if cfg is not None else "wan"][0]
         card = model_card(repo_name=args.push_to_hub or Path(args.output).name, base_model=args.base_model,
                           config=config_to_dict(cfg) if cfg is not None else None, weights=stem, step=step,

@@ -156,9 +156,8 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     The data-trained recipes (GAN, diffusion / teacher / diffusion forcing, CausVid, i2v distillation) read clean
     latents from the same shards (the clean end of each trajectory, as the original read its latent LMDB shards).
     """
-    if cfg.world == "shapes" and cfg.trainer != "ode":
-        from utils.shapes_components import shapes_data  # rendered videos (and their prompts), no files
-        return shapes_data(cfg, rank, world_size, seed)
+    if cfg.world != "wan" and cfg.trainer != "ode":  # the shapes world renders its own (utils/shapes_components.py)
+        raise ValueError(f"build_data reads the data of world 'wan' (or ODE pairs), not of {cfg.world!r}")
     # i2v distillation takes the first latent frame of each clip from the data (the original read its LMDB shards).
     needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.trainer == "score_distillation" and (
         cfg.distribution_loss == "causvid" or cfg.i2v)

@@ -24,9 +24,9 @@ def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None
 
     evaluation: markdown written by the caller (e.g. the shapes-world results table), or a flat dict of numbers
     (nested values are left out: a card is read by people, the JSON holds the rest).
-    example_prompt: the prompt in the card's command (default: the Wan sample prompt of `utils.samples`)."""
+    example_prompt: the prompt in the card's command (default: the Wan example of `utils.prompts.DEFAULT_PROMPTS`)."""
     if example_prompt is None:
-        from utils.samples import DEFAULT_PROMPTS
+        from utils.prompts import DEFAULT_PROMPTS
         example_prompt = DEFAULT_PROMPTS["wan"][0]
     tags = ["self-forcing", "video-generation", "autoregressive", "wan2.1", "text-to-video"]
     front = (f"---\nlibrary_name: self-forcing\nlicense: {license}\npipeline_tag: text-to-video\n"

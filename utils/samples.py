@@ -11,9 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-DEFAULT_PROMPTS = {"shapes": ["a large red circle moves slowly left on a blue background",
-                              "a small yellow square moves quickly up on a black background"],
-                   "wan": ["A red fox trots through fresh snow in a quiet pine forest, morning light."]}
+from utils.prompts import DEFAULT_PROMPTS
 
 
 def make_sample_fn(cfg: Any, models: Any, logdir: str | Path, rank: int) -> Callable[[int], None] | None:
