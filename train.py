@@ -29,7 +29,7 @@ outputs (in --logdir):
   metrics.jsonl                      one JSON line of scalars per logged step
   checkpoint_model_XXXXXX/           every log_iters steps and at the end (newest keep_checkpoints kept):
     generator.safetensors, generator_ema.safetensors, critic.safetensors   original Wan keys, loadable by
-                                     inference.py / utils.checkpoint.load_dit_state_dict
+                                     inference.py / pipeline.loading.checkpoint.load_dit_state_dict
     training_state.pt, config.yaml, config.json                              what --resume needs
   wandb/                             offline wandb run (sync with `wandb sync`) unless --disable-wandb;
                                      online when wandb_key or wandb_host is set
@@ -138,11 +138,11 @@ def lock_logdir(logdir: str, dist_state):
 
 
 def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, algorithm_factory: Any):
+    from trainer.builders import prepare_injected_models
     from trainer.loop import Trainer
-    from utils.builders import prepare_injected_models
+    from trainer.train_state import list_checkpoints, resolve_resume
     from utils.distributed import parallelize_models, resolve_seed, seed_everything
     from utils.logging import RunLogger, wandb_mode
-    from utils.train_state import list_checkpoints, resolve_resume
 
     resume = resolve_resume(args.resume, cfg.logdir)
     existing = list_checkpoints(cfg.logdir)
@@ -168,7 +168,7 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
         data = _world_data(cfg, dist_state.rank, dist_state.world_size, seed)
     elif callable(data) and not hasattr(data, "__next__"):
         data = data(cfg, dist_state.rank, dist_state.world_size, seed)
-    from utils.samples import make_sample_fn
+    from trainer.samples import make_sample_fn
     sample_fn = make_sample_fn(cfg, models, cfg.logdir, dist_state.rank) if cfg.sample_every > 0 else None
     trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logdir, seed=seed, sample_fn=sample_fn)
     if resume is not None:
@@ -186,9 +186,9 @@ def _world_models(cfg) -> Any:
     """The recipe's networks: real Wan components from disk, or the shapes world's, built by code. Chosen here, on
     top, because the core (utils/, model/, pipeline/, trainer/) never imports the world built on it."""
     if cfg.world == "shapes":
-        from utils.shapes_components import build_shapes_models
+        from shapes.components import build_shapes_models
         return build_shapes_models(cfg)
-    from utils.builders import build_models
+    from trainer.builders import build_models
     return build_models(cfg)
 
 
@@ -196,9 +196,9 @@ def _world_data(cfg, rank: int, world_size: int, seed: int) -> Any:
     """The recipe's batches: the shapes world renders videos (and their prompts) with no files, except for the ODE
     pairs of `trainer: ode`, which are read like any other world's."""
     if cfg.world == "shapes" and cfg.trainer != "ode":
-        from utils.shapes_components import shapes_data
+        from shapes.components import shapes_data
         return shapes_data(cfg, rank, world_size, seed)
-    from utils.data import build_data
+    from trainer.data import build_data
     return build_data(cfg, rank, world_size, seed)
 
 

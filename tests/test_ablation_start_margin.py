@@ -1,8 +1,8 @@
 """benchmarks/ablation_start_margin.py signal: the share of shape-mask variance a prompt attribute explains."""
 from __future__ import annotations
 
+from shapes import world
 from tests.test_speed_benchmark import benchmark_module
-from utils.shapes import world
 
 
 def test_direction_says_more_about_the_mask_when_shapes_start_in_the_half_they_leave(monkeypatch):

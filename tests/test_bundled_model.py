@@ -10,9 +10,9 @@ import torch
 
 import demo
 import inference
-from utils.demo_server import create_app
-from utils.shapes import evaluate, sample_scenes, short_prompt
+from shapes import evaluate, sample_scenes, short_prompt
 from utils.video import read_video
+from webdemo.server import create_app
 
 NUM_PROMPTS = 64  # the issue's bar is judged on 64 held-in prompts, as in the GPU evaluation
 ISSUE_BAR = 0.80  # attribute accuracy on held-in prompts at the training length

@@ -9,11 +9,11 @@ import torch
 from tests.tiny import tiny_models, tiny_train_config
 from trainer.causvid import CausVid
 from trainer.common import clean_latents
+from trainer.data import build_data
 from trainer.dmd import DMD
+from trainer.ode_pairs import OdePairWriter, finalize_index
 from trainer.registry import build_algorithm
 from utils.config import ConfigError, load_config
-from utils.data import build_data
-from utils.ode_pairs import OdePairWriter, finalize_index
 
 STEPS = [1000, 750, 500, 0]  # a step of 0: CausVid may feed a block clean
 
@@ -78,7 +78,7 @@ def test_causvid_trains_on_ode_pair_shards(tmp_path, teacher_forcing):
 
 
 def test_causvid_trains_on_clean_latents_of_the_shapes_world():
-    from utils.shapes_components import ShapesBatches
+    from shapes.components import ShapesBatches
     channels = 12  # the shapes codec's latent channels at spatial factor 2
     cfg = tiny_train_config(distribution_loss="causvid", denoising_step_list=STEPS, teacher_forcing=True, batch_size=2,
                             world="shapes", codec_spatial_factor=2, height=8, width=12,

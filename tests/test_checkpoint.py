@@ -1,4 +1,5 @@
-"""Checkpoint readers/writers (utils/checkpoint.py) and the Wan <-> diffusers key table (model/dit_keys.py)."""
+"""Checkpoint readers/writers (pipeline/loading/checkpoint.py) and the Wan <-> diffusers key table
+(model/dit_keys.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,9 @@ from safetensors.torch import load_file
 from model.config import WAN_1_3B, WAN_14B, WanConfig
 from model.dit_keys import (diffusers_config_from_wan, diffusers_config_json, diffusers_to_wan,
                             is_diffusers_state_dict, wan_config_from_diffusers, wan_to_diffusers)
-from utils.checkpoint import (StateDictMismatchError, infer_wan_config, load_diffusers_transformer,
-                              load_dit_state_dict, load_self_forcing_pt, load_state_dict_strict,
-                              load_wan_safetensors, save_safetensors_atomic, save_wan_safetensors_sharded)
+from pipeline.loading.checkpoint import (StateDictMismatchError, infer_wan_config, load_diffusers_transformer,
+                                         load_dit_state_dict, load_self_forcing_pt, load_state_dict_strict,
+                                         load_wan_safetensors, save_safetensors_atomic, save_wan_safetensors_sharded)
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -12,9 +12,9 @@ import train
 from tests.test_causvid_data import write_pairs
 from tests.test_train_cli import write_model_root
 from tests.tiny import tiny_config
+from trainer.data import ShardedBatches
+from trainer.ode_pairs import ODEPairDataset
 from utils.config import REPO_ROOT
-from utils.data import ShardedBatches
-from utils.ode_pairs import ODEPairDataset
 
 TINY = ["mixed_precision=false", "gradient_checkpointing=false", "sharding_strategy=no_shard", "total_batch_size=null",
         "generator_ckpt=null", "num_frame_per_block=2", "max_steps=2", "dfake_gen_update_ratio=2", "lr=1e-3",

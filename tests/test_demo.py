@@ -1,4 +1,4 @@
-"""The streaming demo (`demo.py`, `utils/demo_jobs.py`, `utils/demo_server.py`, `assets/demo.html`) on a tiny random
+"""The streaming demo (`demo.py`, `webdemo/jobs.py`, `webdemo/server.py`, `webdemo/demo.html`) on a tiny random
 model folder: the API through Flask's test client and real HTTP, the command line, and the page in headless Chromium."""
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from werkzeug.serving import make_server
 import demo
 import inference
 from tests.tiny import save_tiny_model_folder
-from utils.demo_jobs import DemoService
-from utils.demo_server import create_app, read_sse
 from utils.video import read_video
+from webdemo.jobs import DemoService
+from webdemo.server import create_app, read_sse
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")

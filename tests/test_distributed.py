@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from tests.ranks import free_port, spawn_ranks
 from tests.test_loop import FakeAlgorithm, ListDataset
-from utils import train_state as ts
-from utils.data import ShardedBatches
+from trainer import train_state as ts
+from trainer.data import ShardedBatches
 
 pytestmark = pytest.mark.distributed
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import inference
+from pipeline.loading import model_folder
 from scripts import export_hf
 from tests.tiny import save_tiny_model_folder, tiny_model
-from utils import model_folder
 
 TINY_CONFIG = """
 denoising_step_list: [1000, 750, 500]
@@ -154,7 +154,7 @@ def test_bare_weights_with_a_dit_config_export_its_architecture(tmp_path):
 
 
 def test_model_card_evaluation_and_example_prompt():
-    from utils.hub import model_card
+    from pipeline.loading.hub import model_card
     causal = {"denoising_step_list": [1000, 750], "model_kwargs": {}}
     card = model_card(repo_name="m", base_model="b", config={"trainer": "ode", "dit_config": {"dim": 8},
                                                              "real_name": "Wan2.1-T2V-1.3B"},

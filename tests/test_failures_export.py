@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.loading import model_folder
+from pipeline.loading.hub import push_folder
 from scripts import export_hf
 from tests.test_export import fake_self_forcing_pt
-from utils import model_folder
-from utils.hub import push_folder
 
 TINY = ["--num-heads", "2", "--text-len", "16"]
 
@@ -119,9 +119,9 @@ def test_export_push_to_a_silent_hub_exits_1_in_bounded_time_with_the_folder_com
                                                                                           monkeypatch, capsys):
     import huggingface_hub.constants
 
-    import utils.hub
+    import pipeline.loading.hub
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", silent_server)  # where HF_ENDPOINT would point
-    monkeypatch.setattr(utils.hub, "HUB_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(pipeline.loading.hub, "HUB_TIMEOUT_S", 1.0)
     fake_self_forcing_pt(tmp_path / "sf.pt")
     out = tmp_path / "export"
     tic = time.monotonic()

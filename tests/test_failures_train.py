@@ -10,7 +10,7 @@ import pytest
 import train
 from tests.test_train_cli import recipe  # noqa: F401  (fixture)
 from tests.tiny import tiny_models
-from utils import train_state as ts
+from trainer import train_state as ts
 from utils.locks import try_lock
 
 

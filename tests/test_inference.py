@@ -12,10 +12,10 @@ import torch
 
 import inference
 from pipeline.inference import CausalInferencePipeline, CausalSettings
+from pipeline.loading import model_folder
 from pipeline.rollout import recache, rollout
 from pipeline.schedule import FlowMatchSchedule
 from tests.tiny import save_tiny_model_folder
-from utils import model_folder
 from utils.video import read_video
 
 REPO = Path(__file__).resolve().parents[1]

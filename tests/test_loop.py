@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict
 from tests.tiny import tiny_model, tiny_models, tiny_train_config
+from trainer import train_state as ts
+from trainer.data import PromptDataset, ShardedBatches
 from trainer.ema import EMA
 from trainer.loop import NonFiniteLossError, Trainer, micro_steps_for
-from utils import train_state as ts
-from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
-from utils.data import PromptDataset, ShardedBatches
 
 
 class ListDataset:
@@ -83,7 +83,7 @@ def make_trainer(tmp_path, *, has_critic=True, use_rng=True, use_shared=True, na
     cfg = tiny_train_config(**base)
     models = tiny_models(cfg, teacher=False, critic=has_critic)
     if cfg.lora_rank > 0:
-        from utils.builders import prepare_injected_models
+        from trainer.builders import prepare_injected_models
         prepare_injected_models(models, cfg)
     algorithm = FakeAlgorithm(cfg, models, has_critic=has_critic, use_rng=use_rng, nan_at=nan_at,
                               use_shared=use_shared)

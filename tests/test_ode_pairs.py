@@ -1,4 +1,4 @@
-"""ODE pairs (utils/ode_pairs.py, scripts/generate_ode_pairs.py): the shard format, its validation, generation on a
+"""ODE pairs (trainer/ode_pairs.py, scripts/generate_ode_pairs.py): the shard format, its validation, generation on a
 tiny teacher, sharding over ranks, and the ODE trainer consuming the result through build_data."""
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pipeline.teacher import ode_pair_timesteps
 from scripts import generate_ode_pairs as cli
 from tests.ranks import free_port
 from tests.tiny import TinyText, save_tiny_model_folder, tiny_model, tiny_train_config
-from utils import ode_pairs
-from utils.data import ShardedBatches, build_data
-from utils.ode_pairs import INDEX, ODEPairDataset, OdePairWriter, clear_output, finalize_index, shard_name
+from trainer import ode_pairs
+from trainer.data import ShardedBatches, build_data
+from trainer.ode_pairs import INDEX, ODEPairDataset, OdePairWriter, clear_output, finalize_index, shard_name
 
 REPO = Path(__file__).resolve().parents[1]
 TIMESTEPS = [1000.0, 960.0, 888.89, 727.27, 0.0]
@@ -235,11 +235,11 @@ def one_rank_pairs(teacher_folder):
 
 
 def test_cli_writes_a_dataset_the_ode_trainer_trains_on(teacher_folder, one_rank_pairs):
+    from pipeline.loading.model_folder import load_text_encoder, load_transformer
     from trainer.base import Models
+    from trainer.builders import PromptEncoder
     from trainer.ode import ODERegression
-    from utils.builders import PromptEncoder
     from utils.config import ModelKwargs
-    from utils.model_folder import load_text_encoder, load_transformer
     ds = ODEPairDataset(one_rank_pairs)
     assert len(ds) == len(PROMPTS) and sorted(ds[i]["prompts"] for i in range(len(ds))) == sorted(PROMPTS)
     assert ds.latent_shape == (5, 4, 12, 4, 4)  # 8x8 pixels / the folder codec's factor 2; 12 codec channels
@@ -329,8 +329,8 @@ def test_two_ranks_write_the_same_pairs_as_one(teacher_folder, one_rank_pairs):
 @pytest.mark.parametrize("overrides", [["trainer=gan"], ["trainer=diffusion"], ["distribution_loss=causvid"]])
 def test_data_trained_recipes_read_clean_latents_from_the_pairs(tmp_path, overrides):
     from trainer.common import clean_latents
+    from trainer.data import build_data
     from utils.config import load_config
-    from utils.data import build_data
     _write(tmp_path / "pairs")
     finalize_index(tmp_path / "pairs")
     cfg = load_config(None, [f"ode_data_path={tmp_path / 'pairs'}", "batch_size=2", *overrides])

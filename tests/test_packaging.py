@@ -1,5 +1,6 @@
 """`pip install .` puts everything under one package, `self_forcing`, and claims no generic top-level import names
-(model, pipeline, trainer, utils, inference, train, demo) in the user's environment (docs/packaging.md)."""
+(model, pipeline, trainer, utils, shapes, webdemo, inference, train, demo) in the user's environment
+(docs/packaging.md)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-OWN = ("model", "pipeline", "trainer", "utils", "inference", "train", "demo")
+FOLDERS = ("model", "pipeline", "trainer", "utils", "shapes", "webdemo")
+OWN = (*FOLDERS, "inference", "train", "demo")
 PLAIN_IMPORT = re.compile(rf"^\s*(from|import) ({'|'.join(OWN)})\b", re.M)
 
 
@@ -24,7 +26,7 @@ def installed(tmp_path_factory):
     source.mkdir()
     for name in ("setup.py", "requirements.txt", "inference.py", "train.py", "demo.py"):
         shutil.copy(REPO_ROOT / name, source / name)
-    for name in ("model", "pipeline", "trainer", "utils", "configs", "assets"):
+    for name in (*FOLDERS, "configs", "assets"):
         shutil.copytree(REPO_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp / "site"
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -41,10 +43,11 @@ def test_install_claims_one_top_level_name(installed):
     record = (info / "RECORD").read_text()
     assert not re.search(rf"^({'|'.join(OWN)})(/|\.py,)", record, re.M)
     package = installed / "self_forcing"
-    assert {"model", "pipeline", "trainer", "utils", "configs", "assets"} <= {p.name for p in package.iterdir()}
+    assert {*FOLDERS, "configs", "assets"} <= {p.name for p in package.iterdir()}
     assert (package / "configs" / "default_config.yaml").is_file()
     assert (package / "assets" / "shapes_world" / "model_index.json").is_file()
-    assert (package / "assets" / "demo.html").is_file()
+    assert (package / "webdemo" / "demo.html").is_file()
+    assert (package / "pipeline" / "loading" / "model_folder.py").is_file()
     assert not (package / "setup.py").exists() and not (package / "tests").exists()
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from scripts import probe_shapes_teacher as probe
 from scripts import shapes_world
-from utils.shapes import sample_scenes
+from shapes import sample_scenes
 
 ATTRIBUTES = ("direction", "speed", "colour", "shape", "size")
 

@@ -1,10 +1,10 @@
-"""The prompt-embedding cache (`model.prompt_cache`), also through `utils.builders.PromptEncoder(cache_size=...)`."""
+"""The prompt-embedding cache (`model.prompt_cache`), also through `trainer.builders.PromptEncoder(cache_size=...)`."""
 from __future__ import annotations
 
 import torch
 
 from tests.tiny import tiny_text_encoder
-from utils.builders import PromptEncoder
+from trainer.builders import PromptEncoder
 
 
 class CountingEncoder:

@@ -1,4 +1,4 @@
-"""Sequence-parallel inference (utils/sequence_parallel.py) on CPU with gloo: several processes split the tokens of
+"""Sequence-parallel inference (pipeline/sequence_parallel.py) on CPU with gloo: several processes split the tokens of
 one video and must produce the latents of one process (fp32, ~1e-5), with plain and rolling (window + sink) caches,
 uneven token splits (padding), sequence groups inside data-parallel groups, and the `inference.py` command."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from pipeline.denoiser import Denoiser
 from pipeline.rollout import rollout
 from pipeline.schedule import FlowMatchSchedule
+from pipeline.sequence_parallel import check_head_split, parallel_layout
 from tests.ranks import spawn_ranks
 from tests.tiny import tiny_model
-from utils.sequence_parallel import check_head_split, parallel_layout
 
 pytestmark = pytest.mark.distributed
 
@@ -69,7 +69,7 @@ def run_case(model, name: str, seed: int = 0) -> dict[str, torch.Tensor]:
 def _rollout_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from utils.sequence_parallel import enable_sequence_parallel, new_sequence_group
+    from pipeline.sequence_parallel import enable_sequence_parallel, new_sequence_group
     _init()
     dist.init_process_group("gloo")
     results = {}
@@ -203,7 +203,7 @@ def _real_size_rollouts(device: torch.device, sp: bool, config=None, latent=(60,
     GPU), in float32 (TF32 off) and bfloat16; noise drawn on the CPU."""
     from model.config import WAN_1_3B
     from model.wan import WanDiT
-    from utils.sequence_parallel import enable_sequence_parallel
+    from pipeline.sequence_parallel import enable_sequence_parallel
     config = config or WAN_1_3B
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     with torch.device("meta"):

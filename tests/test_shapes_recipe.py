@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import inference
+from pipeline.loading.model_folder import load_transformer
 from scripts import shapes_world
-from utils.model_folder import load_transformer
 
 
 @pytest.mark.slow
@@ -46,8 +46,8 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
 
 def test_shipped_base_codec_is_the_shapes_configs():
     """assets/shapes_base is what a ship command includes beside the student: its codec must be the recipe's."""
+    from shapes.components import shapes_codec
     from utils.config import load_config
-    from utils.shapes_components import shapes_codec
     cfg = load_config(shapes_world.CONFIGS / "base.yaml")
     shipped = json.loads((shapes_world.BASE_ASSET / "codec" / "config.json").read_text())
     assert shipped == shapes_codec(cfg).config()
@@ -73,7 +73,7 @@ def test_shapes_text_encoder_tokens_carry_their_neighbouring_words(tmp_path, fol
     background's. The world's encoder mixes each token with its neighbours only: the word "background" differs
     with the colour just before it, and words far before the colour do not change at all."""
     from model.text_encoder import TextEncoder
-    from utils.shapes_components import write_text_encoder
+    from shapes.components import write_text_encoder
     root = shapes_world.BASE_ASSET
     if folder == "written":
         root = write_text_encoder(tmp_path, dim=64, text_len=32, seed=3)

@@ -32,7 +32,7 @@ def test_teacher_starts_fresh_or_from_teacher_init(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_teacher_continues_from_teacher_init(tmp_path):
-    from utils.shapes_components import shapes_dit
+    from shapes.components import shapes_dit
     sw = _shapes_world()
     assert sw.main(["--out", str(tmp_path / "a"), "--size", "smoke", "--stages", "base,teacher"]) == 0
     first = tmp_path / "a" / "teacher" / "generator_ema.safetensors"

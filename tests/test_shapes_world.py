@@ -1,4 +1,4 @@
-"""The shapes world (utils/shapes): renderer, sampler and held-out split, prompts and vocabulary, dataset, and the
+"""The shapes world (shapes/): renderer, sampler and held-out split, prompts and vocabulary, dataset, and the
 evaluator on ground-truth and corrupted videos."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.data import collate
-from utils.shapes import (COLOURS, DIRECTIONS, HELDOUT_COLOUR_BACKGROUND, HELDOUT_SHAPE_COLOUR,
-                          HELDOUT_SHAPE_DIRECTION, PALETTE, SHAPES, SIZES, SPEEDS, SceneSpec, ShapeSpec,
-                          ShapesWorldDataset, evaluate, extended_prompt, heldout_reasons, is_heldout, prompt_words,
-                          read_scenes, render, sample_scenes, short_prompt, trajectories, vocabulary)
-from utils.shapes.prompts import DIRECTION_WORDS, SPEED_WORDS
-from utils.shapes.segment import connected_components
+from shapes import (COLOURS, DIRECTIONS, HELDOUT_COLOUR_BACKGROUND, HELDOUT_SHAPE_COLOUR,
+                    HELDOUT_SHAPE_DIRECTION, PALETTE, SHAPES, SIZES, SPEEDS, SceneSpec, ShapeSpec,
+                    ShapesWorldDataset, evaluate, extended_prompt, heldout_reasons, is_heldout, prompt_words,
+                    read_scenes, render, sample_scenes, short_prompt, trajectories, vocabulary)
+from shapes.prompts import DIRECTION_WORDS, SPEED_WORDS
+from shapes.segment import connected_components
+from trainer.data import collate
 
 
 def scenes(n: int, seed: int = 0, split: str = "all", num_shapes=(1, 2)) -> list[SceneSpec]:
@@ -332,7 +332,7 @@ def test_evaluator_bad_inputs_raise(eval_set):
 
 def test_sampler_centres_follow_the_renderer_trajectories():
     """The sampler's overlap check computes centres in Python floats (speed); they must be the renderer's."""
-    from utils.shapes.world import REFERENCE_SIDE, SEPARATE_FRAMES, _centre, _draw_scene
+    from shapes.world import REFERENCE_SIDE, SEPARATE_FRAMES, _centre, _draw_scene
     g = torch.Generator().manual_seed(4)
     for _ in range(200):
         scene = _draw_scene(g, (1, 2))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import train
 from tests.tiny import tiny_config, tiny_model, tiny_models, tiny_text_encoder
-from utils import train_state as ts
+from trainer import train_state as ts
 from utils.config import REPO_ROOT
 from utils.logging import redact, wandb_mode
 
@@ -169,7 +169,7 @@ class LatentPrompts:
 def test_gan_resume_is_exact(tmp_path, recipe, warmup):
     """Across the discriminator warm-up (a new critic optimizer), and with critic parameters that never get a
     gradient (the trunk's flow head): their optimizer state does not exist and must not be required."""
-    from utils.data import ShardedBatches
+    from trainer.data import ShardedBatches
 
     def run(logdir, *extra):
         return train.main(["--config_path", str(recipe), "--logdir", str(logdir), "--disable-wandb", "trainer=gan",

@@ -16,11 +16,11 @@ from model.wan import WanDiT
 from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models
+from trainer.builders import SCORE_NETWORK_SHIFT
 from trainer.dmd import DMD
 from trainer.ode import ODERegression
 from trainer.self_forcing import GeneratorOutput, RolloutPlan, SelfForcingRollout
 from trainer.sid import SiD
-from utils.builders import SCORE_NETWORK_SHIFT
 from utils.config import REPO_ROOT, load_config
 
 pytestmark = pytest.mark.golden

@@ -19,9 +19,9 @@ from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.inference import CausalInferencePipeline, CausalSettings
 from pipeline.levers import MEASURE, Levers, format_memory, levers_for, memory_report
+from pipeline.loading import model_folder
 from tests.test_speed_benchmark import benchmark_module
 from tests.tiny import save_tiny_model_folder
-from utils import model_folder
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +277,7 @@ def test_fewer_latent_frames_per_decoder_call_give_the_same_video(tiny_wan_folde
 
 
 def test_a_demo_request_without_compile_takes_the_pages_default():
-    from utils.demo_jobs import parse_request
+    from webdemo.jobs import parse_request
     body = {"prompt": "a red circle", "blocks": 1, "decoder": "pixel"}
     assert parse_request(body, max_blocks=4, decoders=["pixel"], default_compile=True).compile is True
     assert parse_request(body, max_blocks=4, decoders=["pixel"]).compile is False

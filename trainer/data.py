@@ -152,17 +152,17 @@ class ShardedBatches:
 def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> ShardedBatches:
     """The batch iterator a recipe trains on. Score distillation is data-free apart from prompts (`data_path`).
 
-    `trainer: ode` reads the ODE pairs of `ode_data_path` (utils/ode_pairs.py), checked against the configured steps.
+    `trainer: ode` reads the ODE pairs of `ode_data_path` (trainer/ode_pairs.py), checked against the configured steps.
     The data-trained recipes (GAN, diffusion / teacher / diffusion forcing, CausVid, i2v distillation) read clean
     latents from the same shards (the clean end of each trajectory, as the original read its latent LMDB shards).
     """
-    if cfg.world != "wan" and cfg.trainer != "ode":  # the shapes world renders its own (utils/shapes_components.py)
+    if cfg.world != "wan" and cfg.trainer != "ode":  # the shapes world renders its own (shapes/components.py)
         raise ValueError(f"build_data reads the data of world 'wan' (or ODE pairs), not of {cfg.world!r}")
     # i2v distillation takes the first latent frame of each clip from the data (the original read its LMDB shards).
     needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.trainer == "score_distillation" and (
         cfg.distribution_loss == "causvid" or cfg.i2v)
     if needs_latents:
-        from utils.ode_pairs import ODEPairDataset
+        from trainer.ode_pairs import ODEPairDataset
         if not cfg.ode_data_path:
             raise InputError(f"trainer {cfg.trainer!r} trains on data: set ode_data_path to a folder of ODE pairs / "
                              "latents written by scripts/generate_ode_pairs.py")
@@ -173,7 +173,7 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
         dataset = PromptDataset(cfg.data_path, cfg.extended_prompt_path)
         return ShardedBatches(dataset, cfg.batch_size, rank, world_size, seed)
     if cfg.trainer == "ode":
-        from utils.ode_pairs import ODEPairDataset, config_trajectory_timesteps
+        from trainer.ode_pairs import ODEPairDataset, config_trajectory_timesteps
         if not cfg.ode_data_path:
             raise InputError("config key ode_data_path is not set; expected a folder of ODE pairs written by "
                              "scripts/generate_ode_pairs.py")

@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from utils.shapes.reading import analyse, to_frames, wall_contact
-from utils.shapes.world import COLOURS, DIRECTIONS, REFERENCE_SIDE, SHAPES, SIZES, SPEEDS, SceneSpec
+from shapes.reading import analyse, to_frames, wall_contact
+from shapes.world import COLOURS, DIRECTIONS, REFERENCE_SIDE, SHAPES, SIZES, SPEEDS, SceneSpec
 
 ATTRIBUTES = ("colour", "shape", "size", "direction", "speed")
 FRAME_METRICS = ("clean_fraction", "present", "integrity", "count_ok", "background_ok", "sharpness")

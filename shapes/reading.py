@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.shapes.segment import border_mode, boundary_count, connected_components, unmix
-from utils.shapes.world import COLOURS, DIRECTIONS, REFERENCE_SIDE, SHAPES, SIZES, SPEEDS
+from shapes.segment import border_mode, boundary_count, connected_components, unmix
+from shapes.world import COLOURS, DIRECTIONS, REFERENCE_SIDE, SHAPES, SIZES, SPEEDS
 
 # Fill-ratio thresholds between the shapes' ideal ratios (triangle 0.5 | circle 0.785 | square 1.0).
 FILL_CIRCLE, FILL_SQUARE = 0.64, 0.9

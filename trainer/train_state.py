@@ -7,8 +7,9 @@ One folder per checkpoint, `<logdir>/checkpoint_model_{step:06d}/`, holding
     critic.safetensors               critic (fake score / discriminator trunk), original Wan keys (if trained)
     discriminator_heads.safetensors  GAN heads (if any)
     lora_adapter.safetensors         LoRA runs: the adapter tensors (peft names); lora_adapter_ema.safetensors: their EMA
-    config.json                      the generator's WanConfig, so `utils.checkpoint.load_dit_state_dict(
-                                     ".../generator_ema.safetensors")` returns weights and architecture
+    config.json                      the generator's WanConfig, so `pipeline.loading.checkpoint.
+                                     load_dit_state_dict(".../generator_ema.safetensors")` returns weights and
+                                     architecture
     config.yaml                      the run's configuration (wandb_key redacted)
     training_state.pt                step, optimizer states (full, keyed by parameter name), RNG states of every
                                      rank, the shared generator, data position, EMA counters, non-finite counter;
@@ -29,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file
 
-from utils.checkpoint import clean_key, save_safetensors_atomic
+from pipeline.loading.checkpoint import clean_key, save_safetensors_atomic
 from utils.errors import InputError, InputKeyError, MissingFileError
 from utils.lora import adapter_state_dict, lora_scaling, merge_lora_state_dict
 

@@ -2,8 +2,8 @@
 
 `ShapesWorldDataset` serves two ways:
 * `batch(batch_size, generator)`: a whole batch sampled and rendered at once (fast, batched, on any device);
-* the `utils.data.Dataset` protocol (`len(ds)`, `ds[i]`): item `i` is a deterministic function of (seed, i), so
-  `utils.data.ShardedBatches` shards, shuffles and resumes it like any other dataset.
+* the `trainer.data.Dataset` protocol (`len(ds)`, `ds[i]`): item `i` is a deterministic function of (seed, i), so
+  `trainer.data.ShardedBatches` shards, shuffles and resumes it like any other dataset.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from utils.shapes.prompts import extended_prompt, short_prompt
-from utils.shapes.world import SPLITS, SceneSpec, render, sample_scenes
+from shapes.prompts import extended_prompt, short_prompt
+from shapes.world import SPLITS, SceneSpec, render, sample_scenes
 
 
 class ShapesWorldDataset:

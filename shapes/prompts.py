@@ -11,7 +11,7 @@ import random
 import re
 from typing import Iterable
 
-from utils.shapes.world import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS, SceneSpec
+from shapes.world import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS, SceneSpec
 
 DIRECTION_WORDS: dict[str, str] = {
     "left": "left", "right": "right", "up": "up", "down": "down",

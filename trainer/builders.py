@@ -86,12 +86,12 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
 
     Teacher weights are held in bf16 when `mixed_precision` (frozen: no fp32 master copy needed); trained networks
     in fp32 (master weights). `load_codec` default: only when samples are drawn or raw videos are encoded.
-    `world: shapes` builds the miniature world's networks by code instead (utils/shapes_components.py, chosen by
+    `world: shapes` builds the miniature world's networks by code instead (shapes/components.py, chosen by
     train.py: the core never imports the world built on top of it).
     """
     if cfg.world != "wan":
         raise ValueError(f"build_models builds the networks of world 'wan', not {cfg.world!r}")
-    from utils.wan_components import load_wan_dit, load_wan_text_encoder, load_wan_vae, model_dir
+    from pipeline.loading.wan_components import load_wan_dit, load_wan_text_encoder, load_wan_vae, model_dir
 
     root = Path(cfg.model_root)
     if not root.is_dir():

@@ -16,9 +16,9 @@ from model.config import WanConfig
 from model.pixel_codec import PixelShuffleCodec
 from model.wan import WanDiT
 from pipeline.denoiser import Denoiser
+from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict
 from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models, frozen
-from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
 from utils.errors import InputError, MissingFileError, reading
 
 
@@ -39,7 +39,7 @@ def write_text_encoder(folder: str | Path, *, dim: int, text_len: int, seed: int
     from transformers import UMT5Config, UMT5EncoderModel
 
     from model.text_encoder import build_word_tokenizer
-    from utils.shapes import vocabulary
+    from shapes import vocabulary
     folder = Path(folder)
     tokenizer = build_word_tokenizer(vocabulary())
     torch.manual_seed(seed)
@@ -77,7 +77,7 @@ def _local_context_attention(encoder) -> None:
 
 def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"):
     from model.text_encoder import TextEncoder
-    from utils.builders import PromptEncoder
+    from trainer.builders import PromptEncoder
     if not cfg.text_encoder_path:
         raise InputError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
                          "scripts/shapes_world.py creates it)")
@@ -104,7 +104,7 @@ def shapes_dit(cfg: Any, checkpoint: Optional[str], *, use_ema: bool = False) ->
 
 def build_shapes_models(cfg: Any) -> Models:
     """The recipe's bundle: generator (causal unless `causal: false`), teacher and critic as the trainer needs."""
-    from utils.builders import needed_networks
+    from trainer.builders import needed_networks
     schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
     generator_net = shapes_dit(cfg, cfg.generator_ckpt)
     bidirectional = cfg.trainer == "diffusion" and not cfg.causal
@@ -130,7 +130,7 @@ class ShapesBatches:
 
     def __init__(self, cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device: torch.device | str | None = None):
-        from utils.shapes import ShapesWorldDataset
+        from shapes import ShapesWorldDataset
         self.codec = shapes_codec(cfg)
         frames = cfg.image_or_video_shape[1]
         self.dataset = ShapesWorldDataset(frames, cfg.height, cfg.width, split="train", seed=seed, device=device)

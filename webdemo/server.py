@@ -1,6 +1,6 @@
 """The streaming demo's web server: one static page and a small JSON + server-sent-events API over `DemoService`.
 
-    GET  /                       the page (assets/demo.html)
+    GET  /                       the page (webdemo/demo.html)
     GET  /api/info               model, decoders, limits, defaults
     POST /api/start              {prompt, seed, fps, blocks, decoder, compile} -> {job, seed} | 400 {error, field}
                                  | 409 {error} while another generation runs
@@ -27,9 +27,9 @@ from flask import Flask, Response, jsonify, request, send_file
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from utils.demo_jobs import Busy, DemoService, Job, JobError, RequestError, parse_prompt
+from webdemo.jobs import Busy, DemoService, Job, JobError, RequestError, parse_prompt
 
-PAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.html"
+PAGE = Path(__file__).resolve().with_name("demo.html")
 JPEG_QUALITY = 90
 MAX_BODY_BYTES = 64 * 1024  # a start request is a few hundred bytes; the longest prompt is MAX_PROMPT_CHARS
 # Host names a page on this machine uses. Anything else is refused: a web page elsewhere could otherwise reach the

@@ -3,11 +3,11 @@
 `world` (attributes, held-out split, sampler, renderer), `prompts` (short/extended prompts, vocabulary), `dataset`
 (on-the-fly training batches), `reading` + `segment` (attributes read back out of frames), `evaluator` (scores).
 """
-from utils.shapes.dataset import ShapesWorldDataset
-from utils.shapes.evaluator import ATTRIBUTES, FRAME_METRICS, evaluate
-from utils.shapes.prompts import extended_prompt, prompt_words, short_prompt, vocabulary
-from utils.shapes.reading import ObjectReading, SceneReading, read_scenes, to_frames
-from utils.shapes.world import (
+from shapes.dataset import ShapesWorldDataset
+from shapes.evaluator import ATTRIBUTES, FRAME_METRICS, evaluate
+from shapes.prompts import extended_prompt, prompt_words, short_prompt, vocabulary
+from shapes.reading import ObjectReading, SceneReading, read_scenes, to_frames
+from shapes.world import (
     COLOURS, DIRECTIONS, HELDOUT_COLOUR_BACKGROUND, HELDOUT_SHAPE_COLOUR, HELDOUT_SHAPE_DIRECTION, PALETTE,
     SHAPES, SIZES, SPEEDS, SPLITS, SceneSpec, ShapeSpec, heldout_reasons, is_heldout, render, sample_scenes,
     trajectories,

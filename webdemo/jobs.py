@@ -1,7 +1,7 @@
 """The streaming demo's generation service: checked requests, one generation at a time, and jobs that stream each
 decoded block as an event, take prompt edits between blocks, stop on request or when nobody watches, and leave an mp4.
 
-Free of any web framework, so the server (`utils/demo_server.py`) is a thin layer of routes and this logic is tested
+Free of any web framework, so the server (`webdemo/server.py`) is a thin layer of routes and this logic is tested
 on its own. Events are `(name, data)` pairs on `Job.events`: `start`, `block` (frames as `uint8 [t, H, W, 3]` arrays,
 encoded for the wire by the server's thread, not this one), `prompt` (a switch, at the block where it applies) and
 `done` (last).

@@ -15,7 +15,7 @@ import torch
 
 from model.config import WanConfig
 from model.wan import WanDiT
-from utils.checkpoint import load_dit_state_dict, load_state_dict_strict, read_transformer_config
+from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict, read_transformer_config
 from utils.errors import MissingFileError, reading
 
 T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"

@@ -22,8 +22,8 @@ import torch
 from model.config import WanConfig
 from model.pixel_codec import PixelShuffleCodec
 from model.wan import WanDiT
-from utils.checkpoint import (load_state_dict_strict, load_wan_safetensors, read_transformer_config,
-                              save_wan_safetensors_sharded)
+from pipeline.loading.checkpoint import (load_state_dict_strict, load_wan_safetensors, read_transformer_config,
+                                         save_wan_safetensors_sharded)
 from utils.errors import InputError, MissingFileError, reading
 
 MODEL_INDEX = "model_index.json"
@@ -148,7 +148,7 @@ def load_codec(folder: str | Path, device: str | torch.device = "cpu", dtype: to
         except TypeError as err:  # unknown or missing keys
             raise InputError(f"{folder / 'codec' / 'config.json'}: {err}") from None
     if (folder / "vae").is_dir():
-        from utils.wan_components import load_wan_vae
+        from pipeline.loading.wan_components import load_wan_vae
         return load_wan_vae(folder, device=device, dtype=dtype)
     raise MissingFileError(f"{folder} has neither codec/ nor vae/")
 
@@ -159,6 +159,6 @@ def load_text_encoder(folder: str | Path, text_len: int, device: str | torch.dev
     if not (Path(folder) / "text_encoder").is_dir():
         raise MissingFileError(f"model folder {folder} has no text_encoder/ (export with --include-base, or give "
                                "--model-root)")
-    from utils.wan_components import load_wan_text_encoder
+    from pipeline.loading.wan_components import load_wan_text_encoder
     return load_wan_text_encoder(folder, text_len=text_len, device=device, dtype=dtype)
 

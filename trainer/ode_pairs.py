@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from utils.checkpoint import save_safetensors_atomic
+from pipeline.loading.checkpoint import save_safetensors_atomic
 from utils.errors import InputError, InputKeyError, MissingFileError
 
 FORMAT = "self-forcing-ode-pairs"
