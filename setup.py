@@ -1,8 +1,8 @@
 """Installs the checkout's code as ONE package, `self_forcing` (docs/packaging.md).
 
 In the checkout the folders model/, pipeline/, trainer/, utils/, shapes/, webdemo/ and the scripts inference.py,
-train.py, demo.py import each other by those plain names (`python inference.py` from the checkout). An installed copy must not claim such
-generic top-level names in a user's environment, so `pip install .` lays the same tree out under `self_forcing/`
+train.py, demo.py import each other by those plain names (`python inference.py` from the checkout). An installed
+copy must not claim such generic top-level names in a user's environment, so `pip install .` lays the same tree out under `self_forcing/`
 (with configs/ and assets/ beside the code, where the code looks for them) and rewrites the plain imports of the
 installed copies to `self_forcing.<name>`. An editable install (`pip install -e .`) copies nothing: it maps
 `self_forcing` onto the checkout, whose scripts keep their plain imports (run them from the checkout).
@@ -73,7 +73,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # flash-attn 4 (CuTe DSL; on Hopper its forward is FA3's kernel): the fastest attention measured on an H100.
         "flash4": ["flash-attn-4>=4.0.0b36"],
-        # playwright drives the system chromium; setuptools builds the package in tests/test_packaging.py
+        # playwright drives the system chromium; setuptools builds the package in tests/repo/test_packaging.py
         "test": ["pytest>=8", "playwright>=1.40", "setuptools>=70.1"],
     },
 )

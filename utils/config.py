@@ -177,7 +177,7 @@ class Config:
 
 
 # The names of model/attention.py's ATTENTION_BACKENDS, written out because the ground floor imports no network
-# code (tests/test_attention_backends.py holds the two lists together).
+# code (tests/model/test_attention_backends.py holds the two lists together).
 ATTENTION_BACKEND_NAMES = ("auto", "flash_attn", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
                            "sdpa_cudnn_halves", "flash_attn_halves")
 

@@ -13,7 +13,7 @@ import pytest
 from pipeline.loading import model_folder
 from pipeline.loading.hub import push_folder
 from scripts import export_hf
-from tests.test_export import fake_self_forcing_pt
+from tests.entry.test_export import fake_self_forcing_pt
 
 TINY = ["--num-heads", "2", "--text-len", "16"]
 

@@ -20,7 +20,7 @@ from pipeline.denoiser import Denoiser
 from pipeline.inference import CausalInferencePipeline, CausalSettings
 from pipeline.levers import MEASURE, Levers, format_memory, levers_for, memory_report
 from pipeline.loading import model_folder
-from tests.test_speed_benchmark import benchmark_module
+from tests.entry.test_speed_benchmark import benchmark_module
 from tests.tiny import save_tiny_model_folder
 
 

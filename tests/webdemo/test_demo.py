@@ -32,7 +32,7 @@ from utils.video import read_video
 from webdemo.jobs import DemoService
 from webdemo.server import create_app, read_sse
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 NEW_PROMPT = "a small yellow square moves quickly up on a black background"
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from tests.test_causvid_data import write_pairs
-from tests.test_train_cli import write_model_root
+from tests.entry.test_train_cli import write_model_root
 from tests.tiny import tiny_config
+from tests.trainer.test_causvid_data import write_pairs
 from trainer.data import ShardedBatches
 from trainer.ode_pairs import ODEPairDataset
 from utils.config import REPO_ROOT

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_speed_benchmark import benchmark_module
+from tests.entry.test_speed_benchmark import benchmark_module
 from tests.tiny import save_tiny_model_folder
 
 

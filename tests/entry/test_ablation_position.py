@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from shapes import render, sample_scenes, world
-from tests.test_speed_benchmark import benchmark_module
+from tests.entry.test_speed_benchmark import benchmark_module
 
 
 def test_coordinate_codec_adds_readable_positions_and_decodes_back():

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.ranks import spawn_ranks
-from tests.test_training_golden import Recording
 from tests.tiny import tiny_models, tiny_train_config
+from tests.trainer.test_training_golden import Recording
 from trainer.dmd import DMD
 from trainer.gan import GAN, finite_difference_penalty
 from trainer.self_forcing import GeneratorOutput

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.attention import BlockCausal
-from tests.test_wan_golden import build_model
+from tests.model.test_wan_golden import build_model
 from tests.tiny import tiny_inputs, tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -84,7 +84,7 @@ def test_compiled_levers_on_cuda_match_the_plain_path(dtype):
     from pipeline.cuda_graphs import GraphedDiT
     from pipeline.denoiser import Denoiser
     from pipeline.rollout import rollout
-    from tests.test_inference_speed import SCHEDULE, STEPS
+    from tests.pipeline.test_inference_speed import SCHEDULE, STEPS
     model = tiny_model().to(CUDA, dtype)
     h = torch.randn(1, 40, model.config.dim, device=CUDA, dtype=dtype)
     ffn = model.blocks[0].ffn
@@ -122,7 +122,7 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
     from pipeline.denoiser import Denoiser
     from pipeline.rollout import rollout
     from pipeline.streaming import BlockDecoder
-    from tests.test_inference_speed import SCHEDULE, STEPS
+    from tests.pipeline.test_inference_speed import SCHEDULE, STEPS
     model = tiny_model().to(CUDA, dtype)
     g = torch.Generator(device=CUDA).manual_seed(0)
     noise = torch.randn(1, 8, 4, 4, 6, generator=g, device=CUDA, dtype=dtype)
@@ -184,7 +184,7 @@ def test_fp8_linear_kernel_matches_its_cpu_emulation():
 
 def test_channels_last_wan_vae_decode_on_cuda():
     """The NDHWC decoder (cuDNN's channels-last Conv3d kernels) gives the plain decoder's frames."""
-    from tests.test_speed_benchmark import benchmark_module
+    from tests.entry.test_speed_benchmark import benchmark_module
     random_codec = benchmark_module("common").random_codec  # both seeded alike: the same weights
     plain = random_codec("wan_vae", CUDA, torch.bfloat16, tiny=True)
     fast = random_codec("wan_vae_cl", CUDA, torch.bfloat16, tiny=True)
@@ -200,7 +200,7 @@ def test_pipeline_wan_vae_decoder_on_cuda():
     decoder's frames, through the steady calls too: against the plain decoder in float32 it is as close as the plain
     bf16 decoder is (inductor keeps its fused norms in float32, so the two bf16 roundings differ by ~2%, the CPU
     tests show the walk itself exact)."""
-    from tests.test_speed_benchmark import benchmark_module
+    from tests.entry.test_speed_benchmark import benchmark_module
     random_codec = benchmark_module("common").random_codec  # all seeded alike: the same weights
     exact = random_codec("wan_vae", CUDA, torch.float32, tiny=True)
     plain = random_codec("wan_vae", CUDA, torch.bfloat16, tiny=True)

@@ -21,7 +21,7 @@ from trainer import ode_pairs
 from trainer.data import ShardedBatches, build_data
 from trainer.ode_pairs import INDEX, ODEPairDataset, OdePairWriter, clear_output, finalize_index, shard_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMESTEPS = [1000.0, 960.0, 888.89, 727.27, 0.0]
 ENTRY = (5, 2, 3, 2, 4)  # [K, F, C, H, W]
 PROMPTS = ["a red circle moves left", "a blue square", "the cat jumps", "a small dog", "a green triangle"]

@@ -18,7 +18,7 @@ from pipeline.schedule import FlowMatchSchedule
 from tests.tiny import save_tiny_model_folder
 from utils.video import read_video
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 
 import demo
-from tests.test_demo import folder, loaded, make_service, serving, sse_events, start  # noqa: F401 (fixtures)
+from tests.webdemo.test_demo import folder, loaded, make_service, serving, sse_events, start  # noqa: F401 (fixtures)
 from utils import outputs
 from utils.locks import try_lock
 from utils.video import read_video
 from webdemo.server import MAX_BODY_BYTES, create_app, host_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("host, status", [

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from shapes import world
-from tests.test_speed_benchmark import benchmark_module
+from tests.entry.test_speed_benchmark import benchmark_module
 
 
 def test_direction_says_more_about_the_mask_when_shapes_start_in_the_half_they_leave(monkeypatch):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.test_speed_benchmark import benchmark_module
+from tests.entry.test_speed_benchmark import benchmark_module
 
 HEADLINE = ("steady_video_fps_wan_vae", "steady_video_fps_taehv", "ttff_ms_steady", "first_video_s_cold",
             "first_video_s_warm_cache", "long_block_ms_steady", "steady_video_fps_wan_vae_decode_1_per_call")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import train
-from tests.test_train_cli import recipe  # noqa: F401  (fixture)
+from tests.entry.test_train_cli import recipe  # noqa: F401  (fixture)
 from tests.tiny import tiny_models
 from trainer import train_state as ts
 from utils.locks import try_lock

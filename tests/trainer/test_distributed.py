@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from tests.ranks import free_port, spawn_ranks
-from tests.test_loop import FakeAlgorithm, ListDataset
+from tests.trainer.test_loop import FakeAlgorithm, ListDataset
 from trainer import train_state as ts
 from trainer.data import ShardedBatches
 
@@ -138,7 +138,7 @@ def test_real_dmd_recipe_under_torchrun_on_two_ranks(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_train_cli import TINY, write_model_root
+    from tests.entry.test_train_cli import TINY, write_model_root
     from utils.config import REPO_ROOT
 
     root = tmp_path / "wan_models"

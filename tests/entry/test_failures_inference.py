@@ -20,7 +20,7 @@ from utils.errors import InputError
 from utils.locks import try_lock
 from utils.video import StreamingVideoWriter, read_video
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

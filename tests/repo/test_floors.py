@@ -1,4 +1,4 @@
-"""The floors of the code, read from its imports (docs/design.md, "Floors"): every `import` statement of every module,
+"""The floors of the code, read from its imports (docs/design.md): every `import` statement of every module,
 at module level or inside a function, may only point at its own floor or the ones below it, and no chain of imports
 comes back to where it started.
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+from tests.conftest import REPO_ROOT
 from utils.locks import describe_holder, try_lock
 
 
@@ -27,7 +28,7 @@ def test_a_killed_holder_leaves_a_stale_file_that_is_taken_over(tmp_path):
     path = tmp_path / "x.lock"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.locks import try_lock\n"
                                f"lock = try_lock({str(path)!r}); print('held', flush=True); time.sleep(600)"],
-                              cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE, text=True)
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert try_lock(path) is None
