@@ -65,8 +65,8 @@ def rolling_cache_of_long_preset() -> tuple[int, int]:
 
 def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """The pipeline's own codec first, then the other Wan decoder where its weights are at hand."""
-    from utils import wan_components
-    from utils.demo_jobs import codec_name
+    from pipeline.loading import wan_components
+    from webdemo.jobs import codec_name
     decoders = {codec_name(pipe.codec): pipe.codec}
     taehv_path = args.taehv_path or (cfg.taehv_path if cfg.taehv_path and Path(cfg.taehv_path).is_file() else None)
     if taehv_path and "taehv" not in decoders:
@@ -92,8 +92,8 @@ def load_service(args: argparse.Namespace):
     """The model, as inference.py loads it, inside a DemoService."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    from utils.demo_jobs import DemoService
     from pipeline.levers import config_defaults
+    from webdemo.jobs import DemoService
     device, dtype = inference.pick_device(args)
     # The pipeline itself stays uncompiled: a job that asks for compile runs a compiled twin sharing its weights.
     pipe, cfg, source = inference.build_pipeline(argparse.Namespace(**{**vars(args), "compile": False}), device, dtype)
@@ -111,7 +111,7 @@ def load_service(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from werkzeug.serving import make_server
 
-    from utils.demo_server import LOCAL_HOSTS, create_app
+    from webdemo.server import LOCAL_HOSTS, create_app
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_blocks < 1:

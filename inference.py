@@ -200,8 +200,8 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
 def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(pipeline, config, description of what was loaded)."""
     from pipeline.inference import CausalInferencePipeline, CausalSettings
+    from pipeline.loading import model_folder, wan_components
     from pipeline.schedule import FlowMatchSchedule
-    from utils import model_folder, wan_components
 
     folder = Path(args.model) if args.model else None
     if folder is None and not (args.config_path or args.checkpoint_path):  # a preset never chooses the model
@@ -216,7 +216,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         generator, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
         cfg = resolve_config(args, causal, device.type)
         if args.checkpoint_path:
-            from utils.checkpoint import load_dit_state_dict, load_state_dict_strict
+            from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict
             from utils.errors import reading
             state, _ = load_dit_state_dict(args.checkpoint_path, use_ema=args.use_ema)
             with reading(f"--checkpoint_path {args.checkpoint_path}"):
@@ -343,7 +343,7 @@ def collect_prompts(args: argparse.Namespace):
     return prompts
 
 
-# In the bundled shapes-world model's language (utils/shapes/prompts.py), combinations seen in training.
+# In the bundled shapes-world model's language (shapes/prompts.py), combinations seen in training.
 BUILTIN_PROMPTS = [
     "a large red circle moves slowly left on a blue background",
     "a small yellow square moves quickly up on a black background",
@@ -391,7 +391,7 @@ def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int)
 
 def parallel_layout(args: argparse.Namespace, rank: int, world: int):
     """How the torchrun ranks share the work: `--parallel data` is sequence groups of one."""
-    from utils.sequence_parallel import parallel_layout as layout
+    from pipeline.sequence_parallel import parallel_layout as layout
     if args.parallel == "data":
         if args.sequence_parallel_size is not None:
             raise UsageError("--sequence-parallel-size needs --parallel sequence")
@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     pipe, cfg, source = build_pipeline(args, device, dtype)
     group = None
     if layout.sequence_size > 1:
-        from utils.sequence_parallel import enable_sequence_parallel, new_sequence_group
+        from pipeline.sequence_parallel import enable_sequence_parallel, new_sequence_group
         group = new_sequence_group(layout)
         enable_sequence_parallel(pipe.generator, group)
     height = args.height if args.height is not None else cfg.height

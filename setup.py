@@ -1,8 +1,8 @@
 """Installs the checkout's code as ONE package, `self_forcing` (docs/packaging.md).
 
-In the checkout the folders model/, pipeline/, trainer/, utils/ and the scripts inference.py, train.py, demo.py import
-each other by those plain names (`python inference.py` from the checkout). An installed copy must not claim such
-generic top-level names in a user's environment, so `pip install .` lays the same tree out under `self_forcing/`
+In the checkout the folders model/, pipeline/, trainer/, utils/, shapes/, webdemo/ and the scripts inference.py,
+train.py, demo.py import each other by those plain names (`python inference.py` from the checkout). An installed
+copy must not claim such generic top-level names in a user's environment, so `pip install .` lays the same tree out under `self_forcing/`
 (with configs/ and assets/ beside the code, where the code looks for them) and rewrites the plain imports of the
 installed copies to `self_forcing.<name>`. An editable install (`pip install -e .`) copies nothing: it maps
 `self_forcing` onto the checkout, whose scripts keep their plain imports (run them from the checkout).
@@ -14,7 +14,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PACKAGE = "self_forcing"
-FOLDERS = ("model", "pipeline", "trainer", "utils")   # packages, installed as self_forcing.<folder>
+FOLDERS = ("model", "pipeline", "trainer", "utils", "shapes", "webdemo")   # packages: self_forcing.<folder>
 SCRIPTS = ("inference", "train", "demo")              # root modules, installed as self_forcing.<script>
 OWN_NAMES = "|".join(FOLDERS + SCRIPTS)
 FROM_IMPORT = re.compile(rf"^(\s*)from ({OWN_NAMES})(\.[\w.]+)? import ", re.M)
@@ -62,10 +62,10 @@ setup(
     version="0.1.0",
     description="Self Forcing: autoregressive video diffusion on Wan2.1, trained on its own rollouts",
     # self_forcing is the checkout's root: its modules are the root's scripts (setup.py itself is left out), its
-    # packages the folders, its data the configs and the bundled model.
+    # packages the folders, its data the configs, the bundled model and the demo page.
     packages=[PACKAGE] + [f"{PACKAGE}.{name}" for name in folders],
     package_dir={PACKAGE: "."},
-    package_data={PACKAGE: ["configs/*.yaml", "configs/**/*.yaml", "assets/*.html", "assets/**/*"]},
+    package_data={PACKAGE: ["configs/*.yaml", "configs/**/*.yaml", "assets/**/*"], f"{PACKAGE}.webdemo": ["*.html"]},
     cmdclass={"build_py": NamespacedBuildPy},
     python_requires=">=3.10",
     install_requires=requirements,
@@ -73,7 +73,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # flash-attn 4 (CuTe DSL; on Hopper its forward is FA3's kernel): the fastest attention measured on an H100.
         "flash4": ["flash-attn-4>=4.0.0b36"],
-        # playwright drives the system chromium; setuptools builds the package in tests/test_packaging.py
+        # playwright drives the system chromium; setuptools builds the package in tests/repo/test_packaging.py
         "test": ["pytest>=8", "playwright>=1.40", "setuptools>=70.1"],
     },
 )

@@ -29,7 +29,7 @@ outputs (in --logdir):
   metrics.jsonl                      one JSON line of scalars per logged step
   checkpoint_model_XXXXXX/           every log_iters steps and at the end (newest keep_checkpoints kept):
     generator.safetensors, generator_ema.safetensors, critic.safetensors   original Wan keys, loadable by
-                                     inference.py / utils.checkpoint.load_dit_state_dict
+                                     inference.py / pipeline.loading.checkpoint.load_dit_state_dict
     training_state.pt, config.yaml, config.json                              what --resume needs
   wandb/                             offline wandb run (sync with `wandb sync`) unless --disable-wandb;
                                      online when wandb_key or wandb_host is set
@@ -138,12 +138,11 @@ def lock_logdir(logdir: str, dist_state):
 
 
 def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, algorithm_factory: Any):
+    from trainer.builders import prepare_injected_models
     from trainer.loop import Trainer
-    from utils.builders import build_models, prepare_injected_models
-    from utils.data import build_data
+    from trainer.train_state import list_checkpoints, resolve_resume
     from utils.distributed import parallelize_models, resolve_seed, seed_everything
     from utils.logging import RunLogger, wandb_mode
-    from utils.train_state import list_checkpoints, resolve_resume
 
     resume = resolve_resume(args.resume, cfg.logdir)
     existing = list_checkpoints(cfg.logdir)
@@ -156,7 +155,7 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
     # The Trainer then re-seeds each rank with seed + rank for the per-rank noise.
     seed_everything(seed)
     if models is None:
-        models = build_models(cfg)
+        models = _world_models(cfg)
     elif callable(models):
         models = models(cfg)
     models = prepare_injected_models(models, cfg)
@@ -166,10 +165,10 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
     algorithm = algorithm_factory(cfg, models)
     parallelize_models(models, cfg, dist_state)  # modules the algorithm added (GAN heads)
     if data is None:
-        data = build_data(cfg, dist_state.rank, dist_state.world_size, seed)
+        data = _world_data(cfg, dist_state.rank, dist_state.world_size, seed)
     elif callable(data) and not hasattr(data, "__next__"):
         data = data(cfg, dist_state.rank, dist_state.world_size, seed)
-    from utils.samples import make_sample_fn
+    from trainer.samples import make_sample_fn
     sample_fn = make_sample_fn(cfg, models, cfg.logdir, dist_state.rank) if cfg.sample_every > 0 else None
     trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logdir, seed=seed, sample_fn=sample_fn)
     if resume is not None:
@@ -183,12 +182,33 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
     return trainer
 
 
+def _world_models(cfg) -> Any:
+    """The recipe's networks: real Wan components from disk, or the shapes world's, built by code. Chosen here, on
+    top, because the core (utils/, model/, pipeline/, trainer/) never imports the world built on it."""
+    if cfg.world == "shapes":
+        from shapes.components import build_shapes_models
+        return build_shapes_models(cfg)
+    from trainer.builders import build_models
+    return build_models(cfg)
+
+
+def _world_data(cfg, rank: int, world_size: int, seed: int) -> Any:
+    """The recipe's batches: the shapes world renders videos (and their prompts) with no files, except for the ODE
+    pairs of `trainer: ode`, which are read like any other world's."""
+    if cfg.world == "shapes" and cfg.trainer != "ode":
+        from shapes.components import shapes_data
+        return shapes_data(cfg, rank, world_size, seed)
+    from trainer.data import build_data
+    return build_data(cfg, rank, world_size, seed)
+
+
 def main(argv: Optional[Sequence[str]] = None, *, models: Any = None, data: Any = None,
          algorithm_factory: Optional[Callable[[Any, Any], Any]] = None):
     """Run training; returns the finished `Trainer`.
 
-    models: a `Models` bundle or `cfg -> Models` (default: real Wan components from cfg.model_root).
-    data: a batch iterator or `(cfg, rank, world_size, seed) -> iterator` (default: `utils.data.build_data`).
+    models: a `Models` bundle or `cfg -> Models` (default: `_world_models`: Wan components from cfg.model_root, or
+    the shapes world's).
+    data: a batch iterator or `(cfg, rank, world_size, seed) -> iterator` (default: `_world_data`).
     algorithm_factory: `(cfg, models) -> Algorithm` (default: `trainer.registry.build_algorithm`).
     Bad user input (config, paths, shapes) ends the process with a one-line error and exit status 2.
     """

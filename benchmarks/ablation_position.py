@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from common import small_shapes_setup, train_and_probe, write_probe_result  # noqa: E402
 from model.wan import WanDiT  # noqa: E402
-from utils.shapes import world  # noqa: E402
+from shapes import world  # noqa: E402
 
 SIZE, FACTOR, MARGIN = 32, 2, 0.5
 VARIANTS = ("rope", "coords", "coords_noised")

@@ -1,5 +1,5 @@
 """Ablation (CPU): does a teacher learn to read the prompted direction sooner when a shape starts in the half it
-moves away from (0.5, a value `utils.shapes.world.START_MARGIN` once had) than with near-uniform starts (0.25)?
+moves away from (0.5, a value `shapes.world.START_MARGIN` once had) than with near-uniform starts (0.25)?
 
     python benchmarks/ablation_start_margin.py MARGIN SECONDS [DIM LAYERS]     # e.g. 0.5 900 96 3
     python benchmarks/ablation_start_margin.py signal [N]                      # no training, seconds
@@ -30,13 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import small_shapes_setup, train_and_probe, write_ablation, write_probe_result  # noqa: E402
-from utils.shapes import world  # noqa: E402
+from shapes import world  # noqa: E402
 
 FRAMES, SIZE, FACTOR = 12, 32, 2
 
 
 def explained_shares(margin: float, n: int) -> dict[str, float]:
-    from utils.shapes import render, sample_scenes
+    from shapes import render, sample_scenes
     default, world.START_MARGIN = world.START_MARGIN, margin  # read at every draw of a scene
     try:
         scenes = sample_scenes(n, torch.Generator().manual_seed(0), num_shapes=1)
@@ -63,7 +63,7 @@ def ideal_changes(margin: float, n: int, seed: int = 0) -> dict[str, float]:
     """Mean squared change (per latent element) of the mean clip of "a large red circle moves quickly left on a blue
     background" when one attribute changes, starts drawn as the world draws them at `margin`."""
     from model.pixel_codec import PixelShuffleCodec
-    from utils.shapes import render
+    from shapes import render
     codec = PixelShuffleCodec(spatial_factor=FACTOR)
     base = world.ShapeSpec("circle", "red", "large", "left", "fast")
     changed = {"direction": {"direction": "right"}, "speed": {"speed": "slow"}, "colour": {"colour": "green"},

@@ -20,7 +20,7 @@ from model.config import WanConfig  # noqa: E402
 from model.pixel_codec import PixelShuffleCodec  # noqa: E402
 from model.text_encoder import TextEncoder  # noqa: E402
 from model.wan import WanDiT  # noqa: E402
-from utils.shapes.world import COLOURS, PALETTE  # noqa: E402
+from shapes.world import COLOURS, PALETTE  # noqa: E402
 
 
 def main() -> None:

@@ -253,7 +253,7 @@ def shapes_frames(text, codec, n: int, generator: torch.Generator, num_shapes=(1
                   frames: int = 1):
     """`n` train-split scenes as `frames` `size`x`size` frames: (scenes, latents `[n, frames, C, h, w]`, prompt
     embeddings)."""
-    from utils.shapes import render, sample_scenes, short_prompt
+    from shapes import render, sample_scenes, short_prompt
     scenes = sample_scenes(n, generator, "train", num_shapes=num_shapes)
     with torch.no_grad():
         context = text([short_prompt(s) for s in scenes])

@@ -22,7 +22,7 @@ from common import environment, print_table, write_result  # noqa: E402
 
 def sse_events(response):
     """(name, data, seconds since the request) of each server-sent event, as it arrives."""
-    from utils.demo_server import read_sse
+    from webdemo.server import read_sse
     tic = time.perf_counter()
     for name, data in read_sse(response.response):
         yield name, data, time.perf_counter() - tic
@@ -32,7 +32,7 @@ def smoke(argv: list[str]) -> tuple[dict, str]:
     """(result, result file name) of one streamed generation."""
     import demo
     import torch
-    from utils.demo_server import create_app
+    from webdemo.server import create_app
     parser = demo.build_parser()
     parser.add_argument("--blocks", type=int, default=4, help="blocks to generate (default: 4)")
     parser.add_argument("--prompt", help="prompt (default: the demo's own)")

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from model.text_encoder import build_word_tokenizer, umt5_xxl_config
     from model.vae import WAN21_VAE_CONFIG
     from model.wan import WanDiT
-    from utils.model_folder import save_model_folder
+    from pipeline.loading.model_folder import save_model_folder
 
     tic = time.perf_counter()
     torch.manual_seed(args.seed)

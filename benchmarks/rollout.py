@@ -59,7 +59,7 @@ def main() -> None:
     torch.manual_seed(0)  # the same text and noise on every rank
     model = random_dit(config, device, dtype)
     if args.parallel == "sequence":
-        from utils.sequence_parallel import enable_sequence_parallel
+        from pipeline.sequence_parallel import enable_sequence_parallel
         enable_sequence_parallel(model)
     schedule = FlowMatchSchedule(shift=5.0)
     steps = schedule.warp(args.steps).tolist()

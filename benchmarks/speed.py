@@ -2,7 +2,7 @@
 
     python benchmarks/speed.py                               # 1.3B, 480x832, bf16, 7 blocks x 3 frames, 4 steps
     python benchmarks/speed.py --long                        # + 60 blocks, window 21, sink 3, relative RoPE
-    python benchmarks/speed.py --size tiny                   # harness check on CPU (tests/test_speed_benchmark.py)
+    python benchmarks/speed.py --size tiny                   # harness check on CPU (tests/entry/test_speed_benchmark.py)
 
 Levers are cumulative: entry i runs with levers 0..i (`eager` = every switch off, relative RoPE re-rotating the
 window). A lever that raises is recorded with its error and left out of the later entries. For each entry: per-block
@@ -74,7 +74,7 @@ def apply_lever(s: Setting, lever: str, bench: Bench) -> None:
 
 def every_lever(bench: Bench, levers: tuple[str, ...] = LEVERS) -> Setting:
     """The setting of the last entry when every lever works: what the command line turns on by default on CUDA
-    (`pipeline.levers.levers_for`; tests/test_user_path.py holds the two together)."""
+    (`pipeline.levers.levers_for`; tests/entry/test_user_path.py holds the two together)."""
     setting = Setting(InferenceOptions.all_off())
     for lever in levers:
         apply_lever(setting, lever, bench)

@@ -1,6 +1,6 @@
 """The README's results table, computed from the JSON files under benchmarks/results/.
 
-    python benchmarks/summarize.py          # the table in README.md, exactly (tests/test_readme_table.py checks it)
+    python benchmarks/summarize.py          # the table in README.md, exactly (tests/repo/test_readme.py checks it)
     python benchmarks/summarize.py --all    # one row per result file
 
 Every figure comes from a result file named in its row; the only numbers typed in here are the original's, as its

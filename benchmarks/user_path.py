@@ -4,7 +4,7 @@ file of 4 prompts; every figure comes from the stats JSON the command writes for
     python benchmarks/random_wan_folder.py --out runs/wan_t5x2 --t5-layers 2     # random real-size weights
     python benchmarks/random_wan_folder.py --out runs/wan_t5x24                  # with the full UMT5-XXL
     python benchmarks/user_path.py --model runs/wan_t5x2 --model-full-t5 runs/wan_t5x24
-    python benchmarks/user_path.py --tiny         # harness check on the CPU (tests/test_user_path_benchmark.py)
+    python benchmarks/user_path.py --tiny         # harness check on the CPU (tests/entry/test_user_path_benchmark.py)
 
 Sections (the command's defaults otherwise: on CUDA every speed lever, pipeline/levers.py):
   cold         4 prompts, 81 frames (21 latent) at 480x832, Wan VAE, text encoder on the CPU, an empty compile cache:

@@ -1,4 +1,4 @@
-"""The one prompt-embedding cache, shared by training (`utils.builders.PromptEncoder`) and inference
+"""The one prompt-embedding cache, shared by training (`trainer.builders.PromptEncoder`) and inference
 (`pipeline.inference.CausalInferencePipeline`)."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Loading a state dict into a module strictly, with errors that name the file and every mismatch.
 
-Shared by every component (DiT, VAE, TAEHV) and by the checkpoint readers in `utils/checkpoint.py`.
+Shared by every component (DiT, VAE, TAEHV) and by the checkpoint readers in `pipeline/loading/checkpoint.py`.
 """
 from __future__ import annotations
 

@@ -150,7 +150,7 @@ def _sync(device: torch.device) -> None:
 
 def load_networks(cfg: Any, ckpt: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """(DiT in eval mode on `device`/`dtype`, prompt encoder) of one stage."""
-    from utils.shapes_components import load_shapes_text, shapes_dit
+    from shapes.components import load_shapes_text, shapes_dit
     net = shapes_dit(cfg, str(ckpt)).to(device, dtype).eval()
     return net, load_shapes_text(cfg, net.config.text_len, device=device)
 
@@ -158,8 +158,8 @@ def load_networks(cfg: Any, ckpt: Path, device: torch.device, dtype: torch.dtype
 def causal_sampler(cfg: Any, net: Any, text: Any, steps: list[float], factor: int) -> Sampler:
     from pipeline.inference import CausalInferencePipeline
     from pipeline.schedule import FlowMatchSchedule
-    from utils.shapes import short_prompt
-    from utils.shapes_components import shapes_codec
+    from shapes import short_prompt
+    from shapes.components import shapes_codec
     schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
     pipe = CausalInferencePipeline(net, text, shapes_codec(cfg), schedule, causal_settings(cfg, steps, factor),
                                    negative_prompt=cfg.negative_prompt)
@@ -175,8 +175,8 @@ def teacher_sampler(cfg: Any, net: Any, text: Any, settings: EvalSettings) -> Sa
     from pipeline.denoiser import Denoiser
     from pipeline.schedule import FlowMatchSchedule
     from pipeline.teacher import sample_bidirectional
-    from utils.shapes import short_prompt
-    from utils.shapes_components import shapes_codec
+    from shapes import short_prompt
+    from shapes.components import shapes_codec
     device, dtype = net.patch_embedding.weight.device, net.patch_embedding.weight.dtype
     denoiser = Denoiser(net, FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
                         uniform_timestep=True)
@@ -206,7 +206,7 @@ def teacher_sampler(cfg: Any, net: Any, text: Any, settings: EvalSettings) -> Sa
 
 def reference_sampler(cfg: Any) -> Sampler:
     """The rendered ground truth, for the evaluator's ceiling (no timing)."""
-    from utils.shapes import render
+    from shapes import render
 
     def sample(scenes: list[Any], frames: int, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
         video = render(scenes, frames, cfg.height, cfg.width)  # [B, 3, T, H, W] in [-1, 1]
@@ -218,7 +218,7 @@ def reference_sampler(cfg: Any) -> Sampler:
 def score(sample: Sampler, scenes_by_split: dict[str, list[Any]], frames: int, settings: EvalSettings,
           factor: int) -> dict[str, dict[str, Any]]:
     """Generate and score every split at one length -> {split: pooled report + timing}."""
-    from utils.shapes import evaluate
+    from shapes import evaluate
     out = {}
     for split, scenes in scenes_by_split.items():
         reports, shapes, stats = [], [], []
@@ -298,7 +298,7 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
     """Generate and score every stage, then the rendered reference -> the eval JSON dict (layout: see `main`).
     `on_progress` gets the document so far (`"complete": false`) after each stage, so a run cut short (a killed or
     time-limited job) keeps the stages it finished."""
-    from utils.shapes import sample_scenes
+    from shapes import sample_scenes
     run = Path(run)
     if not run.is_dir():
         raise MissingFileError(f"--run {run} is not a folder (expected the --out of scripts/shapes_world.py)")

@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
+from pipeline.loading.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
+from pipeline.loading.model_folder import (PIPELINE_CLASS, causal_settings, is_model_folder,  # noqa: E402
+                                           save_model_folder)
 from utils.config import load_config  # noqa: E402
 from utils.errors import InputError, MissingFileError, UserError, one_line, reading  # noqa: E402
-from utils.model_folder import PIPELINE_CLASS, causal_settings, is_model_folder, save_model_folder  # noqa: E402
 
 
 def parse_size(text: str) -> int:
@@ -47,7 +48,7 @@ def parse_size(text: str) -> int:
 def read_source(path: Path, weights: str, config_path: str | None, num_heads: int | None, text_len: int):
     """(state dict with Wan keys, WanConfig, Config or None, step or None, weights name)."""
     from model.config import WanConfig
-    from utils.train_state import TRAINING_STATE, latest_checkpoint, load_training_state
+    from trainer.train_state import TRAINING_STATE, latest_checkpoint, load_training_state
     if path.is_dir() and not (path / TRAINING_STATE).is_file():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -87,7 +88,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
     if wan_config is None and cfg is not None and cfg.dit_config:
         # A network built from dit_config (the shapes world): the config, not the weights, says its heads, text
         # length and what its head predicts.
-        from utils.shapes_components import shapes_wan_config
+        from shapes.components import shapes_wan_config
         wan_config = shapes_wan_config(cfg)
     if wan_config is None:
         wan_config = infer_wan_config(state, num_heads=num_heads, text_len=text_len, source=str(path))
@@ -98,7 +99,7 @@ def base_components(base: Path, text_len: int) -> dict:
     """text_encoder / tokenizer / vae (or codec) of a base model, ready to save into the export."""
     if is_model_folder(base):
         return {"copy_from": base}
-    from utils.wan_components import load_wan_text_encoder, load_wan_vae
+    from pipeline.loading.wan_components import load_wan_text_encoder, load_wan_vae
     text = load_wan_text_encoder(base, text_len=text_len)
     return {"text_encoder": text.encoder, "tokenizer": text.tokenizer, "vae": load_wan_vae(base).vae}
 
@@ -172,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = base_components(Path(args.include_base), wan_config.text_len) if args.include_base else {}
         copy_from = extra.pop("copy_from", None)
         evaluation = card_evaluation(Path(args.eval_json)) if args.eval_json else None
+        from pipeline.loading.hub import model_card
         from utils.config import config_to_dict
-        from utils.hub import model_card
-        from utils.samples import DEFAULT_PROMPTS
+        from utils.prompts import DEFAULT_PROMPTS
         example = DEFAULT_PROMPTS[cfg.world if cfg is not None else "wan"][0]
         card = model_card(repo_name=args.push_to_hub or Path(args.output).name, base_model=args.base_model,
                           config=config_to_dict(cfg) if cfg is not None else None, weights=stem, step=step,
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"wrote {out}")
     if args.push_to_hub:
-        from utils.hub import push_folder
+        from pipeline.loading.hub import push_folder
         try:
             print(f"uploaded: {push_folder(out, args.push_to_hub, private=args.private)}")
         except RuntimeError as err:

@@ -9,7 +9,7 @@ depend on the number of ranks; 48 Euler steps of the shift-8 flow ODE with CFG 6
 steps [0, 12, 24, 36] and the final sample are kept (t = 1000, 960, 888.89, 727.27, 0: the shift-8 warped
 [1000, 750, 500, 250, 0] an ODE-regression config names). Prompts are split round-robin over ranks (none dropped,
 none duplicated); each rank writes its own shards and rank 0 writes index.json once all are done (format:
-utils/ode_pairs.py). Train on the folder with `trainer: ode`, `ode_data_path: <output>`.
+trainer/ode_pairs.py). Train on the folder with `trainer: ode`, `ode_data_path: <output>`.
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pipeline.denoiser import Denoiser  # noqa: E402
 from pipeline.teacher import ode_pair_timesteps, sample_bidirectional  # noqa: E402
+from trainer.ode_pairs import DTYPES, OdePairWriter, clear_output, finalize_index  # noqa: E402
 from utils.distributed import barrier  # noqa: E402
-from utils.ode_pairs import DTYPES, OdePairWriter, clear_output, finalize_index  # noqa: E402
-from utils.prompts import Prompt, read_prompt_file, shard  # noqa: E402
 from utils.errors import InputError, MissingFileError, UserError, one_line  # noqa: E402
+from utils.prompts import Prompt, read_prompt_file, shard  # noqa: E402
 
 WAN_SPATIAL_FACTOR = 8  # the Wan2.1 VAE
 # The original's teacher wrapper converts flow <-> x0 on a shift-8 grid whatever the sampler's shift (docs/original.md).
@@ -154,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """{"denoiser", "encode", "spatial_factor", "channels", "height", "width", "name"} for the CLI's teacher."""
+    from pipeline.loading.model_folder import is_model_folder, load_codec, load_text_encoder, load_transformer
     from pipeline.schedule import FlowMatchSchedule
-    from utils.model_folder import is_model_folder, load_codec, load_text_encoder, load_transformer
     text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.teacher and is_model_folder(args.teacher):
         folder = Path(args.teacher)
@@ -166,7 +166,7 @@ def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         factor = load_codec(folder).spatial_factor
         height, width, name = causal.get("height", 480), causal.get("width", 832), str(folder)
     else:
-        from utils.wan_components import load_wan_dit, load_wan_text_encoder, model_dir
+        from pipeline.loading.wan_components import load_wan_dit, load_wan_text_encoder, model_dir
         folder = Path(args.teacher) if args.teacher else model_dir(args.model_root, args.teacher_name)
         if not folder.is_dir():
             raise MissingFileError(f"teacher folder {folder} does not exist")

@@ -29,7 +29,7 @@ from scripts.evaluate_shapes import load_networks, load_stage_config, stage_file
 
 def _changed(scene: Any, attribute: str) -> Any:
     """`scene` with its (only) shape's `attribute` changed to another valid value."""
-    from utils.shapes.world import COLOURS, DIRECTIONS, SHAPES, SIZES
+    from shapes.world import COLOURS, DIRECTIONS, SHAPES, SIZES
     shape = scene.shapes[0]
     if attribute == "direction":  # the opposite one
         dx, dy = DIRECTIONS[shape.direction]
@@ -47,7 +47,7 @@ def probe(run: Path, num_scenes: int = 32, timesteps: tuple[float, ...] = (900.0
     """Probe a stage of a shapes-world run (its EMA weights, on the CPU)."""
     from pipeline.denoiser import Denoiser
     from pipeline.schedule import FlowMatchSchedule
-    from utils.shapes_components import shapes_codec
+    from shapes.components import shapes_codec
     cfg = load_stage_config(run, stage)
     net, text = load_networks(cfg, stage_files(run, stage, "ema")[1], torch.device("cpu"), torch.float32)
     schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
@@ -60,7 +60,7 @@ def measure(denoiser: Any, text: Any, codec: Any, frames: int, height: int, widt
             timesteps: tuple[float, ...] = (900.0, 700.0, 500.0), seed: int = 0) -> dict[str, Any]:
     """Prompt sensitivity and clip errors (see the module's text) of a bidirectional `denoiser` (uniform timestep)
     on `num_scenes` one-shape train scenes of the world as it is now."""
-    from utils.shapes import render, sample_scenes, short_prompt
+    from shapes import render, sample_scenes, short_prompt
     schedule = denoiser.schedule
     scenes = sample_scenes(num_scenes, torch.Generator().manual_seed(seed), split="train", num_shapes=1)
     device = next(denoiser.model.parameters()).device  # the text encoder and the codec may stay on the CPU

@@ -57,7 +57,7 @@ def _pool(values: list[float | None], weights: list[float]) -> float | None:
 
 
 def pool_reports(reports: list[dict[str, Any]], num_shapes: list[int]) -> dict[str, Any]:
-    """Batch reports of `utils.shapes.evaluate` -> one: video means weighted by videos, shape means by shapes.
+    """Batch reports of `shapes.evaluate` -> one: video means weighted by videos, shape means by shapes.
 
     Per-frame lists are weighted by videos (exact for frame metrics; the per-step velocity match is pooled by
     videos, not by the usable steps of each batch, a small approximation)."""

@@ -78,7 +78,7 @@ BASE_ASSET = REPO / "assets" / "shapes_base"  # the full recipe's text encoder, 
 
 
 def run_base(out: Path, size: str) -> None:
-    from utils.shapes_components import shapes_codec, write_text_encoder
+    from shapes.components import shapes_codec, write_text_encoder
     cfg = load_stage_config("teacher", out, size)
     base = out / "base"
     dit = cfg.dit_config
@@ -99,7 +99,7 @@ def run_base(out: Path, size: str) -> None:
 
 def run_train(stage: str, out: Path, size: str) -> None:
     import train
-    from utils.train_state import latest_checkpoint
+    from trainer.train_state import latest_checkpoint
     logdir = out / stage / "logs"
     argv = ["--config_path", str(CONFIGS / f"{TRAIN_STAGES[stage]}.yaml"), "--logdir", str(logdir),
             "--disable-wandb", *stage_overrides(out, size), *weights_overrides(stage, out)]
@@ -122,8 +122,8 @@ def run_ode_pairs(out: Path, size: str) -> None:
     from pipeline.denoiser import Denoiser
     from pipeline.schedule import FlowMatchSchedule
     from scripts.generate_ode_pairs import generate_ode_pairs
-    from utils.shapes import sample_scenes, short_prompt
-    from utils.shapes_components import load_shapes_text, shapes_dit
+    from shapes import sample_scenes, short_prompt
+    from shapes.components import load_shapes_text, shapes_dit
     cfg = load_stage_config("ode_init", out, size)
     settings = dict(SMOKE_ODE_PAIRS if size == "smoke" else FULL_ODE_PAIRS)
     settings["num_prompts"] = int(os.environ.get("SHAPES_ODE_PROMPTS", settings["num_prompts"]))

@@ -61,7 +61,7 @@ def tiny_causal_settings(**overrides) -> dict:
 def save_tiny_model_folder(folder, seed: int = 0, **causal_overrides):
     """A complete exported model folder with random tiny weights and the pixel-shuffle codec (12 latent channels)."""
     from model.pixel_codec import PixelShuffleCodec
-    from utils.model_folder import save_model_folder
+    from pipeline.loading.model_folder import save_model_folder
     codec = PixelShuffleCodec(spatial_factor=2)
     model = tiny_model(seed, in_dim=codec.latent_channels, out_dim=codec.latent_channels, text_len=16)
     text = tiny_text_encoder(dim=model.config.text_dim, text_len=16, seed=seed)

@@ -37,7 +37,7 @@ def require(models: Models, *names: str, algorithm: str) -> None:
 
 def clean_latents(batch: Batch, algorithm: str) -> Tensor:
     """The clean data latents of a batch, `[B, F, C, H, W]`: `batch['latents']` (encoded clips, the shapes world),
-    else the clean end of the ODE trajectories `batch['ode_latent'][:, -1]` (`utils.ode_pairs.ODEPairDataset`, as the
+    else the clean end of the ODE trajectories `batch['ode_latent'][:, -1]` (`trainer.ode_pairs.ODEPairDataset`, as the
     original read its latent LMDB shards). Every recipe that trains on data reads them here."""
     if batch.get("latents") is not None:
         latents = batch["latents"]

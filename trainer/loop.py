@@ -16,15 +16,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from trainer import train_state as ts
 from trainer.base import Algorithm, Logs
 from trainer.ema import EMA, trainable_named_parameters
-from utils import train_state as ts
+from trainer.train_state import CheckpointIO
 from utils.distributed import (DistState, all_finite, all_gather_object, any_rank, barrier, clip_grad_norm,
                                full_optimizer_state_dict, load_full_optimizer_state_dict, mean_over_ranks,
                                rng_state, seed_everything, set_rng_state)
 from utils.errors import InputError, InputKeyError
 from utils.logging import RunLogger, warn
-from utils.train_state import CheckpointIO
 
 
 class NonFiniteLossError(RuntimeError):

@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf  # noqa: F401  (MISSING is re-exported for recipes)
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from model.attention import ATTENTION_BACKENDS
 from utils.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 from utils.video import MAX_FPS
 
@@ -177,6 +176,11 @@ class Config:
     wandb_save_dir: str = ""
 
 
+# The names of model/attention.py's ATTENTION_BACKENDS, written out because the ground floor imports no network
+# code (tests/model/test_attention_backends.py holds the two lists together).
+ATTENTION_BACKEND_NAMES = ("auto", "flash_attn", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_math",
+                           "sdpa_cudnn_halves", "flash_attn_halves")
+
 _CHOICES = {
     "trainer": ("score_distillation", "gan", "ode", "diffusion"),
     "world": ("wan", "shapes"),
@@ -186,7 +190,7 @@ _CHOICES = {
     "denoising_loss_type": ("flow",),
     "sharding_strategy": ("full", "hybrid_full", "hybrid_zero2", "no_shard"),
     "model_kwargs.rope": ("absolute", "relative"),
-    "attention_backend": ATTENTION_BACKENDS,
+    "attention_backend": ATTENTION_BACKEND_NAMES,
 }
 
 

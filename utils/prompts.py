@@ -21,6 +21,12 @@ T = TypeVar("T")
 
 PathLike = str | os.PathLike
 
+# Each world's example prompts: the videos sampled during training (`sample_prompts` unset) and the model card's
+# command.
+DEFAULT_PROMPTS = {"shapes": ["a large red circle moves slowly left on a blue background",
+                              "a small yellow square moves quickly up on a black background"],
+                   "wan": ["A red fox trots through fresh snow in a quiet pine forest, morning light."]}
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
