@@ -314,12 +314,14 @@ def test_diffusion_loss_is_the_weighted_flow_matching_loss(overrides):
     per = t.view(2, 3, 2) if cfg.causal else t.view(2, 1, 6)
     assert torch.equal(per, per[..., :1].expand_as(per))  # one timestep per block (per sample if bidirectional)
     x0 = batch["latents"]
-    kwargs = {"block_causal": algo.block_causal} if cfg.causal else {}
+    net, x_t, context = models.generator.model, schedule.add_noise(x0, noise, t), models.text(batch["prompts"])
     if cfg.teacher_forcing:
         aug_t = algo.augmentation_timesteps(2, 6, torch.device("cpu"))
         assert aug_t.max() < 100  # small augmentation really is small
-        kwargs.update(clean_x=schedule.add_noise(x0, torch.randn(SHAPE), aug_t), aug_t=aug_t)
-    flow = models.generator.model(schedule.add_noise(x0, noise, t), t, models.text(batch["prompts"]), **kwargs)
+        clean = schedule.add_noise(x0, torch.randn(SHAPE), aug_t)
+        flow = net.forward_teacher_forcing(x_t, t, context, clean, algo.block_causal, aug_t)
+    else:
+        flow = net(x_t, t, context, block_causal=algo.block_causal if cfg.causal else None)
     per_frame = ((flow - (noise - x0)) ** 2).mean(dim=(2, 3, 4))
     torch.testing.assert_close(loss, (per_frame * schedule.training_weight(t)).mean())
     loss.backward()

@@ -58,7 +58,7 @@ def test_flex_block_causal_and_kv_cache_on_cuda(dtype, tol):
         xc, cc, tc = x.to(CUDA, dtype), context.to(CUDA, dtype), t.to(CUDA)
         flex = model(xc, tc, cc, block_causal=BlockCausal(2))
         cache = model.new_kv_cache(2, 8, 12, capacity_frames=8)
-        chunks = torch.cat([model(xc[:, s:s + 2], tc[:, s:s + 2], cc, kv_cache=cache, start_frame=s)
+        chunks = torch.cat([model.forward_cached(xc[:, s:s + 2], tc[:, s:s + 2], cc, cache, s)
                             for s in range(0, 8, 2)], dim=1)
     assert flex.dtype == dtype
     assert rel_err(flex.cpu(), reference) < tol

@@ -17,7 +17,7 @@ def kv_chunks(model, x, t, context, block, window=-1, sink=0, rope="absolute", c
     b, f, _, h, w = x.shape
     cache = model.new_kv_cache(b, h, w, capacity or (window if window != -1 else f), window_frames=window,
                                sink_frames=sink, rope=rope)
-    outs = [model(x[:, s:s + block], t[:, s:s + block], context, kv_cache=cache, start_frame=s)
+    outs = [model.forward_cached(x[:, s:s + block], t[:, s:s + block], context, cache, s)
             for s in range(0, f, block)]
     return torch.cat(outs, dim=1), cache
 
@@ -68,7 +68,7 @@ def test_rolling_cache_keeps_sink_frames_pinned():
         _, cache = kv_chunks(model, x[:, :2], t[:, :2], context[:1], block=2, window=6, sink=2)
         sink_keys = cache.k[:, :, :cache.tokens_per_frame * 2].clone()
         for s in range(2, 10, 2):
-            model(x[:, s:s + 2], t[:, s:s + 2], context[:1], kv_cache=cache, start_frame=s)
+            model.forward_cached(x[:, s:s + 2], t[:, s:s + 2], context[:1], cache, s)
     assert torch.equal(cache.k[:, :, :cache.tokens_per_frame * 2], sink_keys)
     assert cache.global_end == 10 * cache.tokens_per_frame and cache.local_end == cache.capacity
 
@@ -79,12 +79,12 @@ def test_cache_overflow_and_out_of_order_calls_are_errors():
     t = per_block_timesteps(1, 6, 2)
     cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
     with torch.no_grad():
-        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
+        model.forward_cached(x[:, :2], t[:, :2], context, cache, 0)
         with pytest.raises(ValueError, match="only append or rewrite"):
-            model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=4)
-        model(x[:, 2:4], t[:, 2:4], context, kv_cache=cache, start_frame=2)
+            model.forward_cached(x[:, :2], t[:, :2], context, cache, 4)
+        model.forward_cached(x[:, 2:4], t[:, 2:4], context, cache, 2)
         with pytest.raises(ValueError, match="overflow"):
-            model(x[:, 4:6], t[:, 4:6], context, kv_cache=cache, start_frame=4)
+            model.forward_cached(x[:, 4:6], t[:, 4:6], context, cache, 4)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -115,8 +115,8 @@ def test_kv_cached_forward_with_grad_reaches_text_and_cross_attention():
     t = per_block_timesteps(1, 4, 2)
     cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
     with torch.no_grad():
-        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
-    out = model(x[:, 2:], t[:, 2:], context, kv_cache=cache, start_frame=2)
+        model.forward_cached(x[:, :2], t[:, :2], context, cache, 0)
+    out = model.forward_cached(x[:, 2:], t[:, 2:], context, cache, 2)
     out.square().mean().backward()
     block = model.blocks[0]
     for param in (block.self_attn.k.weight, block.self_attn.q.weight, block.cross_attn.k.weight,
