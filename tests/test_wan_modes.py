@@ -102,6 +102,29 @@ def test_bad_inputs_are_named(bad, match):
         model(args["x"], args["t"], args["context"])
 
 
+def test_each_mode_returns_its_one_type_and_names_its_own_input_errors():
+    model = tiny_model()
+    x, context = tiny_inputs(model, batch=1, frames=4)
+    t = per_block_timesteps(1, 4, 2)
+    mask = BlockCausal(2)
+    cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
+    with torch.no_grad():
+        assert model.write_cache(x[:, :2], t[:, :2], context, cache, 0) is None
+        assert cache.global_end == 2 * cache.tokens_per_frame  # the call's only effect: the cache holds its K/V
+        cached = model.forward_cached(x[:, 2:], t[:, 2:], context, cache, 2)
+        flow, hidden, e = model.features(x, t[:, 0], context, (0, 1))
+        forced = model.forward_teacher_forcing(x, t, context, x, mask)
+        with pytest.raises(ValueError, match="clean_x must have the latents' shape"):
+            model.forward_teacher_forcing(x, t, context, x[:, :2], mask)
+        with pytest.raises(ValueError, match=r"aug_t must be \[B, F\]"):
+            model.forward_teacher_forcing(x, t, context, x, mask, aug_t=t[:, :2])
+        with pytest.raises(ValueError, match=r"layers \[2\] name blocks outside 0..1"):
+            model.features(x, t[:, 0], context, (2,))
+    assert cached.shape == x[:, 2:].shape and forced.shape == flow.shape == x.shape
+    torch.testing.assert_close(flow, model(x, t[:, 0], context))  # features: the bidirectional call, plus taps
+    assert [h.shape for h in hidden] == [(1, 4 * 2 * 3, 32)] * 2 and e.shape == (1, 1, 32)
+
+
 def test_frames_not_divisible_by_block_is_an_error():
     model = tiny_model()
     x, context = tiny_inputs(model, frames=5)
