@@ -32,7 +32,7 @@ from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
 from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import KVCache
 from model.rope import RotaryTables, Rotation, sinusoidal_embedding
-from model.wan_block import Context, Head, InferenceOptions, WanBlock, WholeSequence
+from model.wan_block import WHOLE_SEQUENCE, Context, Head, InferenceOptions, WanBlock
 
 Grid = tuple[int, int, int]  # latent tokens per (frame, row, column)
 
@@ -63,7 +63,7 @@ class WanDiT(nn.Module):
         self.compile_cached_pieces = False
         # How each call's tokens are laid out over processes: all here, unless sequence parallelism
         # (`utils.sequence_parallel.enable_sequence_parallel`) installs a layout that splits them.
-        self.sequence_layout = WholeSequence()
+        self.sequence_layout = WHOLE_SEQUENCE
 
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()

@@ -240,8 +240,8 @@ class WanBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
-        # Whether this block runs under activation checkpointing (`WanDiT.set_gradient_checkpointing`): the
-        # recomputation then re-reads the cache, so saved views of it need no defensive copies.
+        # Whether this block runs under activation checkpointing (`WanDiT.set_gradient_checkpointing`): its forward
+        # then saves nothing for backward (backward recomputes it), so views of the cache need no defensive copies.
         self.checkpointed = False
 
     def forward(self, x: Tensor, e0: Tensor, text: Tensor | None, ctx: Context, layer: int,

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.rope import Rotation
-from model.wan_block import WholeSequence
+from model.wan_block import WHOLE_SEQUENCE
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
@@ -225,5 +225,5 @@ def enable_sequence_parallel(model, group: dist.ProcessGroup | None = None) -> S
     """
     sp = SequenceParallel(group)
     check_head_split(model.config.num_heads, sp.size)
-    model.sequence_layout = sp if sp.size > 1 else WholeSequence()
+    model.sequence_layout = sp if sp.size > 1 else WHOLE_SEQUENCE
     return sp if sp.size > 1 else None
