@@ -7,7 +7,7 @@ import torch
 
 import trainer.dmd as dmd_module
 from model.gan_heads import GanHeads, default_taps
-from tests.tiny import tiny_config, tiny_models, tiny_train_config
+from tests.tiny import recorded_calls, tiny_config, tiny_models, tiny_train_config
 from trainer.causvid import CausVid
 from trainer.diffusion import Diffusion
 from trainer.dmd import DMD, dmd_gradient, dmd_loss
@@ -172,13 +172,11 @@ def test_causvid_input_uses_one_step_per_block_and_teacher_forcing_runs():
     cfg = tiny_train_config(distribution_loss="causvid", denoising_step_list=[1000, 750, 500, 0])
     models = tiny_models(cfg)
     algo = CausVid(cfg, models)
-    calls = []
-    handle = models.generator.model.register_forward_pre_hook(lambda m, a, k: calls.append((a[1], k)),
-                                                              with_kwargs=True)
-    algo.generate(_batch(), models.text(["a", "b"]))
-    handle.remove()
-    (t, kwargs), = calls
-    assert kwargs["block_causal"].frames_per_block == 2 and kwargs.get("clean_x") is None
+    with recorded_calls(models.generator.model) as calls:
+        algo.generate(_batch(), models.text(["a", "b"]))
+    call, = calls
+    t = call.args[1]
+    assert call.mode == "forward" and call.kwargs["block_causal"].frames_per_block == 2  # no teacher forcing
     assert torch.equal(t.view(2, 3, 2)[..., 0], t.view(2, 3, 2)[..., 1])  # one timestep per block
     assert set(t.unique().tolist()) <= set(algo.steps)
     cfg_tf = tiny_train_config(distribution_loss="causvid", teacher_forcing=True)

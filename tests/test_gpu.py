@@ -40,8 +40,11 @@ def test_golden_paths_on_cuda_float32(golden, layout):
         else:
             spec = BlockCausal(meta["num_frame_per_block"], meta["independent_first_frame"],
                                meta["local_attn_size_variant"] if layout == "local" else -1)
-            kwargs = {"clean_x": io["clean_input"]} if layout == "teacher_forcing" else {}
-            out = model(io["noisy_input"], io["timestep"], io["prompt_embeds"], block_causal=spec, **kwargs)
+            args = (io["noisy_input"], io["timestep"], io["prompt_embeds"])
+            if layout == "teacher_forcing":
+                out = model.forward_teacher_forcing(*args, io["clean_input"], spec)
+            else:
+                out = model(*args, block_causal=spec)
             ref = io[{"block_causal": "flow_pred", "local": "local_attn.flow_pred",
                       "teacher_forcing": "teacher_forcing.flow_pred"}[layout]]
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
