@@ -45,11 +45,11 @@ def main() -> None:
         x = torch.randn(1, n, config.in_dim, h, w, device=device, dtype=dtype)
         t = torch.full((1, n), 500.0, device=device)
         for s in range(0, position * n, n):  # fill the cache up to the block
-            model(x, t, context, kv_cache=cache, start_frame=s)
+            model.forward_cached(x, t, context, cache, s)
         cache.global_end = cache.local_end = position * n * cache.tokens_per_frame
         return lambda: (setattr(cache, "global_end", position * n * cache.tokens_per_frame),
                         setattr(cache, "local_end", position * n * cache.tokens_per_frame),
-                        model(x, t, context, kv_cache=cache, start_frame=position * n))[-1]
+                        model.forward_cached(x, t, context, cache, position * n))[-1]
 
     rows = []
     with torch.no_grad():

@@ -94,7 +94,7 @@ class GanHeads(nn.Module):
 
     @property
     def unique_taps(self) -> tuple[int, ...]:
-        """The blocks whose hidden states the critic must return (`WanDiT(..., return_hidden=...)`)."""
+        """The blocks whose hidden states the critic must return (`WanDiT.features(..., layers)`)."""
         return tuple(sorted(set(self.taps)))
 
     def forward(self, hidden: Sequence[Tensor], time_embedding: Optional[Tensor] = None) -> Tensor:

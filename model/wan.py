@@ -1,12 +1,22 @@
 """The Wan2.1 diffusion transformer: one class for the bidirectional teacher/critic and the causal generator.
 
-Parameter names are the original ones, so a real Wan2.1 or Self-Forcing state dict loads as is. The attention mode is
-chosen per call:
-  * bidirectional: no mask, no cache (teacher, critic);
-  * block-causal over a whole clip: `block_causal=BlockCausal(...)` (+ `clean_x` for teacher forcing);
-  * chunk by chunk with a `KVCache` and `start_frame` (causal inference and self-forcing rollouts).
+Parameter names are the original ones, so a real Wan2.1 or Self-Forcing state dict loads as is. One public method
+per attention mode, one return type each:
+  * `forward(x, t, context, block_causal=None)`: a whole clip, bidirectional (teacher, critic) or block-causal
+    (flex attention) -> flow;
+  * `forward_teacher_forcing(x, t, context, clean_x, block_causal, aug_t=None)`: a whole clip, block-causal, each
+    block attending to the clean frames before it -> flow;
+  * `forward_cached(x, t, context, kv_cache, start_frame)`: a chunk of frames attending to a `KVCache`, into which
+    its K/V are written (causal inference, self-forcing rollouts) -> flow;
+  * `write_cache(x, t, context, kv_cache, start_frame)`: the clean-context pass, K/V written only -> None;
+  * `features(x, t, context, layers)`: the bidirectional call with hidden states of some blocks (GAN heads)
+    -> (flow, hidden states, time embedding).
 Timesteps are `[B]` (one per sample, as the bidirectional model) or `[B, F]` (one per latent frame, as the causal
 model); modulation is applied per timestep group accordingly.
+
+How a call's tokens are laid out over processes is the `sequence_layout` seam (`WholeSequence`, or the
+sequence-parallel layout `pipeline/sequence_parallel.py` installs); FSDP, `torch.compile` of whole blocks and CUDA
+graphs are applied from outside too (`utils/distributed.py`, `pipeline/cuda_graphs.py`).
 """
 from __future__ import annotations
 
@@ -22,11 +32,17 @@ from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
 from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import KVCache
 from model.rope import RotaryTables, Rotation, sinusoidal_embedding
-from model.wan_block import Context, Head, InferenceOptions, WanBlock
+from model.wan_block import WHOLE_SEQUENCE, Context, Head, InferenceOptions, WanBlock
+
+Grid = tuple[int, int, int]  # latent tokens per (frame, row, column)
 
 
 class WanDiT(nn.Module):
-    """Wan2.1 text-to-video DiT. See the module docstring for the three attention modes."""
+    """Wan2.1 text-to-video DiT. See the module docstring for its modes."""
+
+    # The public methods besides `forward` that run the network: whatever wraps `forward` from outside (FSDP's
+    # parameter gathering, `utils/distributed.py`) must wrap these as well.
+    entry_points = ("forward_teacher_forcing", "forward_cached", "write_cache", "features")
 
     def __init__(self, config: WanConfig):
         super().__init__()
@@ -40,13 +56,14 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
-        self.gradient_checkpointing = False
         self.inference_options = InferenceOptions()
         # Set by `utils.distributed.compile_blocks` (training): KV-cached calls then run each block uncompiled with
         # its layer-independent pieces compiled. A whole compiled block guards on the layer index and the cache's
         # Python state, so a rollout recompiles per layer and, past dynamo's recompile limit, runs eager.
         self.compile_cached_pieces = False
-        self.sequence_parallel = None  # split tokens over ranks (inference): utils.sequence_parallel
+        # How each call's tokens are laid out over processes: all here, unless sequence parallelism
+        # (`pipeline.sequence_parallel.enable_sequence_parallel`) installs a layout that splits them.
+        self.sequence_layout = WHOLE_SEQUENCE
 
     # ------------------------------------------------------------------------------------------------ helpers
     @torch.no_grad()
@@ -71,9 +88,12 @@ class WanDiT(nn.Module):
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply."""
-        self.gradient_checkpointing = enabled
         for block in self.blocks:
-            block._checkpointed = enabled
+            block.checkpointed = enabled
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return all(block.checkpointed for block in self.blocks)
 
     def tokens_per_frame(self, height: int, width: int) -> int:
         _, ph, pw = self.config.patch_size
@@ -86,8 +106,7 @@ class WanDiT(nn.Module):
         """A cache sized from this model's config and the latent resolution (nothing hard-coded)."""
         cfg = self.config
         param = self.patch_embedding.weight
-        sp = self.sequence_parallel  # each rank caches all tokens of its own heads
-        heads = cfg.num_heads if sp is None else sp.local_heads(cfg.num_heads)
+        heads = self.sequence_layout.local_heads(cfg.num_heads)  # all tokens of this process's heads
         return KVCache(num_layers=cfg.num_layers, batch_size=batch_size, capacity_frames=capacity_frames,
                        tokens_per_frame=self.tokens_per_frame(height, width), num_heads=heads,
                        cross_heads=cfg.num_heads,
@@ -147,81 +166,183 @@ class WanDiT(nn.Module):
         h = h.view(h.shape[0], f, hh, ww, pt, ph, pw, c).permute(0, 1, 4, 7, 2, 5, 3, 6)
         return h.reshape(h.shape[0], f * pt, c, hh * ph, ww * pw)
 
-    # ------------------------------------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, *, block_causal: BlockCausal | None = None,
-                clean_x: Tensor | None = None, aug_t: Tensor | None = None, kv_cache: KVCache | None = None,
-                start_frame: int = 0, return_hidden: tuple[int, ...] = (), cache_only: bool = False,
-                prepared: Context | None = None):
-        """Flow prediction `[B, F, C, H, W]` for latents x `[B, F, C, H, W]`, timesteps t `[B]` or `[B, F]` (0..1000)
-        and text context `[B, L <= text_len, text_dim]`.
-
-        block_causal: attend block-causally over the whole clip (flex attention); with `clean_x` `[B, F, C, H, W]`
-          the teacher-forcing layout (clean context at timestep `aug_t`, default 0; same RoPE positions).
-        kv_cache / start_frame: x is the chunk of frames starting at latent frame `start_frame`; K/V are written to
-          and read from the cache.
-        cache_only: the call only writes K/V into the cache (the clean-context pass); with
-          `inference_options.cache_pass_kv_only` it stops after the last layer's K/V and returns None.
-        prepared: the `prepare_cached_call` result for this call (planned ahead, e.g. by a CUDA-graph runner).
-        return_hidden: block indices whose output tokens `[B, L, D]` are also returned (GAN heads tap the critic
-          trunk): the result is then `(flow, [hidden per index], e)` with e the time embedding `[B, G, D]`.
-        """
+    # ------------------------------------------------------------------------------------------------ modes
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, *, block_causal: BlockCausal | None = None) -> Tensor:
+        """Flow prediction `[B, F, C, H, W]` for a whole clip: latents x `[B, F, C, H, W]`, timesteps t `[B]` or
+        `[B, F]` (0..1000), text context `[B, L <= text_len, text_dim]`. Bidirectional, or block-causal (flex
+        attention) with `block_causal`."""
         self._check_inputs(x, t, context)
-        if kv_cache is not None and (block_causal is not None or clean_x is not None):
-            raise ValueError("kv_cache cannot be combined with block_causal / clean_x")
-        if clean_x is not None and block_causal is None:
-            raise ValueError("teacher forcing (clean_x) needs block_causal")
-        if cache_only and kv_cache is None:
-            raise ValueError("cache_only needs a kv_cache")
+        # 1. patchify: latents -> tokens
         tokens, grid = self.patchify(x)
-        f = grid[0]
-        # Teacher forcing concatenates clean and noisy frames, so it always uses per-frame timesteps.
-        t_groups = t if t.dim() == 2 else t[:, None].expand(-1, f if clean_x is not None else 1)
-        groups = t_groups.shape[1]
-        if groups != 1 and groups != f:
-            raise ValueError(f"per-frame timesteps need patch_size[0] == 1 (got {groups} timesteps for {f} frames)")
+        # 2. time embedding, one group per sample or per latent frame
+        t_groups = self._timestep_groups(t, grid[0])
         e, e0 = self.embed_time(t_groups)
-        opts = self.inference_options
-        if kv_cache is not None:
-            ctx = prepared or self.prepare_cached_call(kv_cache, start_frame, grid)
-            ctx.groups = groups
-        else:
-            ctx, tokens, e0 = self._uncached_context(tokens, grid, groups, e0, block_causal, clean_x, aug_t)
+        # 3. text embedding
+        text = self.embed_text(context.to(tokens.dtype))
+        # 4. attention context: RoPE over the clip, the block-causal mask if any
+        ctx = self._clip_context(grid, t_groups.shape[1], block_causal, tokens.device)
+        # 5. transformer blocks
+        tokens, _ = self._run_blocks(tokens, e0, text, ctx, grid)
+        # 6. output head -> flow
+        return self._output(tokens, e, ctx, grid, x, t_groups)
+
+    def forward_teacher_forcing(self, x: Tensor, t: Tensor, context: Tensor, clean_x: Tensor,
+                                block_causal: BlockCausal, aug_t: Tensor | None = None) -> Tensor:
+        """Flow prediction for the noisy clip x where each block attends block-causally to the CLEAN frames
+        `clean_x` `[B, F, C, H, W]` before it (teacher forcing), not to noisy ones. The clean frames sit at timestep
+        `aug_t` `[B, F]` (default 0) and at the same RoPE positions as the noisy ones."""
+        self._check_inputs(x, t, context)
+        if clean_x.shape != x.shape:
+            raise ValueError(f"clean_x must have the latents' shape {list(x.shape)}, got {list(clean_x.shape)}")
+        # 1. patchify: the sequence is [clean frames; noisy frames]
+        noisy_tokens, grid = self.patchify(x)
+        clean_tokens, _ = self.patchify(clean_x)
+        tokens = torch.cat([clean_tokens, noisy_tokens], dim=1)
+        # 2. time embedding, per frame: the clean half at aug_t
+        t_groups = self._timestep_groups(t, grid[0], per_frame=True)
+        e, e0 = self.embed_time(t_groups)
+        t_clean = aug_t if aug_t is not None else torch.zeros_like(t_groups, dtype=torch.float32)
+        if t_clean.shape != t_groups.shape:
+            raise ValueError(f"aug_t must be [B, F] = {list(t_groups.shape)}, got {list(t_clean.shape)}")
+        e0 = torch.cat([self.embed_time(t_clean)[1], e0], dim=1)
+        # 3. text embedding
+        text = self.embed_text(context.to(tokens.dtype))
+        # 4. attention context: both halves at the same RoPE positions, the teacher-forcing mask
+        ctx = self._clip_context(grid, 2 * t_groups.shape[1], block_causal, tokens.device, teacher_forcing=True)
+        # 5. transformer blocks
+        tokens, _ = self._run_blocks(tokens, e0, text, ctx, grid)
+        # 6. output head on the noisy half -> flow
+        return self._output(tokens[:, tokens.shape[1] // 2:], e, ctx, grid, x, t_groups)
+
+    def forward_cached(self, x: Tensor, t: Tensor, context: Tensor, kv_cache: KVCache, start_frame: int = 0, *,
+                       prepared: Context | None = None) -> Tensor:
+        """Flow prediction for the chunk x of frames starting at latent frame `start_frame`: its K/V are written
+        into `kv_cache` and it attends to everything the cache holds. prepared: the `prepare_cached_call` plan of
+        this call, made ahead (e.g. by a CUDA-graph runner); it then stands for `start_frame`."""
+        self._check_inputs(x, t, context)
+        # 1. patchify: latents -> tokens
+        tokens, grid = self.patchify(x)
+        # 2. time embedding, one group per sample or per latent frame
+        t_groups = self._timestep_groups(t, grid[0])
+        e, e0 = self.embed_time(t_groups)
+        # 3. text embedding, unless the cache holds the prompt's cross-attention K/V already
+        text = self._text_for_cache(context, kv_cache, tokens.dtype)
+        # 4. attention context: the cache plan (slots to write, range to read, RoPE tables)
+        ctx = self._cached_context(kv_cache, start_frame, grid, t_groups.shape[1], prepared)
+        # 5. transformer blocks
+        tokens, _ = self._run_blocks(tokens, e0, text, ctx, grid)
+        # 6. output head -> flow
+        return self._output(tokens, e, ctx, grid, x, t_groups)
+
+    def write_cache(self, x: Tensor, t: Tensor, context: Tensor, kv_cache: KVCache, start_frame: int = 0, *,
+                    prepared: Context | None = None) -> None:
+        """Write the K/V of the chunk x (frames from `start_frame`) into `kv_cache`, as `forward_cached` does, and
+        nothing else (the clean-context pass, priming, re-caching). With `inference_options.cache_pass_kv_only`
+        the last layer stops once its K/V are written (exact); without it the whole call runs, as the original's."""
+        self._check_inputs(x, t, context)
+        kv_only = self.inference_options.cache_pass_kv_only
+        # 1. patchify: latents -> tokens
+        tokens, grid = self.patchify(x)
+        # 2. time embedding, one group per sample or per latent frame
+        t_groups = self._timestep_groups(t, grid[0])
+        e, e0 = self.embed_time(t_groups)
+        # 3. text embedding, unless the cache holds the prompt's cross-attention K/V already
+        text = self._text_for_cache(context, kv_cache, tokens.dtype)
+        # 4. attention context: the cache plan
+        ctx = self._cached_context(kv_cache, start_frame, grid, t_groups.shape[1], prepared)
+        # 5. transformer blocks, the last one stopping after its K/V with `cache_pass_kv_only`
+        tokens, _ = self._run_blocks(tokens, e0, text, ctx, grid, last_kv_only=kv_only)
+        # 6. output head, only without the lever (its flow is not returned)
+        if not kv_only:
+            self._output(tokens, e, ctx, grid, x, t_groups)
+
+    def features(self, x: Tensor, t: Tensor, context: Tensor, layers: tuple[int, ...]
+                 ) -> tuple[Tensor, list[Tensor], Tensor]:
+        """The bidirectional `forward` plus what the GAN heads tap from the critic trunk: `(flow, hidden, e)` with
+        hidden the output tokens `[B, L, D]` of the blocks in `layers` (in block order) and e the time embedding
+        `[B, G, D]`."""
+        self._check_inputs(x, t, context)
+        if any(not 0 <= layer < len(self.blocks) for layer in layers):
+            raise ValueError(f"features: layers {list(layers)} name blocks outside 0..{len(self.blocks) - 1}")
+        # 1. patchify: latents -> tokens
+        tokens, grid = self.patchify(x)
+        # 2. time embedding, one group per sample or per latent frame
+        t_groups = self._timestep_groups(t, grid[0])
+        e, e0 = self.embed_time(t_groups)
+        # 3. text embedding
+        text = self.embed_text(context.to(tokens.dtype))
+        # 4. attention context: RoPE over the clip
+        ctx = self._clip_context(grid, t_groups.shape[1], None, tokens.device)
+        # 5. transformer blocks, keeping the tapped blocks' outputs
+        tokens, hidden = self._run_blocks(tokens, e0, text, ctx, grid, taps=tuple(layers))
+        # 6. output head -> flow
+        return self._output(tokens, e, ctx, grid, x, t_groups), hidden, e
+
+    # ------------------------------------------------------------------------------------------------ steps
+    @staticmethod
+    def _timestep_groups(t: Tensor, frames: int, per_frame: bool = False) -> Tensor:
+        """t `[B]` or `[B, F]` -> `[B, G]`: one group per sample (G = 1) or per latent frame (G = frames)."""
+        t_groups = t if t.dim() == 2 else t[:, None].expand(-1, frames if per_frame else 1)
+        groups = t_groups.shape[1]
+        if groups != 1 and groups != frames:
+            raise ValueError(f"per-frame timesteps need patch_size[0] == 1 (got {groups} timesteps for {frames} "
+                             f"frames)")
+        return t_groups
+
+    def _text_for_cache(self, context: Tensor, kv_cache: KVCache, dtype: torch.dtype) -> Tensor | None:
         # The prompt's cross-attention K/V are cached per prompt: the text embedding is only needed to fill them.
-        text_cached = (kv_cache is not None and opts.reuse_text and kv_cache.text_ready
-                       and not torch.is_grad_enabled())
-        text = None if text_cached else self.embed_text(context.to(tokens.dtype))
-        kv_only = cache_only and opts.cache_pass_kv_only and not return_hidden
-        if self.sequence_parallel is not None:  # from here on this rank holds its share of the tokens only
-            tokens = self.sequence_parallel.scatter(tokens, ctx, grid[1] * grid[2])
+        if self.inference_options.reuse_text and kv_cache.text_ready and not torch.is_grad_enabled():
+            return None
+        return self.embed_text(context.to(dtype))
+
+    def _clip_context(self, grid: Grid, groups: int, block_causal: BlockCausal | None, device: torch.device,
+                      teacher_forcing: bool = False) -> Context:
+        f, hh, ww = grid
+        rope = self.rope.rotation(0, f, hh, ww, device)
+        mask = None
+        if block_causal is not None:
+            mask = block_causal_mask(block_causal, f, hh * ww, teacher_forcing, device)
+        if teacher_forcing:  # clean and noisy frames share their positions
+            rope = Rotation(torch.cat([rope.cos, rope.cos]), torch.cat([rope.sin, rope.sin]))
+        return Context(groups, rope, mask=mask, options=self.inference_options)
+
+    def _cached_context(self, kv_cache: KVCache, start_frame: int, grid: Grid, groups: int,
+                        prepared: Context | None) -> Context:
+        ctx = prepared or self.prepare_cached_call(kv_cache, start_frame, grid)
+        ctx.groups = groups
+        return ctx
+
+    def _run_blocks(self, tokens: Tensor, e0: Tensor, text: Tensor | None, ctx: Context, grid: Grid,
+                    taps: tuple[int, ...] = (), last_kv_only: bool = False) -> tuple[Tensor, list[Tensor]]:
+        """Every block over this process's share of the tokens (`sequence_layout`) -> (output tokens, the whole
+        outputs of the blocks in `taps`). last_kv_only: the last block only writes its K/V into the cache."""
+        tokens = self.sequence_layout.split(tokens, ctx, grid[1] * grid[2])
         hidden = []
-        # `_call_impl` is the module call without its compiled wrapper (hooks such as FSDP's still run)
-        uncompiled = kv_cache is not None and self.compile_cached_pieces
+        # `_call_impl` is the module call without its compiled wrapper (hooks such as FSDP's still run): see
+        # `compile_cached_pieces`.
+        own_call = ctx.cache is not None and self.compile_cached_pieces
         # Compiled pieces compile (once) inside their first call, under the model's inductor heuristics.
         heuristics = (persistent_reductions() if ctx.compiled and ctx.options.persistent_norms
                       else contextlib.nullcontext())
         with heuristics:
             for layer, block in enumerate(self.blocks):
-                if uncompiled:
-                    block = block._call_impl
-                if kv_only and layer == len(self.blocks) - 1:
-                    block(tokens, e0, text, ctx, layer, kv_only=True)
-                    return None
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
+                call = block._call_impl if own_call else block
+                if last_kv_only and layer == len(self.blocks) - 1:
+                    call(tokens, e0, text, ctx, layer, kv_only=True)
+                elif block.checkpointed and torch.is_grad_enabled():
+                    tokens = checkpoint(call, tokens, e0, text, ctx, layer, use_reentrant=False)
                 else:
-                    tokens = block(tokens, e0, text, ctx, layer)
-                if layer in return_hidden:
-                    hidden.append(tokens if ctx.shard is None else ctx.shard.gather(tokens))
-        if clean_x is not None:
-            tokens = tokens[:, tokens.shape[1] // 2:]  # only the noisy half is predicted
-        out = self.head(tokens, e, groups)
-        flow = self.unpatchify(out if ctx.shard is None else ctx.shard.gather(out), grid)
+                    tokens = call(tokens, e0, text, ctx, layer)
+                if layer in taps:
+                    hidden.append(ctx.shard.gather(tokens))
+        return tokens, hidden
+
+    def _output(self, tokens: Tensor, e: Tensor, ctx: Context, grid: Grid, x: Tensor, t_groups: Tensor) -> Tensor:
+        """Output head, gathered over the token layout, unpatchified; x0 predictions converted to flow."""
+        out = ctx.shard.gather(self.head(tokens, e, e.shape[1]))
+        flow = self.unpatchify(out, grid)
         if self.config.prediction == "x0":
             flow = self._flow_from_x0(flow, x, t_groups)
-        if return_hidden:
-            if len(hidden) != len(return_hidden):
-                raise ValueError(f"return_hidden {list(return_hidden)} names blocks outside 0..{len(self.blocks) - 1}")
-            return flow, hidden, e
         return flow
 
     @staticmethod
@@ -231,25 +352,6 @@ class WanDiT(nn.Module):
         sigma = (t_groups.float() / 1000.0).clamp(min=X0_PREDICTION_MIN_SIGMA)
         sigma = sigma.repeat_interleave(f // sigma.shape[1], dim=1).view(b, f, 1, 1, 1)
         return ((x.float() - x0.float()) / sigma).to(x0.dtype)
-
-    def _uncached_context(self, tokens, grid, groups, e0, block_causal, clean_x, aug_t):
-        f, hh, ww = grid
-        device = tokens.device
-        rope = self.rope.rotation(0, f, hh, ww, device)
-        mask = None
-        if block_causal is not None:
-            mask = block_causal_mask(block_causal, f, hh * ww, clean_x is not None, device)
-        if clean_x is not None:
-            clean_tokens, _ = self.patchify(clean_x)
-            t_clean = aug_t if aug_t is not None else torch.zeros(e0.shape[:2], device=device)
-            if t_clean.shape != e0.shape[:2]:
-                raise ValueError(f"aug_t must be [B, F] = {list(e0.shape[:2])}, got {list(t_clean.shape)}")
-            _, e0_clean = self.embed_time(t_clean)
-            tokens = torch.cat([clean_tokens, tokens], dim=1)
-            e0 = torch.cat([e0_clean, e0], dim=1)
-            rope = Rotation(torch.cat([rope.cos, rope.cos]), torch.cat([rope.sin, rope.sin]))
-            groups *= 2
-        return Context(groups, rope, mask=mask, options=self.inference_options), tokens, e0
 
     def prepare_cached_call(self, kv_cache: KVCache, start_frame: int, grid: tuple[int, int, int]) -> Context:
         """Plan a KV-cached call on the `(frames, height, width)` token grid starting at latent frame

@@ -113,8 +113,38 @@ class InferenceOptions:
                    gelu_epilogue=False, fused_cache_write=False, persistent_norms=False)
 
 
+class WholeSequence:
+    """The token layout of a model whose calls hold all their tokens on one process (the default).
+
+    It is the identity of the token-layout seam: `WanDiT.sequence_layout.split` hands each call its share of the
+    tokens and sets `Context.shard`, which the blocks ask to move q/k/v to "all tokens, this process's heads" around
+    attention and back, and the model asks to gather hidden states and the head's output. Sequence parallelism
+    (`pipeline/sequence_parallel.py`) installs a layout that splits; the model itself never branches on it.
+    """
+
+    splits = False  # False: the tokens and heads of a call are all here (the cache's K/V layout is the blocks')
+
+    def local_heads(self, num_heads: int) -> int:
+        return num_heads
+
+    def split(self, tokens: Tensor, ctx: Context, tokens_per_frame: int) -> Tensor:
+        return tokens
+
+    def to_heads(self, *xs: Tensor | None) -> tuple[Tensor | None, ...]:
+        return xs
+
+    def to_tokens(self, y: Tensor) -> Tensor:
+        return y
+
+    def gather(self, x: Tensor) -> Tensor:
+        return x
+
+
+WHOLE_SEQUENCE = WholeSequence()
+
+
 class Context:
-    """Per-call state shared by all blocks: RoPE rotation, the mask or the cache plan, the token grid."""
+    """Per-call state shared by all blocks: RoPE rotation, the mask or the cache plan, the token layout."""
 
     def __init__(self, groups: int, rope: Rotation, mask: AttentionMask | None = None,
                  cache: KVCache | None = None, plan: CacheWrite | None = None, cache_rope: Rotation | None = None,
@@ -126,7 +156,7 @@ class Context:
         self.cache_rope = cache_rope  # rotation of the readable cache slots (relative RoPE with rerotate_window)
         self.options = options or InferenceOptions()
         self.compiled = compiled  # run the layer pieces through torch.compile
-        self.shard = None  # sequence parallel: this call's token split (utils/sequence_parallel.py), else None
+        self.shard = WHOLE_SEQUENCE  # this call's token layout, set by `WanDiT.sequence_layout.split`
 
     def tensors(self) -> list[Tensor]:
         """Every tensor a call reads from the context (CUDA graphs copy them into static buffers)."""
@@ -210,6 +240,9 @@ class WanBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        # Whether this block runs under activation checkpointing (`WanDiT.set_gradient_checkpointing`): its forward
+        # then saves nothing for backward (backward recomputes it), so views of the cache need no defensive copies.
+        self.checkpointed = False
 
     def forward(self, x: Tensor, e0: Tensor, text: Tensor | None, ctx: Context, layer: int,
                 kv_only: bool = False) -> Tensor:
@@ -221,14 +254,13 @@ class WanBlock(nn.Module):
         no_grad = not torch.is_grad_enabled()
         fused = self.self_attn.fused_qkv() if opts.fused_qkv and no_grad else None
         slots = None
-        if opts.fused_cache_write and no_grad and ctx.cache is not None and ctx.shard is None:
+        if opts.fused_cache_write and no_grad and ctx.cache is not None and not ctx.shard.splits:
             slots = ctx.cache.slots(layer, ctx.plan)
         q, k, v = ctx.piece(_attention_inputs)(self, x, mod, ctx.groups, ctx.rope, rotate_k, opts.fused_rope, fused,
                                                slots)
         if kv_only:
             if slots is None:
-                if ctx.shard is not None:
-                    k, v = ctx.shard.to_heads(k, v)  # the query is not needed: only K/V are written
+                k, v = ctx.shard.to_heads(k, v)  # the query is not needed: only K/V are written
                 ctx.cache.write(layer, ctx.plan, k, v)
             return x
         y = self._self_attention(q, k, v, ctx, layer)
@@ -240,33 +272,27 @@ class WanBlock(nn.Module):
         """Attention heads `[B, L, heads, head_dim]` (before the output projection) of the rotated q, k and v
         (k and v None: already written into the cache's slots)."""
         cache, plan = ctx.cache, ctx.plan
-        if ctx.shard is not None:  # sequence parallel: [local tokens, all heads] -> [all tokens, local heads]
-            q, k, v = ctx.shard.to_heads(q, k, v)
+        q, k, v = ctx.shard.to_heads(q, k, v)  # [tokens here, all heads] -> [all tokens, heads here]
         if cache is None:
-            return self._heads_to_tokens(attention(q, k, v, ctx.mask), ctx)
+            return ctx.shard.to_tokens(attention(q, k, v, ctx.mask))
         if k is not None:
             cache.write(layer, plan, k, v)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad) and cache.detach_writes:
             # Past K/V come from the (gradient-free) cache; this call's own K/V keep their graph.
             past_k, past_v = cache.past(layer, plan)
-            if not getattr(self, "_checkpointed", False):
+            if not self.checkpointed:
                 # Without activation checkpointing the saved views would be invalidated by later in-place writes.
                 past_k, past_v = past_k.clone(), past_v.clone()
             k_all, v_all = torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
         else:
             k_all, v_all = cache.readable(layer, plan)
-            if torch.is_grad_enabled() and not cache.detach_writes and not getattr(self, "_checkpointed", False):
+            if torch.is_grad_enabled() and not cache.detach_writes and not self.checkpointed:
                 # kv_cache_grad "original" without checkpointing: copies keep the values this call saw (later in-place
                 # writes would invalidate saved views) while gradients still reach the writes recorded in the cache.
                 k_all, v_all = k_all.clone(), v_all.clone()
         if not cache.keys_rotated:
             k_all = apply_rope(k_all, ctx.cache_rope, fused=ctx.options.fused_rope)
-        return self._heads_to_tokens(attention(q, k_all, v_all), ctx)
-
-    @staticmethod
-    def _heads_to_tokens(y: Tensor, ctx: Context) -> Tensor:
-        """Sequence parallel: back to this rank's tokens with all heads (a no-op otherwise)."""
-        return y if ctx.shard is None else ctx.shard.to_tokens(y)
+        return ctx.shard.to_tokens(attention(q, k_all, v_all))
 
     def _text_key_value(self, text: Tensor | None, ctx: Context, layer: int) -> tuple[Tensor, Tensor]:
         attn = self.cross_attn
@@ -275,7 +301,7 @@ class WanBlock(nn.Module):
         # for kv_cache_grad "original" without checkpointing: the original then reads them from the cache filled by
         # the first call, differentiable only if that call was.
         reads_cache = not torch.is_grad_enabled() or (
-            cache is not None and not cache.detach_writes and not getattr(self, "_checkpointed", False))
+            cache is not None and not cache.detach_writes and not self.checkpointed)
         if cache is not None and reads_cache:
             if not cache.cross_ready[layer]:
                 cache.store_text(layer, *attn.key_value(text))

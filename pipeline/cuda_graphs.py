@@ -7,8 +7,8 @@ prompt embeddings, RoPE tables) is copied into static buffers first; the cache b
 sink re-rotation) and the prompt's cross-attention K/V run eagerly before the replay. The cache buffers are
 static by construction (`KVCache`), so a graph reads and writes them in place.
 
-`GraphedDiT(model)` is called like the model; calls it cannot graph (no cache, gradients, CPU tensors, extra
-arguments) go to the model unchanged. The first call of a plan runs eagerly (its result is the answer; it also
+`GraphedDiT(model)` is used like the model: its KV-cached modes (`forward_cached`, `write_cache`) are graphed, every
+other mode and the calls it cannot graph (gradients, CPU tensors) go to the model unchanged. The first call of a plan runs eagerly (its result is the answer; it also
 warms up cuBLAS and compiled kernels) and is then captured. Weights must not change after capture (`reset()`).
 A capture that fails is recorded in `errors` and that plan keeps running eagerly.
 """
@@ -39,8 +39,8 @@ def _clone_rotation(rot: Rotation | None) -> Rotation | None:
 class _Captured:
     """One recorded call: static inputs, the static context, the graph (or, emulated, the call to re-run)."""
 
-    def __init__(self, model: WanDiT, x: Tensor, t: Tensor, context: Tensor, ctx: Context, kv_cache: KVCache,
-                 cache_only: bool, pool: Any, emulate: bool):
+    def __init__(self, model: WanDiT, mode: str, x: Tensor, t: Tensor, context: Tensor, ctx: Context,
+                 kv_cache: KVCache, pool: Any, emulate: bool):
         self.x, self.t, self.context = x.clone(), t.clone(), context.clone()
         self.ctx = copy.copy(ctx)
         self.ctx.rope = _clone_rotation(ctx.rope)
@@ -48,7 +48,7 @@ class _Captured:
         self.out: Tensor | None = None
         # No closure over self: a reference cycle would keep the graph alive until the cyclic collector runs, and
         # a graph destroyed while another is being captured breaks that capture.
-        self.model, self.kv_cache, self.cache_only = model, kv_cache, cache_only
+        self.model, self.mode, self.kv_cache = model, mode, kv_cache
         self.graph = None
         if emulate:
             return
@@ -57,8 +57,7 @@ class _Captured:
             self.out = self._call()
 
     def _call(self) -> Tensor | None:
-        return self.model(self.x, self.t, self.context, kv_cache=self.kv_cache, prepared=self.ctx,
-                          cache_only=self.cache_only)
+        return _run_mode(self.model, self.mode, self.x, self.t, self.context, self.kv_cache, self.ctx)
 
     def replay(self, x: Tensor, t: Tensor, context: Tensor, ctx: Context) -> Tensor | None:
         self.x.copy_(x)
@@ -71,6 +70,12 @@ class _Captured:
         else:
             self.graph.replay()
         return None if self.out is None else self.out.clone()
+
+
+def _run_mode(model: WanDiT, mode: str, x: Tensor, t: Tensor, context: Tensor, kv_cache: KVCache,
+              ctx: Context) -> Tensor | None:
+    """`model.forward_cached` or `model.write_cache` on the planned call `ctx`."""
+    return getattr(model, mode)(x, t, context, kv_cache, prepared=ctx)
 
 
 class GraphedDiT:
@@ -97,16 +102,27 @@ class GraphedDiT:
         self._graphs.clear()
         self._pool = None
 
-    def _graphable(self, x: Tensor, kv_cache: KVCache | None, kwargs: dict) -> bool:
-        if kv_cache is None or kwargs or torch.is_grad_enabled():
+    def __call__(self, x: Tensor, t: Tensor, context: Tensor, **kwargs: Any) -> Tensor:
+        return self.model(x, t, context, **kwargs)  # a whole clip: nothing to graph
+
+    def forward_cached(self, x: Tensor, t: Tensor, context: Tensor, kv_cache: KVCache,
+                       start_frame: int = 0) -> Tensor:
+        """`WanDiT.forward_cached`, replayed from a graph per cache plan."""
+        return self._graphed("forward_cached", x, t, context, kv_cache, start_frame)
+
+    def write_cache(self, x: Tensor, t: Tensor, context: Tensor, kv_cache: KVCache, start_frame: int = 0) -> None:
+        """`WanDiT.write_cache`, replayed from a graph per cache plan."""
+        self._graphed("write_cache", x, t, context, kv_cache, start_frame)
+
+    def _graphable(self, x: Tensor, kv_cache: KVCache) -> bool:
+        if torch.is_grad_enabled():
             return False
         return self.emulate or (x.is_cuda and kv_cache.k.is_cuda)
 
-    def __call__(self, x: Tensor, t: Tensor, context: Tensor, *, kv_cache: KVCache | None = None,
-                 start_frame: int = 0, cache_only: bool = False, **kwargs: Any) -> Tensor | None:
-        if not self._graphable(x, kv_cache, kwargs):
-            return self.model(x, t, context, kv_cache=kv_cache, start_frame=start_frame, cache_only=cache_only,
-                              **kwargs)
+    def _graphed(self, mode: str, x: Tensor, t: Tensor, context: Tensor, kv_cache: KVCache,
+                 start_frame: int) -> Tensor | None:
+        if not self._graphable(x, kv_cache):
+            return getattr(self.model, mode)(x, t, context, kv_cache, start_frame)
         model = self.model
         model._check_inputs(x, t, context)
         pt, ph, pw = model.config.patch_size
@@ -116,19 +132,19 @@ class GraphedDiT:
             model.cache_text(kv_cache, context)  # outside the graph: a prompt switch refills the same buffers
         plan = ctx.plan
         key = (id(kv_cache), tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, tuple(context.shape), context.dtype,
-               plan.write_start, plan.write_end, plan.read_start, cache_only,
+               plan.write_start, plan.write_end, plan.read_start, mode,
                dataclasses.astuple(model.inference_options))
         captured = self._graphs.get(key, False)
         if captured is False:  # first call of this plan: run it, then record it
-            out = model(x, t, context, kv_cache=kv_cache, prepared=ctx, cache_only=cache_only)
-            self._graphs[key] = self._capture(x, t, context, ctx, kv_cache, cache_only)
+            out = _run_mode(model, mode, x, t, context, kv_cache, ctx)
+            self._graphs[key] = self._capture(mode, x, t, context, ctx, kv_cache)
             return out
         if captured is None:  # capture failed before: stay eager
-            return model(x, t, context, kv_cache=kv_cache, prepared=ctx, cache_only=cache_only)
+            return _run_mode(model, mode, x, t, context, kv_cache, ctx)
         self.replays += 1
         return captured.replay(x, t, context, ctx)
 
-    def _capture(self, x, t, context, ctx, kv_cache, cache_only) -> _Captured | None:
+    def _capture(self, mode, x, t, context, ctx, kv_cache) -> _Captured | None:
         if not self.emulate and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # No garbage collection during a capture: it may destroy a dead runner's graphs, which a capture forbids
@@ -136,7 +152,7 @@ class GraphedDiT:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            captured = _Captured(self.model, x, t, context, ctx, kv_cache, cache_only, self._pool, self.emulate)
+            captured = _Captured(self.model, mode, x, t, context, ctx, kv_cache, self._pool, self.emulate)
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager for this plan
             self.errors.append(f"{type(err).__name__}: {err}")
             if x.is_cuda:

@@ -95,7 +95,7 @@ def recache(denoiser: Denoiser, cache: KVCache, blocks: Sequence[tuple[int, Tens
     with torch.no_grad():
         for start, x in replay:
             cache.skip_to(start)
-            denoiser.cache_pass(x, _full_t(context_noise, x), context, kv_cache=cache, start_frame=start)
+            denoiser.cache_pass(x, _full_t(context_noise, x), context, cache, start)
 
 
 def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVCache, *, steps: Sequence[float],
@@ -135,13 +135,13 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
         t = _full_t(context_noise, x0)
         x = schedule.add_noise(x0, noise_fn(x0), t) if renoise_context else x0
         with torch.no_grad():
-            denoiser.cache_pass(x.detach(), t, context, kv_cache=cache, start_frame=at)
+            denoiser.cache_pass(x.detach(), t, context, cache, at)
 
     if initial_latent is not None:
         for size in block_layout(initial_latent.shape[1], frames_per_block, independent_first_frame):
             chunk = initial_latent[:, frame - start_frame:frame - start_frame + size]
             with torch.no_grad():  # priming: the clean frames only fill the cache (t = 0, as the original)
-                denoiser.cache_pass(chunk, _full_t(0.0, chunk), context, kv_cache=cache, start_frame=frame)
+                denoiser.cache_pass(chunk, _full_t(0.0, chunk), context, cache, frame)
             outputs.append(chunk)
             blocks.append((frame, chunk))
             frame += size
@@ -170,7 +170,7 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
         for j in range(exit_step + 1):
             t = _full_t(steps[j], x)
             with torch.set_grad_enabled(with_grad and j == exit_step):
-                _, x0 = denoiser(x, t, context, kv_cache=cache, start_frame=frame)
+                _, x0 = denoiser.cached(x, t, context, cache, frame)
             if j < exit_step:
                 x = schedule.add_noise(x0, noise_fn(x0), _full_t(steps[j + 1], x0)).detach()
         outputs.append(x0)

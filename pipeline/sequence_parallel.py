@@ -28,9 +28,10 @@ block-causal masks and the cache see exactly the sequence of a single process. R
 all-to-all with each token's global position. The head's output (only `patch volume x out_dim` features per token)
 is all-gathered so every rank holds the full flow prediction for the next denoising step.
 
-`model/` never imports torch.distributed: `enable_sequence_parallel` hangs a `SequenceParallel` on
-`WanDiT.sequence_parallel`, and the model calls it through a few hooks (split tokens, heads <-> tokens, gather).
-Inference only: the collectives here carry no gradients.
+`model/` never imports torch.distributed: `enable_sequence_parallel` installs a `SequenceParallel` as the model's
+token layout (`WanDiT.sequence_layout`, by default `model.wan_block.WholeSequence`, which keeps every token), and the
+model asks its layout at a few fixed points (split the tokens, heads <-> tokens around attention, gather); it has
+no sequence-parallel branches of its own. Inference only: the collectives here carry no gradients.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model.rope import Rotation
+from model.wan_block import WHOLE_SEQUENCE
 from utils.errors import InputError
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
@@ -60,7 +62,9 @@ def check_head_split(num_heads: int, size: int) -> None:
 
 
 class SequenceParallel:
-    """The process group a model's tokens are split over. Held by `WanDiT.sequence_parallel`."""
+    """The process group a model's tokens are split over: the model's token layout (`WanDiT.sequence_layout`)."""
+
+    splits = True
 
     def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
@@ -74,7 +78,7 @@ class SequenceParallel:
         check_head_split(num_heads, self.size)
         return num_heads // self.size
 
-    def scatter(self, tokens: Tensor, ctx, tokens_per_frame: int) -> Tensor:
+    def split(self, tokens: Tensor, ctx, tokens_per_frame: int) -> Tensor:
         """This rank's share of `tokens` `[B, frames * tokens_per_frame, D]`; sets `ctx.shard` and slices the RoPE
         angles of `ctx` to the same tokens (their global positions)."""
         if torch.is_grad_enabled():
@@ -83,7 +87,7 @@ class SequenceParallel:
         length = tokens.shape[1]
         if length % tokens_per_frame:
             raise ValueError(f"{length} tokens are not whole frames of {tokens_per_frame}")
-        if ctx.shard is not None:
+        if ctx.shard.splits:
             raise RuntimeError("sequence parallelism needs a fresh call context (it cannot replay a prepared one, "
                                "as CUDA graphs do)")
         shard = Shard(self, tokens_per_frame, math.ceil(tokens_per_frame / self.size))
@@ -105,6 +109,7 @@ class Shard:
     sp: SequenceParallel
     tokens_per_frame: int
     chunk: int
+    splits = True  # a class attribute, not a field: the call's tokens and heads are spread over the group
 
     @property
     def padded(self) -> int:
@@ -216,9 +221,10 @@ def enable_sequence_parallel(model, group: dist.ProcessGroup | None = None) -> S
     """Split `model`'s tokens over `group` (None: the default group). A group of one leaves the model as it is.
 
     Caches made afterwards by `model.new_kv_cache` hold this rank's heads only. Weights, inputs and the random
-    noise of the rollout must be identical on every rank of the group.
+    noise of the rollout must be identical on every rank of the group. Returns the installed layout (None for a
+    group of one).
     """
     sp = SequenceParallel(group)
     check_head_split(model.config.num_heads, sp.size)
-    model.sequence_parallel = sp if sp.size > 1 else None
-    return model.sequence_parallel
+    model.sequence_layout = sp if sp.size > 1 else WHOLE_SEQUENCE
+    return sp if sp.size > 1 else None

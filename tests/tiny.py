@@ -1,6 +1,9 @@
 """Tiny configurations shared by the CPU tests (one place, so every test agrees on them)."""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
 import torch
 
 from model.config import WanConfig
@@ -29,6 +32,37 @@ def tiny_inputs(model: WanDiT, batch: int = 2, frames: int = 6, height: int = 4,
     x = torch.randn(batch, frames, cfg.in_dim, height, width, generator=g)
     context = torch.randn(batch, cfg.text_len - 2, cfg.text_dim, generator=g)
     return x, context
+
+
+@dataclass
+class ModeCall:
+    """One recorded call of a `WanDiT` mode: the method's name, its arguments, whether gradients were on."""
+
+    mode: str
+    args: tuple
+    kwargs: dict
+    grad_enabled: bool
+
+
+@contextlib.contextmanager
+def recorded_calls(model, modes=("forward", "forward_teacher_forcing", "forward_cached", "write_cache",
+                                 "features")):
+    """Record every call of the model's `modes` methods (in order) as `ModeCall`s, while the block runs."""
+    calls: list[ModeCall] = []
+
+    def recorder(mode, method):
+        def record(*args, **kwargs):
+            calls.append(ModeCall(mode, args, kwargs, torch.is_grad_enabled()))
+            return method(*args, **kwargs)
+        return record
+
+    for mode in modes:
+        object.__setattr__(model, mode, recorder(mode, getattr(model, mode)))
+    try:
+        yield calls
+    finally:
+        for mode in modes:
+            object.__delattr__(model, mode)
 
 
 WORDS = ("a an the large small red green blue yellow white black circle square triangle moves left right up down "

@@ -70,8 +70,11 @@ class CausVid(DMD):
         if self.cfg.i2v:  # the given first frame enters clean, as the original ODE regression feeds it
             noisy = torch.cat([clean[:, :1], noisy[:, 1:]], dim=1)
             t = torch.cat([torch.zeros_like(t[:, :1]), t[:, 1:]], dim=1)
-        _, x0 = self.models.generator(noisy, t, context, block_causal=self.block_causal,
-                                      clean_x=clean if self.cfg.teacher_forcing else None)
+        generator = self.models.generator
+        if self.cfg.teacher_forcing:
+            _, x0 = generator.teacher_forcing(noisy, t, context, clean, self.block_causal)
+        else:
+            _, x0 = generator(noisy, t, context, block_causal=self.block_causal)
         if self.cfg.i2v:
             x0 = torch.cat([clean[:, :1].to(x0.dtype), x0[:, 1:]], dim=1)  # the condition itself is not generated
         # Score timesteps span the full range: there is no exit step to restrict them (from/to None).

@@ -109,17 +109,15 @@ class Diffusion:
         t = self.timesteps(b, f, x0.device)
         noise = torch.randn_like(x0)
         x_t = schedule.add_noise(x0, noise, t)
-        kwargs = {}
         mask = self.attention_mask(step)
-        if mask is not None:
-            kwargs["block_causal"] = mask
         if cfg.teacher_forcing:
             clean, aug_t = x0, self.augmentation_timesteps(b, f, x0.device)
             if aug_t is not None:
                 # Fix: fresh noise for the context (the original reused the training noise of the noisy input).
                 clean = schedule.add_noise(x0, torch.randn_like(x0), aug_t)
-            kwargs.update(clean_x=clean, aug_t=aug_t)
-        flow = denoiser.model(x_t, t[:, 0] if denoiser.uniform_timestep else t, context, **kwargs)
+            flow, _ = denoiser.teacher_forcing(x_t, t, context, clean, mask, aug_t)
+        else:
+            flow, _ = denoiser(x_t, t, context, block_causal=mask)
         target = schedule.training_target(x0, noise)
         per_frame = ((flow.float() - target.float()) ** 2).mean(dim=(2, 3, 4))  # [B, F]
         weight = schedule.training_weight(t)

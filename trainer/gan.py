@@ -80,8 +80,7 @@ class GAN:
     def discriminate(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """Logits `[B, num_class]` for noisy latents `[B, F, C, H, W]` at timesteps `[B, F]`."""
         critic = self.models.critic
-        _, hidden, e = critic.model(x_t, t[:, 0] if critic.uniform_timestep else t, context,
-                                    return_hidden=self.heads.unique_taps)
+        _, hidden, e = critic.features(x_t, t, context, self.heads.unique_taps)
         return self.heads(hidden, e[:, 0] if self.heads.time_embed_dim else None)
 
     def _real(self, batch: Batch, like: Tensor) -> Tensor:

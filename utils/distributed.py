@@ -301,7 +301,7 @@ def shard_module(module: nn.Module, state: DistState, *, mixed_precision: bool, 
     bf16 parameters with fp32 gradient reduction when `mixed_precision` on CUDA (fp32 on CPU/gloo, which has no
     bf16 reductions). Forward inputs are never cast: timesteps must reach the sinusoid in full precision.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kwargs = _fsdp_kwargs(state, mixed_precision, strategy, cpu_offload, mesh)
     if not cpu_offload and state.device.type == "cuda":
@@ -309,6 +309,9 @@ def shard_module(module: nn.Module, state: DistState, *, mixed_precision: bool, 
     for block in transformer_blocks(module):
         fully_shard(block, **kwargs)
     fully_shard(module, **kwargs)
+    # FSDP gathers the root's parameters in hooks around `forward`; the model's other modes need the same.
+    for name in getattr(module, "entry_points", ()):
+        register_fsdp_forward_method(module, name)
     return module
 
 

@@ -40,8 +40,11 @@ def test_golden_paths_on_cuda_float32(golden, layout):
         else:
             spec = BlockCausal(meta["num_frame_per_block"], meta["independent_first_frame"],
                                meta["local_attn_size_variant"] if layout == "local" else -1)
-            kwargs = {"clean_x": io["clean_input"]} if layout == "teacher_forcing" else {}
-            out = model(io["noisy_input"], io["timestep"], io["prompt_embeds"], block_causal=spec, **kwargs)
+            args = (io["noisy_input"], io["timestep"], io["prompt_embeds"])
+            if layout == "teacher_forcing":
+                out = model.forward_teacher_forcing(*args, io["clean_input"], spec)
+            else:
+                out = model(*args, block_causal=spec)
             ref = io[{"block_causal": "flow_pred", "local": "local_attn.flow_pred",
                       "teacher_forcing": "teacher_forcing.flow_pred"}[layout]]
     torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
@@ -58,7 +61,7 @@ def test_flex_block_causal_and_kv_cache_on_cuda(dtype, tol):
         xc, cc, tc = x.to(CUDA, dtype), context.to(CUDA, dtype), t.to(CUDA)
         flex = model(xc, tc, cc, block_causal=BlockCausal(2))
         cache = model.new_kv_cache(2, 8, 12, capacity_frames=8)
-        chunks = torch.cat([model(xc[:, s:s + 2], tc[:, s:s + 2], cc, kv_cache=cache, start_frame=s)
+        chunks = torch.cat([model.forward_cached(xc[:, s:s + 2], tc[:, s:s + 2], cc, cache, s)
                             for s in range(0, 8, 2)], dim=1)
     assert flex.dtype == dtype
     assert rel_err(flex.cpu(), reference) < tol

@@ -56,7 +56,7 @@ def test_compiled_cached_calls_run_their_layers_under_it_and_plain_calls_do_not(
     for persistent in (True, False):
         model.inference_options = InferenceOptions(compile=True, persistent_norms=persistent)
         with torch.no_grad():
-            model(x, torch.full((1, 2), 500.0), context, kv_cache=model.new_kv_cache(1, 4, 6, 2))
+            model.forward_cached(x, torch.full((1, 2), 500.0), context, model.new_kv_cache(1, 4, 6, 2))
     model(x, torch.full((1,), 500.0), context)  # no cache: never compiled, no heuristics
     layers = len(model.blocks)
     assert seen[:layers] == ["Choices"] * layers and default != "Choices"

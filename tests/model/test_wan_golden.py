@@ -75,12 +75,11 @@ def test_block_causal_training_paths(golden):
     denoiser = Denoiser(model, FlowMatchSchedule(WRAPPER_SHIFT))
     args = (io["noisy_input"], io["timestep"], io["prompt_embeds"])
     with torch.no_grad():
-        for prefix, kwargs in [("", dict(block_causal=spec)),
-                               ("local_attn.", dict(block_causal=local)),
-                               ("teacher_forcing.", dict(block_causal=spec, clean_x=io["clean_input"])),
-                               ("teacher_forcing_aug.", dict(block_causal=spec, clean_x=io["clean_input"],
-                                                             aug_t=io["aug_timestep"]))]:
-            flow, x0 = denoiser(*args, **kwargs)
+        for prefix, (flow, x0) in [
+                ("", denoiser(*args, block_causal=spec)),
+                ("local_attn.", denoiser(*args, block_causal=local)),
+                ("teacher_forcing.", denoiser.teacher_forcing(*args, io["clean_input"], spec)),
+                ("teacher_forcing_aug.", denoiser.teacher_forcing(*args, io["clean_input"], spec, io["aug_timestep"]))]:
             close(flow, io[prefix + "flow_pred"])
             close(x0, io[prefix + "pred_x0"])
 
@@ -112,8 +111,8 @@ def test_kv_cache_calls_replayed(golden, name):
     with torch.no_grad():
         for call in meta["calls"]:
             p = f"call{call['index']:02d}."
-            flow, x0 = denoiser(io[p + "noisy_input"], io[p + "timestep"], io["prompt_embeds"], kv_cache=cache,
-                                start_frame=call["current_start_frame"])
+            flow, x0 = denoiser.cached(io[p + "noisy_input"], io[p + "timestep"], io["prompt_embeds"], cache,
+                                       call["current_start_frame"])
             close(flow, io[p + "flow_pred"])
             close(x0, io[p + "pred_x0"])
             assert cache.global_end == call["cache_global_end_index_after"]

@@ -17,7 +17,7 @@ def kv_chunks(model, x, t, context, block, window=-1, sink=0, rope="absolute", c
     b, f, _, h, w = x.shape
     cache = model.new_kv_cache(b, h, w, capacity or (window if window != -1 else f), window_frames=window,
                                sink_frames=sink, rope=rope)
-    outs = [model(x[:, s:s + block], t[:, s:s + block], context, kv_cache=cache, start_frame=s)
+    outs = [model.forward_cached(x[:, s:s + block], t[:, s:s + block], context, cache, s)
             for s in range(0, f, block)]
     return torch.cat(outs, dim=1), cache
 
@@ -68,7 +68,7 @@ def test_rolling_cache_keeps_sink_frames_pinned():
         _, cache = kv_chunks(model, x[:, :2], t[:, :2], context[:1], block=2, window=6, sink=2)
         sink_keys = cache.k[:, :, :cache.tokens_per_frame * 2].clone()
         for s in range(2, 10, 2):
-            model(x[:, s:s + 2], t[:, s:s + 2], context[:1], kv_cache=cache, start_frame=s)
+            model.forward_cached(x[:, s:s + 2], t[:, s:s + 2], context[:1], cache, s)
     assert torch.equal(cache.k[:, :, :cache.tokens_per_frame * 2], sink_keys)
     assert cache.global_end == 10 * cache.tokens_per_frame and cache.local_end == cache.capacity
 
@@ -79,12 +79,12 @@ def test_cache_overflow_and_out_of_order_calls_are_errors():
     t = per_block_timesteps(1, 6, 2)
     cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
     with torch.no_grad():
-        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
+        model.forward_cached(x[:, :2], t[:, :2], context, cache, 0)
         with pytest.raises(ValueError, match="only append or rewrite"):
-            model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=4)
-        model(x[:, 2:4], t[:, 2:4], context, kv_cache=cache, start_frame=2)
+            model.forward_cached(x[:, :2], t[:, :2], context, cache, 4)
+        model.forward_cached(x[:, 2:4], t[:, 2:4], context, cache, 2)
         with pytest.raises(ValueError, match="overflow"):
-            model(x[:, 4:6], t[:, 4:6], context, kv_cache=cache, start_frame=4)
+            model.forward_cached(x[:, 4:6], t[:, 4:6], context, cache, 4)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -102,6 +102,29 @@ def test_bad_inputs_are_named(bad, match):
         model(args["x"], args["t"], args["context"])
 
 
+def test_each_mode_returns_its_one_type_and_names_its_own_input_errors():
+    model = tiny_model()
+    x, context = tiny_inputs(model, batch=1, frames=4)
+    t = per_block_timesteps(1, 4, 2)
+    mask = BlockCausal(2)
+    cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
+    with torch.no_grad():
+        assert model.write_cache(x[:, :2], t[:, :2], context, cache, 0) is None
+        assert cache.global_end == 2 * cache.tokens_per_frame  # the call's only effect: the cache holds its K/V
+        cached = model.forward_cached(x[:, 2:], t[:, 2:], context, cache, 2)
+        flow, hidden, e = model.features(x, t[:, 0], context, (0, 1))
+        forced = model.forward_teacher_forcing(x, t, context, x, mask)
+        with pytest.raises(ValueError, match="clean_x must have the latents' shape"):
+            model.forward_teacher_forcing(x, t, context, x[:, :2], mask)
+        with pytest.raises(ValueError, match=r"aug_t must be \[B, F\]"):
+            model.forward_teacher_forcing(x, t, context, x, mask, aug_t=t[:, :2])
+        with pytest.raises(ValueError, match=r"layers \[2\] name blocks outside 0..1"):
+            model.features(x, t[:, 0], context, (2,))
+    assert cached.shape == x[:, 2:].shape and forced.shape == flow.shape == x.shape
+    torch.testing.assert_close(flow, model(x, t[:, 0], context))  # features: the bidirectional call, plus taps
+    assert [h.shape for h in hidden] == [(1, 4 * 2 * 3, 32)] * 2 and e.shape == (1, 1, 32)
+
+
 def test_frames_not_divisible_by_block_is_an_error():
     model = tiny_model()
     x, context = tiny_inputs(model, frames=5)
@@ -115,8 +138,8 @@ def test_kv_cached_forward_with_grad_reaches_text_and_cross_attention():
     t = per_block_timesteps(1, 4, 2)
     cache = model.new_kv_cache(1, 4, 6, capacity_frames=4)
     with torch.no_grad():
-        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
-    out = model(x[:, 2:], t[:, 2:], context, kv_cache=cache, start_frame=2)
+        model.forward_cached(x[:, :2], t[:, :2], context, cache, 0)
+    out = model.forward_cached(x[:, 2:], t[:, 2:], context, cache, 2)
     out.square().mean().backward()
     block = model.blocks[0]
     for param in (block.self_attn.k.weight, block.self_attn.q.weight, block.cross_attn.k.weight,

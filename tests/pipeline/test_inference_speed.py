@@ -89,7 +89,7 @@ def test_residual_stream_is_row_major_in_every_layer_and_mode():
     with torch.no_grad():
         model(x, t[:, 0], context)
         model(x, t, context, block_causal=BlockCausal(frames_per_block=2))
-        model(x[:, :2], t[:, :2], context, kv_cache=cache, start_frame=0)
+        model.forward_cached(x[:, :2], t[:, :2], context, cache, 0)
     assert len(layouts) == 3 * len(model.blocks) and all(layouts)
 
 
@@ -105,7 +105,7 @@ def test_fused_qkv_follows_weight_updates():
     assert (after - before).abs().max() > 1e-4
 
 
-def test_cache_only_call_writes_the_same_cache_and_returns_nothing():
+def test_cache_write_with_and_without_the_kv_only_lever_writes_the_same_cache():
     model = tiny_model()
     x = torch.randn(1, 2, 4, 4, 6)
     t = torch.zeros(1, 2)
@@ -114,9 +114,12 @@ def test_cache_only_call_writes_the_same_cache_and_returns_nothing():
     for kv_only in (False, True):
         model.inference_options = InferenceOptions(cache_pass_kv_only=kv_only)
         cache = model.new_kv_cache(1, 4, 6, 4)
+        heads = []
+        hook = model.head.register_forward_hook(lambda *_: heads.append(1))
         with torch.no_grad():
-            out = model(x, t, context, kv_cache=cache, start_frame=0, cache_only=True)
-        assert (out is None) == kv_only
+            assert model.write_cache(x, t, context, cache, 0) is None
+        hook.remove()
+        assert len(heads) == (0 if kv_only else 1)  # the lever stops before the output head
         caches.append(cache)
     torch.testing.assert_close(caches[1].k, caches[0].k)
     torch.testing.assert_close(caches[1].v, caches[0].v)
@@ -268,7 +271,7 @@ def test_training_compile_runs_cached_calls_as_shared_pieces_whatever_the_depth(
             x = torch.randn(1, 2, net.config.in_dim, 4, 6, generator=torch.Generator().manual_seed(3))
             context = torch.randn(1, 6, net.config.text_dim, generator=torch.Generator().manual_seed(4))
             cache = net.new_kv_cache(1, 4, 6, 2)
-            net(x, torch.full((1,), 500.0), context, kv_cache=cache).square().sum().backward()
+            net.forward_cached(x, torch.full((1,), 500.0), context, cache).square().sum().backward()
             grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
         assert len(grads[0]) == len(grads[1]) > 0
         for a, b in zip(*grads):

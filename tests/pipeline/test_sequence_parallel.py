@@ -58,11 +58,11 @@ def run_case(model, name: str, seed: int = 0) -> dict[str, torch.Tensor]:
         if name == "plain":
             from model.attention import BlockCausal
             t = torch.full((2, frames), 500.0)
-            out["bidirectional"], hidden, _ = model(noise, t[:, 0], a, return_hidden=(1,))
+            out["bidirectional"], hidden, _ = model.features(noise, t[:, 0], a, (1,))
             out["hidden"] = hidden[0]  # GAN heads tap the trunk: gathered to all tokens
             out["block_causal"] = model(noise, t, a, block_causal=BlockCausal(frames_per_block=2))
-            out["teacher_forcing"] = model(noise, t, a, block_causal=BlockCausal(frames_per_block=2),
-                                           clean_x=noise.flip(1))
+            out["teacher_forcing"] = model.forward_teacher_forcing(noise, t, a, noise.flip(1),
+                                                                   BlockCausal(frames_per_block=2))
     return out
 
 
@@ -96,13 +96,13 @@ def _rollout_worker(rank: int, world: int, out_dir: str) -> None:
 
 def _local_rotation_is_reused(model) -> bool:
     """Two calls on the same positions share this rank's slice of the RoPE tables (cut once), and it is the slice."""
-    from types import SimpleNamespace
-    sp, tokens_per_frame = model.sequence_parallel, 6
+    from model.wan_block import Context
+    sp, tokens_per_frame = model.sequence_layout, 6
     rope = model.rope.rotation(0, 2, 2, 3, torch.device("cpu"))
-    ctxs = [SimpleNamespace(shard=None, rope=rope) for _ in range(2)]
+    ctxs = [Context(1, rope) for _ in range(2)]
     for ctx in ctxs:
         with torch.no_grad():
-            sp.scatter(torch.zeros(1, 2 * tokens_per_frame, 4), ctx, tokens_per_frame)
+            sp.split(torch.zeros(1, 2 * tokens_per_frame, 4), ctx, tokens_per_frame)
     fresh = ctxs[0].shard.split(rope.cos)
     return ctxs[0].rope is ctxs[1].rope and torch.equal(ctxs[0].rope.cos, fresh)
 

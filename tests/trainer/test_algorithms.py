@@ -7,7 +7,7 @@ import torch
 
 import trainer.dmd as dmd_module
 from model.gan_heads import GanHeads, default_taps
-from tests.tiny import tiny_config, tiny_models, tiny_train_config
+from tests.tiny import recorded_calls, tiny_config, tiny_models, tiny_train_config
 from trainer.causvid import CausVid
 from trainer.diffusion import Diffusion
 from trainer.dmd import DMD, dmd_gradient, dmd_loss
@@ -172,13 +172,11 @@ def test_causvid_input_uses_one_step_per_block_and_teacher_forcing_runs():
     cfg = tiny_train_config(distribution_loss="causvid", denoising_step_list=[1000, 750, 500, 0])
     models = tiny_models(cfg)
     algo = CausVid(cfg, models)
-    calls = []
-    handle = models.generator.model.register_forward_pre_hook(lambda m, a, k: calls.append((a[1], k)),
-                                                              with_kwargs=True)
-    algo.generate(_batch(), models.text(["a", "b"]))
-    handle.remove()
-    (t, kwargs), = calls
-    assert kwargs["block_causal"].frames_per_block == 2 and kwargs.get("clean_x") is None
+    with recorded_calls(models.generator.model) as calls:
+        algo.generate(_batch(), models.text(["a", "b"]))
+    call, = calls
+    t = call.args[1]
+    assert call.mode == "forward" and call.kwargs["block_causal"].frames_per_block == 2  # no teacher forcing
     assert torch.equal(t.view(2, 3, 2)[..., 0], t.view(2, 3, 2)[..., 1])  # one timestep per block
     assert set(t.unique().tolist()) <= set(algo.steps)
     cfg_tf = tiny_train_config(distribution_loss="causvid", teacher_forcing=True)
@@ -314,12 +312,14 @@ def test_diffusion_loss_is_the_weighted_flow_matching_loss(overrides):
     per = t.view(2, 3, 2) if cfg.causal else t.view(2, 1, 6)
     assert torch.equal(per, per[..., :1].expand_as(per))  # one timestep per block (per sample if bidirectional)
     x0 = batch["latents"]
-    kwargs = {"block_causal": algo.block_causal} if cfg.causal else {}
+    net, x_t, context = models.generator.model, schedule.add_noise(x0, noise, t), models.text(batch["prompts"])
     if cfg.teacher_forcing:
         aug_t = algo.augmentation_timesteps(2, 6, torch.device("cpu"))
         assert aug_t.max() < 100  # small augmentation really is small
-        kwargs.update(clean_x=schedule.add_noise(x0, torch.randn(SHAPE), aug_t), aug_t=aug_t)
-    flow = models.generator.model(schedule.add_noise(x0, noise, t), t, models.text(batch["prompts"]), **kwargs)
+        clean = schedule.add_noise(x0, torch.randn(SHAPE), aug_t)
+        flow = net.forward_teacher_forcing(x_t, t, context, clean, algo.block_causal, aug_t)
+    else:
+        flow = net(x_t, t, context, block_causal=algo.block_causal if cfg.causal else None)
     per_frame = ((flow - (noise - x0)) ** 2).mean(dim=(2, 3, 4))
     torch.testing.assert_close(loss, (per_frame * schedule.training_weight(t)).mean())
     loss.backward()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny import tiny_models, tiny_train_config
+from tests.tiny import recorded_calls, tiny_models, tiny_train_config
 from trainer.causvid import CausVid
 from trainer.common import clean_latents
 from trainer.data import build_data
@@ -27,13 +27,6 @@ def write_pairs(folder, clip_shape, num_pairs: int = 4, points: int = 4, seed: i
         writer.add([f"a red circle {i}" for i in range(num_pairs)], trajectories)
     finalize_index(folder)
     return folder
-
-
-def generator_calls(model):
-    """Record (x, t, kwargs) of every generator forward."""
-    calls = []
-    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a[0], a[1], k)), with_kwargs=True)
-    return calls, handle
 
 
 def train_both_roles(algo, batch, models):
@@ -62,19 +55,20 @@ def test_causvid_trains_on_ode_pair_shards(tmp_path, teacher_forcing):
     algo = build_algorithm(cfg, models)
     assert isinstance(algo, CausVid)
     clean = batch["ode_latent"][:, -1]
-    calls, handle = generator_calls(models.generator.model)
-    train_both_roles(algo, batch, models)
-    handle.remove()
-    x, t, kwargs = calls[0]  # the generator step's single block-causal forward
+    with recorded_calls(models.generator.model) as calls:
+        train_both_roles(algo, batch, models)
+    call = calls[0]  # the generator step's single block-causal forward
+    x, t = call.args[:2]
     # Frames at timestep 0 are the clip itself, the others a noised version of it.
     at_zero = t == 0
     assert at_zero.any() and not at_zero.all(), "seeded draws give both clean and noisy blocks"
     torch.testing.assert_close(x[at_zero], clean[at_zero], rtol=0, atol=0)
     assert not torch.allclose(x[~at_zero], clean[~at_zero])
     if teacher_forcing:
-        torch.testing.assert_close(kwargs["clean_x"], clean, rtol=0, atol=0)
+        assert call.mode == "forward_teacher_forcing"
+        torch.testing.assert_close(call.args[3], clean, rtol=0, atol=0)  # clean_x
     else:
-        assert kwargs.get("clean_x") is None
+        assert call.mode == "forward" and call.kwargs["block_causal"] is not None
 
 
 def test_causvid_trains_on_clean_latents_of_the_shapes_world():
@@ -88,10 +82,10 @@ def test_causvid_trains_on_clean_latents_of_the_shapes_world():
     assert set(batch) == {"prompts", "latents"} and batch["latents"].shape == (2, 6, channels, 4, 6)
     models = tiny_models(cfg, in_dim=channels, out_dim=channels)
     algo = CausVid(cfg, models)
-    calls, handle = generator_calls(models.generator.model)
-    train_both_roles(algo, batch, models)
-    handle.remove()
-    torch.testing.assert_close(calls[0][2]["clean_x"], batch["latents"], rtol=0, atol=0)
+    with recorded_calls(models.generator.model) as calls:
+        train_both_roles(algo, batch, models)
+    assert calls[0].mode == "forward_teacher_forcing"
+    torch.testing.assert_close(calls[0].args[3], batch["latents"], rtol=0, atol=0)  # clean_x
 
 
 def test_clean_latents_of_a_batch():
@@ -133,14 +127,13 @@ def test_i2v_distillation_starts_every_rollout_from_the_first_data_frame(tmp_pat
         seen.setdefault("latents", out.latents)
         return out
     algo.rollout = recording_rollout
-    calls, handle = generator_calls(models.generator.model)
-    train_both_roles(algo, batch, models)
-    handle.remove()
+    with recorded_calls(models.generator.model) as calls:
+        train_both_roles(algo, batch, models)
     torch.testing.assert_close(seen["initial_latent"], image, rtol=0, atol=0)
-    # The first forward primes the cache with the image at t = 0; the window starts with the image itself.
-    x, t, kwargs = calls[0]
+    # The first call primes the cache with the image at t = 0; the window starts with the image itself.
+    x, t = calls[0].args[:2]
     torch.testing.assert_close(x, image, rtol=0, atol=0)
-    assert kwargs.get("cache_only") and not t.any()
+    assert calls[0].mode == "write_cache" and not t.any()
     torch.testing.assert_close(seen["latents"][:, :1], image, rtol=0, atol=0)
     assert seen["latents"].shape == (2, 7, 4, 4, 6)
 
@@ -166,12 +159,10 @@ def test_i2v_causvid_feeds_the_first_frame_clean(tmp_path):
                      image_or_video_shape=[1, 6, 4, 4, 6], num_training_frames=6)
     batch = next(build_data(cfg))
     models = tiny_models(cfg)
-    calls, handle = generator_calls(models.generator.model)
-    with torch.no_grad():
+    with recorded_calls(models.generator.model) as calls, torch.no_grad():
         out = CausVid(cfg, models).generate(batch, models.text(batch["prompts"]))
-    handle.remove()
     clean = batch["ode_latent"][:, -1]
-    x, t, _ = calls[0]
+    x, t = calls[0].args[:2]
     torch.testing.assert_close(x[:, 0], clean[:, 0], rtol=0, atol=0)
     assert not t[:, 0].any() and t[:, 1:].all()
     torch.testing.assert_close(out.latents[:, 0], clean[:, 0], rtol=0, atol=0)

@@ -209,6 +209,47 @@ def test_rollout_forwards_gather_each_unit_once_with_the_same_numbers(tmp_path):
         assert r["losses"][0] == r["losses"][1] == r["losses"][2] and r["grads_equal"]
 
 
+def _modes_worker(rank: int, out: str) -> None:
+    """Every mode of a sharded WanDiT (FSDP gathers the root's parameters around each entry point, not only around
+    `forward`) against the same network unsharded."""
+    import copy
+
+    from model.attention import BlockCausal
+    from tests.tiny import tiny_inputs, tiny_model
+    from utils.distributed import cleanup_distributed, init_distributed, shard_module
+    state = init_distributed(device="cpu")
+    whole = tiny_model()
+    sharded = shard_module(copy.deepcopy(whole), state, mixed_precision=False, strategy="full")
+    x, context = tiny_inputs(whole, batch=1, frames=4)
+    t = torch.full((1, 4), 500.0)
+    mask = BlockCausal(2)
+
+    def modes(net):
+        cache = net.new_kv_cache(1, 4, 6, 4)
+        with torch.no_grad():
+            net.write_cache(x[:, :2], t[:, :2], context, cache, 0)
+            flow, hidden, e = net.features(x, t[:, 0], context, (1,))
+            return {"forward": net(x, t, context, block_causal=mask),
+                    "teacher_forcing": net.forward_teacher_forcing(x, t, context, x.flip(1), mask),
+                    "cached": net.forward_cached(x[:, 2:], t[:, 2:], context, cache, 2),
+                    "features": torch.cat([flow.flatten(), hidden[0].flatten(), e.flatten()]),
+                    "cache_keys": cache.k.clone()}
+
+    expected, got = modes(whole), modes(sharded)
+    result = {name: bool(torch.allclose(got[name], expected[name], atol=1e-5, rtol=1e-5)) for name in expected}
+    cleanup_distributed(state)
+    with open(f"{out}{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+def test_every_mode_of_a_sharded_model_matches_the_whole_model(tmp_path):
+    spawn_ranks(_modes_worker, 2, str(tmp_path / "r"))
+    for rank in range(2):
+        result = json.load(open(tmp_path / f"r{rank}.json"))
+        assert result == {name: True for name in ("forward", "teacher_forcing", "cached", "features",
+                                                  "cache_keys")}, f"rank {rank}"
+
+
 def _failing_worker(rank: int, message: str) -> None:
     if rank == 1:
         raise RuntimeError(message)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.pixel_codec import PixelShuffleCodec
-from tests.tiny import tiny_models, tiny_train_config
+from tests.tiny import recorded_calls, tiny_models, tiny_train_config
 from trainer.self_forcing import RolloutPlan, SelfForcingRollout, rollout_steps
 
 CODEC_CHANNELS = PixelShuffleCodec(spatial_factor=2).latent_channels
@@ -74,14 +74,6 @@ def test_output_shapes_timestep_range_and_no_mask_by_default():
         assert not rollout(_context(models), plan=RolloutPlan(3, [0, 0, 0])).latents.requires_grad
 
 
-def _count_forwards(model):
-    calls = []
-
-    def hook(module, args, kwargs):
-        calls.append((kwargs.get("start_frame"), torch.is_grad_enabled()))
-    return calls, model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
 def test_gradients_only_from_exit_steps_inside_the_loss_window():
     # Window 6 frames, 10 generated (5 blocks of 2): grad_from_frame = 4, so blocks at frames 0 and 2 carry no graph.
     cfg = tiny_train_config(num_training_frames=10, image_or_video_shape=[1, 6, CODEC_CHANNELS, 4, 6])
@@ -89,9 +81,10 @@ def test_gradients_only_from_exit_steps_inside_the_loss_window():
                          in_dim=CODEC_CHANNELS, out_dim=CODEC_CHANNELS)
     rollout = SelfForcingRollout(cfg, models.generator, codec=models.codec)
     exits = [2, 0, 1, 3, 2]
-    calls, handle = _count_forwards(models.generator.model)
-    out = rollout(_context(models), plan=RolloutPlan(5, exits))
-    handle.remove()
+    with recorded_calls(models.generator.model) as recorded:
+        out = rollout(_context(models), plan=RolloutPlan(5, exits))
+    calls = [(call.args[4], call.grad_enabled) for call in recorded]  # (start frame, gradients on)
+    assert {call.mode for call in recorded} == {"forward_cached", "write_cache"}
     with_grad = [frame for frame, grad in calls if grad]
     assert with_grad == [4, 6, 8]  # exactly one differentiable forward per block in the window: its exit step
     # (exit + 1) denoising calls per block plus a cache pass for every block but the last.

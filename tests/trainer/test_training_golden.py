@@ -15,6 +15,7 @@ from model.config import WanConfig
 from model.wan import WanDiT
 from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
+from tests.tiny import recorded_calls
 from trainer.base import Models
 from trainer.builders import SCORE_NETWORK_SHIFT
 from trainer.dmd import DMD
@@ -149,11 +150,9 @@ def run_rollout(golden, mode: str, checkpointing: bool, weights_of=None):
         if case.meta[key] is not None:
             exit_range = rollout.generator.schedule.exit_step_range(rollout.steps, plan.exit_steps[0])
             assert case.meta[key] == exit_range[key.endswith("_to")], key
-    calls = []
-    hook = model.register_forward_pre_hook(
-        lambda m, args: calls.append((float(args[1].flatten()[0]), torch.is_grad_enabled())))
-    latents = rollout.generate_frames(io["prompt_embeds"], plan, noise=io["noise"], noise_fn=replay.normal_like)
-    hook.remove()
+    with recorded_calls(model, ("forward_cached", "write_cache")) as recorded:
+        latents = rollout.generate_frames(io["prompt_embeds"], plan, noise=io["noise"], noise_fn=replay.normal_like)
+    calls = [(float(call.args[1].flatten()[0]), call.grad_enabled) for call in recorded]
     weights = io["objective_weights"] if weights_of is None else weights_of(io["objective_weights"])
     (latents * weights).sum().backward()
     return case, model, latents, replay, calls
