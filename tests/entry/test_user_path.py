@@ -17,9 +17,10 @@ from model.wan_block import InferenceOptions
 from pipeline import levers as levers_module
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
-from pipeline.inference import CausalInferencePipeline, CausalSettings
+from pipeline.inference import CausalInferencePipeline
 from pipeline.levers import MEASURE, Levers, format_memory, levers_for, memory_report
 from pipeline.loading import model_folder
+from tests.entry.test_inference import load_pipe
 from tests.entry.test_speed_benchmark import benchmark_module
 from tests.tiny import save_tiny_model_folder
 
@@ -176,16 +177,6 @@ def test_model_parts_run_in_the_generators_precision(folder):
     pipe, _, _ = inference.build_pipeline(args, torch.device("cpu"), torch.bfloat16)
     assert pipe.dtype == torch.bfloat16
     assert next(pipe.text_encoder.encoder.parameters()).dtype == torch.bfloat16
-
-
-def load_pipe(folder, **settings) -> CausalInferencePipeline:
-    from pipeline.schedule import FlowMatchSchedule
-    generator, causal = model_folder.load_transformer(folder)
-    schedule = FlowMatchSchedule(5.0)
-    st = CausalSettings(steps=schedule.warp(causal["denoising_step_list"]).tolist(),
-                        frames_per_block=causal["num_frame_per_block"], **settings)
-    text = model_folder.load_text_encoder(folder, generator.config.text_len)
-    return CausalInferencePipeline(generator, text, model_folder.load_codec(folder), schedule, st)
 
 
 def test_a_video_shorter_than_the_window_gets_a_cache_of_its_own_length_and_the_same_frames(folder):
