@@ -76,7 +76,7 @@ def decoder_pad_multiple(tiny: bool) -> int:
 
 
 class BlockClock:
-    """Marks on the device timeline (CUDA events; the host clock on CPU) without synchronising: read the
+    """Marks on the GPU timeline (CUDA events; the host clock on CPU) without synchronising: read the
     intervals after one sync at the end."""
 
     def __init__(self, device: torch.device):
@@ -175,7 +175,7 @@ def kernel_family(name: str) -> str:
 
 
 def kernel_table(prof, cuda: bool, calls: int = 1, top: int = 20) -> dict:
-    """A finished `torch.profiler` run as device time per kernel family and the top kernels (CPU: self time per
+    """A finished `torch.profiler` run as GPU time per kernel family and the top kernels (CPU: self time per
     operator), per call of `calls`. Profiler ranges ("## ...", e.g. a compiled graph's call) are not kernels."""
     rows = []
     for e in prof.key_averages():
@@ -190,7 +190,7 @@ def kernel_table(prof, cuda: bool, calls: int = 1, top: int = 20) -> dict:
     for name, ms, _ in rows:
         family = kernel_family(name)
         families[family] = families.get(family, 0.0) + ms
-    return {"what": "device time per kernel" if cuda else "CPU self time per operator",
+    return {"what": "GPU time per kernel" if cuda else "CPU self time per operator",
             "total_ms": sum(r[1] for r in rows), "by_family_ms": families,
             "top": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in rows[:top]]}
 

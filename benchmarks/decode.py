@@ -15,7 +15,7 @@ cache copies fuse around the cuDNN convolutions; a stream's first two calls run 
 whole decoder, `WanVAE.speed_up_decoder`); `pipeline_from_second` (and the first block's second call compiled too, its
 caches completed with zero frames: `steady_from_second_call`). Each setting gets a fresh
 codec, one warm-up video (the compile's time is reported), then the median of `--repeats` videos: total ms, pixel
-frames/s and the first block's ms; `--profile` adds device time per kernel family for one video. A setting that
+frames/s and the first block's ms; `--profile` adds GPU time per kernel family for one video. A setting that
 raises is recorded with its error. `--frames-per-call` (Wan VAE): latent frames per decoder call, each value timed
 and labelled when there are several (1 is the reference's frame-by-frame loop; the first frame of a video always
 passes alone).
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--settings", default="plain,cudnn_benchmark", help=f"any of {', '.join(SETTINGS)}")
-    parser.add_argument("--profile", action="store_true", help="device time per kernel family for one video")
+    parser.add_argument("--profile", action="store_true", help="GPU time per kernel family for one video")
     parser.add_argument("--profile-top", type=int, default=10, help="kernels listed by --profile (default 10)")
     parser.add_argument("--frames-per-call", default="3",
                         help="Wan VAE: latent frames per decoder call, comma-separated values to time (default 3)")

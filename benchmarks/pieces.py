@@ -4,7 +4,7 @@
     python benchmarks/pieces.py --size tiny           # harness check on CPU
 
 Each variant adds to the one before (`InferenceOptions` switches and inductor settings), compiles cold, then is
-timed as CUDA-graph replays of the same call (median of `--repeats`), profiled once without graphs (device time by
+timed as CUDA-graph replays of the same call (median of `--repeats`), profiled once without graphs (GPU time by
 kernel family and the top kernels, per call), and compared with the first variant's output on the same weights and
 inputs. The full rollout is `benchmarks/speed.py`'s job; this isolates one call so each setting costs seconds.
 """
@@ -44,7 +44,7 @@ COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", 
 
 
 def profile_call(fn, device: torch.device, calls: int = 3) -> dict:
-    """Device time per kernel family and the top kernels, per call."""
+    """GPU time per kernel family and the top kernels, per call."""
     fn()
     sync(device)
     activities = [torch.profiler.ProfilerActivity.CPU] + (

@@ -6,7 +6,7 @@
 
 Levers are cumulative: entry i runs with levers 0..i (`eager` = every switch off, relative RoPE re-rotating the
 window). A lever that raises is recorded with its error and left out of the later entries. For each entry: per-block
-ms (device timeline), rollout ms, DiT-only frames/s, time to the first block's latents, warm-up (first rollout,
+ms (GPU timeline), rollout ms, DiT-only frames/s, time to the first block's latents, warm-up (first rollout,
 cold for that entry's compile/capture state), peak memory, and the relative L2 error of the final latents against
 the eager rollout on the same weights and noise. Then, with every lever that worked: the 6th block alone, frames/s
 and time to first decoded frame with streamed decoding (random-weight Wan VAE / TAEHV on a side stream), and with
@@ -132,7 +132,7 @@ class Bench:
     # --------------------------------------------------------------------------------------------- runs
     def run(self, denoiser: Denoiser, blocks: int, *, window: int = -1, sink: int = 0, rope: str = "absolute",
             rerotate: bool = False, decoder: BlockDecoder | None = None) -> dict:
-        """One rollout; returns wall ms, per-block ms (device timeline), first-block ms and the latents."""
+        """One rollout; returns wall ms, per-block ms (GPU timeline), first-block ms and the latents."""
         frames = blocks * self.fpb
         cache = self.cache(window, sink, rope, rerotate, frames if window == -1 else window)
         cache.reset()
