@@ -27,6 +27,7 @@ from model.gan_heads import GanHeads
 from trainer.base import Batch, Logs, Models
 from trainer.common import clean_latents, image_condition, require, score_timesteps, text_conditions, trainable
 from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
+from utils.errors import ConfigError
 
 WARMUP_BETAS = (0.9, 0.999)  # the original's critic AdamW betas during discriminator warm-up
 
@@ -70,7 +71,7 @@ class GAN:
             models.discriminator_heads.to(device=param.device)
         self.heads: GanHeads = models.discriminator_heads
         if (cfg.r1_weight > 0 or cfg.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
-            raise ValueError("r1_weight / r2_weight need float32 discriminator passes (their finite differences are "
+            raise ConfigError("r1_weight / r2_weight need float32 discriminator passes (their finite differences are "
                              "as small as bf16 rounding), but the critic computes in bf16 under FSDP mixed precision; "
                              "set mixed_precision: false or sharding_strategy: no_shard (autocast)")
         self.rollout = SelfForcingRollout(cfg, models.generator, codec=models.codec, cache_dtype=cache_dtype)
