@@ -285,3 +285,87 @@ def test_bad_long_rollout_settings_are_config_errors_naming_the_key(tmp_path, ov
     assert str(recipe) in str(err.value) or "override" in str(err.value)
     cfg = load_config(recipe, ["rollout_frames=24", "rollout_window=uniform", "prompt_switch_prob=0.3"])
     assert (cfg.rollout_frames, cfg.rollout_window, cfg.prompt_switch_prob) == (24, "uniform", 0.3)
+
+
+# ------------------------------------------------------------------------------------- the entry point
+LONG_RECIPE = """\
+trainer: score_distillation
+distribution_loss: dmd
+image_or_video_shape: [1, 6, 12, 4, 6]
+num_training_frames: 6
+num_frame_per_block: 2
+warp_denoising_step: true
+rollout_frames: 18
+rollout_window: uniform
+prompt_switch_prob: 1.0
+rollout_cache: inference
+model_kwargs: {timestep_shift: 5.0, local_attn_size: 4, sink_size: 2, rope: relative}
+gradient_checkpointing: false
+mixed_precision: false
+sharding_strategy: no_shard
+dfake_gen_update_ratio: 2
+batch_size: 2
+max_steps: 3
+log_iters: 100
+seed: 3
+"""
+
+
+def test_train_py_runs_long_rollouts_with_prompt_switches(tmp_path):
+    import train
+    from trainer.registry import build_algorithm
+
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\na green triangle\na white cat\n")
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(LONG_RECIPE + f"data_path: {tmp_path / 'prompts.txt'}\n")
+    argv = ["--config_path", str(recipe), "--logdir", str(tmp_path / "run"), "--disable-wandb", "--no_save"]
+    samples, before = [], {}
+
+    def recording(cfg, models):
+        algo = build_algorithm(cfg, models)
+        before.update({n: p.detach().clone() for n, p in models.generator.model.named_parameters()})
+        rollout = algo.rollout
+
+        def recorded(context, **kwargs):
+            out = rollout(context, **kwargs)
+            samples.append((out.num_frames, out.plan.num_blocks, out.plan.switch_block, out.latents.shape,
+                            out.context is kwargs.get("switch_context")))
+            return out
+        algo.rollout = recorded
+        return algo
+    trainer = train.main(argv, models=long_models, algorithm_factory=recording)
+    assert trainer.step == 3 and len(samples) == 3 + 2  # every step a critic rollout, steps 0 and 2 a generator one
+    for frames, blocks, switch, shape, switched in samples:
+        assert frames == 2 * blocks and 6 <= frames <= 18 and shape == (2, 6, 12, 4, 6)
+        # Every rollout past the horizon switched (probability 1) before its window, and its losses saw the switch.
+        assert (switch is not None) == (frames > 6) and switched == (frames > 6)
+    assert any(frames > 6 for frames, *_ in samples)
+    after = dict(trainer.algorithm.models.generator.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_prompt_files_pair_every_prompt_with_another_one(tmp_path):
+    from trainer.data import PromptDataset
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(f"prompt {i}\n" for i in range(7)))
+    plain = PromptDataset(path)
+    assert "switch_prompts" not in plain[0]
+    a, b = PromptDataset(path, switch_seed=4), PromptDataset(path, switch_seed=4)
+    partners = [a[i]["switch_prompts"] for i in range(7)]
+    assert partners == [b[i]["switch_prompts"] for i in range(7)]  # fixed for a run: resumes need no state
+    assert all(p != f"prompt {i}" for i, p in enumerate(partners))  # nobody switches to itself
+    assert sorted(partners) == sorted(f"prompt {i}" for i in range(7))  # one cycle: every prompt is used once
+    one = tmp_path / "one.txt"
+    one.write_text("alone\n")
+    with pytest.raises(ValueError, match="at least two prompts"):
+        PromptDataset(one, switch_seed=0)
+
+
+def test_shapes_batches_carry_switch_prompts_only_when_switching():
+    from shapes.components import ShapesBatches
+    from utils.config import Config
+    base = dict(world="shapes", image_or_video_shape=[1, 4, 12, 16, 16], height=32, width=32, batch_size=3)
+    plain = next(ShapesBatches(Config(**base), seed=1))
+    switching = next(ShapesBatches(Config(**base, rollout_frames=8, prompt_switch_prob=0.5), seed=1))
+    assert "switch_prompts" not in plain and plain["prompts"] == switching["prompts"]
+    assert len(switching["switch_prompts"]) == 3 and switching["switch_prompts"] != switching["prompts"]
