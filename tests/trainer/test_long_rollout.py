@@ -369,3 +369,13 @@ def test_shapes_batches_carry_switch_prompts_only_when_switching():
     switching = next(ShapesBatches(Config(**base, rollout_frames=8, prompt_switch_prob=0.5), seed=1))
     assert "switch_prompts" not in plain and plain["prompts"] == switching["prompts"]
     assert len(switching["switch_prompts"]) == 3 and switching["switch_prompts"] != switching["prompts"]
+
+
+@pytest.mark.parametrize("recipe", ["configs/self_forcing_dmd_long.yaml", "configs/shapes/self_forcing_dmd_long.yaml"])
+def test_the_long_recipes_load(recipe):
+    from utils.config import REPO_ROOT
+    cfg = load_config(REPO_ROOT / recipe)
+    horizon = cfg.image_or_video_shape[1]
+    assert cfg.rollout_frames == 4 * horizon and cfg.rollout_cache == "inference"
+    assert cfg.model_kwargs.local_attn_size == horizon and cfg.model_kwargs.rope == "relative"
+    assert 0 < cfg.prompt_switch_prob < 1 and cfg.rollout_window == "uniform"
