@@ -6,6 +6,10 @@ the few-step block-wise rollout with stochastic gradient truncation, keep the lo
 `image_or_video_shape[1]` frames, re-encoding the frame before it through the codec when more were generated) and
 build the gradient mask.
 
+Long self-rollouts (`rollout_frames`, docs/training.md "Long self-rollouts"): the rollout runs up to many times the
+loss window on a cache whose size does not depend on its length, optionally switching prompts with KV re-cache;
+only the window's blocks keep a graph and the losses see the window with the prompt in force (`window_context`).
+
 KV-cache gradients, `kv_cache_grad`:
   * "paper" (default): the cache is written without autograd history (the paper's Algorithm 1). The exit-step
     forward of a block attends to the detached past K/V concatenated with its own K/V, which keep their graph.
@@ -292,7 +296,7 @@ class SelfForcingRollout:
         keep_frames = max(2 * self.window, cache_window)
         kept: list[tuple[int, Tensor]] = []  # (start frame, latents) of the blocks still needed, in order
         prompt = context
-        for piece, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
             wanted = switch_context if plan.switch_block is not None and lo >= plan.switch_block else context
             if wanted is not prompt:
                 prompt = wanted
