@@ -223,11 +223,11 @@ def test_switch_draws_fall_before_the_window():
     assert all(p.switch_block is None for p in plans if p.num_blocks == 3)
 
 
-@pytest.mark.parametrize("cls", [DMD, GAN])
+@pytest.mark.parametrize("cls", [DMD, SiD, GAN])
 def test_the_losses_see_the_prompt_in_force(cls, monkeypatch):
-    extra = dict(trainer="gan") if cls is GAN else {}
+    extra = {DMD: {}, SiD: dict(distribution_loss="sid"), GAN: dict(trainer="gan")}[cls]
     cfg = long_config(rollout_frames=4 * WINDOW, prompt_switch_prob=1.0, **extra)
-    models = long_models(cfg, teacher=cls is DMD)
+    models = long_models(cfg, teacher=cls is not GAN)
     algo = cls(cfg, models)
     batch = {"prompts": ["a red circle", "a cat"], "switch_prompts": ["a dog", "a blue square"],
              "latents": torch.randn(2, WINDOW, CHANNELS, 4, 6)}
@@ -244,7 +244,7 @@ def test_the_losses_see_the_prompt_in_force(cls, monkeypatch):
                 return _method(*args, **kwargs)
             object.__setattr__(denoiser.model, mode, record)
     algo.generator_loss(batch, 0)
-    if cls is DMD:
+    if cls is not GAN:
         # Conditional passes use the switched prompts; the guidance's unconditional ones the negative prompt.
         for role in ("teacher", "critic"):
             assert any(torch.equal(c, switched) for c in seen[role])
@@ -379,3 +379,16 @@ def test_the_long_recipes_load(recipe):
     assert cfg.rollout_frames == 4 * horizon and cfg.rollout_cache == "inference"
     assert cfg.model_kwargs.local_attn_size == horizon and cfg.model_kwargs.rope == "relative"
     assert 0 < cfg.prompt_switch_prob < 1 and cfg.rollout_window == "uniform"
+
+
+def test_the_shapes_recipe_runs_the_long_stage_only_when_named(tmp_path):
+    import importlib.util
+    from utils.config import REPO_ROOT
+    spec = importlib.util.spec_from_file_location("shapes_world_script", REPO_ROOT / "scripts" / "shapes_world.py")
+    sw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sw)
+    assert "dmd_long" not in sw.ALL_STAGES and "dmd_long" in sw.OPTIONAL_STAGES
+    cfg = sw.load_stage_config("dmd_long", tmp_path, "smoke")  # smoke sizes: a 6-frame window
+    assert cfg.rollout_frames == 48 and cfg.image_or_video_shape[1] == 6
+    assert cfg.generator_ckpt == str(tmp_path / "dmd" / "generator_ema.safetensors")
+    assert cfg.real_score_ckpt == str(tmp_path / "teacher" / "generator_ema.safetensors")
