@@ -263,6 +263,12 @@ def _validate_long_rollout(cfg: Config, where: Callable[[str], str], rollout_rec
             raise ConfigError(f"{where('rollout_frames')}: rollout_frames = {cfg.rollout_frames} must be at least "
                               f"the loss window image_or_video_shape[1] = {horizon} and split into blocks of "
                               f"num_frame_per_block = {nfpb}" + (" after the independent first frame" if first else ""))
+        if cfg.rollout_frames == horizon:
+            # One window position and no block boundary before it: these keys could not change anything.
+            for key, default in (("rollout_window", "latest"), ("prompt_switch_prob", 0.0)):
+                if getattr(cfg, key) != default:
+                    raise ConfigError(f"{where(key)}: {key} = {getattr(cfg, key)!r} needs rollout_frames beyond the "
+                                      f"loss window image_or_video_shape[1] = {horizon}")
         if cfg.num_training_frames != horizon:
             raise ConfigError(f"{where('num_training_frames')}: num_training_frames = {cfg.num_training_frames} "
                               "(random rollout lengths) cannot be combined with rollout_frames; set it to "

@@ -268,6 +268,8 @@ def test_the_losses_see_the_prompt_in_force(cls, monkeypatch):
     (["rollout_window=uniform"], "rollout_window"),  # no long rollout
     (["prompt_switch_prob=0.5"], "prompt_switch_prob"),
     (["rollout_frames=12", "prompt_switch_prob=1.5"], "prompt_switch_prob"),
+    (["rollout_frames=6", "prompt_switch_prob=0.5"], "prompt_switch_prob"),  # no boundary before the window
+    (["rollout_frames=6", "rollout_window=uniform"], "rollout_window"),  # one position only
     (["rollout_frames=12", "rollout_window=first"], "rollout_window"),
     (["rollout_frames=12", "num_training_frames=8"], "num_training_frames"),
     (["rollout_frames=12", "rollout_cache=training"], "rollout_cache"),  # a cache that grows with the rollout
