@@ -59,11 +59,8 @@ class DMD:
         """Generator samples for the losses; differentiable where the rollout policy says (if grad mode is on).
         With `i2v` the rollout starts from the first clean latent frame of the batch's data; with prompt switches
         (long rollouts) it may switch to the embeddings of the batch's `switch_prompts`."""
-        switch = switch_conditions(self.cfg, self.models, batch)
-        initial = image_condition(self.cfg, batch, type(self).__name__)
-        if switch is None:
-            return self.rollout(context, initial_latent=initial)
-        return self.rollout(context, initial_latent=initial, switch_context=switch)
+        return self.rollout(context, initial_latent=image_condition(self.cfg, batch, type(self).__name__),
+                            switch_context=switch_conditions(self.cfg, self.models, batch))
 
     def score_t(self, x: Tensor, sample: GeneratorOutput) -> Tensor:
         """Score timesteps `[B, F]` for samples x `[B, F, C, H, W]` (docs/method.md, "Score timesteps")."""

@@ -119,11 +119,8 @@ class GAN:
 
     def _generate(self, batch: Batch, context: Tensor) -> GeneratorOutput:
         """The rollout of a step (from the data's first frame with `i2v`; switching prompts if configured)."""
-        switch = switch_conditions(self.cfg, self.models, batch)
-        initial = image_condition(self.cfg, batch, "GAN")
-        if switch is None:
-            return self.rollout(context, initial_latent=initial)
-        return self.rollout(context, initial_latent=initial, switch_context=switch)
+        return self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"),
+                            switch_context=switch_conditions(self.cfg, self.models, batch))
 
     def _penalty(self, x_t: Tensor, logits: Tensor, t: Tensor, context: Tensor, sigma: float) -> Tensor:
         """Finite-difference R1/R2 at `x_t` (whose logits are `logits`). Under bf16 autocast both discriminator
