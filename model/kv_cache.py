@@ -28,6 +28,19 @@ class CacheWrite:
     query_frame: int  # RoPE frame index of the first query frame
 
 
+def inference_cache_geometry(frames: int, window_frames: int, sink_frames: int) -> tuple[int, int, int]:
+    """(capacity, window, sink) in latent frames of the cache inference builds for a rollout of `frames` frames
+    under the model's `local_attn_size` (`window_frames`, -1: none) and `sink_size`: every frame without a window,
+    else `window_frames` slots rolling with the sink pinned. A rollout shorter than the window never rolls: a cache of
+    its own length attends to the same frames and holds no slots it would never fill (the sink only matters once
+    frames are evicted)."""
+    if window_frames == -1:
+        return frames, -1, 0
+    if frames < window_frames:
+        return frames, frames, min(sink_frames, frames - 1)
+    return window_frames, window_frames, sink_frames
+
+
 class KVCache:
     """Self-attention K/V of every layer, `[layers, B, capacity_tokens, heads, head_dim]`, plus the prompt's
     cross-attention K/V `[layers, B, text_len, heads, head_dim]`.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, inference_cache_geometry
 from model.prompt_cache import PromptEmbeddingCache
 from model.wan import WanDiT
 from pipeline.cuda_graphs import GraphedDiT
@@ -160,14 +160,7 @@ class CausalInferencePipeline:
     def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings, denoiser: Denoiser) -> KVCache:
         """The KV cache of a call, sized for its frames (the window's when rolling), reused while it fits exactly."""
         self._check_length(frames, st)
-        rolling = st.window_frames != -1
-        capacity, window, sink = frames, st.window_frames, st.sink_frames
-        if rolling and frames < st.window_frames:
-            # A video shorter than the window never rolls: a cache of its own length attends to the same frames and
-            # holds no slots it would never fill (the sink only matters once frames are evicted).
-            window, sink = frames, min(st.sink_frames, frames - 1)
-        elif rolling:
-            capacity = st.window_frames
+        capacity, window, sink = inference_cache_geometry(frames, st.window_frames, st.sink_frames)
         cache = self._kv
         if (cache is None or cache.k.shape[1] != batch
                 or cache.capacity != capacity * self.generator.tokens_per_frame(h, w)

@@ -3,6 +3,7 @@
     python scripts/shapes_world.py --out runs/shapes                     # full size (GPU, ~20 minutes)
     python scripts/shapes_world.py --out runs/smoke --size smoke         # a few steps of everything (CPU, CI)
     python scripts/shapes_world.py --out runs/shapes --stages dmd,export # some stages (earlier ones must exist)
+    python scripts/shapes_world.py --out runs/shapes --stages dmd_long   # an optional stage, after dmd
 
 Stages, in order (configs/shapes/*.yaml):
   base         frozen text encoder + tokenizer over the world's vocabulary, and the codec, as a model folder
@@ -12,6 +13,8 @@ Stages, in order (configs/shapes/*.yaml):
   dmd sid gan  Self Forcing with DMD / SiD / GAN from the ODE init
   causvid teacher_forcing diffusion_forcing   the baselines
   export       the Self Forcing DMD student (EMA) as a model folder (what `inference.py` loads)
+Optional stage (only when named in --stages):
+  dmd_long     the DMD student tuned on long self-rollouts with prompt switches (docs/training.md)
 Each training stage leaves `<out>/<stage>/generator.safetensors` (+ `generator_ema.safetensors`, `config.json`)
 next to its logs; a finished stage is skipped on a rerun (resume), `--force` redoes it.
 """
@@ -31,9 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "shapes"
 TRAIN_STAGES = {"teacher": "teacher", "ode_init": "ode_init", "dmd": "self_forcing_dmd",
                 "sid": "self_forcing_sid", "gan": "self_forcing_gan", "causvid": "causvid",
-                "teacher_forcing": "teacher_forcing", "diffusion_forcing": "diffusion_forcing"}
+                "teacher_forcing": "teacher_forcing", "diffusion_forcing": "diffusion_forcing",
+                "dmd_long": "self_forcing_dmd_long"}
 ALL_STAGES = ["base", "teacher", "ode_pairs", "ode_init", "dmd", "sid", "gan", "causvid", "teacher_forcing",
               "diffusion_forcing", "export"]
+OPTIONAL_STAGES = ["dmd_long"]  # run only when named: they continue a finished stage
 # A few steps of everything at toy sizes: checks the plumbing, not the quality.
 SMOKE = ["max_steps=3", "batch_size=2", "log_every=1", "lr_warmup_steps=0", "ema_start_step=1",
          "discriminator_warmup_steps=1", "dfake_gen_update_ratio=2",
@@ -65,6 +70,8 @@ def weights_overrides(stage: str, out: Path) -> list[str]:
         return [f"generator_ckpt={teacher}"]
     if stage in ("dmd", "sid", "gan", "causvid"):
         return [f"generator_ckpt={ode_init}", f"real_score_ckpt={teacher}"]
+    if stage == "dmd_long":
+        return [f"generator_ckpt={out / 'dmd' / 'generator_ema.safetensors'}", f"real_score_ckpt={teacher}"]
     return []
 
 
@@ -160,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = sorted(set(stages) - set(ALL_STAGES))
+    unknown = sorted(set(stages) - set(ALL_STAGES) - set(OPTIONAL_STAGES))
     if unknown:
-        p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES}")
+        p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES + OPTIONAL_STAGES}")
     timings = {}
-    for stage in [s for s in ALL_STAGES if s in stages]:
+    for stage in [s for s in ALL_STAGES + OPTIONAL_STAGES if s in stages]:
         done = out / stage / ("model_index.json" if stage in ("base", "export") else
                               "index.json" if stage == "ode_pairs" else "generator.safetensors")
         if done.exists() and not args.force:

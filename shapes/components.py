@@ -136,13 +136,21 @@ class ShapesBatches:
         self.dataset = ShapesWorldDataset(frames, cfg.height, cfg.width, split="train", seed=seed, device=device)
         self.batch_size = cfg.batch_size
         self.generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank)
+        self.switch_prompts = cfg.prompt_switch_prob > 0
 
     def __iter__(self) -> "ShapesBatches":
         return self
 
     def __next__(self) -> dict[str, Any]:
         batch = self.dataset.batch(self.batch_size, self.generator)
-        return {"prompts": batch["prompts"], "latents": self.codec.encode_to_latent(batch["video"])}
+        out = {"prompts": batch["prompts"], "latents": self.codec.encode_to_latent(batch["video"])}
+        if self.switch_prompts:
+            # Prompt switches of long rollouts: the prompts of scenes drawn after the batch's own.
+            from shapes.prompts import short_prompt
+            from shapes.world import sample_scenes
+            scenes = sample_scenes(self.batch_size, self.generator, self.dataset.split, self.dataset.num_shapes)
+            out["switch_prompts"] = [short_prompt(scene) for scene in scenes]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.generator.get_state()}

@@ -29,6 +29,20 @@ def text_conditions(models: Models, batch: Batch) -> tuple[Tensor, Tensor]:
     return context, negative
 
 
+def switch_conditions(cfg, models: Models, batch: Batch) -> Optional[Tensor]:
+    """Prompt embeddings `[B, L, text_dim]` a long rollout may switch to (`prompt_switch_prob` > 0; LongLive's
+    prompt switches): those of `batch['switch_prompts']`, one per sample; None when rollouts never switch."""
+    if cfg.prompt_switch_prob == 0:
+        return None
+    switch = batch.get("switch_prompts")
+    prompts = batch.get("prompts") or []
+    if not switch or len(switch) != len(prompts):
+        raise KeyError(f"prompt_switch_prob = {cfg.prompt_switch_prob} needs batch['switch_prompts'] (one prompt per "
+                       f"sample, {len(prompts)} here); got keys {sorted(batch)}")
+    with torch.no_grad():
+        return models.text(list(switch))
+
+
 def require(models: Models, *names: str, algorithm: str) -> None:
     missing = [n for n in names if getattr(models, n) is None]
     if missing:

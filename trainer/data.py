@@ -47,14 +47,26 @@ class PromptDataset:
     """One prompt per non-blank line of `data_path`; items `{"prompts": str, "idx": int[, "extended_prompts": str]}`.
 
     `extended_prompt_path` must have one non-blank line per prompt (the original's TextDataset rule).
+    `switch_seed` (prompt switches of long rollouts): items also carry `"switch_prompts"`, the prompt a rollout may
+    switch to; the prompts are paired along one random cycle drawn from the seed, so none switches to itself and
+    the pairing is fixed for a run (resumes need no state).
     """
 
-    def __init__(self, data_path: str | Path, extended_prompt_path: str | Path | None = None):
+    def __init__(self, data_path: str | Path, extended_prompt_path: str | Path | None = None,
+                 switch_seed: Optional[int] = None):
         prompts = read_prompt_file(data_path)
         if extended_prompt_path:
             prompts = attach_extended(prompts, extended_prompt_path)
         self.prompts = prompts
         self.path = Path(data_path)
+        self.switch_partner: Optional[list[int]] = None
+        if switch_seed is not None:
+            if len(prompts) < 2:
+                raise InputError(f"{data_path}: prompt switches (prompt_switch_prob > 0) need at least two prompts")
+            cycle = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(int(switch_seed))).tolist()
+            self.switch_partner = [0] * len(prompts)
+            for a, b in zip(cycle, cycle[1:] + cycle[:1]):
+                self.switch_partner[a] = b
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -64,6 +76,8 @@ class PromptDataset:
         item: dict[str, Any] = {"prompts": p.text, "idx": p.index}
         if p.extended is not None:
             item["extended_prompts"] = p.extended
+        if self.switch_partner is not None:
+            item["switch_prompts"] = self.prompts[self.switch_partner[index]].text
         return item
 
 
@@ -161,6 +175,9 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     # i2v distillation takes the first latent frame of each clip from the data (the original read its LMDB shards).
     needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.trainer == "score_distillation" and (
         cfg.distribution_loss == "causvid" or cfg.i2v)
+    if needs_latents and cfg.prompt_switch_prob > 0:
+        raise InputError("prompt_switch_prob > 0: the ODE-pair / latent shards carry no switch prompts; prompt "
+                         "switches train on prompt files (data_path) or the shapes world")
     if needs_latents:
         from trainer.ode_pairs import ODEPairDataset
         if not cfg.ode_data_path:
@@ -170,7 +187,8 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     if cfg.trainer == "score_distillation":
         if not cfg.data_path:
             raise InputError("config key data_path is not set; expected a text file with one training prompt per line")
-        dataset = PromptDataset(cfg.data_path, cfg.extended_prompt_path)
+        dataset = PromptDataset(cfg.data_path, cfg.extended_prompt_path,
+                                switch_seed=seed if cfg.prompt_switch_prob > 0 else None)
         return ShardedBatches(dataset, cfg.batch_size, rank, world_size, seed)
     if cfg.trainer == "ode":
         from trainer.ode_pairs import ODEPairDataset, config_trajectory_timesteps

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from trainer.base import Batch, Logs, Models, frozen
 from trainer.common import (Draws, guidance_scales, guided_x0, image_condition, masked_mean, require, score_timesteps,
-                            text_conditions, trainable)
-from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
+                            switch_conditions, text_conditions, trainable)
+from trainer.self_forcing import GeneratorOutput, SelfForcingRollout, window_context
 
 
 def dmd_gradient(x: Tensor, fake_x0: Tensor, real_x0: Tensor) -> Tensor:
@@ -57,8 +57,10 @@ class DMD:
     # --------------------------------------------------------------------------------------------- samples
     def generate(self, batch: Batch, context: Tensor) -> GeneratorOutput:
         """Generator samples for the losses; differentiable where the rollout policy says (if grad mode is on).
-        With `i2v` the rollout starts from the first clean latent frame of the batch's data."""
-        return self.rollout(context, initial_latent=image_condition(self.cfg, batch, type(self).__name__))
+        With `i2v` the rollout starts from the first clean latent frame of the batch's data; with prompt switches
+        (long rollouts) it may switch to the embeddings of the batch's `switch_prompts`."""
+        return self.rollout(context, initial_latent=image_condition(self.cfg, batch, type(self).__name__),
+                            switch_context=switch_conditions(self.cfg, self.models, batch))
 
     def score_t(self, x: Tensor, sample: GeneratorOutput) -> Tensor:
         """Score timesteps `[B, F]` for samples x `[B, F, C, H, W]` (docs/method.md, "Score timesteps")."""
@@ -76,7 +78,7 @@ class DMD:
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         context, negative = text_conditions(self.models, batch)
         sample = self.generate(batch, context)
-        return self.distribution_matching_loss(sample, context, negative)
+        return self.distribution_matching_loss(sample, window_context(sample, context), negative)
 
     def distribution_matching_loss(self, sample: GeneratorOutput, context: Tensor,
                                    negative: Tensor) -> tuple[Tensor, Logs]:
@@ -96,7 +98,7 @@ class DMD:
         context, _ = text_conditions(self.models, batch)
         with torch.no_grad():  # the critic step runs its own complete rollout (as the original)
             sample = self.generate(batch, context)
-        return self.denoising_loss(sample, context)
+        return self.denoising_loss(sample, window_context(sample, context))
 
     def denoising_loss(self, sample: GeneratorOutput, context: Tensor) -> tuple[Tensor, Logs]:
         """The critic's flow-matching loss on generated latents `sample.latents` (their gradient is not used)."""

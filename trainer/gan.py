@@ -25,8 +25,9 @@ from torch import Tensor, nn
 
 from model.gan_heads import GanHeads
 from trainer.base import Batch, Logs, Models
-from trainer.common import clean_latents, image_condition, require, score_timesteps, text_conditions, trainable
-from trainer.self_forcing import GeneratorOutput, SelfForcingRollout
+from trainer.common import (clean_latents, image_condition, require, score_timesteps, switch_conditions,
+                            text_conditions, trainable)
+from trainer.self_forcing import GeneratorOutput, SelfForcingRollout, window_context
 from utils.errors import ConfigError
 
 WARMUP_BETAS = (0.9, 0.999)  # the original's critic AdamW betas during discriminator warm-up
@@ -95,22 +96,31 @@ class GAN:
         return score_timesteps(self.models.generator, self.cfg, x.shape[0], x.shape[1], x.device,
                                sample.denoised_timestep_from, sample.denoised_timestep_to, shift=self.shift)
 
-    def _pair_logits(self, fake_t: Tensor, real_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+    def _pair_logits(self, fake_t: Tensor, real_t: Tensor, t: Tensor, fake_context: Tensor,
+                     real_context: Tensor) -> tuple[Tensor, Tensor]:
         # One pass over [fake; real]; the prompts are concatenated into a new tensor (the original duplicated them
-        # in place inside the shared conditioning dict).
-        logits = self.discriminate(torch.cat([fake_t, real_t]), torch.cat([t, t]), torch.cat([context, context]))
+        # in place inside the shared conditioning dict). Each clip is judged with its own prompt: after a prompt
+        # switch the generated window's is the switched one, the data clip's stays its caption.
+        logits = self.discriminate(torch.cat([fake_t, real_t]), torch.cat([t, t]),
+                                   torch.cat([fake_context, real_context]))
         return logits.chunk(2)
 
-    def _discriminator_terms(self, fake_t: Tensor, real_t: Tensor, t: Tensor, context: Tensor):
+    def _discriminator_terms(self, fake_t: Tensor, real_t: Tensor, t: Tensor, fake_context: Tensor,
+                             real_context: Tensor):
         """(fake logits, real logits, R1, R2) for the discriminator step."""
         cfg = self.cfg
-        fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
+        fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, fake_context, real_context)
         r1 = r2 = torch.zeros((), device=fake_t.device)
         if cfg.r1_weight > 0:
-            r1 = cfg.r1_weight * self._penalty(real_t, real_logits, t, context, cfg.r1_sigma)
+            r1 = cfg.r1_weight * self._penalty(real_t, real_logits, t, real_context, cfg.r1_sigma)
         if cfg.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
-            r2 = cfg.r2_weight * self._penalty(fake_t, fake_logits, t, context, cfg.r2_sigma)
+            r2 = cfg.r2_weight * self._penalty(fake_t, fake_logits, t, fake_context, cfg.r2_sigma)
         return fake_logits, real_logits, r1, r2
+
+    def _generate(self, batch: Batch, context: Tensor) -> GeneratorOutput:
+        """The rollout of a step (from the data's first frame with `i2v`; switching prompts if configured)."""
+        return self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"),
+                            switch_context=switch_conditions(self.cfg, self.models, batch))
 
     def _penalty(self, x_t: Tensor, logits: Tensor, t: Tensor, context: Tensor, sigma: float) -> Tensor:
         """Finite-difference R1/R2 at `x_t` (whose logits are `logits`). Under bf16 autocast both discriminator
@@ -129,7 +139,7 @@ class GAN:
     # --------------------------------------------------------------------------------------------- losses
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         context, _ = text_conditions(self.models, batch)
-        sample = self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"))
+        sample = self._generate(batch, context)
         x = sample.latents
         real = self._real(batch, x)
         t = self._timesteps(x, sample)
@@ -137,7 +147,7 @@ class GAN:
         fake_t = schedule.add_noise(x, torch.randn_like(x), t)
         real_t = schedule.add_noise(real, torch.randn_like(real), t)
         # Critic parameters collect gradients here too; the loop clears a role's gradients before its own update.
-        fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
+        fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, window_context(sample, context), context)
         loss = self.cfg.gan_g_weight * generator_gan_loss(fake_logits, real_logits, self.cfg.relativistic_discriminator)
         return loss, {"fake_logit": float(fake_logits.detach().mean()), "real_logit": float(real_logits.detach().mean())}
 
@@ -145,7 +155,7 @@ class GAN:
         cfg = self.cfg
         context, _ = text_conditions(self.models, batch)
         with torch.no_grad():
-            sample = self.rollout(context, initial_latent=image_condition(self.cfg, batch, "GAN"))
+            sample = self._generate(batch, context)
         x = sample.latents.detach()
         real = self._real(batch, x)
         t = self._timesteps(x, sample)
@@ -154,7 +164,8 @@ class GAN:
         schedule = self.models.generator.schedule
         fake_t, real_t = schedule.add_noise(x, noise, t), schedule.add_noise(real, noise, t)
         # During warm-up only the heads are in the optimizer (critic_param_groups); trunk gradients are cleared.
-        fake_logits, real_logits, r1, r2 = self._discriminator_terms(fake_t, real_t, t, context)
+        fake_logits, real_logits, r1, r2 = self._discriminator_terms(fake_t, real_t, t,
+                                                                     window_context(sample, context), context)
         loss = cfg.gan_d_weight * discriminator_gan_loss(fake_logits, real_logits, cfg.relativistic_discriminator)
         total = (loss + 0.5 * (r1 + r2)) * cfg.loss_scale
         real_logits, fake_logits, r1, r2 = (v.detach() for v in (real_logits, fake_logits, r1, r2))

@@ -72,6 +72,12 @@ class Config:
     kv_cache_grad: str = "paper"  # paper: cache written without gradient | original: gradients leak (docs/original.md)
     image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
 
+    # --- long self-rollouts (DMD, SiD, GAN; docs/training.md, "Long self-rollouts") ----------------------------
+    rollout_frames: int = 0  # latent frames of each training rollout, up to many horizons; 0: the standard recipe
+    rollout_window: str = "latest"  # latest | uniform: where the loss window (image_or_video_shape[1]) sits
+    prompt_switch_prob: float = 0.0  # chance that a rollout switches to batch['switch_prompts'] (KV re-cache)
+    rollout_cache: str = "training"  # training: the original's (every frame held) | inference: as inference builds it
+
     # --- distribution matching ------------------------------------------------------------------------------------
     guidance_scale: float = 3.0
     real_guidance_scale: Optional[float] = None
@@ -191,6 +197,8 @@ _CHOICES = {
     "sharding_strategy": ("full", "hybrid_full", "hybrid_zero2", "no_shard"),
     "model_kwargs.rope": ("absolute", "relative"),
     "attention_backend": ATTENTION_BACKEND_NAMES,
+    "rollout_window": ("latest", "uniform"),
+    "rollout_cache": ("training", "inference"),
 }
 
 
@@ -225,9 +233,59 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
     if cfg.i2v and rollout_recipe and not cfg.independent_first_frame:
         raise ConfigError(f"{where('i2v')}: i2v = true needs independent_first_frame = true: the rollout starts from "
                           "the data's first latent frame as a block of its own, then generates whole blocks")
+    _validate_long_rollout(cfg, where, rollout_recipe)
     if not 0.0 <= cfg.frame_causal_fraction < 1.0:
         raise ConfigError(f"{where('frame_causal_fraction')}: frame_causal_fraction must be in [0, 1) (a model trained "
                           f"only causally is a causal one: causal: true), got {cfg.frame_causal_fraction}")
+
+
+def _validate_long_rollout(cfg: Config, where: Callable[[str], str], rollout_recipe: bool) -> None:
+    """The long self-rollout keys: each one either takes effect or is an error (never accepted and ignored)."""
+    horizon, nfpb = cfg.image_or_video_shape[1], cfg.num_frame_per_block
+    first = int(cfg.independent_first_frame)
+    if not 0.0 <= cfg.prompt_switch_prob <= 1.0:
+        raise ConfigError(f"{where('prompt_switch_prob')}: prompt_switch_prob must be in [0, 1], "
+                          f"got {cfg.prompt_switch_prob}")
+    if cfg.rollout_cache != "training" and not rollout_recipe:
+        raise ConfigError(f"{where('rollout_cache')}: rollout_cache sets the cache of self-forcing rollouts (DMD, "
+                          f"SiD, GAN), which trainer {cfg.trainer!r} / {cfg.distribution_loss!r} does not run")
+    if cfg.rollout_frames == 0:
+        for key, default in (("rollout_window", "latest"), ("prompt_switch_prob", 0.0)):
+            if getattr(cfg, key) != default:
+                raise ConfigError(f"{where(key)}: {key} = {getattr(cfg, key)!r} needs a long rollout: set "
+                                  f"rollout_frames (latent frames, at least image_or_video_shape[1] = {horizon})")
+    else:
+        if not rollout_recipe:
+            raise ConfigError(f"{where('rollout_frames')}: rollout_frames trains on self-rollouts (trainer "
+                              f"score_distillation with dmd / sid, or gan), not trainer {cfg.trainer!r} / "
+                              f"distribution_loss {cfg.distribution_loss!r}")
+        if cfg.rollout_frames < horizon or (cfg.rollout_frames - first) % nfpb:
+            raise ConfigError(f"{where('rollout_frames')}: rollout_frames = {cfg.rollout_frames} must be at least "
+                              f"the loss window image_or_video_shape[1] = {horizon} and split into blocks of "
+                              f"num_frame_per_block = {nfpb}" + (" after the independent first frame" if first else ""))
+        if cfg.rollout_frames == horizon:
+            # One window position and no block boundary before it: these keys could not change anything.
+            for key, default in (("rollout_window", "latest"), ("prompt_switch_prob", 0.0)):
+                if getattr(cfg, key) != default:
+                    raise ConfigError(f"{where(key)}: {key} = {getattr(cfg, key)!r} needs rollout_frames beyond the "
+                                      f"loss window image_or_video_shape[1] = {horizon}")
+        if cfg.num_training_frames != horizon:
+            raise ConfigError(f"{where('num_training_frames')}: num_training_frames = {cfg.num_training_frames} "
+                              "(random rollout lengths) cannot be combined with rollout_frames; set it to "
+                              f"image_or_video_shape[1] = {horizon}")
+    if cfg.rollout_frames > horizon:
+        # Memory must not grow with the rollout: only a cache that evicts (as inference's does) stays bounded.
+        window = cfg.model_kwargs.local_attn_size
+        if cfg.rollout_cache != "inference":
+            raise ConfigError(f"{where('rollout_cache')}: rollout_frames = {cfg.rollout_frames} beyond the loss "
+                              "window needs rollout_cache = inference (a rolling cache of bounded size)")
+        if window == -1 or window < nfpb:
+            raise ConfigError(f"{where('model_kwargs.local_attn_size')}: rollout_frames = {cfg.rollout_frames} "
+                              "needs a rolling window: set model_kwargs.local_attn_size to at least "
+                              f"num_frame_per_block = {nfpb} latent frames (the window used at inference)")
+        if not 0 <= cfg.model_kwargs.sink_size <= window - nfpb:
+            raise ConfigError(f"{where('model_kwargs.sink_size')}: sink_size = {cfg.model_kwargs.sink_size} must "
+                              f"leave room for a block in the window of {window} frames")
 
 
 def _keys(values: Any, prefix: str = "") -> list[str]:

@@ -141,7 +141,7 @@ def test_gan_penalty_under_bf16_autocast_is_not_rounding():
     def terms(bf16: bool):
         torch.manual_seed(5)  # the same perturbations in both runs
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return algo._discriminator_terms(fake, real, t, context)
+            return algo._discriminator_terms(fake, real, t, context, context)
     exact, mixed = terms(False), terms(True)
     assert all(v.dtype == torch.float32 for v in mixed)
     for name, a, b in (("r1", exact[2], mixed[2]), ("r2", exact[3], mixed[3])):
