@@ -58,7 +58,7 @@ def clean_latents(batch: Batch, algorithm: str) -> Tensor:
 def image_condition(cfg, batch: Batch, algorithm: str) -> Optional[Tensor]:
     """Image-to-video distillation (`i2v: true`): the first clean latent frame of the data, `[B, 1, C, H, W]`, which
     the rollout starts from (the original's `ode_latent[:, -1][:, 0:1]`); None for text-to-video."""
-    if not cfg.i2v:
+    if not cfg.data.i2v:
         return None
     return clean_latents(batch, f"{algorithm} with i2v: true")[:, 0:1]
 
@@ -83,12 +83,12 @@ def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, d
     [0.02 T, 0.98 T].
     Drawn from the per-rank RNG (the original draws these on every rank independently)."""
     schedule = denoiser.schedule
-    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.ts_schedule, cfg.ts_schedule_max,
-                                           cfg.min_score_timestep)
+    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.distillation.ts_schedule, cfg.distillation.ts_schedule_max,
+                                           cfg.distillation.min_score_timestep)
     if not 0 <= lo < hi <= schedule.num_train_timesteps:
         raise ValueError(f"score timestep range [{lo}, {hi}) is empty or outside [0, {schedule.num_train_timesteps})")
     t_int = (draws or Draws()).integers(lo, hi, (batch_size,), device)
-    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), cfg.timestep_shift if shift is None else shift)
+    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), cfg.distillation.score_timestep_shift if shift is None else shift)
     return t[:, None].expand(batch_size, num_frames).contiguous()
 
 
@@ -106,9 +106,9 @@ def guided_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, context: Tensor, negat
 def guidance_scales(cfg) -> tuple[float, float]:
     """(real, fake) guidance scales (docs/method.md, "DMD"): `real_guidance_scale`/`fake_guidance_scale` when
     the former is set, else `guidance_scale` for the teacher and none for the critic."""
-    if cfg.real_guidance_scale is not None:
-        return float(cfg.real_guidance_scale), float(cfg.fake_guidance_scale or 0.0)
-    return float(cfg.guidance_scale), 0.0
+    if cfg.distillation.real_guidance_scale is not None:
+        return float(cfg.distillation.real_guidance_scale), float(cfg.distillation.fake_guidance_scale or 0.0)
+    return float(cfg.distillation.guidance_scale), 0.0
 
 
 def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:

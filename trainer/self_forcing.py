@@ -37,7 +37,7 @@ def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True
     """The denoising timesteps the generator runs: `denoising_step_list`, warped onto the generator's shifted grid
     if `warp_denoising_step` (docs/method.md, "Schedule"). The training rollout drops a trailing 0 (a call at t=0
     would be wasted)."""
-    return schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step, drop_final_zero)
+    return schedule.denoising_steps(cfg.rollout.denoising_step_list, cfg.rollout.warp_denoising_step, drop_final_zero)
 
 
 @dataclass
@@ -76,23 +76,23 @@ class SelfForcingRollout:
         self.codec = codec
         self.cache_dtype = cache_dtype
         self.steps = rollout_steps(cfg, generator.schedule)
-        if cfg.kv_cache_grad not in ("paper", "original"):
-            raise InputError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.kv_cache_grad!r}")
-        shape = list(cfg.image_or_video_shape)
+        if cfg.rollout.kv_cache_grad not in ("paper", "original"):
+            raise InputError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.rollout.kv_cache_grad!r}")
+        shape = list(cfg.rollout.image_or_video_shape)
         if len(shape) != 5:
             raise InputError(f"image_or_video_shape must be [B, F, C, H, W], got {shape}")
         self.window = int(shape[1])
         self.latent_shape = tuple(int(s) for s in shape[2:])
-        nfpb, first = cfg.num_frame_per_block, int(cfg.independent_first_frame)
+        nfpb, first = cfg.rollout.num_frame_per_block, int(cfg.rollout.independent_first_frame)
         # The original's hard-coded 21 (loss window) and num_training_frames (longest rollout), generalised: the
         # rollout generates between `window` and `num_training_frames` frames, in whole blocks.
-        self.min_frames, self.max_frames = self.window - first, cfg.num_training_frames - first
+        self.min_frames, self.max_frames = self.window - first, cfg.rollout.num_training_frames - first
         for key, frames in (("image_or_video_shape[1]", self.min_frames), ("num_training_frames", self.max_frames)):
             if frames < nfpb or frames % nfpb:
                 raise InputError(f"{key}: {frames + first} latent frames cannot be split into blocks of "
                                  f"num_frame_per_block={nfpb}" + (" after an independent first frame" if first else ""))
         if self.max_frames < self.min_frames:
-            raise InputError(f"num_training_frames ({cfg.num_training_frames}) must be at least the loss window "
+            raise InputError(f"num_training_frames ({cfg.rollout.num_training_frames}) must be at least the loss window "
                              f"image_or_video_shape[1] ({self.window})")
         self.shared_generator = torch.Generator(device="cpu")
         self.seed(cfg.seed)
@@ -110,10 +110,10 @@ class SelfForcingRollout:
     def sample_plan(self, generator: Optional[torch.Generator] = None) -> RolloutPlan:
         """Number of blocks ~ U{min, max} and one exit step per block ~ U{0..K-1} (K-1 if `last_step_only`)."""
         g = generator or self.shared_generator
-        nfpb = self.cfg.num_frame_per_block
+        nfpb = self.cfg.rollout.num_frame_per_block
         lo, hi = self.min_frames // nfpb, self.max_frames // nfpb
         num_blocks = int(torch.randint(lo, hi + 1, (1,), generator=g).item())
-        total_blocks = num_blocks + int(self.cfg.independent_first_frame)
+        total_blocks = num_blocks + int(self.cfg.rollout.independent_first_frame)
         exits = torch.randint(0, len(self.steps), (total_blocks,), generator=g).tolist()
         return self.plan_from_draws(num_blocks, exits)
 
@@ -121,9 +121,9 @@ class SelfForcingRollout:
         """The plan for drawn exit steps (one per block, in [0, K)): all K-1 with `last_step_only`, all the first
         one with `same_step_across_blocks` (as the original applies its draw)."""
         exits = [int(e) for e in exit_draws]
-        if self.cfg.last_step_only:
+        if self.cfg.rollout.last_step_only:
             exits = [len(self.steps) - 1] * len(exits)
-        if self.cfg.same_step_across_blocks:
+        if self.cfg.rollout.same_step_across_blocks:
             exits = [exits[0]] * len(exits)
         return RolloutPlan(num_blocks=num_blocks, exit_steps=exits)
 
@@ -140,14 +140,14 @@ class SelfForcingRollout:
         generated = self.generate_frames(context, plan, initial_latent=initial_latent, noise=noise, noise_fn=noise_fn)
         latents = self._loss_window(generated)
         mask = None
-        nfpb = cfg.num_frame_per_block
+        nfpb = cfg.rollout.num_frame_per_block
         if plan.num_blocks * nfpb != self.min_frames:
             # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
             # block's frames of the window (the first frame with an independent first frame) out of the loss.
             mask = torch.ones_like(latents, dtype=torch.bool)
-            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
+            mask[:, :1 if cfg.rollout.independent_first_frame else nfpb] = False
         t_from = t_to = None
-        if cfg.same_step_across_blocks:
+        if cfg.rollout.same_step_across_blocks:
             t_from, t_to = self.generator.schedule.exit_step_range(self.steps, plan.exit_steps[0])
         return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=generated.shape[1])
 
@@ -161,9 +161,9 @@ class SelfForcingRollout:
         batch = context.shape[0]
         device = next(model.parameters()).device
         dtype = self._dtype(model, device)
-        nfpb = cfg.num_frame_per_block
+        nfpb = cfg.rollout.num_frame_per_block
         # An independent first frame is generated unless it is given (i2v), as the original.
-        first = int(cfg.independent_first_frame and initial_latent is None)
+        first = int(cfg.rollout.independent_first_frame and initial_latent is None)
         noise_frames = plan.num_blocks * nfpb + first
         given = 0 if initial_latent is None else initial_latent.shape[1]
         total = given + noise_frames
@@ -172,11 +172,11 @@ class SelfForcingRollout:
             raise ValueError(f"rollout plan has {len(plan.exit_steps)} exit steps for {blocks} blocks")
         exit_steps = list(plan.exit_steps[:blocks])
 
-        kwargs = cfg.model_kwargs
-        window = kwargs.local_attn_size if 0 < kwargs.local_attn_size < total else -1
+        rollout_cfg = cfg.rollout
+        window = rollout_cfg.local_attn_size if 0 < rollout_cfg.local_attn_size < total else -1
         cache = model.new_kv_cache(batch, *self.latent_shape[1:], capacity_frames=total, window_frames=window,
-                                   sink_frames=kwargs.sink_size if window != -1 else 0, rope=kwargs.rope,
-                                   detach_writes=cfg.kv_cache_grad == "paper", dtype=dtype, device=device)
+                                   sink_frames=rollout_cfg.sink_size if window != -1 else 0, rope=rollout_cfg.rope,
+                                   detach_writes=cfg.rollout.kv_cache_grad == "paper", dtype=dtype, device=device)
         shape = (batch, noise_frames, *self.latent_shape)
         if noise is None:
             noise = torch.randn(shape, device=device, dtype=dtype)
@@ -186,17 +186,17 @@ class SelfForcingRollout:
         # renoise_context: the training rollout re-noises each block to `context_noise` before the cache pass
         # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
         # block's cache pass is skipped: nothing reads it.
-        with gathered_across_forwards(model, cfg.sharding_strategy):
+        with gathered_across_forwards(model, cfg.compute.sharding_strategy):
             result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
-                             independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
-                             context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
+                             independent_first_frame=bool(cfg.rollout.independent_first_frame), initial_latent=initial_latent,
+                             context_noise=cfg.rollout.context_noise, renoise_context=True, final_context_pass=False,
                              policy=policy, noise_fn=noise_fn)
         return result.latents
 
     def _dtype(self, model, device: torch.device) -> torch.dtype:
         if self.cache_dtype is not None:
             return self.cache_dtype
-        if self.cfg.mixed_precision and device.type == "cuda":
+        if self.cfg.compute.mixed_precision and device.type == "cuda":
             # Under FSDP mixed precision the stored parameters stay fp32 while K/V are computed in bf16; the cache
             # (and the noise, bf16 as in the original) must match the compute dtype.
             return torch.bfloat16

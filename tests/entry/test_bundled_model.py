@@ -30,9 +30,9 @@ def pipeline():
 def held_in_report(pipeline):
     pipe, cfg = pipeline
     scenes = sample_scenes(NUM_PROMPTS, torch.Generator().manual_seed(0), split="train")
-    out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=cfg.num_training_frames,
-                        height=cfg.height, width=cfg.width, generator=torch.Generator().manual_seed(1))
-    assert out.video.shape == (NUM_PROMPTS, cfg.num_training_frames, 3, cfg.height, cfg.width)
+    out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=cfg.rollout.num_training_frames,
+                        height=cfg.inference.height, width=cfg.inference.width, generator=torch.Generator().manual_seed(1))
+    assert out.video.shape == (NUM_PROMPTS, cfg.rollout.num_training_frames, 3, cfg.inference.height, cfg.inference.width)
     return evaluate(out.video.float(), scenes, value_range=(0, 1), layout="BTCHW")
 
 
