@@ -68,7 +68,8 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
     from pipeline.loading import wan_components
     from webdemo.jobs import codec_name
     decoders = {codec_name(pipe.codec): pipe.codec}
-    taehv_path = args.taehv_path or (cfg.inference.taehv_path if cfg.inference.taehv_path and Path(cfg.inference.taehv_path).is_file() else None)
+    configured = cfg.inference.taehv_path
+    taehv_path = args.taehv_path or (configured if configured and Path(configured).is_file() else None)
     if taehv_path and "taehv" not in decoders:
         from model.taehv import TAEHVCodec
         from utils.errors import reading

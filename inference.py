@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--prompt-schedule", help="switch prompts at block boundaries: a file of `block: prompt` lines "
                      "or JSON; applies to every generated video")
     inp.add_argument("--i2v", action="store_true", help="image-to-video: condition on --image (original flag)")
-    inp.add_argument("--image", help="first frame for --i2v (needs independent_first_frame=true)")
+    inp.add_argument("--image", help="first frame for --i2v (needs rollout.independent_first_frame=true)")
     inp.add_argument("--video", help="video to extend: its frames are encoded and written into the cache first")
     out = p.add_argument_group("output")
     out.add_argument("--output_folder", "--output-dir", dest="output_dir", default="outputs",
@@ -269,7 +269,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
 
 def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
     if not cfg.inference.taehv_path:
-        raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
+        raise UsageError("inference.decoder=taehv needs inference.taehv_path (the taew2_1.pth weights)")
     from model.taehv import TAEHVCodec
     from utils.errors import reading
     with reading(f"taehv_path {cfg.inference.taehv_path}"):
@@ -288,10 +288,13 @@ def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: to
     shape = None
     if levers.attention_backend == MEASURE:
         s = codec.spatial_factor
-        height, width = getattr(args, "height", None) or cfg.inference.height, getattr(args, "width", None) or cfg.inference.width
-        window = cfg.rollout.local_attn_size
+        height = getattr(args, "height", None) or cfg.inference.height
+        width = getattr(args, "width", None) or cfg.inference.width
+        rollout_cfg = cfg.rollout
+        window = rollout_cfg.local_attn_size
         shape = attention_shape(generator.config, generator.tokens_per_frame(height // s, width // s),
-                                cfg.rollout.num_frame_per_block, window if window != -1 else cfg.rollout.num_training_frames)
+                                rollout_cfg.num_frame_per_block,
+                                window if window != -1 else rollout_cfg.num_training_frames)
     try:
         levers, measured = apply_attention_backend(levers, device, dtype, shape)
     except ValueError as err:  # a back-end name not known, or a flash-attn that is not installed
@@ -377,7 +380,7 @@ def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int)
         if not args.i2v:
             raise UsageError("--image needs --i2v")
         if not cfg.rollout.independent_first_frame:
-            raise UsageError("--i2v conditions on one frame, which needs independent_first_frame=true")
+            raise UsageError("--i2v conditions on one frame, which needs rollout.independent_first_frame=true")
         return image_latent(pipe, args.image, height, width) if args.image else None
     if args.video:
         frames, _ = read_video(args.video)  # [T, H, W, 3] uint8

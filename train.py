@@ -21,22 +21,22 @@ LOCK_FILE = ".lock"  # in the logdir, while a run holds it
 
 EPILOG = """\
 overrides:
-  Trailing key=value pairs override any config key (nested with dots), e.g.
-    lr=1e-6 max_steps=100 model_kwargs.local_attn_size=12 disable_wandb=true
+  Trailing key=value pairs override any config key (section.key; the original's flat names load too), e.g.
+    optimiser.lr=1e-6 optimiser.max_steps=100 rollout.local_attn_size=12 logging.disable_wandb=true
   Unknown keys are errors; configs/default_config.yaml documents every key.
 
 outputs (in --logdir):
   metrics.jsonl                      one JSON line of scalars per logged step
-  checkpoint_model_XXXXXX/           every log_iters steps and at the end (newest keep_checkpoints kept):
+  checkpoint_model_XXXXXX/           every checkpointing.interval steps and at the end (newest checkpointing.keep kept):
     generator.safetensors, generator_ema.safetensors, critic.safetensors   original Wan keys, loadable by
                                      inference.py / pipeline.loading.checkpoint.load_dit_state_dict
     training_state.pt, config.yaml, config.json                              what --resume needs
   wandb/                             offline wandb run (sync with `wandb sync`) unless --disable-wandb;
-                                     online when wandb_key or wandb_host is set
+                                     online when logging.wandb_key or logging.wandb_host is set
 
 distributed:
   Single process: python train.py ...   Several GPUs / nodes: torchrun ... train.py ... (NCCL; gloo on CPU).
-  Global batch = batch_size x GPUs x accumulation; set total_batch_size to accumulate.
+  Global batch = optimiser.batch_size x GPUs x accumulation; set optimiser.total_batch_size to accumulate.
 
 one run per logdir:
   A run holds the lock file .lock in its logdir while it runs; a second run on the same logdir stops with a
@@ -104,7 +104,7 @@ def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorit
     except BaseException:
         if lock is not None:
             lock.release()
-            remove_created(Path(cfg.logging.logdir), created)  # a run that failed to start leaves no empty logdir behind
+            remove_created(Path(cfg.logging.logdir), created)  # a run that failed to start leaves no empty logdir
         raise
     trainer.logdir_lock = lock
     return trainer
@@ -169,15 +169,16 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
     elif callable(data) and not hasattr(data, "__next__"):
         data = data(cfg, dist_state.rank, dist_state.world_size, seed)
     from trainer.samples import make_sample_fn
-    sample_fn = make_sample_fn(cfg, models, cfg.logging.logdir, dist_state.rank) if cfg.logging.sample_every > 0 else None
-    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logging.logdir, seed=seed, sample_fn=sample_fn)
+    log = cfg.logging
+    sample_fn = make_sample_fn(cfg, models, log.logdir, dist_state.rank) if log.sample_every > 0 else None
+    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=log.logdir, seed=seed, sample_fn=sample_fn)
     if resume is not None:
         trainer.resume(resume)
     import dataclasses
-    trainer.logger = RunLogger(cfg.logging.logdir, rank=dist_state.rank, config=dataclasses.asdict(cfg),
-                               wandb_mode=wandb_mode(cfg), wandb_dir=cfg.logging.wandb_save_dir, run_name=cfg.logging.config_name,
-                               wandb_project=cfg.logging.wandb_project, wandb_entity=cfg.logging.wandb_entity,
-                               wandb_host=cfg.logging.wandb_host, wandb_key=cfg.logging.wandb_key, total_steps=cfg.optimiser.max_steps,
+    trainer.logger = RunLogger(log.logdir, rank=dist_state.rank, config=dataclasses.asdict(cfg),
+                               wandb_mode=wandb_mode(cfg), wandb_dir=log.wandb_save_dir, run_name=log.config_name,
+                               wandb_project=log.wandb_project, wandb_entity=log.wandb_entity,
+                               wandb_host=log.wandb_host, wandb_key=log.wandb_key, total_steps=cfg.optimiser.max_steps,
                                initial_step=trainer.step)
     return trainer
 

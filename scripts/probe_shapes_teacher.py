@@ -52,7 +52,8 @@ def probe(run: Path, num_scenes: int = 32, timesteps: tuple[float, ...] = (900.0
     net, text = load_networks(cfg, stage_files(run, stage, "ema")[1], torch.device("cpu"), torch.float32)
     schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
     found = measure(Denoiser(net, schedule, uniform_timestep=True), text, shapes_codec(cfg),
-                    cfg.rollout.image_or_video_shape[1], cfg.inference.height, cfg.inference.width, num_scenes, timesteps, seed)
+                    cfg.rollout.image_or_video_shape[1], cfg.inference.height, cfg.inference.width, num_scenes,
+                    timesteps, seed)
     return {"run": str(run), "stage": stage, **found}
 
 

@@ -1,8 +1,8 @@
 """The shapes world's networks and data, built by code: the miniature world the whole recipe runs in.
 
-Networks: Wan-architecture DiTs of `cfg.model.dit_config` size (latent channels from the pixel-unshuffle codec), a frozen
+Networks: Wan-architecture DiTs of `model.dit_config` size (latent channels from the pixel-unshuffle codec), a frozen
 small UMT5 text encoder with a word tokenizer over the world's vocabulary (created once per recipe run by
-`write_text_encoder` and then read from `cfg.model.text_encoder_path`, so every stage conditions on the same encoder), and
+`write_text_encoder` and then read from `model.text_encoder_path`, so every stage conditions on the same encoder), and
 the parameter-free codec. Data: videos rendered on the fly and encoded to latents, or ODE pairs for `trainer: ode`.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def shapes_codec(cfg: Any) -> PixelShuffleCodec:
 
 def shapes_wan_config(cfg: Any) -> WanConfig:
     if not cfg.model.dit_config:
-        raise InputError("world: shapes needs dit_config (the DiT size, WanConfig fields) in the config")
+        raise InputError("model.world: shapes needs model.dit_config (the DiT size, WanConfig fields) in the config")
     channels = shapes_codec(cfg).latent_channels
     return WanConfig(**{**dict(cfg.model.dit_config), "in_dim": channels, "out_dim": channels})
 
@@ -79,8 +79,8 @@ def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"
     from model.text_encoder import TextEncoder
     from trainer.builders import PromptEncoder
     if not cfg.model.text_encoder_path:
-        raise InputError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
-                         "scripts/shapes_world.py creates it)")
+        raise InputError("model.world: shapes needs model.text_encoder_path (a folder with text_encoder/ and "
+                         "tokenizer/; scripts/shapes_world.py creates it)")
     with reading(f"text_encoder_path {cfg.model.text_encoder_path}"):
         encoder = TextEncoder.from_diffusers_folder(cfg.model.text_encoder_path, text_len=text_len, device=device)
     return PromptEncoder(encoder, cfg.data.negative_prompt, device=device, cache_size=cfg.compute.prompt_cache_size)
@@ -114,7 +114,7 @@ def build_shapes_models(cfg: Any) -> Models:
     score_schedule = FlowMatchSchedule(cfg.model.score_network_shift, cfg.model.num_train_timestep)
     if want_teacher:
         if not cfg.model.real_score_ckpt:
-            raise InputError("this recipe needs a teacher: set real_score_ckpt (the pretrained shapes teacher)")
+            raise InputError("this recipe needs a teacher: set model.real_score_ckpt (the pretrained shapes teacher)")
         teacher = Denoiser(frozen(shapes_dit(cfg, cfg.model.real_score_ckpt)), score_schedule, uniform_timestep=True)
     if want_critic:
         init = cfg.model.fake_score_ckpt or cfg.model.real_score_ckpt
@@ -134,7 +134,8 @@ class ShapesBatches:
         from shapes import ShapesWorldDataset
         self.codec = shapes_codec(cfg)
         frames = cfg.rollout.image_or_video_shape[1]
-        self.dataset = ShapesWorldDataset(frames, cfg.inference.height, cfg.inference.width, split="train", seed=seed, device=device)
+        self.dataset = ShapesWorldDataset(frames, cfg.inference.height, cfg.inference.width, split="train", seed=seed,
+                                          device=device)
         self.batch_size = cfg.optimiser.batch_size
         self.generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank)
 

@@ -90,12 +90,12 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
 
     root = Path(cfg.model.model_root)
     if not root.is_dir():
-        raise MissingFileError(f"model_root {root} does not exist (config key model_root; expected a folder with "
+        raise MissingFileError(f"model_root {root} does not exist (config key model.model_root; expected a folder with "
                                 f"{cfg.model.generator_name}/, {cfg.model.real_name}/, {cfg.model.fake_name}/)")
     gen_dir = model_dir(root, cfg.model.generator_name)
     ckpt = cfg.model.generator_ckpt
     if ckpt and not Path(ckpt).exists():
-        raise MissingFileError(f"generator_ckpt {ckpt} does not exist")
+        raise MissingFileError(f"model.generator_ckpt {ckpt} does not exist")
     generator_net = load_wan_dit(gen_dir, checkpoint=ckpt or None)
     if cfg.model.lora_rank > 0:
         apply_lora(generator_net, cfg.model.lora_rank, cfg.model.lora_alpha)

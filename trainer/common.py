@@ -79,16 +79,18 @@ def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, d
                     denoised_from: Optional[int] = None, denoised_to: Optional[int] = None,
                     shift: Optional[float] = None, draws: Optional[Draws] = None) -> Tensor:
     """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames; docs/method.md, "Score
-    timesteps"): integers in the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to
-    [0.02 T, 0.98 T].
+    timesteps"): integers in the (optionally exit-step restricted) range, analytic shift by
+    `distillation.score_timestep_shift` (or `shift`), clamp to [0.02 T, 0.98 T].
     Drawn from the per-rank RNG (the original draws these on every rank independently)."""
     schedule = denoiser.schedule
-    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.distillation.ts_schedule, cfg.distillation.ts_schedule_max,
-                                           cfg.distillation.min_score_timestep)
+    settings = cfg.distillation
+    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, settings.ts_schedule, settings.ts_schedule_max,
+                                           settings.min_score_timestep)
     if not 0 <= lo < hi <= schedule.num_train_timesteps:
         raise ValueError(f"score timestep range [{lo}, {hi}) is empty or outside [0, {schedule.num_train_timesteps})")
     t_int = (draws or Draws()).integers(lo, hi, (batch_size,), device)
-    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), cfg.distillation.score_timestep_shift if shift is None else shift)
+    shift = settings.score_timestep_shift if shift is None else shift
+    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), shift)
     return t[:, None].expand(batch_size, num_frames).contiguous()
 
 

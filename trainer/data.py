@@ -164,18 +164,19 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     if needs_latents:
         from trainer.ode_pairs import ODEPairDataset
         if not cfg.data.ode_data_path:
-            raise InputError(f"trainer {cfg.trainer!r} trains on data: set ode_data_path to a folder of ODE pairs / "
-                             "latents written by scripts/generate_ode_pairs.py")
+            raise InputError(f"trainer {cfg.trainer!r} trains on data: set data.ode_data_path to a folder of ODE "
+                             "pairs / latents written by scripts/generate_ode_pairs.py")
         return ShardedBatches(ODEPairDataset(cfg.data.ode_data_path), cfg.optimiser.batch_size, rank, world_size, seed)
     if cfg.trainer == "score_distillation":
         if not cfg.data.data_path:
-            raise InputError("config key data_path is not set; expected a text file with one training prompt per line")
+            raise InputError("config key data.data_path is not set; expected a text file with one training prompt "
+                             "per line")
         dataset = PromptDataset(cfg.data.data_path, cfg.data.extended_prompt_path)
         return ShardedBatches(dataset, cfg.optimiser.batch_size, rank, world_size, seed)
     if cfg.trainer == "ode":
         from trainer.ode_pairs import ODEPairDataset, config_trajectory_timesteps
         if not cfg.data.ode_data_path:
-            raise InputError("config key ode_data_path is not set; expected a folder of ODE pairs written by "
+            raise InputError("config key data.ode_data_path is not set; expected a folder of ODE pairs written by "
                              "scripts/generate_ode_pairs.py")
         ode_pairs = ODEPairDataset(cfg.data.ode_data_path)  # FileNotFoundError naming the folder / index.json
         # Entry k of a stored trajectory is fed at step k: a config whose steps differ would train on wrong levels.

@@ -46,10 +46,11 @@ class Diffusion:
         self.block_causal = (BlockCausal(cfg.rollout.num_frame_per_block, cfg.rollout.independent_first_frame,
                                          cfg.rollout.local_attn_size) if cfg.pretraining.causal else None)
         if cfg.pretraining.teacher_forcing and not cfg.pretraining.causal:
-            raise InputError("teacher_forcing: true needs causal: true (a bidirectional model has no clean context)")
+            raise InputError("pretraining.teacher_forcing: true needs pretraining.causal: true (a bidirectional model "
+                             "has no clean context)")
         if cfg.pretraining.frame_causal_fraction > 0 and cfg.pretraining.causal:
-            raise InputError("frame_causal_fraction is for a bidirectional model (causal: false); a causal one always "
-                             "attends block-causally")
+            raise InputError("pretraining.frame_causal_fraction is for a bidirectional model (pretraining.causal: "
+                             "false); a causal one always attends block-causally")
         # one frame a block: every pair of frames is ordered
         self.arrow_of_time = BlockCausal(frames_per_block=1) if cfg.pretraining.frame_causal_fraction > 0 else None
 

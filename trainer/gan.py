@@ -64,18 +64,21 @@ class GAN:
         require(models, "critic", algorithm="GAN")
         self.cfg = cfg
         self.models = models
+        gan = cfg.distillation.gan
         if models.discriminator_heads is None:
             critic = models.critic.model
-            models.discriminator_heads = GanHeads.for_critic(critic.config, cfg.distillation.gan.num_class, cfg.distillation.gan.concat_time_embeddings)
+            models.discriminator_heads = GanHeads.for_critic(critic.config, gan.num_class, gan.concat_time_embeddings)
             param = next(critic.parameters())
             models.discriminator_heads.to(device=param.device)
         self.heads: GanHeads = models.discriminator_heads
-        if (cfg.distillation.gan.r1_weight > 0 or cfg.distillation.gan.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
-            raise ConfigError("r1_weight / r2_weight need float32 discriminator passes (their finite differences are "
-                             "as small as bf16 rounding), but the critic computes in bf16 under FSDP mixed precision; "
-                             "set mixed_precision: false or sharding_strategy: no_shard (autocast)")
+        if (gan.r1_weight > 0 or gan.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
+            raise ConfigError("distillation.gan.r1_weight / r2_weight need float32 discriminator passes (their finite "
+                             "differences are as small as bf16 rounding), but the critic computes in bf16 under FSDP "
+                             "mixed precision; set compute.mixed_precision: false or compute.sharding_strategy: no_shard "
+                             "(autocast)")
         self.rollout = SelfForcingRollout(cfg, models.generator, codec=models.codec, cache_dtype=cache_dtype)
-        self.shift = cfg.distillation.gan.critic_timestep_shift if cfg.distillation.gan.critic_timestep_shift is not None else cfg.distillation.score_timestep_shift
+        self.shift = gan.critic_timestep_shift if gan.critic_timestep_shift is not None \
+            else cfg.distillation.score_timestep_shift
 
     # --------------------------------------------------------------------------------------------- pieces
     def discriminate(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
@@ -103,13 +106,13 @@ class GAN:
 
     def _discriminator_terms(self, fake_t: Tensor, real_t: Tensor, t: Tensor, context: Tensor):
         """(fake logits, real logits, R1, R2) for the discriminator step."""
-        cfg = self.cfg
+        gan = self.cfg.distillation.gan
         fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
         r1 = r2 = torch.zeros((), device=fake_t.device)
-        if cfg.distillation.gan.r1_weight > 0:
-            r1 = cfg.distillation.gan.r1_weight * self._penalty(real_t, real_logits, t, context, cfg.distillation.gan.r1_sigma)
-        if cfg.distillation.gan.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
-            r2 = cfg.distillation.gan.r2_weight * self._penalty(fake_t, fake_logits, t, context, cfg.distillation.gan.r2_sigma)
+        if gan.r1_weight > 0:
+            r1 = gan.r1_weight * self._penalty(real_t, real_logits, t, context, gan.r1_sigma)
+        if gan.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
+            r2 = gan.r2_weight * self._penalty(fake_t, fake_logits, t, context, gan.r2_sigma)
         return fake_logits, real_logits, r1, r2
 
     def _penalty(self, x_t: Tensor, logits: Tensor, t: Tensor, context: Tensor, sigma: float) -> Tensor:
@@ -138,7 +141,8 @@ class GAN:
         real_t = schedule.add_noise(real, torch.randn_like(real), t)
         # Critic parameters collect gradients here too; the loop clears a role's gradients before its own update.
         fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, context)
-        loss = self.cfg.distillation.gan.generator_weight * generator_gan_loss(fake_logits, real_logits, self.cfg.distillation.gan.relativistic_discriminator)
+        gan = self.cfg.distillation.gan
+        loss = gan.generator_weight * generator_gan_loss(fake_logits, real_logits, gan.relativistic_discriminator)
         return loss, {"fake_logit": float(fake_logits.detach().mean()), "real_logit": float(real_logits.detach().mean())}
 
     def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
@@ -155,8 +159,10 @@ class GAN:
         fake_t, real_t = schedule.add_noise(x, noise, t), schedule.add_noise(real, noise, t)
         # During warm-up only the heads are in the optimizer (critic_param_groups); trunk gradients are cleared.
         fake_logits, real_logits, r1, r2 = self._discriminator_terms(fake_t, real_t, t, context)
-        loss = cfg.distillation.gan.discriminator_weight * discriminator_gan_loss(fake_logits, real_logits, cfg.distillation.gan.relativistic_discriminator)
-        total = (loss + 0.5 * (r1 + r2)) * cfg.distillation.gan.loss_scale
+        gan = cfg.distillation.gan
+        loss = gan.discriminator_weight * discriminator_gan_loss(fake_logits, real_logits,
+                                                                 gan.relativistic_discriminator)
+        total = (loss + 0.5 * (r1 + r2)) * gan.loss_scale
         real_logits, fake_logits, r1, r2 = (v.detach() for v in (real_logits, fake_logits, r1, r2))
         logs = {"real_logit": float(real_logits.mean()), "fake_logit": float(fake_logits.mean()),
                 "diff_logit": float((real_logits - fake_logits).mean()), "r1_loss": float(r1), "r2_loss": float(r2),

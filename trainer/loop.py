@@ -33,17 +33,18 @@ class NonFiniteLossError(RuntimeError):
 
 def micro_steps_for(cfg: Any, world_size: int) -> int:
     """Micro-batches per update so that batch_size * world_size * micro = total_batch_size (null: 1)."""
-    per_pass = cfg.optimiser.batch_size * world_size
-    if cfg.optimiser.total_batch_size is None:
+    settings = cfg.optimiser
+    per_pass = settings.batch_size * world_size
+    if settings.total_batch_size is None:
         return 1
-    if cfg.optimiser.total_batch_size < per_pass or cfg.optimiser.total_batch_size % per_pass:
-        raise InputError(f"total_batch_size {cfg.optimiser.total_batch_size} must be a positive multiple of batch_size x "
-                         f"world size = {cfg.optimiser.batch_size} x {world_size} = {per_pass}")
-    return cfg.optimiser.total_batch_size // per_pass
+    if settings.total_batch_size < per_pass or settings.total_batch_size % per_pass:
+        raise InputError(f"optimiser.total_batch_size {settings.total_batch_size} must be a positive multiple of "
+                         f"batch_size x world size = {settings.batch_size} x {world_size} = {per_pass}")
+    return settings.total_batch_size // per_pass
 
 
 class Trainer:
-    """Runs `algorithm` on batches from `data` until `cfg.optimiser.max_steps`. Models must already be on their device and
+    """Runs `algorithm` on batches from `data` until `optimiser.max_steps`. Models must already be on their device and
     sharded (`utils.distributed.parallelize_models`) before the algorithm collected its parameters.
 
     `seed`: the resolved run seed (identical on all ranks); per-rank RNGs are seeded with seed + rank here, and
@@ -111,11 +112,11 @@ class Trainer:
     def _param_groups(self, role: str, step: int) -> list[dict[str, Any]]:
         """AdamW groups with `base_lr` (warm-up scales it). The critic's come from the algorithm's optional
         `critic_param_groups(step)` hook (`params`, `lr_scale`, optional `betas`), else critic trunk + heads."""
-        cfg = self.cfg
+        cfg, settings = self.cfg, self.cfg.optimiser
         if role == "generator":
-            return [{"params": self.trainable[role], "base_lr": cfg.optimiser.lr, "betas": (cfg.optimiser.beta1, cfg.optimiser.beta2)}]
-        lr = cfg.optimiser.lr_critic if cfg.optimiser.lr_critic is not None else cfg.optimiser.lr
-        betas = (cfg.optimiser.beta1_critic, cfg.optimiser.beta2_critic)
+            return [{"params": self.trainable[role], "base_lr": settings.lr, "betas": (settings.beta1, settings.beta2)}]
+        lr = settings.lr_critic if settings.lr_critic is not None else settings.lr
+        betas = (settings.beta1_critic, settings.beta2_critic)
         hook = getattr(self.algorithm, "critic_param_groups", None)
         if hook is not None:
             return [{"params": list(g["params"]), "base_lr": lr * g.get("lr_scale", 1.0),
@@ -134,8 +135,8 @@ class Trainer:
             g["lr"] = g["base_lr"]
         # foreach: one multi-tensor kernel per group instead of ~6 launches per parameter (the per-parameter loop
         # dominated the step time of small models on GPU).
-        self.optimizers[role] = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=self.cfg.optimiser.weight_decay,
-                                                  foreach=True)
+        self.optimizers[role] = torch.optim.AdamW(groups, lr=groups[0]["lr"],
+                                                  weight_decay=self.cfg.optimiser.weight_decay, foreach=True)
         self.params[role] = [p for g in groups for p in g["params"]]
 
     def _warmup_factor(self) -> float:
@@ -158,7 +159,8 @@ class Trainer:
             total_loss += float(loss.detach())
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        max_norm = self.cfg.optimiser.max_grad_norm_generator if role == "generator" else self.cfg.optimiser.max_grad_norm_critic
+        settings = self.cfg.optimiser
+        max_norm = settings.max_grad_norm_generator if role == "generator" else settings.max_grad_norm_critic
         norm = clip_grad_norm(params, max_norm)
         if not torch.isfinite(torch.tensor(norm)):
             return self._skip(role, "gradient norm")
@@ -227,10 +229,11 @@ class Trainer:
         started = time.perf_counter()
         try:
             while self.step < cfg.optimiser.max_steps:
-                if cfg.optimiser.time_limit_s > 0 and any_rank(time.perf_counter() - started > cfg.optimiser.time_limit_s):
+                limit_s = cfg.optimiser.time_limit_s
+                if limit_s > 0 and any_rank(time.perf_counter() - started > limit_s):
                     # A time-boxed run ends like a finished one: the final checkpoint below is written.
                     if self.dist.is_main:
-                        warn(f"time_limit_s={cfg.optimiser.time_limit_s} reached at step {self.step}; stopping")
+                        warn(f"optimiser.time_limit_s={limit_s} reached at step {self.step}; stopping")
                     break
                 for key, value in self.train_step().items():
                     sums[key] = sums.get(key, 0.0) + float(value)

@@ -43,8 +43,8 @@ def make_sample_fn(cfg: Any, models: Any, logdir: str | Path, rank: int) -> Call
         else:
             pipe = CausalInferencePipeline(net, models.text, models.codec, denoiser.schedule,
                                            CausalSettings.from_config(cfg, denoiser.schedule))
-            video = pipe.generate(prompts, num_latent_frames=frames, height=cfg.inference.height, width=cfg.inference.width,
-                                  generator=generator).video
+            video = pipe.generate(prompts, num_latent_frames=frames, height=cfg.inference.height,
+                                  width=cfg.inference.width, generator=generator).video
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             for i, clip in enumerate(video.clamp(0, 1).cpu()):

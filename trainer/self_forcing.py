@@ -77,23 +77,25 @@ class SelfForcingRollout:
         self.cache_dtype = cache_dtype
         self.steps = rollout_steps(cfg, generator.schedule)
         if cfg.rollout.kv_cache_grad not in ("paper", "original"):
-            raise InputError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.rollout.kv_cache_grad!r}")
+            raise InputError(f"rollout.kv_cache_grad must be 'paper' or 'original', got {cfg.rollout.kv_cache_grad!r}")
         shape = list(cfg.rollout.image_or_video_shape)
         if len(shape) != 5:
-            raise InputError(f"image_or_video_shape must be [B, F, C, H, W], got {shape}")
+            raise InputError(f"rollout.image_or_video_shape must be [B, F, C, H, W], got {shape}")
         self.window = int(shape[1])
         self.latent_shape = tuple(int(s) for s in shape[2:])
         nfpb, first = cfg.rollout.num_frame_per_block, int(cfg.rollout.independent_first_frame)
         # The original's hard-coded 21 (loss window) and num_training_frames (longest rollout), generalised: the
         # rollout generates between `window` and `num_training_frames` frames, in whole blocks.
         self.min_frames, self.max_frames = self.window - first, cfg.rollout.num_training_frames - first
-        for key, frames in (("image_or_video_shape[1]", self.min_frames), ("num_training_frames", self.max_frames)):
+        for key, frames in (("rollout.image_or_video_shape[1]", self.min_frames),
+                            ("rollout.num_training_frames", self.max_frames)):
             if frames < nfpb or frames % nfpb:
                 raise InputError(f"{key}: {frames + first} latent frames cannot be split into blocks of "
-                                 f"num_frame_per_block={nfpb}" + (" after an independent first frame" if first else ""))
+                                 f"rollout.num_frame_per_block={nfpb}"
+                                 + (" after an independent first frame" if first else ""))
         if self.max_frames < self.min_frames:
-            raise InputError(f"num_training_frames ({cfg.rollout.num_training_frames}) must be at least the loss window "
-                             f"image_or_video_shape[1] ({self.window})")
+            raise InputError(f"rollout.num_training_frames ({cfg.rollout.num_training_frames}) must be at least the "
+                             f"loss window rollout.image_or_video_shape[1] ({self.window})")
         self.shared_generator = torch.Generator(device="cpu")
         self.seed(cfg.seed)
 
@@ -188,7 +190,8 @@ class SelfForcingRollout:
         # block's cache pass is skipped: nothing reads it.
         with gathered_across_forwards(model, cfg.compute.sharding_strategy):
             result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
-                             independent_first_frame=bool(cfg.rollout.independent_first_frame), initial_latent=initial_latent,
+                             independent_first_frame=bool(cfg.rollout.independent_first_frame),
+                             initial_latent=initial_latent,
                              context_noise=cfg.rollout.context_noise, renoise_context=True, final_context_pass=False,
                              policy=policy, noise_fn=noise_fn)
         return result.latents

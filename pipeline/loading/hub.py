@@ -48,8 +48,8 @@ def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None
     if config:
         from utils.config.original_keys import to_sections
         config = to_sections(config, "the stored training configuration")
-        loss = _dotted_get(config, "distillation.distribution_loss")[1] if config.get("trainer") == "score_distillation" \
-            else ""
+        distilled = config.get("trainer") == "score_distillation"
+        loss = _dotted_get(config, "distillation.distribution_loss")[1] if distilled else ""
         recipe = f"`trainer: {config.get('trainer')}`" + (f" with `distribution_loss: {loss}`" if loss else "")
         # A network built from dit_config (the shapes world) has no Wan teacher: its real/fake names are defaults.
         built_by_code = bool(_dotted_get(config, "model.dit_config")[1])

@@ -134,7 +134,8 @@ def test_long_preset_sets_the_rolling_cache_only_and_keeps_the_models_settings(f
     st = pipe.settings
     assert (st.window_frames, st.sink_frames, st.rope) == (21, 5, "relative")
     # The tiny folder's own rollout (2-frame blocks, 3 steps, 8 fps, pixel codec) is untouched.
-    assert st.frames_per_block == 2 and len(st.steps) == 3 and cfg.inference.fps == 8 and cfg.inference.decoder == "pixel"
+    assert st.frames_per_block == 2 and len(st.steps) == 3
+    assert cfg.inference.fps == 8 and cfg.inference.decoder == "pixel"
 
 
 def test_long_preset_on_the_bundled_model_keeps_the_bundled_model(tmp_path):
@@ -148,7 +149,8 @@ def test_presets_with_wan_weights_lie_on_the_released_checkpoints_settings():
     for preset, decoder in (("long", "wan"), ("taehv", "taehv"), ("official", "wan")):
         args = inference.build_parser().parse_intermixed_args(["--preset", preset, "--checkpoint_path", "x.pt"])
         cfg = inference.resolve_config(args, None)
-        assert cfg.rollout.warp_denoising_step and cfg.rollout.num_frame_per_block == 3 and cfg.inference.decoder == decoder, preset
+        assert cfg.rollout.warp_denoising_step and cfg.rollout.num_frame_per_block == 3, preset
+        assert cfg.inference.decoder == decoder, preset
         assert cfg.rollout.local_attn_size == (21 if preset == "long" else -1)
 
 

@@ -152,9 +152,9 @@ def test_gan_penalty_under_bf16_autocast_is_not_rounding():
     torch.manual_seed(5)
     noise = torch.randn_like(real)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        clean, perturbed = algo.discriminate(real, t, context), algo.discriminate(real + cfg.distillation.gan.r1_sigma * noise, t,
-                                                                                  context)
-    rounded = float(finite_difference_penalty(perturbed, clean, cfg.distillation.gan.r1_sigma))
+        sigma = cfg.distillation.gan.r1_sigma
+        clean, perturbed = algo.discriminate(real, t, context), algo.discriminate(real + sigma * noise, t, context)
+    rounded = float(finite_difference_penalty(perturbed, clean, sigma))
     rounding_error, kept_error = abs(rounded - float(exact[2])), abs(float(mixed[2]) - float(exact[2]))
     assert rounding_error > 0.2 * float(exact[2]) and rounding_error > 20 * kept_error
 
