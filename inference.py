@@ -137,12 +137,12 @@ def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | Non
     from utils.config import load_config
     overrides = list(args.overrides)
     if args.model_root:
-        overrides.append(f"model_root={args.model_root}")
-    for key in ("compile", "cuda_graphs"):  # None: the flag was not given, the config and device decide
-        if getattr(args, key, None) is not None:
-            overrides.append(f"{key}={str(getattr(args, key)).lower()}")
+        overrides.append(f"model.model_root={args.model_root}")
+    for flag, key in (("compile", "compute.compile"), ("cuda_graphs", "inference.cuda_graphs")):
+        if getattr(args, flag, None) is not None:  # None: the flag was not given, the config and device decide
+            overrides.append(f"{key}={str(getattr(args, flag)).lower()}")
     if getattr(args, "attention_backend", None):
-        overrides.append(f"attention_backend={args.attention_backend}")
+        overrides.append(f"inference.attention_backend={args.attention_backend}")
     defaults = config_defaults(device_type)
     layers = [(f"{device_type} defaults", defaults)] if defaults else []
     layers += [("model folder settings", folder_causal)] if folder_causal else []

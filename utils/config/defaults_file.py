@@ -1,7 +1,7 @@
 """`configs/default_config.yaml`, written from the schema: every key with its default, its meaning as a comment.
 
     python -m utils.config --write-defaults     # after changing utils/config/schema.py
-tests/utils/test_config_defaults.py fails while the file and the schema disagree.
+tests/utils/test_config.py fails while the file and the schema disagree.
 """
 from __future__ import annotations
 
