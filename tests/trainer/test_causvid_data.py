@@ -174,7 +174,7 @@ def test_i2v_and_raw_video_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="data.i2v = true needs rollout.independent_first_frame"):
         load_config(None, ["i2v=true", "trainer=gan"])
     assert load_config(None, ["i2v=true", "distribution_loss=causvid"]).data.i2v  # no rollout: no block layout to fit
-    with pytest.raises(ConfigError, match="load_raw_video = True is not supported.*ode_data_path"):
+    with pytest.raises(ConfigError, match="load_raw_video = true is not supported.*ode_data_path"):
         load_config(None, ["load_raw_video=true"])
     cfg = load_config(None, ["i2v=true", "independent_first_frame=true", f"data_path={tmp_path / 'prompts.txt'}"])
     with pytest.raises(ValueError, match="ode_data_path"):  # a prompt file has no first frames

@@ -165,7 +165,8 @@ def test_validation_blames_the_layer_that_set_the_key(tmp_path):
     (tmp_path / "small.yaml").write_text("inference: {height: 40}\n")
     with pytest.raises(ConfigError, match=r"small.yaml: height/width 40x832 must be multiples of 16"):
         load_config(tmp_path / "small.yaml")
-    with pytest.raises(ConfigError, match=r"override 'num_frame_per_block=0': rollout.num_frame_per_block must be >= 1"):
+    with pytest.raises(ConfigError, match=r"override 'num_frame_per_block=0': rollout.num_frame_per_block must be "
+                                          r">= 1"):
         load_config(None, ["num_frame_per_block=0"])
 
 
@@ -197,7 +198,8 @@ def test_stored_configs_round_trip_in_either_spelling(tmp_path):
 
 def test_flat_values_write_the_original_spelling_back():
     cfg = load_config(None, ["rollout.generator_shift=6.0", "rollout.sink_size=2", "inference.height=64"])
-    stored = flat_values(cfg, ("height", "num_frame_per_block", "model_kwargs.timestep_shift", "model_kwargs.sink_size"))
+    keys = ("height", "num_frame_per_block", "model_kwargs.timestep_shift", "model_kwargs.sink_size")
+    stored = flat_values(cfg, keys)
     assert stored == {"height": 64, "num_frame_per_block": 3, "model_kwargs": {"timestep_shift": 6.0, "sink_size": 2}}
     assert load_config(None, layers=[("folder", stored)]).rollout.generator_shift == 6.0
 
@@ -225,3 +227,22 @@ def test_the_defaults_file_is_generated_from_the_schema():
     loaded = yaml.safe_load(DEFAULT_CONFIG.read_text(encoding="utf-8"))
     assert loaded == config_to_dict(Config())  # every default, at its sectioned place
     assert "# the teacher's and critic's schedule shift" in DEFAULT_CONFIG.read_text(encoding="utf-8")
+
+
+def test_misplaced_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"'model_kwargs.window=3': unknown config key 'model_kwargs.window'"):
+        load_config(None, ["model_kwargs.window=3"])
+    with pytest.raises(ConfigError, match=r"override 'rollout=5': rollout is a section: expected a mapping"):
+        load_config(None, ["rollout=5"])
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted((DEFAULT_CONFIG.parent).glob("*.yaml")) + sorted((DEFAULT_CONFIG.parent / "shapes").glob("*.yaml"))
+    assert len(recipes) > 15
+    loaded = {path.relative_to(DEFAULT_CONFIG.parent).as_posix(): load_config(path) for path in recipes}
+    assert loaded["ode_init.yaml"].rollout.generator_shift == 8.0
+    assert loaded["self_forcing_sid.yaml"].distillation.distribution_loss == "sid"
+    # The shapes world's teacher and critic are its own networks, trained on the generator's grid.
+    shapes = loaded["shapes/self_forcing_dmd.yaml"]
+    assert shapes.model.score_network_shift == shapes.rollout.generator_shift == 5.0
+    assert loaded["self_forcing_dmd.yaml"].model.score_network_shift == 8.0

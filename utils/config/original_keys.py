@@ -8,6 +8,7 @@ original's default are checked by `FIXED_ORIGINAL_KEYS` (any other value would c
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from utils.errors import ConfigError
@@ -111,7 +112,9 @@ def to_sections(values: dict[str, Any], source: str) -> dict[str, Any]:
     loading reports them as unknown (naming `source`); a fixed key with another value is a ConfigError."""
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if key in SECTION_NAMES and isinstance(value, dict):
+        if key in SECTION_NAMES:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {key} is a section: expected a mapping of its keys, got {value!r}")
             for dotted, leaf in _section_leaves(value, key).items():
                 _put(out, dotted, leaf)
             continue
@@ -121,8 +124,13 @@ def to_sections(values: dict[str, Any], source: str) -> dict[str, Any]:
             if flat in FIXED_ORIGINAL_KEYS:
                 required, why = FIXED_ORIGINAL_KEYS[flat]
                 if flat_value != required:
-                    raise ConfigError(f"{source}: {flat} = {flat_value!r} is not supported, only {required!r}: {why}")
+                    raise ConfigError(f"{source}: {flat} = {json.dumps(flat_value)} is not supported, only "
+                                      f"{json.dumps(required)}: {why}")
                 continue
+            if flat.startswith("model_kwargs.") and flat not in FLAT_KEYS:
+                known = [k.split(".", 1)[1] for k in FLAT_KEYS if k.startswith("model_kwargs.")]
+                raise ConfigError(f"{source}: unknown config key {flat!r} (the original's model_kwargs holds "
+                                  f"{', '.join(known)})")
             _put(out, FLAT_KEYS.get(flat, flat), flat_value)
     return out
 
