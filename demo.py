@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def rolling_cache_of_long_preset() -> tuple[int, int]:
     """(window, sink) latent frames of the `long` inference preset: what long demo videos roll with."""
-    from omegaconf import OmegaConf
-    kwargs = OmegaConf.load(inference.PRESETS["long"]).model_kwargs
-    return int(kwargs.local_attn_size), int(kwargs.sink_size)
+    from utils.config import load_config
+    rollout = load_config(inference.PRESETS["long"]).rollout
+    return rollout.local_attn_size, rollout.sink_size
 
 
 def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -68,7 +68,8 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
     from pipeline.loading import wan_components
     from webdemo.jobs import codec_name
     decoders = {codec_name(pipe.codec): pipe.codec}
-    taehv_path = args.taehv_path or (cfg.taehv_path if cfg.taehv_path and Path(cfg.taehv_path).is_file() else None)
+    configured = cfg.inference.taehv_path
+    taehv_path = args.taehv_path or (configured if configured and Path(configured).is_file() else None)
     if taehv_path and "taehv" not in decoders:
         from model.taehv import TAEHVCodec
         from utils.errors import reading
@@ -82,7 +83,7 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
                                  f"the model's decoder has {getattr(pipe.codec, attr)}")
         decoders["taehv"] = codec
     if "taehv" in decoders and "wan" not in decoders and not args.model:
-        wan_dir = Path(cfg.model_root) / cfg.model_kwargs.model_name
+        wan_dir = Path(cfg.model.model_root) / cfg.model.generator_name
         if (wan_dir / wan_components.VAE_CHECKPOINT).is_file() or (wan_dir / "vae").is_dir():
             decoders["wan"] = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
     return decoders
@@ -101,8 +102,8 @@ def load_service(args: argparse.Namespace):
     window, sink = rolling_cache_of_long_preset()
     decoders = load_decoders(args, cfg, pipe, device, dtype)
     shapes = "pixel" in decoders  # the pixel-shuffle codec is the shapes world's; the built-in prompts speak it
-    return DemoService(pipe, decoders, height=cfg.height, width=cfg.width,
-                       output_dir=args.output_dir, source=source, device=str(device), default_fps=cfg.fps,
+    return DemoService(pipe, decoders, height=cfg.inference.height, width=cfg.inference.width,
+                       output_dir=args.output_dir, source=source, device=str(device), default_fps=cfg.inference.fps,
                        default_prompt=inference.BUILTIN_PROMPTS[0] if shapes else GENERIC_PROMPT,
                        max_blocks=args.max_blocks, rolling_window=window, rolling_sink=sink,
                        default_compile=default_compile)

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     inp.add_argument("--prompt-schedule", help="switch prompts at block boundaries: a file of `block: prompt` lines "
                      "or JSON; applies to every generated video")
     inp.add_argument("--i2v", action="store_true", help="image-to-video: condition on --image (original flag)")
-    inp.add_argument("--image", help="first frame for --i2v (needs independent_first_frame=true)")
+    inp.add_argument("--image", help="first frame for --i2v (needs rollout.independent_first_frame=true)")
     inp.add_argument("--video", help="video to extend: its frames are encoded and written into the cache first")
     out = p.add_argument_group("output")
     out.add_argument("--output_folder", "--output-dir", dest="output_dir", default="outputs",
@@ -137,12 +137,12 @@ def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | Non
     from utils.config import load_config
     overrides = list(args.overrides)
     if args.model_root:
-        overrides.append(f"model_root={args.model_root}")
-    for key in ("compile", "cuda_graphs"):  # None: the flag was not given, the config and device decide
-        if getattr(args, key, None) is not None:
-            overrides.append(f"{key}={str(getattr(args, key)).lower()}")
+        overrides.append(f"model.model_root={args.model_root}")
+    for flag, key in (("compile", "compute.compile"), ("cuda_graphs", "inference.cuda_graphs")):
+        if getattr(args, flag, None) is not None:  # None: the flag was not given, the config and device decide
+            overrides.append(f"{key}={str(getattr(args, flag)).lower()}")
     if getattr(args, "attention_backend", None):
-        overrides.append(f"attention_backend={args.attention_backend}")
+        overrides.append(f"inference.attention_backend={args.attention_backend}")
     defaults = config_defaults(device_type)
     layers = [(f"{device_type} defaults", defaults)] if defaults else []
     layers += [("model folder settings", folder_causal)] if folder_causal else []
@@ -162,7 +162,7 @@ def latent_frames(args: argparse.Namespace, cfg, pipe) -> int:
         # An independent first frame is its own block, unless it comes from --i2v (--image or a pair folder) / --video.
         return pipe.latent_frames_for_blocks(args.total_blocks, with_initial_latent=bool(args.i2v or args.image
                                                                                       or args.video))
-    frames = args.num_output_frames if args.num_output_frames is not None else cfg.image_or_video_shape[1]
+    frames = args.num_output_frames if args.num_output_frames is not None else cfg.rollout.image_or_video_shape[1]
     if frames < 1:
         raise UsageError(f"--num_output_frames must be >= 1, got {frames}")
     return frames
@@ -223,7 +223,7 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
                 load_state_dict_strict(generator, state, args.checkpoint_path)
         # An export without --include-base carries only the transformer: the rest comes from the Wan folder. Every
         # part runs in the generator's precision (the original casts the whole pipeline to bf16).
-        if cfg.decoder == "taehv":
+        if cfg.inference.decoder == "taehv":
             codec = load_taehv(cfg, device, dtype)
         elif model_folder.has_codec(folder):
             codec = model_folder.load_codec(folder, device=device, dtype=dtype)
@@ -240,27 +240,27 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         source = str(folder)
     else:
         cfg = resolve_config(args, None, device.type)
-        wan_dir = wan_components.model_dir(cfg.model_root, cfg.model_kwargs.model_name)
-        if not args.checkpoint_path and not cfg.generator_ckpt:
+        wan_dir = wan_components.model_dir(cfg.model.model_root, cfg.model.generator_name)
+        if not args.checkpoint_path and not cfg.model.generator_ckpt:
             raise UsageError("--checkpoint_path is required with Wan weights (a Self Forcing generator)")
-        generator = wan_components.load_wan_dit(wan_dir, checkpoint=args.checkpoint_path or cfg.generator_ckpt,
+        generator = wan_components.load_wan_dit(wan_dir, checkpoint=args.checkpoint_path or cfg.model.generator_ckpt,
                                                 use_ema=args.use_ema, device=device, dtype=dtype)
         text_encoder = wan_components.load_wan_text_encoder(wan_dir, text_len=generator.config.text_len,
                                                             device=text_device, dtype=dtype)
-        if cfg.decoder == "taehv":
+        if cfg.inference.decoder == "taehv":
             codec = load_taehv(cfg, device, dtype)
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
-        source = str(args.checkpoint_path or cfg.generator_ckpt)
+        source = str(args.checkpoint_path or cfg.model.generator_ckpt)
     if args.fp8:
         from model.fp8 import convert_to_fp8, fp8_matmul_supported
         if not fp8_matmul_supported(device):
             print(f"warning: --fp8 on {device} is emulated (no FP8 tensor cores): slower than without", flush=True)
         convert_to_fp8(generator)
     levers = configure_levers(args, cfg, generator, codec, device, dtype)
-    schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
+    schedule = FlowMatchSchedule(shift=cfg.rollout.generator_shift, num_train_timesteps=cfg.model.num_train_timestep)
     pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
-                                   negative_prompt=cfg.negative_prompt, compile=levers.compile,
+                                   negative_prompt=cfg.data.negative_prompt, compile=levers.compile,
                                    cuda_graphs=levers.cuda_graphs, decode_side_stream=levers.decode_side_stream,
                                    decode_frames_per_call=levers.decode_frames_per_call)
     pipe.levers = levers
@@ -268,12 +268,12 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
 
 
 def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
-    if not cfg.taehv_path:
-        raise UsageError("decoder=taehv needs taehv_path (the taew2_1.pth weights)")
+    if not cfg.inference.taehv_path:
+        raise UsageError("inference.decoder=taehv needs inference.taehv_path (the taew2_1.pth weights)")
     from model.taehv import TAEHVCodec
     from utils.errors import reading
-    with reading(f"taehv_path {cfg.taehv_path}"):
-        return TAEHVCodec.from_checkpoint(cfg.taehv_path, device=device, dtype=dtype)
+    with reading(f"taehv_path {cfg.inference.taehv_path}"):
+        return TAEHVCodec.from_checkpoint(cfg.inference.taehv_path, device=device, dtype=dtype)
 
 
 def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: torch.device, dtype: torch.dtype):
@@ -288,10 +288,13 @@ def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: to
     shape = None
     if levers.attention_backend == MEASURE:
         s = codec.spatial_factor
-        height, width = getattr(args, "height", None) or cfg.height, getattr(args, "width", None) or cfg.width
-        window = cfg.model_kwargs.local_attn_size
+        height = getattr(args, "height", None) or cfg.inference.height
+        width = getattr(args, "width", None) or cfg.inference.width
+        rollout_cfg = cfg.rollout
+        window = rollout_cfg.local_attn_size
         shape = attention_shape(generator.config, generator.tokens_per_frame(height // s, width // s),
-                                cfg.num_frame_per_block, window if window != -1 else cfg.num_training_frames)
+                                rollout_cfg.num_frame_per_block,
+                                window if window != -1 else rollout_cfg.num_training_frames)
     try:
         levers, measured = apply_attention_backend(levers, device, dtype, shape)
     except ValueError as err:  # a back-end name not known, or a flash-attn that is not installed
@@ -304,11 +307,11 @@ def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: to
 
 def base_model_dir(folder: Path, cfg, part: str) -> Path:
     """The Wan folder that supplies `part`, which an export without --include-base leaves out."""
-    wan_dir = Path(cfg.model_root) / cfg.model_kwargs.model_name
+    wan_dir = Path(cfg.model.model_root) / cfg.model.generator_name
     if not wan_dir.is_dir():
         raise MissingFileError(f"model folder {folder} has no {part} (exported without --include-base), and the base "
                                f"model folder {wan_dir} it would come from does not exist: pass --model-root with the "
-                               f"folder that holds {cfg.model_kwargs.model_name}/")
+                               f"folder that holds {cfg.model.generator_name}/")
     return wan_dir
 
 
@@ -376,8 +379,8 @@ def initial_latent(args: argparse.Namespace, pipe, cfg, height: int, width: int)
                              "folder as --data_path")
         if not args.i2v:
             raise UsageError("--image needs --i2v")
-        if not cfg.independent_first_frame:
-            raise UsageError("--i2v conditions on one frame, which needs independent_first_frame=true")
+        if not cfg.rollout.independent_first_frame:
+            raise UsageError("--i2v conditions on one frame, which needs rollout.independent_first_frame=true")
         return image_latent(pipe, args.image, height, width) if args.image else None
     if args.video:
         frames, _ = read_video(args.video)  # [T, H, W, 3] uint8
@@ -466,9 +469,9 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.sequence_parallel import enable_sequence_parallel, new_sequence_group
         group = new_sequence_group(layout)
         enable_sequence_parallel(pipe.generator, group)
-    height = args.height if args.height is not None else cfg.height
-    width = args.width if args.width is not None else cfg.width
-    fps = args.fps if args.fps is not None else cfg.fps
+    height = args.height if args.height is not None else cfg.inference.height
+    width = args.width if args.width is not None else cfg.inference.width
+    fps = args.fps if args.fps is not None else cfg.inference.fps
     frames = latent_frames(args, cfg, pipe)
     prefix = initial_latent(args, pipe, cfg, height, width)
     check_request(pipe, frames, height, width, schedule, prefix)

@@ -21,22 +21,22 @@ LOCK_FILE = ".lock"  # in the logdir, while a run holds it
 
 EPILOG = """\
 overrides:
-  Trailing key=value pairs override any config key (nested with dots), e.g.
-    lr=1e-6 max_steps=100 model_kwargs.local_attn_size=12 disable_wandb=true
+  Trailing key=value pairs override any config key (section.key; the original's flat names load too), e.g.
+    optimiser.lr=1e-6 optimiser.max_steps=100 rollout.local_attn_size=12 logging.disable_wandb=true
   Unknown keys are errors; configs/default_config.yaml documents every key.
 
 outputs (in --logdir):
   metrics.jsonl                      one JSON line of scalars per logged step
-  checkpoint_model_XXXXXX/           every log_iters steps and at the end (newest keep_checkpoints kept):
+  checkpoint_model_XXXXXX/           every checkpointing.interval steps and at the end (newest checkpointing.keep kept):
     generator.safetensors, generator_ema.safetensors, critic.safetensors   original Wan keys, loadable by
                                      inference.py / pipeline.loading.checkpoint.load_dit_state_dict
     training_state.pt, config.yaml, config.json                              what --resume needs
   wandb/                             offline wandb run (sync with `wandb sync`) unless --disable-wandb;
-                                     online when wandb_key or wandb_host is set
+                                     online when logging.wandb_key or logging.wandb_host is set
 
 distributed:
   Single process: python train.py ...   Several GPUs / nodes: torchrun ... train.py ... (NCCL; gloo on CPU).
-  Global batch = batch_size x GPUs x accumulation; set total_batch_size to accumulate.
+  Global batch = optimiser.batch_size x GPUs x accumulation; set optimiser.total_batch_size to accumulate.
 
 one run per logdir:
   A run holds the lock file .lock in its logdir while it runs; a second run on the same logdir stops with a
@@ -82,29 +82,29 @@ def load_run_config(args: argparse.Namespace):
     from utils.config import load_config
 
     cfg = load_config(args.config_path, args.overrides)
-    cfg.logdir = args.logdir or cfg.logdir or str(Path("logs") / (cfg.config_name or "run"))
-    cfg.no_save = args.no_save or cfg.no_save
-    cfg.no_visualize = args.no_visualize or cfg.no_visualize
-    cfg.disable_wandb = args.disable_wandb or cfg.disable_wandb
-    cfg.wandb_save_dir = args.wandb_save_dir or cfg.wandb_save_dir or cfg.logdir
+    cfg.logging.logdir = args.logdir or cfg.logging.logdir or str(Path("logs") / (cfg.logging.config_name or "run"))
+    cfg.checkpointing.no_save = args.no_save or cfg.checkpointing.no_save
+    cfg.logging.no_visualize = args.no_visualize or cfg.logging.no_visualize
+    cfg.logging.disable_wandb = args.disable_wandb or cfg.logging.disable_wandb
+    cfg.logging.wandb_save_dir = args.wandb_save_dir or cfg.logging.wandb_save_dir or cfg.logging.logdir
     return cfg
 
 
 def _setup(args: argparse.Namespace, dist_state, models: Any, data: Any, algorithm_factory: Any):
     """The ready `Trainer`, holding the logdir's lock (`trainer.logdir_lock`, released by `main`)."""
     cfg = load_run_config(args)
-    if cfg.max_steps == 0 and cfg.no_save:
+    if cfg.optimiser.max_steps == 0 and cfg.checkpointing.no_save:
         raise InputError("max_steps=0 with --no_save would do nothing: max_steps=0 only writes the initial weights as "
                          "checkpoint 0")
     from utils.outputs import missing_root, remove_created
-    created = missing_root(Path(cfg.logdir))
-    lock = lock_logdir(cfg.logdir, dist_state)
+    created = missing_root(Path(cfg.logging.logdir))
+    lock = lock_logdir(cfg.logging.logdir, dist_state)
     try:
         trainer = _build(args, cfg, dist_state, models, data, algorithm_factory)
     except BaseException:
         if lock is not None:
             lock.release()
-            remove_created(Path(cfg.logdir), created)  # a run that failed to start leaves no empty logdir behind
+            remove_created(Path(cfg.logging.logdir), created)  # a run that failed to start leaves no empty logdir
         raise
     trainer.logdir_lock = lock
     return trainer
@@ -144,11 +144,11 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
     from utils.distributed import parallelize_models, resolve_seed, seed_everything
     from utils.logging import RunLogger, wandb_mode
 
-    resume = resolve_resume(args.resume, cfg.logdir)
-    existing = list_checkpoints(cfg.logdir)
-    if resume is None and existing and not cfg.no_save:
+    resume = resolve_resume(args.resume, cfg.logging.logdir)
+    existing = list_checkpoints(cfg.logging.logdir)
+    if resume is None and existing and not cfg.checkpointing.no_save:
         # A fresh run would interleave its checkpoints with the old ones, and a later --resume would pick the newest.
-        raise InputError(f"logdir {cfg.logdir} already holds {existing[-1][1].name}; pass --resume to continue "
+        raise InputError(f"logdir {cfg.logging.logdir} already holds {existing[-1][1].name}; pass --resume to continue "
                          f"from it, or choose another --logdir")
     seed = resolve_seed(cfg.seed)
     # Identical on every rank: FSDP2 shards whatever each rank initialised (e.g. GAN heads) without syncing it.
@@ -169,15 +169,16 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
     elif callable(data) and not hasattr(data, "__next__"):
         data = data(cfg, dist_state.rank, dist_state.world_size, seed)
     from trainer.samples import make_sample_fn
-    sample_fn = make_sample_fn(cfg, models, cfg.logdir, dist_state.rank) if cfg.sample_every > 0 else None
-    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=cfg.logdir, seed=seed, sample_fn=sample_fn)
+    log = cfg.logging
+    sample_fn = make_sample_fn(cfg, models, log.logdir, dist_state.rank) if log.sample_every > 0 else None
+    trainer = Trainer(cfg, algorithm, data, dist=dist_state, logdir=log.logdir, seed=seed, sample_fn=sample_fn)
     if resume is not None:
         trainer.resume(resume)
     import dataclasses
-    trainer.logger = RunLogger(cfg.logdir, rank=dist_state.rank, config=dataclasses.asdict(cfg),
-                               wandb_mode=wandb_mode(cfg), wandb_dir=cfg.wandb_save_dir, run_name=cfg.config_name,
-                               wandb_project=cfg.wandb_project, wandb_entity=cfg.wandb_entity,
-                               wandb_host=cfg.wandb_host, wandb_key=cfg.wandb_key, total_steps=cfg.max_steps,
+    trainer.logger = RunLogger(log.logdir, rank=dist_state.rank, config=dataclasses.asdict(cfg),
+                               wandb_mode=wandb_mode(cfg), wandb_dir=log.wandb_save_dir, run_name=log.config_name,
+                               wandb_project=log.wandb_project, wandb_entity=log.wandb_entity,
+                               wandb_host=log.wandb_host, wandb_key=log.wandb_key, total_steps=cfg.optimiser.max_steps,
                                initial_step=trainer.step)
     return trainer
 
@@ -185,7 +186,7 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
 def _world_models(cfg) -> Any:
     """The recipe's networks: real Wan components from disk, or the shapes world's, built by code. Chosen here, on
     top, because the core (utils/, model/, pipeline/, trainer/) never imports the world built on it."""
-    if cfg.world == "shapes":
+    if cfg.model.world == "shapes":
         from shapes.components import build_shapes_models
         return build_shapes_models(cfg)
     from trainer.builders import build_models
@@ -195,7 +196,7 @@ def _world_models(cfg) -> Any:
 def _world_data(cfg, rank: int, world_size: int, seed: int) -> Any:
     """The recipe's batches: the shapes world renders videos (and their prompts) with no files, except for the ODE
     pairs of `trainer: ode`, which are read like any other world's."""
-    if cfg.world == "shapes" and cfg.trainer != "ode":
+    if cfg.model.world == "shapes" and cfg.trainer != "ode":
         from shapes.components import shapes_data
         return shapes_data(cfg, rank, world_size, seed)
     from trainer.data import build_data
@@ -206,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None, *, models: Any = None, data: Any 
          algorithm_factory: Optional[Callable[[Any, Any], Any]] = None):
     """Run training; returns the finished `Trainer`.
 
-    models: a `Models` bundle or `cfg -> Models` (default: `_world_models`: Wan components from cfg.model_root, or
+    models: a `Models` bundle or `cfg -> Models` (default: `_world_models`: Wan components from cfg.model.model_root, or
     the shapes world's).
     data: a batch iterator or `(cfg, rank, world_size, seed) -> iterator` (default: `_world_data`).
     algorithm_factory: `(cfg, models) -> Algorithm` (default: `trainer.registry.build_algorithm`).

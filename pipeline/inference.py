@@ -47,12 +47,12 @@ class CausalSettings:
 
     @classmethod
     def from_config(cls, cfg: Any, schedule: FlowMatchSchedule) -> CausalSettings:
-        mk = cfg.model_kwargs
-        return cls(steps=schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step),
-                   frames_per_block=cfg.num_frame_per_block,
-                   independent_first_frame=cfg.independent_first_frame, context_noise=cfg.context_noise,
-                   window_frames=mk.local_attn_size, sink_frames=mk.sink_size, rope=mk.rope,
-                   max_frames_without_window=cfg.num_training_frames)
+        r = cfg.rollout
+        return cls(steps=schedule.denoising_steps(r.denoising_step_list, r.warp_denoising_step),
+                   frames_per_block=r.num_frame_per_block,
+                   independent_first_frame=r.independent_first_frame, context_noise=r.context_noise,
+                   window_frames=r.local_attn_size, sink_frames=r.sink_size, rope=r.rope,
+                   max_frames_without_window=r.num_training_frames)
 
 
 @dataclass
@@ -152,10 +152,10 @@ class CausalInferencePipeline:
         """Cached frames (prefix included) must fit the cache without a window and the absolute RoPE table."""
         if st.window_frames == -1 and frames > st.max_frames_without_window:
             raise ValueError(f"{frames} latent frames do not fit the KV cache without a rolling window (at most "
-                             f"{st.max_frames_without_window}); set model_kwargs.local_attn_size (e.g. --preset long)")
+                             f"{st.max_frames_without_window}); set rollout.local_attn_size (e.g. --preset long)")
         if st.rope == "absolute" and frames > self.generator.config.rope_max_positions:
             raise ValueError(f"{frames} latent frames exceed the RoPE table of "
-                             f"{self.generator.config.rope_max_positions}; use model_kwargs.rope=relative")
+                             f"{self.generator.config.rope_max_positions}; use rollout.rope=relative")
 
     def _cache(self, batch: int, h: int, w: int, frames: int, st: CausalSettings, denoiser: Denoiser) -> KVCache:
         """The KV cache of a call, sized for its frames (the window's when rolling), reused while it fits exactly."""

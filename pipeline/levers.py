@@ -61,8 +61,8 @@ def levers_for(cfg: Any, device_type: str, *, fused_qkv: bool | None = None,
     becomes a measurement (`fastest_attention_backend`) and the fused q/k/v GEMM is on unless `fused_qkv` is False;
     CUDA graphs exist on CUDA only."""
     cuda = device_type == "cuda"
-    backend = MEASURE if cuda and cfg.attention_backend == "auto" else cfg.attention_backend
-    return Levers(compile=bool(cfg.compile), cuda_graphs=bool(cfg.cuda_graphs) and cuda,
+    backend = MEASURE if cuda and cfg.inference.attention_backend == "auto" else cfg.inference.attention_backend
+    return Levers(compile=bool(cfg.compute.compile), cuda_graphs=bool(cfg.inference.cuda_graphs) and cuda,
                   fused_qkv=cuda if fused_qkv is None else fused_qkv, attention_backend=backend,
                   decode_frames_per_call=decode_frames_per_call)
 

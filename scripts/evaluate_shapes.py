@@ -102,17 +102,17 @@ def load_stage_config(run: Path, stage: str) -> Any:
     cfg = load_config(run / stage / "config.yaml")
     # The stored path is the one of the machine that trained; the run's own base/ wins when it is there.
     if (run / "base" / "text_encoder").is_dir():
-        cfg.text_encoder_path = str(run / "base")
+        cfg.model.text_encoder_path = str(run / "base")
     return cfg
 
 
 def training_frames(cfg: Any) -> int:
-    return int(cfg.image_or_video_shape[1])
+    return int(cfg.rollout.image_or_video_shape[1])
 
 
 def frames_at(cfg: Any, factor: int) -> int:
     """Latent frames at `factor` x the training length (an independent first frame is counted once)."""
-    first = 1 if cfg.independent_first_frame else 0
+    first = 1 if cfg.rollout.independent_first_frame else 0
     return first + factor * (training_frames(cfg) - first)
 
 
@@ -122,23 +122,23 @@ def causal_steps(stage: str, cfg: Any, schedule: Any, baseline_steps: int) -> li
     if stage in BASELINES:
         raw = [round(T * (baseline_steps - i) / baseline_steps) for i in range(baseline_steps)]
     else:
-        raw = [int(s) for s in cfg.denoising_step_list if s != 0]
-    return schedule.denoising_steps(raw, cfg.warp_denoising_step)
+        raw = [int(s) for s in cfg.rollout.denoising_step_list if s != 0]
+    return schedule.denoising_steps(raw, cfg.rollout.warp_denoising_step)
 
 
 def causal_settings(cfg: Any, steps: list[float], factor: int) -> Any:
     from pipeline.inference import CausalSettings
-    mk = cfg.model_kwargs
+    r = cfg.rollout
     train = training_frames(cfg)
-    window, sink, rope = mk.local_attn_size, mk.sink_size, mk.rope
+    window, sink, rope = r.local_attn_size, r.sink_size, r.rope
     if factor > 1:
-        window = mk.local_attn_size if mk.local_attn_size != -1 else train
+        window = r.local_attn_size if r.local_attn_size != -1 else train
         # the sink is kept only if the window still holds recent frames beside it and the block being generated;
         # otherwise each block would see the first block alone and lose the motion it has to continue
-        sink = cfg.num_frame_per_block if cfg.num_frame_per_block < window - cfg.num_frame_per_block else 0
+        sink = r.num_frame_per_block if r.num_frame_per_block < window - r.num_frame_per_block else 0
         rope = "relative"
-    return CausalSettings(steps=steps, frames_per_block=cfg.num_frame_per_block,
-                          independent_first_frame=cfg.independent_first_frame, context_noise=cfg.context_noise,
+    return CausalSettings(steps=steps, frames_per_block=r.num_frame_per_block,
+                          independent_first_frame=r.independent_first_frame, context_noise=r.context_noise,
                           window_frames=window, sink_frames=sink, rope=rope, max_frames_without_window=train)
 
 
@@ -160,13 +160,13 @@ def causal_sampler(cfg: Any, net: Any, text: Any, steps: list[float], factor: in
     from pipeline.schedule import FlowMatchSchedule
     from shapes import short_prompt
     from shapes.components import shapes_codec
-    schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
+    schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
     pipe = CausalInferencePipeline(net, text, shapes_codec(cfg), schedule, causal_settings(cfg, steps, factor),
-                                   negative_prompt=cfg.negative_prompt)
+                                   negative_prompt=cfg.data.negative_prompt)
 
     def sample(scenes: list[Any], frames: int, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
-        out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=frames, height=cfg.height,
-                            width=cfg.width, generator=gen)
+        out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=frames, height=cfg.inference.height,
+                            width=cfg.inference.width, generator=gen)
         return out.video.float().cpu(), out.stats
     return sample
 
@@ -178,7 +178,7 @@ def teacher_sampler(cfg: Any, net: Any, text: Any, settings: EvalSettings) -> Sa
     from shapes import short_prompt
     from shapes.components import shapes_codec
     device, dtype = net.patch_embedding.weight.device, net.patch_embedding.weight.dtype
-    denoiser = Denoiser(net, FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
+    denoiser = Denoiser(net, FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep),
                         uniform_timestep=True)
     codec = shapes_codec(cfg)
     s = codec.spatial_factor
@@ -189,11 +189,11 @@ def teacher_sampler(cfg: Any, net: Any, text: Any, settings: EvalSettings) -> Sa
         tic = time.perf_counter()
         context = text([short_prompt(sc) for sc in scenes]).to(device, dtype)
         negative = text.negative(len(scenes)).to(device, dtype)
-        noise = torch.randn(len(scenes), frames, net.config.in_dim, cfg.height // s, cfg.width // s,
+        noise = torch.randn(len(scenes), frames, net.config.in_dim, cfg.inference.height // s, cfg.inference.width // s,
                             generator=gen).to(device, dtype)
         latents = sample_bidirectional(denoiser, noise, context, negative, sampler=settings.teacher_sampler,
-                                       num_steps=settings.teacher_steps, shift=cfg.model_kwargs.timestep_shift,
-                                       guidance_scale=cfg.guidance_scale, cfg_space=cfg_space).latents
+                                       num_steps=settings.teacher_steps, shift=cfg.rollout.generator_shift,
+                                       guidance_scale=cfg.distillation.guidance_scale, cfg_space=cfg_space).latents
         video = (codec.decode_to_pixel(latents).float() * 0.5 + 0.5).clamp(0, 1)
         _sync(device)
         total_ms = (time.perf_counter() - tic) * 1000.0
@@ -209,7 +209,7 @@ def reference_sampler(cfg: Any) -> Sampler:
     from shapes import render
 
     def sample(scenes: list[Any], frames: int, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
-        video = render(scenes, frames, cfg.height, cfg.width)  # [B, 3, T, H, W] in [-1, 1]
+        video = render(scenes, frames, cfg.inference.height, cfg.inference.width)  # [B, 3, T, H, W] in [-1, 1]
         return (video.transpose(1, 2) * 0.5 + 0.5).clamp(0, 1), {}
     return sample
 
@@ -271,15 +271,15 @@ def evaluate_stage(run: Path, stage: str, scenes: dict[str, list[Any]], settings
         factors = (1,)
         samplers = {1: teacher_sampler(cfg, net, text, settings)}
         info.update(kind="teacher", steps_per_block=settings.teacher_steps, sampler=settings.teacher_sampler,
-                    guidance_scale=cfg.guidance_scale)
+                    guidance_scale=cfg.distillation.guidance_scale)
     else:
         factors = settings.lengths
-        steps = causal_steps(stage, cfg, FlowMatchSchedule(cfg.model_kwargs.timestep_shift,
-                                                           cfg.num_train_timestep), settings.baseline_steps)
+        steps = causal_steps(stage, cfg, FlowMatchSchedule(cfg.rollout.generator_shift,
+                                                           cfg.model.num_train_timestep), settings.baseline_steps)
         samplers = {f: causal_sampler(cfg, net, text, steps, f) for f in factors}
         long = causal_settings(cfg, steps, 2)
         info.update(kind="diffusion" if stage in BASELINES else "few_step", steps_per_block=len(steps),
-                    timesteps=steps, frames_per_block=cfg.num_frame_per_block,
+                    timesteps=steps, frames_per_block=cfg.rollout.num_frame_per_block,
                     long_cache={"window_frames": long.window_frames, "sink_frames": long.sink_frames,
                                 "rope": long.rope})
     warm = scenes["train"][:settings.batch_size]

@@ -82,10 +82,10 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
         cfg = load_config(config_path)
     from utils.lora import is_lora_state_dict, lora_scaling, merge_lora_state_dict
     if is_lora_state_dict(state):
-        if cfg is None or cfg.lora_rank < 1:
+        if cfg is None or cfg.model.lora_rank < 1:
             raise InputError(f"{path} holds LoRA adapters; pass --config with its lora_rank / lora_alpha")
-        state = merge_lora_state_dict(state, lora_scaling(cfg.lora_rank, cfg.lora_alpha))
-    if wan_config is None and cfg is not None and cfg.dit_config:
+        state = merge_lora_state_dict(state, lora_scaling(cfg.model.lora_rank, cfg.model.lora_alpha))
+    if wan_config is None and cfg is not None and cfg.model.dit_config:
         # A network built from dit_config (the shapes world): the config, not the weights, says its heads, text
         # length and what its head predicts.
         from shapes.components import shapes_wan_config
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.loading.hub import model_card
         from utils.config import config_to_dict
         from utils.prompts import DEFAULT_PROMPTS
-        example = DEFAULT_PROMPTS[cfg.world if cfg is not None else "wan"][0]
+        example = DEFAULT_PROMPTS[cfg.model.world if cfg is not None else "wan"][0]
         card = model_card(repo_name=args.push_to_hub or Path(args.output).name, base_model=args.base_model,
                           config=config_to_dict(cfg) if cfg is not None else None, weights=stem, step=step,
                           causal=causal, evaluation=evaluation, include_base=bool(args.include_base),

@@ -50,9 +50,10 @@ def probe(run: Path, num_scenes: int = 32, timesteps: tuple[float, ...] = (900.0
     from shapes.components import shapes_codec
     cfg = load_stage_config(run, stage)
     net, text = load_networks(cfg, stage_files(run, stage, "ema")[1], torch.device("cpu"), torch.float32)
-    schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
+    schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
     found = measure(Denoiser(net, schedule, uniform_timestep=True), text, shapes_codec(cfg),
-                    cfg.image_or_video_shape[1], cfg.height, cfg.width, num_scenes, timesteps, seed)
+                    cfg.rollout.image_or_video_shape[1], cfg.inference.height, cfg.inference.width, num_scenes,
+                    timesteps, seed)
     return {"run": str(run), "stage": stage, **found}
 
 

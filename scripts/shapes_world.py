@@ -88,7 +88,7 @@ def run_base(out: Path, size: str) -> None:
     from shapes.components import shapes_codec, write_text_encoder
     cfg = load_stage_config("teacher", out, size)
     base = out / "base"
-    dit = cfg.dit_config
+    dit = cfg.model.dit_config
     shipped = json.loads((BASE_ASSET / "text_encoder" / "config.json").read_text())["d_model"]
     if shipped == dit["text_dim"]:
         # Random initialisation may differ between torch/transformers versions; the shipped copy cannot.
@@ -140,11 +140,11 @@ def run_ode_pairs(out: Path, size: str) -> None:
     text = load_shapes_text(cfg, teacher.config.text_len, device=device)
     scenes = sample_scenes(settings["num_prompts"], torch.Generator().manual_seed(2), split="train")
     prompts = [short_prompt(s) for s in scenes]
-    _, frames, channels, h, w = cfg.image_or_video_shape
-    generate_ode_pairs(Denoiser(teacher, FlowMatchSchedule(cfg.model_kwargs.timestep_shift), uniform_timestep=True),
+    _, frames, channels, h, w = cfg.rollout.image_or_video_shape
+    generate_ode_pairs(Denoiser(teacher, FlowMatchSchedule(cfg.rollout.generator_shift), uniform_timestep=True),
                        text, prompts, out / "ode_pairs", latent_shape=(frames, channels, h, w),
-                       num_steps=settings["num_steps"], shift=cfg.model_kwargs.timestep_shift, guidance_scale=3.0,
-                       record_steps=settings["record"], negative_prompt=cfg.negative_prompt,
+                       num_steps=settings["num_steps"], shift=cfg.rollout.generator_shift, guidance_scale=3.0,
+                       record_steps=settings["record"], negative_prompt=cfg.data.negative_prompt,
                        batch_size=256 if device.type == "cuda" else 2, seed=3, teacher_name="shapes teacher",
                        overwrite=True, progress=False)
 

@@ -1,8 +1,8 @@
 """The shapes world's networks and data, built by code: the miniature world the whole recipe runs in.
 
-Networks: Wan-architecture DiTs of `cfg.dit_config` size (latent channels from the pixel-unshuffle codec), a frozen
+Networks: Wan-architecture DiTs of `model.dit_config` size (latent channels from the pixel-unshuffle codec), a frozen
 small UMT5 text encoder with a word tokenizer over the world's vocabulary (created once per recipe run by
-`write_text_encoder` and then read from `cfg.text_encoder_path`, so every stage conditions on the same encoder), and
+`write_text_encoder` and then read from `model.text_encoder_path`, so every stage conditions on the same encoder), and
 the parameter-free codec. Data: videos rendered on the fly and encoded to latents, or ODE pairs for `trainer: ode`.
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ from utils.errors import InputError, MissingFileError, reading
 
 
 def shapes_codec(cfg: Any) -> PixelShuffleCodec:
-    return PixelShuffleCodec(spatial_factor=cfg.codec_spatial_factor)
+    return PixelShuffleCodec(spatial_factor=cfg.model.codec_spatial_factor)
 
 
 def shapes_wan_config(cfg: Any) -> WanConfig:
-    if not cfg.dit_config:
-        raise InputError("world: shapes needs dit_config (the DiT size, WanConfig fields) in the config")
+    if not cfg.model.dit_config:
+        raise InputError("model.world: shapes needs model.dit_config (the DiT size, WanConfig fields) in the config")
     channels = shapes_codec(cfg).latent_channels
-    return WanConfig(**{**dict(cfg.dit_config), "in_dim": channels, "out_dim": channels})
+    return WanConfig(**{**dict(cfg.model.dit_config), "in_dim": channels, "out_dim": channels})
 
 
 def write_text_encoder(folder: str | Path, *, dim: int, text_len: int, seed: int = 0) -> Path:
@@ -78,12 +78,12 @@ def _local_context_attention(encoder) -> None:
 def load_shapes_text(cfg: Any, text_len: int, device: torch.device | str = "cpu"):
     from model.text_encoder import TextEncoder
     from trainer.builders import PromptEncoder
-    if not cfg.text_encoder_path:
-        raise InputError("world: shapes needs text_encoder_path (a folder with text_encoder/ and tokenizer/; "
-                         "scripts/shapes_world.py creates it)")
-    with reading(f"text_encoder_path {cfg.text_encoder_path}"):
-        encoder = TextEncoder.from_diffusers_folder(cfg.text_encoder_path, text_len=text_len, device=device)
-    return PromptEncoder(encoder, cfg.negative_prompt, device=device, cache_size=cfg.prompt_cache_size)
+    if not cfg.model.text_encoder_path:
+        raise InputError("model.world: shapes needs model.text_encoder_path (a folder with text_encoder/ and "
+                         "tokenizer/; scripts/shapes_world.py creates it)")
+    with reading(f"text_encoder_path {cfg.model.text_encoder_path}"):
+        encoder = TextEncoder.from_diffusers_folder(cfg.model.text_encoder_path, text_len=text_len, device=device)
+    return PromptEncoder(encoder, cfg.data.negative_prompt, device=device, cache_size=cfg.compute.prompt_cache_size)
 
 
 def shapes_dit(cfg: Any, checkpoint: Optional[str], *, use_ema: bool = False) -> WanDiT:
@@ -105,19 +105,20 @@ def shapes_dit(cfg: Any, checkpoint: Optional[str], *, use_ema: bool = False) ->
 def build_shapes_models(cfg: Any) -> Models:
     """The recipe's bundle: generator (causal unless `causal: false`), teacher and critic as the trainer needs."""
     from trainer.builders import needed_networks
-    schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
-    generator_net = shapes_dit(cfg, cfg.generator_ckpt)
-    bidirectional = cfg.trainer == "diffusion" and not cfg.causal
+    schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
+    generator_net = shapes_dit(cfg, cfg.model.generator_ckpt)
+    bidirectional = cfg.trainer == "diffusion" and not cfg.pretraining.causal
     generator = Denoiser(generator_net, schedule, uniform_timestep=bidirectional)
     want_teacher, want_critic = needed_networks(cfg)
     teacher = critic = None
+    score_schedule = FlowMatchSchedule(cfg.model.score_network_shift, cfg.model.num_train_timestep)
     if want_teacher:
-        if not cfg.real_score_ckpt:
-            raise InputError("this recipe needs a teacher: set real_score_ckpt (the pretrained shapes teacher)")
-        teacher = Denoiser(frozen(shapes_dit(cfg, cfg.real_score_ckpt)), schedule, uniform_timestep=True)
+        if not cfg.model.real_score_ckpt:
+            raise InputError("this recipe needs a teacher: set model.real_score_ckpt (the pretrained shapes teacher)")
+        teacher = Denoiser(frozen(shapes_dit(cfg, cfg.model.real_score_ckpt)), score_schedule, uniform_timestep=True)
     if want_critic:
-        init = cfg.fake_score_ckpt or cfg.real_score_ckpt
-        critic = Denoiser(shapes_dit(cfg, init).requires_grad_(True), schedule, uniform_timestep=True)
+        init = cfg.model.fake_score_ckpt or cfg.model.real_score_ckpt
+        critic = Denoiser(shapes_dit(cfg, init).requires_grad_(True), score_schedule, uniform_timestep=True)
     text = load_shapes_text(cfg, generator_net.config.text_len)
     return Models(generator=generator, text=text, teacher=teacher, critic=critic, codec=shapes_codec(cfg))
 
@@ -132,11 +133,12 @@ class ShapesBatches:
                  device: torch.device | str | None = None):
         from shapes import ShapesWorldDataset
         self.codec = shapes_codec(cfg)
-        frames = cfg.image_or_video_shape[1]
-        self.dataset = ShapesWorldDataset(frames, cfg.height, cfg.width, split="train", seed=seed, device=device)
-        self.batch_size = cfg.batch_size
+        frames = cfg.rollout.image_or_video_shape[1]
+        self.dataset = ShapesWorldDataset(frames, cfg.inference.height, cfg.inference.width, split="train", seed=seed,
+                                          device=device)
+        self.batch_size = cfg.optimiser.batch_size
         self.generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank)
-        self.switch_prompts = cfg.prompt_switch_prob > 0
+        self.switch_prompts = cfg.rollout.prompt_switch_prob > 0
 
     def __iter__(self) -> "ShapesBatches":
         return self

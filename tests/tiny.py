@@ -124,28 +124,29 @@ class TinyText:
 
 def tiny_train_config(**overrides):
     """A training `Config` for tiny models: latents [B, 6, 4, 4, 6], 2-frame blocks, 4 warped steps."""
-    from utils.config import Config, ModelKwargs
+    from utils.config import unchecked_config
     base = dict(image_or_video_shape=[1, 6, 4, 4, 6], num_training_frames=6, num_frame_per_block=2,
                 denoising_step_list=[1000, 750, 500, 250], warp_denoising_step=True, seed=0,
-                gradient_checkpointing=False, model_kwargs=ModelKwargs(timestep_shift=5.0))
+                gradient_checkpointing=False, model_kwargs={"timestep_shift": 5.0})
     base.update(overrides)
-    return Config(**base)
+    return unchecked_config(base)
 
 
 def tiny_models(cfg=None, *, seed: int = 0, codec=None, teacher: bool = True, critic: bool = True, **model_overrides):
-    """A `Models` bundle of tiny DiTs: causal generator (shift from cfg), frozen teacher and critic (shift 8, one
-    timestep per sample, as the original's wrappers), `TinyText`."""
+    """A `Models` bundle of tiny DiTs: causal generator and frozen teacher and critic (shifts from cfg, else 5
+    and 8; one timestep per sample for the score networks, as the original's wrappers), `TinyText`."""
     from pipeline.denoiser import Denoiser
     from pipeline.schedule import FlowMatchSchedule
     from trainer.base import Models, frozen
-    shift = cfg.model_kwargs.timestep_shift if cfg is not None else 5.0
+    shift = cfg.rollout.generator_shift if cfg is not None else 5.0
+    score_schedule = FlowMatchSchedule(cfg.model.score_network_shift if cfg is not None else 8.0)
     generator = Denoiser(tiny_model(seed, **model_overrides), FlowMatchSchedule(shift))
     text = TinyText(tiny_config(**model_overrides).text_dim)
     models = Models(generator=generator, text=text, codec=codec)
     if teacher:
-        models.teacher = Denoiser(frozen(tiny_model(seed + 1, **model_overrides)), FlowMatchSchedule(8.0),
+        models.teacher = Denoiser(frozen(tiny_model(seed + 1, **model_overrides)), score_schedule,
                                   uniform_timestep=True)
     if critic:
-        models.critic = Denoiser(tiny_model(seed + 2, **model_overrides), FlowMatchSchedule(8.0),
+        models.critic = Denoiser(tiny_model(seed + 2, **model_overrides), score_schedule,
                                  uniform_timestep=True)
     return models

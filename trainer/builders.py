@@ -1,11 +1,11 @@
 """Build the `Models` bundle of a training recipe from a config: real Wan components from disk.
 
-    <model_root>/<model_kwargs.model_name>/   generator architecture (+ weights unless generator_ckpt is given),
+    <model_root>/<model.generator_name>/      generator architecture (+ weights unless generator_ckpt is given),
                                               text encoder (models_t5_umt5-xxl-enc-bf16.pth + google/umt5-xxl/)
                                               and VAE (Wan2.1_VAE.pth)
-    <model_root>/<real_name>/                 teacher (real score), frozen
-    <model_root>/<fake_name>/                 critic (fake score)
-    generator_ckpt                            generator weights (Self-Forcing .pt, safetensors, our checkpoints)
+    <model_root>/<model.real_name>/           teacher (real score), frozen
+    <model_root>/<model.fake_name>/           critic (fake score)
+    model.generator_ckpt                      generator weights (Self-Forcing .pt, safetensors, our checkpoints)
 
 Which networks a recipe needs follows the trainer (teacher and critic for score distillation, critic for GAN,
 the generator alone for ODE regression and diffusion). LoRA adapters are injected here, before sharding.
@@ -25,11 +25,6 @@ from pipeline.schedule import FlowMatchSchedule
 from trainer.base import Models, frozen
 from utils.errors import MissingFileError
 from utils.lora import apply_lora
-
-# The original's WanDiffusionWrapper default: teacher and critic convert x0 <-> flow on a shift-8 grid while the
-# generator uses model_kwargs.timestep_shift (docs/original.md). Kept for parity with released checkpoints.
-SCORE_NETWORK_SHIFT = 8.0
-
 
 class PromptEncoder:
     """The `TextConditioner` of a run: prompts -> `[B, text_len, text_dim]` on `device`; the negative prompt is
@@ -78,7 +73,7 @@ def needed_networks(cfg: Any) -> tuple[bool, bool]:
 
 
 def _generator_is_bidirectional(cfg: Any) -> bool:
-    return cfg.trainer == "diffusion" and not cfg.causal
+    return cfg.trainer == "diffusion" and not cfg.pretraining.causal
 
 
 def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool] = None) -> Models:
@@ -89,39 +84,40 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
     `world: shapes` builds the miniature world's networks by code instead (shapes/components.py, chosen by
     train.py: the core never imports the world built on top of it).
     """
-    if cfg.world != "wan":
-        raise ValueError(f"build_models builds the networks of world 'wan', not {cfg.world!r}")
+    if cfg.model.world != "wan":
+        raise ValueError(f"build_models builds the networks of world 'wan', not {cfg.model.world!r}")
     from pipeline.loading.wan_components import load_wan_dit, load_wan_text_encoder, load_wan_vae, model_dir
 
-    root = Path(cfg.model_root)
+    root = Path(cfg.model.model_root)
     if not root.is_dir():
-        raise MissingFileError(f"model_root {root} does not exist (config key model_root; expected a folder with "
-                                f"{cfg.model_kwargs.model_name}/, {cfg.real_name}/, {cfg.fake_name}/)")
-    gen_dir = model_dir(root, cfg.model_kwargs.model_name)
-    ckpt = cfg.generator_ckpt
+        raise MissingFileError(f"model_root {root} does not exist (config key model.model_root; expected a folder with "
+                                f"{cfg.model.generator_name}/, {cfg.model.real_name}/, {cfg.model.fake_name}/)")
+    gen_dir = model_dir(root, cfg.model.generator_name)
+    ckpt = cfg.model.generator_ckpt
     if ckpt and not Path(ckpt).exists():
-        raise MissingFileError(f"generator_ckpt {ckpt} does not exist")
+        raise MissingFileError(f"model.generator_ckpt {ckpt} does not exist")
     generator_net = load_wan_dit(gen_dir, checkpoint=ckpt or None)
-    if cfg.lora_rank > 0:
-        apply_lora(generator_net, cfg.lora_rank, cfg.lora_alpha)
-    generator = Denoiser(generator_net, FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep),
+    if cfg.model.lora_rank > 0:
+        apply_lora(generator_net, cfg.model.lora_rank, cfg.model.lora_alpha)
+    generator = Denoiser(generator_net, FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep),
                          uniform_timestep=_generator_is_bidirectional(cfg))
     want_teacher, want_critic = needed_networks(cfg)
     teacher = critic = None
+    score_schedule = FlowMatchSchedule(cfg.model.score_network_shift, cfg.model.num_train_timestep)
     if want_teacher:
-        dtype = torch.bfloat16 if cfg.mixed_precision else torch.float32
-        net = frozen(load_wan_dit(model_dir(root, cfg.real_name), dtype=dtype))
-        teacher = Denoiser(net, FlowMatchSchedule(SCORE_NETWORK_SHIFT, cfg.num_train_timestep), uniform_timestep=True)
+        dtype = torch.bfloat16 if cfg.compute.mixed_precision else torch.float32
+        net = frozen(load_wan_dit(model_dir(root, cfg.model.real_name), dtype=dtype))
+        teacher = Denoiser(net, score_schedule, uniform_timestep=True)
     if want_critic:
-        net = load_wan_dit(model_dir(root, cfg.fake_name)).requires_grad_(True)
-        critic = Denoiser(net, FlowMatchSchedule(SCORE_NETWORK_SHIFT, cfg.num_train_timestep), uniform_timestep=True)
+        net = load_wan_dit(model_dir(root, cfg.model.fake_name)).requires_grad_(True)
+        critic = Denoiser(net, score_schedule, uniform_timestep=True)
     text: Any = None
     if load_text:
         encoder = load_wan_text_encoder(gen_dir, text_len=generator_net.config.text_len)
-        text = PromptEncoder(encoder, cfg.negative_prompt, cache_size=cfg.prompt_cache_size)
+        text = PromptEncoder(encoder, cfg.data.negative_prompt, cache_size=cfg.compute.prompt_cache_size)
     if load_codec is None:
-        load_codec = (not cfg.no_visualize and cfg.sample_every > 0) or cfg.load_raw_video \
-            or cfg.num_training_frames > cfg.image_or_video_shape[1]
+        load_codec = (not cfg.logging.no_visualize and cfg.logging.sample_every > 0) \
+            or cfg.rollout.num_training_frames > cfg.rollout.image_or_video_shape[1]
     codec = frozen(load_wan_vae(gen_dir)) if load_codec else None
     return Models(generator=generator, text=text, teacher=teacher, critic=critic, codec=codec)
 
@@ -129,6 +125,6 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
 def prepare_injected_models(models: Models, cfg: Any) -> Models:
     """Apply the config's LoRA to a bundle built elsewhere (tests, the shapes world), as `build_models` does."""
     net = models.generator.model
-    if cfg.lora_rank > 0 and not any(".lora_" in n for n, _ in net.named_parameters()):
-        apply_lora(net, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.model.lora_rank > 0 and not any(".lora_" in n for n, _ in net.named_parameters()):
+        apply_lora(net, cfg.model.lora_rank, cfg.model.lora_alpha)
     return models

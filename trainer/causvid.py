@@ -47,8 +47,8 @@ class CausVid(DMD):
         super().__init__(cfg, models, cache_dtype)
         # The few-step list as configured (warped if asked); a step of 0 stands for the clean latent itself.
         self.steps = rollout_steps(cfg, models.generator.schedule, drop_final_zero=False)
-        self.block_causal = BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
-                                        cfg.model_kwargs.local_attn_size)
+        self.block_causal = BlockCausal(cfg.rollout.num_frame_per_block, cfg.rollout.independent_first_frame,
+                                        cfg.rollout.local_attn_size)
 
     def _make_rollout(self, cache_dtype):
         return None  # no self-rollout: the generator input is built from data
@@ -67,15 +67,15 @@ class CausVid(DMD):
         gather = index[:, None, :, None, None, None].expand(-1, 1, -1, *clean.shape[2:])
         noisy = stacked.gather(1, gather).squeeze(1)
         t = torch.tensor(self.steps, device=clean.device, dtype=torch.float32)[index]
-        if self.cfg.i2v:  # the given first frame enters clean, as the original ODE regression feeds it
+        if self.cfg.data.i2v:  # the given first frame enters clean, as the original ODE regression feeds it
             noisy = torch.cat([clean[:, :1], noisy[:, 1:]], dim=1)
             t = torch.cat([torch.zeros_like(t[:, :1]), t[:, 1:]], dim=1)
         generator = self.models.generator
-        if self.cfg.teacher_forcing:
+        if self.cfg.pretraining.teacher_forcing:
             _, x0 = generator.teacher_forcing(noisy, t, context, clean, self.block_causal)
         else:
             _, x0 = generator(noisy, t, context, block_causal=self.block_causal)
-        if self.cfg.i2v:
+        if self.cfg.data.i2v:
             x0 = torch.cat([clean[:, :1].to(x0.dtype), x0[:, 1:]], dim=1)  # the condition itself is not generated
         # Score timesteps span the full range: there is no exit step to restrict them (from/to None).
         return GeneratorOutput(x0, None, None, None, num_frames=f)

@@ -32,13 +32,13 @@ def text_conditions(models: Models, batch: Batch) -> tuple[Tensor, Tensor]:
 def switch_conditions(cfg, models: Models, batch: Batch) -> Optional[Tensor]:
     """Prompt embeddings `[B, L, text_dim]` a long rollout may switch to (`prompt_switch_prob` > 0; LongLive's
     prompt switches): those of `batch['switch_prompts']`, one per sample; None when rollouts never switch."""
-    if cfg.prompt_switch_prob == 0:
+    if cfg.rollout.prompt_switch_prob == 0:
         return None
     switch = batch.get("switch_prompts")
     prompts = batch.get("prompts") or []
     if not switch or len(switch) != len(prompts):
-        raise KeyError(f"prompt_switch_prob = {cfg.prompt_switch_prob} needs batch['switch_prompts'] (one prompt per "
-                       f"sample, {len(prompts)} here); got keys {sorted(batch)}")
+        raise KeyError(f"rollout.prompt_switch_prob = {cfg.rollout.prompt_switch_prob} needs batch['switch_prompts'] "
+                       f"(one prompt per sample, {len(prompts)} here); got keys {sorted(batch)}")
     with torch.no_grad():
         return models.text(list(switch))
 
@@ -72,7 +72,7 @@ def clean_latents(batch: Batch, algorithm: str) -> Tensor:
 def image_condition(cfg, batch: Batch, algorithm: str) -> Optional[Tensor]:
     """Image-to-video distillation (`i2v: true`): the first clean latent frame of the data, `[B, 1, C, H, W]`, which
     the rollout starts from (the original's `ode_latent[:, -1][:, 0:1]`); None for text-to-video."""
-    if not cfg.i2v:
+    if not cfg.data.i2v:
         return None
     return clean_latents(batch, f"{algorithm} with i2v: true")[:, 0:1]
 
@@ -93,16 +93,18 @@ def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, d
                     denoised_from: Optional[int] = None, denoised_to: Optional[int] = None,
                     shift: Optional[float] = None, draws: Optional[Draws] = None) -> Tensor:
     """DMD / critic / GAN timesteps `[B, F]` (one value per sample, repeated over frames; docs/method.md, "Score
-    timesteps"): integers in the (optionally exit-step restricted) range, analytic shift by `timestep_shift`, clamp to
-    [0.02 T, 0.98 T].
+    timesteps"): integers in the (optionally exit-step restricted) range, analytic shift by
+    `distillation.score_timestep_shift` (or `shift`), clamp to [0.02 T, 0.98 T].
     Drawn from the per-rank RNG (the original draws these on every rank independently)."""
     schedule = denoiser.schedule
-    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, cfg.ts_schedule, cfg.ts_schedule_max,
-                                           cfg.min_score_timestep)
+    settings = cfg.distillation
+    lo, hi = schedule.score_timestep_range(denoised_from, denoised_to, settings.ts_schedule, settings.ts_schedule_max,
+                                           settings.min_score_timestep)
     if not 0 <= lo < hi <= schedule.num_train_timesteps:
         raise ValueError(f"score timestep range [{lo}, {hi}) is empty or outside [0, {schedule.num_train_timesteps})")
     t_int = (draws or Draws()).integers(lo, hi, (batch_size,), device)
-    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), cfg.timestep_shift if shift is None else shift)
+    shift = settings.score_timestep_shift if shift is None else shift
+    t = schedule.shift_score_timesteps(t_int.reshape(batch_size), shift)
     return t[:, None].expand(batch_size, num_frames).contiguous()
 
 
@@ -120,9 +122,9 @@ def guided_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, context: Tensor, negat
 def guidance_scales(cfg) -> tuple[float, float]:
     """(real, fake) guidance scales (docs/method.md, "DMD"): `real_guidance_scale`/`fake_guidance_scale` when
     the former is set, else `guidance_scale` for the teacher and none for the critic."""
-    if cfg.real_guidance_scale is not None:
-        return float(cfg.real_guidance_scale), float(cfg.fake_guidance_scale or 0.0)
-    return float(cfg.guidance_scale), 0.0
+    if cfg.distillation.real_guidance_scale is not None:
+        return float(cfg.distillation.real_guidance_scale), float(cfg.distillation.fake_guidance_scale or 0.0)
+    return float(cfg.distillation.guidance_scale), 0.0
 
 
 def masked_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:

@@ -170,33 +170,34 @@ def build_data(cfg: Any, rank: int = 0, world_size: int = 1, seed: int = 0) -> S
     The data-trained recipes (GAN, diffusion / teacher / diffusion forcing, CausVid, i2v distillation) read clean
     latents from the same shards (the clean end of each trajectory, as the original read its latent LMDB shards).
     """
-    if cfg.world != "wan" and cfg.trainer != "ode":  # the shapes world renders its own (shapes/components.py)
-        raise ValueError(f"build_data reads the data of world 'wan' (or ODE pairs), not of {cfg.world!r}")
+    if cfg.model.world != "wan" and cfg.trainer != "ode":  # the shapes world renders its own (shapes/components.py)
+        raise ValueError(f"build_data reads the data of world 'wan' (or ODE pairs), not of {cfg.model.world!r}")
     # i2v distillation takes the first latent frame of each clip from the data (the original read its LMDB shards).
     needs_latents = cfg.trainer in ("gan", "diffusion") or cfg.trainer == "score_distillation" and (
-        cfg.distribution_loss == "causvid" or cfg.i2v)
-    if needs_latents and cfg.prompt_switch_prob > 0:
-        raise InputError("prompt_switch_prob > 0: the ODE-pair / latent shards carry no switch prompts; prompt "
-                         "switches train on prompt files (data_path) or the shapes world")
+        cfg.distillation.distribution_loss == "causvid" or cfg.data.i2v)
+    if needs_latents and cfg.rollout.prompt_switch_prob > 0:
+        raise InputError("rollout.prompt_switch_prob > 0: the ODE-pair / latent shards carry no switch prompts; "
+                         "prompt switches train on prompt files (data.data_path) or the shapes world")
     if needs_latents:
         from trainer.ode_pairs import ODEPairDataset
-        if not cfg.ode_data_path:
-            raise InputError(f"trainer {cfg.trainer!r} trains on data: set ode_data_path to a folder of ODE pairs / "
-                             "latents written by scripts/generate_ode_pairs.py")
-        return ShardedBatches(ODEPairDataset(cfg.ode_data_path), cfg.batch_size, rank, world_size, seed)
+        if not cfg.data.ode_data_path:
+            raise InputError(f"trainer {cfg.trainer!r} trains on data: set data.ode_data_path to a folder of ODE "
+                             "pairs / latents written by scripts/generate_ode_pairs.py")
+        return ShardedBatches(ODEPairDataset(cfg.data.ode_data_path), cfg.optimiser.batch_size, rank, world_size, seed)
     if cfg.trainer == "score_distillation":
-        if not cfg.data_path:
-            raise InputError("config key data_path is not set; expected a text file with one training prompt per line")
-        dataset = PromptDataset(cfg.data_path, cfg.extended_prompt_path,
-                                switch_seed=seed if cfg.prompt_switch_prob > 0 else None)
-        return ShardedBatches(dataset, cfg.batch_size, rank, world_size, seed)
+        if not cfg.data.data_path:
+            raise InputError("config key data.data_path is not set; expected a text file with one training prompt "
+                             "per line")
+        dataset = PromptDataset(cfg.data.data_path, cfg.data.extended_prompt_path,
+                                switch_seed=seed if cfg.rollout.prompt_switch_prob > 0 else None)
+        return ShardedBatches(dataset, cfg.optimiser.batch_size, rank, world_size, seed)
     if cfg.trainer == "ode":
         from trainer.ode_pairs import ODEPairDataset, config_trajectory_timesteps
-        if not cfg.ode_data_path:
-            raise InputError("config key ode_data_path is not set; expected a folder of ODE pairs written by "
+        if not cfg.data.ode_data_path:
+            raise InputError("config key data.ode_data_path is not set; expected a folder of ODE pairs written by "
                              "scripts/generate_ode_pairs.py")
-        ode_pairs = ODEPairDataset(cfg.ode_data_path)  # FileNotFoundError naming the folder / index.json
+        ode_pairs = ODEPairDataset(cfg.data.ode_data_path)  # FileNotFoundError naming the folder / index.json
         # Entry k of a stored trajectory is fed at step k: a config whose steps differ would train on wrong levels.
         ode_pairs.check_timesteps(config_trajectory_timesteps(cfg))
-        return ShardedBatches(ode_pairs, cfg.batch_size, rank, world_size, seed)
+        return ShardedBatches(ode_pairs, cfg.optimiser.batch_size, rank, world_size, seed)
     raise InputError(f"trainer {cfg.trainer!r}: no built-in dataset; pass one to train.main(data=...)")

@@ -43,22 +43,23 @@ class Diffusion:
     def __init__(self, cfg, models: Models):
         self.cfg = cfg
         self.models = models
-        self.block_causal = (BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
-                                         cfg.model_kwargs.local_attn_size) if cfg.causal else None)
-        if cfg.teacher_forcing and not cfg.causal:
-            raise InputError("teacher_forcing: true needs causal: true (a bidirectional model has no clean context)")
-        if cfg.frame_causal_fraction > 0 and cfg.causal:
-            raise InputError("frame_causal_fraction is for a bidirectional model (causal: false); a causal one always "
-                             "attends block-causally")
+        self.block_causal = (BlockCausal(cfg.rollout.num_frame_per_block, cfg.rollout.independent_first_frame,
+                                         cfg.rollout.local_attn_size) if cfg.pretraining.causal else None)
+        if cfg.pretraining.teacher_forcing and not cfg.pretraining.causal:
+            raise InputError("pretraining.teacher_forcing: true needs pretraining.causal: true (a bidirectional model "
+                             "has no clean context)")
+        if cfg.pretraining.frame_causal_fraction > 0 and cfg.pretraining.causal:
+            raise InputError("pretraining.frame_causal_fraction is for a bidirectional model (pretraining.causal: "
+                             "false); a causal one always attends block-causally")
         # one frame a block: every pair of frames is ordered
-        self.arrow_of_time = BlockCausal(frames_per_block=1) if cfg.frame_causal_fraction > 0 else None
+        self.arrow_of_time = BlockCausal(frames_per_block=1) if cfg.pretraining.frame_causal_fraction > 0 else None
 
     def attention_mask(self, step: int) -> Optional[BlockCausal]:
         """The attention of this step: the causal model's always; for a bidirectional one, frame-causal in a
         `frame_causal_fraction` of the steps (a function of the step alone: the same on every rank and on resume)."""
         if self.block_causal is not None:
             return self.block_causal
-        if self.arrow_of_time is not None and random.Random(step).random() < self.cfg.frame_causal_fraction:
+        if self.arrow_of_time is not None and random.Random(step).random() < self.cfg.pretraining.frame_causal_fraction:
             return self.arrow_of_time
         return None
 
@@ -79,7 +80,7 @@ class Diffusion:
 
         Fix: drawn among the grid timesteps BELOW `noise_augmentation_max_timestep` (small noise, as intended); the
         original drew grid indices below it, i.e. the noisiest timesteps of the descending grid."""
-        limit = self.cfg.noise_augmentation_max_timestep
+        limit = self.cfg.pretraining.noise_augmentation_max_timestep
         if limit <= 0:
             return None
         grid = self.models.generator.schedule.timesteps.to(device)
@@ -91,12 +92,12 @@ class Diffusion:
     def drop_text(self, batch: Batch) -> Batch:
         """Replace a `text_dropout` fraction of the prompts by the negative prompt (per-rank RNG): classifier-free
         guidance later subtracts the model's prediction for that prompt, which it must have been trained on."""
-        rate = self.cfg.text_dropout
+        rate = self.cfg.pretraining.text_dropout
         if rate <= 0:
             return batch
         prompts = list(batch["prompts"])
         dropped = (torch.rand(len(prompts)) < rate).tolist()
-        return {**batch, "prompts": [self.cfg.negative_prompt if d else p for p, d in zip(prompts, dropped)]}
+        return {**batch, "prompts": [self.cfg.data.negative_prompt if d else p for p, d in zip(prompts, dropped)]}
 
     def generator_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
         cfg = self.cfg
@@ -110,7 +111,7 @@ class Diffusion:
         noise = torch.randn_like(x0)
         x_t = schedule.add_noise(x0, noise, t)
         mask = self.attention_mask(step)
-        if cfg.teacher_forcing:
+        if cfg.pretraining.teacher_forcing:
             clean, aug_t = x0, self.augmentation_timesteps(b, f, x0.device)
             if aug_t is not None:
                 # Fix: fresh noise for the context (the original reused the training noise of the noisy input).

@@ -65,18 +65,21 @@ class GAN:
         require(models, "critic", algorithm="GAN")
         self.cfg = cfg
         self.models = models
+        gan = cfg.distillation.gan
         if models.discriminator_heads is None:
             critic = models.critic.model
-            models.discriminator_heads = GanHeads.for_critic(critic.config, cfg.num_class, cfg.concat_time_embeddings)
+            models.discriminator_heads = GanHeads.for_critic(critic.config, gan.num_class, gan.concat_time_embeddings)
             param = next(critic.parameters())
             models.discriminator_heads.to(device=param.device)
         self.heads: GanHeads = models.discriminator_heads
-        if (cfg.r1_weight > 0 or cfg.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
-            raise ConfigError("r1_weight / r2_weight need float32 discriminator passes (their finite differences are "
-                             "as small as bf16 rounding), but the critic computes in bf16 under FSDP mixed precision; "
-                             "set mixed_precision: false or sharding_strategy: no_shard (autocast)")
+        if (gan.r1_weight > 0 or gan.r2_weight > 0) and models.extra.get("compute_dtype") == torch.bfloat16:
+            raise ConfigError("distillation.gan.r1_weight / r2_weight need float32 discriminator passes (their finite "
+                             "differences are as small as bf16 rounding), but the critic computes in bf16 under FSDP "
+                             "mixed precision; set compute.mixed_precision: false or compute.sharding_strategy: no_shard "
+                             "(autocast)")
         self.rollout = SelfForcingRollout(cfg, models.generator, codec=models.codec, cache_dtype=cache_dtype)
-        self.shift = cfg.critic_timestep_shift if cfg.critic_timestep_shift is not None else cfg.timestep_shift
+        self.shift = gan.critic_timestep_shift if gan.critic_timestep_shift is not None \
+            else cfg.distillation.score_timestep_shift
 
     # --------------------------------------------------------------------------------------------- pieces
     def discriminate(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
@@ -108,13 +111,13 @@ class GAN:
     def _discriminator_terms(self, fake_t: Tensor, real_t: Tensor, t: Tensor, fake_context: Tensor,
                              real_context: Tensor):
         """(fake logits, real logits, R1, R2) for the discriminator step."""
-        cfg = self.cfg
+        gan = self.cfg.distillation.gan
         fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, fake_context, real_context)
         r1 = r2 = torch.zeros((), device=fake_t.device)
-        if cfg.r1_weight > 0:
-            r1 = cfg.r1_weight * self._penalty(real_t, real_logits, t, real_context, cfg.r1_sigma)
-        if cfg.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
-            r2 = cfg.r2_weight * self._penalty(fake_t, fake_logits, t, fake_context, cfg.r2_sigma)
+        if gan.r1_weight > 0:
+            r1 = gan.r1_weight * self._penalty(real_t, real_logits, t, real_context, gan.r1_sigma)
+        if gan.r2_weight > 0:  # fix: the original referenced r2_loss before assignment when r2_weight == 0
+            r2 = gan.r2_weight * self._penalty(fake_t, fake_logits, t, fake_context, gan.r2_sigma)
         return fake_logits, real_logits, r1, r2
 
     def _generate(self, batch: Batch, context: Tensor) -> GeneratorOutput:
@@ -148,7 +151,8 @@ class GAN:
         real_t = schedule.add_noise(real, torch.randn_like(real), t)
         # Critic parameters collect gradients here too; the loop clears a role's gradients before its own update.
         fake_logits, real_logits = self._pair_logits(fake_t, real_t, t, window_context(sample, context), context)
-        loss = self.cfg.gan_g_weight * generator_gan_loss(fake_logits, real_logits, self.cfg.relativistic_discriminator)
+        gan = self.cfg.distillation.gan
+        loss = gan.generator_weight * generator_gan_loss(fake_logits, real_logits, gan.relativistic_discriminator)
         return loss, {"fake_logit": float(fake_logits.detach().mean()), "real_logit": float(real_logits.detach().mean())}
 
     def critic_loss(self, batch: Batch, step: int) -> tuple[Tensor, Logs]:
@@ -166,8 +170,10 @@ class GAN:
         # During warm-up only the heads are in the optimizer (critic_param_groups); trunk gradients are cleared.
         fake_logits, real_logits, r1, r2 = self._discriminator_terms(fake_t, real_t, t,
                                                                      window_context(sample, context), context)
-        loss = cfg.gan_d_weight * discriminator_gan_loss(fake_logits, real_logits, cfg.relativistic_discriminator)
-        total = (loss + 0.5 * (r1 + r2)) * cfg.loss_scale
+        gan = cfg.distillation.gan
+        loss = gan.discriminator_weight * discriminator_gan_loss(fake_logits, real_logits,
+                                                                 gan.relativistic_discriminator)
+        total = (loss + 0.5 * (r1 + r2)) * gan.loss_scale
         real_logits, fake_logits, r1, r2 = (v.detach() for v in (real_logits, fake_logits, r1, r2))
         logs = {"real_logit": float(real_logits.mean()), "fake_logit": float(fake_logits.mean()),
                 "diff_logit": float((real_logits - fake_logits).mean()), "r1_loss": float(r1), "r2_loss": float(r2),
@@ -176,7 +182,7 @@ class GAN:
 
     # --------------------------------------------------------------------------------------------- parameters
     def in_warmup(self, step: int) -> bool:
-        return step < self.cfg.discriminator_warmup_steps
+        return step < self.cfg.distillation.gan.discriminator_warmup_steps
 
     def critic_phase(self, step: int) -> str:
         """"warmup" (heads only) or "main"; the loop re-creates the critic optimizer when this changes."""
@@ -186,7 +192,7 @@ class GAN:
         """AdamW parameter groups for the critic optimizer at `step`. Each group has `params` and `lr_scale` (multiply
         the critic learning rate by it: `discriminator_lr_multiplier` for the heads); warm-up groups also carry
         `betas` (the original used beta1 = 0.9 during warm-up). During warm-up only the heads train."""
-        heads = {"params": trainable(self.heads), "lr_scale": self.cfg.discriminator_lr_multiplier}
+        heads = {"params": trainable(self.heads), "lr_scale": self.cfg.distillation.gan.discriminator_lr_multiplier}
         if self.in_warmup(step):
             return [dict(heads, betas=WARMUP_BETAS)]
         return [{"params": trainable(self.models.critic.model), "lr_scale": 1.0}, heads]

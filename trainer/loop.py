@@ -33,17 +33,18 @@ class NonFiniteLossError(RuntimeError):
 
 def micro_steps_for(cfg: Any, world_size: int) -> int:
     """Micro-batches per update so that batch_size * world_size * micro = total_batch_size (null: 1)."""
-    per_pass = cfg.batch_size * world_size
-    if cfg.total_batch_size is None:
+    settings = cfg.optimiser
+    per_pass = settings.batch_size * world_size
+    if settings.total_batch_size is None:
         return 1
-    if cfg.total_batch_size < per_pass or cfg.total_batch_size % per_pass:
-        raise InputError(f"total_batch_size {cfg.total_batch_size} must be a positive multiple of batch_size x "
-                         f"world size = {cfg.batch_size} x {world_size} = {per_pass}")
-    return cfg.total_batch_size // per_pass
+    if settings.total_batch_size < per_pass or settings.total_batch_size % per_pass:
+        raise InputError(f"optimiser.total_batch_size {settings.total_batch_size} must be a positive multiple of "
+                         f"batch_size x world size = {settings.batch_size} x {world_size} = {per_pass}")
+    return settings.total_batch_size // per_pass
 
 
 class Trainer:
-    """Runs `algorithm` on batches from `data` until `cfg.max_steps`. Models must already be on their device and
+    """Runs `algorithm` on batches from `data` until `optimiser.max_steps`. Models must already be on their device and
     sharded (`utils.distributed.parallelize_models`) before the algorithm collected its parameters.
 
     `seed`: the resolved run seed (identical on all ranks); per-rank RNGs are seeded with seed + rank here, and
@@ -62,7 +63,7 @@ class Trainer:
         self.algorithm = algorithm
         self.data = data
         self.dist = dist or DistState()
-        self.logdir = Path(logdir or cfg.logdir or ".")
+        self.logdir = Path(logdir or cfg.logging.logdir or ".")
         self.seed = int(cfg.seed if seed is None else seed)
         self.logger = logger
         self.sample_fn = sample_fn
@@ -74,7 +75,7 @@ class Trainer:
         models = algorithm.models
         models.extra["shared_generator"] = self.shared_generator
         _share_generator(algorithm, self.shared_generator)
-        self.io = CheckpointIO(models, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha)
+        self.io = CheckpointIO(models, lora_rank=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha)
         params = algorithm.trainable_parameters()
         self.roles = ["generator"] + (["critic"] if algorithm.has_critic else [])
         self.trainable: dict[str, list[nn.Parameter]] = {}
@@ -89,8 +90,8 @@ class Trainer:
         for role in self.roles:
             self._build_optimizer(role, 0)
         self.ema: EMA | None = None
-        if cfg.ema_weight > 0:
-            self.ema = EMA(cfg.ema_weight, cfg.ema_start_step)
+        if cfg.optimiser.ema_weight > 0:
+            self.ema = EMA(cfg.optimiser.ema_weight, cfg.optimiser.ema_start_step)
         self._ema_params = trainable_named_parameters(self.io.module("generator"), self.trainable["generator"])
         self._last_save_step = -1
         self._cleaned = False
@@ -111,11 +112,11 @@ class Trainer:
     def _param_groups(self, role: str, step: int) -> list[dict[str, Any]]:
         """AdamW groups with `base_lr` (warm-up scales it). The critic's come from the algorithm's optional
         `critic_param_groups(step)` hook (`params`, `lr_scale`, optional `betas`), else critic trunk + heads."""
-        cfg = self.cfg
+        cfg, settings = self.cfg, self.cfg.optimiser
         if role == "generator":
-            return [{"params": self.trainable[role], "base_lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}]
-        lr = cfg.lr_critic if cfg.lr_critic is not None else cfg.lr
-        betas = (cfg.beta1_critic, cfg.beta2_critic)
+            return [{"params": self.trainable[role], "base_lr": settings.lr, "betas": (settings.beta1, settings.beta2)}]
+        lr = settings.lr_critic if settings.lr_critic is not None else settings.lr
+        betas = (settings.beta1_critic, settings.beta2_critic)
         hook = getattr(self.algorithm, "critic_param_groups", None)
         if hook is not None:
             return [{"params": list(g["params"]), "base_lr": lr * g.get("lr_scale", 1.0),
@@ -125,7 +126,7 @@ class Trainer:
         params = self.trainable[role]
         groups = [{"params": [p for p in params if id(p) not in head_ids], "base_lr": lr, "betas": betas},
                   {"params": [p for p in params if id(p) in head_ids],
-                   "base_lr": lr * cfg.discriminator_lr_multiplier, "betas": betas}]
+                   "base_lr": lr * cfg.distillation.gan.discriminator_lr_multiplier, "betas": betas}]
         return [g for g in groups if g["params"]]
 
     def _build_optimizer(self, role: str, step: int) -> None:
@@ -134,12 +135,12 @@ class Trainer:
             g["lr"] = g["base_lr"]
         # foreach: one multi-tensor kernel per group instead of ~6 launches per parameter (the per-parameter loop
         # dominated the step time of small models on GPU).
-        self.optimizers[role] = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=self.cfg.weight_decay,
-                                                  foreach=True)
+        self.optimizers[role] = torch.optim.AdamW(groups, lr=groups[0]["lr"],
+                                                  weight_decay=self.cfg.optimiser.weight_decay, foreach=True)
         self.params[role] = [p for g in groups for p in g["params"]]
 
     def _warmup_factor(self) -> float:
-        warm = self.cfg.lr_warmup_steps
+        warm = self.cfg.optimiser.lr_warmup_steps
         return min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0
 
     # ------------------------------------------------------------------------------------------------- updates
@@ -158,7 +159,8 @@ class Trainer:
             total_loss += float(loss.detach())
             for key, value in logs.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        max_norm = self.cfg.max_grad_norm_generator if role == "generator" else self.cfg.max_grad_norm_critic
+        settings = self.cfg.optimiser
+        max_norm = settings.max_grad_norm_generator if role == "generator" else settings.max_grad_norm_critic
         norm = clip_grad_norm(params, max_norm)
         if not torch.isfinite(torch.tensor(norm)):
             return self._skip(role, "gradient norm")
@@ -183,7 +185,7 @@ class Trainer:
     def _skip(self, role: str, what: str) -> Logs:
         self._zero_grad(role)
         self.nonfinite_run += 1
-        limit = self.cfg.max_nonfinite_steps
+        limit = self.cfg.optimiser.max_nonfinite_steps
         warn(f"step {self.step}: non-finite {role} {what} on at least one rank; update skipped "
              f"({self.nonfinite_run} in a row, abort at {limit})")
         if self.nonfinite_run >= limit:
@@ -204,7 +206,7 @@ class Trainer:
             self._critic_phase = phase
         logs: Logs = {}
         has_critic = self.algorithm.has_critic
-        if not has_critic or self.step % self.cfg.dfake_gen_update_ratio == 0:
+        if not has_critic or self.step % self.cfg.distillation.dfake_gen_update_ratio == 0:
             gen_logs = self._update("generator", self.algorithm.generator_loss)
             logs.update(gen_logs)
             if ema is not None and ema.started and "generator_loss" in gen_logs:
@@ -226,28 +228,29 @@ class Trainer:
         counts: dict[str, int] = {}
         started = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
-                if cfg.time_limit_s > 0 and any_rank(time.perf_counter() - started > cfg.time_limit_s):
+            while self.step < cfg.optimiser.max_steps:
+                limit_s = cfg.optimiser.time_limit_s
+                if limit_s > 0 and any_rank(time.perf_counter() - started > limit_s):
                     # A time-boxed run ends like a finished one: the final checkpoint below is written.
                     if self.dist.is_main:
-                        warn(f"time_limit_s={cfg.time_limit_s} reached at step {self.step}; stopping")
+                        warn(f"optimiser.time_limit_s={limit_s} reached at step {self.step}; stopping")
                     break
                 for key, value in self.train_step().items():
                     sums[key] = sums.get(key, 0.0) + float(value)
                     counts[key] = counts.get(key, 0) + 1
-                if self.step % max(1, cfg.log_every) == 0 or self.step == cfg.max_steps:
+                if self.step % max(1, cfg.logging.log_every) == 0 or self.step == cfg.optimiser.max_steps:
                     logs = {key: sums[key] / counts[key] for key in sums}
                     sums, counts = {}, {}
                     shown = self.last_logs = mean_over_ranks(logs)
                     if self.logger is not None:
                         self.logger.log(self.step, shown)
                         self.logger.progress(self.step, shown)
-                if cfg.log_iters > 0 and self.step % cfg.log_iters == 0:
+                if cfg.checkpointing.interval > 0 and self.step % cfg.checkpointing.interval == 0:
                     self.save_checkpoint()
-                if self.sample_fn is not None and cfg.sample_every > 0 and not cfg.no_visualize \
-                        and self.step % cfg.sample_every == 0:
+                if self.sample_fn is not None and cfg.logging.sample_every > 0 and not cfg.logging.no_visualize \
+                        and self.step % cfg.logging.sample_every == 0:
                     self.sample_fn(self.step)
-                if cfg.gc_interval > 0 and self.step % cfg.gc_interval == 0:
+                if cfg.compute.gc_interval > 0 and self.step % cfg.compute.gc_interval == 0:
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
@@ -261,7 +264,7 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Optional[Path]:
         """Write `checkpoint_model_{step:06d}/` (collective: every rank must call it). Refuses non-finite weights."""
-        if self.cfg.no_save:
+        if self.cfg.checkpointing.no_save:
             return None
         all_params = [p for params in self.trainable.values() for p in params]
         if not all_finite(all_params):
@@ -290,7 +293,7 @@ class Trainer:
                 self._cleaned = True
             path = ts.write_checkpoint(self.logdir, self.step, tensors=tensors, training_state=state,
                                        texts=self.io.texts(self.cfg))
-            ts.prune_checkpoints(self.logdir, self.cfg.keep_checkpoints)
+            ts.prune_checkpoints(self.logdir, self.cfg.checkpointing.keep)
         self._last_save_step = self.step
         barrier()
         return path
@@ -332,7 +335,7 @@ class Trainer:
         """The configuration, not the checkpoint, sets learning rates (identical when resuming the same config)."""
         for group, new in zip(self.optimizers[role].param_groups, self._param_groups(role, step)):
             group["base_lr"], group["betas"] = new["base_lr"], new["betas"]
-            group["weight_decay"] = self.cfg.weight_decay
+            group["weight_decay"] = self.cfg.optimiser.weight_decay
 
 
 def _share_generator(algorithm: Algorithm, generator: torch.Generator) -> None:

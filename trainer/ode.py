@@ -34,8 +34,8 @@ class ODERegression:
         self.cfg = cfg
         self.models = models
         self.steps = rollout_steps(cfg, models.generator.schedule, drop_final_zero=False)
-        self.block_causal = BlockCausal(cfg.num_frame_per_block, cfg.independent_first_frame,
-                                        cfg.model_kwargs.local_attn_size)
+        self.block_causal = BlockCausal(cfg.rollout.num_frame_per_block, cfg.rollout.independent_first_frame,
+                                        cfg.rollout.local_attn_size)
 
     def sample_inputs(self, trajectory: Tensor, generator: Optional[torch.Generator] = None,
                       index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -48,7 +48,7 @@ class ODERegression:
                              f"entries ({self.steps}); they must correspond one to one")
         if index is None:
             index = per_block_indices(b, self.block_causal.block_sizes(f), k, trajectory.device, generator)
-            if self.cfg.i2v:
+            if self.cfg.data.i2v:
                 index[:, 0] = k - 1  # image-to-video: the first frame is the given clean image
         gather = index[:, None, :, None, None, None].expand(-1, 1, -1, *trajectory.shape[3:])
         inputs = trajectory.gather(1, gather).squeeze(1)

@@ -344,13 +344,13 @@ class ODEPairDataset:
             raise InputError(f"{source} (as the generator runs it: {[round(s, 2) for s in steps]}) does not match "
                              f"the timesteps of the ODE pairs in {self.folder / INDEX} "
                              f"({[round(t, 2) for t in self.timesteps]}); ODE regression feeds entry k at step k. "
-                             "Check denoising_step_list (it must end with 0), warp_denoising_step and "
-                             "model_kwargs.timestep_shift against the generation's --shift/--record")
+                             "Check rollout.denoising_step_list (it must end with 0), rollout.warp_denoising_step and "
+                             "rollout.generator_shift against the generation's --shift/--record")
 
 
 def config_trajectory_timesteps(cfg: Any) -> list[float]:
     """The timesteps ODE regression assigns to the trajectory entries: `denoising_step_list`, warped onto the
     generator's shifted grid when `warp_denoising_step`, final 0 kept."""
     from pipeline.schedule import FlowMatchSchedule
-    schedule = FlowMatchSchedule(cfg.model_kwargs.timestep_shift, cfg.num_train_timestep)
-    return schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step)
+    schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
+    return schedule.denoising_steps(cfg.rollout.denoising_step_list, cfg.rollout.warp_denoising_step)

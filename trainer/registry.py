@@ -37,8 +37,8 @@ def algorithm_class(trainer: str, distribution_loss: str = "dmd") -> type:
 
 
 def build_algorithm(cfg, models: Models) -> Algorithm:
-    """The algorithm for `cfg.trainer` / `cfg.distribution_loss`, bound to the models."""
-    cls = algorithm_class(cfg.trainer, cfg.distribution_loss)
+    """The algorithm for `cfg.trainer` / `cfg.distillation.distribution_loss`, bound to the models."""
+    cls = algorithm_class(cfg.trainer, cfg.distillation.distribution_loss)
     if "cache_dtype" in inspect.signature(cls).parameters:
         # Under FSDP mixed precision the stored parameters stay fp32 while K/V are computed in bf16.
         return cls(cfg, models, cache_dtype=models.extra.get("compute_dtype"))

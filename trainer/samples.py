@@ -20,9 +20,9 @@ def make_sample_fn(cfg: Any, models: Any, logdir: str | Path, rank: int) -> Call
     from pipeline.inference import CausalInferencePipeline, CausalSettings
     from pipeline.teacher import sample_bidirectional
     from utils.video import write_video
-    prompts = list(cfg.sample_prompts) or DEFAULT_PROMPTS[cfg.world]
+    prompts = list(cfg.logging.sample_prompts) or DEFAULT_PROMPTS[cfg.model.world]
     denoiser = models.generator
-    frames = cfg.image_or_video_shape[1]
+    frames = cfg.rollout.image_or_video_shape[1]
     out_dir = Path(logdir) / "samples"
 
     @torch.no_grad()
@@ -33,22 +33,22 @@ def make_sample_fn(cfg: Any, models: Any, logdir: str | Path, rank: int) -> Call
         generator = torch.Generator().manual_seed(cfg.seed or 0)
         if denoiser.uniform_timestep:  # a bidirectional generator (teacher pre-training)
             param = next(net.parameters())
-            _, _, c, h, w = cfg.image_or_video_shape
+            _, _, c, h, w = cfg.rollout.image_or_video_shape
             noise = torch.randn(len(prompts), frames, c, h, w, generator=generator).to(param.device)
             context = models.text(prompts)
             latents = sample_bidirectional(denoiser, noise, context, models.text.negative(len(prompts)),
                                            sampler="euler", num_steps=30, shift=denoiser.schedule.shift,
-                                           guidance_scale=cfg.guidance_scale, cfg_space="x0").latents
+                                           guidance_scale=cfg.distillation.guidance_scale, cfg_space="x0").latents
             video = models.codec.decode_to_pixel(latents).float() * 0.5 + 0.5
         else:
             pipe = CausalInferencePipeline(net, models.text, models.codec, denoiser.schedule,
                                            CausalSettings.from_config(cfg, denoiser.schedule))
-            video = pipe.generate(prompts, num_latent_frames=frames, height=cfg.height, width=cfg.width,
-                                  generator=generator).video
+            video = pipe.generate(prompts, num_latent_frames=frames, height=cfg.inference.height,
+                                  width=cfg.inference.width, generator=generator).video
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             for i, clip in enumerate(video.clamp(0, 1).cpu()):
-                write_video(out_dir / f"step_{step:06d}-{i}.mp4", clip, fps=cfg.fps)
+                write_video(out_dir / f"step_{step:06d}-{i}.mp4", clip, fps=cfg.inference.fps)
         net.train(was_training)
 
     return sample

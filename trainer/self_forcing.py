@@ -42,7 +42,7 @@ def rollout_steps(cfg, schedule: FlowMatchSchedule, drop_final_zero: bool = True
     """The denoising timesteps the generator runs: `denoising_step_list`, warped onto the generator's shifted grid
     if `warp_denoising_step` (docs/method.md, "Schedule"). The training rollout drops a trailing 0 (a call at t=0
     would be wasted)."""
-    return schedule.denoising_steps(cfg.denoising_step_list, cfg.warp_denoising_step, drop_final_zero)
+    return schedule.denoising_steps(cfg.rollout.denoising_step_list, cfg.rollout.warp_denoising_step, drop_final_zero)
 
 
 def block_starts(num_frames: int, frames_per_block: int, independent_first_frame: bool) -> list[int]:
@@ -95,29 +95,32 @@ class SelfForcingRollout:
         self.codec = codec
         self.cache_dtype = cache_dtype
         self.steps = rollout_steps(cfg, generator.schedule)
-        if cfg.kv_cache_grad not in ("paper", "original"):
-            raise InputError(f"kv_cache_grad must be 'paper' or 'original', got {cfg.kv_cache_grad!r}")
-        shape = list(cfg.image_or_video_shape)
+        if cfg.rollout.kv_cache_grad not in ("paper", "original"):
+            raise InputError(f"rollout.kv_cache_grad must be 'paper' or 'original', got {cfg.rollout.kv_cache_grad!r}")
+        shape = list(cfg.rollout.image_or_video_shape)
         if len(shape) != 5:
-            raise InputError(f"image_or_video_shape must be [B, F, C, H, W], got {shape}")
+            raise InputError(f"rollout.image_or_video_shape must be [B, F, C, H, W], got {shape}")
         self.window = int(shape[1])
         self.latent_shape = tuple(int(s) for s in shape[2:])
-        nfpb, first = cfg.num_frame_per_block, int(cfg.independent_first_frame)
+        nfpb, first = cfg.rollout.num_frame_per_block, int(cfg.rollout.independent_first_frame)
         # The original's hard-coded 21 (loss window) and num_training_frames (longest rollout), generalised: the
         # rollout generates between `window` and `num_training_frames` frames, in whole blocks. A long rollout
         # (`rollout_frames`) ends where its window ends: at the rollout's end ("latest"), or at a uniformly drawn
         # block boundary ("uniform"; what would follow the window cannot change the loss, so it is not generated).
-        self.long = cfg.rollout_frames > 0
+        self.long = cfg.rollout.rollout_frames > 0
         longest_key = "rollout_frames" if self.long else "num_training_frames"
-        self.min_frames, self.max_frames = self.window - first, getattr(cfg, longest_key) - first
-        for key, frames in (("image_or_video_shape[1]", self.min_frames), (longest_key, self.max_frames)):
+        self.min_frames, self.max_frames = self.window - first, getattr(cfg.rollout, longest_key) - first
+        for key, frames in (("rollout.image_or_video_shape[1]", self.min_frames),
+                            (f"rollout.{longest_key}", self.max_frames)):
             if frames < nfpb or frames % nfpb:
                 raise InputError(f"{key}: {frames + first} latent frames cannot be split into blocks of "
-                                 f"num_frame_per_block={nfpb}" + (" after an independent first frame" if first else ""))
+                                 f"rollout.num_frame_per_block={nfpb}"
+                                 + (" after an independent first frame" if first else ""))
         if self.max_frames < self.min_frames:
-            raise InputError(f"{longest_key} ({self.max_frames + first}) must be at least the loss window "
-                             f"image_or_video_shape[1] ({self.window})")
-        self.shortest_frames = self.max_frames if self.long and cfg.rollout_window == "latest" else self.min_frames
+            raise InputError(f"rollout.{longest_key} ({self.max_frames + first}) must be at least the loss window "
+                             f"rollout.image_or_video_shape[1] ({self.window})")
+        self.shortest_frames = (self.max_frames if self.long and cfg.rollout.rollout_window == "latest"
+                                else self.min_frames)
         self.shared_generator = torch.Generator(device="cpu")
         self.seed(cfg.seed)
 
@@ -134,19 +137,18 @@ class SelfForcingRollout:
     def sample_plan(self, generator: Optional[torch.Generator] = None) -> RolloutPlan:
         """Number of blocks ~ U{min, max} and one exit step per block ~ U{0..K-1} (K-1 if `last_step_only`)."""
         g = generator or self.shared_generator
-        cfg = self.cfg
-        nfpb = cfg.num_frame_per_block
+        nfpb = self.cfg.rollout.num_frame_per_block
         lo, hi = self.shortest_frames // nfpb, self.max_frames // nfpb
         num_blocks = int(torch.randint(lo, hi + 1, (1,), generator=g).item())
-        total_blocks = num_blocks + int(cfg.independent_first_frame)
+        total_blocks = num_blocks + int(self.cfg.rollout.independent_first_frame)
         exits = torch.randint(0, len(self.steps), (total_blocks,), generator=g).tolist()
         plan = self.plan_from_draws(num_blocks, exits)
         # A prompt switch falls on a block boundary at or before the window's first generated block, so the whole
         # window is generated under the prompt its loss uses. Nothing more is drawn where no boundary qualifies
         # (a rollout of the window's length draws exactly what the standard recipe draws).
         switchable = self._switch_blocks(num_blocks)
-        if cfg.prompt_switch_prob > 0 and switchable:
-            switch = float(torch.rand((), generator=g)) < cfg.prompt_switch_prob
+        if self.cfg.rollout.prompt_switch_prob > 0 and switchable:
+            switch = float(torch.rand((), generator=g)) < self.cfg.rollout.prompt_switch_prob
             pick = int(torch.randint(0, len(switchable), (1,), generator=g).item())
             plan.switch_block = switchable[pick] if switch else None
         return plan
@@ -154,19 +156,19 @@ class SelfForcingRollout:
     def _switch_blocks(self, num_blocks: int) -> list[int]:
         """Block indices (the independent first frame counts as block 0) at whose start a prompt switch may fall:
         after block 0 and no later than the first block that starts inside the loss window."""
-        first = int(self.cfg.independent_first_frame)
-        starts = block_starts(num_blocks * self.cfg.num_frame_per_block + first, self.cfg.num_frame_per_block,
-                              bool(first))
-        window_start = starts[-1] + self.cfg.num_frame_per_block - self.window
+        first = int(self.cfg.rollout.independent_first_frame)
+        nfpb = self.cfg.rollout.num_frame_per_block
+        starts = block_starts(num_blocks * nfpb + first, nfpb, bool(first))
+        window_start = starts[-1] + nfpb - self.window
         return [i for i, start in enumerate(starts) if 0 < start and (i == 0 or starts[i - 1] < window_start)]
 
     def plan_from_draws(self, num_blocks: int, exit_draws: list[int]) -> RolloutPlan:
         """The plan for drawn exit steps (one per block, in [0, K)): all K-1 with `last_step_only`, all the first
         one with `same_step_across_blocks` (as the original applies its draw)."""
         exits = [int(e) for e in exit_draws]
-        if self.cfg.last_step_only:
+        if self.cfg.rollout.last_step_only:
             exits = [len(self.steps) - 1] * len(exits)
-        if self.cfg.same_step_across_blocks:
+        if self.cfg.rollout.same_step_across_blocks:
             exits = [exits[0]] * len(exits)
         return RolloutPlan(num_blocks=num_blocks, exit_steps=exits)
 
@@ -193,14 +195,14 @@ class SelfForcingRollout:
             num_frames = generated.shape[1]
         latents = self._loss_window(generated)
         mask = None
-        nfpb = cfg.num_frame_per_block
+        nfpb = cfg.rollout.num_frame_per_block
         if plan.num_blocks * nfpb != self.min_frames:
             # A longer rollout's window starts with the re-encoded image latent; the original keeps the first
             # block's frames of the window (the first frame with an independent first frame) out of the loss.
             mask = torch.ones_like(latents, dtype=torch.bool)
-            mask[:, :1 if cfg.independent_first_frame else nfpb] = False
+            mask[:, :1 if cfg.rollout.independent_first_frame else nfpb] = False
         t_from = t_to = None
-        if cfg.same_step_across_blocks:
+        if cfg.rollout.same_step_across_blocks:
             t_from, t_to = self.generator.schedule.exit_step_range(self.steps, plan.exit_steps[0])
         return GeneratorOutput(latents, mask, t_from, t_to, plan=plan, num_frames=num_frames, context=in_force)
 
@@ -214,9 +216,9 @@ class SelfForcingRollout:
         batch = context.shape[0]
         device = next(model.parameters()).device
         dtype = self._dtype(model, device)
-        nfpb = cfg.num_frame_per_block
+        nfpb = cfg.rollout.num_frame_per_block
         # An independent first frame is generated unless it is given (i2v), as the original.
-        first = int(cfg.independent_first_frame and initial_latent is None)
+        first = int(cfg.rollout.independent_first_frame and initial_latent is None)
         noise_frames = plan.num_blocks * nfpb + first
         given = 0 if initial_latent is None else initial_latent.shape[1]
         total = given + noise_frames
@@ -235,10 +237,11 @@ class SelfForcingRollout:
         # renoise_context: the training rollout re-noises each block to `context_noise` before the cache pass
         # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
         # block's cache pass is skipped: nothing reads it.
-        with gathered_across_forwards(model, cfg.sharding_strategy):
+        with gathered_across_forwards(model, cfg.compute.sharding_strategy):
             result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
-                             independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
-                             context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
+                             independent_first_frame=bool(cfg.rollout.independent_first_frame),
+                             initial_latent=initial_latent,
+                             context_noise=cfg.rollout.context_noise, renoise_context=True, final_context_pass=False,
                              policy=policy, noise_fn=noise_fn)
         return result.latents
 
@@ -259,8 +262,8 @@ class SelfForcingRollout:
         batch = context.shape[0]
         device = next(model.parameters()).device
         dtype = self._dtype(model, device)
-        nfpb = cfg.num_frame_per_block
-        first = int(cfg.independent_first_frame and initial_latent is None)
+        nfpb = cfg.rollout.num_frame_per_block
+        first = int(cfg.rollout.independent_first_frame and initial_latent is None)
         given = 0 if initial_latent is None else initial_latent.shape[1]
         noise_frames = plan.num_blocks * nfpb + first
         total = given + noise_frames
@@ -300,7 +303,8 @@ class SelfForcingRollout:
             wanted = switch_context if plan.switch_block is not None and lo >= plan.switch_block else context
             if wanted is not prompt:
                 prompt = wanted
-                recache(denoiser, cache, [(s, x.detach()) for s, x in kept], prompt, context_noise=cfg.context_noise)
+                recache(denoiser, cache, [(s, x.detach()) for s, x in kept], prompt,
+                        context_noise=cfg.rollout.context_noise)
             frames = sum(sizes[lo:hi])
             offset = starts[lo] - given
             piece_noise = (noise[:, offset:offset + frames] if noise is not None
@@ -309,10 +313,11 @@ class SelfForcingRollout:
             policy = GradientPolicy(exit_steps=list(plan.exit_steps[lo:hi]),
                                     grad_from_frame=grad_from if in_window else None)
             with torch.set_grad_enabled(in_window and torch.is_grad_enabled()), \
-                    gathered_across_forwards(model, cfg.sharding_strategy):
+                    gathered_across_forwards(model, cfg.compute.sharding_strategy):
                 result = rollout(denoiser, piece_noise, prompt, cache, steps=self.steps, frames_per_block=nfpb,
-                                 independent_first_frame=bool(cfg.independent_first_frame) and lo == 0,
-                                 initial_latent=initial_latent if lo == 0 else None, context_noise=cfg.context_noise,
+                                 independent_first_frame=bool(cfg.rollout.independent_first_frame) and lo == 0,
+                                 initial_latent=initial_latent if lo == 0 else None,
+                                 context_noise=cfg.rollout.context_noise,
                                  renoise_context=True, final_context_pass=hi < len(sizes), policy=policy,
                                  noise_fn=noise_fn, start_frame=0 if lo == 0 else starts[lo])
             latents = result.latents
@@ -331,11 +336,11 @@ class SelfForcingRollout:
     def new_cache(self, batch: int, frames: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         """The KV cache of a rollout of `frames` latent frames. `rollout_cache: training` is the original's: room
         for every frame, attention limited to the last `local_attn_size` frames (no sink: nothing is ever evicted).
-        `inference` is the cache inference builds from the same `model_kwargs` (stored with an exported model):
+        `inference` is the cache inference builds from the same rollout settings (stored with an exported model):
         `local_attn_size` slots, the oldest non-sink frames evicted, `sink_size` frames pinned; its size does not
         depend on the rollout's length."""
-        kwargs = self.cfg.model_kwargs
-        if self.cfg.rollout_cache == "inference":
+        kwargs = self.cfg.rollout
+        if kwargs.rollout_cache == "inference":
             capacity, window, sink = inference_cache_geometry(frames, kwargs.local_attn_size, kwargs.sink_size)
         else:
             capacity = frames
@@ -343,13 +348,13 @@ class SelfForcingRollout:
             sink = kwargs.sink_size if window != -1 else 0
         return self.generator.model.new_kv_cache(batch, *self.latent_shape[1:], capacity_frames=capacity,
                                                  window_frames=window, sink_frames=sink, rope=kwargs.rope,
-                                                 detach_writes=self.cfg.kv_cache_grad == "paper", dtype=dtype,
+                                                 detach_writes=self.cfg.rollout.kv_cache_grad == "paper", dtype=dtype,
                                                  device=device)
 
     def _dtype(self, model, device: torch.device) -> torch.dtype:
         if self.cache_dtype is not None:
             return self.cache_dtype
-        if self.cfg.mixed_precision and device.type == "cuda":
+        if self.cfg.compute.mixed_precision and device.type == "cuda":
             # Under FSDP mixed precision the stored parameters stay fp32 while K/V are computed in bf16; the cache
             # (and the noise, bf16 as in the original) must match the compute dtype.
             return torch.bfloat16

@@ -46,9 +46,9 @@ class SiD(DMD):
 
     def __init__(self, cfg, models: Models, cache_dtype: Optional[torch.dtype] = None):
         super().__init__(cfg, models, cache_dtype)
-        self.alpha = float(cfg.sid_alpha)
+        self.alpha = float(cfg.distillation.sid.alpha)
         # Gradients flow through the teacher's activations, so it is checkpointed like the generator and critic.
-        if cfg.gradient_checkpointing and hasattr(models.teacher.model, "set_gradient_checkpointing"):
+        if cfg.compute.gradient_checkpointing and hasattr(models.teacher.model, "set_gradient_checkpointing"):
             models.teacher.model.set_gradient_checkpointing(True)
 
     def distribution_matching_loss(self, sample: GeneratorOutput, context: Tensor,

@@ -324,21 +324,21 @@ def uses_fsdp(cfg: Any, state: DistState) -> bool:
     """Whether the networks are wrapped with FSDP2: whenever a process group exists, except `no_shard` on a single
     rank, where FSDP would shard nothing and only add per-block casts and hooks (they dominated the step time of the
     small shapes-world models); such a run computes in fp32 (TF32 matmuls on GPU)."""
-    return state.sharded and not (state.world_size == 1 and cfg.sharding_strategy == "no_shard")
+    return state.sharded and not (state.world_size == 1 and cfg.compute.sharding_strategy == "no_shard")
 
 
 def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     """Move the networks of a `Models` bundle to the device and shard them when a process group exists.
 
-    Generator and critic train (activation checkpointing per `cfg.gradient_checkpointing`); the teacher is frozen
+    Generator and critic train (activation checkpointing per `cfg.compute.gradient_checkpointing`); the teacher is frozen
     and sharded too; SiD back-propagates through the teacher, so it is checkpointed as well. GAN heads are one unit.
     The text encoder and codec stay whole (frozen, used under no_grad); with text_encoder_cpu_offload the encoder
     stays on the CPU. Idempotent: call it again after the algorithm added modules (e.g. GAN heads).
     """
-    ckpt = bool(cfg.gradient_checkpointing)
-    roles = {"generator": ckpt, "critic": ckpt, "teacher": ckpt and cfg.distribution_loss == "sid"}
+    ckpt = bool(cfg.compute.gradient_checkpointing)
+    roles = {"generator": ckpt, "critic": ckpt, "teacher": ckpt and cfg.distillation.distribution_loss == "sid"}
     shard = uses_fsdp(cfg, state)
-    mesh = _mesh(state, cfg.sharding_strategy) if shard else None
+    mesh = _mesh(state, cfg.compute.sharding_strategy) if shard else None
     for role, checkpointing in roles.items():
         denoiser = getattr(models, role)
         if denoiser is None or _is_sharded(denoiser.model):
@@ -347,30 +347,30 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
         if hasattr(net, "set_gradient_checkpointing"):
             net.set_gradient_checkpointing(checkpointing)
         if shard:
-            shard_module(net, state, mixed_precision=cfg.mixed_precision, strategy=cfg.sharding_strategy,
-                         cpu_offload=cfg.cpu_offload, mesh=mesh)
+            shard_module(net, state, mixed_precision=cfg.compute.mixed_precision, strategy=cfg.compute.sharding_strategy,
+                         cpu_offload=cfg.compute.cpu_offload, mesh=mesh)
         else:
             net.to(state.device)
-        if cfg.compile:
+        if cfg.compute.compile:
             compile_blocks(net)
     heads = models.discriminator_heads
     if heads is not None and not _is_sharded(heads):
         heads.to(state.device)
         if shard:  # one unit, with the critic's precision policy (its inputs are the critic's activations)
             from torch.distributed.fsdp import fully_shard
-            fully_shard(heads, **_fsdp_kwargs(state, cfg.mixed_precision, cfg.sharding_strategy, cfg.cpu_offload,
+            fully_shard(heads, **_fsdp_kwargs(state, cfg.compute.mixed_precision, cfg.compute.sharding_strategy, cfg.compute.cpu_offload,
                                               mesh))
     # What the networks compute in: algorithms size KV caches and noise with it (the sharded fp32 master
     # parameters they can see outside forward would say float32).
-    bf16 = cfg.mixed_precision and state.device.type == "cuda" and shard
+    bf16 = cfg.compute.mixed_precision and state.device.type == "cuda" and shard
     models.extra["compute_dtype"] = torch.bfloat16 if bf16 else torch.float32
     # Without FSDP's precision policy, mixed precision is autocast around the losses (fp32 weights and caches,
     # bf16 matmuls and flash attention: fp32 attention dominated the small shapes-world steps).
-    unsharded_bf16 = cfg.mixed_precision and state.device.type == "cuda" and not shard
+    unsharded_bf16 = cfg.compute.mixed_precision and state.device.type == "cuda" and not shard
     models.extra["autocast_dtype"] = torch.bfloat16 if unsharded_bf16 else None
     if hasattr(models.text, "place"):
-        models.text.place(state.device, keep_on_cpu=cfg.text_encoder_cpu_offload)
-        if cfg.text_encoder_cpu_offload and state.device.type == "cuda":
+        models.text.place(state.device, keep_on_cpu=cfg.compute.text_encoder_cpu_offload)
+        if cfg.compute.text_encoder_cpu_offload and state.device.type == "cuda":
             # torchrun sets OMP_NUM_THREADS=1 for every rank: one thread makes a UMT5-XXL encoding minutes long.
             torch.set_num_threads(max(torch.get_num_threads(), host_threads(state.local_world_size)))
     if isinstance(models.codec, nn.Module):

@@ -21,10 +21,11 @@ _SECRET_KEYS = ("wandb_key",)
 
 def redact(config: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config dict with secrets replaced by a marker (set/unset stays visible)."""
-    out = dict(config)
-    for key in _SECRET_KEYS:
-        if out.get(key):
-            out[key] = "<redacted>"
+    out = {}
+    for key, value in config.items():  # secrets sit in a section (logging.wandb_key) or at the top (flat configs)
+        if key in _SECRET_KEYS and value:
+            value = "<redacted>"
+        out[key] = redact(value) if isinstance(value, dict) else value
     return out
 
 
@@ -113,9 +114,9 @@ def _keep_rows_up_to(path: Path, step: int) -> None:
 
 def wandb_mode(cfg: Any) -> Optional[str]:
     """None when disabled; "online" when a key or host is configured; otherwise "offline" (sync later)."""
-    if cfg.disable_wandb:
+    if cfg.logging.disable_wandb:
         return None
-    return "online" if (cfg.wandb_key or cfg.wandb_host) else "offline"
+    return "online" if (cfg.logging.wandb_key or cfg.logging.wandb_host) else "offline"
 
 
 def _start_wandb(mode: str, save_dir: str | Path, name: str, config: dict[str, Any], project: Optional[str],

@@ -7,10 +7,21 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-CARD_KEYS = ("trainer", "distribution_loss", "denoising_step_list", "warp_denoising_step", "num_frame_per_block",
-             "num_training_frames", "guidance_scale", "lr", "lr_critic", "dfake_gen_update_ratio", "ema_weight",
-             "ema_start_step", "max_steps", "total_batch_size", "real_name", "fake_name", "context_noise",
-             "kv_cache_grad", "lora_rank", "time_limit_s")
+# Config keys (sectioned) shown on a model card.
+CARD_KEYS = ("trainer", "distillation.distribution_loss", "rollout.denoising_step_list", "rollout.warp_denoising_step",
+             "rollout.num_frame_per_block", "rollout.num_training_frames", "distillation.guidance_scale",
+             "optimiser.lr", "optimiser.lr_critic", "distillation.dfake_gen_update_ratio", "optimiser.ema_weight",
+             "optimiser.ema_start_step", "optimiser.max_steps", "optimiser.total_batch_size", "model.real_name",
+             "model.fake_name", "rollout.context_noise", "rollout.kv_cache_grad", "model.lora_rank",
+             "optimiser.time_limit_s")
+
+
+def _dotted_get(values: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    for name in dotted.split("."):
+        if not isinstance(values, dict) or name not in values:
+            return False, None
+        values = values[name]
+    return True, values
 
 
 def _yaml_list(values: list[str]) -> str:
@@ -20,7 +31,8 @@ def _yaml_list(values: list[str]) -> str:
 def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None, weights: str, step: int | None,
                causal: dict[str, Any], evaluation: dict[str, Any] | str | None = None, license: str = "apache-2.0",
                include_base: bool = False, example_prompt: str | None = None) -> str:
-    """README.md with YAML front matter for the Hub, from the stored training configuration.
+    """README.md with YAML front matter for the Hub, from the stored training configuration (a config dict, sectioned
+    or in the original's flat keys).
 
     evaluation: markdown written by the caller (e.g. the shapes-world results table), or a flat dict of numbers
     (nested values are left out: a card is read by people, the JSON holds the rest).
@@ -34,11 +46,16 @@ def model_card(*, repo_name: str, base_model: str, config: dict[str, Any] | None
     recipe = "unknown (no stored training configuration)"
     rows = ""
     if config:
-        loss = config.get("distribution_loss") if config.get("trainer") == "score_distillation" else ""
+        from utils.config.original_keys import to_sections
+        config = to_sections(config, "the stored training configuration")
+        distilled = config.get("trainer") == "score_distillation"
+        loss = _dotted_get(config, "distillation.distribution_loss")[1] if distilled else ""
         recipe = f"`trainer: {config.get('trainer')}`" + (f" with `distribution_loss: {loss}`" if loss else "")
         # A network built from dit_config (the shapes world) has no Wan teacher: its real/fake names are defaults.
-        keys = [k for k in CARD_KEYS if k in config and not (config.get("dit_config") and k.endswith("_name"))]
-        rows = "\n".join(f"| `{k}` | `{json.dumps(config[k], ensure_ascii=False)}` |" for k in keys)
+        built_by_code = bool(_dotted_get(config, "model.dit_config")[1])
+        values = {k: _dotted_get(config, k) for k in CARD_KEYS if not (built_by_code and k.endswith("_name"))}
+        rows = "\n".join(f"| `{k}` | `{json.dumps(v, ensure_ascii=False)}` |" for k, (found, v) in values.items()
+                         if found)
         rows = "| key | value |\n| --- | --- |\n" + rows
     mk = causal.get("model_kwargs", {})
     settings = (f"{len(causal.get('denoising_step_list', []))} denoising steps "

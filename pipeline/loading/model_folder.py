@@ -28,10 +28,13 @@ from utils.errors import InputError, MissingFileError, reading
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "SelfForcingPipeline"  # the index's _class_name: what marks a folder as one of ours
-# Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained.
+# Config keys that describe how a generator rolls out; stored with the transformer so a folder runs as trained. The
+# folder keeps the original's flat spelling (what exported folders and their readers use); loading maps it onto the
+# config's sections (utils/config/original_keys.py).
 CAUSAL_KEYS = ("denoising_step_list", "warp_denoising_step", "num_frame_per_block", "independent_first_frame",
-               "context_noise", "negative_prompt", "height", "width", "fps", "decoder", "image_or_video_shape")
-MODEL_KWARGS_KEYS = ("timestep_shift", "local_attn_size", "sink_size", "rope")
+               "context_noise", "negative_prompt", "height", "width", "fps", "decoder", "image_or_video_shape",
+               "model_kwargs.timestep_shift", "model_kwargs.local_attn_size", "model_kwargs.sink_size",
+               "model_kwargs.rope")
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -40,10 +43,8 @@ def is_model_folder(path: str | Path) -> bool:
 
 def causal_settings(cfg: Any) -> dict[str, Any]:
     """The rollout-relevant part of a Config, as stored in transformer/config.json["causal"]."""
-    settings = {k: getattr(cfg, k) for k in CAUSAL_KEYS}
-    settings["denoising_step_list"] = list(settings["denoising_step_list"])
-    settings["model_kwargs"] = {k: getattr(cfg.model_kwargs, k) for k in MODEL_KWARGS_KEYS}
-    return settings
+    from utils.config.original_keys import flat_values
+    return flat_values(cfg, CAUSAL_KEYS)
 
 
 def save_model_folder(folder: str | Path, *, transformer: WanDiT | dict[str, torch.Tensor], wan_config: WanConfig,

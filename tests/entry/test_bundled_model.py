@@ -30,9 +30,10 @@ def pipeline():
 def held_in_report(pipeline):
     pipe, cfg = pipeline
     scenes = sample_scenes(NUM_PROMPTS, torch.Generator().manual_seed(0), split="train")
-    out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=cfg.num_training_frames,
-                        height=cfg.height, width=cfg.width, generator=torch.Generator().manual_seed(1))
-    assert out.video.shape == (NUM_PROMPTS, cfg.num_training_frames, 3, cfg.height, cfg.width)
+    frames, height, width = cfg.rollout.num_training_frames, cfg.inference.height, cfg.inference.width
+    out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=frames, height=height, width=width,
+                        generator=torch.Generator().manual_seed(1))
+    assert out.video.shape == (NUM_PROMPTS, frames, 3, height, width)
     return evaluate(out.video.float(), scenes, value_range=(0, 1), layout="BTCHW")
 
 

@@ -47,7 +47,7 @@ def test_eval_json_structure_and_ranges(run, evaluated):
     assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
     assert data["format"] == sr.FORMAT and data["torch"] == torch.__version__ and data["dtype"] == "float32"
     assert data["device"].startswith("cpu")
-    train_frames = load_config(run / "dmd" / "config.yaml").image_or_video_shape[1]
+    train_frames = load_config(run / "dmd" / "config.yaml").rollout.image_or_video_shape[1]
     stages = data["stages"]
     assert set(stages) == {"teacher", "teacher_forcing", "dmd", "reference"}
     assert [stages[s]["kind"] for s in ("teacher", "teacher_forcing", "dmd")] == ["teacher", "diffusion", "few_step"]

@@ -72,11 +72,11 @@ def test_a_logdir_that_is_a_file(tmp_path, recipe, capsys):  # noqa: F811
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["max_steps=-1"], "override 'max_steps=-1': max_steps must be >= 0, got -1"),
+    (["max_steps=-1"], "override 'max_steps=-1': optimiser.max_steps must be >= 0, got -1"),
     (["max_steps=0", "--no_save"], "max_steps=0 with --no_save would do nothing"),
-    (["fps=0"], "override 'fps=0': fps must be >= 1"),
+    (["fps=0"], "override 'fps=0': inference.fps must be >= 1"),
     (["height=40"], "override 'height=40': height/width 40x"),
-    (["batch_size=abc"], "override 'batch_size=abc': bad value for 'batch_size'"),
+    (["batch_size=abc"], "override 'batch_size=abc': bad value for 'optimiser.batch_size'"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, recipe, capsys, extra, message):  # noqa: F811
     assert message in exits_2(capsys, recipe, tmp_path / "run", *extra)

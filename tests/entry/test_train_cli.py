@@ -147,10 +147,10 @@ def test_resume_flag_without_checkpoint_starts_fresh_and_no_save(tmp_path, recip
 
 def test_wandb_mode_and_redaction():
     cfg = train.load_run_config(train.parse_args(["--config_path", str(REPO_ROOT / "configs/self_forcing_dmd.yaml")]))
-    assert wandb_mode(cfg) == "offline" and cfg.logdir.endswith("self_forcing_dmd")
-    cfg.wandb_key = "k"
+    assert wandb_mode(cfg) == "offline" and cfg.logging.logdir.endswith("self_forcing_dmd")
+    cfg.logging.wandb_key = "k"
     assert wandb_mode(cfg) == "online"
-    cfg.disable_wandb = True
+    cfg.logging.disable_wandb = True
     assert wandb_mode(cfg) is None
     assert redact({"wandb_key": "k", "lr": 1})["wandb_key"] == "<redacted>"
 

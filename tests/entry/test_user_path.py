@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -96,7 +95,7 @@ def test_a_pipeline_configured_for_cuda_times_attention_and_graphs_the_generator
     assert chosen.attention_backend == "sdpa_cudnn" and attention._backend == "sdpa_cudnn"
     tokens_per_frame = (64 // 2 // 2) * (96 // 2 // 2)  # x2 pixel codec, then 2x2 patches
     assert timed == [("cuda", torch.bfloat16, {"num_heads": 2, "head_dim": 16, "query_tokens": 2 * tokens_per_frame,
-                                                "key_tokens": cfg.num_training_frames * tokens_per_frame})]
+                                                "key_tokens": cfg.rollout.num_training_frames * tokens_per_frame})]
     assert generator.inference_options.compile and generator.inference_options.fused_qkv
     pipe = CausalInferencePipeline(generator, None, codec, None, None, compile=chosen.compile,
                                    cuda_graphs=chosen.cuda_graphs)
@@ -135,7 +134,8 @@ def test_long_preset_sets_the_rolling_cache_only_and_keeps_the_models_settings(f
     st = pipe.settings
     assert (st.window_frames, st.sink_frames, st.rope) == (21, 5, "relative")
     # The tiny folder's own rollout (2-frame blocks, 3 steps, 8 fps, pixel codec) is untouched.
-    assert st.frames_per_block == 2 and len(st.steps) == 3 and cfg.fps == 8 and cfg.decoder == "pixel"
+    assert st.frames_per_block == 2 and len(st.steps) == 3
+    assert cfg.inference.fps == 8 and cfg.inference.decoder == "pixel"
 
 
 def test_long_preset_on_the_bundled_model_keeps_the_bundled_model(tmp_path):
@@ -149,8 +149,9 @@ def test_presets_with_wan_weights_lie_on_the_released_checkpoints_settings():
     for preset, decoder in (("long", "wan"), ("taehv", "taehv"), ("official", "wan")):
         args = inference.build_parser().parse_intermixed_args(["--preset", preset, "--checkpoint_path", "x.pt"])
         cfg = inference.resolve_config(args, None)
-        assert cfg.warp_denoising_step and cfg.num_frame_per_block == 3 and cfg.decoder == decoder, preset
-        assert cfg.model_kwargs.local_attn_size == (21 if preset == "long" else -1)
+        assert cfg.rollout.warp_denoising_step and cfg.rollout.num_frame_per_block == 3, preset
+        assert cfg.inference.decoder == decoder, preset
+        assert cfg.rollout.local_attn_size == (21 if preset == "long" else -1)
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -236,7 +237,8 @@ def test_compile_is_no_cuda_default_without_triton(monkeypatch):
 
 
 def test_cuda_graphs_are_never_on_off_cuda_even_when_asked():
-    cfg = SimpleNamespace(compile=False, cuda_graphs=True, attention_backend="sdpa_flash")
+    from utils.config import load_config
+    cfg = load_config(None, ["compile=false", "cuda_graphs=true", "attention_backend=sdpa_flash"])
     assert levers_for(cfg, "cpu") == Levers(compile=False, cuda_graphs=False, fused_qkv=False,
                                             attention_backend="sdpa_flash")
 

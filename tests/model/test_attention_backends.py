@@ -179,10 +179,10 @@ def test_flash_attn_4_keeps_its_compiled_kernels_on_disk_unless_the_user_said_ot
 
 
 def test_the_config_accepts_exactly_the_backends_the_model_knows():
-    """utils/config.py writes the names out (the ground floor imports no network code): the lists must agree, and a
-    name outside them is a config error that names the key."""
+    """utils/config/schema.py writes the names out (the ground floor imports no network code): the lists must agree,
+    and a name outside them is a config error that names the key."""
     from utils.config import ATTENTION_BACKEND_NAMES, ConfigError, load_config
     assert ATTENTION_BACKEND_NAMES == backends.ATTENTION_BACKENDS
-    assert load_config(None, ["attention_backend=sdpa_cudnn_halves"]).attention_backend == "sdpa_cudnn_halves"
-    with pytest.raises(ConfigError, match="attention_backend = 'sdpa_halves' is not one of"):
+    assert load_config(None, ["attention_backend=sdpa_cudnn_halves"]).inference.attention_backend == "sdpa_cudnn_halves"
+    with pytest.raises(ConfigError, match="inference.attention_backend = 'sdpa_halves' is not one of"):
         load_config(None, ["attention_backend=sdpa_halves"])

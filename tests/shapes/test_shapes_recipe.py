@@ -51,9 +51,9 @@ def test_shipped_base_codec_is_the_shapes_configs():
     cfg = load_config(shapes_world.CONFIGS / "base.yaml")
     shipped = json.loads((shapes_world.BASE_ASSET / "codec" / "config.json").read_text())
     assert shipped == shapes_codec(cfg).config()
-    assert cfg.image_or_video_shape[2] == shapes_codec(cfg).latent_channels
-    factor = cfg.codec_spatial_factor
-    assert list(cfg.image_or_video_shape[3:]) == [cfg.height // factor, cfg.width // factor]
+    assert cfg.rollout.image_or_video_shape[2] == shapes_codec(cfg).latent_channels
+    factor = cfg.model.codec_spatial_factor
+    assert list(cfg.rollout.image_or_video_shape[3:]) == [cfg.inference.height // factor, cfg.inference.width // factor]
 
 
 def test_base_folder_codec_is_the_configs(tmp_path, monkeypatch):

@@ -39,8 +39,8 @@ def test_smoke_teacher_continues_from_teacher_init(tmp_path):
     (tmp_path / "b" / "teacher_init").mkdir(parents=True)
     (tmp_path / "b" / "teacher_init" / "generator_ema.safetensors").write_bytes(first.read_bytes())
     cfg = sw.load_stage_config("teacher", tmp_path / "b", "smoke")
-    assert cfg.generator_ckpt == str(tmp_path / "b" / "teacher_init" / "generator_ema.safetensors")
-    net = shapes_dit(cfg, cfg.generator_ckpt)
+    assert cfg.model.generator_ckpt == str(tmp_path / "b" / "teacher_init" / "generator_ema.safetensors")
+    net = shapes_dit(cfg, cfg.model.generator_ckpt)
     loaded = shapes_dit(sw.load_stage_config("ode_init", tmp_path / "a", "smoke"), str(first))
     for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name

@@ -309,17 +309,17 @@ def test_diffusion_loss_is_the_weighted_flow_matching_loss(overrides):
     t = algo.timesteps(2, 6, torch.device("cpu"))
     noise = torch.randn(SHAPE)
     assert t.dtype == torch.float32 and set(t.flatten().tolist()) <= set(schedule.timesteps.tolist())
-    per = t.view(2, 3, 2) if cfg.causal else t.view(2, 1, 6)
+    per = t.view(2, 3, 2) if cfg.pretraining.causal else t.view(2, 1, 6)
     assert torch.equal(per, per[..., :1].expand_as(per))  # one timestep per block (per sample if bidirectional)
     x0 = batch["latents"]
     net, x_t, context = models.generator.model, schedule.add_noise(x0, noise, t), models.text(batch["prompts"])
-    if cfg.teacher_forcing:
+    if cfg.pretraining.teacher_forcing:
         aug_t = algo.augmentation_timesteps(2, 6, torch.device("cpu"))
         assert aug_t.max() < 100  # small augmentation really is small
         clean = schedule.add_noise(x0, torch.randn(SHAPE), aug_t)
         flow = net.forward_teacher_forcing(x_t, t, context, clean, algo.block_causal, aug_t)
     else:
-        flow = net(x_t, t, context, block_causal=algo.block_causal if cfg.causal else None)
+        flow = net(x_t, t, context, block_causal=algo.block_causal if cfg.pretraining.causal else None)
     per_frame = ((flow - (noise - x0)) ** 2).mean(dim=(2, 3, 4))
     torch.testing.assert_close(loss, (per_frame * schedule.training_weight(t)).mean())
     loss.backward()

@@ -48,7 +48,7 @@ def train_both_roles(algo, batch, models):
 def test_causvid_trains_on_ode_pair_shards(tmp_path, teacher_forcing):
     cfg = tiny_train_config(distribution_loss="causvid", denoising_step_list=STEPS, batch_size=2,
                             teacher_forcing=teacher_forcing, ode_data_path=str(tmp_path / "pairs"))
-    write_pairs(tmp_path / "pairs", cfg.image_or_video_shape[1:])
+    write_pairs(tmp_path / "pairs", cfg.rollout.image_or_video_shape[1:])
     batch = next(build_data(cfg))
     assert "latents" not in batch and batch["ode_latent"].dim() == 6  # what the shards give
     models = tiny_models(cfg)
@@ -106,7 +106,7 @@ def i2v_config(tmp_path, **overrides):
                     num_training_frames=7, batch_size=2, ode_data_path=str(tmp_path / "pairs"))
     settings.update(overrides)
     cfg = tiny_train_config(**settings)
-    write_pairs(tmp_path / "pairs", cfg.image_or_video_shape[1:])
+    write_pairs(tmp_path / "pairs", cfg.rollout.image_or_video_shape[1:])
     return cfg
 
 
@@ -144,7 +144,7 @@ def test_text_to_video_ignores_the_data_and_i2v_changes_the_samples(tmp_path):
     context = tiny_models(cfg).text(batch["prompts"])
     outputs = {}
     for i2v in (True, False):
-        cfg.i2v = i2v
+        cfg.data.i2v = i2v
         algo = DMD(cfg, tiny_models(cfg))
         torch.manual_seed(0)
         with torch.no_grad():
@@ -169,11 +169,11 @@ def test_i2v_causvid_feeds_the_first_frame_clean(tmp_path):
 
 
 def test_i2v_and_raw_video_settings_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match="i2v = true needs independent_first_frame = true"):
+    with pytest.raises(ConfigError, match="data.i2v = true needs rollout.independent_first_frame = true"):
         load_config(None, ["i2v=true"])
-    with pytest.raises(ConfigError, match="i2v = true needs independent_first_frame"):
+    with pytest.raises(ConfigError, match="data.i2v = true needs rollout.independent_first_frame"):
         load_config(None, ["i2v=true", "trainer=gan"])
-    assert load_config(None, ["i2v=true", "distribution_loss=causvid"]).i2v  # no rollout: no block layout to fit
+    assert load_config(None, ["i2v=true", "distribution_loss=causvid"]).data.i2v  # no rollout: no block layout to fit
     with pytest.raises(ConfigError, match="load_raw_video = true is not supported.*ode_data_path"):
         load_config(None, ["load_raw_video=true"])
     cfg = load_config(None, ["i2v=true", "independent_first_frame=true", f"data_path={tmp_path / 'prompts.txt'}"])

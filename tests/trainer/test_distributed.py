@@ -53,7 +53,7 @@ def _run(argv: list[str], out_json: str):
         return FakeAlgorithm(cfg, models, use_rng=False)
 
     def data(cfg, rank, world, seed):
-        return ShardedBatches(ListDataset(8), cfg.batch_size, rank, world, seed)
+        return ShardedBatches(ListDataset(8), cfg.optimiser.batch_size, rank, world, seed)
 
     trainer = train.main(argv, models=lambda cfg: tiny_models(cfg, teacher=False), algorithm_factory=algorithm,
                          data=data)

@@ -13,7 +13,7 @@ from trainer.dmd import DMD
 from trainer.gan import GAN
 from trainer.self_forcing import RolloutPlan, SelfForcingRollout
 from trainer.sid import SiD
-from utils.config import ConfigError, ModelKwargs, load_config
+from utils.config import ConfigError, load_config
 
 CHANNELS = PixelShuffleCodec(spatial_factor=2).latent_channels
 WINDOW = 6  # latent frames of the loss window (the teacher's horizon) in the tiny configs: 3 blocks of 2
@@ -22,7 +22,7 @@ WINDOW = 6  # latent frames of the loss window (the teacher's horizon) in the ti
 def long_config(**overrides):
     """Tiny config for long rollouts: codec-sized latents, a rolling inference cache of 4 frames with 2 sink frames."""
     base = dict(image_or_video_shape=[1, WINDOW, CHANNELS, 4, 6], rollout_frames=3 * WINDOW, rollout_cache="inference",
-                model_kwargs=ModelKwargs(timestep_shift=5.0, local_attn_size=4, sink_size=2, rope="relative"))
+                model_kwargs=dict(timestep_shift=5.0, local_attn_size=4, sink_size=2, rope="relative"))
     base.update(overrides)
     return tiny_train_config(**base)
 
@@ -40,7 +40,7 @@ def _step(cls, cfg, batch):
     """Generator loss and gradients of one step, from fixed seeds."""
     models = long_models(cfg, critic=True, teacher=cls is not GAN)
     algo = cls(cfg, models)
-    assert algo.rollout.long == (cfg.rollout_frames > 0)  # the long path runs (one piece: the whole window)
+    assert algo.rollout.long == (cfg.rollout.rollout_frames > 0)  # the long path runs (one piece: the whole window)
     torch.manual_seed(11)
     loss, _ = algo.generator_loss(batch, 0)
     loss.backward()
@@ -104,7 +104,7 @@ def test_the_window_rule_matches_the_standard_one_on_the_same_frames():
     # Same frames, same exits: the long rollout's window (a tail of the rollout) is the standard recipe's window of
     # a rollout of num_training_frames, whose cache holds everything (the window rule decodes all earlier frames).
     exits = [1, 2, 0, 3, 1]
-    training_cache = dict(model_kwargs=ModelKwargs(timestep_shift=5.0), rollout_cache="training")
+    training_cache = dict(model_kwargs=dict(timestep_shift=5.0), rollout_cache="training")
     standard_cfg = long_config(rollout_frames=0, num_training_frames=10, **training_cache)
     long_cfg = long_config(rollout_frames=10, **training_cache)
     models = long_models(standard_cfg, teacher=False, critic=False)
@@ -286,7 +286,8 @@ def test_bad_long_rollout_settings_are_config_errors_naming_the_key(tmp_path, ov
         load_config(recipe, overrides)
     assert str(recipe) in str(err.value) or "override" in str(err.value)
     cfg = load_config(recipe, ["rollout_frames=24", "rollout_window=uniform", "prompt_switch_prob=0.3"])
-    assert (cfg.rollout_frames, cfg.rollout_window, cfg.prompt_switch_prob) == (24, "uniform", 0.3)
+    r = cfg.rollout
+    assert (r.rollout_frames, r.rollout_window, r.prompt_switch_prob) == (24, "uniform", 0.3)
 
 
 # ------------------------------------------------------------------------------------- the entry point
@@ -365,10 +366,10 @@ def test_prompt_files_pair_every_prompt_with_another_one(tmp_path):
 
 def test_shapes_batches_carry_switch_prompts_only_when_switching():
     from shapes.components import ShapesBatches
-    from utils.config import Config
+    from utils.config import unchecked_config
     base = dict(world="shapes", image_or_video_shape=[1, 4, 12, 16, 16], height=32, width=32, batch_size=3)
-    plain = next(ShapesBatches(Config(**base), seed=1))
-    switching = next(ShapesBatches(Config(**base, rollout_frames=8, prompt_switch_prob=0.5), seed=1))
+    plain = next(ShapesBatches(unchecked_config(base), seed=1))
+    switching = next(ShapesBatches(unchecked_config(dict(base, rollout_frames=8, prompt_switch_prob=0.5)), seed=1))
     assert "switch_prompts" not in plain and plain["prompts"] == switching["prompts"]
     assert len(switching["switch_prompts"]) == 3 and switching["switch_prompts"] != switching["prompts"]
 
@@ -377,10 +378,10 @@ def test_shapes_batches_carry_switch_prompts_only_when_switching():
 def test_the_long_recipes_load(recipe):
     from utils.config import REPO_ROOT
     cfg = load_config(REPO_ROOT / recipe)
-    horizon = cfg.image_or_video_shape[1]
-    assert cfg.rollout_frames == 4 * horizon and cfg.rollout_cache == "inference"
-    assert cfg.model_kwargs.local_attn_size == horizon and cfg.model_kwargs.rope == "relative"
-    assert 0 < cfg.prompt_switch_prob < 1 and cfg.rollout_window == "uniform"
+    horizon = cfg.rollout.image_or_video_shape[1]
+    assert cfg.rollout.rollout_frames == 4 * horizon and cfg.rollout.rollout_cache == "inference"
+    assert cfg.rollout.local_attn_size == horizon and cfg.rollout.rope == "relative"
+    assert 0 < cfg.rollout.prompt_switch_prob < 1 and cfg.rollout.rollout_window == "uniform"
 
 
 def test_the_shapes_recipe_runs_the_long_stage_only_when_named(tmp_path):
@@ -391,6 +392,6 @@ def test_the_shapes_recipe_runs_the_long_stage_only_when_named(tmp_path):
     spec.loader.exec_module(sw)
     assert "dmd_long" not in sw.ALL_STAGES and "dmd_long" in sw.OPTIONAL_STAGES
     cfg = sw.load_stage_config("dmd_long", tmp_path, "smoke")  # smoke sizes: a 6-frame window
-    assert cfg.rollout_frames == 48 and cfg.image_or_video_shape[1] == 6
-    assert cfg.generator_ckpt == str(tmp_path / "dmd" / "generator_ema.safetensors")
-    assert cfg.real_score_ckpt == str(tmp_path / "teacher" / "generator_ema.safetensors")
+    assert cfg.rollout.rollout_frames == 48 and cfg.rollout.image_or_video_shape[1] == 6
+    assert cfg.model.generator_ckpt == str(tmp_path / "dmd" / "generator_ema.safetensors")
+    assert cfg.model.real_score_ckpt == str(tmp_path / "teacher" / "generator_ema.safetensors")

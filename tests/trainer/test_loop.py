@@ -82,12 +82,12 @@ def make_trainer(tmp_path, *, has_critic=True, use_rng=True, use_shared=True, na
     base.update(overrides)
     cfg = tiny_train_config(**base)
     models = tiny_models(cfg, teacher=False, critic=has_critic)
-    if cfg.lora_rank > 0:
+    if cfg.model.lora_rank > 0:
         from trainer.builders import prepare_injected_models
         prepare_injected_models(models, cfg)
     algorithm = FakeAlgorithm(cfg, models, has_critic=has_critic, use_rng=use_rng, nan_at=nan_at,
                               use_shared=use_shared)
-    data = ShardedBatches(ListDataset(n_items), cfg.batch_size, seed=cfg.seed)
+    data = ShardedBatches(ListDataset(n_items), cfg.optimiser.batch_size, seed=cfg.seed)
     return Trainer(cfg, algorithm, data, logdir=tmp_path, seed=cfg.seed)
 
 
@@ -191,7 +191,7 @@ def test_nan_loss_skips_the_update_with_a_warning(tmp_path):
     tr = make_trainer(tmp_path, nan_at={("generator", 2)}, max_steps=2)
     tr.train()
     before = weights(tr.algorithm.models.generator.model)
-    tr.cfg.max_steps = 3
+    tr.cfg.optimiser.max_steps = 3
     with pytest.warns(RuntimeWarning, match="non-finite generator loss"):
         logs = tr.train_step()
     assert logs["generator_skipped"] == 1.0 and "critic_loss" in logs
@@ -283,7 +283,7 @@ def test_crash_mid_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ts, "_save_torch", crash)
-    tr.cfg.max_steps = 4
+    tr.cfg.optimiser.max_steps = 4
     with pytest.raises(OSError, match="disk full"):
         tr.train()
     assert ts.latest_checkpoint(tmp_path) == good

@@ -203,14 +203,13 @@ def test_config_steps_are_checked_against_the_stored_timesteps(tmp_path):
     stored = ode_pair_timesteps(48, 8.0, [0, 12, 24, 36, 48])
     _write(tmp_path, timesteps=stored)
     finalize_index(tmp_path, timesteps=stored)
-    from utils.config import ModelKwargs
-    good = tiny_train_config(denoising_step_list=[1000, 750, 500, 250, 0], model_kwargs=ModelKwargs(timestep_shift=8.0))
+    good = tiny_train_config(denoising_step_list=[1000, 750, 500, 250, 0], model_kwargs={"timestep_shift": 8.0})
     ds = ODEPairDataset(tmp_path)
     ds.check_timesteps(ode_pairs.config_trajectory_timesteps(good))
     for bad in (tiny_train_config(denoising_step_list=[1000, 750, 500, 250, 0]),  # shift 5 generator
                 tiny_train_config(denoising_step_list=[1000, 750, 500, 250]),  # no clean entry
                 tiny_train_config(denoising_step_list=[1000, 750, 500, 250, 0], warp_denoising_step=False,
-                                  model_kwargs=ModelKwargs(timestep_shift=8.0))):
+                                  model_kwargs={"timestep_shift": 8.0})):
         with pytest.raises(ValueError, match="denoising_step_list"):
             ds.check_timesteps(ode_pairs.config_trajectory_timesteps(bad))
 
@@ -239,7 +238,6 @@ def test_cli_writes_a_dataset_the_ode_trainer_trains_on(teacher_folder, one_rank
     from trainer.base import Models
     from trainer.builders import PromptEncoder
     from trainer.ode import ODERegression
-    from utils.config import ModelKwargs
     ds = ODEPairDataset(one_rank_pairs)
     assert len(ds) == len(PROMPTS) and sorted(ds[i]["prompts"] for i in range(len(ds))) == sorted(PROMPTS)
     assert ds.latent_shape == (5, 4, 12, 4, 4)  # 8x8 pixels / the folder codec's factor 2; 12 codec channels
@@ -248,7 +246,7 @@ def test_cli_writes_a_dataset_the_ode_trainer_trains_on(teacher_folder, one_rank
     first = ds[0]["ode_latent"]
     assert not torch.allclose(first[0], first[-1])  # the noise and the clean end differ
     cfg = tiny_train_config(trainer="ode", ode_data_path=str(one_rank_pairs), batch_size=2,
-                            denoising_step_list=[1000, 750, 500, 250, 0], model_kwargs=ModelKwargs(timestep_shift=8.0),
+                            denoising_step_list=[1000, 750, 500, 250, 0], model_kwargs={"timestep_shift": 8.0},
                             image_or_video_shape=[2, 4, 12, 4, 4], num_training_frames=4)
     data = build_data(cfg)
     batch = next(data)

@@ -69,9 +69,9 @@ def test_real_score_uses_cfg_with_the_negative_prompt(overrides, real_scale):
     cond, uncond = teacher.calls
     assert torch.equal(cond["context"], context) and torch.equal(uncond["context"], negative)
     assert len(critic.calls) == 1 and torch.equal(critic.calls[0]["context"], context)  # no CFG for the critic
-    t = shifted_score_t(t_int, cfg.timestep_shift)[:, None].expand(SHAPE[:2])
+    t = shifted_score_t(t_int, cfg.distillation.score_timestep_shift)[:, None].expand(SHAPE[:2])
     torch.testing.assert_close(cond["t"].double(), t, rtol=1e-6, atol=1e-4)
-    sigma = grid_sigma(t, cfg.model_kwargs.timestep_shift)[..., None, None, None]
+    sigma = grid_sigma(t, cfg.rollout.generator_shift)[..., None, None, None]
     torch.testing.assert_close(cond["x_t"].double(), (1 - sigma) * x.detach().double() + sigma * noise.double(),
                                rtol=1e-5, atol=1e-6)
     # The DMD gradient with real = cond + g (cond - uncond), written out.
@@ -94,8 +94,8 @@ def test_critic_loss_is_flow_matching_on_the_generators_grid():
     loss.backward()
     # Independently: noise on the generator's grid, the critic's raw flow turned into x0 on ITS grid (shift 8) and
     # back into flow on the generator's, regressed onto noise - x.
-    t = shifted_score_t(t_int, cfg.timestep_shift)[:, None].expand(SHAPE[:2])
-    sigma_g = grid_sigma(t, cfg.model_kwargs.timestep_shift)[..., None, None, None]
+    t = shifted_score_t(t_int, cfg.distillation.score_timestep_shift)[:, None].expand(SHAPE[:2])
+    sigma_g = grid_sigma(t, cfg.rollout.generator_shift)[..., None, None, None]
     sigma_c = grid_sigma(t, models.critic.schedule.shift)[..., None, None, None]
     x_t = ((1 - sigma_g) * x.double() + sigma_g * noise.double()).float()
     with torch.no_grad():
@@ -152,9 +152,9 @@ def test_gan_penalty_under_bf16_autocast_is_not_rounding():
     torch.manual_seed(5)
     noise = torch.randn_like(real)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        clean, perturbed = algo.discriminate(real, t, context), algo.discriminate(real + cfg.r1_sigma * noise, t,
-                                                                                  context)
-    rounded = float(finite_difference_penalty(perturbed, clean, cfg.r1_sigma))
+        sigma = cfg.distillation.gan.r1_sigma
+        clean, perturbed = algo.discriminate(real, t, context), algo.discriminate(real + sigma * noise, t, context)
+    rounded = float(finite_difference_penalty(perturbed, clean, sigma))
     rounding_error, kept_error = abs(rounded - float(exact[2])), abs(float(mixed[2]) - float(exact[2]))
     assert rounding_error > 0.2 * float(exact[2]) and rounding_error > 20 * kept_error
 

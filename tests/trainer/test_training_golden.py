@@ -17,7 +17,6 @@ from pipeline.denoiser import Denoiser
 from pipeline.schedule import FlowMatchSchedule
 from tests.tiny import recorded_calls
 from trainer.base import Models
-from trainer.builders import SCORE_NETWORK_SHIFT
 from trainer.dmd import DMD
 from trainer.ode import ODERegression
 from trainer.self_forcing import GeneratorOutput, RolloutPlan, SelfForcingRollout
@@ -76,12 +75,13 @@ def recipe(case, *overrides: str, window: int | None = None):
 def score_models(case) -> Models:
     """Generator schedule (shift of the recipe) for noising; teacher and critic as the original's score wrappers. The
     critic case has no teacher weights: the critic's stand in for the teacher DMD requires (and never calls there)."""
-    generator = Denoiser(WanDiT(WanConfig.from_dict(case.meta["model_config"])), FlowMatchSchedule(
-        recipe(case).model_kwargs.timestep_shift))
+    cfg = recipe(case)
+    generator = Denoiser(WanDiT(WanConfig.from_dict(case.meta["model_config"])),
+                         FlowMatchSchedule(cfg.rollout.generator_shift))
     teacher_role = "real_score" if "real_score" in case.meta["weights"] else "fake_score"
-    teacher = Denoiser(network(case, teacher_role), FlowMatchSchedule(SCORE_NETWORK_SHIFT), uniform_timestep=True)
-    critic = Denoiser(network(case, "fake_score").requires_grad_(True), FlowMatchSchedule(SCORE_NETWORK_SHIFT),
-                      uniform_timestep=True)
+    score_schedule = FlowMatchSchedule(cfg.model.score_network_shift)
+    teacher = Denoiser(network(case, teacher_role), score_schedule, uniform_timestep=True)
+    critic = Denoiser(network(case, "fake_score").requires_grad_(True), score_schedule, uniform_timestep=True)
     return Models(generator=generator, text=None, teacher=teacher, critic=critic)
 
 
@@ -140,7 +140,7 @@ def run_rollout(golden, mode: str, checkpointing: bool, weights_of=None):
     window = frames - int(has_grad.nonzero()[0])
     cfg = recipe(case, f"kv_cache_grad={mode}", f"num_frame_per_block={spec['num_frame_per_block']}",
                  f"same_step_across_blocks={str(spec['same_step_across_blocks']).lower()}", window=window)
-    rollout = SelfForcingRollout(cfg, Denoiser(model, FlowMatchSchedule(cfg.model_kwargs.timestep_shift)))
+    rollout = SelfForcingRollout(cfg, Denoiser(model, FlowMatchSchedule(cfg.rollout.generator_shift)))
     torch.testing.assert_close(torch.tensor(rollout.steps), io["warped_denoising_step_list"], rtol=0, atol=1e-4)
     replay = Replay(case)
     blocks = frames // spec["num_frame_per_block"]
@@ -291,7 +291,7 @@ def test_guidance_formula_on_the_original_predictions(golden):
     """real = cond + g (cond - uncond) with the recipe's g, on the original's own predictions."""
     case = golden("train_dmd_loss")
     io = case.io
-    g = recipe(case).guidance_scale
+    g = recipe(case).distillation.guidance_scale
     cond, uncond = io["pred_real_cond_x0"].double(), io["pred_real_uncond_x0"].double()
     torch.testing.assert_close(cond + g * (cond - uncond), io["pred_real_x0"].double(), rtol=1e-5, atol=1e-5)
     x = io["generated_latents"].double()
@@ -348,7 +348,7 @@ def test_ode_regression_loss_and_gradients_match_the_original(golden):
                  f"warp_denoising_step={str(spec['warp_denoising_step']).lower()}")
     model = network(case, "generator")
     model.set_gradient_checkpointing(spec["gradient_checkpointing"])
-    algo = ODERegression(cfg, Models(generator=Denoiser(model, FlowMatchSchedule(cfg.model_kwargs.timestep_shift)),
+    algo = ODERegression(cfg, Models(generator=Denoiser(model, FlowMatchSchedule(cfg.rollout.generator_shift)),
                                      text=None))
     assert algo.steps[:-1] == case.meta["denoising_step_list_used"]
     # The original draws one index per frame and copies the first of each block over the block.
