@@ -420,14 +420,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_request(pipe, frames: int, height: int, width: int, schedule, prefix) -> None:
+    from pipeline.inference import VideoRequest
     """The pipeline's own check of sizes and lengths, as a one-line error before any output is written."""
     try:
         pipe.latent_grid(height, width)
     except ValueError as err:
         raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
     try:
-        pipe.check_request(frames, height, width, prompt_schedule=schedule,
-                           initial_frames=0 if prefix is None else prefix.shape[1])
+        pipe.check_request(VideoRequest(frames, height, width, initial_latent=prefix, prompt_schedule=schedule))
     except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
         raise UsageError(str(err)) from None
 
@@ -444,6 +444,7 @@ def run(args: argparse.Namespace) -> int:
     transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
     from utils import outputs
     from utils.prompts import parse_prompt_schedule, shard
+    from pipeline.inference import Delivery, VideoRequest
     from utils.video import BackgroundVideoWriter, write_json_atomic
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -545,10 +546,11 @@ def run(args: argparse.Namespace) -> int:
                 for sample, writer in enumerate(writers):
                     writer.append(pixels[sample])
             # The frames go to the writers as they come: none are kept on the device (keep_video=False).
-            result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
-                                   width=width, generator=generator, initial_latent=first,
-                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames,
-                                   keep_video=False, frames_on_host=True)
+            result = pipe.generate([prompt.model_text] * args.num_samples,
+                                   VideoRequest(frames, height, width, generator=generator, initial_latent=first,
+                                                prompt_schedule=schedule),
+                                   Delivery(decode=layout.is_leader, on_frames=write_frames, keep_video=False,
+                                            frames_on_host=True))
             tic = time.perf_counter()
             for w in writers:
                 w.close()

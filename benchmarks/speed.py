@@ -33,7 +33,7 @@ from model.wan_block import InferenceOptions
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.levers import attention_shape, fastest_attention_backend
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder
 
@@ -148,9 +148,9 @@ class Bench:
                 decoder.submit(index, x0)
 
         with torch.no_grad():
-            result = rollout(denoiser, self.noise[:, :frames], self.context, cache, steps=self.steps,
-                             frames_per_block=self.fpb, final_context_pass=False, on_block=on_block,
-                             noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=x.device).to(x))
+            result = rollout(denoiser, self.noise[:, :frames], self.context, cache, RolloutOptions(
+                steps=self.steps, frames_per_block=self.fpb, final_context_pass=False, on_block=on_block,
+                noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=x.device).to(x)))
         if decoder is not None:
             decoder.finish()
         sync(self.device)
@@ -164,15 +164,15 @@ class Bench:
         cache = self.cache(-1, 0, "absolute", False, self.args.blocks * self.fpb)
         cache.reset()
         with torch.no_grad():
-            rollout(denoiser, self.noise[:, :position * self.fpb], self.context, cache, steps=self.steps,
-                    frames_per_block=self.fpb)
+            rollout(denoiser, self.noise[:, :position * self.fpb], self.context, cache,
+                    RolloutOptions(steps=self.steps, frames_per_block=self.fpb))
         filled = position * self.fpb * self.tpf
 
         def one_block():
             cache.global_end = cache.local_end = filled
             with torch.no_grad():
-                rollout(denoiser, self.noise[:, position * self.fpb:frames], self.context, cache, steps=self.steps,
-                        frames_per_block=self.fpb, start_frame=position * self.fpb)
+                rollout(denoiser, self.noise[:, position * self.fpb:frames], self.context, cache,
+                        RolloutOptions(steps=self.steps, frames_per_block=self.fpb, start_frame=position * self.fpb))
         return timed(one_block, self.device, repeats=self.args.repeats + 1)[0]
 
 

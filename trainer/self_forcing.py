@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import GradientPolicy, NoiseFn, block_layout, rollout
+from pipeline.rollout import GradientPolicy, NoiseFn, RolloutOptions, block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from utils.distributed import gathered_across_forwards
 from utils.errors import InputError
@@ -187,10 +187,10 @@ class SelfForcingRollout:
         # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
         # block's cache pass is skipped: nothing reads it.
         with gathered_across_forwards(model, cfg.sharding_strategy):
-            result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
-                             independent_first_frame=bool(cfg.independent_first_frame), initial_latent=initial_latent,
-                             context_noise=cfg.context_noise, renoise_context=True, final_context_pass=False,
-                             policy=policy, noise_fn=noise_fn)
+            result = rollout(denoiser, noise, context, cache, RolloutOptions(
+                steps=self.steps, frames_per_block=nfpb, independent_first_frame=bool(cfg.independent_first_frame),
+                initial_latent=initial_latent, context_noise=cfg.context_noise, renoise_context=True,
+                final_context_pass=False, policy=policy, noise_fn=noise_fn))
         return result.latents
 
     def _dtype(self, model, device: torch.device) -> torch.dtype:

@@ -10,6 +10,7 @@ import torch
 
 import demo
 import inference
+from pipeline.inference import VideoRequest
 from shapes import evaluate, sample_scenes, short_prompt
 from utils.video import read_video
 from webdemo.server import create_app
@@ -30,8 +31,8 @@ def pipeline():
 def held_in_report(pipeline):
     pipe, cfg = pipeline
     scenes = sample_scenes(NUM_PROMPTS, torch.Generator().manual_seed(0), split="train")
-    out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=cfg.num_training_frames,
-                        height=cfg.height, width=cfg.width, generator=torch.Generator().manual_seed(1))
+    request = VideoRequest(cfg.num_training_frames, cfg.height, cfg.width, generator=torch.Generator().manual_seed(1))
+    out = pipe.generate([short_prompt(s) for s in scenes], request)
     assert out.video.shape == (NUM_PROMPTS, cfg.num_training_frames, 3, cfg.height, cfg.width)
     return evaluate(out.video.float(), scenes, value_range=(0, 1), layout="BTCHW")
 

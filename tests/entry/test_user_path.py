@@ -17,7 +17,7 @@ from model.wan_block import InferenceOptions
 from pipeline import levers as levers_module
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
-from pipeline.inference import CausalInferencePipeline
+from pipeline.inference import CausalInferencePipeline, VideoRequest
 from pipeline.levers import MEASURE, Levers, format_memory, levers_for, memory_report
 from pipeline.loading import model_folder
 from tests.entry.test_inference import load_pipe
@@ -182,15 +182,13 @@ def test_model_parts_run_in_the_generators_precision(folder):
 def test_a_video_shorter_than_the_window_gets_a_cache_of_its_own_length_and_the_same_frames(folder):
     rolling = load_pipe(folder, window_frames=21, sink_frames=5, rope="relative")
     full = load_pipe(folder, rope="relative")
-    kwargs = dict(num_latent_frames=4, height=32, width=48)
-    a = rolling.generate(["a cat jumps"], generator=torch.Generator().manual_seed(3), **kwargs)
-    b = full.generate(["a cat jumps"], generator=torch.Generator().manual_seed(3), **kwargs)
+    a = rolling.generate(["a cat jumps"], VideoRequest(4, 32, 48, generator=torch.Generator().manual_seed(3)))
+    b = full.generate(["a cat jumps"], VideoRequest(4, 32, 48, generator=torch.Generator().manual_seed(3)))
     tokens_per_frame = rolling.generator.tokens_per_frame(16, 24)
     assert rolling._kv.capacity == 4 * tokens_per_frame  # not the window's 21 frames
     assert torch.equal(a.latents, b.latents)
     # Longer than the window: the cache is the window's, and it rolls.
-    rolling.generate(["a cat jumps"], num_latent_frames=24, height=32, width=48,
-                     generator=torch.Generator().manual_seed(3))
+    rolling.generate(["a cat jumps"], VideoRequest(24, 32, 48, generator=torch.Generator().manual_seed(3)))
     assert rolling._kv.capacity == 21 * tokens_per_frame and rolling._kv.sink == 5 * tokens_per_frame
 
 
@@ -199,8 +197,7 @@ def test_a_replaced_cache_takes_its_graphs_with_it(folder):
     graphed = GraphedDiT(pipe.generator, emulate=True)
     pipe.denoiser = Denoiser(graphed, pipe.schedule)
     for frames in (4, 4, 6):
-        pipe.generate(["a cat jumps"], num_latent_frames=frames, height=32, width=48,
-                      generator=torch.Generator().manual_seed(0))
+        pipe.generate(["a cat jumps"], VideoRequest(frames, 32, 48, generator=torch.Generator().manual_seed(0)))
         # Every recorded plan is of the live cache: none keeps an old cache (and its memory) alive.
         assert {captured.kv_cache for captured in graphed._graphs.values()} == {pipe._kv}
     assert graphed.replays > 0
@@ -259,8 +256,8 @@ def test_fewer_latent_frames_per_decoder_call_give_the_same_video(tiny_wan_folde
         seen = calls[per_call] = []
         hook = pipe.codec.vae.decoder.register_forward_pre_hook(
             lambda _, a, kw, seen=seen: seen.append(a[0].shape[2]), with_kwargs=True)
-        videos[per_call] = pipe.generate(["a cat walks"], num_latent_frames=6, height=64, width=96,
-                                         generator=torch.Generator().manual_seed(1)).video
+        request = VideoRequest(6, 64, 96, generator=torch.Generator().manual_seed(1))
+        videos[per_call] = pipe.generate(["a cat walks"], request).video
         hook.remove()
     assert calls[1] == [1] * 6 and calls[None] == [1, 2, 3]  # block 0: its first frame alone, then 2; block 1: 3
     torch.testing.assert_close(videos[1], videos[None], atol=1e-5, rtol=0)

@@ -86,7 +86,7 @@ def test_compiled_levers_on_cuda_match_the_plain_path(dtype):
     from model.wan_block import InferenceOptions, _ffn
     from pipeline.cuda_graphs import GraphedDiT
     from pipeline.denoiser import Denoiser
-    from pipeline.rollout import rollout
+    from pipeline.rollout import RolloutOptions, rollout
     from tests.pipeline.test_inference_speed import SCHEDULE, STEPS
     model = tiny_model().to(CUDA, dtype)
     h = torch.randn(1, 40, model.config.dim, device=CUDA, dtype=dtype)
@@ -107,8 +107,8 @@ def test_compiled_levers_on_cuda_match_the_plain_path(dtype):
         renoise = torch.Generator(device=CUDA).manual_seed(1)
         with torch.no_grad():
             return rollout(Denoiser(GraphedDiT(model) if graphs else model, SCHEDULE), noise, context, cache,
-                           steps=STEPS, frames_per_block=2,
-                           noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=CUDA).to(x)).latents
+                           RolloutOptions(steps=STEPS, frames_per_block=2, noise_fn=lambda x: torch.randn(
+                               x.shape, generator=renoise, device=CUDA).to(x))).latents
 
     torch._dynamo.reset()
     plain = run(InferenceOptions(gelu_epilogue=False, fused_cache_write=False), graphs=False)
@@ -123,7 +123,7 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
     from model.pixel_codec import PixelShuffleCodec
     from pipeline.cuda_graphs import GraphedDiT
     from pipeline.denoiser import Denoiser
-    from pipeline.rollout import rollout
+    from pipeline.rollout import RolloutOptions, rollout
     from pipeline.streaming import BlockDecoder
     from tests.pipeline.test_inference_speed import SCHEDULE, STEPS
     model = tiny_model().to(CUDA, dtype)
@@ -136,9 +136,9 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
         renoise = torch.Generator(device=CUDA).manual_seed(1)
         on_block = (lambda i, s, x0: decoder.submit(i, x0)) if decoder is not None else None
         with torch.no_grad():
-            return rollout(Denoiser(net, SCHEDULE), noise, context, cache, steps=STEPS, frames_per_block=2,
-                           on_block=on_block, noise_fn=lambda x: torch.randn(x.shape, generator=renoise,
-                                                                             device=CUDA).to(x)).latents
+            return rollout(Denoiser(net, SCHEDULE), noise, context, cache, RolloutOptions(
+                steps=STEPS, frames_per_block=2, on_block=on_block,
+                noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=CUDA).to(x))).latents
 
     eager = run(model)
     graphed = GraphedDiT(model)

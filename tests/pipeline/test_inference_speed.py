@@ -9,7 +9,7 @@ import torch
 
 from model.wan_block import InferenceOptions
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from tests.tiny import tiny_model
 
@@ -28,9 +28,9 @@ def run_rollout(model, blocks: int, frames_per_block: int = 2, *, window: int = 
                                rope=rope, rerotate_window=rerotate)
     renoise = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        return rollout(denoiser or Denoiser(model, SCHEDULE), noise, context, cache, steps=steps,
-                       frames_per_block=frames_per_block,
-                       noise_fn=lambda x: torch.randn(x.shape, generator=renoise)).latents
+        return rollout(denoiser or Denoiser(model, SCHEDULE), noise, context, cache, RolloutOptions(
+            steps=steps, frames_per_block=frames_per_block,
+            noise_fn=lambda x: torch.randn(x.shape, generator=renoise))).latents
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:

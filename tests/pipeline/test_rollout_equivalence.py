@@ -12,7 +12,7 @@ import torch
 
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from tests.ranks import spawn_ranks
 from tests.tiny import tiny_model
@@ -41,9 +41,9 @@ def rollout_latents(model, runner=None, device: str = "cpu") -> torch.Tensor:
     cache = model.new_kv_cache(1, HEIGHT, WIDTH, 6, window_frames=6, sink_frames=2, rope="relative")
     renoise = torch.Generator().manual_seed(1)  # identical draws in every run (and on every rank)
     with torch.no_grad():
-        return rollout(Denoiser(runner or model, SCHEDULE), noise, [(0, first), (3, second)], cache, steps=STEPS,
-                       frames_per_block=2, renoise_context=True,
-                       noise_fn=lambda x: torch.randn(x.shape, generator=renoise).to(x)).latents
+        return rollout(Denoiser(runner or model, SCHEDULE), noise, [(0, first), (3, second)], cache, RolloutOptions(
+            steps=STEPS, frames_per_block=2, renoise_context=True,
+            noise_fn=lambda x: torch.randn(x.shape, generator=renoise).to(x))).latents
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
