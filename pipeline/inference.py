@@ -5,7 +5,6 @@ blocks), so frames are available while later blocks are still being generated.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from torch import Tensor
 from model.kv_cache import KVCache
 from model.prompt_cache import PromptEmbeddingCache
 from model.wan import WanDiT
+from pipeline.compile import compile_pieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.levers import memory_report
@@ -51,6 +51,13 @@ class CausalSettings:
                    independent_first_frame=cfg.independent_first_frame, context_noise=cfg.context_noise,
                    window_frames=mk.local_attn_size, sink_frames=mk.sink_size, rope=mk.rope,
                    max_frames_without_window=cfg.num_training_frames)
+
+    def latent_frames_for_blocks(self, blocks: int, *, with_initial_latent: bool = False) -> int:
+        """Latent frames for `blocks` blocks; an independent first frame is one more block of its own unless an
+        initial latent (image, video) supplies it."""
+        if blocks < 1:
+            raise ValueError(f"the number of blocks must be >= 1, got {blocks}")
+        return blocks * self.frames_per_block + (1 if self.independent_first_frame and not with_initial_latent else 0)
 
     def rollout_options(self, **call: Any) -> RolloutOptions:
         """The rollout these settings describe, with a call's own fields (`RolloutOptions`) added."""
@@ -124,8 +131,8 @@ class CausalInferencePipeline:
                  settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
                  cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True,
                  decode_frames_per_call: int | None = None):
-        """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`); compile
-        also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
+        """compile / cuda_graphs: the generator's speed levers (`pipeline.compile.compile_pieces`, `GraphedDiT`);
+        compile also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
         convolutions, regionally compiled);
         decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
         first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
@@ -142,7 +149,7 @@ class CausalInferencePipeline:
         self.first_frame_alone = first_frame_alone
         self.decode_frames_per_call = decode_frames_per_call
         if compile:
-            generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
+            compile_pieces(generator)
             if hasattr(codec, "compile_decoder") and next(codec.parameters()).device.type == "cuda":
                 codec.speed_up_decoder()
         self.denoiser = Denoiser(GraphedDiT(generator) if cuda_graphs else generator, schedule)
@@ -176,12 +183,8 @@ class CausalInferencePipeline:
         return height // s, width // s
 
     def latent_frames_for_blocks(self, blocks: int, *, with_initial_latent: bool = False) -> int:
-        """Latent frames for `blocks` blocks; an independent first frame is one more block of its own unless an
-        initial latent (image, video) supplies it."""
-        if blocks < 1:
-            raise ValueError(f"the number of blocks must be >= 1, got {blocks}")
-        st = self.settings
-        return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
+        """`CausalSettings.latent_frames_for_blocks` of the pipeline's settings."""
+        return self.settings.latent_frames_for_blocks(blocks, with_initial_latent=with_initial_latent)
 
     def check_request(self, request: VideoRequest, overrides: CallOverrides = CallOverrides()) -> None:
         """Raise ValueError, before any work, for a request `generate` cannot serve: a resolution off the latent grid,

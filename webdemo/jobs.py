@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pipeline.compile import compile_pieces
 from pipeline.denoiser import Denoiser
 from pipeline.inference import CallOverrides, CausalInferencePipeline, CausalSettings, Delivery, VideoRequest
 from pipeline.rollout import block_layout
@@ -207,12 +208,10 @@ def codec_name(codec: Any) -> str:
 
 
 def compiled_twin(generator: torch.nn.Module) -> torch.nn.Module:
-    """The generator with its own compile lever on (`InferenceOptions.compile`: the per-layer pieces, static shapes,
-    no recompiles across block positions), as a shallow copy sharing the weights, so eager and compiled jobs can
-    alternate without touching each other."""
-    twin = copy.copy(generator)
-    twin.inference_options = replace(generator.inference_options, compile=True)
-    return twin
+    """The generator with its own compile lever on (`pipeline.compile.compile_pieces`: the per-layer pieces, static
+    shapes, no recompiles across block positions), as a shallow copy sharing the weights, so eager and compiled jobs
+    can alternate without touching each other."""
+    return compile_pieces(copy.copy(generator))
 
 
 class DemoService:

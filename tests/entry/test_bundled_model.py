@@ -22,7 +22,7 @@ ISSUE_BAR = 0.80  # attribute accuracy on held-in prompts at the training length
 @pytest.fixture(scope="module")
 def pipeline():
     args = inference.build_parser().parse_args([])
-    pipe, cfg, source = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe, cfg, source, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
     assert source == str(inference.DEFAULT_MODEL)
     return pipe, cfg
 

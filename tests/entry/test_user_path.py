@@ -13,8 +13,9 @@ import torch
 import demo
 import inference
 from model import attention
-from model.wan_block import InferenceOptions
+from model.wan_block import EAGER_PIECES, InferenceOptions
 from pipeline import levers as levers_module
+from pipeline.compile import CompiledPieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.inference import CausalInferencePipeline, VideoRequest
@@ -61,9 +62,10 @@ def test_the_command_line_turns_on_every_lever_of_the_benchmark_on_cuda():
     speed = benchmark_module("speed")
     bench = speed.every_lever(FakeBench())
     user = cli_levers([], "cuda")
-    assert user.inference_options() == bench.options  # compile, fused q/k/v, RoPE tables, text K/V, epilogues ...
+    assert user.inference_options() == bench.options  # fused q/k/v, RoPE tables, text K/V, epilogues ...
     assert dataclasses.astuple(bench.options) == tuple([True] * len(dataclasses.fields(InferenceOptions)))
-    assert user.cuda_graphs and bench.graphs and user.compile
+    assert user.cuda_graphs and bench.graphs and user.compile and bench.compile
+    assert bench.persistent_norms  # the pipeline's compiled pieces use the heuristic (`compile_pieces`' default)
     assert user.attention_backend == MEASURE and bench.backend == "sdpa_cudnn_halves"  # both time the back-ends
     assert bench.rerotate is False  # the pipeline's caches never re-rotate the window (KVCache default)
     assert user.decode_side_stream
@@ -92,15 +94,17 @@ def test_a_pipeline_configured_for_cuda_times_attention_and_graphs_the_generator
     generator, causal = model_folder.load_transformer(folder)
     cfg = inference.resolve_config(args, causal, "cuda")
     codec = model_folder.load_codec(folder)
-    chosen = inference.configure_levers(args, cfg, generator, codec, torch.device("cuda"), torch.bfloat16)
+    options = inference.run_options(args, cfg, "cuda")
+    chosen = inference.configure_levers(options, generator, codec, torch.device("cuda"), torch.bfloat16)
     assert chosen.attention_backend == "sdpa_cudnn" and attention._backend == "sdpa_cudnn"
     tokens_per_frame = (64 // 2 // 2) * (96 // 2 // 2)  # x2 pixel codec, then 2x2 patches
     assert timed == [("cuda", torch.bfloat16, {"num_heads": 2, "head_dim": 16, "query_tokens": 2 * tokens_per_frame,
                                                 "key_tokens": cfg.num_training_frames * tokens_per_frame})]
-    assert generator.inference_options.compile and generator.inference_options.fused_qkv
+    assert generator.inference_options.fused_qkv and generator.cached_pieces is EAGER_PIECES
     pipe = CausalInferencePipeline(generator, None, codec, None, None, compile=chosen.compile,
                                    cuda_graphs=chosen.cuda_graphs)
     assert isinstance(pipe.denoiser.model, GraphedDiT)
+    assert chosen.compile and isinstance(generator.cached_pieces, CompiledPieces)  # compiled by the pipeline
 
 
 def test_the_built_cpu_pipeline_records_its_levers_in_the_stats(folder, tmp_path):
@@ -123,14 +127,14 @@ def test_demo_builds_through_the_same_levers_with_compile_left_to_the_page(folde
         args = demo.build_parser().parse_intermixed_args(["--model", str(folder), "--output-dir", str(tmp_path),
                                                           *argv])
         service = demo.load_service(args)
-        assert not service.pipe.generator.inference_options.compile and service.pipe.levers.compile is False
+        assert service.pipe.generator.cached_pieces is EAGER_PIECES and service.pipe.levers.compile is False
         assert service.info()["default_compile"] is page and service.default_compile is page
 
 
 # ------------------------------------------------------------------------------------------------ presets
 def test_long_preset_sets_the_rolling_cache_only_and_keeps_the_models_settings(folder):
     args = inference.build_parser().parse_intermixed_args(["--model", str(folder), "--preset", "long"])
-    pipe, cfg, source = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe, cfg, source, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
     assert source == str(folder)
     st = pipe.settings
     assert (st.window_frames, st.sink_frames, st.rope) == (21, 5, "relative")
@@ -140,7 +144,7 @@ def test_long_preset_sets_the_rolling_cache_only_and_keeps_the_models_settings(f
 
 def test_long_preset_on_the_bundled_model_keeps_the_bundled_model(tmp_path):
     args = inference.build_parser().parse_intermixed_args(["--preset", "long"])
-    pipe, _, source = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe, _, source, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
     assert source == str(inference.DEFAULT_MODEL) and pipe.settings.window_frames == 21
 
 
@@ -174,7 +178,7 @@ def test_stats_and_summary_carry_both_memory_figures(folder, tmp_path, capsys):
 
 def test_model_parts_run_in_the_generators_precision(folder):
     args = inference.build_parser().parse_intermixed_args(["--model", str(folder)])
-    pipe, _, _ = inference.build_pipeline(args, torch.device("cpu"), torch.bfloat16)
+    pipe = inference.build_pipeline(args, torch.device("cpu"), torch.bfloat16).pipe
     assert pipe.dtype == torch.bfloat16
     assert next(pipe.text_encoder.encoder.parameters()).dtype == torch.bfloat16
 
@@ -251,7 +255,7 @@ def test_fewer_latent_frames_per_decoder_call_give_the_same_video(tiny_wan_folde
     for per_call in (None, 1):
         argv = ["--model", str(tiny_wan_folder)] + ([] if per_call is None else ["--decode-frames-per-call", "1"])
         args = inference.build_parser().parse_intermixed_args(argv)
-        pipe, _, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+        pipe = inference.build_pipeline(args, torch.device("cpu"), torch.float32).pipe
         assert pipe.levers.decode_frames_per_call == per_call
         seen = calls[per_call] = []
         hook = pipe.codec.vae.decoder.register_forward_pre_hook(
