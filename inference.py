@@ -185,25 +185,26 @@ def run_options(args: argparse.Namespace, cfg, device_type: str) -> RunOptions:
     from pipeline.levers import levers_for
     from pipeline.schedule import FlowMatchSchedule
 
-    def flag(name: str):
-        return getattr(args, name, None)
-    per_call = flag("decode_frames_per_call")
+    per_call = _flag_or(args, "decode_frames_per_call", None)
     if per_call is not None and per_call < 1:
         raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
     schedule = FlowMatchSchedule(shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep)
     settings = CausalSettings.from_config(cfg, schedule)
-    return RunOptions(schedule=schedule, settings=settings,
-                      levers=levers_for(cfg, device_type, fused_qkv=flag("fused_qkv"),
-                                        decode_frames_per_call=per_call),
-                      height=flag("height") if flag("height") is not None else cfg.height,
-                      width=flag("width") if flag("width") is not None else cfg.width,
-                      fps=flag("fps") if flag("fps") is not None else cfg.fps,
+    levers = levers_for(cfg, device_type, fused_qkv=_flag_or(args, "fused_qkv", None), decode_frames_per_call=per_call)
+    return RunOptions(schedule=schedule, settings=settings, levers=levers, height=_flag_or(args, "height", cfg.height),
+                      width=_flag_or(args, "width", cfg.width), fps=_flag_or(args, "fps", cfg.fps),
                       latent_frames=latent_frames(args, cfg, settings))
+
+
+def _flag_or(args: argparse.Namespace, name: str, default: Any) -> Any:
+    """The flag's value where the command has the flag and it was given, else `default`."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 def latent_frames(args: argparse.Namespace, cfg, settings) -> int:
     """New latent frames per video: --total-blocks, --num_output_frames or the config's length."""
-    total_blocks, num_output_frames = getattr(args, "total_blocks", None), getattr(args, "num_output_frames", None)
+    total_blocks, num_output_frames = _flag_or(args, "total_blocks", None), _flag_or(args, "num_output_frames", None)
     if total_blocks is not None and num_output_frames is not None:
         raise UsageError("give --total-blocks or --num_output_frames, not both")
     if total_blocks is not None:

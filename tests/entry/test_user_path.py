@@ -81,6 +81,29 @@ def test_cpu_keeps_its_exact_defaults_and_flags_turn_cuda_levers_off():
     assert cli_levers(["--compile"], "cpu").compile and not cli_levers(["--cuda-graphs"], "cpu").cuda_graphs
 
 
+def test_run_options_put_the_flags_over_the_config_for_inference_and_demo(folder):
+    argv = ["--model", str(folder), "--height", "64", "--fps", "8", "--total-blocks", "3", "--no-fused-qkv",
+            "num_frame_per_block=2", "independent_first_frame=true"]
+    args = inference.build_parser().parse_intermixed_args(argv)
+    _, causal = model_folder.load_transformer(folder)
+    cfg = inference.resolve_config(args, causal, "cuda")
+    options = inference.run_options(args, cfg, "cuda")
+    assert (options.height, options.width, options.fps) == (64, cfg.width, 8) and cfg.height != 64
+    assert options.settings.frames_per_block == 2 and options.settings.independent_first_frame
+    assert options.latent_frames == 3 * 2 + 1  # the independent first frame is a block of its own
+    assert options.levers == levers_for(cfg, "cuda", fused_qkv=False) and options.levers.compile
+    assert options.settings.steps == options.schedule.denoising_steps(cfg.denoising_step_list,
+                                                                       cfg.warp_denoising_step)
+    # demo.py has no --height, --fps or --total-blocks: the config's values.
+    demo_args = demo.build_parser().parse_intermixed_args(["--model", str(folder)])
+    shown = inference.run_options(demo_args, inference.resolve_config(demo_args, causal, "cpu"), "cpu")
+    assert (shown.height, shown.width, shown.fps, shown.latent_frames) == (cfg.height, cfg.width, cfg.fps,
+                                                                           cfg.image_or_video_shape[1])
+    both = inference.build_parser().parse_intermixed_args(["--total-blocks", "2", "--num_output_frames", "4"])
+    with pytest.raises(inference.UsageError, match="give --total-blocks or --num_output_frames, not both"):
+        inference.run_options(both, cfg, "cpu")
+
+
 def test_a_pipeline_configured_for_cuda_times_attention_and_graphs_the_generator(folder, monkeypatch):
     """`configure_levers` with a CUDA device (no tensor is made there: the timing is replaced) sets the generator's
     options and the process back-end; the pipeline built with them replays graphs."""
