@@ -523,8 +523,9 @@ class Job:
     def options(self) -> RunOptions:
         return self.loaded.options
 
-    def request(self, prompt):
-        """The prompt's video, drawn from its own seed; an i2v folder's prompt brings its own first frame."""
+    def request(self, prompt=None):
+        """The prompt's video, drawn from its own seed; an i2v folder's prompt brings its own first frame. Without a
+        prompt: what every video shares (no seed), for checking the request before any is made."""
         from pipeline.inference import VideoRequest
         o, args = self.options, self.args
         first = self.prefix
@@ -542,7 +543,7 @@ class Job:
         except ValueError as err:
             raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
         try:
-            self.loaded.pipe.check_request(self.request(None))
+            self.loaded.pipe.check_request(self.request())
         except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
             raise UsageError(str(err)) from None
 
