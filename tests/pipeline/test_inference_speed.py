@@ -250,10 +250,10 @@ def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time(ki
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
 def test_training_compile_runs_cached_calls_as_shared_pieces_whatever_the_depth():
-    """Training's `compile: true` (`pipeline.compile.compile_blocks`) compiles whole blocks; a whole block guards on the layer index
-    and the cache's Python state, so a KV-cached rollout recompiled per layer and, past dynamo's limit of 8 graphs,
-    ran eager. Cached calls now run the shared pieces: the same few graphs at 2 and 6 layers, the same numbers and
-    gradients as eager."""
+    """Training's `compile: true` (`pipeline.compile.compile_blocks`) compiles whole blocks; a whole block guards on
+    the layer index and the cache's Python state, so a KV-cached rollout recompiled per layer and, past dynamo's limit
+    of 8 graphs, ran eager. Cached calls now run the shared pieces: the same few graphs at 2 and 6 layers, the same
+    numbers and gradients as eager."""
     import copy
 
     from torch._dynamo.utils import counters
