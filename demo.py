@@ -93,20 +93,19 @@ def load_service(args: argparse.Namespace):
     """The model, as inference.py loads it, inside a DemoService."""
     import transformers
     transformers.utils.logging.disable_progress_bar()
-    from pipeline.levers import config_defaults
     from webdemo.jobs import DemoService
     device, dtype = inference.pick_device(args)
-    # The pipeline itself stays uncompiled: a job that asks for compile runs a compiled twin sharing its weights.
-    pipe, cfg, source = inference.build_pipeline(argparse.Namespace(**{**vars(args), "compile": False}), device, dtype)
-    default_compile = args.compile if args.compile is not None else config_defaults(device.type).get("compile", False)
+    # The pipeline itself stays uncompiled: a job that asks for compile runs a compiled twin sharing its weights. The
+    # user's compile option (flag, config key, device default) only sets where the page's switch starts.
+    pipe, cfg, source, options = inference.build_pipeline(args, device, dtype, compile_pipeline=False)
     window, sink = rolling_cache_of_long_preset()
     decoders = load_decoders(args, cfg, pipe, device, dtype)
     shapes = "pixel" in decoders  # the pixel-shuffle codec is the shapes world's; the built-in prompts speak it
-    return DemoService(pipe, decoders, height=cfg.inference.height, width=cfg.inference.width,
-                       output_dir=args.output_dir, source=source, device=str(device), default_fps=cfg.inference.fps,
+    return DemoService(pipe, decoders, height=options.height, width=options.width,
+                       output_dir=args.output_dir, source=source, device=str(device), default_fps=options.fps,
                        default_prompt=inference.BUILTIN_PROMPTS[0] if shapes else GENERIC_PROMPT,
                        max_blocks=args.max_blocks, rolling_window=window, rolling_sink=sink,
-                       default_compile=default_compile)
+                       default_compile=options.levers.compile)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,14 +22,18 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from model.attention import ATTENTION_BACKENDS
-from pipeline.levers import MEMORY_KEYS, format_memory, memory_report
+from pipeline.levers import MEMORY_KEYS, Levers, format_memory, memory_report
 from utils.errors import InputError as UsageError  # bad flags and inputs (the name demo.py and the tests use)
 from utils.errors import MissingFileError
+
+if TYPE_CHECKING:
+    from pipeline.inference import CausalSettings
+    from pipeline.schedule import FlowMatchSchedule
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = REPO_ROOT / "assets" / "shapes_world"
@@ -153,16 +157,64 @@ def resolve_config(args: argparse.Namespace, folder_causal: dict[str, Any] | Non
     return load_config(args.config_path, overrides, layers=layers, extra_paths=extra)
 
 
-def latent_frames(args: argparse.Namespace, cfg, pipe) -> int:
-    if args.total_blocks is not None and args.num_output_frames is not None:
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What the user's flags and config keys make of the pipeline and of every video (`run_options`)."""
+
+    schedule: FlowMatchSchedule
+    """the flow-matching noise schedule (shift and training timesteps)"""
+    settings: CausalSettings
+    """how the generator rolls out: steps, blocks, context noise, cache window and sink, RoPE"""
+    levers: Levers
+    """the speed levers (`pipeline.levers.levers_for`); an attention back-end of `MEASURE` is timed at start-up"""
+    height: int
+    """pixels of every video"""
+    width: int
+    """pixels of every video"""
+    fps: int
+    """frames per second of the written mp4s"""
+    latent_frames: int
+    """new latent frames per video (after those of an initial image or video)"""
+
+
+def run_options(args: argparse.Namespace, cfg, device_type: str) -> RunOptions:
+    """The one place where the user's options (flags, then the config `cfg` resolved for `device_type`) become the
+    pipeline's settings, its speed levers and each video's size and length; inference.py and demo.py both build from
+    it. Flags a command does not have (demo.py has no --height) leave the config's value."""
+    from pipeline.inference import CausalSettings
+    from pipeline.levers import levers_for
+    from pipeline.schedule import FlowMatchSchedule
+
+    per_call = _flag_or(args, "decode_frames_per_call", None)
+    if per_call is not None and per_call < 1:
+        raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
+    schedule = FlowMatchSchedule(shift=cfg.rollout.generator_shift, num_train_timesteps=cfg.model.num_train_timestep)
+    settings = CausalSettings.from_config(cfg, schedule)
+    levers = levers_for(cfg, device_type, fused_qkv=_flag_or(args, "fused_qkv", None), decode_frames_per_call=per_call)
+    video = cfg.inference
+    return RunOptions(schedule=schedule, settings=settings, levers=levers, height=_flag_or(args, "height", video.height),
+                      width=_flag_or(args, "width", video.width), fps=_flag_or(args, "fps", video.fps),
+                      latent_frames=latent_frames(args, cfg, settings))
+
+
+def _flag_or(args: argparse.Namespace, name: str, default: Any) -> Any:
+    """The flag's value where the command has the flag and it was given, else `default`."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def latent_frames(args: argparse.Namespace, cfg, settings) -> int:
+    """New latent frames per video: --total-blocks, --num_output_frames or the config's length."""
+    total_blocks, num_output_frames = _flag_or(args, "total_blocks", None), _flag_or(args, "num_output_frames", None)
+    if total_blocks is not None and num_output_frames is not None:
         raise UsageError("give --total-blocks or --num_output_frames, not both")
-    if args.total_blocks is not None:
-        if args.total_blocks < 1:
-            raise UsageError(f"--total-blocks must be >= 1, got {args.total_blocks}")
+    if total_blocks is not None:
+        if total_blocks < 1:
+            raise UsageError(f"--total-blocks must be >= 1, got {total_blocks}")
         # An independent first frame is its own block, unless it comes from --i2v (--image or a pair folder) / --video.
-        return pipe.latent_frames_for_blocks(args.total_blocks, with_initial_latent=bool(args.i2v or args.image
-                                                                                      or args.video))
-    frames = args.num_output_frames if args.num_output_frames is not None else cfg.rollout.image_or_video_shape[1]
+        given = bool(getattr(args, "i2v", False) or getattr(args, "image", None) or getattr(args, "video", None))
+        return settings.latent_frames_for_blocks(total_blocks, with_initial_latent=given)
+    frames = num_output_frames if num_output_frames is not None else cfg.rollout.image_or_video_shape[1]
     if frames < 1:
         raise UsageError(f"--num_output_frames must be >= 1, got {frames}")
     return frames
@@ -197,11 +249,19 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, args.dtype) if args.dtype else default
 
 
-def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """(pipeline, config, description of what was loaded)."""
-    from pipeline.inference import CausalInferencePipeline, CausalSettings
+class LoadedPipeline(NamedTuple):
+    pipe: Any  # pipeline.inference.CausalInferencePipeline
+    cfg: Any  # the resolved config
+    source: str  # what was loaded: the model folder or the checkpoint
+    options: RunOptions  # the user's options as the pipeline was built with them (levers as applied)
+
+
+def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, *,
+                   compile_pipeline: bool = True) -> LoadedPipeline:
+    """Load the model `args` name and build its pipeline with `run_options`. compile_pipeline False leaves the pipeline
+    uncompiled whatever the options say (demo.py compiles a twin for each video that asks)."""
+    from pipeline.inference import CausalInferencePipeline
     from pipeline.loading import model_folder, wan_components
-    from pipeline.schedule import FlowMatchSchedule
 
     folder = Path(args.model) if args.model else None
     if folder is None and not (args.config_path or args.checkpoint_path):  # a preset never chooses the model
@@ -257,14 +317,15 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         if not fp8_matmul_supported(device):
             print(f"warning: --fp8 on {device} is emulated (no FP8 tensor cores): slower than without", flush=True)
         convert_to_fp8(generator)
-    levers = configure_levers(args, cfg, generator, codec, device, dtype)
-    schedule = FlowMatchSchedule(shift=cfg.rollout.generator_shift, num_train_timesteps=cfg.model.num_train_timestep)
-    pipe = CausalInferencePipeline(generator, text_encoder, codec, schedule, CausalSettings.from_config(cfg, schedule),
+    options = run_options(args, cfg, device.type)
+    options = dataclasses.replace(options, levers=configure_levers(options, generator, codec, device, dtype))
+    levers = options.levers if compile_pipeline else dataclasses.replace(options.levers, compile=False)
+    pipe = CausalInferencePipeline(generator, text_encoder, codec, options.schedule, options.settings,
                                    negative_prompt=cfg.data.negative_prompt, compile=levers.compile,
                                    cuda_graphs=levers.cuda_graphs, decode_side_stream=levers.decode_side_stream,
                                    decode_frames_per_call=levers.decode_frames_per_call)
     pipe.levers = levers
-    return pipe, cfg, source
+    return LoadedPipeline(pipe, cfg, source, options)
 
 
 def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
@@ -276,25 +337,18 @@ def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
         return TAEHVCodec.from_checkpoint(cfg.inference.taehv_path, device=device, dtype=dtype)
 
 
-def configure_levers(args: argparse.Namespace, cfg, generator, codec, device: torch.device, dtype: torch.dtype):
-    """The speed levers of this config on this device (`pipeline.levers.levers_for`), set on the generator and the
-    process (attention back-end, timed first where it is `auto` on CUDA, at --height/--width and the cache's length)."""
-    from pipeline.levers import MEASURE, apply_attention_backend, attention_shape, levers_for
-    per_call = getattr(args, "decode_frames_per_call", None)
-    if per_call is not None and per_call < 1:
-        raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
-    levers = levers_for(cfg, device.type, fused_qkv=getattr(args, "fused_qkv", None), decode_frames_per_call=per_call)
+def configure_levers(options: RunOptions, generator, codec, device: torch.device, dtype: torch.dtype) -> Levers:
+    """Set the options' speed levers on the generator and the process (the attention back-end, timed first where it
+    is `MEASURE`, at the videos' size and the cache's length); returns the levers with the back-end that was set."""
+    from pipeline.levers import MEASURE, apply_attention_backend, attention_shape
+    levers = options.levers
     generator.inference_options = levers.inference_options(generator.inference_options)
     shape = None
     if levers.attention_backend == MEASURE:
-        s = codec.spatial_factor
-        height = getattr(args, "height", None) or cfg.inference.height
-        width = getattr(args, "width", None) or cfg.inference.width
-        rollout_cfg = cfg.rollout
-        window = rollout_cfg.local_attn_size
-        shape = attention_shape(generator.config, generator.tokens_per_frame(height // s, width // s),
-                                rollout_cfg.num_frame_per_block,
-                                window if window != -1 else rollout_cfg.num_training_frames)
+        s, st = codec.spatial_factor, options.settings
+        window = st.window_frames if st.window_frames != -1 else st.max_frames_without_window
+        shape = attention_shape(generator.config, generator.tokens_per_frame(options.height // s, options.width // s),
+                                st.frames_per_block, window)
     try:
         levers, measured = apply_attention_backend(levers, device, dtype, shape)
     except ValueError as err:  # a back-end name not known, or a flash-attn that is not installed
@@ -422,19 +476,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--fps must be at most {MAX_FPS}, got {args.fps}")
 
 
-def check_request(pipe, frames: int, height: int, width: int, schedule, prefix) -> None:
-    """The pipeline's own check of sizes and lengths, as a one-line error before any output is written."""
-    try:
-        pipe.latent_grid(height, width)
-    except ValueError as err:
-        raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
-    try:
-        pipe.check_request(frames, height, width, prompt_schedule=schedule,
-                           initial_frames=0 if prefix is None else prefix.shape[1])
-    except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
-        raise UsageError(str(err)) from None
-
-
 def output_names(args: argparse.Namespace, prompt) -> list[str]:
     from utils.prompts import output_name
     if args.save_with_index:
@@ -442,138 +483,238 @@ def output_names(args: argparse.Namespace, prompt) -> list[str]:
     return [output_name(prompt.index, prompt.text, s, args.num_samples) for s in range(args.num_samples)]
 
 
-def run(args: argparse.Namespace) -> int:
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
+def prepare_outputs(output_dir: str, rank: int) -> Path:
+    """The output folder, checked writable; the first rank removes what an interrupted run left there."""
     from utils import outputs
-    from utils.prompts import parse_prompt_schedule, shard
-    from utils.video import BackgroundVideoWriter, write_json_atomic
-
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    check_args(args)
-    device, dtype = pick_device(args)
-    prompts = collect_prompts(args)
-    schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
-    layout = parallel_layout(args, rank, world)
-    out_dir = outputs.prepare_output_dir(args.output_dir)
+    out_dir = outputs.prepare_output_dir(output_dir)
     if rank == 0:
         swept = outputs.sweep_leftovers(out_dir)
         if swept:
             print(f"removed {len(swept)} file(s) an interrupted run left in {out_dir}", flush=True)
-    if world > 1:
-        from utils.distributed import init_distributed
-        init_distributed("cpu" if device.type == "cpu" else None)  # NCCL (multicast off) or gloo
-    pipe, cfg, source = build_pipeline(args, device, dtype)
-    group = None
-    if layout.sequence_size > 1:
-        from pipeline.sequence_parallel import enable_sequence_parallel, new_sequence_group
-        group = new_sequence_group(layout)
-        enable_sequence_parallel(pipe.generator, group)
-    height = args.height if args.height is not None else cfg.inference.height
-    width = args.width if args.width is not None else cfg.inference.width
-    fps = args.fps if args.fps is not None else cfg.inference.fps
-    frames = latent_frames(args, cfg, pipe)
-    prefix = initial_latent(args, pipe, cfg, height, width)
-    check_request(pipe, frames, height, width, schedule, prefix)
+    return out_dir
 
-    def record(prompt) -> dict[str, Any]:  # what decides the look of a prompt's videos (compared on reruns)
+
+def sequence_group(pipe, layout):
+    """The process group of this rank's video under --parallel sequence, installed on the generator (None: a video
+    per rank)."""
+    if layout.sequence_size == 1:
+        return None
+    from pipeline.sequence_parallel import enable_sequence_parallel, new_sequence_group
+    group = new_sequence_group(layout)
+    enable_sequence_parallel(pipe.generator, group)
+    return group
+
+
+@dataclasses.dataclass
+class Job:
+    """A run's fixed parts, shared by its videos: the loaded pipeline and options, the ranks' layout, where the
+    outputs go, and the inputs every prompt shares."""
+
+    args: argparse.Namespace
+    loaded: LoadedPipeline
+    device: torch.device
+    dtype: torch.dtype
+    layout: Any  # pipeline.sequence_parallel.ParallelLayout
+    group: Any  # the process group of this rank's video (None: a video per rank)
+    out_dir: Path
+    prompt_schedule: list[tuple[int, str]] | None
+    prefix: torch.Tensor | None  # the initial latent every prompt shares (--image, --video)
+
+    @property
+    def options(self) -> RunOptions:
+        return self.loaded.options
+
+    def request(self, prompt=None):
+        """The prompt's video, drawn from its own seed; an i2v folder's prompt brings its own first frame. Without a
+        prompt: what every video shares (no seed), for checking the request before any is made."""
+        from pipeline.inference import VideoRequest
+        o, args = self.options, self.args
+        first = self.prefix
+        if prompt is not None and prompt.image is not None:
+            first = image_latent(self.loaded.pipe, prompt.image, o.height, o.width, prompt.crop)
+        seed = None if prompt is None else torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
+        return VideoRequest(o.latent_frames, o.height, o.width, generator=seed, initial_latent=first,
+                            prompt_schedule=self.prompt_schedule)
+
+    def check(self) -> None:
+        """The pipeline's own check of sizes and lengths, as a one-line error before any output is written."""
+        o = self.options
+        try:
+            self.loaded.pipe.latent_grid(o.height, o.width)
+        except ValueError as err:
+            raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
+        try:
+            self.loaded.pipe.check_request(self.request())
+        except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
+            raise UsageError(str(err)) from None
+
+    def record(self, prompt) -> dict[str, Any]:
+        """What decides the look of a prompt's videos (compared on reruns)."""
+        from utils import outputs
+        args, o, pipe = self.args, self.options, self.loaded.pipe
         return outputs.settings_record(
             model_prompt=prompt.model_text, image=prompt.image or args.image, video=args.video, seed=args.seed,
-            prompt_seed=args.seed * 1_000_003 + prompt.index, height=height, width=width, fps=fps,
-            latent_frames=frames, source=source, checkpoint=args.checkpoint_path, use_ema=args.use_ema, fp8=args.fp8,
-            dtype=str(dtype), prompt_schedule=schedule, settings=vars(pipe.settings))
+            prompt_seed=args.seed * 1_000_003 + prompt.index, height=o.height, width=o.width, fps=o.fps,
+            latent_frames=o.latent_frames, source=self.loaded.source, checkpoint=args.checkpoint_path,
+            use_ema=args.use_ema, fp8=args.fp8, dtype=str(self.dtype), prompt_schedule=self.prompt_schedule,
+            settings=vars(pipe.settings))
 
-    mine = shard(prompts, layout.data_rank, layout.data_size)
-    todo = [(p, output_names(args, p)) for p in mine]
-    problem = None
-    try:
-        if not args.overwrite:
-            todo = [(p, names) for p, names in todo if not outputs.finished(out_dir, names, record(p))]
-    except UsageError as err:
-        problem = err
-    if world > 1:  # one rank's settings mismatch stops every rank, rather than leaving the others at a barrier
-        found = [None] * world
-        torch.distributed.all_gather_object(found, problem)
-        problem = next((p for p in found if p is not None), None)
-    if problem is not None:
-        raise problem
-    if layout.sequence_size > 1:  # the ranks of a video must agree on what to generate: the leader decides
-        box = [todo]
-        torch.distributed.broadcast_object_list(box, src=layout.rank - layout.sequence_rank, group=group)
-        todo = box[0]
-    print(f"[rank {rank}/{world}] {len(todo)} of {len(mine)} prompts to generate ({len(mine) - len(todo)} done), "
-          f"{frames} latent frames at {height}x{width}, model {source}", flush=True)
-    # All text is encoded up front, off the generation path (and so the encoder can be offloaded afterwards).
-    texts = [p.model_text for p, _ in todo] + ([text for _, text in schedule] if schedule and todo else [])
-    text_ms = None
-    if texts:
-        tic = time.perf_counter()
-        pipe.encode_prompts(texts)
-        text_ms = (time.perf_counter() - tic) * 1000.0  # reported apart: the videos' own clocks start after it
-    if args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
-        pipe.text_encoder.offload()
-    # Loading and text encoding: each video's stats then carry the peaks of its own generation.
-    setup_peaks = memory_report(device)
-    peaks = dict(setup_peaks)
-    from tqdm import tqdm
-    for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
-        # Another process sharing the folder may be generating this prompt (or have finished it meanwhile): the
-        # claim is a lock its process holds until it is done, and released by the kernel if that process dies.
-        claim = outputs.claim_all(out_dir, names) if layout.is_leader else None
+    def pending(self, prompts) -> list:
+        """[(prompt, output names)] of this rank's share not finished under the same settings (all of them with
+        --overwrite); every rank stops on one rank's settings mismatch, and the ranks of a video take their leader's
+        list."""
+        from utils import outputs
+        from utils.prompts import shard
+        mine = shard(prompts, self.layout.data_rank, self.layout.data_size)
+        todo = [(p, output_names(self.args, p)) for p in mine]
+        problem = None
+        try:
+            if not self.args.overwrite:
+                todo = [(p, names) for p, names in todo if not outputs.finished(self.out_dir, names, self.record(p))]
+        except UsageError as err:
+            problem = err
+        world = self.layout.world
+        if world > 1:  # rather than leaving the other ranks at a barrier
+            found = [None] * world
+            torch.distributed.all_gather_object(found, problem)
+            problem = next((p for p in found if p is not None), None)
+        if problem is not None:
+            raise problem
+        todo = self.leaders(todo)
+        o, done = self.options, len(mine) - len(todo)
+        print(f"[rank {self.layout.rank}/{world}] {len(todo)} of {len(mine)} prompts to generate ({done} done), "
+              f"{o.latent_frames} latent frames at {o.height}x{o.width}, model {self.loaded.source}", flush=True)
+        return todo
+
+    def leaders(self, value):
+        """The value of this video's leading rank (every rank's own under --parallel data)."""
+        if self.layout.sequence_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=self.layout.rank - self.layout.sequence_rank,
+                                                group=self.group)
+        return box[0]
+
+    def encode_prompts(self, todo) -> float | None:
+        """Encode every prompt up front, off the generation path (so the encoder can be offloaded afterwards);
+        returns the milliseconds it took (None: nothing to encode)."""
+        pipe = self.loaded.pipe
+        texts = [p.model_text for p, _ in todo]
+        if self.prompt_schedule and todo:
+            texts += [text for _, text in self.prompt_schedule]
+        text_ms = None
+        if texts:
+            tic = time.perf_counter()
+            pipe.encode_prompts(texts)
+            text_ms = (time.perf_counter() - tic) * 1000.0  # reported apart: the videos' own clocks start after it
+        if self.args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
+            pipe.text_encoder.offload()
+        return text_ms
+
+    def skip_reason(self, prompt, names):
+        """(claim, why this prompt is skipped or None): another process sharing the folder may be generating it (or
+        have finished it meanwhile). The claim is a lock its process holds until it is done, released by the kernel
+        if that process dies."""
+        from utils import outputs
+        claim = outputs.claim_all(self.out_dir, names) if self.layout.is_leader else None
         skip = None
-        if layout.is_leader and claim is None:
-            skip = f"{outputs.claimed_by(out_dir, names)} is generating it"
-        elif layout.is_leader and not args.overwrite and outputs.finished(out_dir, names, record(prompt)):
+        if self.layout.is_leader and claim is None:
+            skip = f"{outputs.claimed_by(self.out_dir, names)} is generating it"
+        elif self.layout.is_leader and not self.args.overwrite and outputs.finished(self.out_dir, names,
+                                                                                    self.record(prompt)):
             skip = "another process finished it"
-        if layout.sequence_size > 1:
-            box = [skip]
-            torch.distributed.broadcast_object_list(box, src=layout.rank - layout.sequence_rank, group=group)
-            skip = box[0]
-        if skip:
-            if claim is not None:
-                claim.release()
-            print(f"skipping {names[0]}: {skip}", flush=True)
-            continue
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
+        return claim, self.leaders(skip)
+
+    def write_videos(self, prompt, names) -> dict[str, Any]:
+        """Generate the prompt's samples and write them (the leading rank of a video only); returns the stats."""
+        from pipeline.inference import Delivery
+        from utils.video import BackgroundVideoWriter
         # Under --parallel sequence every rank of the group rolls out the same video; only its leader decodes.
         # x264 runs on each writer's own thread, beside the next block's denoising (each block's frames are a fresh
         # host tensor, so the queue may hold them).
-        writers = [BackgroundVideoWriter(out_dir / f"{n}.mp4", fps=fps) for n in names] if layout.is_leader else []
+        leader = self.layout.is_leader
+        writers = [BackgroundVideoWriter(self.out_dir / f"{n}.mp4", fps=self.options.fps) for n in names] if leader \
+            else []
         try:
-            first = prefix if prompt.image is None else image_latent(pipe, prompt.image, height, width, prompt.crop)
-
-            def write_frames(block: int, pixels: torch.Tensor, writers=writers) -> None:
+            def write_frames(block: int, pixels: torch.Tensor) -> None:
                 if writers:
                     pixels = pixels.cpu()  # already there on CUDA (frames_on_host); on other devices one copy
                 for sample, writer in enumerate(writers):
                     writer.append(pixels[sample])
             # The frames go to the writers as they come: none are kept on the device (keep_video=False).
-            result = pipe.generate([prompt.model_text] * args.num_samples, num_latent_frames=frames, height=height,
-                                   width=width, generator=generator, initial_latent=first,
-                                   prompt_schedule=schedule, decode=layout.is_leader, on_frames=write_frames,
-                                   keep_video=False, frames_on_host=True)
+            result = self.loaded.pipe.generate([prompt.model_text] * self.args.num_samples, self.request(prompt),
+                                               Delivery(decode=leader, on_frames=write_frames, keep_video=False,
+                                                        frames_on_host=True))
             tic = time.perf_counter()
             for w in writers:
                 w.close()
             # How long the writers' tail held up the next video (x264 runs beside the generation until here).
             result.stats["mp4_wait_ms"] = (time.perf_counter() - tic) * 1000.0
-            peaks = {k: max(filter(None, (peaks.get(k), result.stats.get(k))), default=None) for k in MEMORY_KEYS}
-            for sample, name in enumerate(names if layout.is_leader else []):
-                write_json_atomic(out_dir / f"stats_{name}.json", {
-                    "prompt": prompt.text, "model_prompt": prompt.model_text, "image": prompt.image or args.image,
-                    "index": prompt.index, "sample": sample,
-                    "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
-                    "height": height, "width": width, "fps": fps, "source": source, "device": str(device),
-                    "dtype": str(dtype), "steps": pipe.settings.steps, "prompt_schedule": schedule,
-                    "settings": vars(pipe.settings), "levers": dataclasses.asdict(pipe.levers),
-                    "text_encoding_ms_all_prompts": text_ms, **{f"setup_{k}": v for k, v in setup_peaks.items()},
-                    "parallel": {"mode": args.parallel, "sequence_size": layout.sequence_size,
-                                 "data_size": layout.data_size},
-                    "run_settings": record(prompt), **result.stats})
         except BaseException:
             for w in writers:
                 w.abort()
             raise
+        return result.stats
+
+    def write_stats(self, prompt, names, stats: dict[str, Any], run_stats: dict[str, Any]) -> None:
+        from utils.video import write_json_atomic
+        args, o, pipe, layout = self.args, self.options, self.loaded.pipe, self.layout
+        for sample, name in enumerate(names if layout.is_leader else []):
+            write_json_atomic(self.out_dir / f"stats_{name}.json", {
+                "prompt": prompt.text, "model_prompt": prompt.model_text, "image": prompt.image or args.image,
+                "index": prompt.index, "sample": sample,
+                "seed": args.seed, "prompt_seed": args.seed * 1_000_003 + prompt.index, "video": f"{name}.mp4",
+                "height": o.height, "width": o.width, "fps": o.fps, "source": self.loaded.source,
+                "device": str(self.device), "dtype": str(self.dtype), "steps": pipe.settings.steps,
+                "prompt_schedule": self.prompt_schedule, "settings": vars(pipe.settings),
+                "levers": dataclasses.asdict(pipe.levers), **run_stats,
+                "parallel": {"mode": args.parallel, "sequence_size": layout.sequence_size,
+                             "data_size": layout.data_size},
+                "run_settings": self.record(prompt), **stats})
+
+
+def run(args: argparse.Namespace) -> int:
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # our own bars report progress; keep stderr for errors
+    from tqdm import tqdm
+
+    from utils.prompts import parse_prompt_schedule
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    # 1. what the command line alone decides, before any model loads
+    check_args(args)
+    device, dtype = pick_device(args)
+    prompts = collect_prompts(args)
+    schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
+    layout = parallel_layout(args, rank, world)
+    out_dir = prepare_outputs(args.output_dir, rank)
+    if world > 1:
+        from utils.distributed import init_distributed
+        init_distributed("cpu" if device.type == "cpu" else None)  # NCCL (multicast off) or gloo
+    # 2. the model, its pipeline and the run's options (`run_options`)
+    loaded = build_pipeline(args, device, dtype)
+    group = sequence_group(loaded.pipe, layout)
+    o = loaded.options
+    job = Job(args, loaded, device, dtype, layout, group, out_dir, schedule,
+              prefix=initial_latent(args, loaded.pipe, loaded.cfg, o.height, o.width))
+    job.check()
+    # 3. the prompts still to generate, encoded up front
+    todo = job.pending(prompts)
+    text_ms = job.encode_prompts(todo)
+    # Loading and text encoding: each video's stats then carry the peaks of its own generation.
+    setup_peaks = memory_report(device)
+    run_stats = {"text_encoding_ms_all_prompts": text_ms, **{f"setup_{k}": v for k, v in setup_peaks.items()}}
+    peaks = dict(setup_peaks)
+    # 4. generate and write, prompt by prompt
+    for prompt, names in tqdm(todo, desc="prompts", disable=rank != 0 or not todo):
+        claim, skip = job.skip_reason(prompt, names)
+        try:
+            if skip:
+                print(f"skipping {names[0]}: {skip}", flush=True)
+                continue
+            stats = job.write_videos(prompt, names)
+            peaks = {k: max(filter(None, (peaks.get(k), stats.get(k))), default=None) for k in MEMORY_KEYS}
+            job.write_stats(prompt, names, stats, run_stats)
         finally:
             if claim is not None:
                 claim.release()

@@ -160,6 +160,9 @@ def _build(args: argparse.Namespace, cfg, dist_state, models: Any, data: Any, al
         models = models(cfg)
     models = prepare_injected_models(models, cfg)
     parallelize_models(models, cfg, dist_state)
+    if cfg.compute.compile:
+        from pipeline.compile import compile_models
+        compile_models(models)
     if algorithm_factory is None:
         from trainer.registry import build_algorithm as algorithm_factory
     algorithm = algorithm_factory(cfg, models)

@@ -20,15 +20,17 @@ import torch
 from common import environment, kernel_table, print_table, random_dit, sync, timed, tiny_config, write_result
 from speed import rel_error
 
-from model import wan_block
 from model.config import WAN_1_3B
-from model.inductor_heuristics import persistent_reductions
-from model.wan_block import InferenceOptions
+from model.wan_block import EAGER_PIECES, InferenceOptions
+from pipeline import compile as compilation
 from pipeline.cuda_graphs import GraphedDiT
+from pipeline.inductor_heuristics import persistent_reductions
 
 # The options every variant starts from: the defaults without the levers measured here.
-PIECES_BASE = InferenceOptions(gelu_epilogue=False, fused_cache_write=False, persistent_norms=False)
-# name -> (InferenceOptions switches, inductor config), each on top of the previous variant's.
+PIECES_BASE = InferenceOptions(gelu_epilogue=False, fused_cache_write=False)
+# name -> (switches, inductor config), each on top of the previous variant's. The switches are `InferenceOptions`
+# fields, and `compile` / `persistent_norms` for the compiled pieces (`pipeline.compile.CompiledPieces`).
+COMPILE_SWITCHES = ("compile", "persistent_norms")
 VARIANTS = {
     "compiled": ({"fused_qkv": True, "compile": True}, {}),
     "gelu_epilogue": ({"gelu_epilogue": True}, {}),
@@ -145,9 +147,12 @@ def main(argv: list[str] | None = None) -> dict:
         options, inductor = dict(options, **opt_step), dict(inductor, **ind_step)
         entry: dict = {"options": dict(options), "inductor": dict(inductor)}
         try:
-            wan_block._compiled.cache_clear()
+            compilation._compiled.cache_clear()
             torch._dynamo.reset()
-            model.inference_options = dataclasses.replace(PIECES_BASE, **options)
+            model.inference_options = dataclasses.replace(
+                PIECES_BASE, **{k: v for k, v in options.items() if k not in COMPILE_SWITCHES})
+            model.cached_pieces = (compilation.CompiledPieces(persistent_norms=options.get("persistent_norms", False))
+                                   if options.get("compile") else EAGER_PIECES)
             cache.reset()
             graphed = GraphedDiT(model, emulate=tiny)
             # No FX graph cache: its key does not cover the choices handler, and each variant compiles cold.

@@ -20,7 +20,7 @@ from common import environment, print_table, random_dit, steady_block_ms, sync, 
 
 from model.config import WAN_1_3B
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from utils.distributed import cleanup_distributed, init_distributed
 
@@ -78,6 +78,8 @@ def main() -> None:
         block_ms.append((now - last[0]) * 1000.0)
         last[0] = now
 
+    options = RolloutOptions(steps=steps, frames_per_block=args.frames_per_block, on_block=on_block,
+                             final_context_pass=False)
     runs, warmup_ms = [], None
     with torch.no_grad():
         for repeat in range(args.repeats + 1):  # the first run warms up
@@ -87,8 +89,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             sync(device)
             tic = last[0] = time.perf_counter()
-            rollout(denoiser, noise, context, cache, steps=steps, frames_per_block=args.frames_per_block,
-                    on_block=on_block, final_context_pass=False)
+            rollout(denoiser, noise, context, cache, options)
             sync(device)
             total = (time.perf_counter() - tic) * 1000.0
             if repeat:

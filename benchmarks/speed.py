@@ -29,11 +29,12 @@ from common import (
 
 from model import attention as attention_backends
 from model.config import WAN_1_3B
-from model.wan_block import InferenceOptions
+from model.wan_block import EAGER_PIECES, InferenceOptions
+from pipeline.compile import CompiledPieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.levers import attention_shape, fastest_attention_backend
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder
 
@@ -50,6 +51,8 @@ class Setting:
     rerotate: bool = True  # relative RoPE by re-rotating the window (the first implementation)
     backend: str = "auto"
     graphs: bool = False
+    compile: bool = False  # the per-layer pieces through inductor (`pipeline.compile.compile_pieces`)
+    persistent_norms: bool = False  # compiled under the persistent layer-norm heuristics (pipeline/compile.py)
 
 
 def apply_lever(s: Setting, lever: str, bench: Bench) -> None:
@@ -63,10 +66,12 @@ def apply_lever(s: Setting, lever: str, bench: Bench) -> None:
     elif lever == "sdpa":
         s.backend = bench.fastest_attention()
     elif lever == "compile":
-        o.compile = True
+        s.compile = True
+    elif lever == "persistent_norms":
+        s.persistent_norms = True
     elif lever == "cudagraph":
         s.graphs = True
-    elif lever in ("gelu_epilogue", "fused_cache_write", "persistent_norms"):
+    elif lever in ("gelu_epilogue", "fused_cache_write"):
         setattr(o, lever, True)
     elif lever != "eager":
         raise ValueError(f"unknown lever {lever!r}; expected one of {LEVERS}")
@@ -118,6 +123,7 @@ class Bench:
 
     def denoiser(self, s: Setting) -> Denoiser:
         self.model.inference_options = dataclasses.replace(s.options)
+        self.model.cached_pieces = CompiledPieces(persistent_norms=s.persistent_norms) if s.compile else EAGER_PIECES
         attention_backends.set_attention_backend(s.backend)
         return Denoiser(GraphedDiT(self.model) if s.graphs else self.model, self.schedule)
 
@@ -148,9 +154,9 @@ class Bench:
                 decoder.submit(index, x0)
 
         with torch.no_grad():
-            result = rollout(denoiser, self.noise[:, :frames], self.context, cache, steps=self.steps,
-                             frames_per_block=self.fpb, final_context_pass=False, on_block=on_block,
-                             noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=x.device).to(x))
+            result = rollout(denoiser, self.noise[:, :frames], self.context, cache, RolloutOptions(
+                steps=self.steps, frames_per_block=self.fpb, final_context_pass=False, on_block=on_block,
+                noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=x.device).to(x)))
         if decoder is not None:
             decoder.finish()
         sync(self.device)
@@ -164,15 +170,15 @@ class Bench:
         cache = self.cache(-1, 0, "absolute", False, self.args.blocks * self.fpb)
         cache.reset()
         with torch.no_grad():
-            rollout(denoiser, self.noise[:, :position * self.fpb], self.context, cache, steps=self.steps,
-                    frames_per_block=self.fpb)
+            rollout(denoiser, self.noise[:, :position * self.fpb], self.context, cache,
+                    RolloutOptions(steps=self.steps, frames_per_block=self.fpb))
         filled = position * self.fpb * self.tpf
 
         def one_block():
             cache.global_end = cache.local_end = filled
             with torch.no_grad():
-                rollout(denoiser, self.noise[:, position * self.fpb:frames], self.context, cache, steps=self.steps,
-                        frames_per_block=self.fpb, start_frame=position * self.fpb)
+                rollout(denoiser, self.noise[:, position * self.fpb:frames], self.context, cache,
+                        RolloutOptions(steps=self.steps, frames_per_block=self.fpb, start_frame=position * self.fpb))
         return timed(one_block, self.device, repeats=self.args.repeats + 1)[0]
 
 
@@ -207,7 +213,8 @@ def measure_lever(bench: Bench, s: Setting, reference: torch.Tensor | None) -> d
     entry = {"rollout_ms": best["ms"], "block_ms": best["block_ms"], "block6_ms": best["block_ms"][min(6, args.blocks - 1)],
              "frames_per_s_dit_only": pixel_frames(frames) / (best["ms"] / 1000.0),
              "time_to_first_latents_ms": best["first_block_ms"], "warmup_s": warmup_s, "peak_gib": peak_gib(bench.device),
-             "attention_backend": s.backend, "options": dataclasses.asdict(s.options), "cuda_graphs": s.graphs}
+             "attention_backend": s.backend, "options": dataclasses.asdict(s.options), "cuda_graphs": s.graphs,
+             "compile": s.compile, "persistent_norms": s.persistent_norms}
     if isinstance(denoiser.model, GraphedDiT):
         entry.update(graph_captures=denoiser.model.captures, graph_errors=denoiser.model.errors)
     if reference is not None:

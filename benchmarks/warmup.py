@@ -96,7 +96,8 @@ def run_phase(args) -> dict:
     return {"build_s": build_s, "dit_first_s": dit_first, "dit_warm_s": dit_warm, "decoder_first_s": decoder_first,
             "decoder_warm_s": decoder_warm, "warmup_s": dit_first - dit_warm + decoder_first - decoder_warm,
             "videos": videos, "compile_caches": caches, "dynamo_compile_times": compile_times(repr="str"),
-            "options": vars(setting.options), "cuda_graphs": setting.graphs, "backend": setting.backend}
+            "options": vars(setting.options), "compile": setting.compile, "persistent_norms": setting.persistent_norms,
+            "cuda_graphs": setting.graphs, "backend": setting.backend}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -15,12 +15,11 @@ Timesteps are `[B]` (one per sample, as the bidirectional model) or `[B, F]` (on
 model); modulation is applied per timestep group accordingly.
 
 How a call's tokens are laid out over processes is the `sequence_layout` seam (`WholeSequence`, or the
-sequence-parallel layout `pipeline/sequence_parallel.py` installs); FSDP, `torch.compile` of whole blocks and CUDA
-graphs are applied from outside too (`utils/distributed.py`, `pipeline/cuda_graphs.py`).
+sequence-parallel layout `pipeline/sequence_parallel.py` installs); FSDP, `torch.compile` (of the per-layer pieces
+through the `cached_pieces` seam, of whole blocks) and CUDA graphs are applied from outside too
+(`utils/distributed.py`, `pipeline/compile.py`, `pipeline/cuda_graphs.py`).
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +28,9 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import BlockCausal, block_causal_mask
 from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
-from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import KVCache
 from model.rope import RotaryTables, Rotation, sinusoidal_embedding
-from model.wan_block import WHOLE_SEQUENCE, Context, Head, InferenceOptions, WanBlock
+from model.wan_block import EAGER_PIECES, WHOLE_SEQUENCE, Context, Head, InferenceOptions, WanBlock
 
 Grid = tuple[int, int, int]  # latent tokens per (frame, row, column)
 
@@ -57,10 +55,9 @@ class WanDiT(nn.Module):
         self.head = Head(cfg)
         self.rope = RotaryTables(cfg.head_dim, cfg.rope_max_positions)
         self.inference_options = InferenceOptions()
-        # Set by `utils.distributed.compile_blocks` (training): KV-cached calls then run each block uncompiled with
-        # its layer-independent pieces compiled. A whole compiled block guards on the layer index and the cache's
-        # Python state, so a rollout recompiles per layer and, past dynamo's recompile limit, runs eager.
-        self.compile_cached_pieces = False
+        # How KV-cached calls run the per-layer pieces: as they are, unless compilation (`pipeline/compile.py`)
+        # installs a runner that compiles them.
+        self.cached_pieces = EAGER_PIECES
         # How each call's tokens are laid out over processes: all here, unless sequence parallelism
         # (`pipeline.sequence_parallel.enable_sequence_parallel`) installs a layout that splits them.
         self.sequence_layout = WHOLE_SEQUENCE
@@ -318,23 +315,15 @@ class WanDiT(nn.Module):
         outputs of the blocks in `taps`). last_kv_only: the last block only writes its K/V into the cache."""
         tokens = self.sequence_layout.split(tokens, ctx, grid[1] * grid[2])
         hidden = []
-        # `_call_impl` is the module call without its compiled wrapper (hooks such as FSDP's still run): see
-        # `compile_cached_pieces`.
-        own_call = ctx.cache is not None and self.compile_cached_pieces
-        # Compiled pieces compile (once) inside their first call, under the model's inductor heuristics.
-        heuristics = (persistent_reductions() if ctx.compiled and ctx.options.persistent_norms
-                      else contextlib.nullcontext())
-        with heuristics:
-            for layer, block in enumerate(self.blocks):
-                call = block._call_impl if own_call else block
-                if last_kv_only and layer == len(self.blocks) - 1:
-                    call(tokens, e0, text, ctx, layer, kv_only=True)
-                elif block.checkpointed and torch.is_grad_enabled():
-                    tokens = checkpoint(call, tokens, e0, text, ctx, layer, use_reentrant=False)
-                else:
-                    tokens = call(tokens, e0, text, ctx, layer)
-                if layer in taps:
-                    hidden.append(ctx.shard.gather(tokens))
+        for layer, block in enumerate(self.blocks):
+            if last_kv_only and layer == len(self.blocks) - 1:
+                block(tokens, e0, text, ctx, layer, kv_only=True)
+            elif block.checkpointed and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, text, ctx, layer)
+            if layer in taps:
+                hidden.append(ctx.shard.gather(tokens))
         return tokens, hidden
 
     def _output(self, tokens: Tensor, e: Tensor, ctx: Context, grid: Grid, x: Tensor, t_groups: Tensor) -> Tensor:
@@ -369,6 +358,5 @@ class WanDiT(nn.Module):
             first = plan.read_start // kv_cache.tokens_per_frame
             cache_rope = self.rope.rotation(first, plan.write_end // kv_cache.tokens_per_frame - first, hh, ww,
                                             device)
-        opts = self.inference_options
-        return Context(1, rope, cache=kv_cache, plan=plan, cache_rope=cache_rope, options=opts,
-                       compiled=(opts.compile and not torch.is_grad_enabled()) or self.compile_cached_pieces)
+        return Context(1, rope, cache=kv_cache, plan=plan, cache_rope=cache_rope, options=self.inference_options,
+                       pieces=self.cached_pieces)

@@ -4,8 +4,8 @@ context shared by all blocks, and the inference speed switches. `model/wan.py` a
 """
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,29 +88,23 @@ class InferenceOptions:
     cache_pass_kv_only: a cache-only call (the clean-context pass) stops once the last layer's K/V are written:
       no attention, cross-attention or FFN in that layer, no output head. Exact.
     fused_qkv: one GEMM for the self-attention q/k/v projections (copies of the weights, rebuilt when they change).
-    compile: `torch.compile` the per-layer pieces around attention (static shapes: compiled once, shared by every
-      layer and block position) on the KV-cached no-grad path.
     gelu_epilogue: the FFN's first GEMM applies its tanh GELU in cuBLASLt's epilogue (CUDA, no grad; elsewhere the
       plain path), so the 8960-wide hidden activation is written once instead of written, read and written again.
     fused_cache_write: the piece that makes K/V writes them straight into the cache slots (no grad, plain slot
       writes) instead of returning them for a separate copy.
-    persistent_norms: with `compile`, the layer norms' reductions as persistent kernels
-      (`model/inductor_heuristics.py`).
     """
 
     fused_rope: bool = True
     reuse_text: bool = True
     cache_pass_kv_only: bool = True
     fused_qkv: bool = False
-    compile: bool = False
     gelu_epilogue: bool = True
     fused_cache_write: bool = True
-    persistent_norms: bool = True
 
     @classmethod
     def all_off(cls) -> InferenceOptions:
-        return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False, compile=False,
-                   gelu_epilogue=False, fused_cache_write=False, persistent_norms=False)
+        return cls(fused_rope=False, reuse_text=False, cache_pass_kv_only=False, fused_qkv=False,
+                   gelu_epilogue=False, fused_cache_write=False)
 
 
 class WholeSequence:
@@ -143,28 +137,34 @@ class WholeSequence:
 WHOLE_SEQUENCE = WholeSequence()
 
 
+def _as_they_are(piece: Callable) -> Callable:
+    return piece
+
+
+# How a call runs its per-layer pieces (`Context.piece`): a runner `piece -> callable`. Eager here; compilation
+# (`pipeline/compile.py`) installs its own as `WanDiT.cached_pieces`, so the blocks never branch on it.
+EAGER_PIECES = _as_they_are
+
+
 class Context:
     """Per-call state shared by all blocks: RoPE rotation, the mask or the cache plan, the token layout."""
 
     def __init__(self, groups: int, rope: Rotation, mask: AttentionMask | None = None,
                  cache: KVCache | None = None, plan: CacheWrite | None = None, cache_rope: Rotation | None = None,
-                 options: InferenceOptions | None = None, compiled: bool = False):
+                 options: InferenceOptions | None = None, pieces: Callable[[Callable], Callable] = EAGER_PIECES):
         self.groups = groups  # timestep groups (1 = one timestep per sample, else one per latent frame)
         self.rope = rope
         self.mask = mask
         self.cache, self.plan = cache, plan
         self.cache_rope = cache_rope  # rotation of the readable cache slots (relative RoPE with rerotate_window)
         self.options = options or InferenceOptions()
-        self.compiled = compiled  # run the layer pieces through torch.compile
+        self.piece = pieces  # `piece(fn)` is what runs the per-layer piece fn (fn itself, or its compiled form)
         self.shard = WHOLE_SEQUENCE  # this call's token layout, set by `WanDiT.sequence_layout.split`
 
     def tensors(self) -> list[Tensor]:
         """Every tensor a call reads from the context (CUDA graphs copy them into static buffers)."""
         rotations = [self.rope] + ([self.cache_rope] if self.cache_rope is not None else [])
         return [t for r in rotations for t in r.tensors()]
-
-    def piece(self, fn):
-        return _compiled(fn, self.options.persistent_norms) if self.compiled else fn
 
 
 def _grouped(h: Tensor, groups: int) -> Tensor:
@@ -219,14 +219,6 @@ def _ffn(ffn: nn.Sequential, h: Tensor, gelu_epilogue: bool) -> Tensor:
         return ffn(h)
     hidden = torch._addmm_activation(first.bias, h.flatten(0, -2), first.weight.t(), use_gelu=True)
     return ffn[2](hidden.unflatten(0, h.shape[:-1]))
-
-
-@functools.cache
-def _compiled(fn, persistent_norms: bool):
-    # `WanDiT.forward` compiles these under the persistent-norm heuristics, which inductor's on-disk graph cache does
-    # not key on: only their compiles may fill it.
-    options = None if persistent_norms else {"fx_graph_cache": False}
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
 
 
 class WanBlock(nn.Module):

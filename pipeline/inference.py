@@ -5,7 +5,6 @@ blocks), so frames are available while later blocks are still being generated.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -18,15 +17,14 @@ from torch import Tensor
 from model.kv_cache import KVCache, inference_cache_geometry
 from model.prompt_cache import PromptEmbeddingCache
 from model.wan import WanDiT
+from pipeline.compile import compile_pieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.levers import memory_report
-from pipeline.rollout import block_layout, rollout
+from pipeline.rollout import Conditioning, NoiseFn, RolloutOptions, block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder, FramesCallback, TimelineClock, to_unit
 
-# FramesCallback: (block index, pixel frames [B, t, 3, H, W] in [0, 1]), in order; block -1 carries the decoded frames
-# of an initial latent; block 0 comes in two calls (its first frame alone) unless first_frame_alone is off.
 PromptSource = Callable[[int], str]  # block index -> the prompt of that block, asked at each block boundary
 
 
@@ -54,6 +52,70 @@ class CausalSettings:
                    window_frames=r.local_attn_size, sink_frames=r.sink_size, rope=r.rope,
                    max_frames_without_window=r.num_training_frames)
 
+    def latent_frames_for_blocks(self, blocks: int, *, with_initial_latent: bool = False) -> int:
+        """Latent frames for `blocks` blocks; an independent first frame is one more block of its own unless an
+        initial latent (image, video) supplies it."""
+        if blocks < 1:
+            raise ValueError(f"the number of blocks must be >= 1, got {blocks}")
+        return blocks * self.frames_per_block + (1 if self.independent_first_frame and not with_initial_latent else 0)
+
+    def rollout_options(self, **call: Any) -> RolloutOptions:
+        """The rollout these settings describe, with a call's own fields (`RolloutOptions`) added."""
+        return RolloutOptions(steps=self.steps, frames_per_block=self.frames_per_block,
+                              independent_first_frame=self.independent_first_frame, context_noise=self.context_noise,
+                              **call)
+
+
+@dataclass(frozen=True, eq=False)
+class VideoRequest:
+    """What one `generate` call makes: the video's length and size, its noise and the prompts over time."""
+
+    num_latent_frames: int
+    """new latent frames per prompt (after those of `initial_latent`)"""
+    height: int
+    """pixels; a multiple of the codec's downsampling times the patch size"""
+    width: int
+    """pixels; a multiple of the codec's downsampling times the patch size"""
+    generator: torch.Generator | None = None
+    """draws the initial noise (unless `noise` is given) and every re-noising; None: the global generator"""
+    noise: Tensor | None = None
+    """`[B, F, C, h, w]` initial noise of the generated frames, instead of drawing it"""
+    initial_latent: Tensor | None = None
+    """`[B, Fi, C, h, w]` clean frames written into the cache first (an image, a video to extend)"""
+    prompt_schedule: Sequence[tuple[int, str]] | None = None
+    """`[(block, prompt), ...]` switching every sample's prompt at block boundaries (block 0 first)"""
+    prompt_source: PromptSource | None = None
+    """asked `block -> prompt` at every block boundary while generating (a prompt typed during the stream); a changed
+    prompt is encoded then and switched to with a KV re-cache"""
+
+
+@dataclass(frozen=True, eq=False)
+class Delivery:
+    """How a `generate` call hands its frames out, and when it stops early."""
+
+    decode: bool = True
+    """decode the latents into pixels (False: `video` is None and `on_frames` is never called)"""
+    on_frames: FramesCallback | None = None
+    """called with each block's pixel frames in order; block -1 carries the decoded frames of an initial latent;
+    block 0 comes in two calls (its first frame alone) unless the pipeline's first_frame_alone is off"""
+    keep_video: bool = True
+    """False streams frames to `on_frames` only (`video` is None), so long runs hold no pixels"""
+    frames_on_host: bool = False
+    """frames reach `on_frames` (and `video`) as CPU tensors, copied off the GPU asynchronously (`BlockDecoder`); for
+    callers that write or send them"""
+    should_stop: Callable[[], bool] | None = None
+    """asked before every block; True ends the generation there with the frames made so far (`stats["stopped"]`)"""
+
+
+@dataclass(frozen=True, eq=False)
+class CallOverrides:
+    """This call's own parts instead of the pipeline's (e.g. a rolling cache for a long job, another decoder, a
+    compiled twin of the generator sharing its weights), leaving the pipeline as it is. None: the pipeline's."""
+
+    settings: CausalSettings | None = None
+    codec: Any = None
+    denoiser: Denoiser | None = None
+
 
 @dataclass
 class Generation:
@@ -69,8 +131,8 @@ class CausalInferencePipeline:
                  settings: CausalSettings, *, negative_prompt: str = "", compile: bool = False,
                  cuda_graphs: bool = False, decode_side_stream: bool = True, first_frame_alone: bool = True,
                  decode_frames_per_call: int | None = None):
-        """compile / cuda_graphs: the generator's speed levers (`InferenceOptions.compile`, `GraphedDiT`); compile
-        also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
+        """compile / cuda_graphs: the generator's speed levers (`pipeline.compile.compile_pieces`, `GraphedDiT`);
+        compile also speeds up a Wan VAE codec's decoder on CUDA (`WanVAE.speed_up_decoder`: NDHWC, padded channels and
         convolutions, regionally compiled);
         decode_side_stream: on CUDA, decode each block on a side stream while the next one is generated;
         first_frame_alone: decode and hand out the video's first frame before the rest of block 0 (so
@@ -87,7 +149,7 @@ class CausalInferencePipeline:
         self.first_frame_alone = first_frame_alone
         self.decode_frames_per_call = decode_frames_per_call
         if compile:
-            generator.inference_options = dataclasses.replace(generator.inference_options, compile=True)
+            compile_pieces(generator)
             if hasattr(codec, "compile_decoder") and next(codec.parameters()).device.type == "cuda":
                 codec.speed_up_decoder()
         self.denoiser = Denoiser(GraphedDiT(generator) if cuda_graphs else generator, schedule)
@@ -121,24 +183,21 @@ class CausalInferencePipeline:
         return height // s, width // s
 
     def latent_frames_for_blocks(self, blocks: int, *, with_initial_latent: bool = False) -> int:
-        """Latent frames for `blocks` blocks; an independent first frame is one more block of its own unless an
-        initial latent (image, video) supplies it."""
-        if blocks < 1:
-            raise ValueError(f"the number of blocks must be >= 1, got {blocks}")
-        st = self.settings
-        return blocks * st.frames_per_block + (1 if st.independent_first_frame and not with_initial_latent else 0)
+        """`CausalSettings.latent_frames_for_blocks` of the pipeline's settings."""
+        return self.settings.latent_frames_for_blocks(blocks, with_initial_latent=with_initial_latent)
 
-    def check_request(self, num_latent_frames: int, height: int, width: int, *, settings: CausalSettings | None = None,
-                      codec: Any = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
-                      initial_frames: int = 0) -> None:
+    def check_request(self, request: VideoRequest, overrides: CallOverrides = CallOverrides()) -> None:
         """Raise ValueError, before any work, for a request `generate` cannot serve: a resolution off the latent grid,
-        more frames (after `initial_frames` of an initial latent) than the KV cache or the RoPE table hold, a prompt
-        schedule that does not fit the blocks."""
-        st = self.settings if settings is None else settings
-        self.latent_grid(height, width, codec)
+        more frames (after those of an initial latent) than the KV cache or the RoPE table hold, a prompt schedule
+        that does not fit the blocks."""
+        st, codec, _ = self._resolve(overrides)
+        self.latent_grid(request.height, request.width, codec)
+        num_latent_frames = request.num_latent_frames
         if num_latent_frames < 1:
             raise ValueError(f"the number of latent frames must be >= 1, got {num_latent_frames}")
+        initial_frames = 0 if request.initial_latent is None else request.initial_latent.shape[1]
         self._check_length(initial_frames + num_latent_frames, st)
+        prompt_schedule = request.prompt_schedule
         if prompt_schedule:
             blocks = len(block_layout(num_latent_frames, st.frames_per_block,
                                       st.independent_first_frame and not initial_frames))
@@ -187,88 +246,35 @@ class CausalInferencePipeline:
 
     # ------------------------------------------------------------------------------------------------ generate
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, num_latent_frames: int, height: int, width: int,
-                 generator: torch.Generator | None = None, noise: Tensor | None = None,
-                 initial_latent: Tensor | None = None, prompt_schedule: Sequence[tuple[int, str]] | None = None,
-                 prompt_source: PromptSource | None = None, should_stop: Callable[[], bool] | None = None,
-                 on_frames: FramesCallback | None = None, decode: bool = True,
-                 keep_video: bool = True, frames_on_host: bool = False, settings: CausalSettings | None = None,
-                 codec: Any = None, denoiser: Denoiser | None = None) -> Generation:
-        """Generate `num_latent_frames` new latent frames per prompt (after `initial_latent` frames if given).
-
-        prompt_schedule: `[(block, prompt), ...]` switching every sample's prompt at block boundaries (block 0 first;
-          `prompts` is then ignored except for the batch size).
-        prompt_source: asked `block -> prompt` at every block boundary while generating (a prompt typed during the
-          stream); a changed prompt is encoded then and switched to with a KV re-cache. `prompts` only sets the batch.
-        should_stop: asked before every block; True ends the generation there with the frames made so far
-          (`stats["stopped"]`).
-        keep_video: False streams frames to `on_frames` only (`video` is None), so long runs hold no pixels.
-        frames_on_host: frames reach `on_frames` (and `video`) as CPU tensors, copied off the GPU asynchronously
-          (`BlockDecoder`); for callers that write or send them.
-        settings / codec / denoiser: this call's instead of the pipeline's (e.g. a rolling cache for a long job, another
-          decoder, a compiled twin of the generator sharing its weights), leaving the pipeline as it is.
-        """
-        st = self.settings if settings is None else settings
-        codec = self.codec if codec is None else codec
-        denoiser = self.denoiser if denoiser is None else denoiser
-        h, w = self.latent_grid(height, width, codec)
+    def generate(self, prompts: Sequence[str], request: VideoRequest, delivery: Delivery = Delivery(),
+                 overrides: CallOverrides = CallOverrides()) -> Generation:
+        """Generate `request.num_latent_frames` new latent frames per prompt (after `request.initial_latent` if
+        given), delivered as `delivery` says, with the pipeline's settings, codec and denoiser unless `overrides`
+        names this call's own. With a prompt schedule or source, `prompts` only sets the batch size."""
+        st, codec, denoiser = self._resolve(overrides)
+        h, w = self.latent_grid(request.height, request.width, codec)
         batch = len(prompts)
-        layout = block_layout(num_latent_frames, st.frames_per_block,
-                              st.independent_first_frame and initial_latent is None)
+        # A length that does not split into blocks fails here, before any prompt is encoded.
+        block_layout(request.num_latent_frames, st.frames_per_block,
+                     st.independent_first_frame and request.initial_latent is None)
         tic = time.perf_counter()
-        switches: list[tuple[int, str]] = []
-        if prompt_schedule and prompt_source is not None:
-            raise ValueError("give a prompt schedule or a prompt source, not both")
-        if prompt_source is not None:
-            embedded: dict[str, Tensor] = {}
-
-            def context(block: int) -> Tensor:  # the same tensor per prompt, so only a real change re-caches
-                prompt = prompt_source(block)
-                if prompt not in embedded:
-                    embedded[prompt] = self.encode_prompts([prompt] * batch)
-                if not switches or switches[-1][1] != prompt:
-                    switches.append((block, prompt))  # the schedule as it happened, block 0 first
-                return embedded[prompt]
-        elif prompt_schedule:
-            self.check_request(num_latent_frames, height, width, settings=st, codec=codec,
-                               prompt_schedule=prompt_schedule,
-                               initial_frames=0 if initial_latent is None else initial_latent.shape[1])
-            context = [(b, self.encode_prompts([p] * batch)) for b, p in prompt_schedule]
-        else:
-            context = self.encode_prompts(prompts)
-        channels = self.generator.config.in_dim
+        context, switches = self._conditioning(prompts, request, st, codec)
+        noise = request.noise
         if noise is None:
-            noise = torch.randn(batch, num_latent_frames, channels, h, w, generator=generator,
-                                device=generator.device if generator is not None else self.device)
+            gen = request.generator
+            noise = torch.randn(batch, request.num_latent_frames, self.generator.config.in_dim, h, w, generator=gen,
+                                device=gen.device if gen is not None else self.device)
         noise = noise.to(device=self.device, dtype=self.dtype)
+        initial_latent = request.initial_latent
         prefix = 0 if initial_latent is None else initial_latent.shape[1]
         if initial_latent is not None:
             initial_latent = initial_latent.to(device=self.device, dtype=self.dtype)
-        cache = self._cache(batch, h, w, prefix + num_latent_frames, st, denoiser)
+        cache = self._cache(batch, h, w, prefix + request.num_latent_frames, st, denoiser)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start_ms = (time.perf_counter() - tic) * 1000.0  # prompt encoding and set-up, before the decoder's clock
 
-        stream = self._stream_decoder(codec) if decode else None
-        if stream is not None and initial_latent is not None:
-            pixels = to_unit(stream.decode_chunk(initial_latent))
-            if on_frames is not None:
-                on_frames(-1, pixels)
-        decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream, on_frames=on_frames,
-                               first_frame_alone=self.first_frame_alone,
-                               keep_frames=keep_video, frames_on_host=frames_on_host) if stream is not None else None
-        if stream is not None and initial_latent is not None:
-            decoder.add_decoded(pixels)
-
-        def fresh_noise(like: Tensor) -> Tensor:
-            noise = torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
-                                else like.device)
-            if noise.device.type == "cpu" and like.is_cuda:
-                # A seeded CPU generator keeps videos identical across devices; a pinned, non-blocking copy keeps
-                # the re-noising from synchronising the host with the GPU at every step.
-                noise = noise.pin_memory().to(like.device, non_blocking=True)
-            return noise.to(like)
-
+        decoder = self._block_decoder(codec, delivery, initial_latent)
         clock = TimelineClock(self.device)
 
         def on_block(index: int, start: int, x0: Tensor) -> None:
@@ -276,10 +282,9 @@ class CausalInferencePipeline:
             if decoder is not None:
                 decoder.submit(index, x0)
 
-        result = rollout(denoiser, noise, context, cache, steps=st.steps, frames_per_block=st.frames_per_block,
-                         independent_first_frame=st.independent_first_frame, initial_latent=initial_latent,
-                         context_noise=st.context_noise, noise_fn=fresh_noise, on_block=on_block,
-                         should_stop=should_stop, final_context_pass=False)
+        result = rollout(denoiser, noise, context, cache, st.rollout_options(
+            initial_latent=initial_latent, noise_fn=_fresh_noise(request.generator), on_block=on_block,
+            should_stop=delivery.should_stop, final_context_pass=False))
         frames = decoder.finish() if decoder is not None else []
         clock.mark()  # after `finish`, the generation stream has waited for the decode stream: every frame is out
         if self.device.type == "cuda":
@@ -302,3 +307,63 @@ class CausalInferencePipeline:
         stats.update(memory_report(self.device))
         return Generation(video=video, latents=result.latents, stats=stats)
 
+    def _resolve(self, overrides: CallOverrides) -> tuple[CausalSettings, Any, Denoiser]:
+        """This call's settings, codec and denoiser: the overrides' where given, else the pipeline's."""
+        return (self.settings if overrides.settings is None else overrides.settings,
+                self.codec if overrides.codec is None else overrides.codec,
+                self.denoiser if overrides.denoiser is None else overrides.denoiser)
+
+    def _conditioning(self, prompts: Sequence[str], request: VideoRequest, st: CausalSettings, codec: Any
+                      ) -> tuple[Conditioning, list[tuple[int, str]]]:
+        """The rollout's conditioning for the request's prompts, schedule or source, and the list of prompt switches
+        a prompt source made (filled in while the rollout asks it)."""
+        batch = len(prompts)
+        switches: list[tuple[int, str]] = []
+        if request.prompt_schedule and request.prompt_source is not None:
+            raise ValueError("give a prompt schedule or a prompt source, not both")
+        if request.prompt_source is not None:
+            embedded: dict[str, Tensor] = {}
+
+            def context(block: int) -> Tensor:  # the same tensor per prompt, so only a real change re-caches
+                prompt = request.prompt_source(block)
+                if prompt not in embedded:
+                    embedded[prompt] = self.encode_prompts([prompt] * batch)
+                if not switches or switches[-1][1] != prompt:
+                    switches.append((block, prompt))  # the schedule as it happened, block 0 first
+                return embedded[prompt]
+            return context, switches
+        if request.prompt_schedule:
+            self.check_request(request, CallOverrides(settings=st, codec=codec))
+            return [(b, self.encode_prompts([p] * batch)) for b, p in request.prompt_schedule], switches
+        return self.encode_prompts(prompts), switches
+
+    def _block_decoder(self, codec: Any, delivery: Delivery, initial_latent: Tensor | None) -> BlockDecoder | None:
+        """The streaming decoder of a call that decodes, holding the initial latent's frames (handed out first, as
+        block -1) if there are any."""
+        if not delivery.decode:
+            return None
+        stream = self._stream_decoder(codec)
+        pixels = None
+        if initial_latent is not None:
+            pixels = to_unit(stream.decode_chunk(initial_latent))
+            if delivery.on_frames is not None:
+                delivery.on_frames(-1, pixels)
+        decoder = BlockDecoder(stream, self.device, side_stream=self.decode_side_stream, on_frames=delivery.on_frames,
+                               first_frame_alone=self.first_frame_alone, keep_frames=delivery.keep_video,
+                               frames_on_host=delivery.frames_on_host)
+        if pixels is not None:
+            decoder.add_decoded(pixels)
+        return decoder
+
+
+def _fresh_noise(generator: torch.Generator | None) -> NoiseFn:
+    """The rollout's re-noising draws from `generator` (the global generator when None)."""
+    def fresh_noise(like: Tensor) -> Tensor:
+        noise = torch.randn(like.shape, generator=generator, device=generator.device if generator is not None
+                            else like.device)
+        if noise.device.type == "cpu" and like.is_cuda:
+            # A seeded CPU generator keeps videos identical across devices; a pinned, non-blocking copy keeps the
+            # re-noising from synchronising the host with the GPU at every step.
+            noise = noise.pin_memory().to(like.device, non_blocking=True)
+        return noise.to(like)
+    return fresh_noise

@@ -5,10 +5,11 @@ command line runs.
 On CUDA every lever that `benchmarks/speed.py` stacks is on by default: the per-layer compiled pieces (and, with them,
 the Wan VAE's compiled, padded, channels-last decoder), one CUDA graph per KV-cache plan, the fused q/k/v GEMM and the
 fastest attention back-end, timed at start-up on the shape of the last block's self-attention. The levers that are
-exact everywhere (real RoPE tables, cached text K/V, the K/V-only cache pass, the GELU epilogue, fused cache writes,
-persistent norms) are `InferenceOptions`' own defaults on every device. On the CPU nothing else changes. Each default
-is a config value under the user's: a config file, a `key=value` override or a flag (`--no-compile`,
-`--no-cuda-graphs`, `--no-fused-qkv`, `--attention-backend NAME`) turns it off or pins it.
+exact everywhere (real RoPE tables, cached text K/V, the K/V-only cache pass, the GELU epilogue, fused cache writes)
+are `InferenceOptions`' own defaults on every device, and compiling means compiling under the persistent-norm
+heuristics (`pipeline/compile.py`). On the CPU nothing else changes. Each default is a config value under the user's:
+a config file, a `key=value` override or a flag (`--no-compile`, `--no-cuda-graphs`, `--no-fused-qkv`,
+`--attention-backend NAME`) turns it off or pins it.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ class Levers:
     decode_frames_per_call: int | None = None  # the Wan VAE's latent frames per decoder call (None: its default)
 
     def inference_options(self, base: InferenceOptions | None = None) -> InferenceOptions:
-        """`base` (default: `InferenceOptions()`, the exact levers on) with this set's generator switches."""
-        return dataclasses.replace(base or InferenceOptions(), compile=self.compile, fused_qkv=self.fused_qkv)
+        """`base` (default: `InferenceOptions()`, the exact levers on) with this set's generator switches (compile is
+        applied apart, by the pipeline: `pipeline.compile.compile_pieces`)."""
+        return dataclasses.replace(base or InferenceOptions(), fused_qkv=self.fused_qkv)
 
 
 def levers_for(cfg: Any, device_type: str, *, fused_qkv: bool | None = None,

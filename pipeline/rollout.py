@@ -98,48 +98,74 @@ def recache(denoiser: Denoiser, cache: KVCache, blocks: Sequence[tuple[int, Tens
             denoiser.cache_pass(x, _full_t(context_noise, x), context, cache, start)
 
 
-def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVCache, *, steps: Sequence[float],
-            frames_per_block: int, independent_first_frame: bool = False, initial_latent: Tensor | None = None,
-            context_noise: float = 0.0, renoise_context: bool = False, final_context_pass: bool = True,
-            policy: GradientPolicy | None = None, noise_fn: NoiseFn | None = None,
-            on_block: BlockCallback | None = None, should_stop: StopFn | None = None,
-            start_frame: int = 0) -> RolloutResult:
-    """Generate `noise.shape[1]` latent frames block by block, after the frames of `initial_latent` if given.
+@dataclass(frozen=True, eq=False)
+class RolloutOptions:
+    """How `rollout` runs, besides what it runs on (denoiser, noise, context, cache). One value per call, so a caller
+    builds it once (e.g. `CausalSettings.rollout_options`) and varies single fields with `dataclasses.replace`."""
+
+    steps: Sequence[float]
+    """the (warped) denoising timesteps of every block's chain, e.g. [1000, 937.5, 833.3, 625]"""
+    frames_per_block: int
+    """latent frames generated per block"""
+    independent_first_frame: bool = False
+    """the first generated frame is a block of its own (unless `initial_latent` supplies it)"""
+    initial_latent: Tensor | None = None
+    """`[B, Fi, C, H, W]` clean frames written into the cache first (image-to-video, video extension)"""
+    start_frame: int = 0
+    """latent frame index of the first frame (continuing a cache that already holds earlier frames)"""
+    context_noise: float = 0.0
+    """the timestep of the clean-context pass that writes each finished block into the cache"""
+    renoise_context: bool = False
+    """re-noise each block's x0 to `context_noise` before the cache pass, as the original training rollout does
+    (t=0 snaps to sigma ~0.005 on the grid); the original inference feeds x0 as is"""
+    final_context_pass: bool = True
+    """run the clean-context pass after the last block too (nothing reads it unless the cache is continued)"""
+    policy: GradientPolicy | None = None
+    """which forwards keep their graph (self-forcing training); None: none does"""
+    noise_fn: NoiseFn | None = None
+    """fresh noise for re-noising between steps; None: `torch.randn_like`"""
+    on_block: BlockCallback | None = None
+    """called with each finished block's x0, in order"""
+    should_stop: StopFn | None = None
+    """asked before each generated block; True ends the rollout there (`stopped`), `latents` holding the frames made
+    so far"""
+
+
+def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVCache,
+            options: RolloutOptions) -> RolloutResult:
+    """Generate `noise.shape[1]` latent frames block by block, after the frames of `options.initial_latent` if given.
 
     noise: `[B, F, C, H, W]` pure noise of the frames to generate.
     context: `[B, L, text_dim]` prompt embeddings, a schedule `[(block, embeddings), ...]` switching prompts at
       block boundaries (block 0 first), or a `ContextSource` asked at each block boundary; at a switch the cache is
       rebuilt under the new prompt (`recache`).
-    steps: the (warped) denoising timesteps, e.g. [1000, 937.5, 833.3, 625].
-    initial_latent: `[B, Fi, C, H, W]` clean frames written into the cache first (image-to-video, video extension).
-    renoise_context: re-noise each block's x0 to `context_noise` before the cache pass, as the original training
-      rollout does (t=0 snaps to sigma ~0.005 on the grid); the original inference feeds x0 as is.
-    should_stop: asked before each generated block; when it returns True the rollout ends there (`stopped`), and
-      `latents` holds the frames made so far.
-    start_frame: latent frame index of the first frame (continuing a cache that already holds earlier frames).
+    cache: the KV cache the blocks are written into and read from.
     """
     if noise.dim() != 5:
         raise ValueError(f"noise must be [B, F, C, H, W], got {list(noise.shape)}")
-    steps = [float(s) for s in steps]
+    steps = [float(s) for s in options.steps]
     if not steps:
         raise ValueError("the denoising step list is empty")
-    noise_fn = noise_fn or torch.randn_like
+    policy = options.policy
+    noise_fn = options.noise_fn or torch.randn_like
     schedule = denoiser.schedule
     source = _context_source(context)
     context = source(0)  # asked once for block 0: it also conditions the initial latent frames
     outputs: list[Tensor] = []
     blocks: list[tuple[int, Tensor]] = []  # (start frame, clean latents) of every block, for re-caching
-    frame = start_frame
+    frame = options.start_frame
 
     def context_pass(x0: Tensor, at: int) -> None:
-        t = _full_t(context_noise, x0)
-        x = schedule.add_noise(x0, noise_fn(x0), t) if renoise_context else x0
+        t = _full_t(options.context_noise, x0)
+        x = schedule.add_noise(x0, noise_fn(x0), t) if options.renoise_context else x0
         with torch.no_grad():
             denoiser.cache_pass(x.detach(), t, context, cache, at)
 
-    if initial_latent is not None:
-        for size in block_layout(initial_latent.shape[1], frames_per_block, independent_first_frame):
-            chunk = initial_latent[:, frame - start_frame:frame - start_frame + size]
+    independent_first_frame = options.independent_first_frame
+    if options.initial_latent is not None:
+        prefix = options.initial_latent
+        for size in block_layout(prefix.shape[1], options.frames_per_block, independent_first_frame):
+            chunk = prefix[:, frame - options.start_frame:frame - options.start_frame + size]
             with torch.no_grad():  # priming: the clean frames only fill the cache (t = 0, as the original)
                 denoiser.cache_pass(chunk, _full_t(0.0, chunk), context, cache, frame)
             outputs.append(chunk)
@@ -147,14 +173,14 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
             frame += size
         independent_first_frame = False  # the first frame came from the input
 
-    sizes = block_layout(noise.shape[1], frames_per_block, independent_first_frame)
+    sizes = block_layout(noise.shape[1], options.frames_per_block, independent_first_frame)
     if policy is not None and len(policy.exit_steps) != len(sizes):
         raise ValueError(f"gradient policy has {len(policy.exit_steps)} exit steps for {len(sizes)} blocks")
     block_ms: list[float] = []
     offset = 0
     stopped = False
     for index, size in enumerate(sizes):
-        if should_stop is not None and should_stop():
+        if options.should_stop is not None and options.should_stop():
             stopped = True
             break
         tic = time.perf_counter()
@@ -162,7 +188,7 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
             wanted = source(index)
             if wanted is not context:
                 context = wanted
-                recache(denoiser, cache, blocks, context, context_noise=context_noise)
+                recache(denoiser, cache, blocks, context, context_noise=options.context_noise)
         x = noise[:, offset:offset + size]
         exit_step = len(steps) - 1 if policy is None else int(policy.exit_steps[index])
         with_grad = (policy is not None and policy.grad_from_frame is not None
@@ -175,9 +201,9 @@ def rollout(denoiser: Denoiser, noise: Tensor, context: Conditioning, cache: KVC
                 x = schedule.add_noise(x0, noise_fn(x0), _full_t(steps[j + 1], x0)).detach()
         outputs.append(x0)
         blocks.append((frame, x0.detach()))
-        if on_block is not None:
-            on_block(index, frame, x0.detach())
-        if final_context_pass or index < len(sizes) - 1:
+        if options.on_block is not None:
+            options.on_block(index, frame, x0.detach())
+        if options.final_context_pass or index < len(sizes) - 1:
             context_pass(x0, frame)
         block_ms.append((time.perf_counter() - tic) * 1000.0)
         frame += size

@@ -156,7 +156,7 @@ def load_networks(cfg: Any, ckpt: Path, device: torch.device, dtype: torch.dtype
 
 
 def causal_sampler(cfg: Any, net: Any, text: Any, steps: list[float], factor: int) -> Sampler:
-    from pipeline.inference import CausalInferencePipeline
+    from pipeline.inference import CausalInferencePipeline, VideoRequest
     from pipeline.schedule import FlowMatchSchedule
     from shapes import short_prompt
     from shapes.components import shapes_codec
@@ -165,8 +165,8 @@ def causal_sampler(cfg: Any, net: Any, text: Any, steps: list[float], factor: in
                                    negative_prompt=cfg.data.negative_prompt)
 
     def sample(scenes: list[Any], frames: int, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
-        out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=frames, height=cfg.inference.height,
-                            width=cfg.inference.width, generator=gen)
+        request = VideoRequest(frames, cfg.inference.height, cfg.inference.width, generator=gen)
+        out = pipe.generate([short_prompt(s) for s in scenes], request)
         return out.video.float().cpu(), out.stats
     return sample
 

@@ -17,7 +17,7 @@ from utils.prompts import DEFAULT_PROMPTS
 def make_sample_fn(cfg: Any, models: Any, logdir: str | Path, rank: int) -> Callable[[int], None] | None:
     if models.codec is None or models.text is None:
         return None
-    from pipeline.inference import CausalInferencePipeline, CausalSettings
+    from pipeline.inference import CausalInferencePipeline, CausalSettings, VideoRequest
     from pipeline.teacher import sample_bidirectional
     from utils.video import write_video
     prompts = list(cfg.logging.sample_prompts) or DEFAULT_PROMPTS[cfg.model.world]
@@ -43,8 +43,8 @@ def make_sample_fn(cfg: Any, models: Any, logdir: str | Path, rank: int) -> Call
         else:
             pipe = CausalInferencePipeline(net, models.text, models.codec, denoiser.schedule,
                                            CausalSettings.from_config(cfg, denoiser.schedule))
-            video = pipe.generate(prompts, num_latent_frames=frames, height=cfg.inference.height,
-                                  width=cfg.inference.width, generator=generator).video
+            video = pipe.generate(prompts, VideoRequest(frames, cfg.inference.height, cfg.inference.width,
+                                                        generator=generator)).video
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             for i, clip in enumerate(video.clamp(0, 1).cpu()):

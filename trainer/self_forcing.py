@@ -32,7 +32,7 @@ from torch import Tensor
 
 from model.kv_cache import KVCache, inference_cache_geometry
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import GradientPolicy, NoiseFn, block_layout, recache, rollout
+from pipeline.rollout import GradientPolicy, NoiseFn, RolloutOptions, block_layout, recache, rollout
 from pipeline.schedule import FlowMatchSchedule
 from utils.distributed import gathered_across_forwards
 from utils.errors import InputError
@@ -238,11 +238,11 @@ class SelfForcingRollout:
         # (t=0 snaps to the last grid sigma, ~0.005 at shift 5) - the original's quirk, kept for parity. The last
         # block's cache pass is skipped: nothing reads it.
         with gathered_across_forwards(model, cfg.compute.sharding_strategy):
-            result = rollout(denoiser, noise, context, cache, steps=self.steps, frames_per_block=nfpb,
-                             independent_first_frame=bool(cfg.rollout.independent_first_frame),
-                             initial_latent=initial_latent,
-                             context_noise=cfg.rollout.context_noise, renoise_context=True, final_context_pass=False,
-                             policy=policy, noise_fn=noise_fn)
+            result = rollout(denoiser, noise, context, cache, RolloutOptions(
+                steps=self.steps, frames_per_block=nfpb,
+                independent_first_frame=bool(cfg.rollout.independent_first_frame), initial_latent=initial_latent,
+                context_noise=cfg.rollout.context_noise, renoise_context=True, final_context_pass=False,
+                policy=policy, noise_fn=noise_fn))
         return result.latents
 
     def generate_long(self, context: Tensor, plan: RolloutPlan, *, initial_latent: Optional[Tensor] = None,
@@ -314,12 +314,12 @@ class SelfForcingRollout:
                                     grad_from_frame=grad_from if in_window else None)
             with torch.set_grad_enabled(in_window and torch.is_grad_enabled()), \
                     gathered_across_forwards(model, cfg.compute.sharding_strategy):
-                result = rollout(denoiser, piece_noise, prompt, cache, steps=self.steps, frames_per_block=nfpb,
-                                 independent_first_frame=bool(cfg.rollout.independent_first_frame) and lo == 0,
-                                 initial_latent=initial_latent if lo == 0 else None,
-                                 context_noise=cfg.rollout.context_noise,
-                                 renoise_context=True, final_context_pass=hi < len(sizes), policy=policy,
-                                 noise_fn=noise_fn, start_frame=0 if lo == 0 else starts[lo])
+                result = rollout(denoiser, piece_noise, prompt, cache, RolloutOptions(
+                    steps=self.steps, frames_per_block=nfpb,
+                    independent_first_frame=bool(cfg.rollout.independent_first_frame) and lo == 0,
+                    initial_latent=initial_latent if lo == 0 else None, context_noise=cfg.rollout.context_noise,
+                    renoise_context=True, final_context_pass=hi < len(sizes), policy=policy, noise_fn=noise_fn,
+                    start_frame=0 if lo == 0 else starts[lo]))
             latents = result.latents
             if lo == 0 and given:
                 kept.append((0, latents[:, :given]))

@@ -351,8 +351,6 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
                          cpu_offload=cfg.compute.cpu_offload, mesh=mesh)
         else:
             net.to(state.device)
-        if cfg.compute.compile:
-            compile_blocks(net)
     heads = models.discriminator_heads
     if heads is not None and not _is_sharded(heads):
         heads.to(state.device)
@@ -376,20 +374,6 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     if isinstance(models.codec, nn.Module):
         models.codec.to(state.device)
     return models
-
-
-def compile_blocks(net: nn.Module) -> None:
-    """torch.compile each transformer block in place (regional compilation: the blocks share one compiled graph,
-    so warm-up costs one block, not the whole network). Small networks are dominated by kernel launches; fusing
-    the elementwise work of a block cuts a training step several-fold. After sharding, so FSDP hooks stay outside."""
-    blocks = getattr(net, "blocks", None)
-    if blocks is None:
-        raise ValueError(f"compile: {type(net).__name__} has no `blocks` to compile")
-    for block in blocks:
-        if not getattr(block, "_compiled_call_impl", None):
-            block.compile()
-    if hasattr(net, "compile_cached_pieces"):
-        net.compile_cached_pieces = True  # KV-cached calls (rollouts): see WanDiT.compile_cached_pieces
 
 
 # ------------------------------------------------------------------------------------------- tensors and grads

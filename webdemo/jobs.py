@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from pipeline.compile import compile_pieces
 from pipeline.denoiser import Denoiser
-from pipeline.inference import CausalInferencePipeline, CausalSettings
+from pipeline.inference import CallOverrides, CausalInferencePipeline, CausalSettings, Delivery, VideoRequest
 from pipeline.rollout import block_layout
 from utils import outputs
 from utils.prompts import slugify
@@ -207,12 +208,10 @@ def codec_name(codec: Any) -> str:
 
 
 def compiled_twin(generator: torch.nn.Module) -> torch.nn.Module:
-    """The generator with its own compile lever on (`InferenceOptions.compile`: the per-layer pieces, static shapes,
-    no recompiles across block positions), as a shallow copy sharing the weights, so eager and compiled jobs can
-    alternate without touching each other."""
-    twin = copy.copy(generator)
-    twin.inference_options = replace(generator.inference_options, compile=True)
-    return twin
+    """The generator with its own compile lever on (`pipeline.compile.compile_pieces`: the per-layer pieces, static
+    shapes, no recompiles across block positions), as a shallow copy sharing the weights, so eager and compiled jobs
+    can alternate without touching each other."""
+    return compile_pieces(copy.copy(generator))
 
 
 class DemoService:
@@ -361,11 +360,12 @@ class DemoService:
                 sent["frames"] += len(rgb)
                 sent["blocks"] += 1
 
-            result = pipe.generate([req.prompt], num_latent_frames=frames, height=self.height, width=self.width,
-                                   generator=torch.Generator().manual_seed(req.seed),
-                                   prompt_source=job.prompt_for_block, should_stop=job.should_stop,
-                                   on_frames=on_frames, keep_video=False, frames_on_host=True, settings=st,
-                                   codec=self.decoders[req.decoder], denoiser=self._denoiser(req.compile))
+            result = pipe.generate(
+                [req.prompt],
+                VideoRequest(frames, self.height, self.width, generator=torch.Generator().manual_seed(req.seed),
+                             prompt_source=job.prompt_for_block),
+                Delivery(on_frames=on_frames, keep_video=False, frames_on_host=True, should_stop=job.should_stop),
+                CallOverrides(settings=st, codec=self.decoders[req.decoder], denoiser=self._denoiser(req.compile)))
             job.video_ready = sink.close(allow_empty=True)  # stopped before a frame: no file
             stats = result.stats
             outcome = ("stopped" if stats["stopped"] else "done", {

@@ -10,6 +10,7 @@ import torch
 
 import demo
 import inference
+from pipeline.inference import VideoRequest
 from shapes import evaluate, sample_scenes, short_prompt
 from utils.video import read_video
 from webdemo.server import create_app
@@ -21,7 +22,7 @@ ISSUE_BAR = 0.80  # attribute accuracy on held-in prompts at the training length
 @pytest.fixture(scope="module")
 def pipeline():
     args = inference.build_parser().parse_args([])
-    pipe, cfg, source = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe, cfg, source, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
     assert source == str(inference.DEFAULT_MODEL)
     return pipe, cfg
 
@@ -31,8 +32,8 @@ def held_in_report(pipeline):
     pipe, cfg = pipeline
     scenes = sample_scenes(NUM_PROMPTS, torch.Generator().manual_seed(0), split="train")
     frames, height, width = cfg.rollout.num_training_frames, cfg.inference.height, cfg.inference.width
-    out = pipe.generate([short_prompt(s) for s in scenes], num_latent_frames=frames, height=height, width=width,
-                        generator=torch.Generator().manual_seed(1))
+    request = VideoRequest(frames, height, width, generator=torch.Generator().manual_seed(1))
+    out = pipe.generate([short_prompt(s) for s in scenes], request)
     assert out.video.shape == (NUM_PROMPTS, frames, 3, height, width)
     return evaluate(out.video.float(), scenes, value_range=(0, 1), layout="BTCHW")
 

@@ -277,8 +277,8 @@ def test_leftovers_of_killed_runs_are_swept_but_a_live_claim_is_respected(folder
 def test_an_interrupted_generation_leaves_no_temp_file_and_releases_its_claim(folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
-    def interrupted(self, *args, on_frames=None, **kwargs):
-        on_frames(0, torch.rand(1, 2, 3, 32, 48))  # one block reaches the writer, then Ctrl+C
+    def interrupted(self, prompts, request, delivery, overrides=None):
+        delivery.on_frames(0, torch.rand(1, 2, 3, 32, 48))  # one block reaches the writer, then Ctrl+C
         raise KeyboardInterrupt
 
     from pipeline.inference import CausalInferencePipeline
@@ -334,8 +334,8 @@ def test_sigterm_mid_video_leaves_no_temp_file_or_claim(folder, tmp_path):
     script = (
         "import signal, sys, time, torch, inference\n"
         "from pipeline.inference import CausalInferencePipeline\n"
-        "def slow(self, *args, on_frames=None, **kwargs):\n"
-        "    on_frames(0, torch.rand(1, 2, 3, 32, 48))\n"
+        "def slow(self, prompts, request, delivery, overrides=None):\n"
+        "    delivery.on_frames(0, torch.rand(1, 2, 3, 32, 48))\n"
         "    print('writing', flush=True)\n"
         "    time.sleep(120)\n"
         "CausalInferencePipeline.generate = slow\n"

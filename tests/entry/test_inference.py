@@ -1,6 +1,7 @@
 """The inference pipeline and the `inference.py` command on a tiny random model folder (CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 import inference
-from pipeline.inference import CausalInferencePipeline, CausalSettings
+from pipeline.inference import CallOverrides, CausalInferencePipeline, CausalSettings, Delivery, VideoRequest
 from pipeline.loading import model_folder
-from pipeline.rollout import recache, rollout
+from pipeline.rollout import RolloutOptions, recache, rollout
 from pipeline.schedule import FlowMatchSchedule
 from tests.tiny import save_tiny_model_folder
 from utils.video import read_video
@@ -71,59 +72,57 @@ def test_fp8_flag_writes_a_close_video_and_warns_when_emulated(folder, tmp_path,
 
 def test_same_seed_same_video_bitwise(folder):
     pipe = load_pipe(folder)
-    runs = [pipe.generate(["a cat jumps"], num_latent_frames=4, height=32, width=48,
-                          generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [pipe.generate(["a cat jumps"], VideoRequest(4, 32, 48, generator=torch.Generator().manual_seed(7)))
+            for _ in range(2)]
     assert torch.equal(runs[0].latents, runs[1].latents) and torch.equal(runs[0].video, runs[1].video)
-    other = pipe.generate(["a cat jumps"], num_latent_frames=4, height=32, width=48,
-                          generator=torch.Generator().manual_seed(8))
+    other = pipe.generate(["a cat jumps"], VideoRequest(4, 32, 48, generator=torch.Generator().manual_seed(8)))
     assert not torch.equal(other.latents, runs[0].latents)
 
 
 def test_streamed_frames_equal_full_decode(folder):
     pipe = load_pipe(folder)
     seen = []
-    result = pipe.generate(["a dog"], num_latent_frames=6, height=32, width=48,
-                           generator=torch.Generator().manual_seed(0), on_frames=lambda i, px: seen.append(i))
+    request = VideoRequest(6, 32, 48, generator=torch.Generator().manual_seed(0))
+    result = pipe.generate(["a dog"], request, Delivery(on_frames=lambda i, px: seen.append(i)))
     full = pipe.codec.decode_to_pixel(result.latents) * 0.5 + 0.5
     torch.testing.assert_close(result.video, full.clamp(0, 1))
     assert seen == [0, 0, 1, 2]  # the first frame is handed out on its own, then the rest of block 0
     pipe.first_frame_alone = False
     seen.clear()
-    again = pipe.generate(["a dog"], num_latent_frames=6, height=32, width=48,
-                          generator=torch.Generator().manual_seed(0), on_frames=lambda i, px: seen.append(i))
+    again = pipe.generate(["a dog"], dataclasses.replace(request, generator=torch.Generator().manual_seed(0)),
+                          Delivery(on_frames=lambda i, px: seen.append(i)))
     torch.testing.assert_close(again.video, result.video)
     assert seen == [0, 1, 2]
 
 
 def test_long_rollout_with_window_and_sink_is_finite_and_bounded(folder):
     pipe = load_pipe(folder, window_frames=4, sink_frames=2, rope="relative", max_frames_without_window=6)
-    result = pipe.generate(["a cat"], num_latent_frames=40, height=32, width=48,
-                           generator=torch.Generator().manual_seed(0))
+    result = pipe.generate(["a cat"], VideoRequest(40, 32, 48, generator=torch.Generator().manual_seed(0)))
     assert result.latents.shape[1] == 40 and torch.isfinite(result.latents).all()
     assert pipe._kv.capacity == 4 * pipe._kv.tokens_per_frame  # memory bounded by the window, not the length
     with pytest.raises(ValueError, match="rolling window"):
-        load_pipe(folder, max_frames_without_window=6).generate(["a cat"], num_latent_frames=8, height=32, width=48)
+        load_pipe(folder, max_frames_without_window=6).generate(["a cat"], VideoRequest(8, 32, 48))
 
 
 def test_per_call_settings_match_a_pipeline_built_with_them_and_leave_the_pipeline_as_it_is(folder):
     rolling = dict(window_frames=4, sink_frames=2, rope="relative", max_frames_without_window=6)
-    built = load_pipe(folder, **rolling).generate(["a cat"], num_latent_frames=12, height=32, width=48,
-                                                  generator=torch.Generator().manual_seed(3))
+    built = load_pipe(folder, **rolling).generate(["a cat"], VideoRequest(12, 32, 48,
+                                                                         generator=torch.Generator().manual_seed(3)))
     pipe = load_pipe(folder, max_frames_without_window=6)
     before = (pipe.settings, pipe.codec, pipe.denoiser)
-    per_call = pipe.generate(["a cat"], num_latent_frames=12, height=32, width=48,
-                             generator=torch.Generator().manual_seed(3), settings=load_pipe(folder, **rolling).settings)
+    per_call = pipe.generate(["a cat"], VideoRequest(12, 32, 48, generator=torch.Generator().manual_seed(3)),
+                             overrides=CallOverrides(settings=load_pipe(folder, **rolling).settings))
     torch.testing.assert_close(per_call.latents, built.latents, rtol=0, atol=0)
     assert (pipe.settings, pipe.codec, pipe.denoiser) == before
     with pytest.raises(ValueError, match="rolling window"):  # the pipeline's own settings still hold
-        pipe.generate(["a cat"], num_latent_frames=12, height=32, width=48)
+        pipe.generate(["a cat"], VideoRequest(12, 32, 48))
 
 
 def test_video_extension_keeps_the_given_frames(folder):
     pipe = load_pipe(folder)
     prefix = torch.randn(1, 2, 12, 16, 24).clamp(-2, 2)
-    result = pipe.generate(["a cat"], num_latent_frames=4, height=32, width=48, initial_latent=prefix,
-                           generator=torch.Generator().manual_seed(0))
+    result = pipe.generate(["a cat"], VideoRequest(4, 32, 48, initial_latent=prefix,
+                                                   generator=torch.Generator().manual_seed(0)))
     assert result.latents.shape[1] == 6 and torch.equal(result.latents[:, :2], prefix)
     assert result.video.shape[1] == 6
 
@@ -192,15 +191,13 @@ def test_prompt_switch_recaches_under_the_new_prompt(folder):
     steps = pipe.settings.steps
     fresh = lambda x: torch.zeros_like(x)  # noqa: E731 - deterministic re-noising for the comparison
     cache = pipe.generator.new_kv_cache(1, 16, 24, 6)
-    switched = rollout(pipe.denoiser, noise, [(0, a), (2, b)], cache, steps=steps, frames_per_block=2,
-                       noise_fn=fresh).latents
-    only_a = rollout(pipe.denoiser, noise[:, :4], a, pipe.generator.new_kv_cache(1, 16, 24, 6), steps=steps,
-                     frames_per_block=2, noise_fn=fresh).latents
+    options = RolloutOptions(steps=steps, frames_per_block=2, noise_fn=fresh)
+    switched = rollout(pipe.denoiser, noise, [(0, a), (2, b)], cache, options).latents
+    only_a = rollout(pipe.denoiser, noise[:, :4], a, pipe.generator.new_kv_cache(1, 16, 24, 6), options).latents
     torch.testing.assert_close(switched[:, :4], only_a)  # blocks before the switch are untouched
     manual = pipe.generator.new_kv_cache(1, 16, 24, 6)
     recache(pipe.denoiser, manual, [(0, only_a[:, :2]), (2, only_a[:, 2:4])], b)
-    rest = rollout(pipe.denoiser, noise[:, 4:], b, manual, steps=steps, frames_per_block=2, noise_fn=fresh,
-                   start_frame=4).latents
+    rest = rollout(pipe.denoiser, noise[:, 4:], b, manual, dataclasses.replace(options, start_frame=4)).latents
     torch.testing.assert_close(switched[:, 4:], rest)
 
 
@@ -212,35 +209,34 @@ def test_live_prompt_source_switches_like_the_same_schedule(folder):
         asked.append(block)
         return "a cat" if block < 2 else "a dog"
 
-    kwargs = {"num_latent_frames": 8, "height": 32, "width": 48}
-    live = pipe.generate(["x"], prompt_source=source, generator=torch.Generator().manual_seed(5), **kwargs)
-    scheduled = pipe.generate(["x"], prompt_schedule=[(0, "a cat"), (2, "a dog")],
-                              generator=torch.Generator().manual_seed(5), **kwargs)
+    live = pipe.generate(["x"], VideoRequest(8, 32, 48, prompt_source=source,
+                                             generator=torch.Generator().manual_seed(5)))
+    scheduled = pipe.generate(["x"], VideoRequest(8, 32, 48, prompt_schedule=[(0, "a cat"), (2, "a dog")],
+                                                  generator=torch.Generator().manual_seed(5)))
     assert asked == [0, 1, 2, 3]  # once per block, in order
     assert live.stats["prompt_switches"] == [(0, "a cat"), (2, "a dog")]
     torch.testing.assert_close(live.latents, scheduled.latents, rtol=0, atol=0)
-    unswitched = pipe.generate(["a cat"], generator=torch.Generator().manual_seed(5), **kwargs)
+    unswitched = pipe.generate(["a cat"], VideoRequest(8, 32, 48, generator=torch.Generator().manual_seed(5)))
     torch.testing.assert_close(live.latents[:, :4], unswitched.latents[:, :4], rtol=0, atol=0)
     assert not torch.equal(live.latents[:, 4:], unswitched.latents[:, 4:])
     with pytest.raises(ValueError, match="not both"):
-        pipe.generate(["x"], prompt_source=source, prompt_schedule=[(0, "a")], **kwargs)
+        pipe.generate(["x"], VideoRequest(8, 32, 48, prompt_source=source, prompt_schedule=[(0, "a")]))
 
 
 def test_should_stop_ends_between_blocks_with_the_frames_so_far(folder):
     pipe = load_pipe(folder)
-    full = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48,
-                         generator=torch.Generator().manual_seed(1))
+    full = pipe.generate(["a cat"], VideoRequest(8, 32, 48, generator=torch.Generator().manual_seed(1)))
     seen = []
-    stopped = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48,
-                            generator=torch.Generator().manual_seed(1), keep_video=False,
-                            on_frames=lambda i, px: seen.append((i, px)),  # block 0 may come in two calls
-                            should_stop=lambda: len({i for i, _ in seen}) == 2)
+    stopped = pipe.generate(["a cat"], VideoRequest(8, 32, 48, generator=torch.Generator().manual_seed(1)),
+                            Delivery(keep_video=False,
+                                     on_frames=lambda i, px: seen.append((i, px)),  # block 0 may come in two calls
+                                     should_stop=lambda: len({i for i, _ in seen}) == 2))
     assert stopped.stats["stopped"] and not full.stats["stopped"]
     assert stopped.latents.shape[1] == 4 and len(stopped.stats["block_ms"]) == 2
     torch.testing.assert_close(stopped.latents, full.latents[:, :4], rtol=0, atol=0)
     assert stopped.video is None and stopped.stats["pixel_frames"] == 4  # streamed, not kept
     torch.testing.assert_close(torch.cat([px for _, px in seen], dim=1), full.video[:, :4])
-    nothing = pipe.generate(["a cat"], num_latent_frames=8, height=32, width=48, should_stop=lambda: True)
+    nothing = pipe.generate(["a cat"], VideoRequest(8, 32, 48), Delivery(should_stop=lambda: True))
     assert nothing.latents.shape[1] == 0 and nothing.video is None and nothing.stats["stopped"]
 
 

@@ -12,11 +12,12 @@ import torch
 import demo
 import inference
 from model import attention
-from model.wan_block import InferenceOptions
+from model.wan_block import EAGER_PIECES, InferenceOptions
 from pipeline import levers as levers_module
+from pipeline.compile import CompiledPieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
-from pipeline.inference import CausalInferencePipeline
+from pipeline.inference import CausalInferencePipeline, VideoRequest
 from pipeline.levers import MEASURE, Levers, format_memory, levers_for, memory_report
 from pipeline.loading import model_folder
 from tests.entry.test_inference import load_pipe
@@ -60,9 +61,10 @@ def test_the_command_line_turns_on_every_lever_of_the_benchmark_on_cuda():
     speed = benchmark_module("speed")
     bench = speed.every_lever(FakeBench())
     user = cli_levers([], "cuda")
-    assert user.inference_options() == bench.options  # compile, fused q/k/v, RoPE tables, text K/V, epilogues ...
+    assert user.inference_options() == bench.options  # fused q/k/v, RoPE tables, text K/V, epilogues ...
     assert dataclasses.astuple(bench.options) == tuple([True] * len(dataclasses.fields(InferenceOptions)))
-    assert user.cuda_graphs and bench.graphs and user.compile
+    assert user.cuda_graphs and bench.graphs and user.compile and bench.compile
+    assert bench.persistent_norms  # the pipeline's compiled pieces use the heuristic (`compile_pieces`' default)
     assert user.attention_backend == MEASURE and bench.backend == "sdpa_cudnn_halves"  # both time the back-ends
     assert bench.rerotate is False  # the pipeline's caches never re-rotate the window (KVCache default)
     assert user.decode_side_stream
@@ -78,6 +80,30 @@ def test_cpu_keeps_its_exact_defaults_and_flags_turn_cuda_levers_off():
     assert cli_levers(["--compile"], "cpu").compile and not cli_levers(["--cuda-graphs"], "cpu").cuda_graphs
 
 
+def test_run_options_put_the_flags_over_the_config_for_inference_and_demo(folder):
+    argv = ["--model", str(folder), "--height", "64", "--fps", "8", "--total-blocks", "3", "--no-fused-qkv",
+            "num_frame_per_block=2", "independent_first_frame=true"]
+    args = inference.build_parser().parse_intermixed_args(argv)
+    _, causal = model_folder.load_transformer(folder)
+    cfg = inference.resolve_config(args, causal, "cuda")
+    options = inference.run_options(args, cfg, "cuda")
+    assert (options.height, options.width, options.fps) == (64, cfg.inference.width, 8) and cfg.inference.height != 64
+    assert options.settings.frames_per_block == 2 and options.settings.independent_first_frame
+    assert options.latent_frames == 3 * 2 + 1  # the independent first frame is a block of its own
+    assert options.levers == levers_for(cfg, "cuda", fused_qkv=False) and options.levers.compile
+    assert options.settings.steps == options.schedule.denoising_steps(cfg.rollout.denoising_step_list,
+                                                                       cfg.rollout.warp_denoising_step)
+    # demo.py has no --height, --fps or --total-blocks: the config's values.
+    demo_args = demo.build_parser().parse_intermixed_args(["--model", str(folder)])
+    shown = inference.run_options(demo_args, inference.resolve_config(demo_args, causal, "cpu"), "cpu")
+    video = cfg.inference
+    assert (shown.height, shown.width, shown.fps, shown.latent_frames) == (video.height, video.width, video.fps,
+                                                                           cfg.rollout.image_or_video_shape[1])
+    both = inference.build_parser().parse_intermixed_args(["--total-blocks", "2", "--num_output_frames", "4"])
+    with pytest.raises(inference.UsageError, match="give --total-blocks or --num_output_frames, not both"):
+        inference.run_options(both, cfg, "cpu")
+
+
 def test_a_pipeline_configured_for_cuda_times_attention_and_graphs_the_generator(folder, monkeypatch):
     """`configure_levers` with a CUDA device (no tensor is made there: the timing is replaced) sets the generator's
     options and the process back-end; the pipeline built with them replays graphs."""
@@ -91,15 +117,17 @@ def test_a_pipeline_configured_for_cuda_times_attention_and_graphs_the_generator
     generator, causal = model_folder.load_transformer(folder)
     cfg = inference.resolve_config(args, causal, "cuda")
     codec = model_folder.load_codec(folder)
-    chosen = inference.configure_levers(args, cfg, generator, codec, torch.device("cuda"), torch.bfloat16)
+    options = inference.run_options(args, cfg, "cuda")
+    chosen = inference.configure_levers(options, generator, codec, torch.device("cuda"), torch.bfloat16)
     assert chosen.attention_backend == "sdpa_cudnn" and attention._backend == "sdpa_cudnn"
     tokens_per_frame = (64 // 2 // 2) * (96 // 2 // 2)  # x2 pixel codec, then 2x2 patches
     assert timed == [("cuda", torch.bfloat16, {"num_heads": 2, "head_dim": 16, "query_tokens": 2 * tokens_per_frame,
                                                 "key_tokens": cfg.rollout.num_training_frames * tokens_per_frame})]
-    assert generator.inference_options.compile and generator.inference_options.fused_qkv
+    assert generator.inference_options.fused_qkv and generator.cached_pieces is EAGER_PIECES
     pipe = CausalInferencePipeline(generator, None, codec, None, None, compile=chosen.compile,
                                    cuda_graphs=chosen.cuda_graphs)
     assert isinstance(pipe.denoiser.model, GraphedDiT)
+    assert chosen.compile and isinstance(generator.cached_pieces, CompiledPieces)  # compiled by the pipeline
 
 
 def test_the_built_cpu_pipeline_records_its_levers_in_the_stats(folder, tmp_path):
@@ -122,14 +150,14 @@ def test_demo_builds_through_the_same_levers_with_compile_left_to_the_page(folde
         args = demo.build_parser().parse_intermixed_args(["--model", str(folder), "--output-dir", str(tmp_path),
                                                           *argv])
         service = demo.load_service(args)
-        assert not service.pipe.generator.inference_options.compile and service.pipe.levers.compile is False
+        assert service.pipe.generator.cached_pieces is EAGER_PIECES and service.pipe.levers.compile is False
         assert service.info()["default_compile"] is page and service.default_compile is page
 
 
 # ------------------------------------------------------------------------------------------------ presets
 def test_long_preset_sets_the_rolling_cache_only_and_keeps_the_models_settings(folder):
     args = inference.build_parser().parse_intermixed_args(["--model", str(folder), "--preset", "long"])
-    pipe, cfg, source = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe, cfg, source, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
     assert source == str(folder)
     st = pipe.settings
     assert (st.window_frames, st.sink_frames, st.rope) == (21, 5, "relative")
@@ -140,7 +168,7 @@ def test_long_preset_sets_the_rolling_cache_only_and_keeps_the_models_settings(f
 
 def test_long_preset_on_the_bundled_model_keeps_the_bundled_model(tmp_path):
     args = inference.build_parser().parse_intermixed_args(["--preset", "long"])
-    pipe, _, source = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    pipe, _, source, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
     assert source == str(inference.DEFAULT_MODEL) and pipe.settings.window_frames == 21
 
 
@@ -175,7 +203,7 @@ def test_stats_and_summary_carry_both_memory_figures(folder, tmp_path, capsys):
 
 def test_model_parts_run_in_the_generators_precision(folder):
     args = inference.build_parser().parse_intermixed_args(["--model", str(folder)])
-    pipe, _, _ = inference.build_pipeline(args, torch.device("cpu"), torch.bfloat16)
+    pipe = inference.build_pipeline(args, torch.device("cpu"), torch.bfloat16).pipe
     assert pipe.dtype == torch.bfloat16
     assert next(pipe.text_encoder.encoder.parameters()).dtype == torch.bfloat16
 
@@ -183,15 +211,13 @@ def test_model_parts_run_in_the_generators_precision(folder):
 def test_a_video_shorter_than_the_window_gets_a_cache_of_its_own_length_and_the_same_frames(folder):
     rolling = load_pipe(folder, window_frames=21, sink_frames=5, rope="relative")
     full = load_pipe(folder, rope="relative")
-    kwargs = dict(num_latent_frames=4, height=32, width=48)
-    a = rolling.generate(["a cat jumps"], generator=torch.Generator().manual_seed(3), **kwargs)
-    b = full.generate(["a cat jumps"], generator=torch.Generator().manual_seed(3), **kwargs)
+    a = rolling.generate(["a cat jumps"], VideoRequest(4, 32, 48, generator=torch.Generator().manual_seed(3)))
+    b = full.generate(["a cat jumps"], VideoRequest(4, 32, 48, generator=torch.Generator().manual_seed(3)))
     tokens_per_frame = rolling.generator.tokens_per_frame(16, 24)
     assert rolling._kv.capacity == 4 * tokens_per_frame  # not the window's 21 frames
     assert torch.equal(a.latents, b.latents)
     # Longer than the window: the cache is the window's, and it rolls.
-    rolling.generate(["a cat jumps"], num_latent_frames=24, height=32, width=48,
-                     generator=torch.Generator().manual_seed(3))
+    rolling.generate(["a cat jumps"], VideoRequest(24, 32, 48, generator=torch.Generator().manual_seed(3)))
     assert rolling._kv.capacity == 21 * tokens_per_frame and rolling._kv.sink == 5 * tokens_per_frame
 
 
@@ -200,8 +226,7 @@ def test_a_replaced_cache_takes_its_graphs_with_it(folder):
     graphed = GraphedDiT(pipe.generator, emulate=True)
     pipe.denoiser = Denoiser(graphed, pipe.schedule)
     for frames in (4, 4, 6):
-        pipe.generate(["a cat jumps"], num_latent_frames=frames, height=32, width=48,
-                      generator=torch.Generator().manual_seed(0))
+        pipe.generate(["a cat jumps"], VideoRequest(frames, 32, 48, generator=torch.Generator().manual_seed(0)))
         # Every recorded plan is of the live cache: none keeps an old cache (and its memory) alive.
         assert {captured.kv_cache for captured in graphed._graphs.values()} == {pipe._kv}
     assert graphed.replays > 0
@@ -256,13 +281,13 @@ def test_fewer_latent_frames_per_decoder_call_give_the_same_video(tiny_wan_folde
     for per_call in (None, 1):
         argv = ["--model", str(tiny_wan_folder)] + ([] if per_call is None else ["--decode-frames-per-call", "1"])
         args = inference.build_parser().parse_intermixed_args(argv)
-        pipe, _, _ = inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+        pipe = inference.build_pipeline(args, torch.device("cpu"), torch.float32).pipe
         assert pipe.levers.decode_frames_per_call == per_call
         seen = calls[per_call] = []
         hook = pipe.codec.vae.decoder.register_forward_pre_hook(
             lambda _, a, kw, seen=seen: seen.append(a[0].shape[2]), with_kwargs=True)
-        videos[per_call] = pipe.generate(["a cat walks"], num_latent_frames=6, height=64, width=96,
-                                         generator=torch.Generator().manual_seed(1)).video
+        request = VideoRequest(6, 64, 96, generator=torch.Generator().manual_seed(1))
+        videos[per_call] = pipe.generate(["a cat walks"], request).video
         hook.remove()
     assert calls[1] == [1] * 6 and calls[None] == [1, 2, 3]  # block 0: its first frame alone, then 2; block 1: 3
     torch.testing.assert_close(videos[1], videos[None], atol=1e-5, rtol=0)

@@ -83,10 +83,11 @@ def test_training_backward_through_flex_on_cuda():
 def test_compiled_levers_on_cuda_match_the_plain_path(dtype):
     """The CUDA-only levers (cuBLASLt's GELU epilogue, K/V stored from the compiled piece) under torch.compile and
     CUDA graphs give the plain path's numbers; the epilogue is the tanh GELU of Wan's FFN, not the erf one."""
-    from model.wan_block import InferenceOptions, _ffn
+    from model.wan_block import EAGER_PIECES, InferenceOptions, _ffn
+    from pipeline.compile import CompiledPieces
     from pipeline.cuda_graphs import GraphedDiT
     from pipeline.denoiser import Denoiser
-    from pipeline.rollout import rollout
+    from pipeline.rollout import RolloutOptions, rollout
     from tests.pipeline.test_inference_speed import SCHEDULE, STEPS
     model = tiny_model().to(CUDA, dtype)
     h = torch.randn(1, 40, model.config.dim, device=CUDA, dtype=dtype)
@@ -101,20 +102,21 @@ def test_compiled_levers_on_cuda_match_the_plain_path(dtype):
     noise = torch.randn(1, 8, 4, 4, 6, generator=g, device=CUDA, dtype=dtype)
     context = torch.randn(1, 6, 16, generator=g, device=CUDA, dtype=dtype)
 
-    def run(options, graphs):
+    def run(options, graphs, compiled=False):
         model.inference_options = options
+        model.cached_pieces = CompiledPieces() if compiled else EAGER_PIECES
         cache = model.new_kv_cache(1, 4, 6, 6, window_frames=6, sink_frames=2, rope="relative")
         renoise = torch.Generator(device=CUDA).manual_seed(1)
         with torch.no_grad():
             return rollout(Denoiser(GraphedDiT(model) if graphs else model, SCHEDULE), noise, context, cache,
-                           steps=STEPS, frames_per_block=2,
-                           noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=CUDA).to(x)).latents
+                           RolloutOptions(steps=STEPS, frames_per_block=2, noise_fn=lambda x: torch.randn(
+                               x.shape, generator=renoise, device=CUDA).to(x))).latents
 
     torch._dynamo.reset()
     plain = run(InferenceOptions(gelu_epilogue=False, fused_cache_write=False), graphs=False)
-    fast = InferenceOptions(fused_qkv=True, compile=True, gelu_epilogue=True, fused_cache_write=True)
+    fast = InferenceOptions(fused_qkv=True, gelu_epilogue=True, fused_cache_write=True)
     for graphs in (False, True):
-        assert rel_err(run(fast, graphs), plain) < (1e-4 if dtype == torch.float32 else 2e-2)
+        assert rel_err(run(fast, graphs, compiled=True), plain) < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -123,7 +125,7 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
     from model.pixel_codec import PixelShuffleCodec
     from pipeline.cuda_graphs import GraphedDiT
     from pipeline.denoiser import Denoiser
-    from pipeline.rollout import rollout
+    from pipeline.rollout import RolloutOptions, rollout
     from pipeline.streaming import BlockDecoder
     from tests.pipeline.test_inference_speed import SCHEDULE, STEPS
     model = tiny_model().to(CUDA, dtype)
@@ -136,9 +138,9 @@ def test_cuda_graph_rollout_and_side_stream_decode_match_eager(dtype):
         renoise = torch.Generator(device=CUDA).manual_seed(1)
         on_block = (lambda i, s, x0: decoder.submit(i, x0)) if decoder is not None else None
         with torch.no_grad():
-            return rollout(Denoiser(net, SCHEDULE), noise, context, cache, steps=STEPS, frames_per_block=2,
-                           on_block=on_block, noise_fn=lambda x: torch.randn(x.shape, generator=renoise,
-                                                                             device=CUDA).to(x)).latents
+            return rollout(Denoiser(net, SCHEDULE), noise, context, cache, RolloutOptions(
+                steps=STEPS, frames_per_block=2, on_block=on_block,
+                noise_fn=lambda x: torch.randn(x.shape, generator=renoise, device=CUDA).to(x))).latents
 
     eager = run(model)
     graphed = GraphedDiT(model)

@@ -9,7 +9,7 @@ from model.config import WanConfig
 from model.rope import RotaryTables, apply_rope, sinusoidal_embedding
 from model.wan import WanDiT
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 
 pytestmark = pytest.mark.golden
@@ -137,9 +137,9 @@ def test_rollout_reproduces_pipeline_output(golden, name):
                                window_frames=causal["local_attn_size"], sink_frames=causal["sink_size"])
     stored = iter(io[f"renoise{r['index']:02d}.noise"] for r in meta["renoise"])
     with torch.no_grad():
-        result = rollout(Denoiser(model, schedule), io["noise"], io["prompt_embeds"], cache,
-                         steps=steps.tolist(), frames_per_block=meta["num_frame_per_block"],
-                         context_noise=meta["context_noise"], noise_fn=lambda x: next(stored).view_as(x))
+        result = rollout(Denoiser(model, schedule), io["noise"], io["prompt_embeds"], cache, RolloutOptions(
+            steps=steps.tolist(), frames_per_block=meta["num_frame_per_block"], context_noise=meta["context_noise"],
+            noise_fn=lambda x: next(stored).view_as(x)))
     close(result.latents, io["output_latents"])
     assert len(result.block_ms) == meta["num_blocks"]
 

@@ -9,7 +9,7 @@ import torch
 
 from model.wan_block import InferenceOptions
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from tests.tiny import tiny_model
 
@@ -28,9 +28,9 @@ def run_rollout(model, blocks: int, frames_per_block: int = 2, *, window: int = 
                                rope=rope, rerotate_window=rerotate)
     renoise = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        return rollout(denoiser or Denoiser(model, SCHEDULE), noise, context, cache, steps=steps,
-                       frames_per_block=frames_per_block,
-                       noise_fn=lambda x: torch.randn(x.shape, generator=renoise)).latents
+        return rollout(denoiser or Denoiser(model, SCHEDULE), noise, context, cache, RolloutOptions(
+            steps=steps, frames_per_block=frames_per_block,
+            noise_fn=lambda x: torch.randn(x.shape, generator=renoise))).latents
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,12 +184,14 @@ def test_graph_runner_refills_the_prompt_after_a_switch():
 def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_position():
     from torch._dynamo.utils import counters
 
+    from pipeline.compile import compile_pieces
     from pipeline.cuda_graphs import GraphedDiT
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model()
     reference = run_rollout(model, 3, window=4, sink=1, rope="relative")
-    model.inference_options = InferenceOptions(compile=True, fused_cache_write=False)
+    compile_pieces(model)
+    model.inference_options = InferenceOptions(fused_cache_write=False)
     compiled = run_rollout(model, 3, window=4, sink=1, rope="relative")
     torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-5)
     # Three pieces per layer, each compiled once: shared by both layers, all block positions and kinds of call.
@@ -200,7 +202,7 @@ def test_compiled_pieces_match_and_compile_once_for_every_layer_and_block_positi
     assert counters["stats"]["unique_graphs"] == 3
     # Writing K/V into the cache slots from the piece: one more graph (the writing variant of the first piece), not
     # one per slot position (the slots are views at a different offset each block).
-    model.inference_options = InferenceOptions(compile=True, fused_cache_write=True)
+    model.inference_options = InferenceOptions(fused_cache_write=True)
     fused = run_rollout(model, 4)
     model.inference_options = InferenceOptions(fused_cache_write=False)
     torch.testing.assert_close(fused, run_rollout(model, 4), atol=1e-5, rtol=1e-5)
@@ -248,15 +250,15 @@ def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time(ki
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
 def test_training_compile_runs_cached_calls_as_shared_pieces_whatever_the_depth():
-    """Training's `compile: true` (`compile_blocks`) compiles whole blocks; a whole block guards on the layer index
-    and the cache's Python state, so a KV-cached rollout recompiled per layer and, past dynamo's limit of 8 graphs,
-    ran eager. Cached calls now run the shared pieces: the same few graphs at 2 and 6 layers, the same numbers and
-    gradients as eager."""
+    """Training's `compile: true` (`pipeline.compile.compile_blocks`) compiles whole blocks; a whole block guards on
+    the layer index and the cache's Python state, so a KV-cached rollout recompiled per layer and, past dynamo's limit
+    of 8 graphs, ran eager. Cached calls now run the shared pieces: the same few graphs at 2 and 6 layers, the same
+    numbers and gradients as eager."""
     import copy
 
     from torch._dynamo.utils import counters
 
-    from utils.distributed import compile_blocks
+    from pipeline.compile import compile_blocks
     graphs = {}
     for layers in (2, 6):
         torch._dynamo.reset()

@@ -1,5 +1,5 @@
 """One rollout, every way of running it: eager = compiled = CUDA graphs = sequence parallel, and FP8 within its
-tolerance. Each way is applied from outside the model (an inference option, `compile_blocks`, `GraphedDiT`,
+tolerance. Each way is applied from outside the model (`compile_pieces`, `compile_blocks`, `GraphedDiT`,
 `enable_sequence_parallel`, `convert_to_fp8`); the causal rollout of the same noise, prompts and re-noising draws
 must give the eager latents. The rollout covers what these ways must all get right: a rolling cache with sink
 frames and relative RoPE, a prompt switch (re-caching), several denoising steps and the clean-context passes."""
@@ -12,7 +12,7 @@ import torch
 
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from tests.ranks import spawn_ranks
 from tests.tiny import tiny_model
@@ -41,9 +41,9 @@ def rollout_latents(model, runner=None, device: str = "cpu") -> torch.Tensor:
     cache = model.new_kv_cache(1, HEIGHT, WIDTH, 6, window_frames=6, sink_frames=2, rope="relative")
     renoise = torch.Generator().manual_seed(1)  # identical draws in every run (and on every rank)
     with torch.no_grad():
-        return rollout(Denoiser(runner or model, SCHEDULE), noise, [(0, first), (3, second)], cache, steps=STEPS,
-                       frames_per_block=2, renoise_context=True,
-                       noise_fn=lambda x: torch.randn(x.shape, generator=renoise).to(x)).latents
+        return rollout(Denoiser(runner or model, SCHEDULE), noise, [(0, first), (3, second)], cache, RolloutOptions(
+            steps=STEPS, frames_per_block=2, renoise_context=True,
+            noise_fn=lambda x: torch.randn(x.shape, generator=renoise).to(x))).latents
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,15 +69,14 @@ def test_the_eager_rollout_depends_on_its_inputs(eager):
 @pytest.mark.slow
 @needs_inductor
 def test_compiled_pieces_give_the_eager_rollout(eager):
-    """Inference's compile lever (`InferenceOptions.compile`, set by the pipeline): the layer pieces through
-    inductor."""
-    import dataclasses
-
+    """Inference's compile lever (`pipeline.compile.compile_pieces`, applied by the pipeline): the layer pieces
+    through inductor."""
     from torch._dynamo.utils import counters
+
+    from pipeline.compile import compile_pieces
     torch._dynamo.reset()
     counters.clear()
-    model = network()
-    model.inference_options = dataclasses.replace(model.inference_options, compile=True)
+    model = compile_pieces(network())
     torch.testing.assert_close(rollout_latents(model), eager, **EXACT)
     assert counters["stats"]["unique_graphs"] >= 3  # the pieces around attention really ran compiled
 
@@ -85,11 +84,11 @@ def test_compiled_pieces_give_the_eager_rollout(eager):
 @pytest.mark.slow
 @needs_inductor
 def test_compiled_blocks_give_the_eager_rollout(eager):
-    """Training's regional compilation (`utils.distributed.compile_blocks`): whole blocks compiled, KV-cached calls
+    """Training's regional compilation (`pipeline.compile.compile_blocks`): whole blocks compiled, KV-cached calls
     through the compiled pieces."""
     from torch._dynamo.utils import counters
 
-    from utils.distributed import compile_blocks
+    from pipeline.compile import compile_blocks
     torch._dynamo.reset()
     counters.clear()
     model = network()
@@ -144,12 +143,12 @@ def test_sequence_parallel_on_two_ranks_gives_the_eager_rollout(eager, tmp_path)
 @pytest.mark.gpu
 def test_cuda_eager_compiled_and_graphed_give_the_cpu_rollout(eager):
     """On CUDA: eager, compiled pieces, and compiled pieces replayed from real CUDA graphs."""
-    import dataclasses
+    from pipeline.compile import compile_pieces
     torch._dynamo.reset()
     model = network("cuda")
     # TF32 and fused CUDA kernels: float32 up to their rounding, not bit-for-bit the CPU's.
     assert rel_error(rollout_latents(model, device="cuda").cpu(), eager) < 1e-4
-    model.inference_options = dataclasses.replace(model.inference_options, compile=True)
+    compile_pieces(model)
     graphed = GraphedDiT(model)
     for _ in range(2):  # capture, then replay
         assert rel_error(rollout_latents(model, graphed, device="cuda").cpu(), eager) < 1e-4

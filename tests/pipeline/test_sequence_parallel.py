@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.denoiser import Denoiser
-from pipeline.rollout import rollout
+from pipeline.rollout import RolloutOptions, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.sequence_parallel import check_head_split, parallel_layout
 from tests.ranks import spawn_ranks
@@ -53,8 +53,8 @@ def run_case(model, name: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
     out = {}
     with torch.no_grad():
-        out["latents"] = rollout(Denoiser(model, FlowMatchSchedule(5.0)), noise, context, cache, steps=STEPS,
-                                 frames_per_block=2, noise_fn=noise_fn).latents
+        out["latents"] = rollout(Denoiser(model, FlowMatchSchedule(5.0)), noise, context, cache,
+                                 RolloutOptions(steps=STEPS, frames_per_block=2, noise_fn=noise_fn)).latents
         if name == "plain":
             from model.attention import BlockCausal
             t = torch.full((2, frames), 500.0)
@@ -232,9 +232,9 @@ def _real_size_rollouts(device: torch.device, sp: bool, config=None, latent=(60,
             return torch.randn(x.shape, generator=g).to(x)
 
         with torch.no_grad():
-            out[str(dtype)] = rollout(Denoiser(model, schedule), noise, context, cache,
-                                      steps=schedule.warp([1000, 750, 500, 250]).tolist(), frames_per_block=3,
-                                      noise_fn=noise_fn).latents.float().cpu()
+            options = RolloutOptions(steps=schedule.warp([1000, 750, 500, 250]).tolist(), frames_per_block=3,
+                                     noise_fn=noise_fn)
+            out[str(dtype)] = rollout(Denoiser(model, schedule), noise, context, cache, options).latents.float().cpu()
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import http.client
 import importlib.util
 import io
@@ -433,11 +434,11 @@ def test_page_in_headless_chromium(make_service, tmp_path):
     # running when the test stops it (unpaced, it could end first and leave Stop disabled).
     generate = service.pipe.generate
 
-    def paced_generate(*args, on_frames=None, **kwargs):
+    def paced_generate(prompts, request, delivery, overrides):
         def paced(index, pixels):
             time.sleep(0.1)
-            on_frames(index, pixels)
-        return generate(*args, on_frames=paced if on_frames is not None else None, **kwargs)
+            delivery.on_frames(index, pixels)
+        return generate(prompts, request, dataclasses.replace(delivery, on_frames=paced), overrides)
     service.pipe.generate = paced_generate
     with serving(service) as (url, _), sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(

@@ -1,4 +1,4 @@
-"""Inductor heuristics for the compiled layer pieces (`model/wan_block.py`).
+"""Inductor heuristics for the compiled layer pieces (`pipeline/compile.py`).
 
 Inductor keeps an inner reduction in one persistent kernel (the whole row in registers) only up to 1024 elements;
 wider rows get a looped kernel that reads each row twice (statistics, then the normalised output). The 1.3B model's
