@@ -195,3 +195,45 @@ class CycleClock:
                 ("s per critic step", fmt(s["critic_step_s_median"], "s")),
                 ("peak allocated", fmt(s["peak_allocated_gib"], "GiB")),
                 ("peak reserved", fmt(s["peak_reserved_gib"], "GiB"))]
+
+
+# ------------------------------------------------------------------------------------------------ comparison
+COMPARED = (("s per cycle", "cycle_s_median"), ("s per generator step", "generator_step_s_median"),
+            ("s per critic step", "critic_step_s_median"), ("peak allocated GiB", "peak_allocated_gib"),
+            ("peak reserved GiB", "peak_reserved_gib"))
+
+
+def comparison(ours: dict, original: dict) -> list[tuple[str, Optional[float], Optional[float], Optional[float]]]:
+    """(what, ours, original, ours / original) for the medians and peaks of two result files; peaks are also given
+    without the text encoder's weights (the original's side runs a stub encoder)."""
+    rows = []
+    for label, key in COMPARED:
+        rows.append((label, ours.get(key), original.get(key)))
+        if key.startswith("peak_") and ours.get(key) is not None and original.get(key) is not None:
+            rows.append((label + " without text encoder", ours[key] - (ours.get("text_encoder_gib") or 0.0),
+                         original[key] - (original.get("text_encoder_gib") or 0.0)))
+    return [(label, a, b, a / b if a is not None and b else None) for label, a, b in rows]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description="Compare two training-cycle results: ours / original.")
+    p.add_argument("ours")
+    p.add_argument("original")
+    args = p.parse_args(argv)
+    ours, original = (json.loads(Path(f).read_text()) for f in (args.ours, args.original))
+    if ours.get("env", {}).get("device") != original.get("env", {}).get("device"):
+        print(f"warning: different devices: {ours.get('env', {}).get('device')} vs "
+              f"{original.get('env', {}).get('device')}")
+
+    def fmt(value: Optional[float], digits: int = 2) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+    print(f"{'':<36}{'ours':>10}{'original':>10}{'ratio':>8}")
+    for label, a, b, ratio in comparison(ours, original):
+        print(f"{label:<36}{fmt(a):>10}{fmt(b):>10}{fmt(ratio, 3):>8}")
+    print(f"timed cycles: ours {len(ours.get('cycles', []))}, original {len(original.get('cycles', []))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

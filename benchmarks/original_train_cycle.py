@@ -27,8 +27,9 @@ What the harness changes, at run time and only in this process (none of the orig
   * timing: the trainer's `fwdbwd_one_step` and its optimizers' step post-hooks report to `CycleClock`
     (benchmarks/cycle_report.py); the run stops after the last timed cycle;
   * `--tiny` (CPU): gloo instead of NCCL, CUDA device calls answered with the CPU, the network's 12 heads x 128
-    kept (the original's KV cache hard-codes them) with 1 layer and a narrow MLP, 8x8 latents, and the rollout's /
-    wrapper's hard-coded token counts (1560 per frame, 32760 per clip) set to the tiny clip's.
+    kept (the original's KV cache hard-codes them) with 1 layer, a narrow MLP and 32-wide text embeddings, 8x8
+    latents, and the rollout's / wrapper's hard-coded token counts (1560 per frame,
+    32760 per clip) set to the tiny clip's.
 Writes `original_train_cycle_<gpu>.json` with the same keys as `train_cycle.py` (under $OUT when set).
 """
 from __future__ import annotations
@@ -54,9 +55,9 @@ REQUIRED = ("diffusers", "einops", "omegaconf")  # used on the timed path: no st
 WAN_1_3B = dict(model_type="t2v", patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960,
                 freq_dim=256, text_dim=4096, out_dim=16, num_heads=12, num_layers=30, qk_norm=True,
                 cross_attn_norm=True, eps=1e-6)
-TINY = dict(WAN_1_3B, ffn_dim=256, num_layers=1)
+TINY = dict(WAN_1_3B, ffn_dim=256, num_layers=1, text_dim=32)
 REAL_SHAPE, TINY_SHAPE = [1, 21, 16, 60, 104], [1, 21, 16, 8, 8]
-TEXT_LEN, TEXT_DIM = 512, 4096
+TEXT_LEN = 512  # the original pads prompts to 512 tokens (and sizes its cross-attention cache so)
 UMT5_XXL_ENCODER_PARAMS = 5.68e9  # held in fp32 by the original's FSDP wrap of the text encoder
 PROMPTS = ("a cat walks on the beach at sunset, camera slowly close up", "a dog runs through the snow",
            "a red car in the city at night")
@@ -174,13 +175,13 @@ class StubTextEncoder(torch.nn.Module):
     """Random `[B, 512, 4096]` prompt embeddings on the device, in the precision the original's FSDP-wrapped
     UMT5-XXL returns them (bf16 under mixed precision). One tiny parameter so that FSDP has something to wrap."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, text_dim: int):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
-        self.out_dtype = dtype
+        self.out_dtype, self.text_dim = dtype, text_dim
 
     def forward(self, text_prompts: list[str]) -> dict:
-        embeds = torch.randn(len(text_prompts), TEXT_LEN, TEXT_DIM, device=self.anchor.device, dtype=self.out_dtype)
+        embeds = torch.randn(len(text_prompts), TEXT_LEN, self.text_dim, device=self.anchor.device, dtype=self.out_dtype)
         return {"prompt_embeds": embeds}
 
 
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sharding_strategy:
         config.sharding_strategy = args.sharding_strategy
     text_dtype = torch.bfloat16 if config.mixed_precision else torch.float32
-    base.WanTextEncoder = lambda: StubTextEncoder(text_dtype)
+    base.WanTextEncoder = lambda: StubTextEncoder(text_dtype, net_config["text_dim"])
     base.WanVAEWrapper = StubVAE
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
