@@ -25,9 +25,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from model.attention import BlockCausal, block_causal_mask
+from model.attention import BlockCausal, block_causal_mask, checkpoint_keeping_self_attention
 from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
 from model.inductor_heuristics import persistent_reductions
 from model.kv_cache import KVCache
@@ -61,6 +61,7 @@ class WanDiT(nn.Module):
         # its layer-independent pieces compiled. A whole compiled block guards on the layer index and the cache's
         # Python state, so a rollout recompiles per layer and, past dynamo's recompile limit, runs eager.
         self.compile_cached_pieces = False
+        self.checkpoint_keeps_self_attention = True  # see set_gradient_checkpointing
         # How each call's tokens are laid out over processes: all here, unless sequence parallelism
         # (`pipeline.sequence_parallel.enable_sequence_parallel`) installs a layout that splits them.
         self.sequence_layout = WHOLE_SEQUENCE
@@ -86,10 +87,13 @@ class WanDiT(nn.Module):
             p.copy_(torch.randn_like(p) / dim**0.5)
         return self
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply."""
+    def set_gradient_checkpointing(self, enabled: bool = True, keep_self_attention: bool = True) -> None:
+        """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply.
+        keep_self_attention: the recomputation skips the self-attention kernels, whose outputs are kept instead
+        (`model.attention.checkpoint_keeping_self_attention`); the same gradients for a little memory."""
         for block in self.blocks:
             block.checkpointed = enabled
+        self.checkpoint_keeps_self_attention = keep_self_attention
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -321,6 +325,8 @@ class WanDiT(nn.Module):
         # `_call_impl` is the module call without its compiled wrapper (hooks such as FSDP's still run): see
         # `compile_cached_pieces`.
         own_call = ctx.cache is not None and self.compile_cached_pieces
+        checkpoint_contexts = (checkpoint_keeping_self_attention if self.checkpoint_keeps_self_attention
+                               else noop_context_fn)
         # Compiled pieces compile (once) inside their first call, under the model's inductor heuristics.
         heuristics = (persistent_reductions() if ctx.compiled and ctx.options.persistent_norms
                       else contextlib.nullcontext())
@@ -330,7 +336,8 @@ class WanDiT(nn.Module):
                 if last_kv_only and layer == len(self.blocks) - 1:
                     call(tokens, e0, text, ctx, layer, kv_only=True)
                 elif block.checkpointed and torch.is_grad_enabled():
-                    tokens = checkpoint(call, tokens, e0, text, ctx, layer, use_reentrant=False)
+                    tokens = checkpoint(call, tokens, e0, text, ctx, layer, use_reentrant=False,
+                                        context_fn=checkpoint_contexts)
                 else:
                     tokens = call(tokens, e0, text, ctx, layer)
                 if layer in taps:

@@ -125,6 +125,7 @@ class Config:
     ema_weight: float = 0.0
     ema_start_step: int = 0
     gradient_checkpointing: bool = True
+    checkpoint_keeps_attention: bool = True
     mixed_precision: bool = True
     sharding_strategy: str = "full"
     cpu_offload: bool = False

@@ -345,7 +345,7 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
             continue
         net = denoiser.model
         if hasattr(net, "set_gradient_checkpointing"):
-            net.set_gradient_checkpointing(checkpointing)
+            net.set_gradient_checkpointing(checkpointing, keep_self_attention=cfg.checkpoint_keeps_attention)
         if shard:
             shard_module(net, state, mixed_precision=cfg.mixed_precision, strategy=cfg.sharding_strategy,
                          cpu_offload=cfg.cpu_offload, mesh=mesh)
