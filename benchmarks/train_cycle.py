@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     "dfake_gen_update_ratio": cfg.dfake_gen_update_ratio, "world_size": dist.world_size,
                     "sharding_strategy": cfg.sharding_strategy, "mixed_precision": cfg.mixed_precision,
                     "gradient_checkpointing": cfg.gradient_checkpointing, "compile": cfg.compile}
-        note = ("this project's train.py trainer (train._setup, Trainer.train_step) on a random-weight folder "
+        note = ("this project's train.py trainer (train._setup, Trainer.train) on a random-weight folder "
                 f"{root}; generator, critic and teacher real-size 1.3B unless --tiny; text encoder on "
                 f"{'the GPU' if device.type == 'cuda' else 'the CPU'}")
         base = {"side": "ours", "env": environment(device), "settings": settings, "note": note,
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             return logs
         trainer._update = timed_update
         try:
-            while trainer.step < total_steps:
-                trainer.train_step()
+            trainer.train()  # the loop of train.py's runs; it stops at the generator start after the last cycle
         except CyclesDone:
             pass
         finally:

@@ -9,7 +9,8 @@
 # logs go to $OUT as they come, so a part cut short keeps the cycles it finished.
 #   bash benchmarks/train_cycle.sh [ours] [original]             (default: both, ours first)
 # Environment: OUT (runs/train_cycle), WAN_RANDOM_ROOT (runs/wan_random), ORIGINAL_DIR (.original/Self-Forcing),
-#   WARMUP (1), CYCLES (2), PROFILE (1: one more cycle under torch.profiler), BUDGET_S (540), PYTHON (python3).
+#   WARMUP (1), CYCLES (2), PROFILE (1: one more cycle under torch.profiler), BUDGET_S (540), PYTHON (python3),
+#   OURS_ARGS (key=value overrides of our recipe, e.g. "compile=true").
 set -uo pipefail
 started=$(date +%s)
 export OUT=${OUT:-runs/train_cycle}; root=${WAN_RANDOM_ROOT:-runs/wan_random}; model=$root/Wan2.1-T2V-1.3B
@@ -39,7 +40,7 @@ for part in "$@"; do
   remaining=$(left); share=$remaining; [ "$part" != "${!#}" ] && share=$(( remaining / 2 ))
   case $part in
     ours) boxed "$share" ours "$py" benchmarks/train_cycle.py --model-root "$root" --warmup "$warmup" \
-            --cycles "$cycles" "${profile[@]}" ;;
+            --cycles "$cycles" "${profile[@]}" ${OURS_ARGS:-} ;;
     original)
       if [ ! -f "$original/trainer/distillation.py" ]; then
         echo "== original skipped: no checkout at $original (ORIGINAL_DIR)" | tee -a "$log"; continue
