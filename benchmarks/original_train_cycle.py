@@ -181,7 +181,8 @@ class StubTextEncoder(torch.nn.Module):
         self.out_dtype, self.text_dim = dtype, text_dim
 
     def forward(self, text_prompts: list[str]) -> dict:
-        embeds = torch.randn(len(text_prompts), TEXT_LEN, self.text_dim, device=self.anchor.device, dtype=self.out_dtype)
+        embeds = torch.randn(len(text_prompts), TEXT_LEN, self.text_dim, device=self.anchor.device,
+                             dtype=self.out_dtype)
         return {"prompt_embeds": embeds}
 
 
@@ -264,6 +265,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def build_trainer(args, original_dir: Path, work: Path):
+    """The original's trainer for the DMD recipe with the harness's replacements; returns it with a description of
+    what ran (the JSON's `note`, `settings` and the stand-ins)."""
+    if args.tiny:
+        answer_cuda_with_cpu()
+    distillation, stand_ins = import_original(original_dir)
+    from omegaconf import OmegaConf
+    import model.base as base
+
+    net_config = TINY if args.tiny else WAN_1_3B
+    shape = TINY_SHAPE if args.tiny else REAL_SHAPE
+    patch_networks(net_config)
+    sdpa = patch_attention()
+    if args.tiny:
+        tokens = shape[3] * shape[4] // 4  # 2x2 patches
+        patch_for_cpu(tokens, tokens * shape[1])
+    # As its train.py merges them.
+    config = OmegaConf.merge(OmegaConf.load(original_dir / "configs" / "default_config.yaml"),
+                             OmegaConf.load(original_dir / "configs" / "self_forcing_dmd.yaml"))
+    prompts = work / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    config.merge_with({"real_name": "Wan2.1-T2V-1.3B", "generator_ckpt": None, "data_path": str(prompts),
+                       "no_save": True, "no_visualize": True, "disable_wandb": True, "logdir": str(work),
+                       "wandb_save_dir": str(work), "config_name": "self_forcing_dmd", "image_or_video_shape": shape,
+                       "batch_size": 1})
+    if args.sharding_strategy:
+        config.sharding_strategy = args.sharding_strategy
+    text_dtype = torch.bfloat16 if config.mixed_precision else torch.float32
+    base.WanTextEncoder = lambda: StubTextEncoder(text_dtype, net_config["text_dim"])
+    base.WanVAEWrapper = StubVAE
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    trainer = distillation.Trainer(config)
+    note = ("the original Self Forcing's own trainer/distillation.py Trainer (FSDP1 "
+            f"{config.sharding_strategy}, which torch runs as NO_SHARD on one rank, mixed_precision="
+            f"{config.mixed_precision}, its AdamW and train() loop), model/dmd.py DMD and its rollout, networks "
+            "from wan/modules with random init (generator, critic and teacher: the 1.3B unless --tiny). Harness: "
+            "stub text encoder (random [B, 512, 4096] embeddings on the device; the real UMT5-XXL would add "
+            f"{UMT5_XXL_ENCODER_PARAMS * 4 / 2**30:.1f} GiB of fp32 weights under the original's FSDP wrap, plus "
+            "an encoding per step), empty VAE, prompts from a temporary file"
+            + ("; flash-attn absent: its flash_attention ran on torch SDPA" if sdpa else "; flash-attn present")
+            + (f"; stand-ins for unused packages: {', '.join(stand_ins)}" if stand_ins else "")
+            + ("; --tiny: CPU, gloo, 1 layer, 8x8 latents, token counts patched" if args.tiny else ""))
+    settings = {"original_dir": str(args.original_dir), "batch_size": 1, "image_or_video_shape": list(shape),
+                "dfake_gen_update_ratio": config.dfake_gen_update_ratio, "world_size": 1,
+                "sharding_strategy": config.sharding_strategy, "mixed_precision": config.mixed_precision,
+                "gradient_checkpointing": config.gradient_checkpointing, "compile": False}
+    return trainer, {"note": note, "settings": settings, "text_encoder_gib": 0.0, "stand_in_packages": stand_ins,
+                     "sdpa_for_flash_attention": sdpa}
+
+
+def time_cycles(trainer, clock: CycleClock) -> None:
+    """Run the original's own `train()` loop, its losses and optimizer steps reporting to `clock`, until the clock
+    has its cycles."""
+    fwdbwd = trainer.fwdbwd_one_step
+
+    def timed_fwdbwd(batch, train_generator):
+        clock.start("generator" if train_generator else "critic")
+        return fwdbwd(batch, train_generator)
+    trainer.fwdbwd_one_step = timed_fwdbwd
+    trainer.generator_optimizer.register_step_post_hook(lambda *_: clock.end("generator"))
+    trainer.critic_optimizer.register_step_post_hook(lambda *_: clock.end("critic"))
+    try:
+        trainer.train()  # an endless loop in the original
+    except CyclesDone:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--original-dir", required=True, help="checkout of github.com/guandeh17/Self-Forcing")
@@ -281,76 +350,20 @@ def main(argv: list[str] | None = None) -> int:
                          f"(no trainer/distillation.py)")
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("original_train_cycle.py: error: the original trains on CUDA only; use --tiny on the CPU")
-    if args.tiny:
-        answer_cuda_with_cpu()
-    distillation, stand_ins = import_original(original_dir)
-    from omegaconf import OmegaConf
-    import model.base as base
-
-    net_config = TINY if args.tiny else WAN_1_3B
-    shape = TINY_SHAPE if args.tiny else REAL_SHAPE
-    patch_networks(net_config)
-    sdpa = patch_attention()
-    if args.tiny:
-        tokens = shape[3] * shape[4] // 4  # 2x2 patches
-        patch_for_cpu(tokens, tokens * shape[1])
-    config = OmegaConf.merge(OmegaConf.load(original_dir / "configs" / "default_config.yaml"),
-                             OmegaConf.load(original_dir / "configs" / "self_forcing_dmd.yaml"))
-    work = tempfile.TemporaryDirectory()
-    prompts = Path(work.name) / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    config.merge_with({"real_name": "Wan2.1-T2V-1.3B", "generator_ckpt": None, "data_path": str(prompts),
-                       "no_save": True, "no_visualize": True, "disable_wandb": True, "logdir": work.name,
-                       "wandb_save_dir": work.name, "config_name": "self_forcing_dmd", "image_or_video_shape": shape,
-                       "batch_size": 1})
-    if args.sharding_strategy:
-        config.sharding_strategy = args.sharding_strategy
-    text_dtype = torch.bfloat16 if config.mixed_precision else torch.float32
-    base.WanTextEncoder = lambda: StubTextEncoder(text_dtype, net_config["text_dim"])
-    base.WanVAEWrapper = StubVAE
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
-    trainer = distillation.Trainer(config)
-    device = torch.device("cuda", torch.cuda.current_device()) if not args.tiny else torch.device("cpu")
-    name = args.name or "original_train_cycle_" + gpu_name_tag(device)
-    note = ("the original Self Forcing's own trainer/distillation.py Trainer (FSDP1 "
-            f"{config.sharding_strategy}, which torch runs as NO_SHARD on one rank, mixed_precision="
-            f"{config.mixed_precision}, its AdamW and train() loop), model/dmd.py DMD and its rollout, networks "
-            "from wan/modules with random init (generator, critic and teacher: the 1.3B unless --tiny). Harness: stub text encoder (random [B, 512, 4096] embeddings on the device; the real "
-            f"UMT5-XXL would add {UMT5_XXL_ENCODER_PARAMS * 4 / 2**30:.1f} GiB of fp32 weights under the "
-            "original's FSDP wrap, plus an encoding per step), empty VAE, prompts from a temporary file"
-            + ("; flash-attn absent: its flash_attention ran on torch SDPA" if sdpa else "; flash-attn present")
-            + (f"; stand-ins for unused packages: {', '.join(stand_ins)}" if stand_ins else "")
-            + ("; --tiny: CPU, gloo, 1 layer, 8x8 latents, token counts patched" if args.tiny else ""))
-    settings = {"original_dir": str(args.original_dir), "batch_size": 1, "image_or_video_shape": list(shape),
-                "dfake_gen_update_ratio": config.dfake_gen_update_ratio, "world_size": 1,
-                "sharding_strategy": config.sharding_strategy, "mixed_precision": config.mixed_precision,
-                "gradient_checkpointing": config.gradient_checkpointing, "compile": False}
-    result = {"side": "original", "env": environment(device), "settings": settings, "note": note,
-              "text_encoder_gib": 0.0, "stand_in_packages": stand_ins, "sdpa_for_flash_attention": sdpa}
-
-    def report(clock: CycleClock) -> None:
-        write_result(name, {**result, **clock.summary()})
-    clock = CycleClock(device, args.warmup, args.cycles + int(args.profile),
-                       profile_cycle=args.cycles if args.profile else None, on_cycle=report)
-    fwdbwd = trainer.fwdbwd_one_step
-
-    def timed_fwdbwd(batch, train_generator):
-        clock.start("generator" if train_generator else "critic")
-        return fwdbwd(batch, train_generator)
-    trainer.fwdbwd_one_step = timed_fwdbwd
-    trainer.generator_optimizer.register_step_post_hook(lambda *_: clock.end("generator"))
-    trainer.critic_optimizer.register_step_post_hook(lambda *_: clock.end("critic"))
-    try:
-        trainer.train()
-    except CyclesDone:
-        pass
+    with tempfile.TemporaryDirectory() as work:
+        trainer, described = build_trainer(args, original_dir, Path(work))
+        device = torch.device("cpu") if args.tiny else torch.device("cuda", torch.cuda.current_device())
+        name = args.name or "original_train_cycle_" + gpu_name_tag(device)
+        result = {"side": "original", "env": environment(device), **described}
+        clock = CycleClock(device, args.warmup, args.cycles + int(args.profile),
+                           profile_cycle=args.cycles if args.profile else None,
+                           on_cycle=lambda c: write_result(name, {**result, **c.summary()}))
+        time_cycles(trainer, clock)
     summary = clock.summary()
     if summary["profile"]:
         print(summary["profile"])
     print_table([("device", result["env"]["device"]), ("side", "original"), *clock.rows()])
     print("wrote", write_result(name, {**result, **summary}))
-    work.cleanup()
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -50,8 +50,8 @@ for part in "$@"; do
     *) echo "unknown part $part (ours, original)"; exit 2 ;;
   esac
 done
-ours_json=$(ls "$OUT"/train_cycle_*.json 2>/dev/null | grep -v tiny | head -1)
-original_json=$(ls "$OUT"/original_train_cycle_*.json 2>/dev/null | grep -v tiny | head -1)
+ours_json=$(ls -t "$OUT"/train_cycle_*.json 2>/dev/null | grep -v tiny | head -1)  # the newest: this run's
+original_json=$(ls -t "$OUT"/original_train_cycle_*.json 2>/dev/null | grep -v tiny | head -1)
 if [ -n "$ours_json" ] && [ -n "$original_json" ]; then
   "$py" benchmarks/cycle_report.py "$ours_json" "$original_json" | tee -a "$log"
 fi
