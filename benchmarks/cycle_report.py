@@ -51,9 +51,9 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 
 def gpu_name_tag(device: torch.device) -> str:
-    """`h100`, `h200`, ... for file names (`cpu_tiny` off the GPU)."""
+    """`h100`, `h200`, ... for file names (`tiny_cpu` off the GPU: only the toy-width harness checks run there)."""
     if device.type != "cuda":
-        return "cpu_tiny"
+        return "tiny_cpu"
     name = torch.cuda.get_device_name(device).lower()
     for tag in ("h200", "h100", "b200", "a100", "l40s"):
         if tag in name:

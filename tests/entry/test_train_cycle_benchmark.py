@@ -102,7 +102,7 @@ def test_train_cycle_runs_train_py_trainer_at_tiny_size(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert train_cycle.main(["--tiny", "--warmup", "0", "--cycles", "1", "--profile"]) == 0
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
-    saved = json.loads((tmp_path / "train_cycle_cpu_tiny.json").read_text())
+    saved = json.loads((tmp_path / "train_cycle_tiny_cpu.json").read_text())
     check_result(saved, "ours", 2)
     assert saved["text_encoder_gib"] == 0.0  # on the CPU: no GPU memory
     assert saved["settings"]["sharding_strategy"] == "hybrid_full" and saved["settings"]["gradient_checkpointing"]
@@ -124,7 +124,7 @@ def test_original_train_cycle_drives_the_original_trainer_at_tiny_size(tmp_path)
                            "--original-dir", str(ORIGINAL), "--tiny", "--warmup", "0", "--cycles", "0",
                            "--profile"], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = json.loads((tmp_path / "original_train_cycle_cpu_tiny.json").read_text())
+    saved = json.loads((tmp_path / "original_train_cycle_tiny_cpu.json").read_text())
     check_result(saved, "original", 1)
     assert saved["settings"]["sharding_strategy"] == "hybrid_full"
     assert "trainer/distillation.py" in saved["note"] and saved["sdpa_for_flash_attention"]
