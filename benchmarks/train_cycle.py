@@ -68,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             random_wan_folder.main(["--tiny", "--device", "cpu", "--out", str(root / "Wan2.1-T2V-1.3B")])
         prompts = Path(work) / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS) + "\n")
-        ratio = 5
         recipe = [f"model_root={root}", "generator_ckpt=null", f"data_path={prompts}", "batch_size=1",
-                  "total_batch_size=null", "text_encoder_cpu_offload=false", f"dfake_gen_update_ratio={ratio}",
+                  "total_batch_size=null", "text_encoder_cpu_offload=false", "dfake_gen_update_ratio=5",
                   f"image_or_video_shape={TINY_SHAPE if args.tiny else REAL_SHAPE}", "log_every=1000000"]
+        command = ["--config_path", args.config_path, "--logdir", str(Path(work) / "logs"), "--no_save",
+                   "--no_visualize", "--disable-wandb", *recipe, *args.overrides]
+        ratio = train.load_run_config(train.parse_args(command)).dfake_gen_update_ratio  # overrides may change it
+        # One step more than the cycles: its generator start closes the last cycle.
         total_steps = (args.warmup + args.cycles + int(args.profile)) * ratio + 1
-        targs = train.parse_args(["--config_path", args.config_path, "--logdir", str(Path(work) / "logs"),
-                                  "--no_save", "--no_visualize", "--disable-wandb", *recipe, *args.overrides,
-                                  f"max_steps={total_steps}"])
+        targs = train.parse_args([*command, f"max_steps={total_steps}"])
         trainer = train._setup(targs, dist, None, None, None)
         cfg = trainer.cfg
         name = args.name or ("train_cycle_" + gpu_name_tag(device)
