@@ -1,11 +1,8 @@
 """Helpers shared by the benchmark scripts: random real-size models, CUDA timing, analytic FLOPs, result files."""
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
-import platform
 import re
 import sys
 import time
@@ -15,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cycle_report import environment, print_table, write_result  # noqa: E402,F401 (re-exported)
 from model.config import WanConfig  # noqa: E402
 from model.wan import WanDiT  # noqa: E402
 
@@ -201,34 +199,6 @@ def steady_block_ms(block_ms: list[float], window_frames: int = -1, frames_per_b
     tail = block_ms[window_frames // frames_per_block + 1:] if window_frames > 0 else block_ms[-5:]
     tail = sorted(tail or block_ms)
     return tail[len(tail) // 2]
-
-
-def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if device.type == "cuda":
-        env["device"] = torch.cuda.get_device_name(device)
-        env["cuda"] = torch.version.cuda
-    else:
-        env["device"] = f"cpu ({os.cpu_count()} cores)"
-    return env
-
-
-def write_result(name: str, result: dict) -> Path:
-    """Write `<name>.json` under $OUT when set, else benchmarks/results/, atomically."""
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).with_name("results"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def print_table(rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
 
 
 # ------------------------------------------------------------------- shapes-world ablations (single frames, CPU)

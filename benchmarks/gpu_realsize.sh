@@ -3,9 +3,10 @@
 #   1. inference.py at 480x832, 7 blocks (81 frames, official settings) and 60 blocks (--preset long: sink + window +
 #      relative RoPE), Wan VAE streaming decode; their stats JSON (per-block ms, time to first frame, frames/s, peak
 #      GPU memory) are copied to $OUT;
-#   2. Self Forcing DMD training steps with the 1.3B model as generator, critic and teacher (FSDP2 on one rank,
-#      bf16, activation checkpointing): benchmarks/train_step.py JSON (s/step, profile) to $OUT;
-#   3. (part train2) the same training steps under torchrun on 2 GPUs (FSDP2 full sharding), peak memory per rank.
+#   2. Self Forcing DMD training cycles with the 1.3B model as generator, critic and teacher (FSDP2 on one rank,
+#      bf16, activation checkpointing): benchmarks/train_cycle.py JSON (s per cycle / step, profile) to $OUT;
+#   3. (part train2) the same cycles under torchrun on 2 GPUs (FSDP2 full sharding).
+# benchmarks/train_cycle.sh compares the training cycles with the original's.
 # The videos themselves (random weights: noise) are not kept.
 #   bash benchmarks/gpu_realsize.sh [infer] [train] [train2]        (default: infer train)
 set -uo pipefail
@@ -25,13 +26,9 @@ infer() {
     --offload-text-encoder --output-dir "$work/infer_60blocks" --overwrite 2>&1 | grep -v "it/s\]"
   cp "$work"/infer_60blocks/stats_*.json "$out/inference_60blocks_long_stats.json"
 }
-# The DMD steps with the random 1.3B as generator, critic and teacher. UMT5-XXL stays on the GPU as in the original
-# (TEXT_OFFLOAD=true keeps it on the CPU: then every step re-encodes its prompt on the host, ~5 s on 16 cores).
+# The DMD cycles with the random 1.3B as generator, critic and teacher; UMT5-XXL on the GPU as in the original.
 train_steps() {  # launcher...
-  printf '%s\n' "$prompt" "a dog runs through the snow" "a red car in the city at night" > "$work/prompts.txt"
-  "$@" benchmarks/train_step.py --config_path configs/self_forcing_dmd_1.3b_teacher.yaml --name train_step_dmd_1.3b \
-    --steps ${TRAIN_STEPS:-5} --warmup 1 --profile-steps 1 model_root="$root" generator_ckpt=null data_path="$work/prompts.txt" \
-    total_batch_size=null text_encoder_cpu_offload=${TEXT_OFFLOAD:-false} dfake_gen_update_ratio=5 2>&1 \
+  "$@" benchmarks/train_cycle.py --model-root "$root" --warmup 1 --cycles ${TRAIN_CYCLES:-2} --profile 2>&1 \
     | grep -v "^\[rank1\]"
 }
 for part in $parts; do  # in the order given; the whole log also goes to $OUT (a run cut short keeps it)

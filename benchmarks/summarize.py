@@ -69,7 +69,7 @@ def rows() -> list[str]:
                               f"{st['total_ms']:.0f} ms for {st['pixel_frames']} frames, "
                               f"{st['frames_per_s']:.1f} frames/s incl. decode, "
                               f"first frame {st['time_to_first_frame_ms']:.0f} ms, peak {memory_figure(st)} |")
-        elif "ms_per_step_median" in data and "peak_gpu_memory_gib" in data:  # benchmarks/train_step.py
+        elif "ms_per_step_median" in data and "peak_gpu_memory_gib" in data:  # the former benchmarks/train_step.py
             peaks = data.get("peak_gpu_memory_gib_per_rank") or [data["peak_gpu_memory_gib"]]
             memory = "-" if peaks[0] is None else " / ".join(f"{p:.1f}" for p in peaks) + " GiB"
             out.append(head + f"| training steps, {Path(data['config']).stem}, {data.get('world_size', 1)} rank(s) | "

@@ -315,3 +315,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask | None = None
             return _flash_attn_func()(q, k, v)  # flash-attn's own autograd function; the opaque op has no backward
         # A compiled graph that needs gradients takes SDPA: flash-attn 4's autograd function is not traceable.
     return _sdpa(q, k, v, None)
+
+
+# Activation checkpointing that keeps the attention outputs: backward then recomputes a block's projections, norms,
+# FFN and elementwise work, but not its quadratic self-attention, which is most of the FLOPs of a 32,760-token clip
+# (and over half of a rollout chunk's against its KV cache). Cross-attention to the text (fewer keys than queries) is
+# cheap to redo and not kept. The kept outputs (with their log-sum-exp) are what the attention backward reads anyway.
+_SAVED_ATTENTION_OPS = tuple(
+    getattr(torch.ops.aten, name).default for name in (
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(torch.ops.aten, name))
+
+
+def _keep_self_attention(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    if op in _SAVED_ATTENTION_OPS and args[1].shape[-2] >= args[0].shape[-2]:  # SDPA layout: [B, H, L, D]
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_keeping_self_attention():
+    """`context_fn` for `torch.utils.checkpoint.checkpoint` (non-reentrant): selective recomputation that keeps the
+    outputs of self-attention kernels (SDPA's cuDNN, flash, memory-efficient and CPU flash ops)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_keep_self_attention)

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from model.attention import BlockCausal, block_causal_mask
+from model.attention import BlockCausal, block_causal_mask, checkpoint_keeping_self_attention
 from model.config import X0_PREDICTION_MIN_SIGMA, WanConfig
 from model.kv_cache import KVCache
 from model.rope import RotaryTables, Rotation, sinusoidal_embedding
@@ -58,6 +58,7 @@ class WanDiT(nn.Module):
         # How KV-cached calls run the per-layer pieces: as they are, unless compilation (`pipeline/compile.py`)
         # installs a runner that compiles them.
         self.cached_pieces = EAGER_PIECES
+        self.checkpoint_keeps_self_attention = True  # see set_gradient_checkpointing
         # How each call's tokens are laid out over processes: all here, unless sequence parallelism
         # (`pipeline.sequence_parallel.enable_sequence_parallel`) installs a layout that splits them.
         self.sequence_layout = WHOLE_SEQUENCE
@@ -83,10 +84,13 @@ class WanDiT(nn.Module):
             p.copy_(torch.randn_like(p) / dim**0.5)
         return self
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply."""
+    def set_gradient_checkpointing(self, enabled: bool = True, keep_self_attention: bool = True) -> None:
+        """Recompute each block in backward (non-reentrant). Needed to train through KV-cached rollouts cheaply.
+        keep_self_attention: the recomputation skips the self-attention kernels, whose outputs are kept instead
+        (`model.attention.checkpoint_keeping_self_attention`); the same gradients for a little memory."""
         for block in self.blocks:
             block.checkpointed = enabled
+        self.checkpoint_keeps_self_attention = keep_self_attention
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -315,11 +319,14 @@ class WanDiT(nn.Module):
         outputs of the blocks in `taps`). last_kv_only: the last block only writes its K/V into the cache."""
         tokens = self.sequence_layout.split(tokens, ctx, grid[1] * grid[2])
         hidden = []
+        checkpoint_contexts = (checkpoint_keeping_self_attention if self.checkpoint_keeps_self_attention
+                               else noop_context_fn)
         for layer, block in enumerate(self.blocks):
             if last_kv_only and layer == len(self.blocks) - 1:
                 block(tokens, e0, text, ctx, layer, kv_only=True)
             elif block.checkpointed and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e0, text, ctx, layer, use_reentrant=False,
+                                    context_fn=checkpoint_contexts)
             else:
                 tokens = block(tokens, e0, text, ctx, layer)
             if layer in taps:

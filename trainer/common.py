@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.denoiser import Denoiser
@@ -111,11 +112,18 @@ def score_timesteps(denoiser: Denoiser, cfg, batch_size: int, num_frames: int, d
 def guided_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor, context: Tensor, negative: Tensor,
               scale: float) -> Tensor:
     """x0 prediction with classifier-free guidance in x0 space, `cond + scale * (cond - uncond)` (the original's
-    form: scale 3 is standard CFG 4); the unconditional branch is the NEGATIVE prompt. `scale == 0`: one pass."""
-    _, cond = denoiser(x_t, t, context)
+    form: scale 3 is standard CFG 4); the unconditional branch is the NEGATIVE prompt. `scale == 0`: one pass.
+
+    Both branches run as ONE call at batch 2B (the original makes two calls): each network unit is entered and its
+    weights read once, and the kernels get twice the rows. The prompts are zero-padded to a common length first,
+    which changes nothing: the network pads every prompt with zero rows to its text length anyway."""
     if scale == 0:
-        return cond
-    _, uncond = denoiser(x_t, t, negative)
+        return denoiser(x_t, t, context)[1]
+    length = max(context.shape[1], negative.shape[1])
+    prompts = torch.cat([F.pad(context, (0, 0, 0, length - context.shape[1])),
+                         F.pad(negative, (0, 0, 0, length - negative.shape[1]))])
+    _, x0 = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), prompts)
+    cond, uncond = x0.chunk(2)
     return cond + scale * (cond - uncond)
 
 

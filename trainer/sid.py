@@ -49,7 +49,8 @@ class SiD(DMD):
         self.alpha = float(cfg.distillation.sid.alpha)
         # Gradients flow through the teacher's activations, so it is checkpointed like the generator and critic.
         if cfg.compute.gradient_checkpointing and hasattr(models.teacher.model, "set_gradient_checkpointing"):
-            models.teacher.model.set_gradient_checkpointing(True)
+            # Plain recomputation: the kept attention outputs of a 14B teacher would be ~13 GB (utils/distributed.py).
+            models.teacher.model.set_gradient_checkpointing(True, keep_self_attention=False)
 
     def distribution_matching_loss(self, sample: GeneratorOutput, context: Tensor,
                                    negative: Tensor) -> tuple[Tensor, Logs]:

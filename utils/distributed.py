@@ -345,7 +345,9 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
             continue
         net = denoiser.model
         if hasattr(net, "set_gradient_checkpointing"):
-            net.set_gradient_checkpointing(checkpointing)
+            # SiD's checkpointed teacher recomputes its attention: kept outputs of a 14B teacher would be ~13 GB.
+            keep = cfg.compute.checkpoint_keeps_attention and role != "teacher"
+            net.set_gradient_checkpointing(checkpointing, keep_self_attention=keep)
         if shard:
             shard_module(net, state, mixed_precision=cfg.compute.mixed_precision, strategy=cfg.compute.sharding_strategy,
                          cpu_offload=cfg.compute.cpu_offload, mesh=mesh)

@@ -159,6 +159,47 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+class AttentionCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts SDPA kernel calls by (queries, keys) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__ and "backward" not in func.__name__:
+            self.calls.append((args[0].shape[-2], args[1].shape[-2]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["whole_clip", "kv_cached_chunk"])
+def test_checkpointing_that_keeps_self_attention_gives_the_same_gradients_without_recomputing_it(cached):
+    """Selective recomputation keeps the self-attention outputs: backward reruns no self-attention kernel (the plain
+    checkpoint reruns one per layer), cross-attention is recomputed, and the gradients are those of no checkpointing."""
+    grads, recomputed = {}, {}
+    for mode in ("none", "full", "keep"):
+        model = tiny_model()
+        model.set_gradient_checkpointing(mode != "none", keep_self_attention=mode == "keep")
+        x, context = tiny_inputs(model, frames=4)
+        t = per_block_timesteps(2, 4, 2)
+        if cached:
+            cache = model.new_kv_cache(2, *x.shape[3:], capacity_frames=4)
+            with torch.no_grad():
+                model.forward_cached(x[:, :2], t[:, :2], context, cache, 0)
+            loss = model.forward_cached(x[:, 2:], t[:, 2:], context, cache, 2).square().mean()
+        else:
+            loss = model(x, t[:, 0], context).square().mean()
+        with AttentionCalls() as counter:
+            loss.backward()
+        recomputed[mode] = [keys >= queries for queries, keys in counter.calls]  # True: self-attention
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    layers = len(model.blocks)
+    assert recomputed["none"] == [] and recomputed["full"].count(True) == layers  # self-attention, once per layer
+    assert recomputed["keep"] == [False] * layers  # cross-attention only
+    torch.testing.assert_close(grads["keep"], grads["none"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grads["full"], grads["none"], atol=1e-6, rtol=1e-5)
+
+
 def test_bfloat16_runs_on_cpu():
     model = tiny_model().to(torch.bfloat16)
     x, context = tiny_inputs(model, frames=4)

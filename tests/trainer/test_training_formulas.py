@@ -66,8 +66,9 @@ def test_real_score_uses_cfg_with_the_negative_prompt(overrides, real_scale):
     x = x.requires_grad_(True)
     loss, _ = algo.distribution_matching_loss(GeneratorOutput(x, None, None, None), context, negative)
     loss.backward()
-    cond, uncond = teacher.calls
+    cond, uncond = teacher.guidance_halves()  # one call at batch 2B: the prompt's half, the negative prompt's
     assert torch.equal(cond["context"], context) and torch.equal(uncond["context"], negative)
+    assert torch.equal(cond["x_t"], uncond["x_t"]) and torch.equal(cond["t"], uncond["t"])
     assert len(critic.calls) == 1 and torch.equal(critic.calls[0]["context"], context)  # no CFG for the critic
     t = shifted_score_t(t_int, cfg.distillation.score_timestep_shift)[:, None].expand(SHAPE[:2])
     torch.testing.assert_close(cond["t"].double(), t, rtol=1e-6, atol=1e-4)

@@ -180,6 +180,9 @@ class OptimiserSection:
 class ComputeSection:
     mixed_precision: bool = setting(True, "bf16 parameters/compute, fp32 reductions and master weights")
     gradient_checkpointing: bool = setting(True, "recompute transformer blocks in backward")
+    checkpoint_keeps_attention: bool = setting(True, "... except the generator's and critic's self-attention "
+                                               "kernels, whose outputs are kept (same gradients; ~0.1 GB per layer "
+                                               "of a 480x832 clip)")
     sharding_strategy: ShardingStrategy = setting("full", "FSDP: full | hybrid_full | hybrid_zero2 | no_shard (one "
                                                   "process: no FSDP, fp32)")
     cpu_offload: bool = setting(False, "FSDP parameter offload to CPU")
