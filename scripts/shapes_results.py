@@ -25,6 +25,7 @@ from utils.errors import InputError, InputKeyError, MissingFileError, UserError,
 ROWS = (("teacher", "Teacher (bidirectional, many steps, CFG)"), ("teacher_forcing", "Teacher forcing"),
         ("diffusion_forcing", "Diffusion forcing"), ("causvid", "CausVid"), ("dmd", "Self Forcing (DMD)"),
         ("sid", "Self Forcing (SiD)"), ("gan", "Self Forcing (GAN)"), ("ode_init", "ODE init"),
+        ("model", "Model folder (--model)"),
         ("reference", "Rendered ground truth (evaluator ceiling)"))
 LABELS = dict(ROWS)
 SELF_FORCING = ("dmd", "sid", "gan")
