@@ -248,19 +248,24 @@ def score(sample: Sampler, scenes_by_split: dict[str, list[Any]], frames: int, s
           factor: int) -> dict[str, dict[str, Any]]:
     """Generate and score every split at one length -> {split: pooled report + timing}."""
     from shapes import evaluate
+    from shapes.intervals import score_intervals
     out = {}
     for split, scenes in scenes_by_split.items():
-        reports, shapes, stats = [], [], []
+        reports, shapes, stats, per_video = [], [], [], []
         for start in range(0, len(scenes), settings.batch_size):
             batch = scenes[start:start + settings.batch_size]
             # the same noise for every model: seeded by (seed, split, length, batch), drawn on the CPU
             gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + SPLITS.index(split) * 10_007
                                                 + factor * 101 + start)
             video, st = sample(batch, frames, gen)
-            reports.append(evaluate(video, batch, value_range=(0, 1), layout="BTCHW"))
+            report = evaluate(video, batch, value_range=(0, 1), layout="BTCHW", per_video=True)
+            per_video += report.pop("per_video")
+            reports.append(report)
             shapes.append(sum(len(s.shapes) for s in batch))
             stats.append((len(batch), st))
-        out[split] = {**pool_reports(reports, shapes), "timing": pool_timing(stats)}
+        # bootstrap resamples seeded like the noise: reruns give the same intervals
+        ci = score_intervals(per_video, seed=settings.seed * 1_000_003 + SPLITS.index(split) * 10_007 + factor * 101)
+        out[split] = {**pool_reports(reports, shapes), "ci": ci, "timing": pool_timing(stats)}
     return out
 
 
@@ -416,14 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     `stages`: per stage its kind (teacher / few_step / diffusion /
     reference), steps per block, timesteps, cache used beyond 1x, batch-1 timing; `results`: one entry per (stage,
     split, length factor) with the evaluator's scores pooled over batches, `frame_quality_first/last` (first and
-    last quarter of the frames), `per_frame` curves and `timing` (batched)."""
+    last quarter of the frames), `per_frame` curves, `timing` (batched) and `ci`: per headline score its mean and
+    95% interval over the scenes (`shapes/intervals.py`: Wilson for yes/no scores, else a scene bootstrap)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="the --out folder of scripts/shapes_world.py")
     source.add_argument("--model", help="an exported model folder (e.g. assets/shapes_world); needs --output")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(EVAL_STAGES)} "
                                                   "(default: every finished one)")
-    p.add_argument("--num-prompts", type=int, default=64, help="scenes per split (default: %(default)s)")
+    p.add_argument("--prompts", "--num-prompts", dest="num_prompts", type=int, default=64,
+                   help="scenes per split (default: %(default)s; 256 or more for intervals worth quoting)")
     p.add_argument("--lengths", default="1,3,10", help="multiples of the training length (default: %(default)s)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="generator_ema or generator weights")
     p.add_argument("--teacher-steps", type=int, default=48, help="teacher sampling steps (default: %(default)s)")

@@ -47,3 +47,14 @@ def test_model_needs_output_and_a_model_folder(tmp_path, capsys):
     assert not (tmp_path / "e.json").exists()
     with pytest.raises(SystemExit):  # --run and --model exclude each other
         ev.main(["--model", str(BUNDLED), "--run", str(tmp_path), "--output", str(tmp_path / "e.json")])
+
+
+def test_every_result_carries_intervals_around_its_means(bundled_eval):
+    for r in bundled_eval["results"]:
+        ci = r["ci"]
+        assert ci["motion_correct"]["method"] == "wilson" and ci["attribute_accuracy"]["method"] == "bootstrap"
+        assert ci["attribute_accuracy"]["mean"] == pytest.approx(r["attribute_accuracy"])
+        assert ci["motion_correct"]["mean"] == pytest.approx(r["motion_correct"])
+        for entry in ci.values():
+            if entry["mean"] is not None:
+                assert entry["low"] - 1e-9 <= entry["mean"] <= entry["high"] + 1e-9
