@@ -65,6 +65,7 @@ class EvalSettings:
     seed: int = 0
     device: str = "cpu"
     fp8: bool = False  # the networks' block linears in FP8 (model/fp8.py): the lever's quality delta
+    short_fraction: float = 0.0  # scenes prompted in a short form (size and/or speed left out, and not scored)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -354,7 +355,8 @@ def evaluate_run(run: str | Path | None, stages: list[str] | None, settings: Eva
             raise MissingFileError(f"--run {run} is not a folder (expected the --out of scripts/shapes_world.py)")
         names = available_stages(run, stages, settings.weights)
     scenes = {split: sample_scenes(settings.num_prompts, torch.Generator().manual_seed(settings.seed * 7919 + i),
-                                   split=split) for i, split in enumerate(SPLITS)}
+                                   split=split, short_fraction=settings.short_fraction)
+              for i, split in enumerate(SPLITS)}
     info: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
     configs = {}
@@ -443,8 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="default: <run>/eval.json")
     p.add_argument("--fp8", action="store_true",
                    help="sample with FP8 block linears (model/fp8.py), to compare with an evaluation without")
+    p.add_argument("--short-fraction", type=float, default=0.0,
+                   help="fraction of scenes prompted in a short form that leaves out size and/or speed; those "
+                        "attributes are not scored (1: short prompts only; default: %(default)s)")
     args = p.parse_args(argv)
     try:
+        if not 0.0 <= args.short_fraction <= 1.0:
+            raise InputError(f"--short-fraction must be in [0, 1], got {args.short_fraction}")
         for flag in ("num_prompts", "teacher_steps", "baseline_steps", "batch_size"):
             if getattr(args, flag) < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -452,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, lengths=_positive_ints(args.lengths, "--lengths"), weights=args.weights,
             teacher_steps=args.teacher_steps, teacher_sampler=args.teacher_sampler,
             baseline_steps=args.baseline_steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8)
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8,
+            short_fraction=args.short_fraction)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
         if args.model and (args.stages or not args.output):
             raise InputError("--model scores the one folder it names: give --output FILE (nothing is written into "

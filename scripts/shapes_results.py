@@ -67,7 +67,11 @@ def pool_reports(reports: list[dict[str, Any]], num_shapes: list[int]) -> dict[s
     for key in VIDEO_KEYS:
         pooled[key] = _pool([r[key] for r in reports], videos)
     for key in SHAPE_KEYS:
-        pooled[key] = _pool([r[key] for r in reports], num_shapes)
+        attribute = key.removesuffix("_accuracy")
+        # an attribute a short prompt leaves out is scored on the shapes that state it: weigh by those
+        weights = [r["num_stated"][attribute] if attribute in r.get("num_stated", {}) else n
+                   for r, n in zip(reports, num_shapes)]
+        pooled[key] = _pool([r[key] for r in reports], weights)
     pooled["per_frame"] = {
         key: [_pool(list(column), videos) for column in zip(*[r["per_frame"][key] for r in reports])]
         for key in ("frame_quality", "velocity_match")}

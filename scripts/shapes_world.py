@@ -138,7 +138,8 @@ def run_ode_pairs(out: Path, size: str) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = shapes_dit(cfg, str(out / "teacher" / "generator_ema.safetensors")).to(device, dtype).eval()
     text = load_shapes_text(cfg, teacher.config.text_len, device=device)
-    scenes = sample_scenes(settings["num_prompts"], torch.Generator().manual_seed(2), split="train")
+    scenes = sample_scenes(settings["num_prompts"], torch.Generator().manual_seed(2), split="train",
+                           short_fraction=cfg.shapes_short_prompt_fraction)
     prompts = [short_prompt(s) for s in scenes]
     _, frames, channels, h, w = cfg.image_or_video_shape
     generate_ode_pairs(Denoiser(teacher, FlowMatchSchedule(cfg.model_kwargs.timestep_shift), uniform_timestep=True),

@@ -47,6 +47,9 @@ class Config:
     real_score_ckpt: Optional[str] = None  # teacher weights (else <model_root>/<real_name>)
     fake_score_ckpt: Optional[str] = None  # critic initial weights (else <model_root>/<fake_name>, or the teacher's)
     codec_spatial_factor: int = 2  # shapes world: pixel-unshuffle factor of the latent codec
+    # shapes world: fraction of training prompts in a short form that leaves out size and/or speed (the scene still
+    # has them, drawn at random; shapes/world.py OMISSIONS); also the ODE pairs' prompts
+    shapes_short_prompt_fraction: float = 0.0
     model_root: str = "wan_models"  # folder holding <real_name>/, <fake_name>/ and model_kwargs.model_name/
     generator_ckpt: Optional[str] = None
     real_name: str = "Wan2.1-T2V-1.3B"
@@ -234,6 +237,11 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('i2v')}: i2v = true needs independent_first_frame = true: the rollout starts from "
                           "the data's first latent frame as a block of its own, then generates whole blocks")
     _validate_long_rollout(cfg, where, rollout_recipe)
+    if not 0.0 <= cfg.shapes_short_prompt_fraction <= 1.0 or (cfg.shapes_short_prompt_fraction and
+                                                                 cfg.world != "shapes"):
+        raise ConfigError(f"{where('shapes_short_prompt_fraction')}: shapes_short_prompt_fraction must be in [0, 1] "
+                          f"and needs world: shapes, got {cfg.shapes_short_prompt_fraction} with world "
+                          f"{cfg.world!r}")
     if not 0.0 <= cfg.frame_causal_fraction < 1.0:
         raise ConfigError(f"{where('frame_causal_fraction')}: frame_causal_fraction must be in [0, 1) (a model trained "
                           f"only causally is a causal one: causal: true), got {cfg.frame_causal_fraction}")
