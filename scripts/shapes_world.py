@@ -16,7 +16,11 @@ Stages, in order (configs/shapes/*.yaml):
 Optional stage (only when named in --stages):
   dmd_long     the DMD student tuned on long self-rollouts with prompt switches (docs/training.md)
 Each training stage leaves `<out>/<stage>/generator.safetensors` (+ `generator_ema.safetensors`, `config.json`)
-next to its logs; a finished stage is skipped on a rerun (resume), `--force` redoes it.
+next to its logs, and `stage.json`: the step it reached, its max_steps and whether it got there (a stage may be
+time-boxed with `time_limit_s`, e.g. SHAPES_OVERRIDES="time_limit_s=200"). A stage with outputs is skipped on a
+rerun, `--force` redoes it; `--resume` continues a stage that a time limit cut short from its last checkpoint (same
+data order, seeds and random state: the trainer's exact resume) up to its max_steps. A stage killed before it wrote
+its outputs continues from its last checkpoint on any rerun.
 """
 from __future__ import annotations
 
@@ -104,6 +108,28 @@ def run_base(out: Path, size: str) -> None:
         indent=2))
 
 
+STAGE_RECORD = "stage.json"
+
+
+def read_stage_record(out: Path, stage: str) -> dict | None:
+    """What `run_train` recorded of a training stage (None: no record, e.g. a stage that is not trained)."""
+    path = out / stage / STAGE_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_stage_record(out: Path, stage: str, final: Path) -> dict:
+    from trainer.train_state import list_checkpoints
+    from utils.config import load_config
+    cfg = load_config(final / "config.yaml")
+    step = list_checkpoints(out / stage / "logs")[-1][0]
+    record = {"stage": stage, "step": step, "max_steps": cfg.max_steps, "complete": step >= cfg.max_steps,
+              "time_limit_s": cfg.time_limit_s, "seed": cfg.seed, "checkpoint": final.name}
+    tmp = out / stage / f".{STAGE_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out / stage / STAGE_RECORD)
+    return record
+
+
 def run_train(stage: str, out: Path, size: str) -> None:
     import train
     from trainer.train_state import latest_checkpoint
@@ -121,6 +147,10 @@ def run_train(stage: str, out: Path, size: str) -> None:
             shutil.copy2(final / name, out / stage / name)
     if not (out / stage / "generator_ema.safetensors").is_file():
         shutil.copy2(out / stage / "generator.safetensors", out / stage / "generator_ema.safetensors")
+    record = _write_stage_record(out, stage, final)
+    if not record["complete"]:
+        print(f"[shapes] {stage}: stopped by time_limit_s at step {record['step']} of {record['max_steps']}; "
+              f"--resume --stages {stage} continues it", flush=True)
 
 
 def run_ode_pairs(out: Path, size: str) -> None:
@@ -165,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=["full", "smoke"], default="full", help="full recipe or a smoke run")
     p.add_argument("--stages", default=",".join(ALL_STAGES), help="comma-separated stages (default: all)")
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
+    p.add_argument("--resume", action="store_true",
+                   help="continue stages that a time limit stopped before max_steps, from their last checkpoint")
     args = p.parse_args(argv)
+    if args.force and args.resume:
+        p.error("--force redoes stages from scratch, --resume continues them: give one")
     out = Path(args.out)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(ALL_STAGES) - set(OPTIONAL_STAGES))
@@ -175,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in [s for s in ALL_STAGES + OPTIONAL_STAGES if s in stages]:
         done = out / stage / ("model_index.json" if stage in ("base", "export") else
                               "index.json" if stage == "ode_pairs" else "generator.safetensors")
-        if done.exists() and not args.force:
-            print(f"[shapes] {stage}: done, skipped", flush=True)
+        record = read_stage_record(out, stage)
+        cut = record is not None and not record["complete"]
+        if done.exists() and not args.force and not (args.resume and cut):
+            note = f" (stopped at step {record['step']} of {record['max_steps']}; --resume continues it)" if cut else ""
+            print(f"[shapes] {stage}: done, skipped{note}", flush=True)
             continue
         if args.force and (out / stage).exists():
             shutil.rmtree(out / stage)
