@@ -4,6 +4,7 @@
     python scripts/shapes_world.py --out runs/smoke --size smoke         # a few steps of everything (CPU, CI)
     python scripts/shapes_world.py --out runs/shapes --stages dmd,export # some stages (earlier ones must exist)
     python scripts/shapes_world.py --out runs/shapes --stages dmd_long   # an optional stage, after dmd
+    python scripts/shapes_world.py --recipe assets/shapes_world/recipe.json --out runs/replay  # a recorded recipe
 
 Stages, in order (configs/shapes/*.yaml):
   base         frozen text encoder + tokenizer over the world's vocabulary, and the codec, as a model folder
@@ -53,12 +54,12 @@ SMOKE_ODE_PAIRS = {"num_prompts": 4, "num_steps": 8, "record": [0, 2, 4, 6, 8]}
 FULL_ODE_PAIRS = {"num_prompts": 2048, "num_steps": 48, "record": [0, 12, 24, 36, 48]}
 
 
-def stage_overrides(out: Path, size: str) -> list[str]:
-    """Paths into the run folder, the smoke settings, then `key=value` items of $SHAPES_OVERRIDES (e.g. a shorter
-    max_steps for a time-boxed run)."""
+def stage_overrides(out: Path, size: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """Paths into the run folder, the smoke settings, `key=value` items of $SHAPES_OVERRIDES (e.g. a shorter
+    max_steps for a time-boxed run), then `extra` (a recipe step's own)."""
     paths = [f"text_encoder_path={out / 'base'}", f"ode_data_path={out / 'ode_pairs'}"]
-    extra = os.environ.get("SHAPES_OVERRIDES", "").split()
-    return paths + (SMOKE if size == "smoke" else []) + extra
+    env = os.environ.get("SHAPES_OVERRIDES", "").split()
+    return paths + (SMOKE if size == "smoke" else []) + env + list(extra)
 
 
 def weights_overrides(stage: str, out: Path) -> list[str]:
@@ -79,18 +80,18 @@ def weights_overrides(stage: str, out: Path) -> list[str]:
     return []
 
 
-def load_stage_config(stage: str, out: Path, size: str):
+def load_stage_config(stage: str, out: Path, size: str, extra: tuple[str, ...] = ()):
     from utils.config import load_config
-    overrides = stage_overrides(out, size) + weights_overrides(stage, out)
+    overrides = stage_overrides(out, size, extra) + weights_overrides(stage, out)
     return load_config(CONFIGS / f"{TRAIN_STAGES.get(stage, 'base')}.yaml", overrides)
 
 
 BASE_ASSET = REPO / "assets" / "shapes_base"  # the full recipe's text encoder, shipped so every machine agrees
 
 
-def run_base(out: Path, size: str) -> None:
+def run_base(out: Path, size: str, extra: tuple[str, ...] = ()) -> None:
     from shapes.components import shapes_codec, write_text_encoder
-    cfg = load_stage_config("teacher", out, size)
+    cfg = load_stage_config("teacher", out, size, extra)
     base = out / "base"
     dit = cfg.dit_config
     shipped = json.loads((BASE_ASSET / "text_encoder" / "config.json").read_text())["d_model"]
@@ -130,12 +131,12 @@ def _write_stage_record(out: Path, stage: str, final: Path) -> dict:
     return record
 
 
-def run_train(stage: str, out: Path, size: str) -> None:
+def run_train(stage: str, out: Path, size: str, extra: tuple[str, ...] = ()) -> None:
     import train
     from trainer.train_state import latest_checkpoint
     logdir = out / stage / "logs"
     argv = ["--config_path", str(CONFIGS / f"{TRAIN_STAGES[stage]}.yaml"), "--logdir", str(logdir),
-            "--disable-wandb", *stage_overrides(out, size), *weights_overrides(stage, out)]
+            "--disable-wandb", *stage_overrides(out, size, extra), *weights_overrides(stage, out)]
     if latest_checkpoint(logdir) is not None:
         argv.insert(0, "--resume")
     train.main(argv)
@@ -153,7 +154,7 @@ def run_train(stage: str, out: Path, size: str) -> None:
               f"--resume --stages {stage} continues it", flush=True)
 
 
-def run_ode_pairs(out: Path, size: str) -> None:
+def run_ode_pairs(out: Path, size: str, extra: tuple[str, ...] = (), num_prompts: int | None = None) -> None:
     import torch
 
     from pipeline.denoiser import Denoiser
@@ -161,9 +162,9 @@ def run_ode_pairs(out: Path, size: str) -> None:
     from scripts.generate_ode_pairs import generate_ode_pairs
     from shapes import sample_scenes, short_prompt
     from shapes.components import load_shapes_text, shapes_dit
-    cfg = load_stage_config("ode_init", out, size)
+    cfg = load_stage_config("ode_init", out, size, extra)
     settings = dict(SMOKE_ODE_PAIRS if size == "smoke" else FULL_ODE_PAIRS)
-    settings["num_prompts"] = int(os.environ.get("SHAPES_ODE_PROMPTS", settings["num_prompts"]))
+    settings["num_prompts"] = int(os.environ.get("SHAPES_ODE_PROMPTS", num_prompts or settings["num_prompts"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = shapes_dit(cfg, str(out / "teacher" / "generator_ema.safetensors")).to(device, dtype).eval()
@@ -189,6 +190,28 @@ def run_export(out: Path, size: str) -> None:
         raise RuntimeError(f"export failed with status {code}")
 
 
+def stage_done(out: Path, stage: str) -> bool:
+    return (out / stage / ("model_index.json" if stage in ("base", "export") else
+                           "index.json" if stage == "ode_pairs" else "generator.safetensors")).exists()
+
+
+def run_stage(stage: str, out: Path, size: str, extra: tuple[str, ...] = (), ode_prompts: int | None = None) -> float:
+    """Run one stage (`extra`: overrides after every other, `ode_prompts`: prompts of the ode_pairs stage) -> s."""
+    tic = time.perf_counter()
+    print(f"[shapes] {stage} ...", flush=True)
+    if stage == "base":
+        run_base(out, size, extra)
+    elif stage == "ode_pairs":
+        run_ode_pairs(out, size, extra, ode_prompts)
+    elif stage == "export":
+        run_export(out, size)
+    else:
+        run_train(stage, out, size, extra)
+    seconds = time.perf_counter() - tic
+    print(f"[shapes] {stage}: {seconds:.1f} s", flush=True)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="run folder (default: %(default)s)")
@@ -197,38 +220,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--resume", action="store_true",
                    help="continue stages that a time limit stopped before max_steps, from their last checkpoint")
+    p.add_argument("--recipe", metavar="JSON",
+                   help="replay a recorded recipe (e.g. assets/shapes_world/recipe.json) instead of --stages")
     args = p.parse_args(argv)
     if args.force and args.resume:
         p.error("--force redoes stages from scratch, --resume continues them: give one")
     out = Path(args.out)
+    if args.recipe:
+        from scripts.shapes_recipe import replay
+        from utils.errors import UserError, one_line
+        try:
+            replay(args.recipe, out, args.size)
+        except UserError as err:  # the project's own errors; a bug keeps its traceback
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+        return 0
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(ALL_STAGES) - set(OPTIONAL_STAGES))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES + OPTIONAL_STAGES}")
     timings = {}
     for stage in [s for s in ALL_STAGES + OPTIONAL_STAGES if s in stages]:
-        done = out / stage / ("model_index.json" if stage in ("base", "export") else
-                              "index.json" if stage == "ode_pairs" else "generator.safetensors")
         record = read_stage_record(out, stage)
         cut = record is not None and not record["complete"]
-        if done.exists() and not args.force and not (args.resume and cut):
+        if stage_done(out, stage) and not args.force and not (args.resume and cut):
             note = f" (stopped at step {record['step']} of {record['max_steps']}; --resume continues it)" if cut else ""
             print(f"[shapes] {stage}: done, skipped{note}", flush=True)
             continue
         if args.force and (out / stage).exists():
             shutil.rmtree(out / stage)
-        tic = time.perf_counter()
-        print(f"[shapes] {stage} ...", flush=True)
-        if stage == "base":
-            run_base(out, args.size)
-        elif stage == "ode_pairs":
-            run_ode_pairs(out, args.size)
-        elif stage == "export":
-            run_export(out, args.size)
-        else:
-            run_train(stage, out, args.size)
-        timings[stage] = time.perf_counter() - tic
-        print(f"[shapes] {stage}: {timings[stage]:.1f} s", flush=True)
+        timings[stage] = run_stage(stage, out, args.size)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"timings_{int(time.time())}.json").write_text(json.dumps(timings, indent=2))
     return 0
