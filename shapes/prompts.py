@@ -1,8 +1,8 @@
 """Prompts of the shapes world, generated from the scene attributes, and the closed vocabulary they use.
 
 Short prompts use one canonical wording ("a large red circle moves quickly left on a blue background"; two shapes
-joined by "and"; a shape's `omitted` attributes left out: "a red circle moves left ..."); extended prompts paraphrase the same attributes with templates and synonyms chosen
-deterministically from a seed. Every word is listed by `vocabulary()`, which feeds
+joined by "and"; a shape's `omitted` attributes left out: "a red circle moves left ..."); extended prompts
+paraphrase the same attributes with templates and synonyms chosen deterministically from a seed. Every word is listed by `vocabulary()`, which feeds
 `model.text_encoder.build_word_tokenizer` (lower case, split on whitespace and punctuation: `\\w+|[^\\w\\s]+`).
 """
 from __future__ import annotations
