@@ -1,7 +1,7 @@
 """The paper's claims in the shapes world, with error bars: every variant at equal generator steps, several training
 seeds, evaluated at 1x, 3x and 10x the training length.
 
-    python scripts/shapes_claims.py --out runs/claims --seeds 1,2,3 --generator-steps 500 --prompts 256
+    python scripts/shapes_claims.py --out runs/claims --seeds 1,2,3 --generator-steps 200 --prompts 256
     python scripts/shapes_claims.py --out runs/claims_tiny --size smoke --seeds 1,2,3 --generator-steps 2 \
         --prompts 2 --lengths 1,2                                     # the whole path in a minute on a CPU
 
