@@ -2,8 +2,6 @@
 was never stopped (tiny sizes, CPU)."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
