@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import shapes_recipe, shapes_world
+from scripts import shapes_world
 from utils.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +25,7 @@ def _card_settings() -> dict[str, str]:
 
 
 def test_recipe_matches_the_records_and_says_what_is_missing():
-    recipe = shapes_recipe.load_recipe(RECIPE)
+    recipe = shapes_world.load_recipe(RECIPE)
     assert recipe["exact"] is False and len(recipe["not_recoverable"]) >= 2
     steps = {s["name"]: s for s in recipe["steps"]}
     record = json.loads((REPO / "benchmarks" / "results" / "shapes_recipe_h100.json").read_text())["training"]
@@ -55,7 +55,7 @@ def test_bad_recipes_are_errors_naming_the_key(tmp_path):
         path = tmp_path / f"{key}.json"
         path.write_text(json.dumps(bad))
         with pytest.raises(Exception, match=key):
-            shapes_recipe.load_recipe(path)
+            shapes_world.load_recipe(path)
     assert shapes_world.main(["--recipe", str(tmp_path / "format.json"), "--out", str(tmp_path / "o")]) == 2
 
 
@@ -66,7 +66,7 @@ def test_bundled_recipe_replays_at_smoke_size(tmp_path, capsys):
     out = tmp_path / "replay"
     assert shapes_world.main(["--recipe", str(RECIPE), "--out", str(out), "--size", "smoke"]) == 0
     assert shapes.world.START_MARGIN == margin  # the recipe's world setting holds for the replay only
-    progress = json.loads((out / shapes_recipe.PROGRESS).read_text())
+    progress = json.loads((out / shapes_world.RECIPE_PROGRESS).read_text())
     names = [s["name"] for s in json.loads(RECIPE.read_text())["steps"]]
     assert [d["name"] for d in progress["done"]] == names
     # every training step ran its steps (smoke: 3) and the teacher phases continued one another
