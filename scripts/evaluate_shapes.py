@@ -2,6 +2,7 @@
 
     python scripts/evaluate_shapes.py --run runs/shapes                          # all stages found, -> eval.json
     python scripts/evaluate_shapes.py --run runs/shapes --stages dmd,teacher_forcing --lengths 1,3
+    python scripts/evaluate_shapes.py --model assets/shapes_world --output runs/eval_bundled.json  # a model folder
 
 For each stage: the same seeded held-in (train split) and held-out scenes, their short prompts, the same initial
 noise. Causal models roll out 1x, 3x, 10x their training length (`image_or_video_shape[1]` latent frames; the
@@ -18,7 +19,8 @@ like the few-step list, by the same x0-prediction / re-noise chain of the rollou
 `--teacher-steps` Euler (ODE-pair recipe, CFG in x0) or UniPC (CFG in flow) steps with the negative prompt, at 1x
 only (it denoises a whole clip at once: there is no rollout). A "reference" entry scores the rendered ground truth
 (the evaluator's ceiling). Timings come from the pipeline's stats after a warm-up call, for the batch and for one
-prompt alone.
+prompt alone. `--model DIR` scores one exported model folder (the bundled assets/shapes_world included) as the stage
+"model": its weights, text encoder and codec, with the rollout settings stored in its transformer/config.json.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
 
 from scripts.shapes_results import FORMAT, format_compact, nan_to_none, pool_reports, pool_timing
 from utils.errors import InputError, MissingFileError, UserError, one_line
@@ -45,6 +48,7 @@ from utils.errors import InputError, MissingFileError, UserError, one_line
 EVAL_STAGES = ("teacher", "teacher_forcing", "diffusion_forcing", "causvid", "dmd", "sid", "gan", "ode_init")
 BASELINES = ("teacher_forcing", "diffusion_forcing")
 SPLITS = ("train", "heldout")
+MODEL_STAGE = "model"  # the stage name of a model folder scored with --model
 # (scenes, latent frames, noise generator) -> (video [B, T, 3, H, W] in [0, 1] on the CPU, pipeline stats)
 Sampler = Callable[[list[Any], int, torch.Generator], tuple[Tensor, dict[str, Any]]]
 
@@ -61,6 +65,7 @@ class EvalSettings:
     seed: int = 0
     device: str = "cpu"
     fp8: bool = False  # the networks' block linears in FP8 (model/fp8.py): the lever's quality delta
+    short_fraction: float = 0.0  # scenes prompted in a short form (size and/or speed left out, and not scored)
 
 
 # ---------------------------------------------------------------------------------------------------- stages
@@ -155,14 +160,39 @@ def load_networks(cfg: Any, ckpt: Path, device: torch.device, dtype: torch.dtype
     return net, load_shapes_text(cfg, net.config.text_len, device=device)
 
 
-def causal_sampler(cfg: Any, net: Any, text: Any, steps: list[float], factor: int) -> Sampler:
+def load_model_folder(folder: Path, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
+    """(config, DiT, prompt encoder, codec) of an exported model folder: the shapes base config under the rollout
+    settings the folder stores with its transformer, its own text encoder and codec."""
+    from pipeline.loading import model_folder
+    from shapes.components import load_shapes_text
+    from utils.config import load_config
+    if not model_folder.is_model_folder(folder):
+        raise MissingFileError(f"--model {folder}: not a model folder (expected {folder / 'model_index.json'})")
+    for part in ("text_encoder", "tokenizer"):
+        if not (folder / part).is_dir():
+            raise MissingFileError(f"--model {folder}: {part}/ is missing (export with --include-base)")
+    if not model_folder.has_codec(folder):
+        raise MissingFileError(f"--model {folder}: codec/config.json is missing (not a shapes-world model)")
+    net, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
+    if not causal:
+        raise InputError(f"--model {folder}: transformer/config.json has no 'causal' settings (expected the rollout "
+                         "settings an export stores)")
+    overrides = [f"text_encoder_path={folder}"] + [f"{key}={json.dumps(value)}" for key, value in causal.items()
+                                                   if key != "model_kwargs"]
+    overrides += [f"model_kwargs.{key}={json.dumps(value)}" for key, value in causal.get("model_kwargs", {}).items()]
+    cfg = load_config(REPO / "configs" / "shapes" / "base.yaml", overrides)
+    text = load_shapes_text(cfg, net.config.text_len, device=device)
+    return cfg, net, text, model_folder.load_codec(folder, device=device, dtype=dtype)
+
+
+def causal_sampler(cfg: Any, net: Any, text: Any, steps: list[float], factor: int, codec: Any = None) -> Sampler:
     from pipeline.inference import CausalInferencePipeline, VideoRequest
     from pipeline.schedule import FlowMatchSchedule
     from shapes import short_prompt
     from shapes.components import shapes_codec
     schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
-    pipe = CausalInferencePipeline(net, text, shapes_codec(cfg), schedule, causal_settings(cfg, steps, factor),
-                                   negative_prompt=cfg.data.negative_prompt)
+    pipe = CausalInferencePipeline(net, text, codec or shapes_codec(cfg), schedule,
+                                   causal_settings(cfg, steps, factor), negative_prompt=cfg.data.negative_prompt)
 
     def sample(scenes: list[Any], frames: int, gen: torch.Generator) -> tuple[Tensor, dict[str, Any]]:
         request = VideoRequest(frames, cfg.inference.height, cfg.inference.width, generator=gen)
@@ -219,19 +249,24 @@ def score(sample: Sampler, scenes_by_split: dict[str, list[Any]], frames: int, s
           factor: int) -> dict[str, dict[str, Any]]:
     """Generate and score every split at one length -> {split: pooled report + timing}."""
     from shapes import evaluate
+    from shapes.intervals import score_intervals
     out = {}
     for split, scenes in scenes_by_split.items():
-        reports, shapes, stats = [], [], []
+        reports, shapes, stats, per_video = [], [], [], []
         for start in range(0, len(scenes), settings.batch_size):
             batch = scenes[start:start + settings.batch_size]
             # the same noise for every model: seeded by (seed, split, length, batch), drawn on the CPU
             gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + SPLITS.index(split) * 10_007
                                                 + factor * 101 + start)
             video, st = sample(batch, frames, gen)
-            reports.append(evaluate(video, batch, value_range=(0, 1), layout="BTCHW"))
+            report = evaluate(video, batch, value_range=(0, 1), layout="BTCHW", per_video=True)
+            per_video += report.pop("per_video")
+            reports.append(report)
             shapes.append(sum(len(s.shapes) for s in batch))
             stats.append((len(batch), st))
-        out[split] = {**pool_reports(reports, shapes), "timing": pool_timing(stats)}
+        # bootstrap resamples seeded like the noise: reruns give the same intervals
+        ci = score_intervals(per_video, seed=settings.seed * 1_000_003 + SPLITS.index(split) * 10_007 + factor * 101)
+        out[split] = {**pool_reports(reports, shapes), "ci": ci, "timing": pool_timing(stats)}
     return out
 
 
@@ -258,15 +293,22 @@ def _batch1_timing(sample: Sampler, scene: Any, frames: int) -> dict[str, Any]:
 
 def evaluate_stage(run: Path, stage: str, scenes: dict[str, list[Any]], settings: EvalSettings,
                    device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
-    """One stage at every length -> (its `stages` entry, its `results` entries, its config)."""
-    from pipeline.schedule import FlowMatchSchedule
+    """One stage of a run at every length -> (its `stages` entry, its `results` entries, its config)."""
     cfg = load_stage_config(run, stage)
     _, ckpt = stage_files(run, stage, settings.weights)
     net, text = load_networks(cfg, ckpt, device, dtype)
+    return evaluate_networks(stage, cfg, net, text, None, str(ckpt), scenes, settings)
+
+
+def evaluate_networks(stage: str, cfg: Any, net: Any, text: Any, codec: Any, source: str,
+                      scenes: dict[str, list[Any]],
+                      settings: EvalSettings) -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
+    """Loaded networks of one stage (codec None: the config's) at every length -> (info, results, config)."""
+    from pipeline.schedule import FlowMatchSchedule
     if settings.fp8:
         from model.fp8 import convert_to_fp8
         convert_to_fp8(net)
-    info: dict[str, Any] = {"checkpoint": str(ckpt), "training_frames": training_frames(cfg), "fp8": settings.fp8}
+    info: dict[str, Any] = {"checkpoint": source, "training_frames": training_frames(cfg), "fp8": settings.fp8}
     if stage == "teacher":
         factors = (1,)
         samplers = {1: teacher_sampler(cfg, net, text, settings)}
@@ -276,7 +318,7 @@ def evaluate_stage(run: Path, stage: str, scenes: dict[str, list[Any]], settings
         factors = settings.lengths
         steps = causal_steps(stage, cfg, FlowMatchSchedule(cfg.rollout.generator_shift,
                                                            cfg.model.num_train_timestep), settings.baseline_steps)
-        samplers = {f: causal_sampler(cfg, net, text, steps, f) for f in factors}
+        samplers = {f: causal_sampler(cfg, net, text, steps, f, codec) for f in factors}
         long = causal_settings(cfg, steps, 2)
         info.update(kind="diffusion" if stage in BASELINES else "few_step", steps_per_block=len(steps),
                     timesteps=steps, frames_per_block=cfg.rollout.num_frame_per_block,
@@ -292,21 +334,29 @@ def evaluate_stage(run: Path, stage: str, scenes: dict[str, list[Any]], settings
     return info, results, cfg
 
 
-def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettings,
+def evaluate_run(run: str | Path | None, stages: list[str] | None, settings: EvalSettings,
                  log: Callable[[str], None] = print,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Generate and score every stage, then the rendered reference -> the eval JSON dict (layout: see `main`).
-    `on_progress` gets the document so far (`"complete": false`) after each stage, so a run cut short (a killed or
-    time-limited job) keeps the stages it finished."""
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 model: str | Path | None = None) -> dict[str, Any]:
+    """Generate and score every stage of `run` (or the model folder `model`, as the stage "model"), then the
+    rendered reference -> the eval JSON dict (layout: see `main`). `on_progress` gets the document so far
+    (`"complete": false`) after each stage, so a run cut short (a killed or time-limited job) keeps the stages it
+    finished."""
     from shapes import sample_scenes
-    run = Path(run)
-    if not run.is_dir():
-        raise MissingFileError(f"--run {run} is not a folder (expected the --out of scripts/shapes_world.py)")
+    if (run is None) == (model is None):
+        raise InputError("give --run RUN (a scripts/shapes_world.py folder) or --model DIR (a model folder), one")
     device = torch.device(settings.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = available_stages(run, stages, settings.weights)
+    if model is not None:
+        run, names = Path(model), [MODEL_STAGE]
+    else:
+        run = Path(run)
+        if not run.is_dir():
+            raise MissingFileError(f"--run {run} is not a folder (expected the --out of scripts/shapes_world.py)")
+        names = available_stages(run, stages, settings.weights)
     scenes = {split: sample_scenes(settings.num_prompts, torch.Generator().manual_seed(settings.seed * 7919 + i),
-                                   split=split) for i, split in enumerate(SPLITS)}
+                                   split=split, short_fraction=settings.short_fraction)
+              for i, split in enumerate(SPLITS)}
     info: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
     configs = {}
@@ -320,7 +370,12 @@ def evaluate_run(run: str | Path, stages: list[str] | None, settings: EvalSettin
 
     for stage in names:
         tic = time.perf_counter()
-        info[stage], entries, configs[stage] = evaluate_stage(run, stage, scenes, settings, device, dtype)
+        if stage == MODEL_STAGE:
+            cfg, net, text, codec = load_model_folder(run, device, dtype)
+            info[stage], entries, configs[stage] = evaluate_networks(stage, cfg, net, text, codec, str(run),
+                                                                     scenes, settings)
+        else:
+            info[stage], entries, configs[stage] = evaluate_stage(run, stage, scenes, settings, device, dtype)
         results += entries
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -368,12 +423,16 @@ def main(argv: list[str] | None = None) -> int:
     `stages`: per stage its kind (teacher / few_step / diffusion /
     reference), steps per block, timesteps, cache used beyond 1x, batch-1 timing; `results`: one entry per (stage,
     split, length factor) with the evaluator's scores pooled over batches, `frame_quality_first/last` (first and
-    last quarter of the frames), `per_frame` curves and `timing` (batched)."""
+    last quarter of the frames), `per_frame` curves, `timing` (batched) and `ci`: per headline score its mean and
+    95% interval over the scenes (`shapes/intervals.py`: Wilson for yes/no scores, else a scene bootstrap)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the --out folder of scripts/shapes_world.py")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="the --out folder of scripts/shapes_world.py")
+    source.add_argument("--model", help="an exported model folder (e.g. assets/shapes_world); needs --output")
     p.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(EVAL_STAGES)} "
                                                   "(default: every finished one)")
-    p.add_argument("--num-prompts", type=int, default=64, help="scenes per split (default: %(default)s)")
+    p.add_argument("--prompts", "--num-prompts", dest="num_prompts", type=int, default=64,
+                   help="scenes per split (default: %(default)s; 256 or more for intervals worth quoting)")
     p.add_argument("--lengths", default="1,3,10", help="multiples of the training length (default: %(default)s)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="generator_ema or generator weights")
     p.add_argument("--teacher-steps", type=int, default=48, help="teacher sampling steps (default: %(default)s)")
@@ -386,8 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="default: <run>/eval.json")
     p.add_argument("--fp8", action="store_true",
                    help="sample with FP8 block linears (model/fp8.py), to compare with an evaluation without")
+    p.add_argument("--short-fraction", type=float, default=0.0,
+                   help="fraction of scenes prompted in a short form that leaves out size and/or speed; those "
+                        "attributes are not scored (1: short prompts only; default: %(default)s)")
     args = p.parse_args(argv)
     try:
+        if not 0.0 <= args.short_fraction <= 1.0:
+            raise InputError(f"--short-fraction must be in [0, 1], got {args.short_fraction}")
         for flag in ("num_prompts", "teacher_steps", "baseline_steps", "batch_size"):
             if getattr(args, flag) < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -395,10 +459,15 @@ def main(argv: list[str] | None = None) -> int:
             num_prompts=args.num_prompts, lengths=_positive_ints(args.lengths, "--lengths"), weights=args.weights,
             teacher_steps=args.teacher_steps, teacher_sampler=args.teacher_sampler,
             baseline_steps=args.baseline_steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8)
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8,
+            short_fraction=args.short_fraction)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+        if args.model and (args.stages or not args.output):
+            raise InputError("--model scores the one folder it names: give --output FILE (nothing is written into "
+                             "the model folder) and no --stages")
         output = args.output or Path(args.run) / "eval.json"
-        data = evaluate_run(args.run, stages, settings, on_progress=lambda doc: write_json_atomic(output, doc))
+        data = evaluate_run(args.run, stages, settings, on_progress=lambda doc: write_json_atomic(output, doc),
+                            model=args.model)
     except UserError as err:  # only the project's own errors: a bug keeps its traceback
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2

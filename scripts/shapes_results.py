@@ -25,6 +25,7 @@ from utils.errors import InputError, InputKeyError, MissingFileError, UserError,
 ROWS = (("teacher", "Teacher (bidirectional, many steps, CFG)"), ("teacher_forcing", "Teacher forcing"),
         ("diffusion_forcing", "Diffusion forcing"), ("causvid", "CausVid"), ("dmd", "Self Forcing (DMD)"),
         ("sid", "Self Forcing (SiD)"), ("gan", "Self Forcing (GAN)"), ("ode_init", "ODE init"),
+        ("model", "Model folder (--model)"),
         ("reference", "Rendered ground truth (evaluator ceiling)"))
 LABELS = dict(ROWS)
 SELF_FORCING = ("dmd", "sid", "gan")
@@ -66,7 +67,11 @@ def pool_reports(reports: list[dict[str, Any]], num_shapes: list[int]) -> dict[s
     for key in VIDEO_KEYS:
         pooled[key] = _pool([r[key] for r in reports], videos)
     for key in SHAPE_KEYS:
-        pooled[key] = _pool([r[key] for r in reports], num_shapes)
+        attribute = key.removesuffix("_accuracy")
+        # an attribute a short prompt leaves out is scored on the shapes that state it: weigh by those
+        weights = [r["num_stated"][attribute] if attribute in r.get("num_stated", {}) else n
+                   for r, n in zip(reports, num_shapes)]
+        pooled[key] = _pool([r[key] for r in reports], weights)
     pooled["per_frame"] = {
         key: [_pool(list(column), videos) for column in zip(*[r["per_frame"][key] for r in reports])]
         for key in ("frame_quality", "velocity_match")}

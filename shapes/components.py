@@ -135,7 +135,7 @@ class ShapesBatches:
         self.codec = shapes_codec(cfg)
         frames = cfg.rollout.image_or_video_shape[1]
         self.dataset = ShapesWorldDataset(frames, cfg.inference.height, cfg.inference.width, split="train", seed=seed,
-                                          device=device)
+                                          device=device, short_fraction=cfg.data.shapes_short_prompt_fraction)
         self.batch_size = cfg.optimiser.batch_size
         self.generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + rank)
         self.switch_prompts = cfg.rollout.prompt_switch_prob > 0
@@ -150,7 +150,8 @@ class ShapesBatches:
             # Prompt switches of long rollouts: the prompts of scenes drawn after the batch's own.
             from shapes.prompts import short_prompt
             from shapes.world import sample_scenes
-            scenes = sample_scenes(self.batch_size, self.generator, self.dataset.split, self.dataset.num_shapes)
+            scenes = sample_scenes(self.batch_size, self.generator, self.dataset.split, self.dataset.num_shapes,
+                                   self.dataset.short_fraction)
             out["switch_prompts"] = [short_prompt(scene) for scene in scenes]
         return out
 

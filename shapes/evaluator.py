@@ -5,7 +5,9 @@ Input: videos `[B, T, 3, H, W]` (or `[T, 3, H, W]`; layout "BCTHW" for `[B, 3, T
 attributes; this module matches them to the targets and scores:
 
 * attributes: background, and per target shape colour / shape / size / initial direction / speed; the target is
-  matched to the object of its colour, else to the largest unclaimed object (colour then counts as wrong);
+  matched to the object of its colour, else to the largest unclaimed object (colour then counts as wrong); an
+  attribute a short prompt leaves out (`ShapeSpec.omitted`) is not scored, and a left-out speed is judged by the
+  speed the video shows (motion must still be steady and in the prompted direction);
 * motion: per step, the velocity must be a reflection of the target velocity (each axis' magnitude within
   `0.25 * speed + 0.15 px` at 64 px) and an axis may only reverse after touching a wall; `velocity_match` is the
   fraction of usable steps that pass; `motion_correct` = direction and speed right and velocity_match >= 0.8 for
@@ -48,9 +50,12 @@ def _match(a: dict[str, Tensor], scenes: Sequence[SceneSpec], num: int) -> Tenso
     return match
 
 
-def _targets(scenes: Sequence[SceneSpec], num: int, scale: float) -> dict[str, Tensor]:
-    """Target attribute indices `[B, S]` (-2 padding) and velocity `[B, S, 2]` in px/frame."""
+def _targets(scenes: Sequence[SceneSpec], num: int, scale: float, read_speed: Tensor) -> dict[str, Tensor]:
+    """Target attribute indices `[B, S]` (-2 padding), velocity `[B, S, 2]` in px/frame and, per attribute,
+    `stated_<name>` `[B, S]` (the prompt names it). A speed the prompt leaves out is the one read from the video
+    (`read_speed` `[B, S]`, -1 when not read): motion is then judged against the speed the model chose."""
     idx = {name: torch.full((len(scenes), num), -2, dtype=torch.long) for name in ATTRIBUTES}
+    stated = {name: torch.zeros(len(scenes), num, dtype=torch.bool) for name in ATTRIBUTES}
     vel = torch.zeros(len(scenes), num, 2)
     tables = {"colour": COLOURS, "shape": SHAPES, "size": tuple(SIZES), "direction": tuple(DIRECTIONS),
               "speed": tuple(SPEEDS)}
@@ -58,9 +63,12 @@ def _targets(scenes: Sequence[SceneSpec], num: int, scale: float) -> dict[str, T
         for s, spec in enumerate(scene.shapes):
             for name in ATTRIBUTES:
                 idx[name][b, s] = tables[name].index(getattr(spec, name))
-            speed = SPEEDS[spec.speed] * REFERENCE_SIDE * scale
-            vel[b, s] = torch.tensor(spec.unit_velocity()) * speed
-    return {**idx, "velocity": vel}
+                stated[name][b, s] = spec.states(name)
+            speed_name = spec.speed
+            if not spec.states("speed") and read_speed[b, s] >= 0:
+                speed_name = tables["speed"][int(read_speed[b, s])]
+            vel[b, s] = torch.tensor(spec.unit_velocity()) * SPEEDS[speed_name] * REFERENCE_SIDE * scale
+    return {**idx, "velocity": vel, **{f"stated_{name}": v for name, v in stated.items()}}
 
 
 def _take(x: Tensor, match: Tensor) -> Tensor:
@@ -124,23 +132,25 @@ def _score(a: dict[str, Tensor], scenes: Sequence[SceneSpec]) -> dict[str, Any]:
     num = max(len(s.shapes) for s in scenes)
     a = {k: v.cpu() for k, v in a.items()}
     match = _match(a, scenes, num)
-    tg = _targets(scenes, num, float(a["scale"]))
-    real, found = tg["colour"] >= 0, match >= 0
+    found = match >= 0
+    tg = _targets(scenes, num, float(a["scale"]), torch.where(found, _take(a["speed"], match), -1))
+    real = tg["colour"] >= 0
+    stated = {n: tg[f"stated_{n}"] for n in ATTRIBUTES}  # only what the prompt names is scored
     right = {"colour": match == tg["colour"]}
     for name in ATTRIBUTES[1:]:
         right[name] = found & (_take(a[name], match) == tg[name])
     backgrounds = torch.tensor([COLOURS.index(s.background) for s in scenes])
     background_ok = a["background"] == backgrounds
-    hits = background_ok.float() + sum((right[n] & real).sum(1) for n in ATTRIBUTES)
-    attribute_accuracy = hits / (1 + len(ATTRIBUTES) * real.sum(1))
+    hits = background_ok.float() + sum((right[n] & stated[n]).sum(1) for n in ATTRIBUTES)
+    attribute_accuracy = hits / (1 + sum(stated[n].sum(1) for n in ATTRIBUTES))
     motion = _motion_scores(a, match, tg["velocity"])
-    motion_ok = right["direction"] & right["speed"] & (motion["velocity_match"] >= 0.8)
+    motion_ok = right["direction"] & (right["speed"] | ~stated["speed"]) & (motion["velocity_match"] >= 0.8)
     motion_correct = (motion_ok | ~real).all(1).float()
     frames = _frame_scores(a, match, right["colour"], real, backgrounds)
     frame_quality = torch.stack([frames[m] for m in FRAME_METRICS]).mean(0)  # [B, T]
     return {
         "attribute_accuracy": attribute_accuracy, "background_ok": background_ok.float(),
-        **{f"{n}_ok": right[n].float() for n in ATTRIBUTES}, "real": real,
+        **{f"{n}_ok": right[n].float() for n in ATTRIBUTES}, "real": real, "stated": stated,
         "count_correct": (a["detected"].sum(1) == real.sum(1)).float(),
         "motion_correct": motion_correct, **motion, "frames": frames, "frame_quality": frame_quality,
         "overall": (attribute_accuracy + motion_correct + frame_quality.mean(1)) / 3,
@@ -157,7 +167,8 @@ def evaluate(videos: Tensor, scenes: Sequence[SceneSpec], value_range: tuple[flo
     """Score a batch of videos against their scenes -> a report of plain floats and lists (JSON/wandb ready).
 
     Keys: `overall`, `attribute_accuracy`, `<attr>_accuracy` for background/colour/shape/size/direction/speed
-    (over videos or target shapes), `count_accuracy`, `motion_correct` (fraction of videos), `velocity_match`,
+    (over videos or the target shapes whose prompt states it; `num_stated` counts those), `count_accuracy`,
+    `motion_correct` (fraction of videos), `velocity_match`,
     `unexplained_reversals`, `jitter` (per target shape), `frame_quality` and each of `FRAME_METRICS` (means), and
     `per_frame`: for each of `FRAME_METRICS` + `frame_quality` a list of T means over the batch, and
     `velocity_match` a list of T-1. With `per_video`, also a list of per-video dicts.
@@ -174,7 +185,8 @@ def evaluate(videos: Tensor, scenes: Sequence[SceneSpec], value_range: tuple[flo
         "overall": float(sc["overall"].mean()),
         "attribute_accuracy": float(sc["attribute_accuracy"].mean()),
         "background_accuracy": float(sc["background_ok"].mean()),
-        **{f"{n}_accuracy": _target_mean(sc[f"{n}_ok"], real) for n in ATTRIBUTES},
+        **{f"{n}_accuracy": _target_mean(sc[f"{n}_ok"], sc["stated"][n]) for n in ATTRIBUTES},
+        "num_stated": {n: int(sc["stated"][n].sum()) for n in ATTRIBUTES},
         "count_accuracy": float(sc["count_correct"].mean()),
         "motion_correct": float(sc["motion_correct"].mean()),
         **{k: _target_mean(sc[k], real) for k in ("velocity_match", "unexplained_reversals", "jitter")},
@@ -190,7 +202,8 @@ def evaluate(videos: Tensor, scenes: Sequence[SceneSpec], value_range: tuple[flo
             {"overall": float(sc["overall"][b]), "attribute_accuracy": float(sc["attribute_accuracy"][b]),
              "motion_correct": bool(sc["motion_correct"][b]), "frame_quality": float(sc["frame_quality"][b].mean()),
              "background_ok": bool(sc["background_ok"][b]),
-             "shapes": [{**{f"{n}_ok": bool(sc[f"{n}_ok"][b, s]) for n in ATTRIBUTES},
+             "shapes": [{**{f"{n}_ok": bool(sc[f"{n}_ok"][b, s]) if sc["stated"][n][b, s] else None
+                            for n in ATTRIBUTES},
                          "velocity_match": float(sc["velocity_match"][b, s])}
                         for s in range(int(real[b].sum()))]}
             for b in range(len(scenes))]

@@ -1,8 +1,8 @@
 """Prompts of the shapes world, generated from the scene attributes, and the closed vocabulary they use.
 
 Short prompts use one canonical wording ("a large red circle moves quickly left on a blue background"; two shapes
-joined by "and"); extended prompts paraphrase the same attributes with templates and synonyms chosen
-deterministically from a seed. Every word is listed by `vocabulary()`, which feeds
+joined by "and"; a shape's `omitted` attributes left out: "a red circle moves left ..."); extended prompts
+paraphrase the same attributes with templates and synonyms chosen deterministically from a seed. Every word is listed by `vocabulary()`, which feeds
 `model.text_encoder.build_word_tokenizer` (lower case, split on whitespace and punctuation: `\\w+|[^\\w\\s]+`).
 """
 from __future__ import annotations
@@ -41,6 +41,8 @@ _SHAPE_CLAUSES = (
     "there is a {size} {colour} {shape} gliding {speed} {direction}",
     "a {size} {shape} coloured {colour} drifts {direction} {speed}",
 )
+# "of {size} size" cannot lose its word: a clause without a size uses the others.
+_SHAPE_CLAUSES_WITHOUT_SIZE = tuple(c for c in _SHAPE_CLAUSES if "of {size} size" not in c)
 _JOINS = ("{a}, and {b}", "{a}, while {b}", "{a}; meanwhile {b}")
 _BACKGROUNDS = ("on a plain {bg} background", "over a flat {bg} backdrop", "against a solid {bg} background")
 _SCENES = {
@@ -59,9 +61,15 @@ def prompt_words(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
+def _words(*parts: str) -> str:
+    return " ".join(p for p in parts if p)
+
+
 def short_prompt(scene: SceneSpec) -> str:
-    """"a large red circle moves quickly left on a blue background" (two shapes joined by "and")."""
-    clauses = [f"a {s.size} {s.colour} {s.shape} moves {SPEED_WORDS[s.speed]} {DIRECTION_WORDS[s.direction]}"
+    """"a large red circle moves quickly left on a blue background" (two shapes joined by "and"); a shape's
+    `omitted` attributes are left out: "a red circle moves left on a blue background"."""
+    clauses = [_words("a", s.size if s.states("size") else "", s.colour, s.shape, "moves",
+                      SPEED_WORDS[s.speed] if s.states("speed") else "", DIRECTION_WORDS[s.direction])
                for s in scene.shapes]
     return " and ".join(clauses) + f" on a {scene.background} background"
 
@@ -75,9 +83,14 @@ def extended_prompt(scene: SceneSpec, seed: int) -> str:
     rng = random.Random(int(seed))
     clauses = []
     for s in scene.shapes:
-        clauses.append(rng.choice(_SHAPE_CLAUSES).format(
-            size=rng.choice(_SIZE_SYNONYMS[s.size]), colour=s.colour, shape=rng.choice(_SHAPE_SYNONYMS[s.shape]),
-            speed=rng.choice(_SPEED_PHRASES[s.speed]), direction=rng.choice(_DIRECTION_PHRASES[s.direction])))
+        # the same draws whatever is omitted; a left-out attribute's words are dropped afterwards
+        template = rng.choice(_SHAPE_CLAUSES if s.states("size") else _SHAPE_CLAUSES_WITHOUT_SIZE)
+        words = dict(size=rng.choice(_SIZE_SYNONYMS[s.size]), colour=s.colour,
+                     shape=rng.choice(_SHAPE_SYNONYMS[s.shape]), speed=rng.choice(_SPEED_PHRASES[s.speed]),
+                     direction=rng.choice(_DIRECTION_PHRASES[s.direction]))
+        for name in s.omitted:
+            words[name] = ""
+        clauses.append(" ".join(template.format(**words).split()))
     shapes = clauses[0] if len(clauses) == 1 else rng.choice(_JOINS).format(a=clauses[0], b=clauses[1])
     bg = rng.choice(_BACKGROUNDS).format(bg=scene.background)
     return _capitalise(rng.choice(_SCENES[len(clauses)]).format(shapes=shapes, bg=bg))

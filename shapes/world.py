@@ -11,7 +11,7 @@ so the same scene renders at any resolution. Pixel `i` covers `[i, i + 1)`; posi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -52,6 +52,11 @@ START_MARGIN = 0.25
 # Two shapes stay apart for this many frames, so both show their colour, shape and direction unoccluded first.
 SEPARATE_FRAMES = 8
 SPLITS = ("train", "heldout", "all")
+# Attributes a short prompt may leave out ("a red circle moves left on a blue background"): the scene still has
+# them, drawn by the sampler like every other attribute, and the evaluator does not score them.
+OMITTABLE: tuple[str, ...] = ("size", "speed")
+# The subsets a short prompt leaves out, drawn uniformly for each shape of a short-prompt scene.
+OMISSIONS: tuple[tuple[str, ...], ...] = (("size",), ("speed",), ("size", "speed"))
 
 # Attribute combinations never sampled in the train split (a scene is held out if ANY of its shapes has one).
 HELDOUT_SHAPE_COLOUR: frozenset[tuple[str, str]] = frozenset(
@@ -68,7 +73,8 @@ def _check(name: str, value: str, options: Sequence[str]) -> None:
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One moving shape. `start` = (x, y) start position as a fraction in [0, 1] of the range the centre can take."""
+    """One moving shape. `start` = (x, y) start position as a fraction in [0, 1] of the range the centre can take;
+    `omitted`: attributes of `OMITTABLE` its prompt leaves out (the shape still has them)."""
 
     shape: str
     colour: str
@@ -76,6 +82,7 @@ class ShapeSpec:
     direction: str
     speed: str
     start: tuple[float, float] = (0.5, 0.5)
+    omitted: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check("shape", self.shape, SHAPES)
@@ -85,6 +92,13 @@ class ShapeSpec:
         _check("speed", self.speed, tuple(SPEEDS))
         if len(self.start) != 2 or not all(0.0 <= float(u) <= 1.0 for u in self.start):
             raise ValueError(f"start must be (x, y) fractions in [0, 1], got {self.start!r}")
+        object.__setattr__(self, "omitted", tuple(self.omitted))
+        if any(name not in OMITTABLE for name in self.omitted) or len(set(self.omitted)) != len(self.omitted):
+            raise ValueError(f"omitted must name distinct attributes of {list(OMITTABLE)}, got {self.omitted!r}")
+
+    def states(self, attribute: str) -> bool:
+        """Whether this shape's prompt names `attribute`."""
+        return attribute not in self.omitted
 
     def unit_velocity(self) -> tuple[float, float]:
         """Direction of motion scaled to length 1 (x, y), y pointing down."""
@@ -164,7 +178,9 @@ def start_range(step: int, margin: Optional[float] = None) -> tuple[float, float
     return (0.0, 1.0 - margin) if step > 0 else (margin, 1.0) if step < 0 else (0.0, 1.0)
 
 
-def _draw_scene(generator: torch.Generator, counts: Sequence[int]) -> SceneSpec:
+def _draw_scene(generator: torch.Generator, counts: Sequence[int], short_fraction: float = 0.0) -> SceneSpec:
+    # One fixed draw of 32 numbers a scene (at most 19 used): the prompt form takes the last ones, so the same
+    # generator gives the same scenes whatever `short_fraction` is.
     u = iter(torch.rand(32, generator=generator, dtype=torch.float64).tolist())
 
     def pick(options: Sequence):
@@ -184,18 +200,24 @@ def _draw_scene(generator: torch.Generator, counts: Sequence[int]) -> SceneSpec:
             start.append(lo + (hi - lo) * next(u))
         shapes.append(ShapeSpec(pick(SHAPES), colour, pick(tuple(SIZES)), direction, pick(tuple(SPEEDS)),
                                 (start[0], start[1])))
+    if short_fraction > 0 and next(u) < short_fraction:
+        shapes = [replace(s, omitted=pick(OMISSIONS)) for s in shapes]
     return SceneSpec(background, tuple(shapes))
 
 
 def sample_scenes(n: int, generator: torch.Generator, split: str = "train",
-                  num_shapes: int | Sequence[int] = (1, 2)) -> list[SceneSpec]:
+                  num_shapes: int | Sequence[int] = (1, 2), short_fraction: float = 0.0) -> list[SceneSpec]:
     """`n` random scenes, deterministic given the generator's state.
 
     split: "train" (no held-out combination), "heldout" (at least one), "all" (no filter).
     num_shapes: a count or the counts to draw from uniformly. Two shapes do not overlap in the first
     `SEPARATE_FRAMES` frames.
+    short_fraction: the chance that a scene's prompt is a short form, leaving out one of `OMISSIONS` per shape;
+    the attributes it leaves out are drawn as always (the same scenes as at 0, only `omitted` differs).
     """
     _check("split", split, SPLITS)
+    if not 0.0 <= short_fraction <= 1.0:
+        raise ValueError(f"short_fraction must be in [0, 1], got {short_fraction}")
     counts = (num_shapes,) if isinstance(num_shapes, int) else tuple(num_shapes)
     if not counts or any(c not in (1, 2) for c in counts):
         raise ValueError(f"num_shapes must be 1, 2 or a sequence of them, got {num_shapes!r}")
@@ -204,7 +226,7 @@ def sample_scenes(n: int, generator: torch.Generator, split: str = "train",
     scenes = []
     for _ in range(n):
         for _draw in range(10_000):
-            scene = _draw_scene(generator, counts)
+            scene = _draw_scene(generator, counts, short_fraction)
             if len(scene.shapes) == 2 and _overlap_early(scene):
                 continue
             if split == "all" or is_heldout(scene) == (split == "heldout"):

@@ -60,6 +60,10 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
                           "rollout starts from the data's first latent frame as a block of its own, then generates "
                           "whole blocks")
     _validate_long_rollout(cfg, where, rollout_recipe)
+    short = cfg.data.shapes_short_prompt_fraction
+    if not 0.0 <= short <= 1.0 or (short and cfg.model.world != "shapes"):
+        raise ConfigError(f"{where('data.shapes_short_prompt_fraction')}: data.shapes_short_prompt_fraction must be in "
+                          f"[0, 1] and needs model.world: shapes, got {short} with world {cfg.model.world!r}")
     if not 0.0 <= pre.frame_causal_fraction < 1.0:
         raise ConfigError(f"{where('pretraining.frame_causal_fraction')}: pretraining.frame_causal_fraction must be "
                           "in [0, 1) (a model trained only causally is a causal one: pretraining.causal: true), got "

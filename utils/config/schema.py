@@ -205,6 +205,9 @@ class DataSection:
     negative_prompt: str = setting("", "unconditional branch of CFG (the Wan negative prompt in the recipes)")
     i2v: bool = setting(False, "image-to-video distillation: the first clean latent frame of the data starts each "
                         "rollout (needs rollout.independent_first_frame) / enters CausVid and ODE regression clean")
+    shapes_short_prompt_fraction: float = setting(0.0, "shapes world: fraction of training prompts (and ODE-pair "
+                                                  "prompts) in a short form that leaves out size and/or speed; the "
+                                                  "scene still has them, drawn at random (shapes/world.py OMISSIONS)")
 
 
 @dataclass
