@@ -86,8 +86,8 @@ def add_speed_arguments(group, *, compile_flag: bool = True) -> None:
                        "choice (flash-attn if installed). sdpa_cudnn_halves / flash_attn_halves split the cache's "
                        "keys in two halves, faster at batch 1 on an H100/H200 (benchmarks/attention_split.py)")
     group.add_argument("--decode-frames-per-call", type=int, metavar="N",
-                       help="latent frames per Wan VAE decoder call (default 3, one block): fewer hold less of the "
-                       "decoder's activation memory, for small cards; the same frames")
+                       help="latent frames per Wan VAE decoder call (default: 1 on CUDA, as fast as a whole block "
+                       "and less memory; 3, one block, elsewhere); the same frames either way")
 
 
 def build_parser() -> argparse.ArgumentParser:

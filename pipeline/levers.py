@@ -57,12 +57,21 @@ class Levers:
         return dataclasses.replace(base or InferenceOptions(), fused_qkv=self.fused_qkv)
 
 
+# On CUDA the Wan VAE decodes one latent frame per call unless asked otherwise: measured through inference.py on an
+# H100 (benchmarks/results/user_path_h100.json, sections cold and decode_1_per_call), one frame per call streams as
+# fast as a whole block per call (30.1 vs 29.8 frames/s) and peaks 8 GiB lower allocated, 30 GiB lower reserved.
+CUDA_DECODE_FRAMES_PER_CALL = 1
+
+
 def levers_for(cfg: Any, device_type: str, *, fused_qkv: bool | None = None,
                decode_frames_per_call: int | None = None) -> Levers:
     """The levers of a resolved config (`config_defaults` merged in) on a device. On CUDA `attention_backend: auto`
-    becomes a measurement (`fastest_attention_backend`) and the fused q/k/v GEMM is on unless `fused_qkv` is False;
+    becomes a measurement (`fastest_attention_backend`), the fused q/k/v GEMM is on unless `fused_qkv` is False and
+    the Wan VAE decodes `CUDA_DECODE_FRAMES_PER_CALL` latent frames per call unless `decode_frames_per_call` is given;
     CUDA graphs exist on CUDA only."""
     cuda = device_type == "cuda"
+    if decode_frames_per_call is None and cuda:
+        decode_frames_per_call = CUDA_DECODE_FRAMES_PER_CALL
     backend = MEASURE if cuda and cfg.inference.attention_backend == "auto" else cfg.inference.attention_backend
     return Levers(compile=bool(cfg.compute.compile), cuda_graphs=bool(cfg.inference.cuda_graphs) and cuda,
                   fused_qkv=cuda if fused_qkv is None else fused_qkv, attention_backend=backend,

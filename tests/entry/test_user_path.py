@@ -73,7 +73,8 @@ def test_the_command_line_turns_on_every_lever_of_the_benchmark_on_cuda():
 def test_cpu_keeps_its_exact_defaults_and_flags_turn_cuda_levers_off():
     assert cli_levers([], "cpu") == Levers(compile=False, cuda_graphs=False, fused_qkv=False, attention_backend="auto")
     off = cli_levers(["--no-compile", "--no-cuda-graphs", "--no-fused-qkv", "--attention-backend", "sdpa"], "cuda")
-    assert off == Levers(compile=False, cuda_graphs=False, fused_qkv=False, attention_backend="sdpa")
+    assert off == Levers(compile=False, cuda_graphs=False, fused_qkv=False, attention_backend="sdpa",
+                         decode_frames_per_call=1)
     # A config key is the user's too: it wins over the device default, a flag over the key.
     assert not cli_levers(["compile=false"], "cuda").compile
     assert cli_levers(["compile=false", "--compile"], "cuda").compile
@@ -144,7 +145,8 @@ def test_demo_builds_through_the_same_levers_with_compile_left_to_the_page(folde
     assert args.compile is None and args.fused_qkv is False and args.cuda_graphs is None
     cfg = inference.resolve_config(args, {}, "cuda")
     assert levers_for(cfg, "cuda", fused_qkv=args.fused_qkv) == Levers(compile=True, cuda_graphs=True,
-                                                                        fused_qkv=False, attention_backend=MEASURE)
+                                                                        fused_qkv=False, attention_backend=MEASURE,
+                                                                        decode_frames_per_call=1)
     # The pipeline stays uncompiled (a job that asks compiles a twin); --compile starts the page's switch on.
     for argv, page in (([], False), (["--compile"], True)):
         args = demo.build_parser().parse_intermixed_args(["--model", str(folder), "--output-dir", str(tmp_path),
@@ -259,6 +261,19 @@ def test_compile_is_no_cuda_default_without_triton(monkeypatch):
     levers = cli_levers([], "cuda")
     assert not levers.compile and levers.cuda_graphs and levers.fused_qkv
     assert cli_levers(["--compile"], "cuda").compile  # asked for: tried, and its failure names the cause
+
+
+def test_the_wan_vae_decodes_one_latent_frame_per_call_on_cuda_unless_asked():
+    from pipeline.levers import CUDA_DECODE_FRAMES_PER_CALL
+    from utils.config import load_config
+    cfg = load_config(None, [])
+    assert CUDA_DECODE_FRAMES_PER_CALL == 1
+    assert levers_for(cfg, "cuda").decode_frames_per_call == 1
+    assert levers_for(cfg, "cuda", decode_frames_per_call=3).decode_frames_per_call == 3
+    assert levers_for(cfg, "cpu").decode_frames_per_call is None  # the decoder's own default, a block
+    args = inference.build_parser().parse_intermixed_args(["--decode-frames-per-call", "3"])
+    options = inference.run_options(args, inference.resolve_config(args, {}, "cuda"), "cuda")
+    assert options.levers.decode_frames_per_call == 3
 
 
 def test_cuda_graphs_are_never_on_off_cuda_even_when_asked():
