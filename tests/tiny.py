@@ -150,3 +150,16 @@ def tiny_models(cfg=None, *, seed: int = 0, codec=None, teacher: bool = True, cr
         models.critic = Denoiser(tiny_model(seed + 2, **model_overrides), score_schedule,
                                  uniform_timestep=True)
     return models
+
+
+def assert_window_gradients(out, generator: torch.nn.Module, masked_frames: int) -> None:
+    """A rollout longer than its loss window: the window's first `masked_frames` frames are masked out of the loss,
+    its re-encoded first frame has no path back to the generator, and the frames after it have one."""
+    assert out.gradient_mask is not None
+    assert not out.gradient_mask[:, :masked_frames].any() and out.gradient_mask[:, masked_frames:].all()
+    params = list(generator.parameters())
+    first = torch.autograd.grad(out.latents[:, 0].sum(), params, allow_unused=True, retain_graph=True)
+    assert all(g is None or not g.any() for g in first)
+    later = torch.autograd.grad(out.latents[:, 1:].sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in later)
+

@@ -211,14 +211,8 @@ class SelfForcingRollout:
         """Every latent frame of the rollout `[B, F, C, H, W]` (initial latent included), before the loss window:
         the original's `inference_with_trajectory`. Only the exit-step forwards of blocks starting at or after
         frame `F - image_or_video_shape[1]` keep their graph."""
-        cfg, denoiser = self.cfg, self.generator
-        model = denoiser.model
-        batch = context.shape[0]
-        device = next(model.parameters()).device
-        dtype = self._dtype(model, device)
-        nfpb = cfg.rollout.num_frame_per_block
-        # An independent first frame is generated unless it is given (i2v), as the original.
-        first = int(cfg.rollout.independent_first_frame and initial_latent is None)
+        cfg, denoiser, model = self.cfg, self.generator, self.generator.model
+        batch, device, dtype, nfpb, first = self._rollout_geometry(context, initial_latent)
         noise_frames = plan.num_blocks * nfpb + first
         given = 0 if initial_latent is None else initial_latent.shape[1]
         total = given + noise_frames
@@ -257,13 +251,8 @@ class SelfForcingRollout:
         window (for the window rule's re-encoded first frame) are kept. At `plan.switch_block` the prompt becomes
         `switch_context` and the cache is rebuilt under it (`pipeline.rollout.recache`), as LongLive does. A plan
         of the window's length is one call, exactly `generate_frames`."""
-        cfg, denoiser = self.cfg, self.generator
-        model = denoiser.model
-        batch = context.shape[0]
-        device = next(model.parameters()).device
-        dtype = self._dtype(model, device)
-        nfpb = cfg.rollout.num_frame_per_block
-        first = int(cfg.rollout.independent_first_frame and initial_latent is None)
+        cfg, denoiser, model = self.cfg, self.generator, self.generator.model
+        batch, device, dtype, nfpb, first = self._rollout_geometry(context, initial_latent)
         given = 0 if initial_latent is None else initial_latent.shape[1]
         noise_frames = plan.num_blocks * nfpb + first
         total = given + noise_frames
@@ -350,6 +339,14 @@ class SelfForcingRollout:
                                                  window_frames=window, sink_frames=sink, rope=kwargs.rope,
                                                  detach_writes=self.cfg.rollout.kv_cache_grad == "paper", dtype=dtype,
                                                  device=device)
+
+    def _rollout_geometry(self, context: Tensor, initial_latent: Optional[Tensor]):
+        """(batch, device, dtype, frames per block, 1 if an independent first frame is generated else 0) of a
+        rollout: the first frame is generated unless it is given (i2v), as the original."""
+        model = self.generator.model
+        device = next(model.parameters()).device
+        first = int(self.cfg.rollout.independent_first_frame and initial_latent is None)
+        return context.shape[0], device, self._dtype(model, device), self.cfg.rollout.num_frame_per_block, first
 
     def _dtype(self, model, device: torch.device) -> torch.dtype:
         if self.cache_dtype is not None:
