@@ -64,6 +64,9 @@ def add_device_arguments(group) -> None:
     group.add_argument("--text-encoder-device", help="device of the text encoder; cpu keeps UMT5-XXL (11 GB in "
                        "bf16) off the GPU for good: the way onto a card of 24 GB or less (prompts are encoded once, "
                        "before generating)")
+    group.add_argument("--gpu-memory-limit-gib", type=float, metavar="GIB",
+                       help="cap this process's GPU memory (allocations beyond it fail as out of memory), e.g. 24 to "
+                       "check on a large card that a run fits a 24 GB one, or to share a GPU")
     group.add_argument("--fp8", action="store_true", help="FP8 (e4m3) linear layers in the transformer blocks, for "
                        "GPUs with FP8 tensor cores (Ada, Hopper); speed and quality are measured by speed.py --fp8 and "
                        "evaluate_shapes.py --fp8 (not yet on a GPU); emulated, slower, elsewhere")
@@ -245,8 +248,21 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         raise UsageError(f"--device {device} was asked for, but only {torch.cuda.device_count()} CUDA devices exist")
     if getattr(args, "text_encoder_device", None):
         parse_device(args.text_encoder_device, "--text-encoder-device")
+    if getattr(args, "gpu_memory_limit_gib", None) is not None:
+        limit_gpu_memory(device, args.gpu_memory_limit_gib)
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, args.dtype) if args.dtype else default
+
+
+def limit_gpu_memory(device: torch.device, gib: float) -> None:
+    """At most `gib` GiB for this process on `device` (the caching allocator's share of the card)."""
+    if device.type != "cuda":
+        raise UsageError(f"--gpu-memory-limit-gib {gib:g} limits a CUDA device; this run is on {device}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if not 0 < gib * 2**30 <= total:
+        raise UsageError(f"--gpu-memory-limit-gib {gib:g} must be above 0 and at most the card's "
+                         f"{total / 2**30:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
 
 
 class LoadedPipeline(NamedTuple):

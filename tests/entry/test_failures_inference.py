@@ -121,6 +121,7 @@ def test_prompt_never_reads_a_file(tmp_path, capsys, no_model_load):
     (["--num_samples", "0"], "--num_samples must be >= 1"),
     (["--device", "gpu"], "--device 'gpu' is not a device"),
     (["--text-encoder-device", "tpu9"], "--text-encoder-device 'tpu9' is not a device"),
+    (["--device", "cpu", "--gpu-memory-limit-gib", "24"], "--gpu-memory-limit-gib 24 limits a CUDA device"),
 ])
 def test_bad_values_are_errors_before_loading_never_replaced_by_defaults(tmp_path, capsys, no_model_load, argv,
                                                                           message):
@@ -376,3 +377,21 @@ def test_every_sample_of_a_prompt_is_claimed(folder, tmp_path, capsys):
         assert sorted(p.name for p in out.iterdir()) == [".0000-a-red-circle-s1.claim", live_temp.name]
     finally:
         held.release()
+
+
+def test_the_gpu_memory_limit_is_the_cards_share_and_checked_against_its_size(monkeypatch):
+    import torch
+
+    import inference
+    card = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"total_memory": 80 * 2**30})())
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: fractions.append((f, device)))
+    inference.limit_gpu_memory(card, 24)
+    assert fractions == [(0.3, card)]
+    for bad in (0, -1, 81):
+        with pytest.raises(inference.UsageError, match="must be above 0 and at most the card's 80.0 GiB"):
+            inference.limit_gpu_memory(card, bad)
+    assert len(fractions) == 1
+
