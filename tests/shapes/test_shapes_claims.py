@@ -76,7 +76,7 @@ def test_tiny_claims_table_end_to_end(tiny, capsys):
         dmd = load_config(out / f"seed_{seed}" / "dmd" / "config.yaml")
         tf = load_config(out / f"seed_{seed}" / "teacher_forcing" / "config.yaml")
         assert dmd.seed == tf.seed == seed
-        assert dmd.max_steps == 2 * dmd.dfake_gen_update_ratio and tf.max_steps == 2
+        assert dmd.optimiser.max_steps == 2 * dmd.distillation.dfake_gen_update_ratio and tf.optimiser.max_steps == 2
         assert json.loads((out / f"seed_{seed}" / "eval.json").read_text())["settings"]["seed"] == seed
     capsys.readouterr()
     assert sc.main(args) == 0  # a rerun trains and evaluates nothing again

@@ -76,12 +76,13 @@ def test_bundled_recipe_replays_at_smoke_size(tmp_path, capsys):
     trained = [d for d in progress["done"] if d["record"] is not None]
     assert [d["stage"] for d in trained] == ["teacher", "teacher", "teacher", "ode_init", "dmd"]
     assert all(d["record"]["complete"] and d["record"]["step"] == 3 for d in trained)
-    fractions = [load_config(out / folder / "config.yaml").frame_causal_fraction
+    fractions = [load_config(out / folder / "config.yaml").pretraining.frame_causal_fraction
                  for folder in ("teacher@teacher_plain", "teacher@teacher_causal_0.6", "teacher")]
     assert fractions == [0.0, 0.6, 0.85]
     last = load_config(out / "teacher" / "config.yaml")
-    assert last.generator_ckpt == str(out / "teacher_init" / "generator_ema.safetensors")
-    assert last.ema_weight == 0.995 and last.lr_warmup_steps == 100 and last.compile is False
+    assert last.model.generator_ckpt == str(out / "teacher_init" / "generator_ema.safetensors")
+    opt = last.optimiser
+    assert opt.ema_weight == 0.995 and opt.lr_warmup_steps == 100 and last.compute.compile is False
     assert (out / "export" / "model_index.json").is_file()
     capsys.readouterr()
     assert shapes_world.main(["--recipe", str(RECIPE), "--out", str(out), "--size", "smoke"]) == 0
