@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"image_or_video_shape={TINY_SHAPE if args.tiny else REAL_SHAPE}", "log_every=1000000"]
         command = ["--config_path", args.config_path, "--logdir", str(Path(work) / "logs"), "--no_save",
                    "--no_visualize", "--disable-wandb", *recipe, *args.overrides]
-        ratio = train.load_run_config(train.parse_args(command)).distillation.dfake_gen_update_ratio  # overrides may set it
+        # The recipe's update ratio, as the overrides may set it.
+        ratio = train.load_run_config(train.parse_args(command)).distillation.dfake_gen_update_ratio
         # One step more than the cycles: its generator start closes the last cycle.
         total_steps = (args.warmup + args.cycles + int(args.profile)) * ratio + 1
         targs = train.parse_args([*command, f"max_steps={total_steps}"])
