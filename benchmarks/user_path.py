@@ -19,6 +19,8 @@ Sections (the command's defaults otherwise: on CUDA every speed lever, pipeline/
                is 1) and a warm cache: the larger decoder's peaks and steady frames/s.
   limit_24gib  as cold with a warm cache and `--gpu-memory-limit-gib 24`: whether the defaults run on a 24 GB card
                (the allocator gives back cached memory before it fails) and how fast.
+  expandable   as cold with a warm cache and PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: how much of the
+               reserved memory is the caching allocator's fragmentation.
 Text encoding is timed apart (the videos' clocks start after it); the command writes mp4s on background threads, off
 the generation path. Writes `user_path_<gpu>.json` under $OUT or benchmarks/results/ (atomically, after every
 section, so a run cut short keeps what it measured) and prints a table.
@@ -49,7 +51,9 @@ TARGETS = [("steady_video_fps_wan_vae", 32.0, ">="), ("steady_video_fps_taehv", 
            ("ttff_ms_steady", 200.0, "<="), ("first_video_s_cold", 20.0, "<="),
            ("first_video_s_warm_cache", 6.0, "<="), ("long_block_ms_steady", 420.0, "<="),
            ("peak_reserved_gib", 14.0, "<="), ("peak_reserved_gib_text_on_gpu", 24.0, "<=")]
-SECTIONS = ("cold", "warm_cache", "taehv", "long", "text_on_gpu", "decode_3_per_call", "limit_24gib")
+SECTIONS = ("cold", "warm_cache", "taehv", "long", "text_on_gpu", "decode_3_per_call", "limit_24gib", "expandable")
+# Environment of a section's process beyond the run's own.
+SECTION_ENV = {"expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
              "text_on_gpu": ["--model", str(args.model_full_t5), "--data_path", str(work / "prompts_1.txt"),
                              "--num_output_frames", str(args.latent_frames)],
              "decode_3_per_call": ["--model", args.model, *video, "--decode-frames-per-call", "3"],
-             "limit_24gib": ["--model", args.model, *video, *([] if tiny else ["--gpu-memory-limit-gib", "24"])]}
+             "limit_24gib": ["--model", args.model, *video, *([] if tiny else ["--gpu-memory-limit-gib", "24"])],
+             "expandable": ["--model", args.model, *video]}
     result = {"device": env_info["device"], "env": env_info, "args": vars(args),
               "alloc_conf": env.get("PYTORCH_CUDA_ALLOC_CONF"), "height": height,
               "width": width, "sections": {}, "skipped": []}
@@ -188,8 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"[user_path] {section} ...", flush=True)
         try:
-            stats, wall = run_cli(calls[section] + common, work / section, env, left)
-            entry = dict(video_figures(stats), process_s=wall)
+            stats, wall = run_cli(calls[section] + common, work / section, env | SECTION_ENV.get(section, {}), left)
+            entry = dict(video_figures(stats), process_s=wall, env=SECTION_ENV.get(section, {}))
             if section == "long":
                 entry["steady_block_ms"] = long_block_ms(stats[0])
                 entry["blocks"] = len(stats[0]["block_end_ms"])
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
 def headline(sections: dict) -> dict:
     """The issue's figures, from whatever sections ran (None where a section is missing)."""
     ok = {k: v for k, v in sections.items() if "error" not in v}
-    cold, warm, taehv, long_, text, block, small_card = (ok.get(k) for k in SECTIONS)
+    cold, warm, taehv, long_, text, block, small_card, expandable = (ok.get(k) for k in SECTIONS)
     first = lambda s: s["videos"][0]["total_s"] if s and s["videos"] else None  # noqa: E731
     return {"steady_video_fps_wan_vae": steady(cold, "frames_per_s") if cold else None,
             "steady_video_fps_taehv": steady(taehv, "frames_per_s") if taehv else None,
@@ -229,6 +234,8 @@ def headline(sections: dict) -> dict:
             "steady_video_fps_wan_vae_decode_3_per_call": steady(block, "frames_per_s") if block else None,
             # None: the section did not run, or failed (its error is in `sections`).
             "steady_video_fps_wan_vae_24gib": steady(small_card, "frames_per_s") if small_card else None,
+            "peak_reserved_gib_expandable": expandable["peak_reserved_gib"] if expandable else None,
+            "steady_video_fps_wan_vae_expandable": steady(expandable, "frames_per_s") if expandable else None,
             "text_encoding_ms_per_prompt_cpu": (cold["text_encoding_ms_all_prompts"] / len(PROMPTS)
                                                 if cold and cold["text_encoding_ms_all_prompts"] else None),
             # The mp4 writers' tail after a video's last frame, before the next video starts (off the clocks above).

@@ -10,9 +10,9 @@ from tests.entry.test_speed_benchmark import benchmark_module
 
 HEADLINE = ("steady_video_fps_wan_vae", "steady_video_fps_taehv", "ttff_ms_steady", "first_video_s_cold",
             "first_video_s_warm_cache", "long_block_ms_steady", "steady_video_fps_wan_vae_decode_3_per_call",
-            "steady_video_fps_wan_vae_24gib")
+            "steady_video_fps_wan_vae_24gib", "steady_video_fps_wan_vae_expandable")
 MEMORY = ("peak_allocated_gib", "peak_reserved_gib", "peak_allocated_gib_text_on_gpu", "peak_reserved_gib_text_on_gpu",
-          "peak_reserved_gib_decode_3_per_call")
+          "peak_reserved_gib_decode_3_per_call", "peak_reserved_gib_expandable")
 
 
 @pytest.mark.slow
@@ -30,9 +30,11 @@ def test_user_path_benchmark_runs_every_section_through_the_command(tmp_path, mo
         assert key in saved and saved[key] is None, key
     assert saved["text_encoding_ms_per_prompt_cpu"] > 0 and saved["mp4_wait_ms_max"] >= 0
     sections = saved["sections"]
-    order = ("cold", "warm_cache", "taehv", "long", "text_on_gpu", "decode_3_per_call", "limit_24gib")
-    assert tuple(sections) == order and [len(sections[s]["videos"]) for s in order] == [4, 4, 4, 1, 1, 4, 4]
+    order = ("cold", "warm_cache", "taehv", "long", "text_on_gpu", "decode_3_per_call", "limit_24gib", "expandable")
+    assert tuple(sections) == order and [len(sections[s]["videos"]) for s in order] == [4, 4, 4, 1, 1, 4, 4, 4]
     assert sections["decode_3_per_call"]["levers"]["decode_frames_per_call"] == 3
+    assert sections["expandable"]["env"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert all(sections[s]["env"] == {} for s in order[:-1])
     assert all(v["peak_reserved_gib"] is None for v in sections["cold"]["videos"])  # per video; None off CUDA
     assert sections["long"]["blocks"] == 9 and sections["cold"]["videos"][0]["pixel_frames"] == 9
     assert sections["cold"]["levers"]["attention_backend"] == "auto"  # the command's own CPU defaults
