@@ -13,27 +13,12 @@ from safetensors.torch import load_file, save_file
 import train
 from tests.tiny import tiny_config, tiny_model, tiny_models, tiny_text_encoder
 from trainer import train_state as ts
+from tests.tiny import tiny_recipe_yaml
 from utils.config import REPO_ROOT
 from utils.logging import redact, wandb_mode
 
-TINY = """\
-trainer: score_distillation
-distribution_loss: dmd
-image_or_video_shape: [1, 6, 4, 4, 6]
-num_training_frames: 6
-num_frame_per_block: 2
-warp_denoising_step: true
-gradient_checkpointing: false
-mixed_precision: false
-lr: 1.0e-3
-lr_critic: 1.0e-3
-dfake_gen_update_ratio: 2
-max_steps: 4
-log_iters: 2
-ema_weight: 0.9
-ema_start_step: 1
-seed: 123
-"""
+TINY = tiny_recipe_yaml(lr=1.0e-3, lr_critic=1.0e-3, max_steps=4, log_iters=2, ema_weight=0.9, ema_start_step=1,
+                        seed=123)
 
 
 def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -8,7 +8,8 @@ import torch
 
 import trainer.self_forcing as self_forcing_module
 from model.pixel_codec import PixelShuffleCodec
-from tests.tiny import assert_window_gradients, recorded_calls, tiny_models, tiny_train_config
+from tests.tiny import (assert_window_gradients, recorded_calls, tiny_models, tiny_recipe_yaml,
+                        tiny_train_config)
 from trainer.dmd import DMD
 from trainer.gan import GAN
 from trainer.self_forcing import RolloutPlan, SelfForcingRollout
@@ -289,27 +290,10 @@ def test_bad_long_rollout_settings_are_config_errors_naming_the_key(tmp_path, ov
 
 
 # ------------------------------------------------------------------------------------- the entry point
-LONG_RECIPE = """\
-trainer: score_distillation
-distribution_loss: dmd
-image_or_video_shape: [1, 6, 12, 4, 6]
-num_training_frames: 6
-num_frame_per_block: 2
-warp_denoising_step: true
-rollout_frames: 18
-rollout_window: uniform
-prompt_switch_prob: 1.0
-rollout_cache: inference
-model_kwargs: {timestep_shift: 5.0, local_attn_size: 4, sink_size: 2, rope: relative}
-gradient_checkpointing: false
-mixed_precision: false
-sharding_strategy: no_shard
-dfake_gen_update_ratio: 2
-batch_size: 2
-max_steps: 3
-log_iters: 100
-seed: 3
-"""
+LONG_RECIPE = tiny_recipe_yaml(
+    image_or_video_shape=[1, 6, 12, 4, 6], rollout_frames=18, rollout_window="uniform", prompt_switch_prob=1.0,
+    rollout_cache="inference", model_kwargs=dict(timestep_shift=5.0, local_attn_size=4, sink_size=2, rope="relative"),
+    sharding_strategy="no_shard", batch_size=2, max_steps=3, log_iters=100, seed=3)
 
 
 def test_train_py_runs_long_rollouts_with_prompt_switches(tmp_path):

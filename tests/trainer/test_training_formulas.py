@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.ranks import spawn_ranks
-from tests.tiny import tiny_models, tiny_train_config
+from tests.tiny import tiny_models, tiny_recipe_yaml, tiny_train_config
 from tests.trainer.test_training_golden import Recording
 from trainer.dmd import DMD
 from trainer.gan import GAN, finite_difference_penalty
@@ -169,22 +169,8 @@ def test_gan_penalties_refuse_a_bf16_sharded_critic():
 
 
 # ------------------------------------------------------------------------------------------------ two ranks
-RECIPE = """\
-trainer: score_distillation
-distribution_loss: dmd
-image_or_video_shape: [1, 6, 4, 4, 6]
-num_training_frames: 6
-num_frame_per_block: 2
-warp_denoising_step: true
-same_step_across_blocks: false
-gradient_checkpointing: false
-mixed_precision: false
-sharding_strategy: no_shard
-dfake_gen_update_ratio: 2
-max_steps: 4
-log_iters: 100
-seed: 7
-"""
+RECIPE = tiny_recipe_yaml(same_step_across_blocks=False, sharding_strategy="no_shard", max_steps=4, log_iters=100,
+                          seed=7)
 
 
 def _dmd_rank(rank: int, argv: list[str], out: str) -> None:
