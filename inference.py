@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from model.attention import ATTENTION_BACKENDS
-from pipeline.levers import MEMORY_KEYS, Levers, format_memory, memory_report
+from pipeline.levers import Levers
 from utils.errors import InputError as UsageError  # bad flags and inputs (the name demo.py and the tests use)
 from utils.errors import MissingFileError
+from utils.gpu_memory import MEMORY_KEYS, format_memory, memory_report
 
 if TYPE_CHECKING:
     from pipeline.inference import CausalSettings

@@ -115,8 +115,10 @@ def video_figures(stats: list[dict]) -> dict:
                         "decode_tail_ms": (s["done_ms"] - s["block_end_ms"][-1]) if s.get("block_end_ms") else None,
                         "block_end_ms": s.get("block_end_ms"), "pixel_frames": s.get("pixel_frames"),
                         "mp4_wait_ms": s.get("mp4_wait_ms"),
-                        # Each video's own peaks (reset when it starts): where in a run the memory goes.
-                        **{key: s.get(key) for key in ("peak_allocated_gib", "peak_reserved_gib")}}
+                        # Each video's own peaks (reset when it starts), the memory after each block was queued and
+                        # the allocator's pools and streams at its end: where in a run the memory goes.
+                        **{key: s.get(key) for key in ("peak_allocated_gib", "peak_reserved_gib", "block_allocated_gib",
+                                                       "block_reserved_gib", "allocator")}}
                        for s in stats],
             "text_encoding_ms_all_prompts": stats[0].get("text_encoding_ms_all_prompts") if stats else None,
             "peak_allocated_gib": peak(stats, "peak_allocated_gib"),

@@ -20,10 +20,10 @@ from model.wan import WanDiT
 from pipeline.compile import compile_pieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
-from pipeline.levers import memory_report
 from pipeline.rollout import Conditioning, NoiseFn, RolloutOptions, block_layout, rollout
 from pipeline.schedule import FlowMatchSchedule
 from pipeline.streaming import BlockDecoder, FramesCallback, TimelineClock, to_unit
+from utils.gpu_memory import allocator_detail, memory_now, memory_report
 
 PromptSource = Callable[[int], str]  # block index -> the prompt of that block, asked at each block boundary
 
@@ -276,11 +276,15 @@ class CausalInferencePipeline:
 
         decoder = self._block_decoder(codec, delivery, initial_latent)
         clock = TimelineClock(self.device)
+        block_memory: list[tuple[float, float]] = []  # (allocated, reserved) GiB once each block's decode is queued
 
         def on_block(index: int, start: int, x0: Tensor) -> None:
             clock.mark()
             if decoder is not None:
                 decoder.submit(index, x0)
+            now = memory_now(self.device)
+            if now is not None:
+                block_memory.append(now)
 
         result = rollout(denoiser, noise, context, cache, st.rollout_options(
             initial_latent=initial_latent, noise_fn=_fresh_noise(request.generator), on_block=on_block,
@@ -305,6 +309,10 @@ class CausalInferencePipeline:
             stats["pixel_frames"] = decoder.pixel_frames
             stats["frames_per_s"] = decoder.pixel_frames * batch / (total_ms / 1000.0)
         stats.update(memory_report(self.device))
+        if block_memory:  # which block grew the memory, and where the reserved memory sits at the end
+            stats["block_allocated_gib"] = [a for a, _ in block_memory]
+            stats["block_reserved_gib"] = [r for _, r in block_memory]
+            stats["allocator"] = allocator_detail(self.device)
         return Generation(video=video, latents=result.latents, stats=stats)
 
     def _resolve(self, overrides: CallOverrides) -> tuple[CausalSettings, Any, Denoiser]:

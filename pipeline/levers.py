@@ -139,25 +139,3 @@ def apply_attention_backend(levers: Levers, device: torch.device, dtype: torch.d
         backend = measured["fastest"]
     attention_backends.set_attention_backend(backend)  # raises if it names a flash-attn that is missing
     return dataclasses.replace(levers, attention_backend=backend), measured
-
-
-# ------------------------------------------------------------------------------------------------ memory report
-MEMORY_KEYS = ("peak_allocated_gib", "peak_reserved_gib")
-
-
-def memory_report(device: torch.device) -> dict[str, float | None]:
-    """Peak GPU memory since the last `torch.cuda.reset_peak_memory_stats`: allocated (tensors alive) and reserved
-    (what the caching allocator holds from the driver, what `nvidia-smi` and a small card's limit see). None off
-    CUDA."""
-    if device.type != "cuda":
-        return dict.fromkeys(MEMORY_KEYS)
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
-
-
-def format_memory(report: dict[str, float | None]) -> str:
-    """One line for the console: both peaks, or that there is no GPU figure."""
-    if report.get("peak_allocated_gib") is None:
-        return "peak GPU memory: n/a (not on CUDA)"
-    return (f"peak GPU memory: {report['peak_allocated_gib']:.2f} GiB allocated, "
-            f"{report['peak_reserved_gib']:.2f} GiB reserved")

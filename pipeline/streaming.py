@@ -7,6 +7,7 @@ block boundary and at the end). On the CPU it decodes in place. Time to first fr
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,20 @@ import torch
 from torch import Tensor
 
 FramesCallback = Callable[[int, Tensor], None]  # (block index, pixel frames [B, t, 3, H, W] in [0, 1])
+
+
+def decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream every decoder of a process runs on, one per device. The caching allocator hands a freed block
+    only to later allocations of the stream it was made on; a new stream per video (`torch.cuda.Stream()` cycles
+    through a pool of 32) would keep each video's decoder activations cached apart, so the reserved memory would grow
+    by the decoder's working set with every video."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _decode_stream(index)
+
+
+@functools.cache
+def _decode_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(torch.device("cuda", index))
 
 
 def to_unit(pixels: Tensor) -> Tensor:
@@ -44,7 +59,7 @@ class BlockDecoder:
         self.keep_frames = keep_frames
         self.cuda = device.type == "cuda"
         self.frames_on_host = frames_on_host and self.cuda
-        self.stream = torch.cuda.Stream(device) if self.cuda and side_stream else None
+        self.stream = decode_stream(device) if self.cuda and side_stream else None
         self.frames: list[Tensor] = []
         self.pixel_frames = 0
         self._submitted = False

@@ -18,7 +18,7 @@ from pipeline.compile import CompiledPieces
 from pipeline.cuda_graphs import GraphedDiT
 from pipeline.denoiser import Denoiser
 from pipeline.inference import CausalInferencePipeline, VideoRequest
-from pipeline.levers import MEASURE, Levers, format_memory, levers_for, memory_report
+from pipeline.levers import MEASURE, Levers, levers_for
 from pipeline.loading import model_folder
 from tests.entry.test_inference import load_pipe
 from tests.entry.test_speed_benchmark import benchmark_module
@@ -185,21 +185,13 @@ def test_presets_with_wan_weights_lie_on_the_released_checkpoints_settings():
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def test_memory_report_has_both_peaks(monkeypatch):
-    assert memory_report(torch.device("cpu")) == {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
-    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 5 * 2**29)
-    report = memory_report(torch.device("cuda"))
-    assert report == {"peak_allocated_gib": 3.0, "peak_reserved_gib": 2.5}
-    assert format_memory(report) == "peak GPU memory: 3.00 GiB allocated, 2.50 GiB reserved"
-
-
 def test_stats_and_summary_carry_both_memory_figures(folder, tmp_path, capsys):
     out = tmp_path / "out"
     assert inference.main(["--model", str(folder), "--prompt", "a red circle", "--total-blocks", "1",
                            "--output-dir", str(out)]) == 0
     stats = json.loads(next(out.glob("stats_*.json")).read_text())
     assert {"peak_allocated_gib", "peak_reserved_gib"} <= set(stats) and "peak_gpu_memory_gib" not in stats
+    assert "block_reserved_gib" not in stats and "allocator" not in stats  # no GPU, no allocator to report
     assert "peak GPU memory: n/a (not on CUDA)" in capsys.readouterr().out
 
 

@@ -225,6 +225,30 @@ def test_pipeline_wan_vae_decoder_on_cuda():
     assert plain_err < 3e-2 and rel_err(b, reference) < 1.5 * plain_err and rel_err(b_again, b) < 1e-3
 
 
+def test_reserved_memory_stays_flat_over_videos_decoded_on_the_side_stream():
+    """Every video's decoder runs on the one side stream of the device, so the activations the allocator cached for
+    the first video serve the next ones: the reserved memory grows with the first video only (a stream per video
+    kept each video's working set cached apart)."""
+    from pipeline.streaming import BlockDecoder
+    from tests.entry.test_speed_benchmark import benchmark_module
+    codec = benchmark_module("common").random_codec("wan_vae", CUDA, torch.bfloat16, tiny=True)
+    latent = torch.randn(1, 6, codec.latent_channels, 30, 52, device=CUDA, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved(CUDA)
+    reserved = []
+    with torch.no_grad():
+        for _ in range(4):
+            decoder = BlockDecoder(codec.stream_decoder(), CUDA)
+            for start in range(0, latent.shape[1], 3):
+                decoder.submit(start // 3, latent[:, start:start + 3])
+            decoder.finish()
+            del decoder
+            torch.cuda.synchronize()
+            reserved.append(torch.cuda.memory_reserved(CUDA))
+    first_video = reserved[0] - before
+    assert first_video > 0 and reserved[-1] - reserved[0] < 0.5 * first_video, (before, reserved)
+
+
 @pytest.mark.parametrize("backend", ["sdpa_cudnn_halves", "flash_attn_halves"])
 def test_key_halves_backends_match_cudnn_sdpa(backend):
     """The *_halves back-ends (keys in two halves as a batch of two, one kernel launch, merged by their log-sum-exps)

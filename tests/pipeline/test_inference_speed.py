@@ -247,6 +247,39 @@ def test_block_decoder_hands_out_every_block_in_order_with_a_first_frame_time(ki
     assert decoder.time_to_first_frame_ms is not None and decoder.time_to_first_frame_ms >= 0
 
 
+def test_every_decoder_of_a_device_shares_one_side_stream(monkeypatch):
+    """The caching allocator reuses a freed block only on the stream it was made on: a side stream per video would
+    cache every video's decoder activations apart. Every BlockDecoder of a device gets the same stream (CUDA objects
+    replaced by stand-ins; nothing runs)."""
+    from pipeline import streaming
+
+    class FakeStream:
+        def __init__(self, device):
+            self.device = device
+
+    class FakeEvent:
+        def __init__(self, **kwargs):
+            pass
+
+        def record(self, stream=None):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    streaming._decode_stream.cache_clear()
+    try:
+        first = streaming.BlockDecoder(None, torch.device("cuda"))
+        second = streaming.BlockDecoder(None, torch.device("cuda", 0))
+        other = streaming.BlockDecoder(None, torch.device("cuda", 1))
+        inline = streaming.BlockDecoder(None, torch.device("cuda"), side_stream=False)
+    finally:
+        streaming._decode_stream.cache_clear()
+    assert isinstance(first.stream, FakeStream) and first.stream is second.stream
+    assert other.stream is not first.stream and other.stream.device == torch.device("cuda", 1)
+    assert inline.stream is None
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
 def test_training_compile_runs_cached_calls_as_shared_pieces_whatever_the_depth():
