@@ -9,8 +9,9 @@ The page has a prompt box (editable while the video streams: the new prompt take
 re-cache), seed (empty = random), playback frames per second, number of blocks (a rolling KV cache beyond what the
 model holds without one), decoder, torch.compile on/off, Start and Stop. It shows the frames as each block is decoded,
 the time to first frame, frames per second, a per-block timing strip marking prompt switches, and offers the mp4.
-One generation runs at a time; a closed tab stops its generation. Models load exactly as in inference.py (same
-flags); trailing `key=value` arguments override config keys.
+One generation runs at a time; a closed tab stops its generation. With CUDA one video with the page's defaults is
+made and discarded before serving (`--no-warmup` skips it). Models load exactly as in inference.py (same flags);
+trailing `key=value` arguments override config keys.
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action=argparse.BooleanOptionalAction,
                      help="whether the page's torch.compile switch starts on (each video compiles or not as the page "
                      "says; default: on with CUDA)")
+    run.add_argument("--warmup", action=argparse.BooleanOptionalAction,
+                     help="before serving, generate one video with the page's defaults (frames discarded), so the "
+                     "first visitor's video does not wait for compilation and graph capture (default: on with CUDA)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 
@@ -134,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
     service = None
     try:
         service = load_service(args)
+        warmup = args.warmup if args.warmup is not None else service.device.startswith("cuda")
+        if warmup:
+            print("warming up: one video with the page's defaults (compilation, graph capture) ...", flush=True)
+            print(f"warmed up in {service.warm_up():.1f} s", flush=True)
         allowed = [*LOCAL_HOSTS, *args.allowed_host] + ([] if args.host in ("0.0.0.0", "::") else [args.host])
         server.app = create_app(service, allowed_hosts=allowed)
         host = "localhost" if args.host in ("0.0.0.0", "::") else args.host

@@ -323,6 +323,22 @@ class DemoService:
             raise
         return job
 
+    def warm_up(self) -> float:
+        """Generate one video as the page's defaults ask for it (its blocks, the first decoder, the compile switch),
+        frames discarded, so the first user's video does not pay for compilation, CUDA-graph capture and the
+        decoder's first calls. Returns the seconds it took."""
+        tic = time.perf_counter()
+        info = self.info()
+        blocks = info["default_blocks"]
+        self.pipe.generate(
+            [self.default_prompt or "warm-up"],
+            VideoRequest(self.latent_frames(blocks), self.height, self.width, generator=torch.Generator().manual_seed(0)),
+            Delivery(keep_video=False, frames_on_host=True),
+            CallOverrides(settings=self.settings_for(blocks), codec=next(iter(self.decoders.values())),
+                          denoiser=self._denoiser(self.default_compile)))
+        self.pipe.clear_prompt_cache()
+        return time.perf_counter() - tic
+
     def _denoiser(self, compile_: bool) -> Denoiser:
         if not compile_:
             return self.pipe.denoiser

@@ -312,6 +312,23 @@ def test_compile_is_done_once_and_only_when_asked(make_service):
     assert compiled == [service.pipe.generator] and service.pipe.denoiser is eager  # restored after each job
 
 
+def test_warm_up_makes_the_default_video_once_and_keeps_nothing(make_service, monkeypatch):
+    """The warm-up (`demo.py --warmup`, on by default with CUDA) runs what the page's defaults ask for: its number of
+    blocks, the first decoder, the compile switch's position; no file, no job; the compiled twin is kept for jobs."""
+    compiled, calls = [], []
+    service = make_service(compile_fn=lambda module: compiled.append(module) or module, default_compile=True)
+    generate = service.pipe.generate
+    monkeypatch.setattr(service.pipe, "generate", lambda *a: calls.append(a) or generate(*a))
+    assert service.warm_up() > 0
+    (prompts, request, delivery, overrides), = calls
+    blocks = service.info()["default_blocks"]
+    assert prompts == ["a red circle"] and request.num_latent_frames == service.latent_frames(blocks) > 0
+    assert not delivery.keep_video and overrides.codec is next(iter(service.decoders.values()))
+    assert compiled == [service.pipe.generator] and overrides.denoiser is service._denoiser(True)
+    assert not service.output_dir.exists() or not any(service.output_dir.iterdir())
+    assert service.current is None and not service.info()["busy"]
+
+
 def test_a_failing_generation_is_reported_and_frees_the_demo(make_service, monkeypatch):
     service = make_service()
     client = create_app(service).test_client()
@@ -372,12 +389,16 @@ def test_help_explains_every_flag_with_defaults(capsys):
         assert flag in text and (default is None or default in text), flag
 
 
-def test_the_command_serves_the_page_until_interrupted(folder, tmp_path):
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_command_serves_the_page_until_interrupted(folder, tmp_path, warmup):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, str(REPO / "demo.py"), "--model", str(folder), "--port", "0",
-                             "--output-dir", str(tmp_path / "videos")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                             "--output-dir", str(tmp_path / "videos"), *(["--warmup"] if warmup else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
+        if warmup:  # off by default on the CPU; asked for, it runs before the page is served
+            assert proc.stdout.readline().startswith("warming up: one video")
+            assert proc.stdout.readline().startswith("warmed up in ")
         line = proc.stdout.readline()  # printed once the model is loaded and the port is bound
         assert "open http://127.0.0.1:" in line, line + proc.stderr.read()
         url = line.split("open ", 1)[1].split()[0]
