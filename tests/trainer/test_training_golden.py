@@ -63,13 +63,25 @@ def network(case, role: str) -> WanDiT:
 
 
 def recipe(case, *overrides: str, window: int | None = None):
-    """`configs/self_forcing_dmd.yaml` at the case's sizes (loss window `window` frames, default all), float32."""
+    """`configs/self_forcing_dmd.yaml` at the case's sizes (loss window `window` frames, default all), float32.
+
+    The score losses take their frame count from the latents, and the original runs them on any count; the recipe's
+    rollout (built with every algorithm) only generates whole blocks, so for a loss case it is sized to the next
+    whole block."""
     spec, hw = case.meta["spec"], case.meta["latent_hw"]
+
+    def load(frames: int, window: int):
+        shape = [spec["batch"], window, case.meta["model_config"]["in_dim"], *hw]
+        options = [f"{key}={str(spec[key]).lower()}" for key in ("ts_schedule", "ts_schedule_max") if key in spec]
+        return load_config(RECIPE, ["mixed_precision=false", f"image_or_video_shape={shape}".replace(" ", ""),
+                                    f"num_training_frames={frames}", *options, *overrides])
     frames = spec["num_frames"]
-    shape = [spec["batch"], window or frames, case.meta["model_config"]["in_dim"], *hw]
-    options = [f"{key}={str(spec[key]).lower()}" for key in ("ts_schedule", "ts_schedule_max") if key in spec]
-    return load_config(RECIPE, ["mixed_precision=false", f"image_or_video_shape={shape}".replace(" ", ""),
-                                f"num_training_frames={frames}", *options, *overrides])
+    cfg = load(frames, window or frames)
+    block = cfg.rollout.num_frame_per_block
+    if window is None and frames % block:
+        whole = -(-frames // block) * block
+        cfg = load(whole, whole)
+    return cfg
 
 
 def score_models(case) -> Models:
@@ -151,7 +163,9 @@ def run_rollout(golden, mode: str, checkpointing: bool, weights_of=None):
     replay = Replay(case)
     blocks = frames // spec["num_frame_per_block"]
     plan = rollout.plan_from_draws(blocks, replay.integers(0, len(rollout.steps), (blocks,), "cpu").tolist())
-    assert plan.exit_steps == spec["exit_flags"]
+    # `exit_flags` is the original's draw, one per block; with same_step_across_blocks every block takes the first.
+    drawn = spec["exit_flags"]
+    assert plan.exit_steps == ([drawn[0]] * blocks if spec["same_step_across_blocks"] else drawn)
     for key in ("denoised_timestep_from", "denoised_timestep_to"):
         if case.meta[key] is not None:
             exit_range = rollout.generator.schedule.exit_step_range(rollout.steps, plan.exit_steps[0])
