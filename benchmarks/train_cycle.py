@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cycles", type=int, default=3, help="timed cycles")
     p.add_argument("--profile", action="store_true", help="one more cycle under torch.profiler")
     p.add_argument("--tiny", action="store_true", help="CPU, toy widths, a temporary random folder")
-    p.add_argument("--name", default=None, help="result name (default train_cycle_<gpu>)")
+    p.add_argument("--name", default=None, help="result name (default <prefix>_<gpu>)")
+    p.add_argument("--prefix", default="train_cycle", help="the default name's prefix (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="further key=value config overrides")
     args = p.parse_intermixed_args(argv)
     import train
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         targs = train.parse_args([*command, f"max_steps={total_steps}"])
         trainer = train._setup(targs, dist, None, None, None)
         cfg = trainer.cfg
-        name = args.name or ("train_cycle_" + gpu_name_tag(device)
+        name = args.name or (f"{args.prefix}_" + gpu_name_tag(device)
                              + (f"_{dist.world_size}gpu" if dist.world_size > 1 else ""))
         compute = cfg.compute
         settings = {"config": args.config_path, "overrides": [*recipe, *args.overrides],

@@ -4,10 +4,12 @@
 #   2. ours: benchmarks/train_cycle.py (train.py's trainer; 1.3B generator, critic and teacher, UMT5-XXL on the GPU);
 #   3. the original: benchmarks/original_train_cycle.py driving its own trainer from a checkout of
 #      github.com/guandeh17/Self-Forcing (git-ignored, default .original/Self-Forcing), random init, stub text encoder;
-#   4. a comparison (ours / original per cycle, per step, peak memory).
+#   4. a comparison (ours / original per cycle, per step, peak memory);
+#   5. (part long) ours with long self-rollouts at 3x the horizon (63 latent frames, the loss on a 21-frame window,
+#      rolling cache of 21 with a 3-frame sink, relative RoPE): train_cycle_long_<gpu>.json, beside ours' standard step.
 # Each part is time-boxed so that the whole stays within BUDGET_S; every JSON is rewritten after each cycle and the
 # logs go to $OUT as they come, so a part cut short keeps the cycles it finished.
-#   bash benchmarks/train_cycle.sh [ours] [original]             (default: both, ours first)
+#   bash benchmarks/train_cycle.sh [ours] [original] [long]      (default: ours original)
 # Environment: OUT (runs/train_cycle), WAN_RANDOM_ROOT (runs/wan_random), ORIGINAL_DIR (.original/Self-Forcing),
 #   WARMUP (1), CYCLES (2), PROFILE (1: one more cycle under torch.profiler), BUDGET_S (540), PYTHON (python3),
 #   OURS_ARGS (key=value overrides of our recipe, e.g. "compile=true").
@@ -47,10 +49,14 @@ for part in "$@"; do
       fi
       boxed "$share" original "$py" benchmarks/original_train_cycle.py --original-dir "$original" \
         --warmup "$warmup" --cycles "$cycles" "${profile[@]}" ;;
-    *) echo "unknown part $part (ours, original)"; exit 2 ;;
+    long) boxed "$share" long "$py" benchmarks/train_cycle.py --model-root "$root" --warmup "$warmup" \
+            --cycles "$cycles" --prefix train_cycle_long rollout.rollout_frames=63 rollout.rollout_cache=inference \
+            rollout.rollout_window=latest rollout.local_attn_size=21 rollout.sink_size=3 rollout.rope=relative \
+            ${OURS_ARGS:-} ;;
+    *) echo "unknown part $part (ours, original, long)"; exit 2 ;;
   esac
 done
-ours_json=$(ls -t "$OUT"/train_cycle_*.json 2>/dev/null | grep -v tiny | head -1)  # the newest: this run's
+ours_json=$(ls -t "$OUT"/train_cycle_*.json 2>/dev/null | grep -v "tiny\|_long_" | head -1)  # the newest: this run's
 original_json=$(ls -t "$OUT"/original_train_cycle_*.json 2>/dev/null | grep -v tiny | head -1)
 if [ -n "$ours_json" ] && [ -n "$original_json" ]; then
   "$py" benchmarks/cycle_report.py "$ours_json" "$original_json" | tee -a "$log"

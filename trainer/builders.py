@@ -76,11 +76,18 @@ def _generator_is_bidirectional(cfg: Any) -> bool:
     return cfg.trainer == "diffusion" and not cfg.pretraining.causal
 
 
+def codec_needed(cfg: Any) -> bool:
+    """Whether a recipe needs its video codec: samples are drawn, or the rollout is longer than the loss window (the
+    window's first frame is the last pixel frame before it, re-encoded)."""
+    longest = max(cfg.rollout.num_training_frames, cfg.rollout.rollout_frames)
+    return (not cfg.logging.no_visualize and cfg.logging.sample_every > 0) or longest > cfg.rollout.image_or_video_shape[1]
+
+
 def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool] = None) -> Models:
     """The recipe's networks on the CPU (`utils.distributed.parallelize_models` moves and shards them).
 
     Teacher weights are held in bf16 when `mixed_precision` (frozen: no fp32 master copy needed); trained networks
-    in fp32 (master weights). `load_codec` default: only when samples are drawn or raw videos are encoded.
+    in fp32 (master weights). `load_codec` default: `codec_needed(cfg)`.
     `world: shapes` builds the miniature world's networks by code instead (shapes/components.py, chosen by
     train.py: the core never imports the world built on top of it).
     """
@@ -115,10 +122,7 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
     if load_text:
         encoder = load_wan_text_encoder(gen_dir, text_len=generator_net.config.text_len)
         text = PromptEncoder(encoder, cfg.data.negative_prompt, cache_size=cfg.compute.prompt_cache_size)
-    if load_codec is None:
-        load_codec = (not cfg.logging.no_visualize and cfg.logging.sample_every > 0) \
-            or cfg.rollout.num_training_frames > cfg.rollout.image_or_video_shape[1]
-    codec = frozen(load_wan_vae(gen_dir)) if load_codec else None
+    codec = frozen(load_wan_vae(gen_dir)) if (codec_needed(cfg) if load_codec is None else load_codec) else None
     return Models(generator=generator, text=text, teacher=teacher, critic=critic, codec=codec)
 
 

@@ -366,6 +366,19 @@ def test_the_long_recipes_load(recipe):
     assert 0 < cfg.rollout.prompt_switch_prob < 1 and cfg.rollout.rollout_window == "uniform"
 
 
+def test_a_long_wan_recipe_loads_the_codec_its_window_rule_needs():
+    """The window's first frame is the last pixel frame before it, re-encoded: a long rollout needs the Wan VAE even
+    when no samples are drawn (without it the first step failed)."""
+    from trainer.builders import codec_needed
+    from utils.config import REPO_ROOT
+    quiet = ["no_visualize=true"]
+    assert not codec_needed(load_config(REPO_ROOT / "configs/self_forcing_dmd.yaml", quiet))
+    assert codec_needed(load_config(REPO_ROOT / "configs/self_forcing_dmd_long.yaml", quiet))
+    assert codec_needed(load_config(REPO_ROOT / "configs/self_forcing_dmd.yaml", ["num_training_frames=27", *quiet]))
+    assert codec_needed(load_config(REPO_ROOT / "configs/self_forcing_dmd.yaml", ["no_visualize=false",
+                                                                                  "sample_every=100"]))
+
+
 def test_the_shapes_recipe_runs_the_long_stage_only_when_named(tmp_path):
     import importlib.util
     from utils.config import REPO_ROOT
