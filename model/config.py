@@ -74,6 +74,11 @@ class WanConfig:
                 unknown.append(key)
         if unknown:
             raise KeyError(f"{source}: unknown Wan config key(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
+        window = extra.get("window_size", (-1, -1))
+        # The original's flash-attention local window: every released model attends fully, and so does WanDiT.
+        if not isinstance(window, (list, tuple)) or list(window) != [-1, -1]:
+            raise ValueError(f"{source}: window_size={window!r}; expected [-1, -1] (full attention, the only "
+                             f"value the DiT implements)")
         return cls(**kwargs, extra=extra)
 
     @classmethod

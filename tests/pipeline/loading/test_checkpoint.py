@@ -114,6 +114,18 @@ def test_config_round_trip():
         wan_config_from_diffusers({**diffusers_config_from_wan(TINY), "image_dim": 1280})
 
 
+def test_original_window_size_full_attention_only():
+    """The original WanModel config carries `window_size` (flash-attention's local window); full attention, (-1, -1),
+    is what every released model uses and the only value the DiT implements, so any other value is refused."""
+    body = {"_class_name": "WanModel", **TINY.to_dict()}
+    for full in ([-1, -1], (-1, -1)):
+        cfg = WanConfig.from_dict({**body, "window_size": full}, source="orig/config.json")
+        assert cfg.to_dict() == TINY.to_dict() and list(cfg.extra["window_size"]) == [-1, -1]
+    for local in ([16, 16], [-1, 8], 16):
+        with pytest.raises(ValueError, match=r"orig/config\.json: window_size=.*expected \[-1, -1\]"):
+            WanConfig.from_dict({**body, "window_size": local}, source="orig/config.json")
+
+
 def test_config_json_keeps_what_diffusers_has_no_key_for():
     x0 = dataclasses.replace(TINY, text_len=24, prediction="x0")
     body = diffusers_config_json(x0)
