@@ -18,7 +18,6 @@ from scripts import generate_ode_pairs
 from tests.entry.test_data_recipes_cli import TINY
 from tests.entry.test_train_cli import write_model_root
 from tests.tiny import tiny_config, tiny_model
-from trainer.builders import codec_needed
 from trainer.causvid import CausVid
 from trainer.data import PromptDataset, ShardedBatches
 from trainer.diffusion import Diffusion
@@ -127,22 +126,31 @@ def test_recipe_trains_two_steps_on_its_documented_data(tmp_path, monkeypatch, s
     argv = ["--config_path", str(recipe), "--logdir", str(tmp_path / "run"), "--disable-wandb", "--no_save", *sizes,
             *inputs]
     cfg = train.load_run_config(train.parse_args(argv))
-    algorithm, dataset = DOCUMENTED[(cfg.trainer, cfg.distillation.distribution_loss)]
+    kind = (cfg.trainer, cfg.distillation.distribution_loss)
+    assert kind in DOCUMENTED, f"{name} trains {kind}, which docs/training.md (and DOCUMENTED here) does not list"
+    algorithm, dataset = DOCUMENTED[kind]
 
-    datasets = []  # the dataset class of every batch the loop drew
+    batches = []  # (dataset class, batch keys) of every batch the loop drew
     original_next = ShardedBatches.__next__
 
     def recording_next(self):
-        datasets.append(type(self.dataset))
-        return original_next(self)
+        batch = original_next(self)
+        batches.append((type(self.dataset), set(batch)))
+        return batch
     monkeypatch.setattr(ShardedBatches, "__next__", recording_next)
     trainer = train.main(argv)
 
     assert trainer.step == 2
     assert type(trainer.algorithm) is algorithm
-    assert datasets and set(datasets) == {dataset}
+    assert batches and {kind for kind, _ in batches} == {dataset}
+    # Prompt files carry the prompt a long rollout may switch to; ODE pairs carry the trajectories.
+    expected_keys = {"prompts", "idx"} | ({"ode_latent"} if dataset is ODEPairDataset else set())
+    expected_keys |= {"switch_prompts"} if cfg.rollout.prompt_switch_prob > 0 else set()
+    assert all(keys == expected_keys for _, keys in batches), batches
     models = trainer.algorithm.models
-    assert (models.codec is not None) == codec_needed(cfg)
+    # The VAE is loaded for a rollout longer than its loss window (the window's first frame is re-encoded).
+    long_rollout = cfg.rollout.rollout_frames > cfg.rollout.image_or_video_shape[1]
+    assert (models.codec is not None) == (long_rollout or cfg.logging.sample_every > 0)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     roles = ["generator"] + (["critic"] if models.critic is not None else [])
