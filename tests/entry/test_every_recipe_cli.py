@@ -1,9 +1,10 @@
 """Every Wan training recipe in `configs/` trains two steps through train.py on the inputs docs/training.md documents
 for it: a Wan model root on disk (DiT, text encoder, VAE), the recipe's own generator checkpoint, and its data in the
 real on-disk format: a prompt file (`data.data_path`) for data-free distillation, ODE-pair shards
-(`data.ode_data_path`, written by `OdePairWriter`) for the recipes that train on data.
+(`data.ode_data_path`, made by scripts/generate_ode_pairs.py) for the recipes that train on data.
 
-Only sizes, step counts and precision are overridden; the algorithm and the data source stay the recipe's. The
+Only sizes (model folders, frames, blocks, batch), step counts (steps, critic updates per generator update), learning
+rates and the seed are overridden; the algorithm, the data source and the compute settings stay the recipe's. The
 recipes are found by listing the folder, so a new one is covered without touching this file."""
 from __future__ import annotations
 
