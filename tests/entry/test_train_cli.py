@@ -67,8 +67,10 @@ def test_missing_paths_are_named(tmp_path, recipe, capsys):
     assert "nil" in capsys.readouterr().err
 
 
-def write_model_root(root, name="TinyWan"):
-    """An original-layout Wan folder with tiny random weights: config.json + safetensors, text encoder + tokenizer."""
+def write_model_root(root, name="TinyWan", vae: bool = False):
+    """An original-layout Wan folder with tiny random weights: config.json + safetensors, text encoder + tokenizer,
+    and with `vae` a tiny Wan2.1 VAE (the diffusers `vae/` folder the loader also reads; its latent channels are the
+    tiny DiT's, with unit latent statistics)."""
     folder = root / name
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(tiny_config().to_dict()))
@@ -76,6 +78,14 @@ def write_model_root(root, name="TinyWan"):
     text = tiny_text_encoder(dim=tiny_config().text_dim, text_len=tiny_config().text_len)
     text.encoder.save_pretrained(folder / "text_encoder")
     text.tokenizer.save_pretrained(folder / "tokenizer")
+    if vae:
+        from diffusers import AutoencoderKLWan
+
+        from model.vae import WAN21_VAE_CONFIG
+        channels = tiny_config().in_dim
+        torch.manual_seed(0)
+        AutoencoderKLWan(**dict(WAN21_VAE_CONFIG, base_dim=8, z_dim=channels, latents_mean=[0.0] * channels,
+                                latents_std=[1.0] * channels)).save_pretrained(folder / "vae")
     return folder
 
 

@@ -17,10 +17,12 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
     out = tmp_path / "run"
     monkeypatch.setenv("SHAPES_OVERRIDES", "sample_every=3")  # every stage also draws its sample videos
     assert shapes_world.main(["--out", str(out), "--size", "smoke"]) == 0
+    # The optional long-rollout stage, named on its own, continues the finished DMD stage.
+    assert shapes_world.main(["--out", str(out), "--size", "smoke", "--stages", "dmd_long"]) == 0
     for stage in ("teacher", "dmd", "teacher_forcing"):  # bidirectional, few-step causal, many-step causal
         samples = sorted((out / stage / "logs" / "samples").glob("step_000003-*.mp4"))
         assert len(samples) == 2, stage
-    for stage in ("teacher", "ode_init", "dmd", "sid", "gan", "causvid", "teacher_forcing", "diffusion_forcing"):
+    for stage in shapes_world.TRAIN_STAGES:  # every training recipe of configs/shapes
         assert (out / stage / "generator.safetensors").is_file(), stage
         metrics = [json.loads(line) for line in (out / stage / "logs" / "metrics.jsonl").read_text().splitlines()]
         losses = [v for m in metrics for k, v in m.items() if k.endswith("_loss")]
@@ -42,6 +44,14 @@ def test_smoke_recipe_runs_every_stage_and_exports_a_loadable_model(tmp_path, ca
     # A rerun skips finished stages.
     assert shapes_world.main(["--out", str(out), "--size", "smoke", "--stages", "teacher,dmd"]) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
+
+
+def test_every_shapes_config_is_a_stage_of_the_smoke_run():
+    """A recipe added to configs/shapes/ is trained by the smoke test above only once it is a stage; base.yaml is the
+    layer the stages share (its settings build the text encoder and codec of the `base` stage)."""
+    recipes = {p.stem for p in shapes_world.CONFIGS.glob("*.yaml")} - {"base"}
+    assert recipes == set(shapes_world.TRAIN_STAGES.values())
+    assert set(shapes_world.TRAIN_STAGES) <= {*shapes_world.ALL_STAGES, *shapes_world.OPTIONAL_STAGES}
 
 
 def test_shipped_base_codec_is_the_shapes_configs():
