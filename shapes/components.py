@@ -106,7 +106,7 @@ def build_shapes_models(cfg: Any) -> Models:
     """The recipe's bundle: generator (causal unless `causal: false`), teacher and critic as the trainer needs."""
     from trainer.builders import needed_networks
     schedule = FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep)
-    generator_net = shapes_dit(cfg, cfg.model.generator_ckpt)
+    generator_net = shapes_dit(cfg, cfg.model.generator_ckpt, use_ema=cfg.model.generator_ckpt_ema)
     bidirectional = cfg.trainer == "diffusion" and not cfg.pretraining.causal
     generator = Denoiser(generator_net, schedule, uniform_timestep=bidirectional)
     want_teacher, want_critic = needed_networks(cfg)

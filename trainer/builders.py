@@ -103,7 +103,7 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
     ckpt = cfg.model.generator_ckpt
     if ckpt and not Path(ckpt).exists():
         raise MissingFileError(f"model.generator_ckpt {ckpt} does not exist")
-    generator_net = load_wan_dit(gen_dir, checkpoint=ckpt or None)
+    generator_net = load_wan_dit(gen_dir, checkpoint=ckpt or None, use_ema=cfg.model.generator_ckpt_ema)
     if cfg.model.lora_rank > 0:
         apply_lora(generator_net, cfg.model.lora_rank, cfg.model.lora_alpha)
     generator = Denoiser(generator_net, FlowMatchSchedule(cfg.rollout.generator_shift, cfg.model.num_train_timestep),

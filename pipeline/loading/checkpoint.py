@@ -241,14 +241,24 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
             path = path / "transformer"
         if not list(path.glob("*.safetensors")) and (path / "model.pt").is_file():
             return load_self_forcing_pt(path / "model.pt", use_ema=use_ema), None
+        _one_set_of_weights(path, use_ema)
         return load_wan_safetensors(path), _config_next_to(path)
     name = path.name.lower()
     if name.endswith(".safetensors") or name.endswith(".index.json"):
+        _one_set_of_weights(path, use_ema)
         return load_wan_safetensors(path), _config_next_to(path.parent)
     if name.endswith(_PICKLE_SUFFIXES):
         return load_self_forcing_pt(path, use_ema=use_ema), None
     raise InputError(f"{path}: unrecognised checkpoint type; expected a folder, .safetensors, "
                      f".safetensors.index.json or one of {list(_PICKLE_SUFFIXES)}")
+
+
+def _one_set_of_weights(path: Path, use_ema: bool) -> None:
+    """A safetensors checkpoint holds one set of weights: asking it for the EMA ones is an error, not a no-op."""
+    if use_ema:
+        raise InputError(f"{path} holds one set of weights: the EMA choice (--use_ema, model.generator_ckpt_ema) picks "
+                         "the generator_ema entry of a Self-Forcing .pt checkpoint; point at the EMA weights "
+                         "themselves instead (e.g. a training run's generator_ema.safetensors)")
 
 
 # ------------------------------------------------------------------------------------------ strict loading

@@ -79,13 +79,13 @@ def tiny_sizes(recipe: Path) -> list[str]:
             f"model_kwargs.sink_size={block}"]
 
 
-def write_generator_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """A generator checkpoint as the released ones are stored (`torch.save` of `{"generator": {"model." + key}}`);
-    returns its weights (other than the model root's)."""
+def write_generator_checkpoint(path: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """A generator checkpoint as the released ones are stored (`torch.save` of `{"generator": {"model." + key},
+    "generator_ema": ...}`, two different sets); returns the set a recipe starts from (`ema`: the EMA one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights = tiny_model(seed=7).state_dict()
-    torch.save({"generator": {f"model.{k}": v for k, v in weights.items()}}, path)
-    return weights
+    weights = {role: tiny_model(seed=seed).state_dict() for role, seed in (("generator", 7), ("generator_ema", 8))}
+    torch.save({role: {f"model.{k}": v for k, v in sd.items()} for role, sd in weights.items()}, path)
+    return weights["generator_ema" if ema else "generator"]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def recipe_inputs(recipe: Path, inputs: dict[str, Path], tmp_path: Path, sizes: 
     overrides, initial = [f"model_root={inputs['model_root']}"], None
     if cfg.model.generator_ckpt:
         ckpt = tmp_path / "checkpoints" / Path(cfg.model.generator_ckpt).name
-        initial = write_generator_checkpoint(ckpt)
+        initial = write_generator_checkpoint(ckpt, ema=cfg.model.generator_ckpt_ema)
         overrides.append(f"generator_ckpt={ckpt}")
     overrides += [f"{key}={inputs[key]}" for key in ("data_path", "ode_data_path") if getattr(cfg.data, key)]
     return overrides, initial

@@ -267,6 +267,7 @@ def test_schedule_from_cli(folder, tmp_path):
     (["--prompt", "x", "--total-blocks", "20"], "rolling window"),
     (["--prompt", "x", "--checkpoint_path", "{tmp}/garbage.pt"], "garbage.pt"),
     (["--prompt", "x", "attention_backend=fastest"], "attention_backend"),
+    (["--prompt", "x", "--use_ema"], "--use_ema picks generator_ema from a --checkpoint_path .pt"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(folder, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("\n \n")

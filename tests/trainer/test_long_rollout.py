@@ -364,6 +364,8 @@ def test_the_long_recipes_load(recipe):
     assert cfg.rollout.rollout_frames == 4 * horizon and cfg.rollout.rollout_cache == "inference"
     assert cfg.rollout.local_attn_size == horizon and cfg.rollout.rope == "relative"
     assert 0 < cfg.rollout.prompt_switch_prob < 1 and cfg.rollout.rollout_window == "uniform"
+    # Both continue from the EMA weights a user generates with: the Wan recipe takes them from the released .pt.
+    assert cfg.model.generator_ckpt_ema or cfg.model.generator_ckpt.endswith("generator_ema.safetensors")
 
 
 def test_a_long_wan_recipe_loads_the_codec_its_window_rule_needs():

@@ -168,6 +168,9 @@ def test_validation_blames_the_layer_that_set_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'num_frame_per_block=0': rollout.num_frame_per_block must be "
                                           r">= 1"):
         load_config(None, ["num_frame_per_block=0"])
+    with pytest.raises(ConfigError, match=r"override 'generator_ckpt_ema=true': model.generator_ckpt_ema = true picks "
+                                          r"the EMA weights of model.generator_ckpt, which is not set"):
+        load_config(None, ["generator_ckpt_ema=true"])
 
 
 def test_meaningless_original_keys_are_listed_with_a_reason_and_dropped():

@@ -60,6 +60,9 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
                           "rollout starts from the data's first latent frame as a block of its own, then generates "
                           "whole blocks")
     _validate_long_rollout(cfg, where, rollout_recipe)
+    if cfg.model.generator_ckpt_ema and not cfg.model.generator_ckpt:
+        raise ConfigError(f"{where('model.generator_ckpt_ema')}: model.generator_ckpt_ema = true picks the EMA weights "
+                          "of model.generator_ckpt, which is not set")
     short = cfg.data.shapes_short_prompt_fraction
     if not 0.0 <= short <= 1.0 or (short and cfg.model.world != "shapes"):
         raise ConfigError(f"{where('data.shapes_short_prompt_fraction')}: data.shapes_short_prompt_fraction must be in "

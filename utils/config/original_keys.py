@@ -14,9 +14,9 @@ from typing import Any
 from utils.errors import ConfigError
 
 _SECTIONS = {
-    "model": ("world", "model_root", "real_name", "fake_name", "generator_ckpt", "real_score_ckpt", "fake_score_ckpt",
-              "dit_config", "text_encoder_path", "codec_spatial_factor", "num_train_timestep", "lora_rank",
-              "lora_alpha"),
+    "model": ("world", "model_root", "real_name", "fake_name", "generator_ckpt", "generator_ckpt_ema",
+              "real_score_ckpt", "fake_score_ckpt", "dit_config", "text_encoder_path", "codec_spatial_factor",
+              "num_train_timestep", "lora_rank", "lora_alpha"),
     "rollout": ("denoising_step_list", "warp_denoising_step", "num_frame_per_block", "independent_first_frame",
                 "context_noise", "num_training_frames", "same_step_across_blocks", "last_step_only", "kv_cache_grad",
                 "image_or_video_shape", "rollout_frames", "rollout_window", "prompt_switch_prob", "rollout_cache"),

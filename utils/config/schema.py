@@ -53,6 +53,8 @@ class ModelSection:
     fake_name: str = setting("Wan2.1-T2V-1.3B", "critic (fake score) model folder under model_root")
     generator_ckpt: Optional[str] = setting(None, "initial generator weights (e.g. checkpoints/ode_init.pt); null: "
                                             "generator_name's")
+    generator_ckpt_ema: bool = setting(False, "start from generator_ckpt's EMA weights (the generator_ema entry of a "
+                                       "Self-Forcing .pt, what inference loads with --use_ema)")
     real_score_ckpt: Optional[str] = setting(None, "teacher weights file (else <model_root>/<real_name>)")
     fake_score_ckpt: Optional[str] = setting(None, "critic initial weights (else <model_root>/<fake_name>, or the "
                                              "teacher's)")

@@ -18,6 +18,7 @@ from model.dit_keys import (diffusers_config_from_wan, diffusers_config_json, di
 from pipeline.loading.checkpoint import (StateDictMismatchError, infer_wan_config, load_diffusers_transformer,
                                          load_dit_state_dict, load_self_forcing_pt, load_state_dict_strict,
                                          load_wan_safetensors, save_safetensors_atomic, save_wan_safetensors_sharded)
+from utils.errors import InputError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -277,6 +278,11 @@ def test_load_diffusers_and_original_folders(tmp_path):
         load_diffusers_transformer(original)
     with pytest.raises(ValueError, match="unrecognised"):
         load_dit_state_dict(original / "config.json")
+    # One set of weights: asking for the EMA ones is an error naming the file, never the other set in silence.
+    for source in (tmp_path, original, original / "diffusion_pytorch_model.safetensors"):
+        with pytest.raises(InputError, match=r"holds one set of weights: the EMA choice") as info:
+            load_dit_state_dict(source, use_ema=True)
+        assert str(source if source != tmp_path else tmp_path / "transformer") in str(info.value)
 
 
 # -------------------------------------------------------------------------------------------- strict loading
