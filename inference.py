@@ -390,7 +390,7 @@ def base_model_dir(folder: Path, cfg, part: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- the job
-def collect_prompts(args: argparse.Namespace):
+def collect_prompts(args: argparse.Namespace, schedule: list[tuple[int, str]] | None = None):
     from utils.prompts import Prompt, attach_extended, read_image_pair_dir, read_prompt_file, read_prompts
     if args.prompt is not None and args.data_path is not None:
         raise UsageError("give --prompt or --data_path, not both")
@@ -413,6 +413,8 @@ def collect_prompts(args: argparse.Namespace):
         prompts = read_image_pair_dir(args.data_path)
     elif args.data_path:
         prompts = read_prompt_file(args.data_path)
+    elif schedule:  # the schedule is what gets generated: one video, named after its first prompt
+        prompts = [Prompt(0, schedule[0][1])]
     else:
         prompts = [Prompt(i, text) for i, text in enumerate(BUILTIN_PROMPTS)]
     if args.extended_prompt_path:
@@ -704,8 +706,8 @@ def run(args: argparse.Namespace) -> int:
     # 1. what the command line alone decides, before any model loads
     check_args(args)
     device, dtype = pick_device(args)
-    prompts = collect_prompts(args)
     schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
+    prompts = collect_prompts(args, schedule=schedule)
     layout = parallel_layout(args, rank, world)
     out_dir = prepare_outputs(args.output_dir, rank)
     if world > 1:

@@ -309,7 +309,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(folder, tmp_path, monkeypatc
 
 # ------------------------------------------------------------------------------------------ errors vs bugs
 def test_a_bug_keeps_its_traceback(folder, tmp_path, monkeypatch):
-    def broken(args):
+    def broken(args, schedule=None):
         raise KeyError("an internal lookup went wrong")
     monkeypatch.setattr(inference, "collect_prompts", broken)
     with pytest.raises(KeyError, match="an internal lookup"):
@@ -323,7 +323,7 @@ def test_the_command_exits_2_with_one_line_for_a_user_error_and_1_with_a_traceba
     expected = "error: --prompt is empty; give the prompt text (--prompt) or a prompt file (--data_path)"
     assert user.returncode == 2 and user.stderr.strip().splitlines() == [expected]
     bug = subprocess.run([sys.executable, "-c", "import sys, inference\n"
-                          "inference.collect_prompts = lambda args: {}['missing']\n"
+                          "inference.collect_prompts = lambda args, schedule=None: {}['missing']\n"
                           "sys.exit(inference.main(sys.argv[1:]))", "--prompt", "x", "--output-dir",
                           str(tmp_path / "o")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bug.returncode == 1 and "Traceback" in bug.stderr and "KeyError: 'missing'" in bug.stderr

@@ -259,6 +259,16 @@ def test_schedule_from_cli(folder, tmp_path):
     assert stats["prompt_schedule"] == [[0, "a red circle"], [2, "a blue square"]]
 
 
+def test_a_schedule_alone_makes_one_video_named_after_its_first_prompt(folder, tmp_path):
+    """Without --prompt or --data_path the schedule is the video, not the built-in prompts' four copies of it."""
+    out = tmp_path / "out"
+    assert run_cli("--model", folder, "--prompt-schedule", "0: a red circle\n2: a blue square",
+                   "--output-dir", out, "--total-blocks", 3) == 0
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["0000-a-red-circle.mp4"]
+    stats = json.loads((out / "stats_0000-a-red-circle.json").read_text())
+    assert stats["prompt"] == "a red circle" and stats["prompt_schedule"] == [[0, "a red circle"], [2, "a blue square"]]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data_path", "{tmp}/missing.txt"], "missing.txt"),
     (["--data_path", "{tmp}/empty.txt"], "empty.txt"),
