@@ -97,8 +97,9 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
 
     root = Path(cfg.model.model_root)
     if not root.is_dir():
+        names = dict.fromkeys((cfg.model.generator_name, cfg.model.real_name, cfg.model.fake_name))  # each once
         raise MissingFileError(f"model_root {root} does not exist (config key model.model_root; expected a folder with "
-                                f"{cfg.model.generator_name}/, {cfg.model.real_name}/, {cfg.model.fake_name}/)")
+                                + ", ".join(f"{name}/" for name in names) + ")")
     gen_dir = model_dir(root, cfg.model.generator_name)
     ckpt = cfg.model.generator_ckpt
     if ckpt and not Path(ckpt).exists():
