@@ -32,6 +32,7 @@ StateDict = dict[str, torch.Tensor]
 
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+TRAINING_GENERATOR, TRAINING_GENERATOR_EMA = "generator.safetensors", "generator_ema.safetensors"
 # Activation checkpointing, FSDP1 and torch.compile insert these module names into parameter names; the
 # reference EMA shadow keeps them (docs/original.md, "EMA"), the released checkpoints do not.
 _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -229,7 +230,8 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
     """Load DiT weights from any supported layout; returns (original-key state dict, WanConfig or None).
 
     * folder: a diffusers pipeline root (uses `transformer/`), a diffusers or original Wan folder
-      (config.json + safetensors), or a folder holding a single `model.pt`;
+      (config.json + safetensors), a folder holding a single `model.pt`, or a training checkpoint folder
+      (`generator.safetensors`; `use_ema` picks `generator_ema.safetensors`);
     * `.safetensors` / `.safetensors.index.json`: config taken from a `config.json` beside it, if any;
     * `.pt` / `.pth` / `.bin` / `.ckpt`: Self-Forcing checkpoint (`use_ema` picks `generator_ema`); no config.
     """
@@ -241,6 +243,13 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
             path = path / "transformer"
         if not list(path.glob("*.safetensors")) and (path / "model.pt").is_file():
             return load_self_forcing_pt(path / "model.pt", use_ema=use_ema), None
+        if (path / TRAINING_GENERATOR).is_file():  # trainer/train_state.py's layout: both sets side by side
+            weights = path / (TRAINING_GENERATOR_EMA if use_ema else TRAINING_GENERATOR)
+            if not weights.is_file():
+                raise MissingFileError(f"{weights} does not exist: the checkpoint was saved before EMA started "
+                                       "(optimiser.ema_start_step); drop the EMA choice (--use_ema, "
+                                       f"model.generator_ckpt_ema) to load its {TRAINING_GENERATOR}")
+            return load_wan_safetensors(weights), _config_next_to(path)
         _one_set_of_weights(path, use_ema)
         return load_wan_safetensors(path), _config_next_to(path)
     name = path.name.lower()

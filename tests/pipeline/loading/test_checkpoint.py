@@ -285,6 +285,23 @@ def test_load_diffusers_and_original_folders(tmp_path):
         assert str(source if source != tmp_path else tmp_path / "transformer") in str(info.value)
 
 
+def test_a_training_checkpoint_folder_loads_its_generator_or_its_ema(tmp_path):
+    """`inference.py --checkpoint_path <logdir>/checkpoint_model_N [--use_ema]`, as docs/inference.md says."""
+    folder = tmp_path / "checkpoint_model_000010"
+    raw = {"head.head.weight": torch.ones(2, 3)}
+    save_safetensors_atomic(raw, folder / "generator.safetensors")
+    save_safetensors_atomic({"head.head.weight": torch.zeros(2, 3)}, folder / "critic.safetensors")
+    (folder / "config.json").write_text(json.dumps(TINY.to_dict()))
+    with pytest.raises(FileNotFoundError, match=r"generator_ema.safetensors does not exist: the checkpoint was saved "
+                                                r"before EMA started"):
+        load_dit_state_dict(folder, use_ema=True)
+    save_safetensors_atomic({"head.head.weight": torch.full((2, 3), 0.5)}, folder / "generator_ema.safetensors")
+    for use_ema, value in ((False, 1.0), (True, 0.5)):
+        sd, cfg = load_dit_state_dict(folder, use_ema=use_ema)
+        assert sd.keys() == {"head.head.weight"} and torch.equal(sd["head.head.weight"], torch.full((2, 3), value))
+        assert cfg.to_dict() == TINY.to_dict()
+
+
 # -------------------------------------------------------------------------------------------- strict loading
 
 def test_load_state_dict_strict_message():
