@@ -291,7 +291,8 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         if not model_folder.is_model_folder(folder):
             raise UsageError(f"{folder} is not a model folder (no model_index.json)")
         if args.use_ema and not args.checkpoint_path:
-            raise UsageError(f"--use_ema picks generator_ema from a --checkpoint_path .pt; the model folder {folder} "
+            raise UsageError(f"--use_ema picks generator_ema from a --checkpoint_path (.pt or training checkpoint "
+                             f"folder); the model folder {folder} "
                              "holds one set of weights (an export keeps the EMA ones when the run had them)")
         generator, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
         cfg = resolve_config(args, causal, device.type)

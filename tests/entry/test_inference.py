@@ -277,7 +277,7 @@ def test_a_schedule_alone_makes_one_video_named_after_its_first_prompt(folder, t
     (["--prompt", "x", "--total-blocks", "20"], "rolling window"),
     (["--prompt", "x", "--checkpoint_path", "{tmp}/garbage.pt"], "garbage.pt"),
     (["--prompt", "x", "attention_backend=fastest"], "attention_backend"),
-    (["--prompt", "x", "--use_ema"], "--use_ema picks generator_ema from a --checkpoint_path .pt"),
+    (["--prompt", "x", "--use_ema"], "--use_ema picks generator_ema from a --checkpoint_path (.pt or training"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(folder, tmp_path, capsys, argv, message):
     (tmp_path / "empty.txt").write_text("\n \n")
