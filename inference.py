@@ -282,6 +282,10 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
 
     folder = Path(args.model) if args.model else None
     if folder is None and not (args.config_path or args.checkpoint_path):  # a preset never chooses the model
+        if args.model_root:  # it names where Wan weights come from; the bundled model would run without them
+            raise UsageError(f"--model-root {args.model_root} is the folder of the Wan weights that --checkpoint_path "
+                             "or --config_path load (or that an exported --model lacks); with none of those the "
+                             "bundled model runs and would not read it")
         if not model_folder.is_model_folder(DEFAULT_MODEL):
             raise UsageError(f"no model given and the bundled default {DEFAULT_MODEL} is missing: pass --model DIR "
                              "(an exported model folder) or --config_path/--checkpoint_path with Wan weights")

@@ -269,6 +269,14 @@ def test_a_schedule_alone_makes_one_video_named_after_its_first_prompt(folder, t
     assert stats["prompt"] == "a red circle" and stats["prompt_schedule"] == [[0, "a red circle"], [2, "a blue square"]]
 
 
+def test_a_model_root_with_nothing_to_load_from_it_is_an_error(tmp_path, capsys):
+    """--model-root alone would run the bundled model and ignore the Wan weights it names."""
+    assert run_cli("--model-root", tmp_path, "--prompt", "x", "--output-dir", tmp_path / "out") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: --model-root {tmp_path} is the folder of the Wan weights that --checkpoint_path")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data_path", "{tmp}/missing.txt"], "missing.txt"),
     (["--data_path", "{tmp}/empty.txt"], "empty.txt"),
