@@ -251,6 +251,8 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         parse_device(args.text_encoder_device, "--text-encoder-device")
     if getattr(args, "gpu_memory_limit_gib", None) is not None:
         limit_gpu_memory(device, args.gpu_memory_limit_gib)
+    if getattr(args, "cuda_graphs", None) and device.type != "cuda":  # asked for by name: never dropped in silence
+        raise UsageError(f"--cuda-graphs records CUDA graphs; this run is on {device}")
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, getattr(torch, args.dtype) if args.dtype else default
 

@@ -285,6 +285,7 @@ def test_a_model_root_with_nothing_to_load_from_it_is_an_error(tmp_path, capsys)
     (["--prompt", "x", "--total-blocks", "20"], "rolling window"),
     (["--prompt", "x", "--checkpoint_path", "{tmp}/garbage.pt"], "garbage.pt"),
     (["--prompt", "x", "attention_backend=fastest"], "attention_backend"),
+    (["--prompt", "x", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs records CUDA graphs; this run is on cpu"),
     (["--prompt", "x", "--use_ema"], "--use_ema picks generator_ema from a --checkpoint_path (.pt or training"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(folder, tmp_path, capsys, argv, message):
