@@ -22,14 +22,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import shapes_frames, small_shapes_setup, train_on_shapes_frames  # noqa: E402
+from common import positional_args, shapes_frames, small_shapes_setup, train_on_shapes_frames  # noqa: E402
 from pipeline.solvers import euler_sampler_sigmas  # noqa: E402
 
 
 
 def main() -> None:
-    mode, steps, dim, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    factor, size = (int(sys.argv[5]), int(sys.argv[6])) if len(sys.argv) > 6 else (4, 64)
+    args = positional_args(__doc__, (4, 6))
+    mode, steps, dim, layers = args[0], int(args[1]), int(args[2]), int(args[3])
+    factor, size = (int(args[4]), int(args[5])) if len(args) == 6 else (4, 64)
     text, codec, net = small_shapes_setup(dim, layers, factor, mode)
     train_on_shapes_frames(net, text, codec, steps, lr=5e-4, num_shapes=1, label=mode, size=size)
     _, x0, context = shapes_frames(text, codec, 64, torch.Generator().manual_seed(99), num_shapes=1, size=size)

@@ -29,7 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import small_shapes_setup, train_and_probe, write_ablation, write_probe_result  # noqa: E402
+from common import (positional_args, small_shapes_setup, train_and_probe, write_ablation,  # noqa: E402
+                    write_probe_result)
 from shapes import world  # noqa: E402
 
 FRAMES, SIZE, FACTOR = 12, 32, 2
@@ -108,12 +109,14 @@ def signal(n: int) -> None:
 
 def main() -> None:
     no_training = {"signal": (signal, 6000), "ideal": (ideal, 3000)}  # (measure, default N)
-    if sys.argv[1] in no_training:
-        measure_fn, default_n = no_training[sys.argv[1]]
-        measure_fn(int(sys.argv[2]) if len(sys.argv) > 2 else default_n)
+    args = positional_args(__doc__, (1, 2, 4))
+    if args[0] in no_training:
+        measure_fn, default_n = no_training[args[0]]
+        measure_fn(int(args[1]) if len(args) > 1 else default_n)
         return
-    margin, seconds = float(sys.argv[1]), float(sys.argv[2])
-    dim, layers = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (96, 3)
+    positional_args(__doc__, (2, 4))  # MARGIN SECONDS [DIM LAYERS]
+    margin, seconds = float(args[0]), float(args[1])
+    dim, layers = (int(args[2]), int(args[3])) if len(args) == 4 else (96, 3)
     world.START_MARGIN = margin  # read at every draw of a scene
     text, codec, net = small_shapes_setup(dim, layers, FACTOR, "x0")
     result = train_and_probe(net, text, codec, seconds, FRAMES, SIZE, f"margin {margin}")

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import shapes_frames, train_on_shapes_frames  # noqa: E402
+from common import positional_args, shapes_frames, train_on_shapes_frames  # noqa: E402
 from model.config import WanConfig  # noqa: E402
 from model.pixel_codec import PixelShuffleCodec  # noqa: E402
 from model.text_encoder import TextEncoder  # noqa: E402
@@ -24,7 +24,8 @@ from shapes.world import COLOURS, PALETTE  # noqa: E402
 
 
 def main() -> None:
-    folder, steps = sys.argv[1], int(sys.argv[2])
+    folder, steps = positional_args(__doc__, (2,))
+    steps = int(steps)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     text = TextEncoder.from_diffusers_folder(folder, text_len=32, device="cpu")

@@ -17,6 +17,18 @@ from model.config import WanConfig  # noqa: E402
 from model.wan import WanDiT  # noqa: E402
 
 
+def positional_args(doc: str, counts: tuple[int, ...], argv: list[str] | None = None) -> list[str]:
+    """The script's positional arguments; with -h/--help, or a count not in `counts`, its usage lines from `doc`
+    (the indented `python benchmarks/...` lines) and exit status 0 or 2, rather than an IndexError."""
+    args = sys.argv[1:] if argv is None else argv
+    asked = bool({"-h", "--help"} & set(args))
+    if asked or len(args) not in counts:
+        usage = [line.strip() for line in doc.splitlines() if line.strip().startswith("python benchmarks/")]
+        print("usage:\n  " + "\n  ".join(usage), file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)
+    return args
+
+
 def random_dit(config: WanConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanDiT:
     """A DiT with random weights built straight on `device` (timing does not depend on weight values)."""
     with torch.device("meta"):

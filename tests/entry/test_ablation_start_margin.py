@@ -1,6 +1,10 @@
 """benchmarks/ablation_start_margin.py signal: the share of shape-mask variance a prompt attribute explains."""
 from __future__ import annotations
 
+import sys
+
+import pytest
+
 from shapes import world
 from tests.entry.test_speed_benchmark import benchmark_module
 
@@ -25,3 +29,16 @@ def test_the_best_high_noise_prediction_depends_on_direction_as_much_as_on_colou
         assert set(changes) == {"direction", "speed", "colour", "size"}
         assert changes["direction"] > 0.5 * changes["colour"] and changes["direction"] > 2 * changes["speed"]
     assert half["direction"] > near_uniform["direction"]
+
+
+@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["0.5"], 2), (["signal", "1", "2"], 2)])
+def test_a_wrong_command_line_prints_the_usage_lines(monkeypatch, capsys, argv, status):
+    ablation = benchmark_module("ablation_start_margin")
+    monkeypatch.setattr(sys, "argv", ["ablation_start_margin.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        ablation.main()
+    out = capsys.readouterr()
+    assert exit_info.value.code == status
+    printed = (out.out if status == 0 else out.err).splitlines()
+    assert printed[0] == "usage:" and len(printed) == 4
+    assert printed[1].startswith("  python benchmarks/ablation_start_margin.py MARGIN SECONDS [DIM LAYERS]")
