@@ -188,8 +188,8 @@ class CausalInferencePipeline:
 
     def check_request(self, request: VideoRequest, overrides: CallOverrides = CallOverrides()) -> None:
         """Raise ValueError, before any work, for a request `generate` cannot serve: a resolution off the latent grid,
-        more frames (after those of an initial latent) than the KV cache or the RoPE table hold, a prompt schedule
-        that does not fit the blocks."""
+        a frame count that is not whole blocks, more frames (after those of an initial latent) than the KV cache or
+        the RoPE table hold, a prompt schedule that does not fit the blocks."""
         st, codec, _ = self._resolve(overrides)
         self.latent_grid(request.height, request.width, codec)
         num_latent_frames = request.num_latent_frames
@@ -197,10 +197,10 @@ class CausalInferencePipeline:
             raise ValueError(f"the number of latent frames must be >= 1, got {num_latent_frames}")
         initial_frames = 0 if request.initial_latent is None else request.initial_latent.shape[1]
         self._check_length(initial_frames + num_latent_frames, st)
+        blocks = len(block_layout(num_latent_frames, st.frames_per_block,  # whole blocks, checked before any work
+                                  st.independent_first_frame and not initial_frames))
         prompt_schedule = request.prompt_schedule
         if prompt_schedule:
-            blocks = len(block_layout(num_latent_frames, st.frames_per_block,
-                                      st.independent_first_frame and not initial_frames))
             if prompt_schedule[0][0] != 0:
                 raise ValueError("the prompt schedule must start at block 0")
             if prompt_schedule[-1][0] >= blocks:

@@ -283,6 +283,7 @@ def test_a_model_root_with_nothing_to_load_from_it_is_an_error(tmp_path, capsys)
     (["--prompt", "x", "--height", "30"], "multiples of"),
     (["--prompt", "x", "lr_typo=1"], "lr_typo"),
     (["--prompt", "x", "--total-blocks", "20"], "rolling window"),
+    (["--prompt", "x", "--num_output_frames", "5"], "5 latent frames cannot be split into blocks of 2"),
     (["--prompt", "x", "--checkpoint_path", "{tmp}/garbage.pt"], "garbage.pt"),
     (["--prompt", "x", "attention_backend=fastest"], "attention_backend"),
     (["--prompt", "x", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs records CUDA graphs; this run is on cpu"),
