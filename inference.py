@@ -561,6 +561,8 @@ class Job:
         first = self.prefix
         if prompt is not None and prompt.image is not None:
             first = image_latent(self.loaded.pipe, prompt.image, o.height, o.width, prompt.crop)
+        elif prompt is None and first is None and args.i2v:  # an i2v folder: each prompt brings one image frame,
+            first = torch.zeros(1, 1, 1, 1, 1)  # of which the check reads only the frame count
         seed = None if prompt is None else torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
         return VideoRequest(o.latent_frames, o.height, o.width, generator=seed, initial_latent=first,
                             prompt_schedule=self.prompt_schedule)
