@@ -247,8 +247,13 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {device} was asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    text_device = device
     if getattr(args, "text_encoder_device", None):
-        parse_device(args.text_encoder_device, "--text-encoder-device")
+        text_device = parse_device(args.text_encoder_device, "--text-encoder-device")
+    if getattr(args, "offload_text_encoder", False) and text_device.type == "cpu":
+        raise UsageError("--offload-text-encoder returns the text encoder's GPU memory after encoding; here the "
+                         "encoder runs on the CPU already" + (" (--text-encoder-device cpu)" if device != text_device
+                                                               else ""))
     if getattr(args, "gpu_memory_limit_gib", None) is not None:
         limit_gpu_memory(device, args.gpu_memory_limit_gib)
     default = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -295,6 +300,11 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
                              "holds one set of weights (an export keeps the EMA ones when the run had them)")
         generator, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
         cfg = resolve_config(args, causal, device.type)
+        from_base = not (folder / "text_encoder").is_dir() or (cfg.inference.decoder != "taehv"
+                                                                 and not model_folder.has_codec(folder))
+        if args.model_root and not from_base:
+            raise UsageError(f"--model-root {args.model_root}: the model folder {folder} holds every part itself "
+                             "(text_encoder/ and its decoder); --model-root supplies those an export leaves out")
         if args.checkpoint_path:
             from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict
             from utils.errors import reading
@@ -494,6 +504,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     if args.fps is not None and args.fps > MAX_FPS:
         raise UsageError(f"--fps must be at most {MAX_FPS}, got {args.fps}")
+    if args.video and (args.i2v or args.image):
+        # One prefix per video: the image of --i2v would replace the video's frames.
+        raise UsageError("--video extends a video, --i2v/--image start from one image: give one of them")
 
 
 def output_names(args: argparse.Namespace, prompt) -> list[str]:
@@ -627,7 +640,7 @@ class Job:
             tic = time.perf_counter()
             pipe.encode_prompts(texts)
             text_ms = (time.perf_counter() - tic) * 1000.0  # reported apart: the videos' own clocks start after it
-        if self.args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
+        if self.args.offload_text_encoder:
             pipe.text_encoder.offload()
         return text_ms
 

@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="run folder (default: %(default)s)")
     p.add_argument("--size", choices=["full", "smoke"], default="full", help="full recipe or a smoke run")
-    p.add_argument("--stages", default=",".join(ALL_STAGES), help="comma-separated stages (default: all)")
+    p.add_argument("--stages", help="comma-separated stages (default: all)")
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--resume", action="store_true",
                    help="continue stages that a time limit stopped before max_steps, from their last checkpoint")
@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--force redoes stages from scratch, --resume continues them: give one")
     out = Path(args.out)
     if args.recipe:
+        # A replay runs the recipe's own steps and skips those its progress file lists as done.
+        given = [flag for flag, value in (("--stages", args.stages), ("--force", args.force),
+                                          ("--resume", args.resume)) if value]
+        if given:
+            p.error(f"{', '.join(given)}: for the stages of a standard run; --recipe replays the recipe's own "
+                    "steps (a rerun continues after its last finished step)")
         from utils.errors import UserError, one_line
         try:
             replay(args.recipe, out, args.size)
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
         return 0
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or ",".join(ALL_STAGES)).split(",") if s.strip()]
     unknown = sorted(set(stages) - set(ALL_STAGES) - set(OPTIONAL_STAGES))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES + OPTIONAL_STAGES}")
