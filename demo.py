@@ -107,6 +107,7 @@ def load_service(args: argparse.Namespace):
     pipe, cfg, source, options = inference.build_pipeline(args, device, dtype, compile_pipeline=False)
     window, sink = rolling_cache_of_long_preset()
     decoders = load_decoders(args, cfg, pipe, device, dtype)
+    inference.check_decode_frames_flag(args, list(decoders.values()))
     shapes = "pixel" in decoders  # the pixel-shuffle codec is the shapes world's; the built-in prompts speak it
     return DemoService(pipe, decoders, height=options.height, width=options.width,
                        output_dir=args.output_dir, source=source, device=str(device), default_fps=options.fps,

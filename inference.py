@@ -192,6 +192,8 @@ def run_options(args: argparse.Namespace, cfg, device_type: str) -> RunOptions:
     per_call = _flag_or(args, "decode_frames_per_call", None)
     if per_call is not None and per_call < 1:
         raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
+    if getattr(args, "cuda_graphs", None) and device_type != "cuda":
+        raise UsageError(f"--cuda-graphs replays CUDA graphs; this run is on {device_type}")
     schedule = FlowMatchSchedule(shift=cfg.rollout.generator_shift, num_train_timesteps=cfg.model.num_train_timestep)
     settings = CausalSettings.from_config(cfg, schedule)
     levers = levers_for(cfg, device_type, fused_qkv=_flag_or(args, "fused_qkv", None), decode_frames_per_call=per_call)
@@ -356,6 +358,17 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
                                    decode_frames_per_call=levers.decode_frames_per_call)
     pipe.levers = levers
     return LoadedPipeline(pipe, cfg, source, options)
+
+
+def check_decode_frames_flag(args: argparse.Namespace, codecs) -> None:
+    """--decode-frames-per-call sets the Wan VAE's decoder calls: with no decoder that takes it, an error."""
+    import inspect
+    if getattr(args, "decode_frames_per_call", None) is None:
+        return
+    if not any("frames_per_call" in inspect.signature(c.stream_decoder).parameters for c in codecs):
+        names = ", ".join(type(c).__name__ for c in codecs)
+        raise UsageError(f"--decode-frames-per-call {args.decode_frames_per_call} sets the Wan VAE's decoder calls; "
+                         f"this model decodes with {names}")
 
 
 def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
@@ -726,6 +739,7 @@ def run(args: argparse.Namespace) -> int:
         init_distributed("cpu" if device.type == "cpu" else None)  # NCCL (multicast off) or gloo
     # 2. the model, its pipeline and the run's options (`run_options`)
     loaded = build_pipeline(args, device, dtype)
+    check_decode_frames_flag(args, [loaded.pipe.codec])
     group = sequence_group(loaded.pipe, layout)
     o = loaded.options
     job = Job(args, loaded, device, dtype, layout, group, out_dir, schedule,

@@ -60,6 +60,36 @@ def test_model_root_with_a_complete_model_folder_is_an_error(folder, tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+def test_cuda_graphs_on_a_cpu_run_is_an_error_not_silently_off(folder):
+    args = inference.build_parser().parse_intermixed_args(["--model", str(folder), "--cuda-graphs"])
+    cfg = inference.resolve_config(args, {}, "cpu")
+    with pytest.raises(inference.UsageError, match="--cuda-graphs replays CUDA graphs; this run is on cpu"):
+        inference.run_options(args, cfg, "cpu")
+
+
+def test_decode_frames_per_call_without_a_wan_vae_is_an_error(folder, tmp_path, capsys):
+    argv = ["--model", folder, "--decode-frames-per-call", "2", "--prompt", "x", "--output-dir", tmp_path / "o"]
+    assert inference.main([str(a) for a in argv]) == 2
+    assert "--decode-frames-per-call 2 sets the Wan VAE's decoder calls; this model decodes with PixelShuffleCodec" \
+        in one_line_error(capsys)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.mp4"))
+
+
+def test_demo_decode_frames_per_call_counts_a_wan_vae_among_its_decoders():
+    class WanVAE:  # the demo's page may pick it per video: the flag then acts on those videos
+        def stream_decoder(self, frames_per_call=None):
+            return None
+
+    class TAEHVCodec:
+        def stream_decoder(self):
+            return None
+
+    args = demo.build_parser().parse_intermixed_args(["--decode-frames-per-call", "2"])
+    inference.check_decode_frames_flag(args, [TAEHVCodec(), WanVAE()])
+    with pytest.raises(inference.UsageError, match="this model decodes with TAEHVCodec"):
+        inference.check_decode_frames_flag(args, [TAEHVCodec()])
+
+
 # ---------------------------------------------------------------------------------------------------------- demo.py
 def test_demo_taehv_path_over_a_pipeline_that_decodes_with_taehv_is_an_error(tmp_path):
     class TAEHVCodec:  # the name the demo knows a TAEHV decoder by
