@@ -344,6 +344,9 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
         source = str(args.checkpoint_path or cfg.model.generator_ckpt)
+    if cfg.inference.decoder == "pixel" and type(codec).__name__ != "PixelShuffleCodec":
+        raise UsageError(f"inference.decoder pixel is the shapes world's codec; the model {source} decodes with "
+                         f"{type(codec).__name__} (decoder wan: the model's own, or taehv)")
     if args.fp8:
         from model.fp8 import convert_to_fp8, fp8_matmul_supported
         if not fp8_matmul_supported(device):
@@ -740,6 +743,10 @@ def run(args: argparse.Namespace) -> int:
     # 2. the model, its pipeline and the run's options (`run_options`)
     loaded = build_pipeline(args, device, dtype)
     check_decode_frames_flag(args, [loaded.pipe.codec])
+    taehv = loaded.cfg.inference
+    if taehv.taehv_path and taehv.decoder != "taehv":  # demo.py reads it to offer TAEHV beside the model's decoder
+        raise UsageError(f"inference.taehv_path {taehv.taehv_path} is read with inference.decoder taehv (or --preset "
+                         f"taehv); this run decodes with {taehv.decoder}")
     group = sequence_group(loaded.pipe, layout)
     o = loaded.options
     job = Job(args, loaded, device, dtype, layout, group, out_dir, schedule,

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import demo
 import inference
@@ -88,6 +89,23 @@ def test_demo_decode_frames_per_call_counts_a_wan_vae_among_its_decoders():
     inference.check_decode_frames_flag(args, [TAEHVCodec(), WanVAE()])
     with pytest.raises(inference.UsageError, match="this model decodes with TAEHVCodec"):
         inference.check_decode_frames_flag(args, [TAEHVCodec()])
+
+
+def test_the_pixel_decoder_key_on_a_model_with_a_wan_vae_is_an_error(tmp_path):
+    from tests.entry.test_speed_benchmark import benchmark_module
+    wan = tmp_path / "tiny_wan"
+    benchmark_module("random_wan_folder").main(["--tiny", "--out", str(wan), "--device", "cpu"])
+    args = inference.build_parser().parse_intermixed_args(["--model", str(wan), "inference.decoder=pixel"])
+    with pytest.raises(inference.UsageError, match=rf"inference.decoder pixel is the shapes world's codec; the model "
+                                                   rf"{wan} decodes with WanVAE"):
+        inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+
+
+def test_a_taehv_path_the_run_does_not_decode_with_is_an_error(folder, tmp_path, capsys):
+    argv = ["--model", folder, "inference.taehv_path=taew2_1.pth", "--prompt", "x", "--output-dir", tmp_path / "o"]
+    assert inference.main([str(a) for a in argv]) == 2
+    assert "inference.taehv_path taew2_1.pth is read with inference.decoder taehv (or --preset taehv); this run " \
+           "decodes with pixel" in one_line_error(capsys)
 
 
 # ---------------------------------------------------------------------------------------------------------- demo.py
