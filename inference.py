@@ -500,9 +500,14 @@ def parallel_layout(args: argparse.Namespace, rank: int, world: int):
             raise UsageError("--sequence-parallel-size needs --parallel sequence")
         return layout(world, rank, 1)
     try:
-        return layout(world, rank, args.sequence_parallel_size)
+        chosen = layout(world, rank, args.sequence_parallel_size)
     except ValueError as err:
         raise UsageError(f"--sequence-parallel-size: {err}") from None
+    if chosen.sequence_size == 1:  # groups of one rank: --parallel data, under another name
+        raise UsageError(f"--parallel sequence splits each video over several processes; here each has one ({world} "
+                         "process(es), sequence-parallel size 1): run under torchrun with 2 or more per video, or "
+                         "drop --parallel sequence")
+    return chosen
 
 
 # Flags whose value must be a positive number (None: the config's value).

@@ -108,6 +108,14 @@ def test_a_taehv_path_the_run_does_not_decode_with_is_an_error(folder, tmp_path,
            "decodes with pixel" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("extra", [[], ["--sequence-parallel-size", "1"]])
+def test_sequence_parallel_with_one_process_per_video_is_an_error(tmp_path, capsys, no_model_load, extra):
+    argv = ["--parallel", "sequence", *extra, "--prompt", "x", "--output-dir", tmp_path / "o"]
+    assert inference.main([str(a) for a in argv]) == 2
+    assert "--parallel sequence splits each video over several processes; here each has one (1 process(es), " \
+           "sequence-parallel size 1)" in one_line_error(capsys)
+
+
 # ---------------------------------------------------------------------------------------------------------- demo.py
 def test_demo_taehv_path_over_a_pipeline_that_decodes_with_taehv_is_an_error(tmp_path):
     class TAEHVCodec:  # the name the demo knows a TAEHV decoder by
