@@ -161,6 +161,13 @@ def test_export_shape_flags_against_a_stored_config_are_errors(folder, tmp_path,
     assert export_hf.main([str(source), "--output", str(tmp_path / "out"), flag, str(stored_value)]) == 0
 
 
+def test_export_weights_generator_on_a_one_set_file_is_an_error(folder, tmp_path, capsys):
+    source = next((folder / "transformer").glob("*.safetensors"))
+    assert export_hf.main([str(source), "--output", str(tmp_path / "out"), "--weights", "generator"]) == 2
+    assert f"--weights generator picks the generator entry of a Self-Forcing checkpoint or folder; {source} holds " \
+           "one set of weights" in one_line_error(capsys)
+
+
 # --------------------------------------------------------------------------------------------- generate_ode_pairs.py
 @pytest.mark.parametrize("flag", ["--model-root", "--teacher-name"])
 def test_ode_pairs_wan_root_flags_with_an_explicit_teacher_are_errors(folder, tmp_path, capsys, flag):
