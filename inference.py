@@ -335,8 +335,10 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         wan_dir = wan_components.model_dir(cfg.model.model_root, cfg.model.generator_name)
         if not args.checkpoint_path and not cfg.model.generator_ckpt:
             raise UsageError("--checkpoint_path is required with Wan weights (a Self Forcing generator)")
+        # model.generator_ckpt_ema belongs to model.generator_ckpt: it picks the EMA weights where that file is used.
+        use_ema = args.use_ema or (not args.checkpoint_path and cfg.model.generator_ckpt_ema)
         generator = wan_components.load_wan_dit(wan_dir, checkpoint=args.checkpoint_path or cfg.model.generator_ckpt,
-                                                use_ema=args.use_ema, device=device, dtype=dtype)
+                                                use_ema=use_ema, device=device, dtype=dtype)
         text_encoder = wan_components.load_wan_text_encoder(wan_dir, text_len=generator.config.text_len,
                                                             device=text_device, dtype=dtype)
         if cfg.inference.decoder == "taehv":

@@ -116,6 +116,34 @@ def test_sequence_parallel_with_one_process_per_video_is_an_error(tmp_path, caps
            "sequence-parallel size 1)" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("argv, use_ema", [
+    (["generator_ckpt=sf.pt", "generator_ckpt_ema=true"], True),  # the config's checkpoint, its EMA weights
+    (["generator_ckpt=sf.pt"], False),
+    (["--checkpoint_path", "other.pt", "generator_ckpt=sf.pt", "generator_ckpt_ema=true"], False),  # the flag's file
+    (["--checkpoint_path", "other.pt", "--use_ema"], True),
+])
+def test_the_config_checkpoints_ema_choice_reaches_the_wan_loader(monkeypatch, tmp_path, argv, use_ema):
+    from pipeline.loading import wan_components
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load_wan_dit(folder, *, checkpoint=None, use_ema=False, **kwargs):
+        seen.update(checkpoint=checkpoint, use_ema=use_ema)
+        raise Loaded
+
+    monkeypatch.setattr(wan_components, "load_wan_dit", load_wan_dit)
+    config = str(REPO / "configs" / "inference_official.yaml")
+    (tmp_path / "Wan2.1-T2V-1.3B").mkdir()  # the loader itself is replaced: an empty Wan folder is enough
+    args = inference.build_parser().parse_intermixed_args(["--config_path", config, "--model-root", str(tmp_path),
+                                                           *argv])
+    with pytest.raises(Loaded):
+        inference.build_pipeline(args, torch.device("cpu"), torch.float32)
+    assert seen["use_ema"] is use_ema
+    assert seen["checkpoint"] == ("other.pt" if "--checkpoint_path" in argv else "sf.pt")
+
+
 # ---------------------------------------------------------------------------------------------------------- demo.py
 def test_demo_taehv_path_over_a_pipeline_that_decodes_with_taehv_is_an_error(tmp_path):
     class TAEHVCodec:  # the name the demo knows a TAEHV decoder by
