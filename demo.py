@@ -73,6 +73,9 @@ def load_decoders(args: argparse.Namespace, cfg, pipe, device: torch.device, dty
     from webdemo.jobs import codec_name
     decoders = {codec_name(pipe.codec): pipe.codec}
     configured = cfg.inference.taehv_path
+    if args.taehv_path and "taehv" in decoders:
+        raise UsageError(f"--taehv-path {args.taehv_path}: the model already decodes with TAEHV from taehv_path "
+                         f"{configured} (inference.decoder taehv); give the weights as taehv_path={args.taehv_path}")
     taehv_path = args.taehv_path or (configured if configured and Path(configured).is_file() else None)
     if taehv_path and "taehv" not in decoders:
         from model.taehv import TAEHVCodec
@@ -104,6 +107,7 @@ def load_service(args: argparse.Namespace):
     pipe, cfg, source, options = inference.build_pipeline(args, device, dtype, compile_pipeline=False)
     window, sink = rolling_cache_of_long_preset()
     decoders = load_decoders(args, cfg, pipe, device, dtype)
+    inference.check_decode_frames_flag(args, list(decoders.values()))
     shapes = "pixel" in decoders  # the pixel-shuffle codec is the shapes world's; the built-in prompts speak it
     return DemoService(pipe, decoders, height=options.height, width=options.width,
                        output_dir=args.output_dir, source=source, device=str(device), default_fps=options.fps,

@@ -192,6 +192,8 @@ def run_options(args: argparse.Namespace, cfg, device_type: str) -> RunOptions:
     per_call = _flag_or(args, "decode_frames_per_call", None)
     if per_call is not None and per_call < 1:
         raise UsageError(f"--decode-frames-per-call must be >= 1, got {per_call}")
+    if getattr(args, "cuda_graphs", None) and device_type != "cuda":
+        raise UsageError(f"--cuda-graphs replays CUDA graphs; this run is on {device_type}")
     schedule = FlowMatchSchedule(shift=cfg.rollout.generator_shift, num_train_timesteps=cfg.model.num_train_timestep)
     settings = CausalSettings.from_config(cfg, schedule)
     levers = levers_for(cfg, device_type, fused_qkv=_flag_or(args, "fused_qkv", None), decode_frames_per_call=per_call)
@@ -247,8 +249,13 @@ def pick_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {device} was asked for, but only {torch.cuda.device_count()} CUDA devices exist")
+    text_device = device
     if getattr(args, "text_encoder_device", None):
-        parse_device(args.text_encoder_device, "--text-encoder-device")
+        text_device = parse_device(args.text_encoder_device, "--text-encoder-device")
+    if getattr(args, "offload_text_encoder", False) and text_device.type == "cpu":
+        raise UsageError("--offload-text-encoder returns the text encoder's GPU memory after encoding; here the "
+                         "encoder runs on the CPU already" + (" (--text-encoder-device cpu)" if device != text_device
+                                                               else ""))
     if getattr(args, "gpu_memory_limit_gib", None) is not None:
         limit_gpu_memory(device, args.gpu_memory_limit_gib)
     if getattr(args, "cuda_graphs", None) and device.type != "cuda":  # asked for by name: never dropped in silence
@@ -302,6 +309,11 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
                              "holds one set of weights (an export keeps the EMA ones when the run had them)")
         generator, causal = model_folder.load_transformer(folder, device=device, dtype=dtype)
         cfg = resolve_config(args, causal, device.type)
+        from_base = not (folder / "text_encoder").is_dir() or (cfg.inference.decoder != "taehv"
+                                                                 and not model_folder.has_codec(folder))
+        if args.model_root and not from_base:
+            raise UsageError(f"--model-root {args.model_root}: the model folder {folder} holds every part itself "
+                             "(text_encoder/ and its decoder); --model-root supplies those an export leaves out")
         if args.checkpoint_path:
             from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict
             from utils.errors import reading
@@ -330,8 +342,10 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         wan_dir = wan_components.model_dir(cfg.model.model_root, cfg.model.generator_name)
         if not args.checkpoint_path and not cfg.model.generator_ckpt:
             raise UsageError("--checkpoint_path is required with Wan weights (a Self Forcing generator)")
+        # model.generator_ckpt_ema belongs to model.generator_ckpt: it picks the EMA weights where that file is used.
+        use_ema = args.use_ema or (not args.checkpoint_path and cfg.model.generator_ckpt_ema)
         generator = wan_components.load_wan_dit(wan_dir, checkpoint=args.checkpoint_path or cfg.model.generator_ckpt,
-                                                use_ema=args.use_ema, device=device, dtype=dtype)
+                                                use_ema=use_ema, device=device, dtype=dtype)
         text_encoder = wan_components.load_wan_text_encoder(wan_dir, text_len=generator.config.text_len,
                                                             device=text_device, dtype=dtype)
         if cfg.inference.decoder == "taehv":
@@ -339,6 +353,9 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         else:
             codec = wan_components.load_wan_vae(wan_dir, device=device, dtype=dtype)
         source = str(args.checkpoint_path or cfg.model.generator_ckpt)
+    if cfg.inference.decoder == "pixel" and type(codec).__name__ != "PixelShuffleCodec":
+        raise UsageError(f"inference.decoder pixel is the shapes world's codec; the model {source} decodes with "
+                         f"{type(codec).__name__} (decoder wan: the model's own, or taehv)")
     if args.fp8:
         from model.fp8 import convert_to_fp8, fp8_matmul_supported
         if not fp8_matmul_supported(device):
@@ -353,6 +370,17 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
                                    decode_frames_per_call=levers.decode_frames_per_call)
     pipe.levers = levers
     return LoadedPipeline(pipe, cfg, source, options)
+
+
+def check_decode_frames_flag(args: argparse.Namespace, codecs) -> None:
+    """--decode-frames-per-call sets the Wan VAE's decoder calls: with no decoder that takes it, an error."""
+    import inspect
+    if getattr(args, "decode_frames_per_call", None) is None:
+        return
+    if not any("frames_per_call" in inspect.signature(c.stream_decoder).parameters for c in codecs):
+        names = ", ".join(type(c).__name__ for c in codecs)
+        raise UsageError(f"--decode-frames-per-call {args.decode_frames_per_call} sets the Wan VAE's decoder calls; "
+                         f"this model decodes with {names}")
 
 
 def load_taehv(cfg, device: torch.device, dtype: torch.dtype):
@@ -483,9 +511,14 @@ def parallel_layout(args: argparse.Namespace, rank: int, world: int):
             raise UsageError("--sequence-parallel-size needs --parallel sequence")
         return layout(world, rank, 1)
     try:
-        return layout(world, rank, args.sequence_parallel_size)
+        chosen = layout(world, rank, args.sequence_parallel_size)
     except ValueError as err:
         raise UsageError(f"--sequence-parallel-size: {err}") from None
+    if chosen.sequence_size == 1:  # groups of one rank: --parallel data, under another name
+        raise UsageError(f"--parallel sequence splits each video over several processes; here each has one ({world} "
+                         "process(es), sequence-parallel size 1): run under torchrun with 2 or more per video, or "
+                         "drop --parallel sequence")
+    return chosen
 
 
 # Flags whose value must be a positive number (None: the config's value).
@@ -503,6 +536,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     if args.fps is not None and args.fps > MAX_FPS:
         raise UsageError(f"--fps must be at most {MAX_FPS}, got {args.fps}")
+    if args.video and (args.i2v or args.image):
+        # One prefix per video: the image of --i2v would replace the video's frames.
+        raise UsageError("--video extends a video, --i2v/--image start from one image: give one of them")
 
 
 def output_names(args: argparse.Namespace, prompt) -> list[str]:
@@ -638,7 +674,7 @@ class Job:
             tic = time.perf_counter()
             pipe.encode_prompts(texts)
             text_ms = (time.perf_counter() - tic) * 1000.0  # reported apart: the videos' own clocks start after it
-        if self.args.offload_text_encoder and hasattr(pipe.text_encoder, "offload"):
+        if self.args.offload_text_encoder:
             pipe.text_encoder.offload()
         return text_ms
 
@@ -724,6 +760,11 @@ def run(args: argparse.Namespace) -> int:
         init_distributed("cpu" if device.type == "cpu" else None)  # NCCL (multicast off) or gloo
     # 2. the model, its pipeline and the run's options (`run_options`)
     loaded = build_pipeline(args, device, dtype)
+    check_decode_frames_flag(args, [loaded.pipe.codec])
+    taehv = loaded.cfg.inference
+    if taehv.taehv_path and taehv.decoder != "taehv":  # demo.py reads it to offer TAEHV beside the model's decoder
+        raise UsageError(f"inference.taehv_path {taehv.taehv_path} is read with inference.decoder taehv (or --preset "
+                         f"taehv); this run decodes with {taehv.decoder}")
     group = sequence_group(loaded.pipe, layout)
     o = loaded.options
     job = Job(args, loaded, device, dtype, layout, group, out_dir, schedule,

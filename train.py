@@ -86,6 +86,9 @@ def load_run_config(args: argparse.Namespace):
     cfg.checkpointing.no_save = args.no_save or cfg.checkpointing.no_save
     cfg.logging.no_visualize = args.no_visualize or cfg.logging.no_visualize
     cfg.logging.disable_wandb = args.disable_wandb or cfg.logging.disable_wandb
+    if args.wandb_save_dir and cfg.logging.disable_wandb:
+        raise InputError(f"--wandb-save-dir {args.wandb_save_dir} is wandb's folder, but wandb is off (--disable-wandb "
+                         "or logging.disable_wandb): drop one of them")
     cfg.logging.wandb_save_dir = args.wandb_save_dir or cfg.logging.wandb_save_dir or cfg.logging.logdir
     return cfg
 

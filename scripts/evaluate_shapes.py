@@ -418,6 +418,15 @@ def _positive_ints(text: str, flag: str) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
+def check_stage_flags(args: argparse.Namespace) -> None:
+    """--weights picks between the two weight sets of a --run's stages; a model folder holds one, so the flag is an
+    error with --model rather than a silent no-op. (--teacher-steps, --teacher-sampler and --baseline-steps are
+    recorded by every evaluation, so that evaluations of stage groups made apart share their settings and merge.)"""
+    if args.model and args.weights is not None:
+        raise InputError(f"--weights {args.weights} picks the generator_ema or generator weights of a --run's stages; "
+                         f"the model folder --model {args.model} holds one set")
+
+
 def main(argv: list[str] | None = None) -> int:
     """JSON layout: device, torch, dtype, settings, complete (false while stages remain: rewritten after each);
     `stages`: per stage its kind (teacher / few_step / diffusion /
@@ -434,11 +443,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", "--num-prompts", dest="num_prompts", type=int, default=64,
                    help="scenes per split (default: %(default)s; 256 or more for intervals worth quoting)")
     p.add_argument("--lengths", default="1,3,10", help="multiples of the training length (default: %(default)s)")
-    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="generator_ema or generator weights")
-    p.add_argument("--teacher-steps", type=int, default=48, help="teacher sampling steps (default: %(default)s)")
-    p.add_argument("--teacher-sampler", choices=["euler", "unipc"], default="euler")
-    p.add_argument("--baseline-steps", type=int, default=16,
-                   help="steps per block for teacher/diffusion forcing (default: %(default)s)")
+    # None: not given (`check_stage_flags`). The stage flags below are recorded in every evaluation's settings, also
+    # where no stage they tune runs: evaluations of stage groups made apart merge only with equal settings.
+    p.add_argument("--weights", choices=["ema", "raw"], help="generator_ema or generator weights of a --run's stages "
+                   f"(default: {EvalSettings.weights})")
+    p.add_argument("--teacher-steps", type=int,
+                   help=f"teacher sampling steps, used by the teacher stage (default: {EvalSettings.teacher_steps})")
+    p.add_argument("--teacher-sampler", choices=["euler", "unipc"],
+                   help=f"the teacher stage's sampler (default: {EvalSettings.teacher_sampler})")
+    p.add_argument("--baseline-steps", type=int,
+                   help="steps per block for the teacher_forcing / diffusion_forcing stages only (default: "
+                   f"{EvalSettings.baseline_steps})")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation call (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -453,18 +468,20 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 <= args.short_fraction <= 1.0:
             raise InputError(f"--short-fraction must be in [0, 1], got {args.short_fraction}")
         for flag in ("num_prompts", "teacher_steps", "baseline_steps", "batch_size"):
-            if getattr(args, flag) < 1:
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-        settings = EvalSettings(
-            num_prompts=args.num_prompts, lengths=_positive_ints(args.lengths, "--lengths"), weights=args.weights,
-            teacher_steps=args.teacher_steps, teacher_sampler=args.teacher_sampler,
-            baseline_steps=args.baseline_steps, batch_size=args.batch_size, seed=args.seed,
-            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8,
-            short_fraction=args.short_fraction)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
         if args.model and (args.stages or not args.output):
             raise InputError("--model scores the one folder it names: give --output FILE (nothing is written into "
                              "the model folder) and no --stages")
+        check_stage_flags(args)
+        given = {k: getattr(args, k) for k in ("weights", "teacher_steps", "teacher_sampler", "baseline_steps")
+                 if getattr(args, k) is not None}
+        settings = EvalSettings(
+            num_prompts=args.num_prompts, lengths=_positive_ints(args.lengths, "--lengths"),
+            batch_size=args.batch_size, seed=args.seed,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"), fp8=args.fp8,
+            short_fraction=args.short_fraction, **given)
         output = args.output or Path(args.run) / "eval.json"
         data = evaluate_run(args.run, stages, settings, on_progress=lambda doc: write_json_atomic(output, doc),
                             model=args.model)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.loading.checkpoint import infer_wan_config, load_dit_state_dict  # noqa: E402
+from pipeline.loading.checkpoint import _PICKLE_SUFFIXES, infer_wan_config, load_dit_state_dict  # noqa: E402
 from pipeline.loading.model_folder import (PIPELINE_CLASS, causal_settings, is_model_folder,  # noqa: E402
                                            save_model_folder)
 from utils.config import load_config  # noqa: E402
@@ -45,7 +45,8 @@ def parse_size(text: str) -> int:
     return size
 
 
-def read_source(path: Path, weights: str, config_path: str | None, num_heads: int | None, text_len: int):
+def read_source(path: Path, weights: str, config_path: str | None, num_heads: int | None,
+                text_len: int | None):
     """(state dict with Wan keys, WanConfig, Config or None, step or None, weights name)."""
     from model.config import WanConfig
     from trainer.train_state import TRAINING_STATE, latest_checkpoint, load_training_state
@@ -68,6 +69,9 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
         if wan_config is None and (path / "config.json").is_file():
             wan_config = WanConfig.from_json(path / "config.json")
     else:
+        if weights == "generator" and not path.name.lower().endswith(_PICKLE_SUFFIXES):
+            raise InputError(f"--weights generator picks the generator entry of a Self-Forcing checkpoint or folder; "
+                             f"{path} holds one set of weights (leave --weights auto)")
         stem = "generator_ema" if weights in ("auto", "generator_ema") and path.suffix in (".pt", ".pth") else weights
         try:
             state, wan_config = load_dit_state_dict(path, use_ema=stem == "generator_ema")
@@ -91,7 +95,15 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
         from shapes.components import shapes_wan_config
         wan_config = shapes_wan_config(cfg)
     if wan_config is None:
-        wan_config = infer_wan_config(state, num_heads=num_heads, text_len=text_len, source=str(path))
+        wan_config = infer_wan_config(state, num_heads=num_heads, text_len=512 if text_len is None else text_len,
+                                      source=str(path))
+    else:
+        # The flags fill in what bare weights cannot say; a source that states it keeps its own value.
+        for flag, given, stored in (("--num-heads", num_heads, wan_config.num_heads),
+                                    ("--text-len", text_len, wan_config.text_len)):
+            if given is not None and given != stored:
+                raise InputError(f"{flag} {given}: {path} states its own ({stored}); the flag applies only to "
+                                 "weights without a stored config")
     return state, wan_config, cfg, step, stem
 
 
@@ -159,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-model", default="Wan-AI/Wan2.1-T2V-1.3B", help="base model named in the card")
     p.add_argument("--max-shard-size", default="5GB", help="shard the transformer above this size (default 5GB)")
     p.add_argument("--num-heads", type=int, help="attention heads, when no config.json says (default dim/128)")
-    p.add_argument("--text-len", type=int, default=512, help="text tokens, when no config.json says (default 512)")
+    p.add_argument("--text-len", type=int, help="text tokens, when no config.json says (default 512)")
     p.add_argument("--eval-json", help="JSON of evaluation numbers to put in the model card")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder (token from HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     args = p.parse_args(argv)
     try:
+        if args.private and not args.push_to_hub:
+            raise InputError("--private makes the Hub repository of --push-to-hub private; without --push-to-hub "
+                             "nothing is uploaded")
         check_output(Path(args.output), [args.source, args.include_base, args.config, args.eval_json], args.overwrite)
         max_shard_bytes = parse_size(args.max_shard_size)
         state, wan_config, cfg, step, stem = read_source(Path(args.source), args.weights, args.config, args.num_heads,

@@ -35,6 +35,7 @@ from utils.prompts import Prompt, read_prompt_file, shard  # noqa: E402
 WAN_SPATIAL_FACTOR = 8  # the Wan2.1 VAE
 # The original's teacher wrapper converts flow <-> x0 on a shift-8 grid whatever the sampler's shift (docs/original.md).
 TEACHER_SHIFT = 8.0
+DEFAULT_MODEL_ROOT, DEFAULT_TEACHER_NAME = "wan_models", "Wan2.1-T2V-1.3B"
 
 
 def prompt_seed(seed: int, index: int) -> int:
@@ -73,6 +74,9 @@ def generate_ode_pairs(teacher: Denoiser, text_encoder_fn: Callable[[list[str]],
                          "is the clean sample that ODE regression regresses to")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if negative_prompt and guidance_scale == 1.0:
+        raise InputError("negative_prompt (--negative-prompt) is the unconditional branch of CFG, which guidance_scale "
+                         "(--guidance-scale) 1 turns off: give a scale other than 1, or no negative prompt")
     if len(latent_shape) != 4:
         raise InputError(f"latent_shape must be [F, C, H, W], got {list(latent_shape)}")
     timesteps = ode_pair_timesteps(num_steps, shift, record, teacher.schedule.num_train_timesteps)
@@ -114,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--teacher", help="an exported model folder (model_index.json, with text_encoder/ and "
                      "tokenizer/ and codec/ or vae/), or an original Wan folder; default: "
                      "<--model-root>/<--teacher-name>")
-    src.add_argument("--model-root", default="wan_models", help="folder holding original Wan model folders "
-                     "(default: %(default)s)")
-    src.add_argument("--teacher-name", default="Wan2.1-T2V-1.3B", help="Wan folder under --model-root; its text "
-                     "encoder and tokenizer are used too (default: %(default)s)")
+    src.add_argument("--model-root", help=f"folder holding original Wan model folders, without --teacher (default: "
+                     f"{DEFAULT_MODEL_ROOT})")
+    src.add_argument("--teacher-name", help="Wan folder under --model-root, without --teacher; its text encoder and "
+                     f"tokenizer are used too (default: {DEFAULT_TEACHER_NAME})")
     src.add_argument("--teacher-shift", type=float, default=TEACHER_SHIFT, help="shift of the teacher's own "
                      "flow <-> x0 conversion grid (the original's wrapper: %(default)s)")
     io = p.add_argument_group("data")
@@ -157,6 +161,11 @@ def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     from pipeline.loading.model_folder import is_model_folder, load_codec, load_text_encoder, load_transformer
     from pipeline.schedule import FlowMatchSchedule
     text_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.teacher:
+        for flag, value in (("--model-root", args.model_root), ("--teacher-name", args.teacher_name)):
+            if value is not None:
+                raise InputError(f"{flag} {value} locates a teacher under the Wan model root; --teacher {args.teacher} "
+                                 "names the teacher's folder itself: give one of them")
     if args.teacher and is_model_folder(args.teacher):
         folder = Path(args.teacher)
         net, causal = load_transformer(folder, device=device, dtype=dtype)
@@ -167,7 +176,8 @@ def load_teacher(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         height, width, name = causal.get("height", 480), causal.get("width", 832), str(folder)
     else:
         from pipeline.loading.wan_components import load_wan_dit, load_wan_text_encoder, model_dir
-        folder = Path(args.teacher) if args.teacher else model_dir(args.model_root, args.teacher_name)
+        folder = Path(args.teacher) if args.teacher else model_dir(args.model_root or DEFAULT_MODEL_ROOT,
+                                                                   args.teacher_name or DEFAULT_TEACHER_NAME)
         if not folder.is_dir():
             raise MissingFileError(f"teacher folder {folder} does not exist")
         net = load_wan_dit(folder, device=device, dtype=dtype)

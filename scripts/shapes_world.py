@@ -50,20 +50,22 @@ ALL_STAGES = ["base", "teacher", "ode_pairs", "ode_init", "dmd", "sid", "gan", "
 OPTIONAL_STAGES = ["dmd_long"]  # run only when named: they continue a finished stage
 # A few steps of everything at toy sizes: checks the plumbing, not the quality.
 SMOKE = ["max_steps=3", "batch_size=2", "log_every=1", "lr_warmup_steps=0", "ema_start_step=1",
-         "discriminator_warmup_steps=1", "dfake_gen_update_ratio=2",
+         "dfake_gen_update_ratio=2",
          "dit_config={dim: 32, ffn_dim: 64, num_heads: 2, num_layers: 2, text_dim: 32, text_len: 32, freq_dim: 32, "
          "prediction: x0}",
          "image_or_video_shape=[1,6,12,16,16]", "num_training_frames=6", "mixed_precision=false", "compile=false"]
+SMOKE_GAN = ["discriminator_warmup_steps=1"]  # the GAN stage's own: other recipes refuse GAN keys
 SMOKE_ODE_PAIRS = {"num_prompts": 4, "num_steps": 8, "record": [0, 2, 4, 6, 8]}
 FULL_ODE_PAIRS = {"num_prompts": 2048, "num_steps": 48, "record": [0, 12, 24, 36, 48]}
 
 
-def stage_overrides(out: Path, size: str, extra: tuple[str, ...] = ()) -> list[str]:
+def stage_overrides(stage: str, out: Path, size: str, extra: tuple[str, ...] = ()) -> list[str]:
     """Paths into the run folder, the smoke settings, `key=value` items of $SHAPES_OVERRIDES (e.g. a shorter
     max_steps for a time-boxed run), then `extra` (a recipe step's own)."""
     paths = [f"text_encoder_path={out / 'base'}", f"ode_data_path={out / 'ode_pairs'}"]
     env = os.environ.get("SHAPES_OVERRIDES", "").split()
-    return paths + (SMOKE if size == "smoke" else []) + env + list(extra)
+    smoke = SMOKE + (SMOKE_GAN if stage == "gan" else []) if size == "smoke" else []
+    return paths + smoke + env + list(extra)
 
 
 def weights_overrides(stage: str, out: Path) -> list[str]:
@@ -86,7 +88,7 @@ def weights_overrides(stage: str, out: Path) -> list[str]:
 
 def load_stage_config(stage: str, out: Path, size: str, extra: tuple[str, ...] = ()):
     from utils.config import load_config
-    overrides = stage_overrides(out, size, extra) + weights_overrides(stage, out)
+    overrides = stage_overrides(stage, out, size, extra) + weights_overrides(stage, out)
     return load_config(CONFIGS / f"{TRAIN_STAGES.get(stage, 'base')}.yaml", overrides)
 
 
@@ -141,7 +143,7 @@ def run_train(stage: str, out: Path, size: str, extra: tuple[str, ...] = ()) -> 
     from trainer.train_state import latest_checkpoint
     logdir = out / stage / "logs"
     argv = ["--config_path", str(CONFIGS / f"{TRAIN_STAGES[stage]}.yaml"), "--logdir", str(logdir),
-            "--disable-wandb", *stage_overrides(out, size, extra), *weights_overrides(stage, out)]
+            "--disable-wandb", *stage_overrides(stage, out, size, extra), *weights_overrides(stage, out)]
     if latest_checkpoint(logdir) is not None:
         argv.insert(0, "--resume")
     train.main(argv)
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/shapes", help="run folder (default: %(default)s)")
     p.add_argument("--size", choices=["full", "smoke"], default="full", help="full recipe or a smoke run")
-    p.add_argument("--stages", default=",".join(ALL_STAGES), help="comma-separated stages (default: all)")
+    p.add_argument("--stages", help="comma-separated stages (default: all)")
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--resume", action="store_true",
                    help="continue stages that a time limit stopped before max_steps, from their last checkpoint")
@@ -336,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--force redoes stages from scratch, --resume continues them: give one")
     out = Path(args.out)
     if args.recipe:
+        # A replay runs the recipe's own steps and skips those its progress file lists as done.
+        given = [flag for flag, value in (("--stages", args.stages), ("--force", args.force),
+                                          ("--resume", args.resume)) if value]
+        if given:
+            p.error(f"{', '.join(given)}: for the stages of a standard run; --recipe replays the recipe's own "
+                    "steps (a rerun continues after its last finished step)")
         from utils.errors import UserError, one_line
         try:
             replay(args.recipe, out, args.size)
@@ -343,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {one_line(err)}", file=sys.stderr)
             return 2
         return 0
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or ",".join(ALL_STAGES)).split(",") if s.strip()]
     unknown = sorted(set(stages) - set(ALL_STAGES) - set(OPTIONAL_STAGES))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {ALL_STAGES + OPTIONAL_STAGES}")

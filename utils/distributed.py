@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from utils.errors import InputKeyError
+from utils.errors import InputError, InputKeyError
 
 try:  # DTensor is what FSDP2 turns parameters into; absent only on builds without distributed support
     from torch.distributed.tensor import DTensor
@@ -338,6 +338,9 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     ckpt = bool(cfg.compute.gradient_checkpointing)
     roles = {"generator": ckpt, "critic": ckpt, "teacher": ckpt and cfg.distillation.distribution_loss == "sid"}
     shard = uses_fsdp(cfg, state)
+    if cfg.compute.cpu_offload and not shard:
+        raise InputError("compute.cpu_offload offloads the parameters FSDP shards; this run has no FSDP (a single "
+                         "process, or sharding_strategy no_shard on one rank): set it false, or run under torchrun")
     mesh = _mesh(state, cfg.compute.sharding_strategy) if shard else None
     for role, checkpointing in roles.items():
         denoiser = getattr(models, role)

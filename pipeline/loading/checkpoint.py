@@ -189,10 +189,12 @@ def load_self_forcing_pt(path: str | Path, use_ema: bool = False, key: str | Non
     Keys come back without `model.` and without FSDP/compile/checkpoint wrapper infixes.
     """
     path = Path(path)
+    if key is not None and use_ema:  # the entry named by `key` would silently replace the EMA one
+        raise ValueError(f"{path}: give use_ema or key={key!r}, not both")
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise InputError(f"{path}: expected a dict of state dicts, got {type(obj).__name__}")
-    if key is None and use_ema:
+    if use_ema:
         key = "generator_ema"
     if key is not None:
         candidates = [key]

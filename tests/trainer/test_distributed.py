@@ -259,3 +259,18 @@ def test_a_failing_rank_fails_the_spawn_with_its_message():
     """spawn_ranks leaves a finished rank without finalizing; a rank that raises must still fail the test."""
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 fails"):
         spawn_ranks(_failing_worker, 2, "rank 1 fails")
+
+
+def test_cpu_offload_without_fsdp_is_an_error_not_ignored():
+    """compute.cpu_offload is FSDP's parameter offload: a run without FSDP (one process) refuses it by name."""
+    from types import SimpleNamespace
+
+    from utils.config import load_config
+    from utils.distributed import DistState, parallelize_models
+    from utils.errors import InputError
+    models = SimpleNamespace(generator=None, critic=None, teacher=None, discriminator_heads=None, codec=None,
+                             text=None, extra={})
+    with pytest.raises(InputError, match="compute.cpu_offload offloads the parameters FSDP shards; this run has no "
+                                         "FSDP"):
+        parallelize_models(models, load_config(None, ["compute.cpu_offload=true"]), DistState())
+    parallelize_models(models, load_config(None), DistState())

@@ -115,25 +115,25 @@ def test_every_flat_key_lands_on_its_field_and_every_field_has_one_flat_key():
     assert set(targets) <= fields
 
 
-@pytest.mark.parametrize("flat, sectioned, value", [
-    ("num_frame_per_block=2", "rollout.num_frame_per_block=2", 2),
-    ("model_kwargs.timestep_shift=8.0", "rollout.generator_shift=8.0", 8.0),
-    ("timestep_shift=3.0", "distillation.score_timestep_shift=3.0", 3.0),
-    ("gan_g_weight=0.5", "distillation.gan.generator_weight=0.5", 0.5),
-    ("sid_alpha=0.25", "distillation.sid.alpha=0.25", 0.25),
-    ("log_iters=7", "checkpointing.interval=7", 7),
-    ("model_kwargs.model_name=Tiny", "model.generator_name=Tiny", "Tiny"),
+@pytest.mark.parametrize("flat, sectioned, value, recipe", [
+    ("num_frame_per_block=2", "rollout.num_frame_per_block=2", 2, []),
+    ("model_kwargs.timestep_shift=8.0", "rollout.generator_shift=8.0", 8.0, []),
+    ("timestep_shift=3.0", "distillation.score_timestep_shift=3.0", 3.0, []),
+    ("gan_g_weight=0.5", "distillation.gan.generator_weight=0.5", 0.5, ["trainer=gan"]),
+    ("sid_alpha=0.25", "distillation.sid.alpha=0.25", 0.25, ["distribution_loss=sid"]),
+    ("log_iters=7", "checkpointing.interval=7", 7, []),
+    ("model_kwargs.model_name=Tiny", "model.generator_name=Tiny", "Tiny", []),
 ])
-def test_overrides_work_in_both_spellings(flat, sectioned, value):
+def test_overrides_work_in_both_spellings(flat, sectioned, value, recipe):
     dotted = sectioned.split("=")[0]
-    assert _get(load_config(None, [flat]), dotted) == value
-    assert _get(load_config(None, [sectioned]), dotted) == value
+    assert _get(load_config(None, [*recipe, flat]), dotted) == value
+    assert _get(load_config(None, [*recipe, sectioned]), dotted) == value
 
 
 def test_a_file_may_mix_spellings_and_later_layers_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model_kwargs: {timestep_shift: 8.0}\nrollout: {num_frame_per_block: 2}\n")
     (tmp_path / "child.yaml").write_text("base_config: base.yaml\nrollout: {generator_shift: 6.0}\n"
-                                         "num_frame_per_block: 4\ndistillation: {gan: {r1_weight: 2.0}}\n")
+                                         "num_frame_per_block: 4\ntrainer: gan\ndistillation: {gan: {r1_weight: 2.0}}\n")
     cfg = load_config(tmp_path / "child.yaml", ["distillation.gan.r2_weight=3.0"])
     assert cfg.rollout.generator_shift == 6.0 and cfg.rollout.num_frame_per_block == 4
     assert (cfg.distillation.gan.r1_weight, cfg.distillation.gan.r2_weight) == (2.0, 3.0)
@@ -249,3 +249,42 @@ def test_every_shipped_recipe_loads():
     shapes = loaded["shapes/self_forcing_dmd.yaml"]
     assert shapes.model.score_network_shift == shapes.rollout.generator_shift == 5.0
     assert loaded["self_forcing_dmd.yaml"].model.score_network_shift == 8.0
+
+
+@pytest.mark.parametrize("override, recipe, reader", [
+    ("sid_alpha=0.5", [], "SiD (trainer score_distillation, distribution_loss sid)"),
+    ("distillation.gan.r1_weight=1.0", [], "the GAN recipe (trainer gan)"),
+    ("gan_g_weight=1.0", ["trainer=diffusion"], "the GAN recipe (trainer gan)"),
+    ("fake_guidance_scale=2.0", [], "distillation.real_guidance_scale"),
+    ("causal=false", [], "diffusion pre-training (trainer diffusion)"),
+    ("teacher_forcing=true", ["trainer=ode"], "CausVid (distribution_loss causvid)"),
+    ("noise_augmentation_max_timestep=100", ["trainer=diffusion"], "teacher forcing (trainer diffusion, "
+                                                                   "pretraining.teacher_forcing true)"),
+    ("text_dropout=0.1", [], "diffusion pre-training (trainer diffusion)"),
+    ("frame_causal_fraction=0.5", ["trainer=gan"], "diffusion pre-training (trainer diffusion)"),
+    ("lora_alpha=4", [], "LoRA (model.lora_rank > 0)"),
+    ("codec_spatial_factor=4", [], "the shapes world (model.world shapes)"),
+    ("logging.sample_prompts=[a cat]", [], "the sample videos (logging.sample_every > 0)"),
+])
+def test_a_key_set_where_no_recipe_part_reads_it_is_an_error_naming_it(override, recipe, reader):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*recipe, override])
+    message = str(err.value)
+    assert message.startswith(f"override {override!r}: ") and " is read only by " in message and reader in message
+    assert "does not use: remove it or set it to its default" in message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["distribution_loss=sid", "sid_alpha=0.5"], ["trainer=gan", "distillation.gan.r1_weight=1.0"],
+    ["real_guidance_scale=3.0", "fake_guidance_scale=2.0"], ["trainer=diffusion", "causal=false", "text_dropout=0.1"],
+    ["distribution_loss=causvid", "teacher_forcing=true"],
+    ["trainer=diffusion", "teacher_forcing=true", "noise_augmentation_max_timestep=100"],
+    ["lora_rank=2", "lora_alpha=4"], ["world=shapes", "codec_spatial_factor=4"],
+    ["logging.sample_every=10", "logging.sample_prompts=[a cat]"],
+    # the original's default_config.yaml sets causal: true for every recipe, and sid_alpha 1.0 rides along in its
+    # self_forcing_sid.yaml whatever the loss: defaults are never errors
+    ["causal=true", "sid_alpha=1.0", "trainer=ode"],
+])
+def test_the_same_keys_load_where_their_recipe_reads_them(overrides):
+    load_config(None, overrides)

@@ -60,6 +60,7 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
                           "rollout starts from the data's first latent frame as a block of its own, then generates "
                           "whole blocks")
     _validate_long_rollout(cfg, where, rollout_recipe)
+    _validate_recipe_keys(cfg, where)
     if cfg.model.generator_ckpt_ema and not cfg.model.generator_ckpt:
         raise ConfigError(f"{where('model.generator_ckpt_ema')}: model.generator_ckpt_ema = true picks the EMA weights "
                           "of model.generator_ckpt, which is not set")
@@ -71,6 +72,44 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('pretraining.frame_causal_fraction')}: pretraining.frame_causal_fraction must be "
                           "in [0, 1) (a model trained only causally is a causal one: pretraining.causal: true), got "
                           f"{pre.frame_causal_fraction}")
+
+
+def _validate_recipe_keys(cfg: Config, where: Callable[[str], str]) -> None:
+    """Keys that only some recipes read: set away from their default where nothing reads them, they would be accepted
+    and ignored, so that is an error naming the key and what reads it. (optimiser.ema_start_step is not among them:
+    recipes that turn the EMA off with ema_weight 0 inherit it from their base config.)"""
+    d, pre, model, log = cfg.distillation, cfg.pretraining, cfg.model, cfg.logging
+    diffusion = cfg.trainer == "diffusion"
+    score = cfg.trainer == "score_distillation"
+    gan_defaults = GANSection()
+    # (key, value, default, whether the config reads it, what reads it)
+    checks = [
+        ("distillation.sid.alpha", d.sid.alpha, SiDSection().alpha, score and d.distribution_loss == "sid",
+         "SiD (trainer score_distillation, distribution_loss sid)"),
+        *[(f"distillation.gan.{f.name}", getattr(d.gan, f.name), getattr(gan_defaults, f.name), cfg.trainer == "gan",
+           "the GAN recipe (trainer gan)") for f in dataclasses.fields(GANSection)],
+        ("distillation.fake_guidance_scale", d.fake_guidance_scale, None, d.real_guidance_scale is not None,
+         "distillation.real_guidance_scale (set, the pair replaces guidance_scale)"),
+        ("pretraining.causal", pre.causal, True, diffusion, "diffusion pre-training (trainer diffusion)"),
+        ("pretraining.teacher_forcing", pre.teacher_forcing, False,
+         diffusion or (score and d.distribution_loss == "causvid"),
+         "diffusion pre-training (trainer diffusion) and CausVid (distribution_loss causvid)"),
+        ("pretraining.noise_augmentation_max_timestep", pre.noise_augmentation_max_timestep, 0,
+         diffusion and pre.teacher_forcing, "teacher forcing (trainer diffusion, pretraining.teacher_forcing true)"),
+        ("pretraining.text_dropout", pre.text_dropout, 0.0, diffusion, "diffusion pre-training (trainer diffusion)"),
+        ("pretraining.frame_causal_fraction", pre.frame_causal_fraction, 0.0, diffusion,
+         "diffusion pre-training (trainer diffusion)"),
+        ("model.lora_alpha", model.lora_alpha, 0.0, model.lora_rank > 0, "LoRA (model.lora_rank > 0)"),
+        ("model.codec_spatial_factor", model.codec_spatial_factor, 2, model.world == "shapes",
+         "the shapes world (model.world shapes)"),
+        ("logging.sample_prompts", log.sample_prompts, [], log.sample_every > 0,
+         "the sample videos (logging.sample_every > 0)"),
+    ]
+    recipe = f"trainer {cfg.trainer!r}" + (f" / distribution_loss {d.distribution_loss!r}" if score else "")
+    for key, value, default, read, reader in checks:
+        if value != default and not read:
+            raise ConfigError(f"{where(key)}: {key} = {value!r} is read only by {reader}, which this config ({recipe}) "
+                              f"does not use: remove it or set it to its default {default!r}")
 
 
 def _validate_long_rollout(cfg: Config, where: Callable[[str], str], rollout_recipe: bool) -> None:

@@ -62,7 +62,8 @@ IGNORED_ORIGINAL_KEYS: dict[str, str] = {
                      "text_encoder_fsdp_wrap_strategy"),
                     "FSDP wrap granularity (memory and speed only): every transformer block is a unit here"),
     **dict.fromkeys(("ckpt_step", "prompt_name", "prompt_path", "eval_first_n", "num_samples", "num_frames"),
-                    "unused leftovers in the original's default_config.yaml (inference takes these as flags)"),
+                    "leftovers in the original's default_config.yaml that its code never reads (its inference took "
+                    "prompts, samples and length as flags, as inference.py does)"),
 }
 # Original keys whose value must be the one given: another would ask for behaviour this code does not have.
 FIXED_ORIGINAL_KEYS: dict[str, tuple[Any, str]] = {

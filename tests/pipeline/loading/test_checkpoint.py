@@ -190,6 +190,9 @@ def test_self_forcing_pt(tmp_path):
     assert torch.equal(ema["blocks.1.ffn.2.weight"], wsd["blocks.1.ffn.2.weight"] + 1)
     sd, cfg = load_dit_state_dict(path, use_ema=True)
     assert cfg is None and torch.equal(sd["head.modulation"], wsd["head.modulation"] + 1)
+    # An entry named by key would replace the EMA choice: both together are refused, not one silently dropped.
+    with pytest.raises(ValueError, match="give use_ema or key='critic', not both"):
+        load_self_forcing_pt(path, use_ema=True, key="critic")
     sd, _ = load_dit_state_dict(tmp_path)  # a trainer's checkpoint_model_XXXXXX/ folder holding model.pt
     assert torch.equal(sd["head.modulation"], wsd["head.modulation"])
 
