@@ -62,10 +62,12 @@ def test_model_root_with_a_complete_model_folder_is_an_error(folder, tmp_path, c
 
 
 def test_cuda_graphs_on_a_cpu_run_is_an_error_not_silently_off(folder):
-    args = inference.build_parser().parse_intermixed_args(["--model", str(folder), "--cuda-graphs"])
-    cfg = inference.resolve_config(args, {}, "cpu")
-    with pytest.raises(inference.UsageError, match="--cuda-graphs replays CUDA graphs; this run is on cpu"):
-        inference.run_options(args, cfg, "cpu")
+    """Checked where the device is picked, which inference.py and demo.py both do before loading."""
+    for command in (inference, demo):
+        args = command.build_parser().parse_intermixed_args(["--model", str(folder), "--cuda-graphs",
+                                                             "--device", "cpu"])
+        with pytest.raises(inference.UsageError, match="--cuda-graphs records CUDA graphs; this run is on cpu"):
+            inference.pick_device(args)
 
 
 def test_decode_frames_per_call_without_a_wan_vae_is_an_error(folder, tmp_path, capsys):
