@@ -265,6 +265,8 @@ def test_every_shipped_recipe_loads():
     ("lora_alpha=4", [], "LoRA (model.lora_rank > 0)"),
     ("codec_spatial_factor=4", [], "the shapes world (model.world shapes)"),
     ("logging.sample_prompts=[a cat]", [], "the sample videos (logging.sample_every > 0)"),
+    *[("kv_cache_grad=original", recipe, "self-forcing rollouts (trainer score_distillation with dmd / sid, or gan)")
+      for recipe in (["distribution_loss=causvid"], ["trainer=ode"], ["trainer=diffusion"])],
 ])
 def test_a_key_set_where_no_recipe_part_reads_it_is_an_error_naming_it(override, recipe, reader):
     key = override.split("=")[0]
@@ -282,6 +284,8 @@ def test_a_key_set_where_no_recipe_part_reads_it_is_an_error_naming_it(override,
     ["trainer=diffusion", "teacher_forcing=true", "noise_augmentation_max_timestep=100"],
     ["lora_rank=2", "lora_alpha=4"], ["world=shapes", "codec_spatial_factor=4"],
     ["logging.sample_every=10", "logging.sample_prompts=[a cat]"],
+    ["kv_cache_grad=original"], ["distribution_loss=sid", "kv_cache_grad=original"],
+    ["trainer=gan", "kv_cache_grad=original"],
     # the original's default_config.yaml sets causal: true for every recipe, and sid_alpha 1.0 rides along in its
     # self_forcing_sid.yaml whatever the loss: defaults are never errors
     ["causal=true", "sid_alpha=1.0", "trainer=ode"],

@@ -53,8 +53,7 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
     if not 0.0 <= pre.text_dropout < 1.0:
         raise ConfigError(f"{where('pretraining.text_dropout')}: pretraining.text_dropout must be in [0, 1), got "
                           f"{pre.text_dropout}")
-    rollout_recipe = cfg.trainer == "gan" or (cfg.trainer == "score_distillation"
-                                              and cfg.distillation.distribution_loss != "causvid")
+    rollout_recipe = _runs_self_rollout(cfg)
     if cfg.data.i2v and rollout_recipe and not r.independent_first_frame:
         raise ConfigError(f"{where('data.i2v')}: data.i2v = true needs rollout.independent_first_frame = true: the "
                           "rollout starts from the data's first latent frame as a block of its own, then generates "
@@ -72,6 +71,13 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
         raise ConfigError(f"{where('pretraining.frame_causal_fraction')}: pretraining.frame_causal_fraction must be "
                           "in [0, 1) (a model trained only causally is a causal one: pretraining.causal: true), got "
                           f"{pre.frame_causal_fraction}")
+
+
+def _runs_self_rollout(cfg: Config) -> bool:
+    """Whether the recipe trains on the generator's own KV-cached rollouts (DMD, SiD, GAN; CausVid, ODE regression
+    and diffusion pre-training build the generator's input from data)."""
+    return cfg.trainer == "gan" or (cfg.trainer == "score_distillation"
+                                    and cfg.distillation.distribution_loss != "causvid")
 
 
 def _validate_recipe_keys(cfg: Config, where: Callable[[str], str]) -> None:
@@ -99,6 +105,8 @@ def _validate_recipe_keys(cfg: Config, where: Callable[[str], str]) -> None:
         ("pretraining.text_dropout", pre.text_dropout, 0.0, diffusion, "diffusion pre-training (trainer diffusion)"),
         ("pretraining.frame_causal_fraction", pre.frame_causal_fraction, 0.0, diffusion,
          "diffusion pre-training (trainer diffusion)"),
+        ("rollout.kv_cache_grad", cfg.rollout.kv_cache_grad, RolloutSection().kv_cache_grad, _runs_self_rollout(cfg),
+         "self-forcing rollouts (trainer score_distillation with dmd / sid, or gan)"),
         ("model.lora_alpha", model.lora_alpha, 0.0, model.lora_rank > 0, "LoRA (model.lora_rank > 0)"),
         ("model.codec_spatial_factor", model.codec_spatial_factor, 2, model.world == "shapes",
          "the shapes world (model.world shapes)"),
