@@ -288,11 +288,12 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
     from pipeline.loading import model_folder, wan_components
 
     folder = Path(args.model) if args.model else None
+    model_root = model_root_given(args)
     if folder is None and not (args.config_path or args.checkpoint_path):  # a preset never chooses the model
-        if args.model_root:  # it names where Wan weights come from; the bundled model would run without them
-            raise UsageError(f"--model-root {args.model_root} is the folder of the Wan weights that --checkpoint_path "
-                             "or --config_path load (or that an exported --model lacks); with none of those the "
-                             "bundled model runs and would not read it")
+        if model_root:  # it names where Wan weights come from; the bundled model would run without them
+            raise UsageError(f"{model_root} is the folder of the Wan weights that --checkpoint_path or --config_path "
+                             "load (or that an exported --model lacks); with none of those the bundled model runs "
+                             "and would not read it")
         if not model_folder.is_model_folder(DEFAULT_MODEL):
             raise UsageError(f"no model given and the bundled default {DEFAULT_MODEL} is missing: pass --model DIR "
                              "(an exported model folder) or --config_path/--checkpoint_path with Wan weights")
@@ -309,9 +310,9 @@ def build_pipeline(args: argparse.Namespace, device: torch.device, dtype: torch.
         cfg = resolve_config(args, causal, device.type)
         from_base = not (folder / "text_encoder").is_dir() or (cfg.inference.decoder != "taehv"
                                                                  and not model_folder.has_codec(folder))
-        if args.model_root and not from_base:
-            raise UsageError(f"--model-root {args.model_root}: the model folder {folder} holds every part itself "
-                             "(text_encoder/ and its decoder); --model-root supplies those an export leaves out")
+        if model_root and not from_base:
+            raise UsageError(f"{model_root}: the model folder {folder} holds every part itself (text_encoder/ and its "
+                             "decoder); the Wan model root supplies those an export leaves out")
         if args.checkpoint_path:
             from pipeline.loading.checkpoint import load_dit_state_dict, load_state_dict_strict
             from utils.errors import reading
@@ -410,6 +411,20 @@ def configure_levers(options: RunOptions, generator, codec, device: torch.device
         timings = ", ".join(f"{k} {v:.2f} ms" for k, v in measured["ms"].items() if isinstance(v, float))
         print(f"attention back-end: {levers.attention_backend} (timed: {timings})", flush=True)
     return levers
+
+
+def model_root_given(args: argparse.Namespace) -> str | None:
+    """How the user named the Wan model root, in their words: `--model-root DIR`, else the last `key=value` override
+    of model.model_root (either spelling), as the config resolves them; None when neither is given. The checks of
+    where a model root cannot act judge this one answer, so the flag and the key behave the same."""
+    from utils.config.original_keys import FLAT_KEYS
+    if args.model_root:
+        return f"--model-root {args.model_root}"
+    for item in reversed(args.overrides):
+        key = item.split("=", 1)[0].strip()
+        if FLAT_KEYS.get(key, key) == "model.model_root":
+            return item
+    return None
 
 
 def base_model_dir(folder: Path, cfg, part: str) -> Path:

@@ -61,6 +61,24 @@ def test_model_root_with_a_complete_model_folder_is_an_error(folder, tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+# The flag and the config key (either spelling) name the same folder: where one cannot act, neither can the other.
+@pytest.mark.parametrize("given", ["--model-root", "model.model_root=", "model_root="])
+def test_a_model_root_for_the_bundled_model_is_an_error_however_given(tmp_path, capsys, given):
+    root = [given, str(tmp_path / "wan")] if given.startswith("--") else [f"{given}{tmp_path / 'wan'}"]
+    assert inference.main([*root, "--prompt", "x", "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"{' '.join(root)} is the folder of the Wan weights that --checkpoint_path or --config_path load" \
+        in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("given", ["model.model_root=", "model_root="])
+def test_a_model_root_override_with_a_complete_model_folder_is_an_error(folder, tmp_path, capsys, given):
+    override = f"{given}{tmp_path / 'wan'}"
+    assert inference.main(["--model", str(folder), override, "--prompt", "x", "--output-dir", str(tmp_path / "o")]) == 2
+    assert f"{override}: the model folder {folder} holds every part itself" in one_line_error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
 def test_cuda_graphs_on_a_cpu_run_is_an_error_not_silently_off(folder):
     """Checked where the device is picked, which inference.py and demo.py both do before loading."""
     for command in (inference, demo):
