@@ -65,6 +65,25 @@ def test_a_rollout_of_the_horizon_reproduces_the_standard_recipe(cls, window):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0, msg=name)
 
 
+def test_the_training_cache_limits_attention_but_never_uses_the_sink_or_relative_rope():
+    """docs/training.md "Attention window": the original's cache holds every frame, so nothing is evicted: a sink and
+    cache-relative RoPE leave the step unchanged to the bit, while the window itself changes it."""
+    batch = {"prompts": ["a red circle", "a blue square"],
+             "latents": torch.randn(2, WINDOW, CHANNELS, 4, 6, generator=torch.Generator().manual_seed(3))}
+
+    def step(local_attn_size, sink_size, rope):
+        return _step(DMD, long_config(rollout_frames=0, rollout_cache="training", same_step_across_blocks=False,
+                                      model_kwargs=dict(timestep_shift=5.0, local_attn_size=local_attn_size,
+                                                        sink_size=sink_size, rope=rope)), batch)
+
+    loss, grads = step(4, 0, "absolute")
+    loss_sink, grads_sink = step(4, 2, "relative")
+    assert loss_sink == loss and grads.keys() == grads_sink.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_sink[name], grads[name], rtol=0, atol=0, msg=name)
+    assert step(-1, 0, "absolute")[0] != loss
+
+
 def test_a_horizon_rollout_draws_the_standard_plans():
     models = long_models(long_config(), teacher=False, critic=False)
     standard = SelfForcingRollout(long_config(rollout_frames=0, same_step_across_blocks=False), models.generator)

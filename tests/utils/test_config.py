@@ -173,6 +173,27 @@ def test_validation_blames_the_layer_that_set_the_key(tmp_path):
         load_config(None, ["generator_ckpt_ema=true"])
 
 
+def test_a_sink_without_a_rolling_window_is_an_error_naming_both_layers(tmp_path):
+    """Sink frames are what a rolling cache keeps when it evicts; with local_attn_size -1 nothing is ever evicted,
+    in training or at inference, so the value could not act."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model_kwargs.sink_size=2"])
+    assert str(err.value) == ("override 'model_kwargs.sink_size=2': rollout.sink_size = 2 pins frames that a rolling "
+                              f"KV cache would evict; rollout.local_attn_size = -1 ({DEFAULT_CONFIG}) keeps every "
+                              "frame, so none is evicted: set rollout.local_attn_size, or rollout.sink_size to 0")
+    long = DEFAULT_CONFIG.parent / "inference_long.yaml"
+    with pytest.raises(ConfigError) as err:  # the long preset's sink, its window turned off
+        load_config(None, ["rollout.local_attn_size=-1"], extra_paths=[long])
+    assert str(err.value).startswith(f"{long}: rollout.sink_size = 5 pins frames")
+    assert "rollout.local_attn_size = -1 (override 'rollout.local_attn_size=-1')" in str(err.value)
+    with pytest.raises(ConfigError, match=r"rollout.sink_size must be >= 0, got -1"):
+        load_config(None, ["rollout.local_attn_size=4", "rollout.sink_size=-1"])
+    # With a window the sink acts (at inference, in the sample videos, and with rollout_cache inference in training)
+    # and is stored with the model, whichever cache training uses.
+    cfg = load_config(None, ["rollout.local_attn_size=4", "rollout.sink_size=2", "rollout.rope=relative"])
+    assert (cfg.rollout.rollout_cache, cfg.rollout.sink_size, cfg.rollout.rope) == ("training", 2, "relative")
+
+
 def test_meaningless_original_keys_are_listed_with_a_reason_and_dropped():
     assert all(reason for reason in IGNORED_ORIGINAL_KEYS.values())
     values = {key: 1 for key in IGNORED_ORIGINAL_KEYS} | {"lr": 1.0}
@@ -200,10 +221,12 @@ def test_stored_configs_round_trip_in_either_spelling(tmp_path):
 
 
 def test_flat_values_write_the_original_spelling_back():
-    cfg = load_config(None, ["rollout.generator_shift=6.0", "rollout.sink_size=2", "inference.height=64"])
+    cfg = load_config(None, ["rollout.generator_shift=6.0", "rollout.local_attn_size=8", "rollout.sink_size=2",
+                             "inference.height=64"])
     keys = ("height", "num_frame_per_block", "model_kwargs.timestep_shift", "model_kwargs.sink_size")
-    stored = flat_values(cfg, keys)
-    assert stored == {"height": 64, "num_frame_per_block": 3, "model_kwargs": {"timestep_shift": 6.0, "sink_size": 2}}
+    stored = flat_values(cfg, keys + ("model_kwargs.local_attn_size",))
+    assert stored == {"height": 64, "num_frame_per_block": 3,
+                      "model_kwargs": {"timestep_shift": 6.0, "sink_size": 2, "local_attn_size": 8}}
     assert load_config(None, layers=[("folder", stored)]).rollout.generator_shift == 6.0
 
 

@@ -59,6 +59,13 @@ def _validate(cfg: Config, where: Callable[[str], str]) -> None:
                           "rollout starts from the data's first latent frame as a block of its own, then generates "
                           "whole blocks")
     _validate_long_rollout(cfg, where, rollout_recipe)
+    if r.sink_size < 0:
+        raise ConfigError(f"{where('rollout.sink_size')}: rollout.sink_size must be >= 0, got {r.sink_size}")
+    if r.sink_size and r.local_attn_size == -1:  # in training and at inference alike: nothing is evicted
+        raise ConfigError(f"{where('rollout.sink_size')}: rollout.sink_size = {r.sink_size} pins frames that a rolling "
+                          f"KV cache would evict; rollout.local_attn_size = -1 ({where('rollout.local_attn_size')}) "
+                          "keeps every frame, so none is evicted: set rollout.local_attn_size, or rollout.sink_size "
+                          "to 0")
     _validate_recipe_keys(cfg, where)
     if cfg.model.generator_ckpt_ema and not cfg.model.generator_ckpt:
         raise ConfigError(f"{where('model.generator_ckpt_ema')}: model.generator_ckpt_ema = true picks the EMA weights "
