@@ -610,8 +610,6 @@ class Job:
         first = self.prefix
         if prompt is not None and prompt.image is not None:
             first = image_latent(self.loaded.pipe, prompt.image, o.height, o.width, prompt.crop)
-        elif prompt is None and first is None and args.i2v:  # an i2v folder: each prompt brings one image frame,
-            first = torch.zeros(1, 1, 1, 1, 1)  # of which the check reads only the frame count
         seed = None if prompt is None else torch.Generator().manual_seed(args.seed * 1_000_003 + prompt.index)
         return VideoRequest(o.latent_frames, o.height, o.width, generator=seed, initial_latent=first,
                             prompt_schedule=self.prompt_schedule)
@@ -624,7 +622,9 @@ class Job:
         except ValueError as err:
             raise UsageError(f"--height/--width (or the config's height/width): {err}") from None
         try:
-            self.loaded.pipe.check_request(self.request())
+            # An image folder (--i2v without --image): each prompt brings one image frame, not known yet.
+            image_frames = 1 if self.args.i2v and self.prefix is None else None
+            self.loaded.pipe.check_request(self.request(), initial_frames=image_frames)
         except ValueError as err:  # the video's length against the cache, or the schedule against the blocks
             raise UsageError(str(err)) from None
 

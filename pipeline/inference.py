@@ -186,16 +186,19 @@ class CausalInferencePipeline:
         """`CausalSettings.latent_frames_for_blocks` of the pipeline's settings."""
         return self.settings.latent_frames_for_blocks(blocks, with_initial_latent=with_initial_latent)
 
-    def check_request(self, request: VideoRequest, overrides: CallOverrides = CallOverrides()) -> None:
+    def check_request(self, request: VideoRequest, overrides: CallOverrides = CallOverrides(), *,
+                      initial_frames: int | None = None) -> None:
         """Raise ValueError, before any work, for a request `generate` cannot serve: a resolution off the latent grid,
         a frame count that is not whole blocks, more frames (after those of an initial latent) than the KV cache or
-        the RoPE table hold, a prompt schedule that does not fit the blocks."""
+        the RoPE table hold, a prompt schedule that does not fit the blocks. initial_frames: the initial latent's
+        frames when the request does not carry it yet (each prompt of an image folder brings its own image)."""
         st, codec, _ = self._resolve(overrides)
         self.latent_grid(request.height, request.width, codec)
         num_latent_frames = request.num_latent_frames
         if num_latent_frames < 1:
             raise ValueError(f"the number of latent frames must be >= 1, got {num_latent_frames}")
-        initial_frames = 0 if request.initial_latent is None else request.initial_latent.shape[1]
+        if initial_frames is None:
+            initial_frames = 0 if request.initial_latent is None else request.initial_latent.shape[1]
         self._check_length(initial_frames + num_latent_frames, st)
         blocks = len(block_layout(num_latent_frames, st.frames_per_block,  # whole blocks, checked before any work
                                   st.independent_first_frame and not initial_frames))
