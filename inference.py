@@ -3,8 +3,8 @@
     python inference.py                                   # the bundled shapes-world model, a few built-in prompts
     python inference.py --prompt "a red circle moves left on a blue background"
     python inference.py --model exported_model/ --data_path prompts.txt --output-dir videos/
-    python inference.py --config_path configs/inference_official.yaml --checkpoint_path checkpoints/self_forcing_dmd.pt \\
-        --model-root wan_models --data_path prompts.txt --use_ema
+    python inference.py --config_path configs/inference_official.yaml \\
+        --checkpoint_path checkpoints/self_forcing_dmd.pt --model-root wan_models --data_path prompts.txt --use_ema
     torchrun --nproc_per_node=8 inference.py ...          # prompts sharded over ranks, none dropped
     torchrun --nproc_per_node=4 inference.py --parallel sequence ...   # one video at a time, its tokens on 4 GPUs
     torchrun --nproc_per_node=8 inference.py --parallel sequence --sequence-parallel-size 4 ...  # 2 videos at a time
@@ -196,8 +196,9 @@ def run_options(args: argparse.Namespace, cfg, device_type: str) -> RunOptions:
     settings = CausalSettings.from_config(cfg, schedule)
     levers = levers_for(cfg, device_type, fused_qkv=_flag_or(args, "fused_qkv", None), decode_frames_per_call=per_call)
     video = cfg.inference
-    return RunOptions(schedule=schedule, settings=settings, levers=levers, height=_flag_or(args, "height", video.height),
-                      width=_flag_or(args, "width", video.width), fps=_flag_or(args, "fps", video.fps),
+    return RunOptions(schedule=schedule, settings=settings, levers=levers,
+                      height=_flag_or(args, "height", video.height), width=_flag_or(args, "width", video.width),
+                      fps=_flag_or(args, "fps", video.fps),
                       latent_frames=latent_frames(args, cfg, settings))
 
 

@@ -73,7 +73,8 @@ class WanConfig:
             else:
                 unknown.append(key)
         if unknown:
-            raise KeyError(f"{source}: unknown Wan config key(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise KeyError(f"{source}: unknown Wan config key(s) {sorted(unknown)}; expected a subset of "
+                           f"{sorted(known)}")
         window = extra.get("window_size", (-1, -1))
         # The original's flash-attention local window: every released model attends fully, and so does WanDiT.
         if not isinstance(window, (list, tuple)) or list(window) != [-1, -1]:

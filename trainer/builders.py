@@ -80,7 +80,8 @@ def codec_needed(cfg: Any) -> bool:
     """Whether a recipe needs its video codec: samples are drawn, or the rollout is longer than the loss window (the
     window's first frame is the last pixel frame before it, re-encoded)."""
     longest = max(cfg.rollout.num_training_frames, cfg.rollout.rollout_frames)
-    return (not cfg.logging.no_visualize and cfg.logging.sample_every > 0) or longest > cfg.rollout.image_or_video_shape[1]
+    samples = not cfg.logging.no_visualize and cfg.logging.sample_every > 0
+    return samples or longest > cfg.rollout.image_or_video_shape[1]
 
 
 def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool] = None) -> Models:

@@ -330,9 +330,9 @@ def uses_fsdp(cfg: Any, state: DistState) -> bool:
 def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
     """Move the networks of a `Models` bundle to the device and shard them when a process group exists.
 
-    Generator and critic train (activation checkpointing per `cfg.compute.gradient_checkpointing`); the teacher is frozen
-    and sharded too; SiD back-propagates through the teacher, so it is checkpointed as well. GAN heads are one unit.
-    The text encoder and codec stay whole (frozen, used under no_grad); with text_encoder_cpu_offload the encoder
+    Generator and critic train (activation checkpointing per `cfg.compute.gradient_checkpointing`); the teacher is
+    frozen and sharded too; SiD back-propagates through the teacher, so it is checkpointed as well. GAN heads are one
+    unit. The text encoder and codec stay whole (frozen, used under no_grad); with text_encoder_cpu_offload the encoder
     stays on the CPU. Idempotent: call it again after the algorithm added modules (e.g. GAN heads).
     """
     ckpt = bool(cfg.compute.gradient_checkpointing)
@@ -352,8 +352,8 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
             keep = cfg.compute.checkpoint_keeps_attention and role != "teacher"
             net.set_gradient_checkpointing(checkpointing, keep_self_attention=keep)
         if shard:
-            shard_module(net, state, mixed_precision=cfg.compute.mixed_precision, strategy=cfg.compute.sharding_strategy,
-                         cpu_offload=cfg.compute.cpu_offload, mesh=mesh)
+            shard_module(net, state, mixed_precision=cfg.compute.mixed_precision,
+                         strategy=cfg.compute.sharding_strategy, cpu_offload=cfg.compute.cpu_offload, mesh=mesh)
         else:
             net.to(state.device)
     heads = models.discriminator_heads
@@ -361,8 +361,9 @@ def parallelize_models(models: Any, cfg: Any, state: DistState) -> Any:
         heads.to(state.device)
         if shard:  # one unit, with the critic's precision policy (its inputs are the critic's activations)
             from torch.distributed.fsdp import fully_shard
-            fully_shard(heads, **_fsdp_kwargs(state, cfg.compute.mixed_precision, cfg.compute.sharding_strategy, cfg.compute.cpu_offload,
-                                              mesh))
+            compute = cfg.compute
+            fully_shard(heads, **_fsdp_kwargs(state, compute.mixed_precision, compute.sharding_strategy,
+                                              compute.cpu_offload, mesh))
     # What the networks compute in: algorithms size KV caches and noise with it (the sharded fp32 master
     # parameters they can see outside forward would say float32).
     bf16 = cfg.compute.mixed_precision and state.device.type == "cuda" and shard

@@ -332,7 +332,8 @@ class DemoService:
         blocks = info["default_blocks"]
         self.pipe.generate(
             [self.default_prompt or "warm-up"],
-            VideoRequest(self.latent_frames(blocks), self.height, self.width, generator=torch.Generator().manual_seed(0)),
+            VideoRequest(self.latent_frames(blocks), self.height, self.width,
+                         generator=torch.Generator().manual_seed(0)),
             Delivery(keep_video=False, frames_on_host=True),
             CallOverrides(settings=self.settings_for(blocks), codec=next(iter(self.decoders.values())),
                           denoiser=self._denoiser(self.default_compile)))

@@ -160,7 +160,8 @@ class LatentPrompts:
         return 5
 
     def __getitem__(self, i: int) -> dict:
-        return {"prompts": f"p{i}", "idx": i, "latents": torch.randn(6, 4, 4, 6, generator=torch.Generator().manual_seed(i))}
+        latents = torch.randn(6, 4, 4, 6, generator=torch.Generator().manual_seed(i))
+        return {"prompts": f"p{i}", "idx": i, "latents": latents}
 
 
 @pytest.mark.parametrize("warmup", [0, 2])

@@ -133,7 +133,8 @@ def test_overrides_work_in_both_spellings(flat, sectioned, value, recipe):
 def test_a_file_may_mix_spellings_and_later_layers_win(tmp_path):
     (tmp_path / "base.yaml").write_text("model_kwargs: {timestep_shift: 8.0}\nrollout: {num_frame_per_block: 2}\n")
     (tmp_path / "child.yaml").write_text("base_config: base.yaml\nrollout: {generator_shift: 6.0}\n"
-                                         "num_frame_per_block: 4\ntrainer: gan\ndistillation: {gan: {r1_weight: 2.0}}\n")
+                                         "num_frame_per_block: 4\ntrainer: gan\n"
+                                         "distillation: {gan: {r1_weight: 2.0}}\n")
     cfg = load_config(tmp_path / "child.yaml", ["distillation.gan.r2_weight=3.0"])
     assert cfg.rollout.generator_shift == 6.0 and cfg.rollout.num_frame_per_block == 4
     assert (cfg.distillation.gan.r1_weight, cfg.distillation.gan.r2_weight) == (2.0, 3.0)
@@ -292,7 +293,6 @@ def test_every_shipped_recipe_loads():
       for recipe in (["distribution_loss=causvid"], ["trainer=ode"], ["trainer=diffusion"])],
 ])
 def test_a_key_set_where_no_recipe_part_reads_it_is_an_error_naming_it(override, recipe, reader):
-    key = override.split("=")[0]
     with pytest.raises(ConfigError) as err:
         load_config(None, [*recipe, override])
     message = str(err.value)
