@@ -318,7 +318,8 @@ def evaluate_networks(stage: str, cfg: Any, net: Any, text: Any, codec: Any, sou
         factors = settings.lengths
         steps = causal_steps(stage, cfg, FlowMatchSchedule(cfg.rollout.generator_shift,
                                                            cfg.model.num_train_timestep), settings.baseline_steps)
-        samplers = {f: causal_sampler(cfg, net, text, steps, f, codec) for f in factors}
+        # 1x too when not asked for: the warm-up and the batch-1 timing run at the training length.
+        samplers = {f: causal_sampler(cfg, net, text, steps, f, codec) for f in sorted({1, *factors})}
         long = causal_settings(cfg, steps, 2)
         info.update(kind="diffusion" if stage in BASELINES else "few_step", steps_per_block=len(steps),
                     timesteps=steps, frames_per_block=cfg.rollout.num_frame_per_block,

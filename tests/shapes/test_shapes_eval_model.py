@@ -12,9 +12,9 @@ from scripts import evaluate_shapes as ev
 BUNDLED = Path(__file__).resolve().parents[2] / "assets" / "shapes_world"
 
 
-def _args(output, *extra):
-    return ["--model", str(BUNDLED), "--num-prompts", "2", "--lengths", "1", "--batch-size", "2", "--device", "cpu",
-            "--output", str(output), *extra]
+def _args(output, *extra, lengths: str = "1"):
+    return ["--model", str(BUNDLED), "--num-prompts", "2", "--lengths", lengths, "--batch-size", "2", "--device",
+            "cpu", "--output", str(output), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,12 @@ def test_every_result_carries_intervals_around_its_means(bundled_eval):
         for entry in ci.values():
             if entry["mean"] is not None:
                 assert entry["low"] - 1e-9 <= entry["mean"] <= entry["high"] + 1e-9
+
+
+def test_a_length_list_without_1x_still_times_at_the_training_length(tmp_path):
+    """The warm-up and the batch-1 timing run at 1x; a run asked for 3x only scores 3x (it crashed without 1x)."""
+    output = tmp_path / "three.json"
+    assert ev.main(_args(output, lengths="3")) == 0
+    data = json.loads(output.read_text())
+    assert {r["length"] for r in data["results"]} == {3} and data["settings"]["lengths"] == [3]
+    assert data["stages"]["model"]["timing_batch1"]["time_to_first_frame_ms"] > 0
