@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.loading.checkpoint import _PICKLE_SUFFIXES, infer_wan_config, load_dit_state_dict  # noqa: E402
+from pipeline.loading.checkpoint import (PICKLE_SUFFIXES, infer_wan_config,  # noqa: E402
+                                         load_dit_state_dict)
 from pipeline.loading.model_folder import (PIPELINE_CLASS, causal_settings, is_model_folder,  # noqa: E402
                                            save_model_folder)
 from utils.config import load_config  # noqa: E402
@@ -69,7 +70,7 @@ def read_source(path: Path, weights: str, config_path: str | None, num_heads: in
         if wan_config is None and (path / "config.json").is_file():
             wan_config = WanConfig.from_json(path / "config.json")
     else:
-        if weights == "generator" and not path.name.lower().endswith(_PICKLE_SUFFIXES):
+        if weights == "generator" and not path.name.lower().endswith(PICKLE_SUFFIXES):
             raise InputError(f"--weights generator picks the generator entry of a Self-Forcing checkpoint or folder; "
                              f"{path} holds one set of weights (leave --weights auto)")
         stem = "generator_ema" if weights in ("auto", "generator_ema") and path.suffix in (".pt", ".pth") else weights

@@ -124,7 +124,9 @@ def build_models(cfg: Any, *, load_text: bool = True, load_codec: Optional[bool]
     if load_text:
         encoder = load_wan_text_encoder(gen_dir, text_len=generator_net.config.text_len)
         text = PromptEncoder(encoder, cfg.data.negative_prompt, cache_size=cfg.compute.prompt_cache_size)
-    codec = frozen(load_wan_vae(gen_dir)) if (codec_needed(cfg) if load_codec is None else load_codec) else None
+    if load_codec is None:
+        load_codec = codec_needed(cfg)
+    codec = frozen(load_wan_vae(gen_dir)) if load_codec else None
     return Models(generator=generator, text=text, teacher=teacher, critic=critic, codec=codec)
 
 

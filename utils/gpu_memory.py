@@ -52,7 +52,8 @@ def allocator_detail(device: torch.device) -> dict[str, Any] | None:
     if device.type != "cuda":
         return None
     stats = torch.cuda.memory_stats(device)
-    return summarize_segments(torch.cuda.memory_snapshot(), device.index or 0) | {
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return summarize_segments(torch.cuda.memory_snapshot(), index) | {
         "inactive_split_gib": stats.get("inactive_split_bytes.all.current", 0) / GIB,
         "alloc_retries": int(stats.get("num_alloc_retries", 0)),
         "device_mallocs": int(stats.get("num_device_alloc", 0)),

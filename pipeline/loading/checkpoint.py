@@ -36,7 +36,7 @@ TRAINING_GENERATOR, TRAINING_GENERATOR_EMA = "generator.safetensors", "generator
 # Activation checkpointing, FSDP1 and torch.compile insert these module names into parameter names; the
 # reference EMA shadow keeps them (docs/original.md, "EMA"), the released checkpoints do not.
 _WRAPPER_FRAGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 # ----------------------------------------------------------------------------------------------- safetensors
@@ -258,10 +258,10 @@ def load_dit_state_dict(path: str | Path, use_ema: bool = False) -> tuple[StateD
     if name.endswith(".safetensors") or name.endswith(".index.json"):
         _one_set_of_weights(path, use_ema)
         return load_wan_safetensors(path), _config_next_to(path.parent)
-    if name.endswith(_PICKLE_SUFFIXES):
+    if name.endswith(PICKLE_SUFFIXES):
         return load_self_forcing_pt(path, use_ema=use_ema), None
     raise InputError(f"{path}: unrecognised checkpoint type; expected a folder, .safetensors, "
-                     f".safetensors.index.json or one of {list(_PICKLE_SUFFIXES)}")
+                     f".safetensors.index.json or one of {list(PICKLE_SUFFIXES)}")
 
 
 def _one_set_of_weights(path: Path, use_ema: bool) -> None:
